@@ -1,0 +1,788 @@
+//! The TOML configuration: parsing, defaults and validation into a typed [`Config`].
+//!
+//! Parsing and validation are pure: [`Config::parse`] takes the text and the file name (for
+//! messages) and never touches the host. Every error names the file, the key (as a path such
+//! as `peer[1].public_key`) and what was expected. All errors are collected, so one run of
+//! `detourd --check-config` reports every problem. The format is documented in
+//! `docs/config.md`.
+
+use std::collections::{HashMap, HashSet};
+use std::fmt;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+
+use crate::identity::{NodeId, PublicKey};
+use crate::wire;
+
+/// Default UDP port of the forwarding overlay (data plane).
+pub const DEFAULT_DATA_PORT: u16 = 7720;
+/// Default routing table for detour's routes.
+pub const DEFAULT_TABLE: u32 = 7720;
+/// Default priority of detour's policy rules (before `main` at 32766).
+pub const DEFAULT_RULE_PRIORITY: u32 = 7720;
+/// Default firewall mark on detour's own sockets.
+pub const DEFAULT_FWMARK: u32 = 0x0000_d7d7;
+/// Default underlay MTU (bytes) assumed towards every peer.
+pub const DEFAULT_UNDERLAY_MTU: u16 = 1500;
+/// Default name of the aggregate TUN interface.
+pub const DEFAULT_AGGREGATE_INTERFACE: &str = "detour0";
+/// Default prefix of per-peer TUN interface names.
+pub const DEFAULT_INTERFACE_PREFIX: &str = "dt-";
+/// Default pool for IPv4 per-link addresses (RFC 3927 link-local).
+pub const DEFAULT_LINK_POOL_V4: &str = "169.254.0.0/16";
+/// Default path of the root-only control socket.
+pub const DEFAULT_CONTROL_SOCKET: &str = "/run/detour/detourd.sock";
+/// Default configuration file.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/detour/detour.toml";
+
+/// One configuration problem: file, key path and what was expected.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    /// The file the problem is in.
+    pub file: String,
+    /// The key, as a dotted path (`node.data_port`, `peer[0].endpoints[1]`), or the line
+    /// for syntax errors.
+    pub key: String,
+    /// What is wrong and what was expected.
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}: {}", self.file, self.key, self.message)
+    }
+}
+
+/// Every problem found in one configuration file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigErrors(pub Vec<ConfigError>);
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, e) in self.0.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{e}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigErrors {}
+
+/// An underlay endpoint of a peer: an address or a host name, with the peer's data port.
+/// Its management port is the data port + 1.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Endpoint {
+    /// A literal socket address.
+    Addr(SocketAddr),
+    /// A DNS name, resolved when dialling.
+    Host(String, u16),
+}
+
+impl fmt::Display for Endpoint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Endpoint::Addr(a) => write!(f, "{a}"),
+            Endpoint::Host(h, p) => write!(f, "{h}:{p}"),
+        }
+    }
+}
+
+/// This node's settings (`[node]`).
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    /// Human-readable node name.
+    pub name: String,
+    /// Path of the PKCS#8 PEM Ed25519 private key.
+    pub private_key: PathBuf,
+    /// Underlay addresses to listen on; empty means all addresses (`[::]` dual-stack, or
+    /// `0.0.0.0` when IPv6 is off).
+    pub listen: Vec<IpAddr>,
+    /// UDP port of the forwarding overlay.
+    pub data_port: u16,
+    /// UDP port of the management overlay (QUIC), always `data_port + 1`.
+    pub management_port: u16,
+    /// This node's overlay IPv4 address and the overlay's IPv4 prefix.
+    pub overlay_v4: Option<Ipv4Net>,
+    /// This node's overlay IPv6 address and the overlay's IPv6 prefix.
+    pub overlay_v6: Option<Ipv6Net>,
+    /// Prefixes behind this node that peers may send to.
+    pub prefixes: Vec<IpNet>,
+    /// Underlay MTU in bytes.
+    pub underlay_mtu: u16,
+    /// Log filter (`info`, `debug`, or a `tracing` directive); `RUST_LOG` overrides it.
+    pub log_level: String,
+    /// Path of the root-only control socket.
+    pub control_socket: PathBuf,
+}
+
+/// Kernel integration (`[kernel]`).
+#[derive(Debug, Clone)]
+pub struct KernelConfig {
+    /// Routing table holding all of detour's routes.
+    pub table: u32,
+    /// Priority of detour's policy rules.
+    pub rule_priority: u32,
+    /// Firewall mark of detour's own sockets; marked packets skip detour's table.
+    pub fwmark: u32,
+    /// Name of the aggregate TUN interface.
+    pub aggregate_interface: String,
+    /// Prefix of per-peer TUN names.
+    pub interface_prefix: String,
+    /// Pool for per-link IPv4 addresses.
+    pub link_pool_v4: Ipv4Net,
+}
+
+/// One configured peer (`[[peer]]`).
+#[derive(Debug, Clone)]
+pub struct PeerConfig {
+    /// Peer name.
+    pub name: String,
+    /// Pinned Ed25519 public key.
+    pub public_key: PublicKey,
+    /// Node ID derived from the key.
+    pub node_id: NodeId,
+    /// Underlay endpoints, tried in order.
+    pub endpoints: Vec<Endpoint>,
+    /// The peer's overlay IPv4 address.
+    pub overlay_v4: Option<Ipv4Addr>,
+    /// The peer's overlay IPv6 address.
+    pub overlay_v6: Option<Ipv6Addr>,
+    /// Prefixes reachable through the peer.
+    pub prefixes: Vec<IpNet>,
+    /// Name of the per-peer TUN interface (≤ 15 bytes).
+    pub interface: String,
+    /// Underlay MTU towards this peer in bytes.
+    pub underlay_mtu: u16,
+}
+
+impl PeerConfig {
+    /// Largest inner (overlay) packet in bytes that fits this peer's underlay MTU.
+    pub fn inner_mtu(&self) -> u16 {
+        inner_mtu(self.underlay_mtu)
+    }
+}
+
+/// Largest inner packet that fits an underlay MTU, assuming an IPv6 underlay (the worse
+/// case): `underlay_mtu - 40 (IPv6) - 8 (UDP) - 64 (detour header and tag)`.
+pub fn inner_mtu(underlay_mtu: u16) -> u16 {
+    underlay_mtu.saturating_sub((40 + 8 + wire::OVERHEAD) as u16)
+}
+
+/// A validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The file it was read from (for messages).
+    pub file: String,
+    /// `[node]`.
+    pub node: NodeConfig,
+    /// `[kernel]`.
+    pub kernel: KernelConfig,
+    /// `[[peer]]` entries, in file order.
+    pub peers: Vec<PeerConfig>,
+}
+
+#[derive(Deserialize, Debug)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    node: RawNode,
+    #[serde(default)]
+    kernel: RawKernel,
+    #[serde(default, rename = "peer")]
+    peers: Vec<RawPeer>,
+}
+
+#[derive(Deserialize, Debug)]
+#[serde(deny_unknown_fields)]
+struct RawNode {
+    name: String,
+    private_key: String,
+    #[serde(default)]
+    listen: Vec<String>,
+    data_port: Option<u16>,
+    management_port: Option<u16>,
+    overlay_ipv4: Option<String>,
+    overlay_ipv6: Option<String>,
+    #[serde(default)]
+    prefixes: Vec<String>,
+    underlay_mtu: Option<u16>,
+    log_level: Option<String>,
+    control_socket: Option<String>,
+}
+
+#[derive(Deserialize, Debug, Default)]
+#[serde(deny_unknown_fields)]
+struct RawKernel {
+    table: Option<u32>,
+    rule_priority: Option<u32>,
+    fwmark: Option<u32>,
+    aggregate_interface: Option<String>,
+    interface_prefix: Option<String>,
+    link_pool_v4: Option<String>,
+}
+
+#[derive(Deserialize, Debug)]
+#[serde(deny_unknown_fields)]
+struct RawPeer {
+    name: String,
+    public_key: String,
+    #[serde(default)]
+    endpoints: Vec<String>,
+    overlay_ipv4: Option<String>,
+    overlay_ipv6: Option<String>,
+    #[serde(default)]
+    prefixes: Vec<String>,
+    interface: Option<String>,
+    underlay_mtu: Option<u16>,
+}
+
+struct Errors<'a> {
+    file: &'a str,
+    list: Vec<ConfigError>,
+}
+
+impl Errors<'_> {
+    fn push(&mut self, key: impl Into<String>, message: impl Into<String>) {
+        self.list.push(ConfigError {
+            file: self.file.to_string(),
+            key: key.into(),
+            message: message.into(),
+        });
+    }
+}
+
+fn valid_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 32
+        && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
+}
+
+/// True when `s` is usable as a Linux interface name (1–15 bytes, no `/`, `:` or space).
+pub fn valid_ifname(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 15
+        && s != "."
+        && s != ".."
+        && s.bytes().all(|b| b.is_ascii_graphic() && b != b'/' && b != b':')
+}
+
+/// The per-peer interface name for `peer_name`: `prefix + name` when that fits in 15 bytes,
+/// otherwise `prefix + the start of the name + 4 hex digits of SHA-256(name)`, so names stay
+/// stable across restarts and distinct for distinct long names.
+pub fn derive_ifname(prefix: &str, peer_name: &str) -> String {
+    let full = format!("{prefix}{peer_name}");
+    if full.len() <= 15 {
+        return full;
+    }
+    let digest = Sha256::digest(peer_name.as_bytes());
+    let tag = format!("{:02x}{:02x}", digest[0], digest[1]);
+    let keep = 15usize.saturating_sub(prefix.len() + tag.len());
+    let head: String = peer_name.chars().take(keep).collect();
+    format!("{prefix}{head}{tag}")
+}
+
+fn parse_prefix(errs: &mut Errors, key: &str, s: &str) -> Option<IpNet> {
+    match s.parse::<IpNet>() {
+        Ok(net) if net.trunc() != net => {
+            errs.push(
+                key,
+                format!("`{s}` has host bits set; expected a network prefix such as `{}`", net.trunc()),
+            );
+            None
+        }
+        Ok(net) => Some(net),
+        Err(_) => match s.parse::<IpAddr>() {
+            Ok(a) => Some(IpNet::from(a)),
+            Err(_) => {
+                errs.push(key, format!("expected an IP prefix such as `10.1.0.0/16` or `fd00:1::/64`, got `{s}`"));
+                None
+            }
+        },
+    }
+}
+
+/// Parses an endpoint: `1.2.3.4`, `1.2.3.4:7720`, `[2001:db8::1]:7720`, `2001:db8::1`,
+/// `host` or `host:7720`. The port is the peer's data port (default [`DEFAULT_DATA_PORT`]).
+pub fn parse_endpoint(s: &str) -> Result<Endpoint, String> {
+    let s = s.trim();
+    if let Ok(sa) = s.parse::<SocketAddr>() {
+        return check_port(sa.port()).map(|_| Endpoint::Addr(sa));
+    }
+    if let Ok(ip) = s.parse::<IpAddr>() {
+        return Ok(Endpoint::Addr(SocketAddr::new(ip, DEFAULT_DATA_PORT)));
+    }
+    let (host, port) = match s.rsplit_once(':') {
+        Some((h, p)) => {
+            let port = p.parse::<u16>().map_err(|_| format!("bad port in `{s}`"))?;
+            check_port(port)?;
+            (h, port)
+        }
+        None => (s, DEFAULT_DATA_PORT),
+    };
+    let host_ok = !host.is_empty()
+        && host.len() <= 253
+        && host.split('.').all(|l| {
+            !l.is_empty() && l.len() <= 63 && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        });
+    if !host_ok {
+        return Err(format!(
+            "expected `address`, `address:port`, `[ipv6]:port` or `hostname[:port]`, got `{s}`"
+        ));
+    }
+    Ok(Endpoint::Host(host.to_string(), port))
+}
+
+fn check_port(p: u16) -> Result<(), String> {
+    if p == 0 || p == u16::MAX {
+        Err(format!("port {p} is not usable (the management port is the data port + 1)"))
+    } else {
+        Ok(())
+    }
+}
+
+impl Config {
+    /// Reads and validates a configuration file. Reading the file is the only I/O.
+    ///
+    /// # Errors
+    /// Every problem found, each naming the file and key.
+    pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
+        let file = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            ConfigErrors(vec![ConfigError { file: file.clone(), key: "(file)".into(), message: format!("cannot read: {e}") }])
+        })?;
+        Config::parse(&text, &file)
+    }
+
+    /// Parses and validates configuration text; `file` is only used in messages.
+    ///
+    /// # Errors
+    /// Every problem found, each naming the file and key.
+    pub fn parse(text: &str, file: &str) -> Result<Config, ConfigErrors> {
+        let raw = parse_raw(text, file)?;
+        let mut errs = Errors { file, list: Vec::new() };
+        let cfg = validate(raw, file, &mut errs);
+        if errs.list.is_empty() {
+            Ok(cfg.expect("validation produced no config but no error"))
+        } else {
+            Err(ConfigErrors(errs.list))
+        }
+    }
+
+    /// The peer with this node ID.
+    pub fn peer_by_id(&self, id: &NodeId) -> Option<(usize, &PeerConfig)> {
+        self.peers.iter().enumerate().find(|(_, p)| p.node_id == *id)
+    }
+
+    /// MTU of the aggregate interface: the largest inner MTU over all peers (or of the node
+    /// when there are none); packets too big for a particular peer are answered with ICMP.
+    pub fn aggregate_mtu(&self) -> u16 {
+        self.peers
+            .iter()
+            .map(|p| p.inner_mtu())
+            .max()
+            .unwrap_or_else(|| inner_mtu(self.node.underlay_mtu))
+    }
+}
+
+fn line_of(text: &str, offset: usize) -> usize {
+    text[..offset.min(text.len())].bytes().filter(|&b| b == b'\n').count() + 1
+}
+
+fn parse_raw(text: &str, file: &str) -> Result<RawConfig, ConfigErrors> {
+    let one = |key: String, message: String| ConfigErrors(vec![ConfigError { file: file.to_string(), key, message }]);
+    let de = toml::de::Deserializer::parse(text).map_err(|e| {
+        let at = e.span().map(|s| format!("line {}", line_of(text, s.start))).unwrap_or_else(|| "(syntax)".into());
+        one(at, format!("TOML syntax error: {}", e.message().trim()))
+    })?;
+    serde_path_to_error::deserialize::<_, RawConfig>(de).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.inner();
+        let mut key = if path == "." || path.is_empty() { "(top level)".to_string() } else { path };
+        if let Some(span) = inner.span() {
+            key = format!("{key} (line {})", line_of(text, span.start));
+        }
+        one(key, inner.message().trim().to_string())
+    })
+}
+
+fn validate(raw: RawConfig, file: &str, errs: &mut Errors) -> Option<Config> {
+    let n = raw.node;
+    if !valid_name(&n.name) {
+        errs.push("node.name", format!("expected 1-32 characters of [A-Za-z0-9._-], got `{}`", n.name));
+    }
+    if n.private_key.trim().is_empty() {
+        errs.push("node.private_key", "expected the path of the private key file (make one with `detourctl genkey PATH`)");
+    }
+    let mut listen = Vec::new();
+    for (i, l) in n.listen.iter().enumerate() {
+        match l.parse::<IpAddr>() {
+            Ok(a) => listen.push(a),
+            Err(_) => errs.push(format!("node.listen[{i}]"), format!("expected an IP address such as `0.0.0.0`, `::` or `192.0.2.1`, got `{l}`")),
+        }
+    }
+    let data_port = n.data_port.unwrap_or(DEFAULT_DATA_PORT);
+    if let Err(m) = check_port(data_port) {
+        errs.push("node.data_port", m);
+    }
+    let management_port = n.management_port.unwrap_or(data_port.wrapping_add(1));
+    if Some(management_port) != data_port.checked_add(1) {
+        errs.push(
+            "node.management_port",
+            format!("expected data_port + 1 = {} (the two ports are adjacent), got {management_port}", data_port.wrapping_add(1)),
+        );
+    }
+    let overlay_v4 = n.overlay_ipv4.as_ref().and_then(|s| match s.parse::<Ipv4Net>() {
+        Ok(net) if net.prefix_len() < 31 && (net.addr() == net.network() || net.addr() == net.broadcast()) => {
+            errs.push("node.overlay_ipv4", format!("`{s}` is the network or broadcast address of its prefix; expected a host address such as `10.77.0.1/24`"));
+            None
+        }
+        Ok(net) => Some(net),
+        Err(_) => {
+            errs.push("node.overlay_ipv4", format!("expected this node's overlay address with the overlay prefix length, such as `10.77.0.1/24`, got `{s}`"));
+            None
+        }
+    });
+    let overlay_v6 = n.overlay_ipv6.as_ref().and_then(|s| match s.parse::<Ipv6Net>() {
+        Ok(net) => Some(net),
+        Err(_) => {
+            errs.push("node.overlay_ipv6", format!("expected this node's overlay address with the overlay prefix length, such as `fd77::1/64`, got `{s}`"));
+            None
+        }
+    });
+    if n.overlay_ipv4.is_none() && n.overlay_ipv6.is_none() {
+        errs.push("node", "expected at least one of `overlay_ipv4` and `overlay_ipv6`");
+    }
+    let mut prefixes = Vec::new();
+    for (i, p) in n.prefixes.iter().enumerate() {
+        if let Some(net) = parse_prefix(errs, &format!("node.prefixes[{i}]"), p) {
+            prefixes.push(net);
+        }
+    }
+    let underlay_mtu = n.underlay_mtu.unwrap_or(DEFAULT_UNDERLAY_MTU);
+    check_mtu(errs, "node.underlay_mtu", underlay_mtu, overlay_v6.is_some());
+    let log_level = n.log_level.unwrap_or_else(|| "info".to_string());
+    if tracing_subscriber::EnvFilter::try_new(&log_level).is_err() {
+        errs.push("node.log_level", format!("expected `error`, `warn`, `info`, `debug`, `trace` or a tracing directive, got `{log_level}`"));
+    }
+    let control_socket = PathBuf::from(n.control_socket.unwrap_or_else(|| DEFAULT_CONTROL_SOCKET.to_string()));
+    if !control_socket.is_absolute() {
+        errs.push("node.control_socket", format!("expected an absolute path, got `{}`", control_socket.display()));
+    }
+
+    let k = raw.kernel;
+    let table = k.table.unwrap_or(DEFAULT_TABLE);
+    if matches!(table, 0 | 253..=255) {
+        errs.push("kernel.table", format!("table {table} is reserved (0 unspec, 253 default, 254 main, 255 local); expected another number"));
+    }
+    let rule_priority = k.rule_priority.unwrap_or(DEFAULT_RULE_PRIORITY);
+    if !(1..32766).contains(&rule_priority) {
+        errs.push("kernel.rule_priority", format!("expected 1..32765 (before the main table's rule at 32766), got {rule_priority}"));
+    }
+    let fwmark = k.fwmark.unwrap_or(DEFAULT_FWMARK);
+    if fwmark == 0 {
+        errs.push("kernel.fwmark", "expected a non-zero firewall mark");
+    }
+    let aggregate_interface = k.aggregate_interface.unwrap_or_else(|| DEFAULT_AGGREGATE_INTERFACE.to_string());
+    if !valid_ifname(&aggregate_interface) {
+        errs.push("kernel.aggregate_interface", format!("expected an interface name of 1-15 characters, got `{aggregate_interface}`"));
+    }
+    let interface_prefix = k.interface_prefix.unwrap_or_else(|| DEFAULT_INTERFACE_PREFIX.to_string());
+    if interface_prefix.len() > 8 || !(interface_prefix.is_empty() || valid_ifname(&interface_prefix)) {
+        errs.push("kernel.interface_prefix", format!("expected at most 8 interface-name characters, got `{interface_prefix}`"));
+    }
+    let link_pool_v4 = match k.link_pool_v4.as_deref().unwrap_or(DEFAULT_LINK_POOL_V4).parse::<Ipv4Net>() {
+        Ok(net) if net.prefix_len() <= 24 && net.trunc() == net => net,
+        _ => {
+            errs.push("kernel.link_pool_v4", "expected an IPv4 prefix of length /24 or shorter, such as `169.254.0.0/16`");
+            DEFAULT_LINK_POOL_V4.parse().unwrap()
+        }
+    };
+
+    let mut peers = Vec::new();
+    let mut names = HashSet::new();
+    let mut keys = HashMap::new();
+    let mut ifnames: HashMap<String, String> = HashMap::new();
+    ifnames.insert(aggregate_interface.clone(), "kernel.aggregate_interface".into());
+    let mut addrs: HashMap<IpAddr, String> = HashMap::new();
+    if let Some(v4) = overlay_v4 {
+        addrs.insert(IpAddr::V4(v4.addr()), "node.overlay_ipv4".into());
+    }
+    if let Some(v6) = overlay_v6 {
+        addrs.insert(IpAddr::V6(v6.addr()), "node.overlay_ipv6".into());
+    }
+    let mut announced: HashMap<IpNet, String> = HashMap::new();
+    for (i, p) in raw.peers.into_iter().enumerate() {
+        let at = |f: &str| format!("peer[{i}].{f}");
+        if !valid_name(&p.name) {
+            errs.push(at("name"), format!("expected 1-32 characters of [A-Za-z0-9._-], got `{}`", p.name));
+        } else if !names.insert(p.name.clone()) {
+            errs.push(at("name"), format!("peer name `{}` is used twice", p.name));
+        }
+        let key = match p.public_key.parse::<PublicKey>() {
+            Ok(k) => {
+                if let Some(other) = keys.insert(k, i) {
+                    errs.push(at("public_key"), format!("the same key is already pinned by peer[{other}]"));
+                }
+                Some(k)
+            }
+            Err(e) => {
+                errs.push(at("public_key"), format!("{e}; `detourctl pubkey KEYFILE` prints it"));
+                None
+            }
+        };
+        let mut endpoints = Vec::new();
+        for (j, e) in p.endpoints.iter().enumerate() {
+            match parse_endpoint(e) {
+                Ok(ep) => endpoints.push(ep),
+                Err(m) => errs.push(at(&format!("endpoints[{j}]")), m),
+            }
+        }
+        let ov4 = p.overlay_ipv4.as_ref().and_then(|s| match s.parse::<Ipv4Addr>() {
+            Ok(a) => Some(a),
+            Err(_) => {
+                errs.push(at("overlay_ipv4"), format!("expected the peer's overlay IPv4 address such as `10.77.0.2` (no prefix length), got `{s}`"));
+                None
+            }
+        });
+        let ov6 = p.overlay_ipv6.as_ref().and_then(|s| match s.parse::<Ipv6Addr>() {
+            Ok(a) => Some(a),
+            Err(_) => {
+                errs.push(at("overlay_ipv6"), format!("expected the peer's overlay IPv6 address such as `fd77::2` (no prefix length), got `{s}`"));
+                None
+            }
+        });
+        if p.overlay_ipv4.is_none() && p.overlay_ipv6.is_none() {
+            errs.push(format!("peer[{i}]"), "expected at least one of `overlay_ipv4` and `overlay_ipv6`");
+        }
+        for (a, key) in [(ov4.map(IpAddr::V4), "overlay_ipv4"), (ov6.map(IpAddr::V6), "overlay_ipv6")] {
+            if let Some(a) = a {
+                if let Some(prev) = addrs.insert(a, at(key)) {
+                    errs.push(at(key), format!("address {a} is already used by {prev}"));
+                }
+            }
+        }
+        let mut pfx = Vec::new();
+        for (j, s) in p.prefixes.iter().enumerate() {
+            let key = at(&format!("prefixes[{j}]"));
+            if let Some(net) = parse_prefix(errs, &key, s) {
+                if let Some(prev) = announced.insert(net, key.clone()) {
+                    errs.push(key, format!("prefix {net} is already routed to {prev}; a prefix belongs to one peer"));
+                } else {
+                    pfx.push(net);
+                }
+            }
+        }
+        let interface = p.interface.clone().unwrap_or_else(|| derive_ifname(&interface_prefix, &p.name));
+        if !valid_ifname(&interface) {
+            errs.push(at("interface"), format!("expected an interface name of 1-15 characters, got `{interface}`"));
+        } else if let Some(prev) = ifnames.insert(interface.clone(), at("interface")) {
+            errs.push(at("interface"), format!("interface name `{interface}` is also used by {prev}; set `interface` explicitly"));
+        }
+        let peer_mtu = p.underlay_mtu.unwrap_or(underlay_mtu);
+        if p.underlay_mtu.is_some() {
+            check_mtu(errs, &at("underlay_mtu"), peer_mtu, overlay_v6.is_some());
+        }
+        if let Some(public_key) = key {
+            peers.push(PeerConfig {
+                name: p.name,
+                public_key,
+                node_id: public_key.node_id(),
+                endpoints,
+                overlay_v4: ov4,
+                overlay_v6: ov6,
+                prefixes: pfx,
+                interface,
+                underlay_mtu: peer_mtu,
+            });
+        }
+    }
+    for net in &prefixes {
+        if let Some(prev) = announced.get(net) {
+            errs.push("node.prefixes", format!("prefix {net} is announced by this node and routed to {prev}"));
+        }
+    }
+
+    Some(Config {
+        file: file.to_string(),
+        node: NodeConfig {
+            name: n.name,
+            private_key: PathBuf::from(n.private_key),
+            listen,
+            data_port,
+            management_port,
+            overlay_v4,
+            overlay_v6,
+            prefixes,
+            underlay_mtu,
+            log_level,
+            control_socket,
+        },
+        kernel: KernelConfig { table, rule_priority, fwmark, aggregate_interface, interface_prefix, link_pool_v4 },
+        peers,
+    })
+}
+
+fn check_mtu(errs: &mut Errors, key: &str, mtu: u16, ipv6: bool) {
+    let inner = inner_mtu(mtu);
+    if mtu < 576 + (40 + 8 + wire::OVERHEAD) as u16 {
+        errs.push(key, format!("underlay MTU {mtu} leaves an overlay MTU of {inner} bytes; expected at least {}", 576 + 40 + 8 + wire::OVERHEAD));
+    } else if ipv6 && inner < 1280 {
+        errs.push(
+            key,
+            format!("underlay MTU {mtu} leaves an overlay MTU of {inner} bytes, below IPv6's minimum of 1280; expected at least {}", 1280 + 40 + 8 + wire::OVERHEAD),
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::identity::Identity;
+
+    fn key(seed: u8) -> String {
+        Identity::from_seed([seed; 32]).public_key().to_string()
+    }
+
+    fn sample() -> String {
+        format!(
+            r#"
+[node]
+name = "alice"
+private_key = "/etc/detour/private.key"
+overlay_ipv4 = "10.77.0.1/24"
+overlay_ipv6 = "fd77::1/64"
+
+[[peer]]
+name = "bob"
+public_key = "{}"
+endpoints = ["192.0.2.2", "[2001:db8::2]:7800", "bob.example.net"]
+overlay_ipv4 = "10.77.0.2"
+overlay_ipv6 = "fd77::2"
+prefixes = ["10.10.2.0/24", "fd10:2::/64"]
+"#,
+            key(2)
+        )
+    }
+
+    #[test]
+    fn sample_parses_with_defaults() {
+        let c = Config::parse(&sample(), "t.toml").unwrap();
+        assert_eq!(c.node.data_port, DEFAULT_DATA_PORT);
+        assert_eq!(c.node.management_port, DEFAULT_DATA_PORT + 1);
+        assert_eq!(c.kernel.table, DEFAULT_TABLE);
+        assert_eq!(c.peers[0].interface, "dt-bob");
+        assert_eq!(c.peers[0].endpoints.len(), 3);
+        assert_eq!(c.peers[0].endpoints[1], Endpoint::Addr("[2001:db8::2]:7800".parse().unwrap()));
+        assert_eq!(c.peers[0].endpoints[2], Endpoint::Host("bob.example.net".into(), DEFAULT_DATA_PORT));
+        assert_eq!(c.peers[0].inner_mtu(), 1500 - 112);
+    }
+
+    #[test]
+    fn errors_name_file_key_and_expectation() {
+        let text = sample().replace("data_port", "x").replace(r#"overlay_ipv4 = "10.77.0.2""#, r#"overlay_ipv4 = "10.77.0.2/24""#);
+        let e = Config::parse(&text, "/etc/detour/detour.toml").unwrap_err();
+        let msg = e.to_string();
+        assert!(msg.contains("/etc/detour/detour.toml: peer[0].overlay_ipv4: expected"), "{msg}");
+    }
+
+    #[test]
+    fn unknown_keys_and_type_errors_carry_the_path() {
+        let text = sample().replace("name = \"alice\"", "name = \"alice\"\ndata_prot = 5");
+        let e = Config::parse(&text, "f.toml").unwrap_err().to_string();
+        assert!(e.contains("f.toml: node") && e.contains("unknown field `data_prot`"), "{e}");
+        let text = sample().replace("name = \"alice\"", "name = \"alice\"\ndata_port = \"many\"");
+        let e = Config::parse(&text, "f.toml").unwrap_err().to_string();
+        assert!(e.contains("node.data_port") && e.contains("line"), "{e}");
+    }
+
+    #[test]
+    fn syntax_errors_give_the_line() {
+        let e = Config::parse("[node\nname=1", "f.toml").unwrap_err().to_string();
+        assert!(e.starts_with("f.toml: line 1: TOML syntax error"), "{e}");
+    }
+
+    #[test]
+    fn semantic_checks_collect_every_problem() {
+        let text = format!(
+            r#"
+[node]
+name = "a b"
+private_key = ""
+management_port = 9
+overlay_ipv4 = "10.77.0.0/24"
+prefixes = ["10.1.2.3/16"]
+[kernel]
+table = 254
+rule_priority = 40000
+[[peer]]
+name = "p"
+public_key = "nope"
+overlay_ipv4 = "10.77.0.2"
+[[peer]]
+name = "p"
+public_key = "{k}"
+endpoints = ["bad host!"]
+overlay_ipv4 = "10.77.0.2"
+prefixes = ["10.9.0.0/16"]
+[[peer]]
+name = "q"
+public_key = "{k}"
+prefixes = ["10.9.0.0/16"]
+"#,
+            k = key(4)
+        );
+        let errs = Config::parse(&text, "f").unwrap_err().0;
+        let keys: Vec<&str> = errs.iter().map(|e| e.key.as_str()).collect();
+        for expected in [
+            "node.name",
+            "node.private_key",
+            "node.management_port",
+            "node.overlay_ipv4",
+            "node.prefixes[0]",
+            "kernel.table",
+            "kernel.rule_priority",
+            "peer[0].public_key",
+            "peer[1].name",
+            "peer[1].endpoints[0]",
+            "peer[1].overlay_ipv4",
+            "peer[2].public_key",
+            "peer[2].prefixes[0]",
+            "peer[2]",
+        ] {
+            assert!(keys.contains(&expected), "missing {expected} in {keys:?}");
+        }
+    }
+
+    #[test]
+    fn long_peer_names_get_stable_distinct_interfaces() {
+        let a = derive_ifname("dt-", "datacenter-frankfurt-1");
+        let b = derive_ifname("dt-", "datacenter-frankfurt-2");
+        assert!(a.len() <= 15 && b.len() <= 15);
+        assert_ne!(a, b);
+        assert_eq!(a, derive_ifname("dt-", "datacenter-frankfurt-1"));
+        assert_eq!(derive_ifname("dt-", "bob"), "dt-bob");
+    }
+
+    #[test]
+    fn small_mtu_is_refused_for_ipv6() {
+        let text = sample().replace("name = \"alice\"", "name = \"alice\"\nunderlay_mtu = 1300");
+        let e = Config::parse(&text, "f").unwrap_err().to_string();
+        assert!(e.contains("node.underlay_mtu") && e.contains("1280"), "{e}");
+    }
+
+    #[test]
+    fn endpoints_parse() {
+        assert_eq!(parse_endpoint("10.0.0.1:1"), Ok(Endpoint::Addr("10.0.0.1:1".parse().unwrap())));
+        assert_eq!(parse_endpoint("::1"), Ok(Endpoint::Addr(SocketAddr::new("::1".parse().unwrap(), DEFAULT_DATA_PORT))));
+        assert!(parse_endpoint("host:0").is_err());
+        assert!(parse_endpoint("host:65535").is_err());
+        assert!(parse_endpoint("").is_err());
+        assert!(parse_endpoint("a..b").is_err());
+    }
+}

@@ -1,0 +1,144 @@
+//! Management-overlay messages and their framing on QUIC streams (sans I/O).
+//!
+//! Every management message carries the common overlay header of spec A§2.3 (version,
+//! traffic type = signalling, flags, hop limit, source and destination node IDs), like the
+//! data plane, preceded by a length. QUIC provides confidentiality, integrity and replay
+//! protection, so no key ID or counter is needed here. The body is JSON, so fields can be
+//! added without breaking older nodes.
+//!
+//! ```text
+//! u32 length (big endian, of what follows) | 36-byte header | JSON body
+//! header: ver<<4|type (1) | flags (1) | hop limit (1) | reserved 0 (1) | src (16) | dst (16)
+//! ```
+
+use serde::{Deserialize, Serialize};
+
+use crate::identity::NodeId;
+use crate::wire::{TrafficType, VERSION};
+
+/// Header length of a management frame (no key ID or counter).
+pub const FRAME_HEADER_LEN: usize = 36;
+/// Largest accepted frame body + header, in bytes.
+pub const MAX_FRAME: usize = 64 * 1024;
+
+/// A management message.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Message {
+    /// First message on a new session, sent by each side: who it is and where its data
+    /// plane listens.
+    Hello {
+        /// Protocol version (1).
+        version: u32,
+        /// Node name.
+        name: String,
+        /// UDP port of the sender's data plane.
+        data_port: u16,
+    },
+}
+
+/// A decoded frame.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Frame {
+    /// Originating node.
+    pub src: NodeId,
+    /// Destination node.
+    pub dst: NodeId,
+    /// Remaining hops.
+    pub hop_limit: u8,
+    /// The message.
+    pub message: Message,
+}
+
+/// Why a frame was rejected.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FrameError {
+    /// Length below the header or above [`MAX_FRAME`].
+    #[error("bad frame length {0}")]
+    Length(usize),
+    /// Wrong version, type or reserved byte.
+    #[error("bad frame header")]
+    Header,
+    /// The body is not a known message.
+    #[error("bad message body: {0}")]
+    Body(String),
+}
+
+/// Encodes a frame including its length prefix.
+pub fn encode(frame: &Frame) -> Vec<u8> {
+    let body = serde_json::to_vec(&frame.message).expect("messages always serialize");
+    let len = FRAME_HEADER_LEN + body.len();
+    let mut out = Vec::with_capacity(4 + len);
+    out.extend_from_slice(&(len as u32).to_be_bytes());
+    out.push((VERSION << 4) | TrafficType::Signalling as u8);
+    out.push(0);
+    out.push(frame.hop_limit);
+    out.push(0);
+    out.extend_from_slice(&frame.src.0);
+    out.extend_from_slice(&frame.dst.0);
+    out.extend_from_slice(&body);
+    out
+}
+
+/// Checks a length prefix before the frame is read.
+///
+/// # Errors
+/// [`FrameError::Length`] when out of range.
+pub fn check_len(len: usize) -> Result<usize, FrameError> {
+    if (FRAME_HEADER_LEN..=MAX_FRAME).contains(&len) {
+        Ok(len)
+    } else {
+        Err(FrameError::Length(len))
+    }
+}
+
+/// Decodes a frame (without its length prefix).
+///
+/// # Errors
+/// Any [`FrameError`]; never panics.
+pub fn decode(buf: &[u8]) -> Result<Frame, FrameError> {
+    check_len(buf.len())?;
+    if buf[0] != (VERSION << 4) | TrafficType::Signalling as u8 || buf[3] != 0 {
+        return Err(FrameError::Header);
+    }
+    let src = NodeId(buf[4..20].try_into().map_err(|_| FrameError::Header)?);
+    let dst = NodeId(buf[20..36].try_into().map_err(|_| FrameError::Header)?);
+    let message = serde_json::from_slice(&buf[FRAME_HEADER_LEN..]).map_err(|e| FrameError::Body(e.to_string()))?;
+    Ok(Frame { src, dst, hop_limit: buf[2], message })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn round_trip() {
+        let f = Frame {
+            src: NodeId([1; 16]),
+            dst: NodeId([2; 16]),
+            hop_limit: 3,
+            message: Message::Hello { version: 1, name: "alice".into(), data_port: 7720 },
+        };
+        let bytes = encode(&f);
+        let len = u32::from_be_bytes(bytes[..4].try_into().unwrap()) as usize;
+        assert_eq!(len, bytes.len() - 4);
+        assert_eq!(decode(&bytes[4..]).unwrap(), f);
+    }
+
+    #[test]
+    fn rejects_bad_frames() {
+        assert_eq!(check_len(3), Err(FrameError::Length(3)));
+        assert_eq!(check_len(MAX_FRAME + 1), Err(FrameError::Length(MAX_FRAME + 1)));
+        let mut b = encode(&Frame { src: NodeId([1; 16]), dst: NodeId([2; 16]), hop_limit: 0, message: Message::Hello { version: 1, name: "x".into(), data_port: 1 } });
+        b[4] = 0x20;
+        assert_eq!(decode(&b[4..]), Err(FrameError::Header));
+    }
+
+    proptest! {
+        #[test]
+        fn decode_never_panics(data in proptest::collection::vec(any::<u8>(), 0..300)) {
+            let _ = decode(&data);
+        }
+    }
+}

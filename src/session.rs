@@ -1,0 +1,224 @@
+//! Lifecycle of the management session with one peer, sans I/O.
+//!
+//! Both ends dial whenever they have no session, with exponential backoff capped at a few
+//! seconds. When two connections exist at once (simultaneous dials, or a peer that
+//! restarted), both ends keep the same one: the connection initiated by the lower node ID;
+//! between two initiated by the same node, the newer one. The shell opens and closes QUIC
+//! connections as told and reports what happened; time and randomness come in as arguments.
+
+use std::time::{Duration, Instant};
+
+use crate::identity::NodeId;
+
+/// Timers of the session lifecycle.
+#[derive(Debug, Clone, Copy)]
+pub struct SessionTimers {
+    /// First retry delay after a failure.
+    pub initial_backoff: Duration,
+    /// Largest retry delay ("capped at a few seconds").
+    pub max_backoff: Duration,
+}
+
+impl Default for SessionTimers {
+    fn default() -> Self {
+        SessionTimers { initial_backoff: Duration::from_millis(200), max_backoff: Duration::from_secs(3) }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    Idle { next_dial: Instant },
+    Dialing { since: Instant },
+    Up { conn: u64, initiator: NodeId, since: Instant },
+}
+
+/// What to do with a connection that just completed its handshake.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// Use it; close the replaced connection if any.
+    Adopt {
+        /// The previous session's connection, to be closed.
+        replaced: Option<u64>,
+    },
+    /// Close it: the current session wins the tie-break.
+    Refuse,
+}
+
+/// The management session state of one peer.
+#[derive(Debug, Clone)]
+pub struct PeerSession {
+    local: NodeId,
+    timers: SessionTimers,
+    state: State,
+    backoff: Duration,
+    dialing: bool,
+    /// Number of sessions established so far.
+    pub established: u64,
+}
+
+impl PeerSession {
+    /// A new session that will dial at once.
+    pub fn new(local: NodeId, timers: SessionTimers, now: Instant) -> PeerSession {
+        PeerSession { local, timers, state: State::Idle { next_dial: now }, backoff: timers.initial_backoff, dialing: false, established: 0 }
+    }
+
+    /// Returns true when the shell should start a dial now (at most one at a time).
+    pub fn poll_dial(&mut self, now: Instant) -> bool {
+        match self.state {
+            State::Idle { next_dial } if now >= next_dial && !self.dialing => {
+                self.state = State::Dialing { since: now };
+                self.dialing = true;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// When [`PeerSession::poll_dial`] should be called next.
+    pub fn next_timeout(&self) -> Option<Instant> {
+        match self.state {
+            State::Idle { next_dial } if !self.dialing => Some(next_dial),
+            _ => None,
+        }
+    }
+
+    /// A dial failed (every endpoint tried). `jitter` in [0, 1) spreads retries.
+    pub fn on_dial_failed(&mut self, now: Instant, jitter: f64) {
+        self.dialing = false;
+        if let State::Dialing { .. } = self.state {
+            self.retry_later(now, jitter);
+        }
+    }
+
+    /// A connection to this peer completed its handshake; `initiator` is the node that
+    /// dialled it. `from_own_dial` marks the end of the dial started by `poll_dial`.
+    pub fn on_connection(&mut self, now: Instant, conn: u64, initiator: NodeId, from_own_dial: bool) -> Verdict {
+        if from_own_dial {
+            self.dialing = false;
+        }
+        match self.state {
+            State::Up { conn: old, initiator: old_init, .. } => {
+                // Lower initiator wins; the same initiator means a redial: the newer wins.
+                if initiator <= old_init {
+                    self.state = State::Up { conn, initiator, since: now };
+                    self.established += 1;
+                    Verdict::Adopt { replaced: Some(old) }
+                } else {
+                    Verdict::Refuse
+                }
+            }
+            _ => {
+                self.state = State::Up { conn, initiator, since: now };
+                self.backoff = self.timers.initial_backoff;
+                self.established += 1;
+                Verdict::Adopt { replaced: None }
+            }
+        }
+    }
+
+    /// A connection closed. Only the current session's closing matters; the next dial is
+    /// scheduled after the initial backoff.
+    pub fn on_closed(&mut self, now: Instant, conn: u64, jitter: f64) {
+        if let State::Up { conn: cur, .. } = self.state {
+            if cur == conn {
+                self.backoff = self.timers.initial_backoff;
+                self.retry_later(now, jitter);
+            }
+        }
+    }
+
+    fn retry_later(&mut self, now: Instant, jitter: f64) {
+        let j = 0.75 + 0.5 * jitter.clamp(0.0, 1.0);
+        let delay = self.backoff.mul_f64(j).min(self.timers.max_backoff);
+        self.state = State::Idle { next_dial: now + delay };
+        self.backoff = (self.backoff * 2).min(self.timers.max_backoff);
+    }
+
+    /// The current connection and since when it is up.
+    pub fn current(&self) -> Option<(u64, Instant)> {
+        match self.state {
+            State::Up { conn, since, .. } => Some((conn, since)),
+            _ => None,
+        }
+    }
+
+    /// "up", "connecting" or "down" (waiting to retry).
+    pub fn state_name(&self) -> &'static str {
+        match self.state {
+            State::Up { .. } => "up",
+            State::Dialing { .. } => "connecting",
+            State::Idle { .. } if self.dialing => "connecting",
+            State::Idle { .. } => "down",
+        }
+    }
+
+    /// This node's ID (the tie-break compares against it).
+    pub fn local(&self) -> NodeId {
+        self.local
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const A: NodeId = NodeId([1; 16]);
+    const B: NodeId = NodeId([2; 16]);
+
+    #[test]
+    fn backoff_grows_and_is_capped() {
+        let t0 = Instant::now();
+        let mut s = PeerSession::new(A, SessionTimers::default(), t0);
+        let mut now = t0;
+        let mut delays = Vec::new();
+        for _ in 0..8 {
+            assert!(s.poll_dial(now));
+            assert!(!s.poll_dial(now), "one dial at a time");
+            s.on_dial_failed(now, 0.5);
+            let next = s.next_timeout().unwrap();
+            delays.push(next - now);
+            now = next;
+        }
+        assert_eq!(delays[0], Duration::from_millis(200));
+        assert_eq!(delays[1], Duration::from_millis(400));
+        assert!(delays.iter().all(|d| *d <= Duration::from_secs(3)));
+        assert_eq!(*delays.last().unwrap(), Duration::from_secs(3));
+    }
+
+    #[test]
+    fn simultaneous_dials_converge_on_the_lower_initiator() {
+        let t = Instant::now();
+        let mut a = PeerSession::new(A, SessionTimers::default(), t);
+        let mut b = PeerSession::new(B, SessionTimers::default(), t);
+        assert!(a.poll_dial(t) && b.poll_dial(t));
+        // A sees B's dial (conn 2) first, then its own (conn 1); B the other way round.
+        assert_eq!(a.on_connection(t, 2, B, false), Verdict::Adopt { replaced: None });
+        assert_eq!(a.on_connection(t, 1, A, true), Verdict::Adopt { replaced: Some(2) });
+        assert_eq!(b.on_connection(t, 1, A, false), Verdict::Adopt { replaced: None });
+        assert_eq!(b.on_connection(t, 2, B, true), Verdict::Refuse);
+        assert_eq!(a.current().unwrap().0, 1);
+        assert_eq!(b.current().unwrap().0, 1);
+        // the refused connection closing does not disturb the session
+        b.on_closed(t, 2, 0.0);
+        assert_eq!(b.state_name(), "up");
+    }
+
+    #[test]
+    fn a_restarted_peer_redial_replaces_the_old_session() {
+        let t = Instant::now();
+        let mut a = PeerSession::new(A, SessionTimers::default(), t);
+        a.on_connection(t, 1, B, false);
+        assert_eq!(a.on_connection(t, 7, B, false), Verdict::Adopt { replaced: Some(1) });
+    }
+
+    #[test]
+    fn closing_the_session_schedules_a_quick_redial() {
+        let t = Instant::now();
+        let mut a = PeerSession::new(A, SessionTimers::default(), t);
+        assert!(a.poll_dial(t));
+        a.on_connection(t, 1, A, true);
+        a.on_closed(t, 1, 0.0);
+        assert_eq!(a.state_name(), "down");
+        assert!(a.next_timeout().unwrap() <= t + Duration::from_millis(200));
+    }
+}

@@ -1,0 +1,304 @@
+//! rtnetlink I/O: reads the kernel objects detour owns into a [`DesiredState`] and applies
+//! [`KernelOp`]s. No `ip` commands are run. Routes are read with strict dump filtering, so
+//! a router with a full BGP table in `main` costs nothing here.
+
+use std::collections::{BTreeSet, HashMap};
+use std::net::IpAddr;
+
+use anyhow::{Context, Result};
+use futures::TryStreamExt;
+use ipnet::IpNet;
+use netlink_packet_core::{NetlinkMessage, NetlinkPayload, NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_EXCL, NLM_F_REQUEST};
+use netlink_packet_route::address::{AddressAttribute, AddressFlags, AddressMessage};
+use netlink_packet_route::link::{LinkAttribute, LinkFlags};
+use netlink_packet_route::route::{RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteProtocol, RouteScope, RouteType};
+use netlink_packet_route::rule::{RuleAction, RuleAttribute, RuleFlags, RuleMessage};
+use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
+use rtnetlink::{Handle, LinkUnspec};
+
+use crate::kernel::{AddrSpec, DesiredState, KernelOp, LinkSpec, RouteSpec, RuleSpec, RTPROT_DETOUR};
+
+/// A netlink route socket.
+#[derive(Clone)]
+pub struct Netlink {
+    handle: Handle,
+}
+
+/// Interface name → index of the links detour looked at.
+pub type IfIndex = HashMap<String, u32>;
+
+fn family(v6: bool) -> AddressFamily {
+    if v6 {
+        AddressFamily::Inet6
+    } else {
+        AddressFamily::Inet
+    }
+}
+
+fn errno(e: &rtnetlink::Error) -> Option<i32> {
+    match e {
+        rtnetlink::Error::NetlinkError(m) => m.code.map(|c| -c.get()),
+        _ => None,
+    }
+}
+
+impl Netlink {
+    /// Opens the socket; the connection task runs on the current tokio runtime.
+    ///
+    /// # Errors
+    /// If the netlink socket cannot be opened.
+    pub fn connect() -> Result<Netlink> {
+        let (conn, handle, _) = rtnetlink::new_connection_with_strict_check().context("opening a netlink socket")?;
+        tokio::spawn(conn);
+        Ok(Netlink { handle })
+    }
+
+    async fn request(&self, msg: RouteNetlinkMessage, flags: u16) -> Result<Vec<RouteNetlinkMessage>, rtnetlink::Error> {
+        let mut req = NetlinkMessage::from(msg);
+        req.header.flags = flags;
+        let mut handle = self.handle.clone();
+        let mut responses = handle.request(req)?;
+        let mut out = Vec::new();
+        use futures::StreamExt;
+        while let Some(m) = responses.next().await {
+            match m.payload {
+                NetlinkPayload::Error(err) => return Err(rtnetlink::Error::NetlinkError(err)),
+                NetlinkPayload::InnerMessage(inner) => out.push(inner),
+                _ => {}
+            }
+        }
+        Ok(out)
+    }
+
+    /// All links by name: (index, mtu, up).
+    ///
+    /// # Errors
+    /// Netlink failures.
+    pub async fn links(&self) -> Result<HashMap<String, (u32, u32, bool)>> {
+        let mut out = HashMap::new();
+        let mut links = self.handle.link().get().execute();
+        while let Some(l) = links.try_next().await.context("listing links")? {
+            let mut name = None;
+            let mut mtu = 0;
+            for a in &l.attributes {
+                match a {
+                    LinkAttribute::IfName(n) => name = Some(n.clone()),
+                    LinkAttribute::Mtu(m) => mtu = *m,
+                    _ => {}
+                }
+            }
+            if let Some(n) = name {
+                out.insert(n, (l.header.index, mtu, l.header.flags.contains(LinkFlags::Up)));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Reads what detour owns in the kernel: the named links, their addresses, the routes in
+    /// `table` tagged with detour's protocol, and every rule tagged with it.
+    ///
+    /// # Errors
+    /// Netlink failures.
+    pub async fn observe(&self, names: &BTreeSet<String>, table: u32) -> Result<(DesiredState, IfIndex)> {
+        let mut s = DesiredState::default();
+        let mut index = IfIndex::new();
+        let mut by_index = HashMap::new();
+        for (name, (idx, mtu, up)) in self.links().await? {
+            if names.contains(&name) {
+                s.links.insert(LinkSpec { name: name.clone(), mtu, up });
+                index.insert(name.clone(), idx);
+                by_index.insert(idx, name);
+            }
+        }
+        let mut addrs = self.handle.address().get().execute();
+        while let Some(a) = addrs.try_next().await.context("listing addresses")? {
+            let Some(dev) = by_index.get(&a.header.index) else { continue };
+            let mut addr = None;
+            for attr in &a.attributes {
+                match attr {
+                    AddressAttribute::Local(ip) => addr = Some(*ip),
+                    AddressAttribute::Address(ip) if addr.is_none() => addr = Some(*ip),
+                    _ => {}
+                }
+            }
+            if let Some(addr) = addr {
+                s.addrs.insert(AddrSpec { dev: dev.clone(), addr, prefix_len: a.header.prefix_len });
+            }
+        }
+        for v6 in [false, true] {
+            let mut msg = RouteMessage::default();
+            msg.header.address_family = family(v6);
+            msg.header.protocol = RouteProtocol::from(RTPROT_DETOUR);
+            msg.attributes.push(RouteAttribute::Table(table));
+            let routes = self.request(RouteNetlinkMessage::GetRoute(msg), NLM_F_REQUEST | NLM_F_DUMP).await.context("listing routes")?;
+            for r in routes {
+                if let RouteNetlinkMessage::NewRoute(r) = r {
+                    if let Some(spec) = route_spec(&r, table, &by_index) {
+                        s.routes.insert(spec);
+                    }
+                }
+            }
+        }
+        s.rules = self.rules().await?;
+        Ok((s, index))
+    }
+
+    /// Every rule tagged with detour's protocol.
+    ///
+    /// # Errors
+    /// Netlink failures.
+    pub async fn rules(&self) -> Result<BTreeSet<RuleSpec>> {
+        let mut out = BTreeSet::new();
+        for v6 in [false, true] {
+            let version = if v6 { rtnetlink::IpVersion::V6 } else { rtnetlink::IpVersion::V4 };
+            let mut rules = self.handle.rule().get(version).execute();
+            while let Some(r) = rules.try_next().await.context("listing rules")? {
+                let (mut prio, mut tbl, mut mark, mut proto) = (0, u32::from(r.header.table), 0, 0u8);
+                for a in &r.attributes {
+                    match a {
+                        RuleAttribute::Priority(p) => prio = *p,
+                        RuleAttribute::Table(t) => tbl = *t,
+                        RuleAttribute::FwMark(m) => mark = *m,
+                        RuleAttribute::Protocol(p) => proto = u8::from(*p),
+                        _ => {}
+                    }
+                }
+                if proto == RTPROT_DETOUR {
+                    out.insert(RuleSpec { v6, priority: prio, table: tbl, fwmark: mark });
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Applies one change. Adding what exists or deleting what is gone counts as done.
+    ///
+    /// # Errors
+    /// Netlink failures, with the operation in the message.
+    pub async fn apply(&self, op: &KernelOp, table: u32, index: &IfIndex) -> Result<()> {
+        let idx = |dev: &str| index.get(dev).copied().with_context(|| format!("interface {dev} does not exist"));
+        let res = match op {
+            KernelOp::SetLink(l) => {
+                let msg = LinkUnspec::new_with_index(idx(&l.name)?).mtu(l.mtu).up().build();
+                self.handle.link().set(msg).execute().await
+            }
+            KernelOp::AddAddr(a) => {
+                let mut req = self.handle.address().add(idx(&a.dev)?, a.addr, a.prefix_len);
+                let mut flags = AddressFlags::Noprefixroute;
+                if a.addr.is_ipv6() {
+                    flags |= AddressFlags::Nodad;
+                }
+                req.message_mut().attributes.push(AddressAttribute::Flags(flags));
+                req.replace().execute().await
+            }
+            KernelOp::DelAddr(a) => {
+                let mut msg = AddressMessage::default();
+                msg.header.family = family(a.addr.is_ipv6());
+                msg.header.prefix_len = a.prefix_len;
+                msg.header.index = idx(&a.dev)?;
+                msg.attributes.push(AddressAttribute::Local(a.addr));
+                if a.addr.is_ipv6() {
+                    msg.attributes.clear();
+                    msg.attributes.push(AddressAttribute::Address(a.addr));
+                }
+                self.handle.address().del(msg).execute().await
+            }
+            KernelOp::AddRoute(r) => {
+                let v6 = r.dst.addr().is_ipv6();
+                let msg = route_message(r, table, idx(&r.dev)?);
+                // IPv6 keeps device routes to the same prefix side by side (fe80::/64 on
+                // every per-peer link); IPv4 must not, so it asks for exclusivity.
+                let flags = NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | if v6 { 0 } else { NLM_F_EXCL };
+                self.request(RouteNetlinkMessage::NewRoute(msg), flags).await.map(|_| ())
+            }
+            KernelOp::DelRoute(r) => {
+                let oif = index.get(&r.dev).copied().unwrap_or(0);
+                let msg = route_message(r, table, oif);
+                self.request(RouteNetlinkMessage::DelRoute(msg), NLM_F_REQUEST | NLM_F_ACK).await.map(|_| ())
+            }
+            KernelOp::AddRule(r) => {
+                self.request(RouteNetlinkMessage::NewRule(rule_message(r)), NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL).await.map(|_| ())
+            }
+            KernelOp::DelRule(r) => self.request(RouteNetlinkMessage::DelRule(rule_message(r)), NLM_F_REQUEST | NLM_F_ACK).await.map(|_| ()),
+        };
+        match res {
+            Ok(()) => Ok(()),
+            Err(e) if matches!(op, KernelOp::AddAddr(_) | KernelOp::AddRoute(_) | KernelOp::AddRule(_)) && errno(&e) == Some(libc::EEXIST) => Ok(()),
+            Err(e)
+                if matches!(op, KernelOp::DelAddr(_) | KernelOp::DelRoute(_) | KernelOp::DelRule(_))
+                    && matches!(errno(&e), Some(libc::ESRCH) | Some(libc::ENOENT) | Some(libc::EADDRNOTAVAIL) | Some(libc::ENODEV)) =>
+            {
+                Ok(())
+            }
+            Err(e) => Err(anyhow::anyhow!("{op:?}: {e}")),
+        }
+    }
+}
+
+fn route_message(r: &RouteSpec, table: u32, oif: u32) -> RouteMessage {
+    let mut msg = RouteMessage::default();
+    let v6 = r.dst.addr().is_ipv6();
+    msg.header = RouteHeader {
+        address_family: family(v6),
+        destination_prefix_length: r.dst.prefix_len(),
+        table: if table < 256 { table as u8 } else { 0 },
+        protocol: RouteProtocol::from(RTPROT_DETOUR),
+        scope: RouteScope::Link,
+        kind: RouteType::Unicast,
+        ..Default::default()
+    };
+    msg.attributes.push(RouteAttribute::Table(table));
+    msg.attributes.push(RouteAttribute::Destination(RouteAddress::from(r.dst.addr())));
+    if oif != 0 {
+        msg.attributes.push(RouteAttribute::Oif(oif));
+    }
+    if let Some(src) = r.src {
+        msg.attributes.push(RouteAttribute::PrefSource(RouteAddress::from(src)));
+    }
+    msg
+}
+
+fn route_spec(r: &RouteMessage, table: u32, by_index: &HashMap<u32, String>) -> Option<RouteSpec> {
+    let mut dst = None;
+    let mut oif = None;
+    let mut src = None;
+    let mut tbl = u32::from(r.header.table);
+    for a in &r.attributes {
+        match a {
+            RouteAttribute::Destination(RouteAddress::Inet(ip)) => dst = Some(IpAddr::V4(*ip)),
+            RouteAttribute::Destination(RouteAddress::Inet6(ip)) => dst = Some(IpAddr::V6(*ip)),
+            RouteAttribute::Oif(i) => oif = Some(*i),
+            RouteAttribute::PrefSource(RouteAddress::Inet(ip)) => src = Some(IpAddr::V4(*ip)),
+            RouteAttribute::PrefSource(RouteAddress::Inet6(ip)) => src = Some(IpAddr::V6(*ip)),
+            RouteAttribute::Table(t) => tbl = *t,
+            _ => {}
+        }
+    }
+    if tbl != table || u8::from(r.header.protocol) != RTPROT_DETOUR {
+        return None;
+    }
+    let dst = dst.unwrap_or(if r.header.address_family == AddressFamily::Inet6 {
+        IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED)
+    } else {
+        IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED)
+    });
+    let dst = IpNet::new(dst, r.header.destination_prefix_length).ok()?;
+    // A route through an interface that is not ours (or gone) is stale: name it so that
+    // the plan deletes it.
+    let dev = oif.and_then(|i| by_index.get(&i).cloned()).unwrap_or_else(|| format!("#{}", oif.unwrap_or(0)));
+    Some(RouteSpec { dst, dev, src })
+}
+
+fn rule_message(r: &RuleSpec) -> RuleMessage {
+    let mut msg = RuleMessage::default();
+    msg.header.family = family(r.v6);
+    msg.header.table = if r.table < 256 { r.table as u8 } else { 0 };
+    msg.header.action = RuleAction::ToTable;
+    msg.header.flags = RuleFlags::Invert;
+    msg.attributes.push(RuleAttribute::Priority(r.priority));
+    msg.attributes.push(RuleAttribute::FwMark(r.fwmark));
+    msg.attributes.push(RuleAttribute::FwMask(u32::MAX));
+    msg.attributes.push(RuleAttribute::Table(r.table));
+    msg.attributes.push(RuleAttribute::Protocol(RouteProtocol::from(RTPROT_DETOUR)));
+    msg
+}
