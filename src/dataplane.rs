@@ -9,7 +9,7 @@
 //! counted, never a panic.
 
 use std::collections::HashMap;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::net::{IpAddr, SocketAddr};
 use std::ops::Range;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
@@ -120,6 +120,10 @@ impl DropCounters {
     pub fn add(&self, reason: DropReason) {
         self.0[reason.index()].fetch_add(1, Relaxed);
     }
+    /// Counts `n` drops at once.
+    pub fn add_n(&self, reason: DropReason, n: u64) {
+        self.0[reason.index()].fetch_add(n, Relaxed);
+    }
     /// Current count for a reason.
     pub fn get(&self, reason: DropReason) -> u64 {
         self.0[reason.index()].load(Relaxed)
@@ -168,10 +172,6 @@ pub struct PeerSpec {
 pub struct DataPlaneSpec {
     /// This node.
     pub local: NodeId,
-    /// This node's overlay IPv4 address (source of ICMP errors).
-    pub local_v4: Option<Ipv4Addr>,
-    /// This node's overlay IPv6 address (source of ICMP errors).
-    pub local_v6: Option<Ipv6Addr>,
     /// Inner destinations this node accepts: its own addresses and the prefixes behind it.
     pub local_dsts: Vec<IpNet>,
     /// Peers, indexed as everywhere else in the daemon.
@@ -260,8 +260,6 @@ struct TxPeer {
 /// Send-side state: routing, keys and counters (owned by the TX thread).
 pub struct TxState {
     local: NodeId,
-    local_v4: Option<Ipv4Addr>,
-    local_v6: Option<Ipv6Addr>,
     peers: Vec<TxPeer>,
     table: PrefixTable<usize>,
     node_drops: Arc<DropCounters>,
@@ -282,8 +280,6 @@ impl TxState {
         }
         TxState {
             local: spec.local,
-            local_v4: spec.local_v4,
-            local_v6: spec.local_v6,
             peers: spec
                 .peers
                 .iter()
@@ -357,7 +353,7 @@ impl TxState {
                 Some(&i) => i,
                 None => {
                     self.node_drops.add(DropReason::NoRoute);
-                    return self.icmp(pkt, reply, |pkt, from| packet::unreachable(pkt, from), DropReason::NoRoute);
+                    return Self::icmp(pkt, reply, |pkt, from| packet::unreachable(pkt, from), DropReason::NoRoute);
                 }
             },
         };
@@ -365,7 +361,7 @@ impl TxState {
         if len > p.inner_mtu {
             p.counters.drops.add(DropReason::TooBig);
             let mtu = p.inner_mtu as u16;
-            return self.icmp(pkt, reply, |pkt, from| packet::too_big(pkt, mtu, from), DropReason::TooBig);
+            return Self::icmp(pkt, reply, |pkt, from| packet::too_big(pkt, mtu, from), DropReason::TooBig);
         }
         let Some(session) = p.session.as_mut().filter(|s| s.next_counter < u64::MAX) else {
             p.counters.drops.add(DropReason::NoSession);
@@ -391,18 +387,12 @@ impl TxState {
         TxAction::Send { peer, to: endpoint.remote, src_ip: endpoint.local_ip, len: n }
     }
 
-    fn icmp(
-        &self,
-        pkt: &[u8],
-        reply: &mut Vec<u8>,
-        build: impl Fn(&[u8], IpAddr) -> Option<Vec<u8>>,
-        reason: DropReason,
-    ) -> TxAction {
-        let from = match pkt[0] >> 4 {
-            4 => self.local_v4.map(IpAddr::V4),
-            _ => self.local_v6.map(IpAddr::V6),
-        };
-        match from.and_then(|f| build(pkt, f)) {
+    /// Builds an ICMP error about `pkt`. Its source is the packet's destination: the kernel
+    /// drops packets that arrive from one of its own addresses (martians), and the
+    /// destination's route points back into the same TUN, so strict reverse-path filters
+    /// accept it.
+    fn icmp(pkt: &[u8], reply: &mut Vec<u8>, build: impl Fn(&[u8], IpAddr) -> Option<Vec<u8>>, reason: DropReason) -> TxAction {
+        match packet::destination(pkt).and_then(|from| build(pkt, from)) {
             Some(err) => {
                 *reply = err;
                 TxAction::Reply(reason)
@@ -569,6 +559,7 @@ mod tests {
     use super::*;
     use etherparse::PacketBuilder;
     use proptest::prelude::*;
+    use std::net::Ipv4Addr;
 
     const A: NodeId = NodeId([0xa; 16]);
     const B: NodeId = NodeId([0xb; 16]);
@@ -577,8 +568,6 @@ mod tests {
         let la: Ipv4Addr = local_addr.parse().unwrap();
         DataPlaneSpec {
             local,
-            local_v4: Some(la),
-            local_v6: None,
             local_dsts: vec![IpNet::from(IpAddr::V4(la)), local_prefix.parse().unwrap()],
             peers: vec![PeerSpec {
                 node_id: remote,
@@ -689,7 +678,8 @@ mod tests {
         let (mut tx, _, sa, _) = pair();
         let (a, _, reply) = send(&mut tx, Tun::Aggregate, &ip4("10.77.0.1", "192.0.2.99", 5));
         assert_eq!(a, TxAction::Reply(DropReason::NoRoute));
-        assert_eq!(packet::addresses(&reply).unwrap().1, "10.77.0.1".parse::<IpAddr>().unwrap());
+        // sent back to the sender, from the unreachable destination (never a local address)
+        assert_eq!(packet::addresses(&reply).unwrap(), ("192.0.2.99".parse().unwrap(), "10.77.0.1".parse().unwrap()));
         let (a, _, reply) = send(&mut tx, Tun::Peer(0), &ip4("10.77.0.1", "10.77.0.2", 1400));
         assert_eq!(a, TxAction::Reply(DropReason::TooBig));
         assert_eq!(reply[20], 3);

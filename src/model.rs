@@ -65,8 +65,6 @@ impl Model {
         }
         DataPlaneSpec {
             local: self.local,
-            local_v4: n.overlay_v4.map(|v| v.addr()),
-            local_v6: n.overlay_v6.map(|v| v.addr()),
             local_dsts,
             peers: self
                 .cfg

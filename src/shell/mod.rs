@@ -1,3 +1,9 @@
 //! The I/O shell: everything that touches the host. Kept thin; decisions live in the core.
 
 pub mod netlink;
+pub mod datapath;
+pub mod tls;
+pub mod quic;
+pub mod control;
+pub mod daemon;
+pub mod sockets;

@@ -10,7 +10,7 @@ use futures::TryStreamExt;
 use ipnet::IpNet;
 use netlink_packet_core::{NetlinkMessage, NetlinkPayload, NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_EXCL, NLM_F_REQUEST};
 use netlink_packet_route::address::{AddressAttribute, AddressFlags, AddressMessage};
-use netlink_packet_route::link::{LinkAttribute, LinkFlags};
+use netlink_packet_route::link::{AfSpecInet6, AfSpecUnspec, In6AddrGenMode, LinkAttribute, LinkFlags};
 use netlink_packet_route::route::{RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteProtocol, RouteScope, RouteType};
 use netlink_packet_route::rule::{RuleAction, RuleAttribute, RuleFlags, RuleMessage};
 use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
@@ -179,7 +179,15 @@ impl Netlink {
         let idx = |dev: &str| index.get(dev).copied().with_context(|| format!("interface {dev} does not exist"));
         let res = match op {
             KernelOp::SetLink(l) => {
-                let msg = LinkUnspec::new_with_index(idx(&l.name)?).mtu(l.mtu).up().build();
+                let index = idx(&l.name)?;
+                // No kernel-generated IPv6 link-local address: detour sets its own. This must
+                // happen before the link goes up; it fails harmlessly where IPv6 is off.
+                let mut gen = LinkUnspec::new_with_index(index).build();
+                gen.attributes.push(LinkAttribute::AfSpecUnspec(vec![AfSpecUnspec::Inet6(vec![AfSpecInet6::AddrGenMode(In6AddrGenMode::None)])]));
+                if let Err(e) = self.handle.link().set(gen).execute().await {
+                    tracing::debug!("{}: addr_gen_mode none: {e}", l.name);
+                }
+                let msg = LinkUnspec::new_with_index(index).mtu(l.mtu).up().build();
                 self.handle.link().set(msg).execute().await
             }
             KernelOp::AddAddr(a) => {

@@ -1,0 +1,505 @@
+//! The data path: two threads around the pure [`TxState`] and [`RxState`].
+//!
+//! * **TX thread**: reads every TUN (per-peer TUNs and the aggregate) with virtio-net
+//!   offload, so the kernel hands over 64 KiB TCP super-packets that tun-rs splits into
+//!   segments; each segment is sealed by [`TxState`], and consecutive datagrams to the same
+//!   peer go out as one UDP GSO `sendmsg` (quinn-udp).
+//! * **RX thread**: receives with UDP GRO and `recvmmsg` (quinn-udp), opens each datagram
+//!   with [`RxState`] and writes the inner packets per TUN in one GRO-coalescing batch.
+//!
+//! Each thread runs its own single-threaded tokio runtime, so a packet is never handed
+//! between threads. The control plane talks to both through [`DataCommand`] channels.
+
+use std::cell::RefCell;
+use std::io::{self, IoSliceMut};
+use std::net::{IpAddr, SocketAddr, UdpSocket as StdUdpSocket};
+use std::rc::Rc;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+use anyhow::{anyhow, Context, Result};
+use quinn_udp::{RecvMeta, Transmit, UdpSocketState};
+use tokio::io::Interest;
+use tokio::net::UdpSocket;
+use tokio::sync::mpsc;
+use tun_rs::{AsyncDevice, GROTable, SyncDevice, VIRTIO_NET_HDR_LEN};
+
+use crate::dataplane::{DataCommand, DataPlaneSpec, DropReason, RxState, Tun, TxAction, TxState};
+use crate::wire::{HEADER_LEN, OVERHEAD, TAG_LEN};
+
+/// Largest UDP payload in one GSO send (bytes), below the 64 KiB IP limit.
+const GSO_MAX_BYTES: usize = 65_000;
+/// Most TUN reads drained before a batch is flushed.
+const MAX_DRAIN: usize = 32;
+/// Segments one TUN read can produce.
+const TUN_BATCH: usize = 128;
+/// Receive buffer per datagram slot: one GRO train is at most 64 KiB.
+const RX_SLOT: usize = 65_536;
+
+/// A data socket with its quinn-udp state.
+pub struct DataSocket {
+    /// The bound socket.
+    pub socket: StdUdpSocket,
+    /// Offload state (GSO/GRO capability), shared by both threads.
+    pub state: Arc<UdpSocketState>,
+    /// Whether the socket also carries IPv4 (IPv4 socket or dual-stack IPv6 socket).
+    pub carries_v4: bool,
+    /// Whether the socket carries IPv6.
+    pub carries_v6: bool,
+}
+
+/// What the data path needs to start.
+pub struct DataPathSetup {
+    /// Peers, addresses and counters.
+    pub spec: DataPlaneSpec,
+    /// TUN devices opened with offload: per-peer TUNs in peer order, then the aggregate.
+    pub tuns: Vec<SyncDevice>,
+    /// MTU of each TUN (same order), to size buffers.
+    pub mtus: Vec<usize>,
+    /// Data sockets.
+    pub sockets: Vec<DataSocket>,
+    /// The daemon's clock origin (`now_ms` = milliseconds since this instant).
+    pub start: Instant,
+}
+
+/// Handle to the running data path.
+pub struct DataPath {
+    tx_cmd: mpsc::UnboundedSender<DataCommand>,
+    rx_cmd: mpsc::UnboundedSender<DataCommand>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl DataPath {
+    /// Starts the TX and RX threads.
+    ///
+    /// # Errors
+    /// If a runtime cannot be built or a device cannot be registered.
+    pub fn start(setup: DataPathSetup) -> Result<DataPath> {
+        let DataPathSetup { spec, tuns, mtus, sockets, start } = setup;
+        let n_peers = spec.peers.len();
+        if tuns.len() != n_peers + 1 || mtus.len() != tuns.len() {
+            return Err(anyhow!("internal: {} TUNs for {} peers", tuns.len(), n_peers));
+        }
+        let (tx_cmd, tx_rx) = mpsc::unbounded_channel();
+        let (rx_cmd, rx_rx) = mpsc::unbounded_channel();
+        let tx_socks: Vec<(StdUdpSocket, Arc<UdpSocketState>, bool, bool)> = sockets
+            .iter()
+            .map(|s| Ok((s.socket.try_clone()?, s.state.clone(), s.carries_v4, s.carries_v6)))
+            .collect::<io::Result<_>>()
+            .context("duplicating the data socket")?;
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<Vec<Arc<AsyncDevice>>, String>>();
+        let tx_spec = spec.clone();
+        let tx_mtus = mtus.clone();
+        let tx_thread = std::thread::Builder::new()
+            .name("detour-tx".into())
+            .spawn(move || tx_thread(tx_spec, tuns, tx_mtus, tx_socks, tx_rx, ready_tx))
+            .context("starting the TX thread")?;
+        let devices = match ready_rx.recv() {
+            Ok(Ok(d)) => d,
+            Ok(Err(e)) => return Err(anyhow!(e)),
+            Err(_) => return Err(anyhow!("the TX thread died during start")),
+        };
+        let rx_socks: Vec<(StdUdpSocket, Arc<UdpSocketState>)> = sockets.into_iter().map(|s| (s.socket, s.state)).collect();
+        let rx_thread = std::thread::Builder::new()
+            .name("detour-rx".into())
+            .spawn(move || rx_thread(spec, devices, rx_socks, rx_rx, start))
+            .context("starting the RX thread")?;
+        Ok(DataPath { tx_cmd, rx_cmd, threads: vec![tx_thread, rx_thread] })
+    }
+
+    /// Sends a command to both threads (applied in order).
+    pub fn command(&self, cmd: DataCommand) {
+        let _ = self.tx_cmd.send(cmd.clone());
+        let _ = self.rx_cmd.send(cmd);
+    }
+
+    /// Stops both threads and closes the TUNs (which removes the interfaces).
+    pub fn stop(self) {
+        drop(self.tx_cmd);
+        drop(self.rx_cmd);
+        for t in self.threads {
+            let _ = t.join();
+        }
+    }
+}
+
+fn runtime() -> io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread().enable_all().build()
+}
+
+struct TxSocket {
+    sock: UdpSocket,
+    state: Arc<UdpSocketState>,
+    v4: bool,
+    v6: bool,
+}
+
+/// Picks the socket for a destination and the address form it needs (a v4 destination on a
+/// dual-stack socket is written v4-mapped).
+fn pick(socks: &[TxSocket], to: SocketAddr) -> Option<(usize, SocketAddr)> {
+    match to {
+        SocketAddr::V4(v4) => {
+            if let Some(i) = socks.iter().position(|s| s.v4 && !s.v6) {
+                return Some((i, to));
+            }
+            socks
+                .iter()
+                .position(|s| s.v4 && s.v6)
+                .map(|i| (i, SocketAddr::new(IpAddr::V6(v4.ip().to_ipv6_mapped()), v4.port())))
+        }
+        SocketAddr::V6(_) => socks.iter().position(|s| s.v6).map(|i| (i, to)),
+    }
+}
+
+fn tx_thread(
+    spec: DataPlaneSpec,
+    tuns: Vec<SyncDevice>,
+    mtus: Vec<usize>,
+    socks: Vec<(StdUdpSocket, Arc<UdpSocketState>, bool, bool)>,
+    mut cmds: mpsc::UnboundedReceiver<DataCommand>,
+    ready: std::sync::mpsc::Sender<Result<Vec<Arc<AsyncDevice>>, String>>,
+) {
+    let rt = match runtime() {
+        Ok(rt) => rt,
+        Err(e) => {
+            let _ = ready.send(Err(format!("TX runtime: {e}")));
+            return;
+        }
+    };
+    let local = tokio::task::LocalSet::new();
+    local.block_on(&rt, async move {
+        let mut devices = Vec::new();
+        for t in tuns {
+            match AsyncDevice::new(t) {
+                Ok(d) => devices.push(Arc::new(d)),
+                Err(e) => {
+                    let _ = ready.send(Err(format!("registering a TUN: {e}")));
+                    return;
+                }
+            }
+        }
+        let mut tx_socks = Vec::new();
+        for (s, state, v4, v6) in socks {
+            match UdpSocket::from_std(s) {
+                Ok(sock) => tx_socks.push(TxSocket { sock, state, v4, v6 }),
+                Err(e) => {
+                    let _ = ready.send(Err(format!("registering the data socket: {e}")));
+                    return;
+                }
+            }
+        }
+        let _ = ready.send(Ok(devices.clone()));
+        let state = Rc::new(RefCell::new(TxState::new(&spec)));
+        let socks = Rc::new(tx_socks);
+        let n = devices.len();
+        for (i, dev) in devices.into_iter().enumerate() {
+            let ingress = if i + 1 == n { Tun::Aggregate } else { Tun::Peer(i) };
+            let task = TxTask::new(dev, ingress, mtus[i], state.clone(), socks.clone(), spec.node_drops.clone());
+            tokio::task::spawn_local(task.run());
+        }
+        while let Some(cmd) = cmds.recv().await {
+            state.borrow_mut().apply(&cmd);
+        }
+    });
+}
+
+/// Datagrams waiting to go out in one GSO send: equal-size segments to one destination,
+/// the last one possibly shorter.
+struct Batch {
+    buf: Vec<u8>,
+    seg: usize,
+    count: usize,
+    dest: Option<(usize, SocketAddr, Option<IpAddr>)>,
+    closed: bool,
+}
+
+impl Batch {
+    fn try_push(&mut self, dest: (usize, SocketAddr, Option<IpAddr>), data: &[u8], max_segs: usize) -> bool {
+        if self.count == 0 {
+            self.dest = Some(dest);
+            self.seg = data.len();
+            self.closed = false;
+        } else if self.dest != Some(dest)
+            || self.closed
+            || self.count >= max_segs
+            || data.len() > self.seg
+            || self.buf.len() + data.len() > GSO_MAX_BYTES
+        {
+            return false;
+        } else if data.len() < self.seg {
+            self.closed = true;
+        }
+        self.buf.extend_from_slice(data);
+        self.count += 1;
+        true
+    }
+}
+
+struct TxTask {
+    dev: Arc<AsyncDevice>,
+    ingress: Tun,
+    state: Rc<RefCell<TxState>>,
+    socks: Rc<Vec<TxSocket>>,
+    node_drops: Arc<crate::dataplane::DropCounters>,
+    original: Vec<u8>,
+    bufs: Vec<Vec<u8>>,
+    sizes: Vec<usize>,
+    reply: Vec<u8>,
+    batch: Batch,
+    gro: GROTable,
+}
+
+impl TxTask {
+    fn new(dev: Arc<AsyncDevice>, ingress: Tun, mtu: usize, state: Rc<RefCell<TxState>>, socks: Rc<Vec<TxSocket>>, node_drops: Arc<crate::dataplane::DropCounters>) -> TxTask {
+        TxTask {
+            dev,
+            ingress,
+            state,
+            socks,
+            node_drops,
+            original: vec![0u8; VIRTIO_NET_HDR_LEN + 65_535],
+            bufs: vec![vec![0u8; HEADER_LEN + mtu + TAG_LEN]; TUN_BATCH],
+            sizes: vec![0; TUN_BATCH],
+            reply: Vec::new(),
+            batch: Batch { buf: Vec::with_capacity(GSO_MAX_BYTES + 2048), seg: 0, count: 0, dest: None, closed: false },
+            gro: GROTable::default(),
+        }
+    }
+
+    async fn run(mut self) {
+        loop {
+            let n = match self.dev.recv_multiple(&mut self.original, &mut self.bufs, &mut self.sizes, HEADER_LEN).await {
+                Ok(n) => n,
+                Err(e) => {
+                    if self.fatal(&e) {
+                        return;
+                    }
+                    continue;
+                }
+            };
+            self.process(n).await;
+            for _ in 0..MAX_DRAIN {
+                match self.dev.try_recv_multiple(&mut self.original, &mut self.bufs, &mut self.sizes, HEADER_LEN) {
+                    Ok(n) => self.process(n).await,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(e) => {
+                        if self.fatal(&e) {
+                            return;
+                        }
+                        break;
+                    }
+                }
+            }
+            self.flush().await;
+        }
+    }
+
+    /// Logs a read error; true if the device is gone.
+    fn fatal(&self, e: &io::Error) -> bool {
+        if matches!(e.raw_os_error(), Some(libc::EBADFD) | Some(libc::EBADF) | Some(libc::ENODEV)) {
+            tracing::debug!("TUN {:?} closed: {e}", self.ingress);
+            return true;
+        }
+        tracing::debug!("TUN {:?} read: {e}", self.ingress);
+        false
+    }
+
+    async fn process(&mut self, n: usize) {
+        for i in 0..n {
+            let action = self.state.borrow_mut().encapsulate(self.ingress, &mut self.bufs[i], self.sizes[i], &mut self.reply);
+            match action {
+                TxAction::Send { to, src_ip, len, .. } => {
+                    let Some((sock, to)) = pick(&self.socks, to) else {
+                        self.node_drops.add(DropReason::SendError);
+                        continue;
+                    };
+                    let max_segs = self.socks[sock].state.max_gso_segments().max(1);
+                    let dest = (sock, to, src_ip);
+                    if !self.batch.try_push(dest, &self.bufs[i][..len], max_segs) {
+                        self.flush().await;
+                        self.batch.try_push(dest, &self.bufs[i][..len], max_segs);
+                    }
+                }
+                TxAction::Reply(_) => {
+                    let mut out = vec![0u8; VIRTIO_NET_HDR_LEN];
+                    out.extend_from_slice(&self.reply);
+                    let dev: &tun_rs::DeviceImpl = &self.dev;
+                    if let Err(e) = dev.send_multiple(&mut self.gro, &mut [out], VIRTIO_NET_HDR_LEN) {
+                        tracing::debug!("writing an ICMP error to the TUN: {e}");
+                    }
+                }
+                TxAction::Drop(_) => {}
+            }
+        }
+    }
+
+    async fn flush(&mut self) {
+        let Some((sock_i, to, src_ip)) = self.batch.dest else { return };
+        if self.batch.count == 0 {
+            return;
+        }
+        let s = &self.socks[sock_i];
+        let transmit = Transmit {
+            destination: to,
+            ecn: None,
+            contents: &self.batch.buf,
+            segment_size: if self.batch.count > 1 { Some(self.batch.seg) } else { None },
+            src_ip,
+        };
+        loop {
+            if s.sock.writable().await.is_err() {
+                break;
+            }
+            match s.sock.try_io(Interest::WRITABLE, || s.state.try_send((&s.sock).into(), &transmit)) {
+                Ok(()) => break,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) => {
+                    tracing::debug!("data send to {to}: {e}");
+                    self.node_drops.add(DropReason::SendError);
+                    break;
+                }
+            }
+        }
+        self.batch.buf.clear();
+        self.batch.count = 0;
+        self.batch.dest = None;
+    }
+}
+
+fn rx_thread(
+    spec: DataPlaneSpec,
+    devices: Vec<Arc<AsyncDevice>>,
+    socks: Vec<(StdUdpSocket, Arc<UdpSocketState>)>,
+    mut cmds: mpsc::UnboundedReceiver<DataCommand>,
+    start: Instant,
+) {
+    let rt = match runtime() {
+        Ok(rt) => rt,
+        Err(e) => {
+            tracing::error!("RX runtime: {e}");
+            return;
+        }
+    };
+    let local = tokio::task::LocalSet::new();
+    local.block_on(&rt, async move {
+        let state = Rc::new(RefCell::new(RxState::new(&spec)));
+        let devices = Rc::new(devices);
+        for (s, sstate) in socks {
+            let sock = match UdpSocket::from_std(s) {
+                Ok(sock) => sock,
+                Err(e) => {
+                    tracing::error!("registering the data socket: {e}");
+                    continue;
+                }
+            };
+            let task = RxTask::new(sock, sstate, state.clone(), devices.clone(), spec.clone(), start);
+            tokio::task::spawn_local(task.run());
+        }
+        while let Some(cmd) = cmds.recv().await {
+            state.borrow_mut().apply(&cmd);
+        }
+    });
+}
+
+struct RxTask {
+    sock: UdpSocket,
+    state: Arc<UdpSocketState>,
+    rx: Rc<RefCell<RxState>>,
+    devices: Rc<Vec<Arc<AsyncDevice>>>,
+    spec: DataPlaneSpec,
+    start: Instant,
+    slots: Vec<Vec<u8>>,
+    meta: Vec<RecvMeta>,
+    out: Vec<Vec<Vec<u8>>>,
+    pool: Vec<Vec<u8>>,
+    gro: GROTable,
+}
+
+impl RxTask {
+    fn new(sock: UdpSocket, state: Arc<UdpSocketState>, rx: Rc<RefCell<RxState>>, devices: Rc<Vec<Arc<AsyncDevice>>>, spec: DataPlaneSpec, start: Instant) -> RxTask {
+        let n = quinn_udp::BATCH_SIZE.max(1);
+        let tuns = devices.len();
+        RxTask {
+            sock,
+            state,
+            rx,
+            devices,
+            spec,
+            start,
+            slots: vec![vec![0u8; RX_SLOT]; n],
+            meta: vec![RecvMeta::default(); n],
+            out: vec![Vec::new(); tuns],
+            pool: Vec::new(),
+            gro: GROTable::default(),
+        }
+    }
+
+    async fn run(mut self) {
+        loop {
+            if self.sock.readable().await.is_err() {
+                return;
+            }
+            let res = {
+                let mut iovs: Vec<IoSliceMut<'_>> = self.slots.iter_mut().map(|b| IoSliceMut::new(b)).collect();
+                let state = &self.state;
+                let sock = &self.sock;
+                let meta = &mut self.meta;
+                sock.try_io(Interest::READABLE, || state.recv(sock.into(), &mut iovs, meta))
+            };
+            let n = match res {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) => {
+                    tracing::debug!("data socket receive: {e}");
+                    continue;
+                }
+            };
+            self.handle(n);
+        }
+    }
+
+    fn handle(&mut self, n: usize) {
+        let now_ms = self.start.elapsed().as_millis() as u64;
+        let aggregate = self.devices.len() - 1;
+        {
+            let mut rx = self.rx.borrow_mut();
+            for i in 0..n {
+                let m = self.meta[i];
+                let stride = if m.stride == 0 { m.len } else { m.stride };
+                let data = &mut self.slots[i][..m.len.min(RX_SLOT)];
+                for dgram in data.chunks_mut(stride.max(1)) {
+                    if dgram.len() < OVERHEAD {
+                        self.spec.node_drops.add(DropReason::Malformed);
+                        continue;
+                    }
+                    let Ok(d) = rx.decapsulate(dgram, now_ms) else { continue };
+                    let t = match d.tun {
+                        Tun::Peer(p) => p,
+                        Tun::Aggregate => aggregate,
+                    };
+                    let mut b = self.pool.pop().unwrap_or_default();
+                    b.clear();
+                    b.resize(VIRTIO_NET_HDR_LEN, 0);
+                    b.extend_from_slice(&dgram[d.inner]);
+                    self.out[t].push(b);
+                }
+            }
+        }
+        for t in 0..self.out.len() {
+            if self.out[t].is_empty() {
+                continue;
+            }
+            let dev: &tun_rs::DeviceImpl = &self.devices[t];
+            if let Err(e) = dev.send_multiple(&mut self.gro, &mut self.out[t], VIRTIO_NET_HDR_LEN) {
+                tracing::debug!("TUN write: {e}");
+                let n = self.out[t].len() as u64;
+                match self.spec.peers.get(t) {
+                    Some(p) => p.counters.drops.add_n(DropReason::TunWriteError, n),
+                    None => self.spec.node_drops.add_n(DropReason::TunWriteError, n),
+                }
+            }
+            self.pool.append(&mut self.out[t]);
+        }
+    }
+}

@@ -1,0 +1,81 @@
+//! Underlay sockets: bound to the configured listen addresses, marked with detour's
+//! firewall mark (so the `not fwmark` rule keeps them out of detour's own routes), with
+//! large buffers.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket};
+use std::os::fd::AsFd;
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use socket2::{Domain, Protocol, Socket, Type};
+
+use crate::shell::datapath::DataSocket;
+
+/// Socket buffer size requested for data sockets (bytes; forced past `rmem_max` as root).
+pub const DATA_BUFFER: usize = 8 << 20;
+
+/// A bound underlay UDP socket with its family capabilities.
+pub struct Bound {
+    /// The socket.
+    pub socket: UdpSocket,
+    /// Carries IPv4.
+    pub v4: bool,
+    /// Carries IPv6.
+    pub v6: bool,
+}
+
+/// Binds one UDP socket per listen address on `port`. An empty list means every address:
+/// a dual-stack `[::]` socket, or `0.0.0.0` when IPv6 is unavailable.
+///
+/// # Errors
+/// Bind failures, naming the address.
+pub fn bind_all(listen: &[IpAddr], port: u16, fwmark: u32, buffer: Option<usize>) -> Result<Vec<Bound>> {
+    if listen.is_empty() {
+        return match bind_one(IpAddr::V6(Ipv6Addr::UNSPECIFIED), port, fwmark, buffer) {
+            Ok(b) => Ok(vec![b]),
+            Err(e) if e.downcast_ref::<std::io::Error>().and_then(|e| e.raw_os_error()) == Some(libc::EAFNOSUPPORT) => {
+                Ok(vec![bind_one(IpAddr::V4(Ipv4Addr::UNSPECIFIED), port, fwmark, buffer)?])
+            }
+            Err(e) => Err(e),
+        };
+    }
+    listen.iter().map(|a| bind_one(*a, port, fwmark, buffer)).collect()
+}
+
+fn bind_one(addr: IpAddr, port: u16, fwmark: u32, buffer: Option<usize>) -> Result<Bound> {
+    let domain = if addr.is_ipv4() { Domain::IPV4 } else { Domain::IPV6 };
+    let sock = Socket::new(domain, Type::DGRAM, Some(Protocol::UDP))?;
+    let dual = addr == IpAddr::V6(Ipv6Addr::UNSPECIFIED);
+    if addr.is_ipv6() {
+        sock.set_only_v6(!dual)?;
+    }
+    sock.set_mark(fwmark).context("setting SO_MARK (needs CAP_NET_ADMIN)")?;
+    if let Some(size) = buffer {
+        let fd = sock.as_fd();
+        if nix::sys::socket::setsockopt(&fd, nix::sys::socket::sockopt::RcvBufForce, &size).is_err() {
+            let _ = sock.set_recv_buffer_size(size);
+        }
+        if nix::sys::socket::setsockopt(&fd, nix::sys::socket::sockopt::SndBufForce, &size).is_err() {
+            let _ = sock.set_send_buffer_size(size);
+        }
+    }
+    sock.set_nonblocking(true)?;
+    sock.bind(&SocketAddr::new(addr, port).into())
+        .map_err(anyhow::Error::from)
+        .with_context(|| format!("binding UDP {}", SocketAddr::new(addr, port)))?;
+    Ok(Bound { socket: sock.into(), v4: addr.is_ipv4() || dual, v6: addr.is_ipv6() })
+}
+
+/// Wraps bound sockets for the data path (quinn-udp enables GRO and checks GSO here).
+///
+/// # Errors
+/// If quinn-udp cannot set up a socket.
+pub fn data_sockets(bound: Vec<Bound>) -> Result<Vec<DataSocket>> {
+    bound
+        .into_iter()
+        .map(|b| {
+            let state = quinn_udp::UdpSocketState::new((&b.socket).into()).context("setting up the data socket")?;
+            Ok(DataSocket { socket: b.socket, state: Arc::new(state), carries_v4: b.v4, carries_v6: b.v6 })
+        })
+        .collect()
+}
