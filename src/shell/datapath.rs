@@ -36,6 +36,13 @@ const MAX_DRAIN: usize = 32;
 const TUN_BATCH: usize = 128;
 /// Receive buffer per datagram slot: one GRO train is at most 64 KiB.
 const RX_SLOT: usize = 65_536;
+/// Capacity of a TUN write buffer: tun-rs coalesces TCP segments (GRO) only into buffers
+/// that can hold the whole 64 KiB super-packet plus the virtio header twice.
+const RX_OUT_CAP: usize = 65_535 + 4 * VIRTIO_NET_HDR_LEN;
+/// Packets queued for one TUN before they are written (one GRO batch).
+const RX_TUN_BATCH: usize = 64;
+/// Write buffers kept for reuse.
+const RX_POOL_MAX: usize = 2 * RX_TUN_BATCH;
 
 /// A data socket with its quinn-udp state.
 pub struct DataSocket {
@@ -478,28 +485,40 @@ impl RxTask {
                         Tun::Peer(p) => p,
                         Tun::Aggregate => aggregate,
                     };
-                    let mut b = self.pool.pop().unwrap_or_default();
+                    let mut b = self.pool.pop().unwrap_or_else(|| Vec::with_capacity(RX_OUT_CAP));
                     b.clear();
                     b.resize(VIRTIO_NET_HDR_LEN, 0);
                     b.extend_from_slice(&dgram[d.inner]);
                     self.out[t].push(b);
+                    if self.out[t].len() >= RX_TUN_BATCH {
+                        Self::write_tun(&self.devices[t], &mut self.gro, &mut self.out[t], &mut self.pool, &self.spec, t);
+                    }
                 }
             }
         }
         for t in 0..self.out.len() {
-            if self.out[t].is_empty() {
-                continue;
+            if !self.out[t].is_empty() {
+                Self::write_tun(&self.devices[t], &mut self.gro, &mut self.out[t], &mut self.pool, &self.spec, t);
             }
-            let dev: &tun_rs::DeviceImpl = &self.devices[t];
-            if let Err(e) = dev.send_multiple(&mut self.gro, &mut self.out[t], VIRTIO_NET_HDR_LEN) {
-                tracing::debug!("TUN write: {e}");
-                let n = self.out[t].len() as u64;
-                match self.spec.peers.get(t) {
-                    Some(p) => p.counters.drops.add_n(DropReason::TunWriteError, n),
-                    None => self.spec.node_drops.add_n(DropReason::TunWriteError, n),
-                }
+        }
+    }
+
+    /// Writes queued packets to one TUN; tun-rs coalesces consecutive TCP segments of a
+    /// flow into one super-packet (GRO), so the kernel's TCP sees one write per train.
+    fn write_tun(dev: &AsyncDevice, gro: &mut GROTable, out: &mut Vec<Vec<u8>>, pool: &mut Vec<Vec<u8>>, spec: &DataPlaneSpec, t: usize) {
+        let dev: &tun_rs::DeviceImpl = dev;
+        if let Err(e) = dev.send_multiple(gro, out, VIRTIO_NET_HDR_LEN) {
+            tracing::debug!("TUN write: {e}");
+            let n = out.len() as u64;
+            match spec.peers.get(t) {
+                Some(p) => p.counters.drops.add_n(DropReason::TunWriteError, n),
+                None => spec.node_drops.add_n(DropReason::TunWriteError, n),
             }
-            self.pool.append(&mut self.out[t]);
+        }
+        for b in out.drain(..) {
+            if pool.len() < RX_POOL_MAX && b.capacity() >= RX_OUT_CAP {
+                pool.push(b);
+            }
         }
     }
 }
