@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# The test command: installs what is missing, then runs the unit and property tests and
+# the end-to-end tests in network namespaces (netns-tests/). Run as root.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source scripts/lib.sh
+
+need_root
+install_deps
+
+# Namespaces left by an interrupted earlier run of the netns tests.
+for ns in $(ip netns list 2>/dev/null | awk '{print $1}' | grep '^dtt' || true); do
+  ip netns pids "$ns" 2>/dev/null | xargs -r kill -9 2>/dev/null || true
+  ip netns del "$ns" 2>/dev/null || true
+done
+
+echo "== unit and property tests"
+cargo test --lib --bins
+cargo test --doc
+echo "== end-to-end tests in network namespaces"
+# One at a time: several overlays on two cores at once would make timings meaningless.
+cargo test --test netns -- --test-threads=1
