@@ -120,6 +120,8 @@ pub struct NodeConfig {
     pub log_level: String,
     /// Path of the root-only control socket.
     pub control_socket: PathBuf,
+    /// Data-plane threads: 1 (TX and RX on one thread, the default) or 2 (one each).
+    pub data_threads: usize,
 }
 
 /// Kernel integration (`[kernel]`).
@@ -214,6 +216,7 @@ struct RawNode {
     underlay_mtu: Option<u16>,
     log_level: Option<String>,
     control_socket: Option<String>,
+    data_threads: Option<u8>,
 }
 
 #[derive(Deserialize, Debug, Default)]
@@ -470,6 +473,10 @@ fn validate(raw: RawConfig, file: &str, errs: &mut Errors) -> Option<Config> {
     if tracing_subscriber::EnvFilter::try_new(&log_level).is_err() {
         errs.push("node.log_level", format!("expected `error`, `warn`, `info`, `debug`, `trace` or a tracing directive, got `{log_level}`"));
     }
+    let data_threads = usize::from(n.data_threads.unwrap_or(1));
+    if !(1..=2).contains(&data_threads) {
+        errs.push("node.data_threads", format!("expected 1 (send and receive on one thread) or 2 (one thread each), got {data_threads}"));
+    }
     let control_socket = PathBuf::from(n.control_socket.unwrap_or_else(|| DEFAULT_CONTROL_SOCKET.to_string()));
     if !control_socket.is_absolute() {
         errs.push("node.control_socket", format!("expected an absolute path, got `{}`", control_socket.display()));
@@ -622,6 +629,7 @@ fn validate(raw: RawConfig, file: &str, errs: &mut Errors) -> Option<Config> {
             underlay_mtu,
             log_level,
             control_socket,
+            data_threads,
         },
         kernel: KernelConfig { table, rule_priority, fwmark, aggregate_interface, interface_prefix, link_pool_v4 },
         peers,

@@ -180,7 +180,7 @@ async fn run_inner(identity: &Identity, model: Model, nl: Netlink, listener: tok
 
     let start = Instant::now();
     let spec = model.dataplane_spec();
-    let dp = Arc::new(DataPath::start(DataPathSetup { spec: spec.clone(), tuns, mtus, sockets: data_socks, start })?);
+    let dp = Arc::new(DataPath::start(DataPathSetup { spec: spec.clone(), tuns, mtus, sockets: data_socks, start, threads: cfg.node.data_threads })?);
     res.datapath = Some(dp.clone());
     reconcile(&nl, &model, true).await?;
 

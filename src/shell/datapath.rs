@@ -68,63 +68,76 @@ pub struct DataPathSetup {
     pub sockets: Vec<DataSocket>,
     /// The daemon's clock origin (`now_ms` = milliseconds since this instant).
     pub start: Instant,
+    /// Data threads: 1 (TX and RX together) or 2 (one per direction).
+    pub threads: usize,
 }
 
 /// Handle to the running data path.
 pub struct DataPath {
-    tx_cmd: mpsc::UnboundedSender<DataCommand>,
-    rx_cmd: mpsc::UnboundedSender<DataCommand>,
+    cmds: Vec<mpsc::UnboundedSender<DataCommand>>,
     threads: Vec<JoinHandle<()>>,
 }
 
+type Ready = std::sync::mpsc::Sender<Result<Vec<Arc<AsyncDevice>>, String>>;
+
 impl DataPath {
-    /// Starts the TX and RX threads.
+    /// Starts the data path on `setup.threads` threads: 1 runs TX and RX on one thread (the
+    /// lowest latency, and the best throughput on small machines), 2 gives each direction
+    /// its own thread.
     ///
     /// # Errors
-    /// If a runtime cannot be built or a device cannot be registered.
+    /// If a runtime cannot be built or a device or socket cannot be registered.
     pub fn start(setup: DataPathSetup) -> Result<DataPath> {
-        let DataPathSetup { spec, tuns, mtus, sockets, start } = setup;
+        let DataPathSetup { spec, tuns, mtus, sockets, start, threads } = setup;
         let n_peers = spec.peers.len();
         if tuns.len() != n_peers + 1 || mtus.len() != tuns.len() {
             return Err(anyhow!("internal: {} TUNs for {} peers", tuns.len(), n_peers));
         }
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let wait_ready = |rx: &std::sync::mpsc::Receiver<Result<Vec<Arc<AsyncDevice>>, String>>| match rx.recv() {
+            Ok(Ok(d)) => Ok(d),
+            Ok(Err(e)) => Err(anyhow!(e)),
+            Err(_) => Err(anyhow!("a data thread died during start")),
+        };
+        if threads <= 1 {
+            let (cmd, cmds) = mpsc::unbounded_channel();
+            let t = std::thread::Builder::new()
+                .name("detour-data".into())
+                .spawn(move || shared_thread(spec, tuns, mtus, sockets, cmds, ready_tx, start))
+                .context("starting the data thread")?;
+            wait_ready(&ready_rx)?;
+            return Ok(DataPath { cmds: vec![cmd], threads: vec![t] });
+        }
         let (tx_cmd, tx_rx) = mpsc::unbounded_channel();
         let (rx_cmd, rx_rx) = mpsc::unbounded_channel();
-        let tx_socks: Vec<(StdUdpSocket, Arc<UdpSocketState>, bool, bool)> = sockets
+        let tx_socks: Vec<DataSocket> = sockets
             .iter()
-            .map(|s| Ok((s.socket.try_clone()?, s.state.clone(), s.carries_v4, s.carries_v6)))
+            .map(|s| Ok(DataSocket { socket: s.socket.try_clone()?, state: s.state.clone(), carries_v4: s.carries_v4, carries_v6: s.carries_v6 }))
             .collect::<io::Result<_>>()
             .context("duplicating the data socket")?;
-        let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<Vec<Arc<AsyncDevice>>, String>>();
         let tx_spec = spec.clone();
-        let tx_mtus = mtus.clone();
         let tx_thread = std::thread::Builder::new()
             .name("detour-tx".into())
-            .spawn(move || tx_thread(tx_spec, tuns, tx_mtus, tx_socks, tx_rx, ready_tx))
+            .spawn(move || tx_thread(tx_spec, tuns, mtus, tx_socks, tx_rx, ready_tx))
             .context("starting the TX thread")?;
-        let devices = match ready_rx.recv() {
-            Ok(Ok(d)) => d,
-            Ok(Err(e)) => return Err(anyhow!(e)),
-            Err(_) => return Err(anyhow!("the TX thread died during start")),
-        };
-        let rx_socks: Vec<(StdUdpSocket, Arc<UdpSocketState>)> = sockets.into_iter().map(|s| (s.socket, s.state)).collect();
+        let devices = wait_ready(&ready_rx)?;
         let rx_thread = std::thread::Builder::new()
             .name("detour-rx".into())
-            .spawn(move || rx_thread(spec, devices, rx_socks, rx_rx, start))
+            .spawn(move || rx_thread(spec, devices, sockets, rx_rx, start))
             .context("starting the RX thread")?;
-        Ok(DataPath { tx_cmd, rx_cmd, threads: vec![tx_thread, rx_thread] })
+        Ok(DataPath { cmds: vec![tx_cmd, rx_cmd], threads: vec![tx_thread, rx_thread] })
     }
 
-    /// Sends a command to both threads (applied in order).
+    /// Sends a command to every data thread (applied in order).
     pub fn command(&self, cmd: DataCommand) {
-        let _ = self.tx_cmd.send(cmd.clone());
-        let _ = self.rx_cmd.send(cmd);
+        for c in &self.cmds {
+            let _ = c.send(cmd.clone());
+        }
     }
 
-    /// Stops both threads and closes the TUNs (which removes the interfaces).
+    /// Stops the threads and closes the TUNs (which removes the interfaces).
     pub fn stop(self) {
-        drop(self.tx_cmd);
-        drop(self.rx_cmd);
+        drop(self.cmds);
         for t in self.threads {
             let _ = t.join();
         }
@@ -136,7 +149,7 @@ fn runtime() -> io::Result<tokio::runtime::Runtime> {
 }
 
 struct TxSocket {
-    sock: UdpSocket,
+    sock: Rc<UdpSocket>,
     state: Arc<UdpSocketState>,
     v4: bool,
     v6: bool,
@@ -159,14 +172,85 @@ fn pick(socks: &[TxSocket], to: SocketAddr) -> Option<(usize, SocketAddr)> {
     }
 }
 
-fn tx_thread(
+/// Registers the TUNs with the current runtime.
+fn register_tuns(tuns: Vec<SyncDevice>) -> Result<Vec<Arc<AsyncDevice>>, String> {
+    tuns.into_iter().map(|t| AsyncDevice::new(t).map(Arc::new).map_err(|e| format!("registering a TUN: {e}"))).collect()
+}
+
+/// Registers the sockets with the current runtime.
+fn register_sockets(sockets: Vec<DataSocket>) -> Result<Vec<(Rc<UdpSocket>, DataSocket)>, String> {
+    sockets
+        .into_iter()
+        .map(|s| {
+            let sock = UdpSocket::from_std(s.socket.try_clone().map_err(|e| format!("data socket: {e}"))?)
+                .map_err(|e| format!("registering the data socket: {e}"))?;
+            Ok((Rc::new(sock), s))
+        })
+        .collect()
+}
+
+/// Starts one TUN reader task per TUN on the current `LocalSet`.
+fn spawn_tx(spec: &DataPlaneSpec, devices: &[Arc<AsyncDevice>], mtus: &[usize], socks: Vec<TxSocket>) -> Rc<RefCell<TxState>> {
+    let state = Rc::new(RefCell::new(TxState::new(spec)));
+    let socks = Rc::new(socks);
+    let n = devices.len();
+    for (i, dev) in devices.iter().enumerate() {
+        let ingress = if i + 1 == n { Tun::Aggregate } else { Tun::Peer(i) };
+        let task = TxTask::new(dev.clone(), ingress, mtus[i], state.clone(), socks.clone(), spec.node_drops.clone());
+        tokio::task::spawn_local(task.run());
+    }
+    state
+}
+
+/// Starts one receiver task per data socket on the current `LocalSet`.
+fn spawn_rx(spec: &DataPlaneSpec, devices: Vec<Arc<AsyncDevice>>, socks: Vec<(Rc<UdpSocket>, Arc<UdpSocketState>)>, start: Instant) -> Rc<RefCell<RxState>> {
+    let state = Rc::new(RefCell::new(RxState::new(spec)));
+    let devices = Rc::new(devices);
+    for (sock, sstate) in socks {
+        let task = RxTask::new(sock, sstate, state.clone(), devices.clone(), spec.clone(), start);
+        tokio::task::spawn_local(task.run());
+    }
+    state
+}
+
+fn shared_thread(
     spec: DataPlaneSpec,
     tuns: Vec<SyncDevice>,
     mtus: Vec<usize>,
-    socks: Vec<(StdUdpSocket, Arc<UdpSocketState>, bool, bool)>,
+    sockets: Vec<DataSocket>,
     mut cmds: mpsc::UnboundedReceiver<DataCommand>,
-    ready: std::sync::mpsc::Sender<Result<Vec<Arc<AsyncDevice>>, String>>,
+    ready: Ready,
+    start: Instant,
 ) {
+    let rt = match runtime() {
+        Ok(rt) => rt,
+        Err(e) => {
+            let _ = ready.send(Err(format!("data runtime: {e}")));
+            return;
+        }
+    };
+    let local = tokio::task::LocalSet::new();
+    local.block_on(&rt, async move {
+        let setup = register_tuns(tuns).and_then(|d| register_sockets(sockets).map(|s| (d, s)));
+        let (devices, socks) = match setup {
+            Ok(x) => x,
+            Err(e) => {
+                let _ = ready.send(Err(e));
+                return;
+            }
+        };
+        let tx_socks = socks.iter().map(|(sock, s)| TxSocket { sock: sock.clone(), state: s.state.clone(), v4: s.carries_v4, v6: s.carries_v6 }).collect();
+        let tx = spawn_tx(&spec, &devices, &mtus, tx_socks);
+        let rx = spawn_rx(&spec, devices.clone(), socks.into_iter().map(|(sock, s)| (sock, s.state)).collect(), start);
+        let _ = ready.send(Ok(devices));
+        while let Some(cmd) = cmds.recv().await {
+            tx.borrow_mut().apply(&cmd);
+            rx.borrow_mut().apply(&cmd);
+        }
+    });
+}
+
+fn tx_thread(spec: DataPlaneSpec, tuns: Vec<SyncDevice>, mtus: Vec<usize>, sockets: Vec<DataSocket>, mut cmds: mpsc::UnboundedReceiver<DataCommand>, ready: Ready) {
     let rt = match runtime() {
         Ok(rt) => rt,
         Err(e) => {
@@ -176,35 +260,17 @@ fn tx_thread(
     };
     let local = tokio::task::LocalSet::new();
     local.block_on(&rt, async move {
-        let mut devices = Vec::new();
-        for t in tuns {
-            match AsyncDevice::new(t) {
-                Ok(d) => devices.push(Arc::new(d)),
-                Err(e) => {
-                    let _ = ready.send(Err(format!("registering a TUN: {e}")));
-                    return;
-                }
+        let setup = register_tuns(tuns).and_then(|d| register_sockets(sockets).map(|s| (d, s)));
+        let (devices, socks) = match setup {
+            Ok(x) => x,
+            Err(e) => {
+                let _ = ready.send(Err(e));
+                return;
             }
-        }
-        let mut tx_socks = Vec::new();
-        for (s, state, v4, v6) in socks {
-            match UdpSocket::from_std(s) {
-                Ok(sock) => tx_socks.push(TxSocket { sock, state, v4, v6 }),
-                Err(e) => {
-                    let _ = ready.send(Err(format!("registering the data socket: {e}")));
-                    return;
-                }
-            }
-        }
-        let _ = ready.send(Ok(devices.clone()));
-        let state = Rc::new(RefCell::new(TxState::new(&spec)));
-        let socks = Rc::new(tx_socks);
-        let n = devices.len();
-        for (i, dev) in devices.into_iter().enumerate() {
-            let ingress = if i + 1 == n { Tun::Aggregate } else { Tun::Peer(i) };
-            let task = TxTask::new(dev, ingress, mtus[i], state.clone(), socks.clone(), spec.node_drops.clone());
-            tokio::task::spawn_local(task.run());
-        }
+        };
+        let tx_socks = socks.into_iter().map(|(sock, s)| TxSocket { sock, state: s.state, v4: s.carries_v4, v6: s.carries_v6 }).collect();
+        let state = spawn_tx(&spec, &devices, &mtus, tx_socks);
+        let _ = ready.send(Ok(devices));
         while let Some(cmd) = cmds.recv().await {
             state.borrow_mut().apply(&cmd);
         }
@@ -358,7 +424,8 @@ impl TxTask {
             if s.sock.writable().await.is_err() {
                 break;
             }
-            match s.sock.try_io(Interest::WRITABLE, || s.state.try_send((&s.sock).into(), &transmit)) {
+            let sock: &UdpSocket = &s.sock;
+            match sock.try_io(Interest::WRITABLE, || s.state.try_send(sock.into(), &transmit)) {
                 Ok(()) => break,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
                 Err(e) => {
@@ -374,13 +441,7 @@ impl TxTask {
     }
 }
 
-fn rx_thread(
-    spec: DataPlaneSpec,
-    devices: Vec<Arc<AsyncDevice>>,
-    socks: Vec<(StdUdpSocket, Arc<UdpSocketState>)>,
-    mut cmds: mpsc::UnboundedReceiver<DataCommand>,
-    start: Instant,
-) {
+fn rx_thread(spec: DataPlaneSpec, devices: Vec<Arc<AsyncDevice>>, sockets: Vec<DataSocket>, mut cmds: mpsc::UnboundedReceiver<DataCommand>, start: Instant) {
     let rt = match runtime() {
         Ok(rt) => rt,
         Err(e) => {
@@ -390,19 +451,14 @@ fn rx_thread(
     };
     let local = tokio::task::LocalSet::new();
     local.block_on(&rt, async move {
-        let state = Rc::new(RefCell::new(RxState::new(&spec)));
-        let devices = Rc::new(devices);
-        for (s, sstate) in socks {
-            let sock = match UdpSocket::from_std(s) {
-                Ok(sock) => sock,
-                Err(e) => {
-                    tracing::error!("registering the data socket: {e}");
-                    continue;
-                }
-            };
-            let task = RxTask::new(sock, sstate, state.clone(), devices.clone(), spec.clone(), start);
-            tokio::task::spawn_local(task.run());
-        }
+        let socks = match register_sockets(sockets) {
+            Ok(s) => s.into_iter().map(|(sock, s)| (sock, s.state)).collect(),
+            Err(e) => {
+                tracing::error!("{e}");
+                return;
+            }
+        };
+        let state = spawn_rx(&spec, devices, socks, start);
         while let Some(cmd) = cmds.recv().await {
             state.borrow_mut().apply(&cmd);
         }
@@ -410,7 +466,7 @@ fn rx_thread(
 }
 
 struct RxTask {
-    sock: UdpSocket,
+    sock: Rc<UdpSocket>,
     state: Arc<UdpSocketState>,
     rx: Rc<RefCell<RxState>>,
     devices: Rc<Vec<Arc<AsyncDevice>>>,
@@ -424,7 +480,7 @@ struct RxTask {
 }
 
 impl RxTask {
-    fn new(sock: UdpSocket, state: Arc<UdpSocketState>, rx: Rc<RefCell<RxState>>, devices: Rc<Vec<Arc<AsyncDevice>>>, spec: DataPlaneSpec, start: Instant) -> RxTask {
+    fn new(sock: Rc<UdpSocket>, state: Arc<UdpSocketState>, rx: Rc<RefCell<RxState>>, devices: Rc<Vec<Arc<AsyncDevice>>>, spec: DataPlaneSpec, start: Instant) -> RxTask {
         let n = quinn_udp::BATCH_SIZE.max(1);
         let tuns = devices.len();
         RxTask {
@@ -450,7 +506,7 @@ impl RxTask {
             let res = {
                 let mut iovs: Vec<IoSliceMut<'_>> = self.slots.iter_mut().map(|b| IoSliceMut::new(b)).collect();
                 let state = &self.state;
-                let sock = &self.sock;
+                let sock: &UdpSocket = &self.sock;
                 let meta = &mut self.meta;
                 sock.try_io(Interest::READABLE, || state.recv(sock.into(), &mut iovs, meta))
             };
