@@ -201,12 +201,20 @@ ip -n {ns} link set lan0 up
     }
 
     pub fn start(&mut self, name: &str) {
+        self.start_with_env(name, &[]);
+    }
+
+    /// Starts detourd with extra environment variables.
+    pub fn start_with_env(&mut self, name: &str, env: &[(&str, &str)]) {
         let i = self.idx(name);
         let h = &self.hosts[i];
         let log = std::fs::OpenOptions::new().create(true).append(true).open(&h.log).expect("log file");
-        let child = Command::new("ip")
-            .args(["netns", "exec", &h.ns, &bin("detourd"), "-c"])
-            .arg(&h.config)
+        // `exec` keeps the PID through bash and `ip netns exec`, so WATCHDOG_PID (which
+        // systemd sets next to WATCHDOG_USEC) can name the daemon.
+        let child = Command::new("bash")
+            .arg("-c")
+            .arg(format!("export WATCHDOG_PID=$$; exec ip netns exec {} {} -c {}", h.ns, bin("detourd"), h.config.display()))
+            .envs(env.iter().copied())
             .stdout(log.try_clone().expect("log"))
             .stderr(log)
             .spawn()

@@ -348,3 +348,47 @@ fn an_invalid_config_is_refused_and_changes_nothing() {
     assert!(ok.ok && ok.stdout.contains("OK"), "{}{}", ok.stdout, ok.stderr);
     assert_eq!(before, lab.ok("alice", "ip link; ip rule; ip route show table all"));
 }
+
+#[test]
+fn systemd_notify_ready_watchdog_and_stopping() {
+    let mut lab = Lab::new(&["alice", "bob"]);
+    lab.write_mesh();
+    let sock = lab.dir.path().join("notify.sock");
+    let listen = r#"
+import socket, sys, time
+s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+s.bind(sys.argv[1]); s.settimeout(20)
+t0 = time.time()
+while True:
+    m = s.recv(4096).decode()
+    for line in m.split("\n"):
+        if line:
+            print(f"{time.time() - t0:.3f} {line}", flush=True)
+    if "STOPPING=1" in m:
+        break
+"#;
+    let listener = std::process::Command::new("python3")
+        .args(["-c", listen])
+        .arg(&sock)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    for _ in 0..100 {
+        if sock.exists() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let path = sock.display().to_string();
+    lab.start_with_env("alice", &[("NOTIFY_SOCKET", &path), ("WATCHDOG_USEC", "200000")]);
+    lab.start("bob");
+    lab.wait_up("alice", &["bob"], UP);
+    std::thread::sleep(Duration::from_millis(600));
+    assert!(lab.stop("alice"));
+    let out = listener.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let lines: Vec<&str> = text.lines().map(|l| l.split_once(' ').unwrap().1).collect();
+    assert_eq!(lines.first(), Some(&"READY=1"), "{text}");
+    assert_eq!(lines.last(), Some(&"STOPPING=1"), "{text}");
+    assert!(lines.iter().filter(|l| **l == "WATCHDOG=1").count() >= 3, "{text}");
+}

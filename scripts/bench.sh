@@ -46,9 +46,9 @@ iperf() {
     | python3 -c 'import json,sys; e=json.load(sys.stdin)["end"]["sum_received"]; print(e["bits_per_second"], e["bytes"])'
 }
 
-# rtt NS IP -> average RTT in ms over 100 pings 10 ms apart
+# rtt NS IP -> average RTT in ms over 300 pings 10 ms apart
 rtt() {
-  ip netns exec "$1" ping -c 100 -i 0.01 -q "$2" | awk -F'/' '/^rtt/ {print $5}'
+  ip netns exec "$1" ping -c 300 -i 0.01 -q "$2" | awk -F'/' '/^rtt/ {print $5}'
 }
 
 bench_forwarding() {
@@ -67,6 +67,16 @@ bench_forwarding() {
   local A="${P}h1" UNDER=10.0.2.2 OVER=10.77.0.2
   ip netns exec "$A" ping -c 3 -i 0.2 -q "$OVER" >/dev/null
 
+  # Idle latency first, alternating underlay and overlay, before any load.
+  echo "ping, idle..." >&2
+  local ru ro ru2 ro2
+  ru=$(rtt "$A" "$UNDER")
+  ro=$(rtt "$A" "$OVER")
+  ru2=$(rtt "$A" "$UNDER")
+  ro2=$(rtt "$A" "$OVER")
+  ru=$(python3 -c "print(($ru + $ru2) / 2)")
+  ro=$(python3 -c "print(($ro + $ro2) / 2)")
+
   echo "tcp 1 stream, underlay..." >&2
   read -r t1u _ < <(iperf "$A" "$UNDER" 1)
   echo "tcp 1 stream, overlay..." >&2
@@ -81,10 +91,6 @@ bench_forwarding() {
   c2=$(cpu_ticks $pids)
   read -r t4o b4o < <(iperf "$A" "$OVER" 4)
   c3=$(cpu_ticks $pids)
-  echo "ping..." >&2
-  local ru ro
-  ru=$(rtt "$A" "$UNDER")
-  ro=$(rtt "$A" "$OVER")
   local hz
   hz=$(getconf CLK_TCK)
   python3 - "$t1u" "$t1o" "$t4u" "$t4o" "$ru" "$ro" "$((c1 - c0 + c3 - c2))" "$hz" "$b1o" "$b4o" "$SECS" <<'EOF'

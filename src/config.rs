@@ -784,6 +784,23 @@ prefixes = ["10.9.0.0/16"]
         assert!(e.contains("node.underlay_mtu") && e.contains("1280"), "{e}");
     }
 
+    /// The complete example in docs/config.md is valid and means what the text says.
+    #[test]
+    fn documented_example_is_valid() {
+        let doc = include_str!("../docs/config.md");
+        let start = doc.find("```toml").expect("a toml block") + "```toml".len();
+        let end = start + doc[start..].find("```").expect("closing fence");
+        let c = Config::parse(&doc[start..end], "docs/config.md").unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(c.node.name, "alice");
+        assert_eq!(c.node.listen.len(), 2);
+        assert_eq!(c.peers.len(), 2);
+        assert_eq!(c.peers[0].interface, "dt-bob");
+        assert_eq!(c.peers[0].endpoints.len(), 3);
+        assert_eq!(c.kernel.fwmark, DEFAULT_FWMARK);
+        assert_eq!(c.peers[0].inner_mtu(), 1388);
+        assert_eq!(c.node.data_threads, 1);
+    }
+
     #[test]
     fn endpoints_parse() {
         assert_eq!(parse_endpoint("10.0.0.1:1"), Ok(Endpoint::Addr("10.0.0.1:1".parse().unwrap())));

@@ -353,7 +353,7 @@ impl TxState {
                 Some(&i) => i,
                 None => {
                     self.node_drops.add(DropReason::NoRoute);
-                    return Self::icmp(pkt, reply, |pkt, from| packet::unreachable(pkt, from), DropReason::NoRoute);
+                    return Self::icmp(pkt, reply, packet::unreachable, DropReason::NoRoute);
                 }
             },
         };

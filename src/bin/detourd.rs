@@ -1,6 +1,6 @@
 //! `detourd`: the detour daemon. See `detourd --help` and `docs/config.md`.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::Parser;
@@ -20,7 +20,7 @@ struct Args {
     check_config: Option<PathBuf>,
 }
 
-fn load(path: &PathBuf) -> Result<Config, String> {
+fn load(path: &Path) -> Result<Config, String> {
     let cfg = Config::load(path).map_err(|e| e.to_string())?;
     let file = path.display();
     let id = Identity::read(&cfg.node.private_key).map_err(|e| format!("{file}: node.private_key: {e}"))?;

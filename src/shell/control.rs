@@ -5,7 +5,7 @@
 //! keeps serving.
 
 use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -80,7 +80,7 @@ async fn one(stream: UnixStream, handler: Handler) -> std::io::Result<()> {
 ///
 /// # Errors
 /// A clear message when the daemon is not running, or I/O and decoding errors.
-pub async fn request(path: &PathBuf, req: &Request) -> Result<Response> {
+pub async fn request(path: &Path, req: &Request) -> Result<Response> {
     let mut stream = match UnixStream::connect(path).await {
         Ok(s) => s,
         Err(e) if matches!(e.kind(), std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused) => {

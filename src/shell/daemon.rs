@@ -221,7 +221,7 @@ async fn run_inner(identity: &Identity, model: Model, nl: Netlink, listener: tok
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
     let mut watchdog_usec = 0u64;
     let watchdog = sd_notify::watchdog_enabled(false, &mut watchdog_usec);
-    let mut wd = tokio::time::interval(Duration::from_micros((watchdog_usec / 2).max(500_000)));
+    let mut wd = tokio::time::interval(Duration::from_micros((watchdog_usec / 2).max(10_000)));
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
