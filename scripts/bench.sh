@@ -16,20 +16,12 @@ usage() {
 [ $# -eq 1 ] || usage
 NAME=$1
 SECS=${BENCH_SECONDS:-10}
+case "$NAME" in
+  forwarding) ;;
+  *) usage ;;
+esac
 
-need_root
-install_deps
-build_release
-
-P="db$$"
-DIR=$(mktemp -d /tmp/detour-bench.XXXXXX)
-cleanup() {
-  trap - EXIT INT TERM
-  topo_destroy "$P"
-  rm -rf "$DIR"
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
+lab_begin bench
 
 # cpu_ticks PID...: utime+stime of all threads of the processes, in clock ticks.
 cpu_ticks() {
@@ -52,14 +44,7 @@ rtt() {
 }
 
 bench_forwarding() {
-  topo_create "$P" 2
-  for n in alice bob; do "$BIN/detourctl" genkey "$DIR/$n.key" >/dev/null 2>&1; done
-  write_config "$DIR" alice 1 bob:2
-  write_config "$DIR" bob 2 alice:1
-  start_daemon "${P}h1" "$DIR" alice
-  start_daemon "${P}h2" "$DIR" bob
-  wait_up "${P}h1" "$DIR" alice 1
-  wait_up "${P}h2" "$DIR" bob 1
+  mesh_start alice bob
   local pids
   pids=$(ip netns pids "${P}h1"; ip netns pids "${P}h2")
   ip netns exec "${P}h2" iperf3 -s -D >/dev/null
@@ -77,23 +62,26 @@ bench_forwarding() {
   ru=$(python3 -c "print(($ru + $ru2) / 2)")
   ro=$(python3 -c "print(($ro + $ro2) / 2)")
 
+  # overlay STREAMS -> "bits_per_second bytes daemon_cpu_ticks"
+  overlay() {
+    local c0 c1 bps bytes
+    c0=$(cpu_ticks $pids)
+    read -r bps bytes < <(iperf "$A" "$OVER" "$1")
+    c1=$(cpu_ticks $pids)
+    echo "$bps $bytes $((c1 - c0))"
+  }
+  local t1u t1o b1o k1 t4u t4o b4o k4
   echo "tcp 1 stream, underlay..." >&2
   read -r t1u _ < <(iperf "$A" "$UNDER" 1)
   echo "tcp 1 stream, overlay..." >&2
-  local c0 c1
-  c0=$(cpu_ticks $pids)
-  read -r t1o b1o < <(iperf "$A" "$OVER" 1)
-  c1=$(cpu_ticks $pids)
+  read -r t1o b1o k1 < <(overlay 1)
   echo "tcp 4 streams, underlay..." >&2
   read -r t4u _ < <(iperf "$A" "$UNDER" 4)
   echo "tcp 4 streams, overlay..." >&2
-  local c2 c3
-  c2=$(cpu_ticks $pids)
-  read -r t4o b4o < <(iperf "$A" "$OVER" 4)
-  c3=$(cpu_ticks $pids)
+  read -r t4o b4o k4 < <(overlay 4)
   local hz
   hz=$(getconf CLK_TCK)
-  python3 - "$t1u" "$t1o" "$t4u" "$t4o" "$ru" "$ro" "$((c1 - c0 + c3 - c2))" "$hz" "$b1o" "$b4o" "$SECS" <<'EOF'
+  python3 - "$t1u" "$t1o" "$t4u" "$t4o" "$ru" "$ro" "$((k1 + k4))" "$hz" "$b1o" "$b4o" "$SECS" <<'EOF'
 import json, sys
 t1u, t1o, t4u, t4o, ru, ro = (float(x) for x in sys.argv[1:7])
 ticks, hz, b1, b4, secs = int(sys.argv[7]), int(sys.argv[8]), int(sys.argv[9]), int(sys.argv[10]), int(sys.argv[11])

@@ -5,42 +5,9 @@
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 
-need_root
-install_deps
-echo "== building detour (release)"
-build_release
-
-P="dd$$"
-DIR=$(mktemp -d /tmp/detour-demo.XXXXXX)
-cleanup() {
-  trap - EXIT INT TERM
-  echo "== cleaning up"
-  topo_destroy "$P"
-  rm -rf "$DIR"
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
-
-NAMES=(alice bob carol)
-echo "== creating hosts ${NAMES[*]} behind router ${P}r"
-topo_create "$P" 3
-for n in "${NAMES[@]}"; do
-  "$BIN/detourctl" genkey "$DIR/$n.key" >/dev/null 2>&1
-done
-write_config "$DIR" alice 1 bob:2 carol:3
-write_config "$DIR" bob 2 alice:1 carol:3
-write_config "$DIR" carol 3 alice:1 bob:2
-for i in 1 2 3; do
-  "$BIN/detourd" --check-config "$DIR/${NAMES[$((i - 1))]}.toml"
-done
-
-echo "== starting detourd on each host"
-for i in 1 2 3; do
-  start_daemon "${P}h$i" "$DIR" "${NAMES[$((i - 1))]}"
-done
-for i in 1 2 3; do
-  wait_up "${P}h$i" "$DIR" "${NAMES[$((i - 1))]}" 2
-done
+lab_begin demo
+echo "== creating hosts alice, bob and carol behind a router; starting detourd on each"
+mesh_start alice bob carol
 
 A="${P}h1"
 run() { echo "+ $*"; "$@"; }

@@ -133,3 +133,47 @@ wait_up() {
   cat "$dir/$name.log" >&2
   return 1
 }
+
+# lab_begin TAG: checks root, installs what is missing, builds, and sets $P (namespace
+# prefix) and $DIR (work directory); both are removed on exit and on Ctrl-C.
+lab_begin() {
+  need_root
+  install_deps
+  echo "== building detour (release)" >&2
+  build_release
+  P="$1$$"
+  DIR=$(mktemp -d "/tmp/detour-$1.XXXXXX")
+  trap lab_end EXIT
+  trap 'exit 130' INT TERM
+}
+
+lab_end() {
+  trap - EXIT INT TERM
+  echo "== cleaning up" >&2
+  topo_destroy "$P"
+  rm -rf "$DIR"
+}
+
+# mesh_start NAME...: host i (${P}h<i>) runs detourd as the i-th NAME, every host a peer of
+# every other; returns when every session is up.
+mesh_start() {
+  local names=("$@") n=$# i j
+  topo_create "$P" "$n"
+  for i in $(seq 1 "$n"); do
+    "$BIN/detourctl" genkey "$DIR/${names[$((i - 1))]}.key" >/dev/null 2>&1
+  done
+  for i in $(seq 1 "$n"); do
+    local peers=()
+    for j in $(seq 1 "$n"); do
+      [ "$j" != "$i" ] && peers+=("${names[$((j - 1))]}:$j")
+    done
+    write_config "$DIR" "${names[$((i - 1))]}" "$i" "${peers[@]}"
+    "$BIN/detourd" --check-config "$DIR/${names[$((i - 1))]}.toml" >&2
+  done
+  for i in $(seq 1 "$n"); do
+    start_daemon "${P}h$i" "$DIR" "${names[$((i - 1))]}"
+  done
+  for i in $(seq 1 "$n"); do
+    wait_up "${P}h$i" "$DIR" "${names[$((i - 1))]}" $((n - 1))
+  done
+}

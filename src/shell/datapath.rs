@@ -103,7 +103,7 @@ impl DataPath {
             let (cmd, cmds) = mpsc::unbounded_channel();
             let t = std::thread::Builder::new()
                 .name("detour-data".into())
-                .spawn(move || shared_thread(spec, tuns, mtus, sockets, cmds, ready_tx, start))
+                .spawn(move || tun_thread(spec, tuns, mtus, sockets, cmds, ready_tx, Some(start)))
                 .context("starting the data thread")?;
             wait_ready(&ready_rx)?;
             return Ok(DataPath { cmds: vec![cmd], threads: vec![t] });
@@ -118,7 +118,7 @@ impl DataPath {
         let tx_spec = spec.clone();
         let tx_thread = std::thread::Builder::new()
             .name("detour-tx".into())
-            .spawn(move || tx_thread(tx_spec, tuns, mtus, tx_socks, tx_rx, ready_tx))
+            .spawn(move || tun_thread(tx_spec, tuns, mtus, tx_socks, tx_rx, ready_tx, None))
             .context("starting the TX thread")?;
         let devices = wait_ready(&ready_rx)?;
         let rx_thread = std::thread::Builder::new()
@@ -213,14 +213,16 @@ fn spawn_rx(spec: &DataPlaneSpec, devices: Vec<Arc<AsyncDevice>>, socks: Vec<(Rc
     state
 }
 
-fn shared_thread(
+/// The thread that owns the TUNs: it always sends, and with `rx_start` it also receives
+/// (the one-thread data path).
+fn tun_thread(
     spec: DataPlaneSpec,
     tuns: Vec<SyncDevice>,
     mtus: Vec<usize>,
     sockets: Vec<DataSocket>,
     mut cmds: mpsc::UnboundedReceiver<DataCommand>,
     ready: Ready,
-    start: Instant,
+    rx_start: Option<Instant>,
 ) {
     let rt = match runtime() {
         Ok(rt) => rt,
@@ -241,38 +243,13 @@ fn shared_thread(
         };
         let tx_socks = socks.iter().map(|(sock, s)| TxSocket { sock: sock.clone(), state: s.state.clone(), v4: s.carries_v4, v6: s.carries_v6 }).collect();
         let tx = spawn_tx(&spec, &devices, &mtus, tx_socks);
-        let rx = spawn_rx(&spec, devices.clone(), socks.into_iter().map(|(sock, s)| (sock, s.state)).collect(), start);
+        let rx = rx_start.map(|start| spawn_rx(&spec, devices.clone(), socks.into_iter().map(|(sock, s)| (sock, s.state)).collect(), start));
         let _ = ready.send(Ok(devices));
         while let Some(cmd) = cmds.recv().await {
             tx.borrow_mut().apply(&cmd);
-            rx.borrow_mut().apply(&cmd);
-        }
-    });
-}
-
-fn tx_thread(spec: DataPlaneSpec, tuns: Vec<SyncDevice>, mtus: Vec<usize>, sockets: Vec<DataSocket>, mut cmds: mpsc::UnboundedReceiver<DataCommand>, ready: Ready) {
-    let rt = match runtime() {
-        Ok(rt) => rt,
-        Err(e) => {
-            let _ = ready.send(Err(format!("TX runtime: {e}")));
-            return;
-        }
-    };
-    let local = tokio::task::LocalSet::new();
-    local.block_on(&rt, async move {
-        let setup = register_tuns(tuns).and_then(|d| register_sockets(sockets).map(|s| (d, s)));
-        let (devices, socks) = match setup {
-            Ok(x) => x,
-            Err(e) => {
-                let _ = ready.send(Err(e));
-                return;
+            if let Some(rx) = &rx {
+                rx.borrow_mut().apply(&cmd);
             }
-        };
-        let tx_socks = socks.into_iter().map(|(sock, s)| TxSocket { sock, state: s.state, v4: s.carries_v4, v6: s.carries_v6 }).collect();
-        let state = spawn_tx(&spec, &devices, &mtus, tx_socks);
-        let _ = ready.send(Ok(devices));
-        while let Some(cmd) = cmds.recv().await {
-            state.borrow_mut().apply(&cmd);
         }
     });
 }

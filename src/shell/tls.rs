@@ -56,6 +56,11 @@ fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
+/// Node keys are Ed25519; nothing else is offered or accepted.
+const SCHEMES: [SignatureScheme; 1] = [SignatureScheme::ED25519];
+/// Sessions are TLS 1.3 only.
+const TLS12_REFUSED: rustls::Error = rustls::Error::PeerIncompatible(rustls::PeerIncompatible::Tls12NotOffered);
+
 #[derive(Debug)]
 struct Pinned {
     allowed: HashSet<PublicKey>,
@@ -65,6 +70,10 @@ struct Pinned {
 }
 
 impl Pinned {
+    fn tls13(&self, message: &[u8], cert: &CertificateDer<'_>, dss: &DigitallySignedStruct) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algs)
+    }
+
     fn check(&self, cert: &CertificateDer<'_>) -> Result<(), rustls::Error> {
         match cert_key(cert) {
             Some(k) if self.allowed.contains(&k) => Ok(()),
@@ -93,13 +102,13 @@ impl ServerCertVerifier for PinnedServer {
         self.0.check(end_entity).map(|_| ServerCertVerified::assertion())
     }
     fn verify_tls12_signature(&self, _: &[u8], _: &CertificateDer<'_>, _: &DigitallySignedStruct) -> Result<HandshakeSignatureValid, rustls::Error> {
-        Err(rustls::Error::PeerIncompatible(rustls::PeerIncompatible::Tls12NotOffered))
+        Err(TLS12_REFUSED)
     }
     fn verify_tls13_signature(&self, message: &[u8], cert: &CertificateDer<'_>, dss: &DigitallySignedStruct) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.0.algs)
+        self.0.tls13(message, cert, dss)
     }
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        vec![SignatureScheme::ED25519]
+        SCHEMES.to_vec()
     }
 }
 
@@ -114,13 +123,13 @@ impl ClientCertVerifier for PinnedClient {
         self.0.check(end_entity).map(|_| ClientCertVerified::assertion())
     }
     fn verify_tls12_signature(&self, _: &[u8], _: &CertificateDer<'_>, _: &DigitallySignedStruct) -> Result<HandshakeSignatureValid, rustls::Error> {
-        Err(rustls::Error::PeerIncompatible(rustls::PeerIncompatible::Tls12NotOffered))
+        Err(TLS12_REFUSED)
     }
     fn verify_tls13_signature(&self, message: &[u8], cert: &CertificateDer<'_>, dss: &DigitallySignedStruct) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.0.algs)
+        self.0.tls13(message, cert, dss)
     }
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        vec![SignatureScheme::ED25519]
+        SCHEMES.to_vec()
     }
 }
 
