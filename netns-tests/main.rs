@@ -111,6 +111,7 @@ fn a_peer_with_an_unknown_key_is_refused() {
 
     let st = lab.status("alice");
     assert!(st["refused_handshakes"].as_u64().unwrap() >= 1, "{st}");
+    assert!(st["management_errors"].as_u64().unwrap() >= 1, "{st}");
     let key = lab.pubkey("mallory");
     assert!(st["last_refused_key"].as_str().unwrap().contains(&key), "{st}");
     assert!(lab.log("alice").contains(&key), "alice's log does not name the key mallory presented");

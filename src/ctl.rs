@@ -47,6 +47,9 @@ pub struct Status {
     pub refused_handshakes: u64,
     /// The last unknown key presented, if any.
     pub last_refused_key: Option<String>,
+    /// Management connections that failed: TLS handshakes that did not complete (refused
+    /// keys included) and sessions closed for a protocol error.
+    pub management_errors: u64,
 }
 
 /// This node's identity and ports.
@@ -152,6 +155,9 @@ pub fn render_status(s: &Status) -> String {
     let _ = writeln!(o, "  uptime: {} s", n.uptime_s);
     if !s.drops.is_empty() {
         let _ = writeln!(o, "  drops: {}", drops(&s.drops));
+    }
+    if s.management_errors > 0 {
+        let _ = writeln!(o, "  management errors: {}", s.management_errors);
     }
     if s.refused_handshakes > 0 {
         let _ = writeln!(

@@ -9,7 +9,7 @@
 use std::collections::{BTreeSet, HashMap};
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -51,6 +51,8 @@ struct Shared {
     spec: DataPlaneSpec,
     peers: Vec<Mutex<PeerInfo>>,
     refused: Arc<crate::shell::tls::RefusedKeys>,
+    /// Failed management handshakes and sessions closed for protocol errors.
+    mgmt_errors: Arc<AtomicU64>,
 }
 
 enum PeerEvent {
@@ -193,6 +195,7 @@ async fn run_inner(identity: &Identity, model: Model, nl: Netlink, listener: tok
         spec,
         peers: cfg.peers.iter().map(|_| Mutex::new(PeerInfo { state: "down", ..Default::default() })).collect(),
         refused: mgmt.refused.clone(),
+        mgmt_errors: Arc::new(AtomicU64::new(0)),
     });
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
@@ -205,7 +208,7 @@ async fn run_inner(identity: &Identity, model: Model, nl: Netlink, listener: tok
     }
     let by_key: Arc<HashMap<PublicKey, usize>> = Arc::new(cfg.peers.iter().enumerate().map(|(i, p)| (p.public_key, i)).collect());
     for ep in &mgmt.endpoints {
-        tasks.push(tokio::spawn(accept_loop(ep.clone(), by_key.clone(), peer_tx.clone())));
+        tasks.push(tokio::spawn(accept_loop(ep.clone(), by_key.clone(), peer_tx.clone(), shared.mgmt_errors.clone())));
     }
     let handler_shared = shared.clone();
     tasks.push(tokio::spawn(control::serve(listener, Arc::new(move |req| handle(&handler_shared, req)))));
@@ -256,10 +259,11 @@ async fn run_inner(identity: &Identity, model: Model, nl: Netlink, listener: tok
     Ok(())
 }
 
-async fn accept_loop(ep: quinn::Endpoint, by_key: Arc<HashMap<PublicKey, usize>>, peers: Vec<mpsc::UnboundedSender<PeerEvent>>) {
+async fn accept_loop(ep: quinn::Endpoint, by_key: Arc<HashMap<PublicKey, usize>>, peers: Vec<mpsc::UnboundedSender<PeerEvent>>, errors: Arc<AtomicU64>) {
     while let Some(incoming) = ep.accept().await {
         let by_key = by_key.clone();
         let peers = peers.clone();
+        let errors = errors.clone();
         tokio::spawn(async move {
             let remote = incoming.remote_address();
             match incoming.await {
@@ -269,7 +273,10 @@ async fn accept_loop(ep: quinn::Endpoint, by_key: Arc<HashMap<PublicKey, usize>>
                     }
                     None => conn.close(quic::close::PROTOCOL.into(), b"unknown key"),
                 },
-                Err(e) => tracing::debug!("management handshake from {remote} failed: {e}"),
+                Err(e) => {
+                    errors.fetch_add(1, Relaxed);
+                    tracing::debug!("management handshake from {remote} failed: {e}");
+                }
             }
         });
     }
@@ -356,6 +363,7 @@ async fn supervise(
                         let tx = events_tx.clone();
                         let name = peer.name.clone();
                         let peer_id = peer.node_id;
+                        let errors = shared.mgmt_errors.clone();
                         tokio::spawn(async move {
                             match mgmt.hello(&conn, peer_id, dialled).await {
                                 Ok((secrets, data_port, _)) => {
@@ -375,6 +383,7 @@ async fn supervise(
                                     if expected {
                                         tracing::debug!("session attempt with {name} superseded: {e:#}");
                                     } else {
+                                        errors.fetch_add(1, Relaxed);
                                         tracing::warn!("session with {name}: {e:#}");
                                     }
                                     conn.close(quic::close::PROTOCOL.into(), b"hello failed");
@@ -481,5 +490,6 @@ fn status(shared: &Shared) -> Status {
         drops: shared.spec.node_drops.snapshot().into_iter().map(|(k, v)| (k.to_string(), v)).collect(),
         refused_handshakes: refused,
         last_refused_key: last_key,
+        management_errors: shared.mgmt_errors.load(Relaxed),
     }
 }
