@@ -11,6 +11,7 @@
 pub mod config;
 pub mod ctl;
 pub mod dataplane;
+pub mod failover;
 pub mod identity;
 pub mod kernel;
 pub mod links;

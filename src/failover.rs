@@ -1,0 +1,1267 @@
+//! Path monitoring, failure detection and relay choice, sans I/O (spec A§2.1.3, A§3.3,
+//! A§3.4; seeds-digest items 8–13, 44–47, 56–65).
+//!
+//! For every peer detour watches the **direct path** and a few **relay paths** (one hop
+//! through another peer, RON/SOSR-style). Each node sends authenticated probes on every
+//! path; the receiver echoes each probe on the same path and, in every probe and echo it
+//! sends, reports which probes it received on each path. So each *direction* is judged by
+//! what its receiver saw, and a report that travels back over a relay still tells a sender
+//! that its direct packets arrive when only the reverse direction is broken (item 10).
+//!
+//! A path is **down** when no probe sent in the last `down_after` is known to have arrived,
+//! **degraded** when its smoothed loss passes `degraded_loss` (until it falls below
+//! `recover_loss`), and up otherwise. ICMP unreachable and TCP stalls (from the shell) take
+//! the direct path down at once or after a quick probe check. The route for a peer is the
+//! direct path while it is up; otherwise the best relay path that is up (lowest cost:
+//! smoothed RTT plus a loss penalty), and back to direct after it has been up for
+//! `hold_down`. Relay candidates are ranked by this node's cost to the relay plus the
+//! relay's reported cost to the peer (RON); when nothing is known, random relays are asked
+//! at once (SOSR's random-4).
+//!
+//! Everything is driven by [`Failover::handle_tick`] and the `handle_*` events, with `now`
+//! passed in and randomness from a seed; outputs are [`Action`]s.
+
+use std::collections::{HashMap, VecDeque};
+use std::time::{Duration, Instant};
+
+use crate::identity::{NodeId, NODE_ID_LEN};
+
+/// A path to a peer: direct, or through one relay node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum PathId {
+    /// The underlay path straight to the peer.
+    Direct,
+    /// Through the relay with this node ID.
+    Relay(NodeId),
+}
+
+impl PathId {
+    fn encode(&self, out: &mut Vec<u8>) {
+        match self {
+            PathId::Direct => out.extend_from_slice(&[0u8; NODE_ID_LEN]),
+            PathId::Relay(id) => out.extend_from_slice(&id.0),
+        }
+    }
+    fn decode(b: &[u8]) -> Option<PathId> {
+        let id: [u8; NODE_ID_LEN] = b.get(..NODE_ID_LEN)?.try_into().ok()?;
+        Some(if id == [0u8; NODE_ID_LEN] { PathId::Direct } else { PathId::Relay(NodeId(id)) })
+    }
+}
+
+impl std::fmt::Display for PathId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PathId::Direct => f.write_str("direct"),
+            PathId::Relay(id) => write!(f, "via {}", id.short()),
+        }
+    }
+}
+
+/// Tunables; the defaults detect a silent failure in well under a second.
+#[derive(Debug, Clone, Copy)]
+pub struct FailoverConfig {
+    /// Probe interval on the direct path and on the relay path in use.
+    pub probe_interval: Duration,
+    /// Probe interval on standby relay paths.
+    pub standby_interval: Duration,
+    /// A path with no delivered probe among those sent this long ago is down.
+    pub down_after: Duration,
+    /// The direct path must be up this long before traffic returns to it.
+    pub hold_down: Duration,
+    /// Smoothed loss above which a path is degraded.
+    pub degraded_loss: f64,
+    /// Smoothed loss below which a degraded path is up again.
+    pub recover_loss: f64,
+    /// Relay paths kept ready per peer.
+    pub relay_candidates: usize,
+    /// Relays asked at once when a path fails and no relay is known to work (SOSR).
+    pub sosr_fanout: usize,
+    /// How long a relay that refused (or failed) is not asked again.
+    pub relay_retry: Duration,
+    /// How long a TCP-stall check waits for probes to be delivered.
+    pub check_timeout: Duration,
+    /// Loss penalty in the path cost: cost = srtt + loss × this.
+    pub loss_penalty: Duration,
+}
+
+impl Default for FailoverConfig {
+    fn default() -> Self {
+        FailoverConfig {
+            probe_interval: Duration::from_millis(50),
+            standby_interval: Duration::from_millis(200),
+            down_after: Duration::from_millis(500),
+            hold_down: Duration::from_secs(3),
+            degraded_loss: 0.5,
+            recover_loss: 0.3,
+            relay_candidates: 2,
+            sosr_fanout: 4,
+            relay_retry: Duration::from_secs(10),
+            check_timeout: Duration::from_millis(300),
+            loss_penalty: Duration::from_millis(500),
+        }
+    }
+}
+
+/// Health of one direction of a path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PathState {
+    /// Probes arrive.
+    Up,
+    /// Probes arrive, but the smoothed loss is too high.
+    Degraded,
+    /// No probe arrives.
+    Down,
+}
+
+impl PathState {
+    /// Lower-case name for status output.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PathState::Up => "up",
+            PathState::Degraded => "degraded",
+            PathState::Down => "down",
+        }
+    }
+}
+
+/// Why traffic to a peer left the direct path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reason {
+    /// The direct path is healthy (or nothing better exists).
+    Healthy,
+    /// Probes on the direct path stopped arriving.
+    ProbeLoss,
+    /// Too much loss on the direct path.
+    Degraded,
+    /// An ICMP net/host unreachable about the peer.
+    Icmp,
+    /// TCP connections to the peer stalled and probes confirmed it.
+    TcpStall,
+}
+
+impl Reason {
+    /// snake_case name for status output.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reason::Healthy => "healthy",
+            Reason::ProbeLoss => "probe_loss",
+            Reason::Degraded => "loss",
+            Reason::Icmp => "icmp_unreachable",
+            Reason::TcpStall => "tcp_stall",
+        }
+    }
+}
+
+/// An instruction to the shell.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// Seal `payload` as a probe-type packet to `peer` and send it on `path` (to the peer's
+    /// endpoint, or to the relay's endpoint).
+    Send {
+        /// Peer index.
+        peer: usize,
+        /// Path to send on.
+        path: PathId,
+        /// Probe payload.
+        payload: Vec<u8>,
+    },
+    /// Send the peer's traffic on this path.
+    UsePath {
+        /// Peer index.
+        peer: usize,
+        /// The path.
+        path: PathId,
+    },
+    /// Route the peer's protected destinations into the overlay (`true`) or leave them to
+    /// the kernel's normal routes (`false`).
+    Protect {
+        /// Peer index.
+        peer: usize,
+        /// On or off.
+        on: bool,
+    },
+    /// Ask relay `relay` (a peer index) to relay between this node and `peer`.
+    RequestRelay {
+        /// Relay's peer index.
+        relay: usize,
+        /// The peer to reach through it.
+        peer: usize,
+    },
+    /// Tell `relay` it is no longer needed for `peer`.
+    ReleaseRelay {
+        /// Relay's peer index.
+        relay: usize,
+        /// The peer.
+        peer: usize,
+    },
+}
+
+/// What a node tells its peers about its own direct paths (RON-style link state, one hop).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LinkInfo {
+    /// The far end of the link.
+    pub node: NodeId,
+    /// Whether the direct path is up (not down or degraded).
+    pub up: bool,
+    /// Smoothed RTT in milliseconds, if measured.
+    pub rtt_ms: Option<f64>,
+    /// Smoothed loss (0..1).
+    pub loss: f64,
+}
+
+/// Malformed probe payloads are reported, never panicked on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum ProbeError {
+    /// Too short or an unknown kind.
+    #[error("malformed probe")]
+    Malformed,
+}
+
+const KIND_PROBE: u8 = 1;
+const KIND_ECHO: u8 = 2;
+/// Probes remembered per path for loss and delivery accounting.
+const SENT_WINDOW: usize = 64;
+/// Reports carried per probe at most.
+const MAX_REPORTS: usize = 8;
+/// Smoothing of the loss estimate (EWMA weight of one probe outcome).
+const LOSS_ALPHA: f64 = 1.0 / 32.0;
+
+/// A decoded probe or echo.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Probe {
+    /// True for an echo.
+    pub echo: bool,
+    /// The path the original probe was sent on.
+    pub path: PathId,
+    /// Probe sequence number on that path.
+    pub seq: u32,
+    /// Sender's clock at sending, µs (echoed unchanged).
+    pub sent_us: u64,
+    /// Echo only: µs between the probe's arrival and the echo's sending.
+    pub hold_us: u32,
+    /// Reception reports: (path, highest seq received, bitmap of the 64 seqs up to it).
+    pub reports: Vec<(PathId, u32, u64)>,
+}
+
+impl Probe {
+    /// Encodes: kind (1) | path (16) | seq (4) | sent_us (8) | hold_us (4) | n (1) |
+    /// n × (path (16) | highest (4) | bitmap (8)). Big-endian.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(34 + 28 * self.reports.len());
+        out.push(if self.echo { KIND_ECHO } else { KIND_PROBE });
+        self.path.encode(&mut out);
+        out.extend_from_slice(&self.seq.to_be_bytes());
+        out.extend_from_slice(&self.sent_us.to_be_bytes());
+        out.extend_from_slice(&self.hold_us.to_be_bytes());
+        let n = self.reports.len().min(MAX_REPORTS);
+        out.push(n as u8);
+        for (p, h, b) in &self.reports[..n] {
+            p.encode(&mut out);
+            out.extend_from_slice(&h.to_be_bytes());
+            out.extend_from_slice(&b.to_be_bytes());
+        }
+        out
+    }
+
+    /// Decodes a probe payload.
+    ///
+    /// # Errors
+    /// [`ProbeError::Malformed`] for anything that is not a complete probe.
+    pub fn decode(b: &[u8]) -> Result<Probe, ProbeError> {
+        let m = ProbeError::Malformed;
+        let echo = match b.first() {
+            Some(&KIND_PROBE) => false,
+            Some(&KIND_ECHO) => true,
+            _ => return Err(m),
+        };
+        let path = PathId::decode(b.get(1..17).ok_or(m)?).ok_or(m)?;
+        let seq = u32::from_be_bytes(b.get(17..21).ok_or(m)?.try_into().map_err(|_| m)?);
+        let sent_us = u64::from_be_bytes(b.get(21..29).ok_or(m)?.try_into().map_err(|_| m)?);
+        let hold_us = u32::from_be_bytes(b.get(29..33).ok_or(m)?.try_into().map_err(|_| m)?);
+        let n = *b.get(33).ok_or(m)? as usize;
+        if n > MAX_REPORTS {
+            return Err(m);
+        }
+        let mut reports = Vec::with_capacity(n);
+        for i in 0..n {
+            let at = 34 + i * 28;
+            let r = b.get(at..at + 28).ok_or(m)?;
+            let p = PathId::decode(&r[..16]).ok_or(m)?;
+            let h = u32::from_be_bytes(r[16..20].try_into().map_err(|_| m)?);
+            let bm = u64::from_be_bytes(r[20..28].try_into().map_err(|_| m)?);
+            reports.push((p, h, bm));
+        }
+        Ok(Probe { echo, path, seq, sent_us, hold_us, reports })
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Sent {
+    seq: u32,
+    at: Instant,
+    delivered: bool,
+    resolved: bool,
+}
+
+/// One path to one peer, both directions' bookkeeping.
+#[derive(Debug, Clone)]
+struct Path {
+    id: PathId,
+    // outgoing
+    next_seq: u32,
+    sent: VecDeque<Sent>,
+    last_sent: Option<Instant>,
+    last_delivered_sent_at: Option<Instant>,
+    started: Instant,
+    srtt: Option<Duration>,
+    rttvar: Duration,
+    loss: f64,
+    state: PathState,
+    state_since: Instant,
+    reason: Reason,
+    // incoming
+    rx_highest: Option<u32>,
+    rx_bitmap: u64,
+}
+
+impl Path {
+    fn new(id: PathId, now: Instant, initial: PathState) -> Path {
+        Path {
+            id,
+            next_seq: 0,
+            sent: VecDeque::new(),
+            last_sent: None,
+            last_delivered_sent_at: None,
+            started: now,
+            srtt: None,
+            rttvar: Duration::ZERO,
+            loss: 0.0,
+            state: initial,
+            state_since: now,
+            reason: Reason::Healthy,
+            rx_highest: None,
+            rx_bitmap: 0,
+        }
+    }
+
+    fn mark_delivered(&mut self, seq: u32) {
+        if let Some(s) = self.sent.iter_mut().find(|s| s.seq == seq) {
+            if !s.delivered {
+                s.delivered = true;
+                if !s.resolved {
+                    s.resolved = true;
+                    self.loss += LOSS_ALPHA * (0.0 - self.loss);
+                }
+                let at = s.at;
+                if self.last_delivered_sent_at.is_none_or(|t| at > t) {
+                    self.last_delivered_sent_at = Some(at);
+                }
+            }
+        }
+    }
+
+    fn rtt_sample(&mut self, rtt: Duration) {
+        match self.srtt {
+            None => {
+                self.srtt = Some(rtt);
+                self.rttvar = rtt / 2;
+            }
+            Some(s) => {
+                let diff = if s > rtt { s - rtt } else { rtt - s };
+                self.rttvar = (self.rttvar * 3 + diff) / 4;
+                self.srtt = Some((s * 7 + rtt) / 8);
+            }
+        }
+    }
+
+    /// Time after which an unanswered probe counts as lost, and silence is judged.
+    fn allowance(&self) -> Duration {
+        let base = self.srtt.map(|s| s + self.rttvar * 4).unwrap_or(Duration::from_millis(50));
+        base.clamp(Duration::from_millis(20), Duration::from_millis(300))
+    }
+
+    fn record_rx(&mut self, seq: u32) {
+        match self.rx_highest {
+            None => {
+                self.rx_highest = Some(seq);
+                self.rx_bitmap = 1;
+            }
+            Some(h) if seq > h => {
+                let shift = seq - h;
+                self.rx_bitmap = if shift >= 64 { 1 } else { (self.rx_bitmap << shift) | 1 };
+                self.rx_highest = Some(seq);
+            }
+            Some(h) => {
+                let back = h - seq;
+                if back < 64 {
+                    self.rx_bitmap |= 1 << back;
+                }
+            }
+        }
+    }
+
+    fn cost(&self, penalty: Duration) -> Duration {
+        self.srtt.unwrap_or(Duration::from_millis(100)) + penalty.mul_f64(self.loss.clamp(0.0, 1.0))
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Candidate {
+    Requested(Instant),
+    Active,
+    Refused(Instant),
+}
+
+/// The route chosen for a peer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Route {
+    /// The path traffic uses.
+    pub path: PathId,
+    /// Whether the peer's protected destinations are routed into the overlay.
+    pub protect: bool,
+    /// Why the direct path is not used (or `Healthy`).
+    pub reason: Reason,
+    /// Since when this route holds.
+    pub since: Instant,
+}
+
+#[derive(Debug, Clone)]
+struct Peer {
+    id: NodeId,
+    direct_known: bool,
+    paths: Vec<Path>,
+    route: Route,
+    relays: HashMap<usize, Candidate>,
+    check: Option<(Instant, Instant)>,
+    last_candidates: Option<Instant>,
+    changes: u64,
+}
+
+impl Peer {
+    fn path(&self, id: PathId) -> Option<&Path> {
+        self.paths.iter().find(|p| p.id == id)
+    }
+    fn path_mut(&mut self, id: PathId) -> Option<&mut Path> {
+        self.paths.iter_mut().find(|p| p.id == id)
+    }
+}
+
+/// A read-only view of one path, for status output.
+#[derive(Debug, Clone)]
+pub struct PathView {
+    /// Which path.
+    pub id: PathId,
+    /// Outgoing state.
+    pub state: PathState,
+    /// Since when.
+    pub since: Instant,
+    /// Smoothed RTT.
+    pub srtt: Option<Duration>,
+    /// Smoothed loss (0..1).
+    pub loss: f64,
+    /// Whether traffic uses it now.
+    pub in_use: bool,
+}
+
+/// The failover state machine for all peers.
+pub struct Failover {
+    local: NodeId,
+    cfg: FailoverConfig,
+    peers: Vec<Peer>,
+    by_id: HashMap<NodeId, usize>,
+    links: HashMap<(usize, NodeId), (LinkInfo, Instant)>,
+    rng: u64,
+    epoch: Instant,
+    actions: VecDeque<Action>,
+}
+
+impl Failover {
+    /// Creates the state for `peers` (node IDs, in config order). `seed` drives the random
+    /// relay choice; `now` is the clock origin for probe timestamps.
+    pub fn new(local: NodeId, peers: &[NodeId], cfg: FailoverConfig, seed: u64, now: Instant) -> Failover {
+        Failover {
+            local,
+            cfg,
+            peers: peers
+                .iter()
+                .map(|id| Peer {
+                    id: *id,
+                    direct_known: false,
+                    paths: Vec::new(),
+                    route: Route { path: PathId::Direct, protect: false, reason: Reason::Healthy, since: now },
+                    relays: HashMap::new(),
+                    check: None,
+                    last_candidates: None,
+                    changes: 0,
+                })
+                .collect(),
+            by_id: peers.iter().enumerate().map(|(i, id)| (*id, i)).collect(),
+            links: HashMap::new(),
+            rng: seed | 1,
+            epoch: now,
+            actions: VecDeque::new(),
+        }
+    }
+
+    /// The configuration in use.
+    pub fn config(&self) -> &FailoverConfig {
+        &self.cfg
+    }
+
+    fn random(&mut self) -> u64 {
+        // xorshift64*: deterministic from the seed, good enough to spread relay choices.
+        self.rng ^= self.rng >> 12;
+        self.rng ^= self.rng << 25;
+        self.rng ^= self.rng >> 27;
+        self.rng.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    fn micros(&self, t: Instant) -> u64 {
+        t.saturating_duration_since(self.epoch).as_micros() as u64
+    }
+
+    /// The peer now has an underlay endpoint and keys (a management session came up): the
+    /// direct path is monitored from now on, assumed healthy until probes say otherwise.
+    pub fn handle_direct_known(&mut self, now: Instant, peer: usize) {
+        let Some(p) = self.peers.get_mut(peer) else { return };
+        if !p.direct_known {
+            p.direct_known = true;
+            p.paths.retain(|x| x.id != PathId::Direct);
+            p.paths.insert(0, Path::new(PathId::Direct, now, PathState::Up));
+        }
+    }
+
+    /// Next action for the shell.
+    pub fn poll_action(&mut self) -> Option<Action> {
+        self.actions.pop_front()
+    }
+
+    /// The route of a peer.
+    pub fn route(&self, peer: usize) -> Option<Route> {
+        self.peers.get(peer).map(|p| p.route)
+    }
+
+    /// How many times the route of a peer changed.
+    pub fn route_changes(&self, peer: usize) -> u64 {
+        self.peers.get(peer).map(|p| p.changes).unwrap_or(0)
+    }
+
+    /// Every monitored path of a peer.
+    pub fn paths(&self, peer: usize) -> Vec<PathView> {
+        let Some(p) = self.peers.get(peer) else { return Vec::new() };
+        p.paths
+            .iter()
+            .map(|x| PathView { id: x.id, state: x.state, since: x.state_since, srtt: x.srtt, loss: x.loss, in_use: x.id == p.route.path })
+            .collect()
+    }
+
+    /// This node's direct links, to share with its peers.
+    pub fn link_report(&self) -> Vec<LinkInfo> {
+        self.peers
+            .iter()
+            .filter_map(|p| {
+                let d = p.path(PathId::Direct)?;
+                Some(LinkInfo { node: p.id, up: d.state == PathState::Up, rtt_ms: d.srtt.map(|s| s.as_secs_f64() * 1000.0), loss: d.loss })
+            })
+            .collect()
+    }
+
+    /// A relay (peer index) reports its direct links.
+    pub fn handle_link_report(&mut self, now: Instant, relay: usize, links: &[LinkInfo]) {
+        self.links.retain(|(r, _), _| *r != relay);
+        for l in links {
+            if l.node != self.local {
+                self.links.insert((relay, l.node), (*l, now));
+            }
+        }
+    }
+
+    /// A relay answered a relay request for `peer`.
+    pub fn handle_relay_response(&mut self, now: Instant, relay: usize, peer: usize, accepted: bool) {
+        let Some(relay_id) = self.peers.get(relay).map(|r| r.id) else { return };
+        let Some(p) = self.peers.get_mut(peer) else { return };
+        if accepted {
+            p.relays.insert(relay, Candidate::Active);
+            let id = PathId::Relay(relay_id);
+            if p.path(id).is_none() {
+                // A new relay path must prove itself before it is used.
+                let mut path = Path::new(id, now, PathState::Down);
+                path.reason = Reason::Healthy;
+                p.paths.push(path);
+            }
+        } else {
+            p.relays.insert(relay, Candidate::Refused(now + self.cfg.relay_retry));
+            p.paths.retain(|x| x.id != PathId::Relay(relay_id));
+        }
+    }
+
+    /// ICMP net/host unreachable about one of the peer's protected destinations: the
+    /// direct path is down now.
+    pub fn handle_icmp(&mut self, now: Instant, peer: usize) {
+        if let Some(d) = self.peers.get_mut(peer).and_then(|p| p.path_mut(PathId::Direct)) {
+            if d.state != PathState::Down {
+                d.state = PathState::Down;
+                d.state_since = now;
+                d.reason = Reason::Icmp;
+            }
+            // Only probes sent after the ICMP count as recovery.
+            d.last_delivered_sent_at = None;
+            d.started = now;
+        }
+        self.decide(now, peer);
+    }
+
+    /// TCP connections to the peer's destinations keep timing out: check the direct path
+    /// with a burst of probes and take it down if none arrives within `check_timeout`.
+    pub fn handle_tcp_stall(&mut self, now: Instant, peer: usize) {
+        let timeout = self.cfg.check_timeout;
+        let Some(p) = self.peers.get_mut(peer) else { return };
+        if p.check.is_some() || p.path(PathId::Direct).is_none_or(|d| d.state == PathState::Down) {
+            return;
+        }
+        p.check = Some((now, now + timeout));
+        for _ in 0..3 {
+            self.send_probe(now, peer, PathId::Direct);
+        }
+    }
+
+    /// A probe-type packet from `peer` arrived at `now`. Returns the echo to send back to
+    /// the address the probe came from, if it was a probe.
+    ///
+    /// # Errors
+    /// [`ProbeError::Malformed`]; nothing changes then.
+    pub fn handle_probe(&mut self, now: Instant, peer: usize, payload: &[u8]) -> Result<Option<Vec<u8>>, ProbeError> {
+        let probe = Probe::decode(payload)?;
+        if peer >= self.peers.len() {
+            return Err(ProbeError::Malformed);
+        }
+        if probe.echo {
+            // The RTT sample first: the echo's own reports also cover this probe.
+            let rtt_us = self.micros(now).saturating_sub(probe.sent_us).saturating_sub(u64::from(probe.hold_us));
+            let p = &mut self.peers[peer];
+            if let Some(path) = p.path_mut(probe.path) {
+                let fresh = path.sent.iter().any(|s| s.seq == probe.seq && !s.delivered);
+                path.mark_delivered(probe.seq);
+                if fresh && rtt_us < 10_000_000 {
+                    path.rtt_sample(Duration::from_micros(rtt_us));
+                }
+            }
+            self.apply_reports(peer, &probe.reports);
+            self.evaluate(now, peer);
+            return Ok(None);
+        }
+        self.apply_reports(peer, &probe.reports);
+        // A probe: note its arrival on that path and echo it with our reports.
+        let p = &mut self.peers[peer];
+        let path = match p.path_mut(probe.path) {
+            Some(path) => path,
+            None => {
+                // Incoming-only path (the peer uses a relay we do not): track reception.
+                p.paths.push(Path::new(probe.path, now, PathState::Down));
+                p.paths.last_mut().expect("just pushed")
+            }
+        };
+        path.record_rx(probe.seq);
+        let echo = Probe { echo: true, path: probe.path, seq: probe.seq, sent_us: probe.sent_us, hold_us: 0, reports: self.reports(peer) };
+        Ok(Some(echo.encode()))
+    }
+
+    fn reports(&self, peer: usize) -> Vec<(PathId, u32, u64)> {
+        self.peers[peer].paths.iter().filter_map(|x| x.rx_highest.map(|h| (x.id, h, x.rx_bitmap))).take(MAX_REPORTS).collect()
+    }
+
+    fn apply_reports(&mut self, peer: usize, reports: &[(PathId, u32, u64)]) {
+        let p = &mut self.peers[peer];
+        for (id, highest, bitmap) in reports {
+            if let Some(path) = p.path_mut(*id) {
+                for i in 0..64u32 {
+                    if bitmap & (1u64 << i) != 0 {
+                        if let Some(seq) = highest.checked_sub(i) {
+                            path.mark_delivered(seq);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn send_probe(&mut self, now: Instant, peer: usize, path: PathId) {
+        let reports = self.reports(peer);
+        let sent_us = self.micros(now);
+        let Some(x) = self.peers[peer].path_mut(path) else { return };
+        let seq = x.next_seq;
+        x.next_seq = x.next_seq.wrapping_add(1);
+        x.sent.push_back(Sent { seq, at: now, delivered: false, resolved: false });
+        while x.sent.len() > SENT_WINDOW {
+            x.sent.pop_front();
+        }
+        x.last_sent = Some(now);
+        let payload = Probe { echo: false, path, seq, sent_us, hold_us: 0, reports }.encode();
+        self.actions.push_back(Action::Send { peer, path, payload });
+    }
+
+    /// Advances time: sends due probes, judges paths, chooses routes and relays. Call it
+    /// often (every 10 ms or so).
+    pub fn handle_tick(&mut self, now: Instant) {
+        for peer in 0..self.peers.len() {
+            let due: Vec<PathId> = {
+                let p = &self.peers[peer];
+                p.paths
+                    .iter()
+                    .filter(|x| x.id != PathId::Direct || p.direct_known)
+                    .filter(|x| {
+                        let fast = x.id == PathId::Direct || x.id == p.route.path;
+                        let every = if fast { self.cfg.probe_interval } else { self.cfg.standby_interval };
+                        let active = match x.id {
+                            PathId::Direct => true,
+                            PathId::Relay(r) => self.by_id.get(&r).and_then(|ri| p.relays.get(ri)) == Some(&Candidate::Active),
+                        };
+                        active && x.last_sent.is_none_or(|t| now >= t + every)
+                    })
+                    .map(|x| x.id)
+                    .collect()
+            };
+            for path in due {
+                self.send_probe(now, peer, path);
+            }
+            self.evaluate(now, peer);
+            self.manage_relays(now, peer);
+        }
+    }
+
+    /// Judges every path of a peer and then its route.
+    fn evaluate(&mut self, now: Instant, peer: usize) {
+        let cfg = self.cfg;
+        let p = &mut self.peers[peer];
+        for x in p.paths.iter_mut() {
+            if x.last_sent.is_none() {
+                continue;
+            }
+            let allowance = x.allowance();
+            // Unanswered probes old enough count as lost.
+            for s in x.sent.iter_mut() {
+                if !s.resolved && now >= s.at + allowance + cfg.probe_interval * 4 {
+                    s.resolved = true;
+                    x.loss += LOSS_ALPHA * (1.0 - x.loss);
+                }
+            }
+            let evidence = x.last_delivered_sent_at.unwrap_or(x.started).max(x.started);
+            let silent = now.saturating_duration_since(evidence) > cfg.down_after + allowance;
+            let recovered_probes = x.last_delivered_sent_at.is_some_and(|t| t >= x.state_since);
+            let new = match x.state {
+                _ if silent => PathState::Down,
+                PathState::Down if recovered_probes => {
+                    if x.loss > cfg.degraded_loss {
+                        PathState::Degraded
+                    } else {
+                        PathState::Up
+                    }
+                }
+                PathState::Down => PathState::Down,
+                PathState::Up if x.loss > cfg.degraded_loss => PathState::Degraded,
+                PathState::Degraded if x.loss < cfg.recover_loss => PathState::Up,
+                s => s,
+            };
+            if new != x.state {
+                x.reason = match new {
+                    PathState::Down => Reason::ProbeLoss,
+                    PathState::Degraded => Reason::Degraded,
+                    PathState::Up => Reason::Healthy,
+                };
+                x.state = new;
+                x.state_since = now;
+            }
+        }
+        if let Some((started, deadline)) = p.check {
+            let delivered = p.path(PathId::Direct).and_then(|d| d.last_delivered_sent_at).is_some_and(|t| t >= started);
+            if delivered {
+                p.check = None;
+            } else if now >= deadline {
+                p.check = None;
+                if let Some(d) = p.path_mut(PathId::Direct) {
+                    d.state = PathState::Down;
+                    d.state_since = now;
+                    d.reason = Reason::TcpStall;
+                    d.started = now;
+                    d.last_delivered_sent_at = None;
+                }
+            }
+        }
+        self.decide(now, peer);
+    }
+
+    fn best_relay(&self, peer: usize) -> Option<PathId> {
+        let p = &self.peers[peer];
+        p.paths
+            .iter()
+            .filter(|x| matches!(x.id, PathId::Relay(_)) && x.state == PathState::Up)
+            .filter(|x| match x.id {
+                PathId::Relay(r) => self.by_id.get(&r).and_then(|ri| p.relays.get(ri)) == Some(&Candidate::Active),
+                PathId::Direct => false,
+            })
+            .min_by_key(|x| x.cost(self.cfg.loss_penalty))
+            .map(|x| x.id)
+    }
+
+    fn decide(&mut self, now: Instant, peer: usize) {
+        let best = self.best_relay(peer);
+        let cfg = self.cfg;
+        let p = &mut self.peers[peer];
+        if !p.direct_known {
+            return;
+        }
+        let Some(direct) = p.path(PathId::Direct) else { return };
+        let direct_up = direct.state == PathState::Up;
+        let direct_settled = direct_up && now.saturating_duration_since(direct.state_since) >= cfg.hold_down;
+        let cur = p.route;
+        let current_ok = match cur.path {
+            PathId::Direct => direct_up,
+            id => p.path(id).is_some_and(|x| x.state == PathState::Up),
+        };
+        let next = if cur.path == PathId::Direct && !cur.protect && direct_up {
+            cur
+        } else if cur.protect && direct_settled {
+            Route { path: PathId::Direct, protect: false, reason: Reason::Healthy, since: now }
+        } else if cur.path == PathId::Direct && !cur.protect {
+            // The direct path just failed.
+            Route { path: best.unwrap_or(PathId::Direct), protect: true, reason: direct.reason, since: now }
+        } else if !current_ok || cur.path == PathId::Direct {
+            // On the overlay: the relay in use failed, or none was usable yet. The reason
+            // stays why traffic left the direct path.
+            match best {
+                Some(b) if b != cur.path => Route { path: b, protect: true, reason: cur.reason, since: now },
+                _ => cur,
+            }
+        } else {
+            // Prefer a clearly cheaper relay.
+            match (best, p.path(cur.path)) {
+                (Some(b), Some(c)) if b != cur.path => {
+                    let bc = p.path(b).expect("best exists").cost(cfg.loss_penalty);
+                    if bc.mul_f64(1.25) < c.cost(cfg.loss_penalty) {
+                        Route { path: b, ..cur }
+                    } else {
+                        cur
+                    }
+                }
+                _ => cur,
+            }
+        };
+        if next.path != cur.path || next.protect != cur.protect {
+            p.route = next;
+            p.changes += 1;
+            if next.path != cur.path {
+                self.actions.push_back(Action::UsePath { peer, path: next.path });
+            }
+            if next.protect != cur.protect {
+                self.actions.push_back(Action::Protect { peer, on: next.protect });
+            }
+        } else if next.reason != cur.reason {
+            p.route.reason = next.reason;
+        }
+    }
+
+    /// Keeps `relay_candidates` relay sessions ready per peer (best known first, RON), and
+    /// asks `sosr_fanout` random relays at once when traffic needs a relay and none works.
+    fn manage_relays(&mut self, now: Instant, peer: usize) {
+        let n = self.peers.len();
+        if !self.peers[peer].direct_known {
+            return;
+        }
+        // Expire refusals and requests that got no answer.
+        let retry = self.cfg.relay_retry;
+        for c in self.peers[peer].relays.values_mut() {
+            match *c {
+                Candidate::Requested(at) if now >= at + Duration::from_secs(2) => *c = Candidate::Refused(now + retry),
+                _ => {}
+            }
+        }
+        self.peers[peer].relays.retain(|_, c| !matches!(c, Candidate::Refused(until) if now >= *until));
+        // Relay paths that died lose their session; it is asked for again later.
+        let dead: Vec<usize> = {
+            let p = &self.peers[peer];
+            p.relays
+                .iter()
+                .filter(|(r, c)| **c == Candidate::Active && p.path(PathId::Relay(self.peers[**r].id)).is_some_and(|x| x.state == PathState::Down && now.saturating_duration_since(x.state_since) > retry))
+                .map(|(r, _)| *r)
+                .collect()
+        };
+        for r in dead {
+            let rid = self.peers[r].id;
+            self.peers[peer].relays.insert(r, Candidate::Refused(now + retry));
+            self.peers[peer].paths.retain(|x| x.id != PathId::Relay(rid));
+        }
+        let needs_relay = self.peers[peer].route.protect;
+        let working = self.best_relay(peer).is_some();
+        let last = self.peers[peer].last_candidates;
+        let urgent = needs_relay && !working;
+        if !urgent && last.is_some_and(|t| now < t + Duration::from_secs(1)) {
+            return;
+        }
+        if urgent && last.is_some_and(|t| now < t + Duration::from_millis(500)) {
+            return;
+        }
+        self.peers[peer].last_candidates = Some(now);
+        let target = self.peers[peer].id;
+        // Rank every other peer as a relay for `target`.
+        let mut ranked: Vec<(Duration, u64, usize)> = Vec::new();
+        for r in 0..n {
+            if r == peer {
+                continue;
+            }
+            let Some(to_relay) = self.peers[r].path(PathId::Direct) else { continue };
+            if !self.peers[r].direct_known || to_relay.state == PathState::Down {
+                continue;
+            }
+            let known = self.links.get(&(r, target)).map(|(l, _)| *l);
+            if known.is_some_and(|l| !l.up) {
+                continue;
+            }
+            let cost = match known {
+                Some(l) => to_relay.cost(self.cfg.loss_penalty) + Duration::from_secs_f64(l.rtt_ms.unwrap_or(100.0) / 1000.0) + self.cfg.loss_penalty.mul_f64(l.loss),
+                None => Duration::from_secs(3600),
+            };
+            let tiebreak = self.random();
+            ranked.push((cost, tiebreak, r));
+        }
+        ranked.sort();
+        let want = if urgent { self.cfg.relay_candidates + self.cfg.sosr_fanout } else { self.cfg.relay_candidates };
+        let p = &self.peers[peer];
+        let have = p.relays.values().filter(|c| matches!(c, Candidate::Active | Candidate::Requested(_))).count();
+        let mut asks = Vec::new();
+        for (_, _, r) in ranked {
+            if have + asks.len() >= want {
+                break;
+            }
+            if !p.relays.contains_key(&r) {
+                asks.push(r);
+            }
+        }
+        for r in asks {
+            self.peers[peer].relays.insert(r, Candidate::Requested(now));
+            self.actions.push_back(Action::RequestRelay { relay: r, peer });
+        }
+    }
+
+    /// The node IDs of the relays currently active for a peer (to release on shutdown).
+    pub fn active_relays(&self, peer: usize) -> Vec<usize> {
+        self.peers.get(peer).map(|p| p.relays.iter().filter(|(_, c)| **c == Candidate::Active).map(|(r, _)| *r).collect()).unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MS: Duration = Duration::from_millis(1);
+
+    /// Two or more nodes exchanging probes through a simulated network in which each
+    /// directed hop can be cut or made lossy.
+    struct Net {
+        nodes: Vec<Failover>,
+        ids: Vec<NodeId>,
+        now: Instant,
+        /// (from, to) hops that drop everything.
+        cut: Vec<(usize, usize)>,
+        /// (from, to, loss probability in 1/1000).
+        lossy: Vec<(usize, usize, u64)>,
+        rng: u64,
+        /// Relay sessions each node accepts.
+        relay_ok: Vec<bool>,
+        in_flight: Vec<(Instant, usize, usize, PathId, Vec<u8>)>,
+        latency: Duration,
+    }
+
+    impl Net {
+        fn new(n: usize) -> Net {
+            let ids: Vec<NodeId> = (0..n).map(|i| NodeId([i as u8 + 1; 16])).collect();
+            let now = Instant::now();
+            let nodes = (0..n)
+                .map(|i| {
+                    let peers: Vec<NodeId> = ids.iter().copied().filter(|x| *x != ids[i]).collect();
+                    let mut f = Failover::new(ids[i], &peers, FailoverConfig::default(), 42 + i as u64, now);
+                    for p in 0..peers.len() {
+                        f.handle_direct_known(now, p);
+                    }
+                    f
+                })
+                .collect();
+            Net { nodes, ids, now, cut: vec![], lossy: vec![], rng: 7, relay_ok: vec![true; n], in_flight: vec![], latency: MS }
+        }
+        /// Peer index of node `b` at node `a`.
+        fn pidx(&self, a: usize, b: usize) -> usize {
+            if b < a {
+                b
+            } else {
+                b - 1
+            }
+        }
+        fn node_of(&self, a: usize, pidx: usize) -> usize {
+            if pidx < a {
+                pidx
+            } else {
+                pidx + 1
+            }
+        }
+        fn drops(&mut self, from: usize, to: usize) -> bool {
+            if self.cut.contains(&(from, to)) {
+                return true;
+            }
+            if let Some(&(_, _, l)) = self.lossy.iter().find(|(f, t, _)| *f == from && *t == to) {
+                self.rng ^= self.rng << 13;
+                self.rng ^= self.rng >> 7;
+                self.rng ^= self.rng << 17;
+                return self.rng % 1000 < l;
+            }
+            false
+        }
+        /// Delivers a packet from node `a` to node `b` over `path` (hops checked).
+        fn deliver(&mut self, a: usize, b: usize, path: PathId, payload: Vec<u8>) {
+            let ok = match path {
+                PathId::Direct => !self.drops(a, b),
+                PathId::Relay(r) => {
+                    let r = self.ids.iter().position(|x| *x == r).unwrap();
+                    !self.drops(a, r) && !self.drops(r, b)
+                }
+            };
+            if ok {
+                self.in_flight.push((self.now + self.latency, a, b, path, payload));
+            }
+        }
+        fn step(&mut self) {
+            self.now += 10 * MS;
+            let now = self.now;
+            let due: Vec<_> = {
+                let (d, rest): (Vec<_>, Vec<_>) = self.in_flight.drain(..).partition(|x| x.0 <= now);
+                self.in_flight = rest;
+                d
+            };
+            for (_, a, b, path, payload) in due {
+                let pa = self.pidx(b, a);
+                if let Ok(Some(echo)) = self.nodes[b].handle_probe(now, pa, &payload) {
+                    self.deliver(b, a, path, echo);
+                }
+            }
+            for a in 0..self.nodes.len() {
+                self.nodes[a].handle_tick(now);
+                while let Some(act) = self.nodes[a].poll_action() {
+                    match act {
+                        Action::Send { peer, path, payload } => {
+                            let b = self.node_of(a, peer);
+                            self.deliver(a, b, path, payload);
+                        }
+                        Action::RequestRelay { relay, peer } => {
+                            let r = self.node_of(a, relay);
+                            let ok = self.relay_ok[r];
+                            self.nodes[a].handle_relay_response(now, relay, peer, ok);
+                        }
+                        _ => {}
+                    }
+                }
+            }
+            // link reports once a second
+            if (now - self.nodes[0].epoch).as_millis() % 1000 < 10 {
+                for r in 0..self.nodes.len() {
+                    let rep = self.nodes[r].link_report();
+                    for a in 0..self.nodes.len() {
+                        if a != r && !self.cut.contains(&(r, a)) {
+                            let ri = self.pidx(a, r);
+                            self.nodes[a].handle_link_report(now, ri, &rep);
+                        }
+                    }
+                }
+            }
+        }
+        fn run(&mut self, d: Duration) {
+            let end = self.now + d;
+            while self.now < end {
+                self.step();
+            }
+        }
+        fn route(&self, a: usize, b: usize) -> Route {
+            self.nodes[a].route(self.pidx(a, b)).unwrap()
+        }
+        fn cut_both(&mut self, a: usize, b: usize) {
+            self.cut.push((a, b));
+            self.cut.push((b, a));
+        }
+    }
+
+    #[test]
+    fn probe_codec_round_trips_and_rejects_garbage() {
+        let p = Probe { echo: true, path: PathId::Relay(NodeId([3; 16])), seq: 9, sent_us: 123, hold_us: 4, reports: vec![(PathId::Direct, 8, 0b101)] };
+        assert_eq!(Probe::decode(&p.encode()).unwrap(), p);
+        assert!(Probe::decode(&[]).is_err());
+        assert!(Probe::decode(&[3; 40]).is_err());
+        let mut long = p.encode();
+        long[33] = 200;
+        assert!(Probe::decode(&long).is_err());
+        assert!(Probe::decode(&p.encode()[..40]).is_err());
+    }
+
+    #[test]
+    fn healthy_paths_stay_direct_and_measure_rtt() {
+        let mut net = Net::new(3);
+        net.run(Duration::from_secs(3));
+        assert_eq!(net.route(0, 1).path, PathId::Direct);
+        assert!(!net.route(0, 1).protect);
+        let views = net.nodes[0].paths(0);
+        let d = views.iter().find(|v| v.id == PathId::Direct).unwrap();
+        assert_eq!(d.state, PathState::Up);
+        assert!(d.srtt.unwrap() <= 20 * MS, "{:?}", d.srtt);
+        // standby relay paths are set up and proven
+        assert!(views.iter().any(|v| matches!(v.id, PathId::Relay(_)) && v.state == PathState::Up), "{views:?}");
+    }
+
+    #[test]
+    fn a_silent_cut_moves_traffic_to_a_relay_in_under_a_second_and_back_after_hold_down() {
+        let mut net = Net::new(3);
+        net.run(Duration::from_secs(3));
+        let t0 = net.now;
+        net.cut_both(0, 1);
+        while net.route(0, 1).path == PathId::Direct {
+            net.step();
+            assert!(net.now - t0 < Duration::from_secs(1), "no failover within 1 s");
+        }
+        let r = net.route(0, 1);
+        assert_eq!(r.path, PathId::Relay(net.ids[2]));
+        assert!(r.protect);
+        assert_eq!(r.reason, Reason::ProbeLoss);
+        assert!(net.route(1, 0).protect, "the other direction reroutes too");
+        // restore: direct again only after the hold-down
+        net.cut.clear();
+        let t1 = net.now;
+        while net.route(0, 1).path != PathId::Direct {
+            net.step();
+            assert!(net.now - t1 < Duration::from_secs(6));
+        }
+        assert!(net.now - t1 >= FailoverConfig::default().hold_down);
+        assert!(!net.route(0, 1).protect);
+    }
+
+    #[test]
+    fn a_one_way_failure_reroutes_only_the_broken_direction() {
+        let mut net = Net::new(3);
+        net.run(Duration::from_secs(3));
+        net.cut.push((0, 1)); // only A -> B
+        net.run(Duration::from_secs(2));
+        assert!(net.route(0, 1).protect, "A must reroute A->B");
+        assert_eq!(net.route(0, 1).path, PathId::Relay(net.ids[2]));
+        assert!(!net.route(1, 0).protect, "B->A works; B keeps it: {:?}", net.route(1, 0));
+        assert_eq!(net.route(1, 0).path, PathId::Direct);
+        // and the reverse case: only B -> A broken, A's packets still arrive
+        let mut net = Net::new(3);
+        net.run(Duration::from_secs(3));
+        net.cut.push((1, 0));
+        net.run(Duration::from_secs(2));
+        assert!(net.route(1, 0).protect);
+        assert!(!net.route(0, 1).protect, "A's own direction is fine: {:?}", net.route(0, 1));
+    }
+
+    #[test]
+    fn twenty_percent_loss_does_not_flap() {
+        let mut net = Net::new(3);
+        net.run(Duration::from_secs(3));
+        net.lossy.push((0, 1, 200));
+        net.lossy.push((1, 0, 200));
+        let before = net.nodes[0].route_changes(0);
+        net.run(Duration::from_secs(60));
+        assert_eq!(net.nodes[0].route_changes(0), before, "route changed under 20% loss");
+        assert_eq!(net.route(0, 1).path, PathId::Direct);
+        // while 70% loss is a degraded path
+        net.lossy.clear();
+        net.lossy.push((0, 1, 700));
+        net.run(Duration::from_secs(10));
+        assert!(net.route(0, 1).protect);
+        assert_eq!(net.route(0, 1).reason, Reason::Degraded);
+    }
+
+    #[test]
+    fn icmp_reroutes_at_once() {
+        let mut net = Net::new(3);
+        net.run(Duration::from_secs(3));
+        let now = net.now;
+        net.nodes[0].handle_icmp(now, 0);
+        let r = net.route(0, 1);
+        assert!(r.protect);
+        assert_eq!(r.reason, Reason::Icmp);
+        assert_eq!(r.path, PathId::Relay(net.ids[2]), "a proven standby relay is used immediately");
+        // probes keep succeeding (the ICMP was a false alarm or the failure healed):
+        // back to direct after the hold-down
+        net.run(Duration::from_secs(4));
+        assert!(!net.route(0, 1).protect);
+    }
+
+    #[test]
+    fn tcp_stall_is_confirmed_by_probes_before_rerouting() {
+        let mut net = Net::new(3);
+        net.run(Duration::from_secs(3));
+        let now = net.now;
+        net.nodes[0].handle_tcp_stall(now, 0);
+        net.run(Duration::from_millis(500));
+        assert!(!net.route(0, 1).protect, "probes still arrive: no reroute");
+        net.cut_both(0, 1);
+        net.run(Duration::from_millis(100));
+        let now = net.now;
+        net.nodes[0].handle_tcp_stall(now, 0);
+        net.run(Duration::from_millis(350));
+        let r = net.route(0, 1);
+        assert!(r.protect);
+        assert_eq!(r.reason, Reason::TcpStall, "{r:?}");
+    }
+
+    #[test]
+    fn a_failed_relay_moves_traffic_to_another() {
+        let mut net = Net::new(4);
+        net.run(Duration::from_secs(3));
+        net.cut_both(0, 1);
+        net.run(Duration::from_secs(1));
+        let first = match net.route(0, 1).path {
+            PathId::Relay(r) => net.ids.iter().position(|x| *x == r).unwrap(),
+            PathId::Direct => panic!("not rerouted"),
+        };
+        // the relay in use stops: everything through it is lost
+        for other in 0..4 {
+            if other != first {
+                net.cut_both(first, other);
+            }
+        }
+        net.run(Duration::from_secs(1));
+        let r = net.route(0, 1);
+        assert!(matches!(r.path, PathId::Relay(x) if x != net.ids[first]), "{r:?}");
+        assert!(r.protect);
+        assert_eq!(r.reason, Reason::ProbeLoss, "the reason stays why the direct path is not used");
+    }
+
+    #[test]
+    fn relays_that_refuse_are_not_used_and_random_ones_are_tried() {
+        let mut net = Net::new(5);
+        net.relay_ok = vec![true, true, false, false, true];
+        net.run(Duration::from_secs(3));
+        net.cut_both(0, 1);
+        net.run(Duration::from_secs(2));
+        assert_eq!(net.route(0, 1).path, PathId::Relay(net.ids[4]));
+    }
+
+    #[test]
+    fn relays_are_ranked_by_reported_link_quality() {
+        let mut net = Net::new(4);
+        // C (2) reaches B (1) badly; D (3) well
+        net.lossy.push((2, 1, 900));
+        net.lossy.push((1, 2, 900));
+        net.run(Duration::from_secs(6));
+        net.cut_both(0, 1);
+        net.run(Duration::from_secs(1));
+        assert_eq!(net.route(0, 1).path, PathId::Relay(net.ids[3]));
+    }
+
+    #[test]
+    fn garbage_probes_change_nothing() {
+        let mut net = Net::new(2);
+        net.run(Duration::from_secs(1));
+        let now = net.now;
+        assert!(net.nodes[0].handle_probe(now, 0, &[1, 2, 3]).is_err());
+        assert!(net.nodes[0].handle_probe(now, 9, &Probe { echo: false, path: PathId::Direct, seq: 1, sent_us: 0, hold_us: 0, reports: vec![] }.encode()).is_err());
+        net.run(Duration::from_secs(1));
+        assert_eq!(net.route(0, 1).path, PathId::Direct);
+    }
+}
