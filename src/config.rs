@@ -10,6 +10,7 @@ use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use serde::Deserialize;
@@ -122,6 +123,35 @@ pub struct NodeConfig {
     pub control_socket: PathBuf,
     /// Data-plane threads: 1 (TX and RX on one thread, the default) or 2 (one each).
     pub data_threads: usize,
+    /// Whether this node relays between its peers when they ask.
+    pub relay: bool,
+}
+
+/// Failure detection and rerouting (`[failover]`).
+#[derive(Debug, Clone)]
+pub struct FailoverSettings {
+    /// Probes on the direct path and the relay path in use, per peer.
+    pub probe_interval: Duration,
+    /// Probes on standby relay paths.
+    pub standby_probe_interval: Duration,
+    /// A path is down when no probe sent this long ago arrived.
+    pub down_after: Duration,
+    /// A repaired direct path must be healthy this long before traffic returns to it.
+    pub hold_down: Duration,
+    /// Smoothed loss above which a path counts as degraded (0..1).
+    pub degraded_loss: f64,
+    /// Smoothed loss below which a degraded path is healthy again (0..1).
+    pub recover_loss: f64,
+    /// Relay paths kept ready per peer.
+    pub relay_candidates: usize,
+    /// Intercept ICMP net/host unreachable about protected destinations (NFQUEUE).
+    pub icmp: bool,
+    /// NFQUEUE number for the interception.
+    pub nfqueue: u16,
+    /// Watch TCP connections to protected destinations for stalls.
+    pub tcp_monitor: bool,
+    /// How often TCP connections are read.
+    pub tcp_poll: Duration,
 }
 
 /// Kernel integration (`[kernel]`).
@@ -162,6 +192,10 @@ pub struct PeerConfig {
     pub interface: String,
     /// Underlay MTU towards this peer in bytes.
     pub underlay_mtu: u16,
+    /// Destinations normally reached over the underlay (not through the overlay) that
+    /// detour moves into the overlay while the path to this peer is down; the peer's
+    /// endpoint addresses are always protected too.
+    pub protected: Vec<IpNet>,
 }
 
 impl PeerConfig {
@@ -186,6 +220,8 @@ pub struct Config {
     pub node: NodeConfig,
     /// `[kernel]`.
     pub kernel: KernelConfig,
+    /// `[failover]`.
+    pub failover: FailoverSettings,
     /// `[[peer]]` entries, in file order.
     pub peers: Vec<PeerConfig>,
 }
@@ -196,6 +232,8 @@ struct RawConfig {
     node: RawNode,
     #[serde(default)]
     kernel: RawKernel,
+    #[serde(default)]
+    failover: RawFailover,
     #[serde(default, rename = "peer")]
     peers: Vec<RawPeer>,
 }
@@ -217,6 +255,23 @@ struct RawNode {
     log_level: Option<String>,
     control_socket: Option<String>,
     data_threads: Option<u8>,
+    relay: Option<bool>,
+}
+
+#[derive(Deserialize, Debug, Default)]
+#[serde(deny_unknown_fields)]
+struct RawFailover {
+    probe_interval_ms: Option<u64>,
+    standby_probe_interval_ms: Option<u64>,
+    down_after_ms: Option<u64>,
+    hold_down_ms: Option<u64>,
+    degraded_loss: Option<f64>,
+    recover_loss: Option<f64>,
+    relay_candidates: Option<usize>,
+    icmp: Option<bool>,
+    nfqueue: Option<u16>,
+    tcp_monitor: Option<bool>,
+    tcp_poll_ms: Option<u64>,
 }
 
 #[derive(Deserialize, Debug, Default)]
@@ -243,6 +298,8 @@ struct RawPeer {
     prefixes: Vec<String>,
     interface: Option<String>,
     underlay_mtu: Option<u16>,
+    #[serde(default)]
+    protected: Vec<String>,
 }
 
 struct Errors<'a> {
@@ -477,6 +534,7 @@ fn validate(raw: RawConfig, file: &str, errs: &mut Errors) -> Option<Config> {
     if !(1..=2).contains(&data_threads) {
         errs.push("node.data_threads", format!("expected 1 (send and receive on one thread) or 2 (one thread each), got {data_threads}"));
     }
+    let relay = n.relay.unwrap_or(true);
     let control_socket = PathBuf::from(n.control_socket.unwrap_or_else(|| DEFAULT_CONTROL_SOCKET.to_string()));
     if !control_socket.is_absolute() {
         errs.push("node.control_socket", format!("expected an absolute path, got `{}`", control_socket.display()));
@@ -510,6 +568,8 @@ fn validate(raw: RawConfig, file: &str, errs: &mut Errors) -> Option<Config> {
             DEFAULT_LINK_POOL_V4.parse().unwrap()
         }
     };
+
+    let failover = validate_failover(raw.failover, errs);
 
     let mut peers = Vec::new();
     let mut names = HashSet::new();
@@ -591,6 +651,17 @@ fn validate(raw: RawConfig, file: &str, errs: &mut Errors) -> Option<Config> {
         } else if let Some(prev) = ifnames.insert(interface.clone(), at("interface")) {
             errs.push(at("interface"), format!("interface name `{interface}` is also used by {prev}; set `interface` explicitly"));
         }
+        let mut protected = Vec::new();
+        for (j, s) in p.protected.iter().enumerate() {
+            let key = at(&format!("protected[{j}]"));
+            if let Some(net) = parse_prefix(errs, &key, s) {
+                if let Some(prev) = announced.insert(net, key.clone()) {
+                    errs.push(key, format!("prefix {net} is already routed to {prev}; a prefix belongs to one peer"));
+                } else {
+                    protected.push(net);
+                }
+            }
+        }
         let peer_mtu = p.underlay_mtu.unwrap_or(underlay_mtu);
         if p.underlay_mtu.is_some() {
             check_mtu(errs, &at("underlay_mtu"), peer_mtu, overlay_v6.is_some());
@@ -606,6 +677,7 @@ fn validate(raw: RawConfig, file: &str, errs: &mut Errors) -> Option<Config> {
                 prefixes: pfx,
                 interface,
                 underlay_mtu: peer_mtu,
+                protected,
             });
         }
     }
@@ -630,10 +702,82 @@ fn validate(raw: RawConfig, file: &str, errs: &mut Errors) -> Option<Config> {
             log_level,
             control_socket,
             data_threads,
+            relay,
         },
         kernel: KernelConfig { table, rule_priority, fwmark, aggregate_interface, interface_prefix, link_pool_v4 },
+        failover,
         peers,
     })
+}
+
+fn validate_failover(f: RawFailover, errs: &mut Errors) -> FailoverSettings {
+    let d = crate::failover::FailoverConfig::default();
+    let mut ms = |key: &str, v: Option<u64>, default: Duration, min: u64, max: u64| -> Duration {
+        match v {
+            None => default,
+            Some(v) if (min..=max).contains(&v) => Duration::from_millis(v),
+            Some(v) => {
+                errs.push(format!("failover.{key}"), format!("expected {min}..{max} milliseconds, got {v}"));
+                default
+            }
+        }
+    };
+    let probe_interval = ms("probe_interval_ms", f.probe_interval_ms, d.probe_interval, 10, 10_000);
+    let standby_probe_interval = ms("standby_probe_interval_ms", f.standby_probe_interval_ms, d.standby_interval, 10, 60_000);
+    let down_after = ms("down_after_ms", f.down_after_ms, d.down_after, 50, 60_000);
+    let hold_down = ms("hold_down_ms", f.hold_down_ms, d.hold_down, 0, 600_000);
+    let tcp_poll = ms("tcp_poll_ms", f.tcp_poll_ms, Duration::from_millis(250), 50, 60_000);
+    if down_after < probe_interval * 3 {
+        errs.push("failover.down_after_ms", format!("expected at least 3 probe intervals ({} ms)", (probe_interval * 3).as_millis()));
+    }
+    let mut frac = |key: &str, v: Option<f64>, default: f64| -> f64 {
+        match v {
+            None => default,
+            Some(v) if (0.0..=1.0).contains(&v) => v,
+            Some(v) => {
+                errs.push(format!("failover.{key}"), format!("expected a fraction between 0 and 1, got {v}"));
+                default
+            }
+        }
+    };
+    let degraded_loss = frac("degraded_loss", f.degraded_loss, d.degraded_loss);
+    let recover_loss = frac("recover_loss", f.recover_loss, d.recover_loss);
+    if recover_loss > degraded_loss {
+        errs.push("failover.recover_loss", format!("expected at most degraded_loss ({degraded_loss}), got {recover_loss}"));
+    }
+    let relay_candidates = f.relay_candidates.unwrap_or(d.relay_candidates);
+    if relay_candidates > 16 {
+        errs.push("failover.relay_candidates", format!("expected 0..16, got {relay_candidates}"));
+    }
+    FailoverSettings {
+        probe_interval,
+        standby_probe_interval,
+        down_after,
+        hold_down,
+        degraded_loss,
+        recover_loss,
+        relay_candidates: relay_candidates.min(16),
+        icmp: f.icmp.unwrap_or(true),
+        nfqueue: f.nfqueue.unwrap_or(7720),
+        tcp_monitor: f.tcp_monitor.unwrap_or(true),
+        tcp_poll,
+    }
+}
+
+impl FailoverSettings {
+    /// The failover core's configuration.
+    pub fn core(&self) -> crate::failover::FailoverConfig {
+        crate::failover::FailoverConfig {
+            probe_interval: self.probe_interval,
+            standby_interval: self.standby_probe_interval,
+            down_after: self.down_after,
+            hold_down: self.hold_down,
+            degraded_loss: self.degraded_loss,
+            recover_loss: self.recover_loss,
+            relay_candidates: self.relay_candidates,
+            ..Default::default()
+        }
+    }
 }
 
 fn check_mtu(errs: &mut Errors, key: &str, mtu: u16, ipv6: bool) {

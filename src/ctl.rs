@@ -19,6 +19,8 @@ pub const MAX_REQUEST: usize = 64 * 1024;
 pub enum Request {
     /// The node and all peers.
     Status,
+    /// Every monitored path with RTT, loss and state.
+    Paths,
 }
 
 /// A response.
@@ -27,6 +29,8 @@ pub enum Request {
 pub enum Response {
     /// Answer to [`Request::Status`].
     Status(Box<Status>),
+    /// Answer to [`Request::Paths`].
+    Paths(Vec<PeerPaths>),
     /// The request was not understood or failed.
     Error {
         /// What went wrong.
@@ -50,6 +54,53 @@ pub struct Status {
     /// Management connections that failed: TLS handshakes that did not complete (refused
     /// keys included) and sessions closed for a protocol error.
     pub management_errors: u64,
+    /// ICMP interception and TCP monitoring.
+    pub icmp: IcmpStatus,
+    /// Datagrams this node relayed for others.
+    pub relayed_packets: u64,
+    /// Bytes this node relayed for others.
+    pub relayed_bytes: u64,
+    /// Relay sessions this node serves, as "a <-> b".
+    pub relaying: Vec<String>,
+}
+
+/// ICMP interception counters.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct IcmpStatus {
+    /// Whether ICMP unreachable interception runs.
+    pub active: bool,
+    /// Errors about protected destinations that were dropped and acted on.
+    pub rerouted: u64,
+    /// Errors let through, by reason.
+    pub ignored: BTreeMap<String, u64>,
+    /// TCP stalls reported by the connection monitor.
+    pub tcp_stalls: u64,
+}
+
+/// `detourctl paths`: the monitored paths of one peer.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PeerPaths {
+    /// Peer name.
+    pub name: String,
+    /// Its paths.
+    pub paths: Vec<PathRow>,
+}
+
+/// One monitored path.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PathRow {
+    /// `direct` or `via <relay>`.
+    pub path: String,
+    /// `up`, `degraded` or `down` (this node's sending direction).
+    pub state: String,
+    /// Seconds in this state.
+    pub since_s: f64,
+    /// Smoothed RTT in milliseconds.
+    pub rtt_ms: Option<f64>,
+    /// Smoothed probe loss, percent.
+    pub loss_pct: f64,
+    /// Whether the peer's traffic uses it.
+    pub in_use: bool,
 }
 
 /// This node's identity and ports.
@@ -86,10 +137,25 @@ pub struct PeerStatus {
     pub interface: String,
     /// Management session state: `up`, `connecting` or `down`.
     pub state: String,
-    /// Underlay data endpoint in use.
+    /// The peer's underlay data endpoint.
     pub endpoint: Option<String>,
-    /// Path in use: `direct`, or `none` before the first session.
+    /// Path the peer's traffic uses: `direct`, `via <relay>`, or `none` before the first
+    /// session.
     pub path: String,
+    /// Why the direct path is not used (`probe_loss`, `loss`, `icmp_unreachable`,
+    /// `tcp_stall`), or `healthy`.
+    pub reason: String,
+    /// Seconds since the path was chosen.
+    pub path_since_s: Option<f64>,
+    /// Whether the peer's protected destinations (its underlay addresses and protected
+    /// prefixes) are routed through the overlay now.
+    pub protected: bool,
+    /// Route changes since start.
+    pub route_changes: u64,
+    /// Probe bytes sent to the peer (whole datagrams).
+    pub probe_tx_bytes: u64,
+    /// Probe bytes received from the peer.
+    pub probe_rx_bytes: u64,
     /// Seconds since the current management session was established (the handshake that
     /// produced the data keys).
     pub last_handshake_s: Option<f64>,
@@ -159,6 +225,16 @@ pub fn render_status(s: &Status) -> String {
     if s.management_errors > 0 {
         let _ = writeln!(o, "  management errors: {}", s.management_errors);
     }
+    if s.icmp.active || s.icmp.tcp_stalls > 0 {
+        let mut ign: Vec<String> = s.icmp.ignored.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        if ign.is_empty() {
+            ign.push("none".into());
+        }
+        let _ = writeln!(o, "  icmp unreachable: {} rerouted, ignored: {}; tcp stalls: {}", s.icmp.rerouted, ign.join(" "), s.icmp.tcp_stalls);
+    }
+    if !s.relaying.is_empty() || s.relayed_packets > 0 {
+        let _ = writeln!(o, "  relaying: {} ({} pkts, {})", s.relaying.join(", "), s.relayed_packets, bytes(s.relayed_bytes));
+    }
     if s.refused_handshakes > 0 {
         let _ = writeln!(
             o,
@@ -173,7 +249,11 @@ pub fn render_status(s: &Status) -> String {
         let _ = writeln!(o, "  node id: {}", p.node_id);
         let _ = writeln!(o, "  interface: {}  link: {}", p.interface, p.link_addresses.join(", "));
         let _ = writeln!(o, "  overlay: {}", p.overlay_addresses.join(", "));
-        let _ = writeln!(o, "  endpoint: {}  path: {}", p.endpoint.as_deref().unwrap_or("(none)"), p.path);
+        let _ = writeln!(o, "  endpoint: {}", p.endpoint.as_deref().unwrap_or("(none)"));
+        let why = if p.reason == "healthy" { String::new() } else { format!(", {}", p.reason) };
+        let since = p.path_since_s.map(|s| format!(" since {}", ago(Some(s)))).unwrap_or_default();
+        let protected = if p.protected { "; protected destinations through the overlay" } else { "" };
+        let _ = writeln!(o, "  path: {}{why}{since}{protected}", p.path);
         let _ = writeln!(o, "  latest handshake: {}", ago(p.last_handshake_s));
         match p.rtt_ms {
             Some(r) => {
@@ -197,6 +277,29 @@ pub fn render_status(s: &Status) -> String {
     o
 }
 
+/// Renders `detourctl paths`: one table row per monitored path.
+pub fn render_paths(peers: &[PeerPaths]) -> String {
+    let mut o = String::new();
+    let _ = writeln!(o, "{:<16} {:<20} {:<9} {:>10} {:>9} {:>7}  {}", "PEER", "PATH", "STATE", "SINCE", "RTT", "LOSS", "IN USE");
+    for p in peers {
+        for r in &p.paths {
+            let rtt = r.rtt_ms.map(|v| format!("{v:.2} ms")).unwrap_or_else(|| "-".into());
+            let _ = writeln!(
+                o,
+                "{:<16} {:<20} {:<9} {:>9.1}s {:>9} {:>6.1}%  {}",
+                p.name,
+                r.path,
+                r.state,
+                r.since_s,
+                rtt,
+                r.loss_pct,
+                if r.in_use { "*" } else { "" }
+            );
+        }
+    }
+    o
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -204,6 +307,7 @@ mod tests {
     #[test]
     fn requests_parse_strictly() {
         assert_eq!(serde_json::from_str::<Request>(r#"{"cmd":"status"}"#).unwrap(), Request::Status);
+        assert_eq!(serde_json::from_str::<Request>(r#"{"cmd":"paths"}"#).unwrap(), Request::Paths);
         assert!(serde_json::from_str::<Request>(r#"{"cmd":"reboot"}"#).is_err());
         assert!(serde_json::from_str::<Request>("\u{0}\u{1}garbage").is_err());
     }

@@ -59,11 +59,18 @@ pub enum DropReason {
     SendError,
     /// Writing to the TUN failed.
     TunWriteError,
+    /// A packet for another node with no relay session for its source and destination,
+    /// or from an address that is not the source node's.
+    RelayDenied,
+    /// A relayed packet would go back where it came from.
+    RelayLoop,
+    /// The hop limit ran out.
+    HopLimit,
 }
 
 impl DropReason {
     /// All reasons, in counter order.
-    pub const ALL: [DropReason; 17] = [
+    pub const ALL: [DropReason; 20] = [
         DropReason::Malformed,
         DropReason::BadVersion,
         DropReason::UnsupportedType,
@@ -81,6 +88,9 @@ impl DropReason {
         DropReason::Multicast,
         DropReason::SendError,
         DropReason::TunWriteError,
+        DropReason::RelayDenied,
+        DropReason::RelayLoop,
+        DropReason::HopLimit,
     ];
 
     /// Stable snake_case name used in status output and metrics.
@@ -103,6 +113,9 @@ impl DropReason {
             DropReason::Multicast => "multicast",
             DropReason::SendError => "send_error",
             DropReason::TunWriteError => "tun_write_error",
+            DropReason::RelayDenied => "relay_denied",
+            DropReason::RelayLoop => "relay_loop",
+            DropReason::HopLimit => "hop_limit",
         }
     }
 
@@ -147,8 +160,23 @@ pub struct PeerCounters {
     pub rx_bytes: AtomicU64,
     /// `now_ms` of the last authenticated packet from the peer (0: never).
     pub last_rx_ms: AtomicU64,
+    /// Probe bytes sent to the peer (whole datagrams).
+    pub probe_tx_bytes: AtomicU64,
+    /// Probe bytes received from the peer (whole datagrams).
+    pub probe_rx_bytes: AtomicU64,
     /// Drops attributed to this peer.
     pub drops: DropCounters,
+}
+
+/// Counters of the node itself.
+#[derive(Default, Debug)]
+pub struct NodeCounters {
+    /// Drops not attributable to a peer.
+    pub drops: DropCounters,
+    /// Datagrams relayed for other nodes.
+    pub relayed_packets: AtomicU64,
+    /// Bytes relayed for other nodes (whole datagrams).
+    pub relayed_bytes: AtomicU64,
 }
 
 /// The data plane's view of one peer, derived from the configuration.
@@ -176,8 +204,8 @@ pub struct DataPlaneSpec {
     pub local_dsts: Vec<IpNet>,
     /// Peers, indexed as everywhere else in the daemon.
     pub peers: Vec<PeerSpec>,
-    /// Drops not attributable to a peer.
-    pub node_drops: Arc<DropCounters>,
+    /// Counters of the node itself.
+    pub node: Arc<NodeCounters>,
 }
 
 /// Where an authenticated underlay path ends.
@@ -211,6 +239,44 @@ pub enum DataCommand {
     ClearSessions {
         /// Peer index.
         peer: usize,
+    },
+    /// The peer's underlay addresses: packets from them (protected traffic rerouted through
+    /// the overlay) are accepted on the peer's TUN.
+    SetPeerUnderlay {
+        /// Peer index.
+        peer: usize,
+        /// Its addresses.
+        addrs: Vec<IpAddr>,
+    },
+    /// This host's own addresses: protected traffic to them is accepted.
+    SetLocalAddresses(Vec<IpAddr>),
+    /// Relay between nodes `a` and `b` in both directions (a relay session this node agreed
+    /// to): packets from `a`'s address for `b` go to `b_addr`, and the other way round.
+    SetRelay {
+        /// One end.
+        a: NodeId,
+        /// Its data-port address.
+        a_addr: SocketAddr,
+        /// The other end.
+        b: NodeId,
+        /// Its data-port address.
+        b_addr: SocketAddr,
+    },
+    /// End a relay session.
+    ClearRelay {
+        /// One end.
+        a: NodeId,
+        /// The other end.
+        b: NodeId,
+    },
+    /// Seal `payload` as a probe-type packet for `peer` and send it to `to`.
+    SendControl {
+        /// Peer index.
+        peer: usize,
+        /// Where to send it (the peer, or a relay).
+        to: SocketAddr,
+        /// The probe payload.
+        payload: Vec<u8>,
     },
 }
 
@@ -262,7 +328,7 @@ pub struct TxState {
     local: NodeId,
     peers: Vec<TxPeer>,
     table: PrefixTable<usize>,
-    node_drops: Arc<DropCounters>,
+    node: Arc<NodeCounters>,
 }
 
 impl TxState {
@@ -292,7 +358,7 @@ impl TxState {
                 })
                 .collect(),
             table,
-            node_drops: spec.node_drops.clone(),
+            node: spec.node.clone(),
         }
     }
 
@@ -314,7 +380,44 @@ impl TxState {
                     p.session = None;
                 }
             }
+            DataCommand::SetPeerUnderlay { .. }
+            | DataCommand::SetLocalAddresses(_)
+            | DataCommand::SetRelay { .. }
+            | DataCommand::ClearRelay { .. }
+            | DataCommand::SendControl { .. } => {}
         }
+    }
+
+    /// Seals a probe-type packet for `peer` into `out` (which must hold `payload.len() +
+    /// OVERHEAD` bytes) and returns its length.
+    ///
+    /// # Errors
+    /// [`DropReason::NoSession`] without keys, [`DropReason::TooBig`] if `out` is too small
+    /// or the peer index is unknown.
+    pub fn seal_control(&mut self, peer: usize, payload: &[u8], out: &mut [u8]) -> Result<usize, DropReason> {
+        if out.len() < payload.len() + OVERHEAD {
+            return Err(DropReason::TooBig);
+        }
+        let local = self.local;
+        let p = self.peers.get_mut(peer).ok_or(DropReason::TooBig)?;
+        let Some(session) = p.session.as_mut().filter(|s| s.next_counter < u64::MAX) else {
+            p.counters.drops.add(DropReason::NoSession);
+            return Err(DropReason::NoSession);
+        };
+        let header = Header {
+            traffic: TrafficType::Probe,
+            flags: 0,
+            hop_limit: wire::DEFAULT_HOP_LIMIT,
+            src: local,
+            dst: p.id,
+            key_id: session.key_id,
+            counter: session.next_counter,
+        };
+        session.next_counter += 1;
+        out[HEADER_LEN..HEADER_LEN + payload.len()].copy_from_slice(payload);
+        let n = session.key.seal(&header, out, payload.len());
+        p.counters.probe_tx_bytes.fetch_add(n as u64, Relaxed);
+        Ok(n)
     }
 
     /// The overlay route for a destination (aggregate interface semantics).
@@ -331,28 +434,28 @@ impl TxState {
     pub fn encapsulate(&mut self, ingress: Tun, buf: &mut [u8], len: usize, reply: &mut Vec<u8>) -> TxAction {
         reply.clear();
         if buf.len() < len + OVERHEAD {
-            self.node_drops.add(DropReason::TooBig);
+            self.node.drops.add(DropReason::TooBig);
             return TxAction::Drop(DropReason::TooBig);
         }
         let pkt = &buf[HEADER_LEN..HEADER_LEN + len];
         let Some((_, dst)) = packet::addresses(pkt) else {
-            self.node_drops.add(DropReason::NotIp);
+            self.node.drops.add(DropReason::NotIp);
             return TxAction::Drop(DropReason::NotIp);
         };
         if packet::is_multicast(&dst) {
-            self.node_drops.add(DropReason::Multicast);
+            self.node.drops.add(DropReason::Multicast);
             return TxAction::Drop(DropReason::Multicast);
         }
         let peer = match ingress {
             Tun::Peer(i) if i < self.peers.len() => i,
             Tun::Peer(_) => {
-                self.node_drops.add(DropReason::NoRoute);
+                self.node.drops.add(DropReason::NoRoute);
                 return TxAction::Drop(DropReason::NoRoute);
             }
             Tun::Aggregate => match self.table.lookup(dst) {
                 Some(&i) => i,
                 None => {
-                    self.node_drops.add(DropReason::NoRoute);
+                    self.node.drops.add(DropReason::NoRoute);
                     return Self::icmp(pkt, reply, packet::unreachable, DropReason::NoRoute);
                 }
             },
@@ -411,11 +514,38 @@ struct RxSession {
 struct RxPeer {
     sessions: Vec<RxSession>,
     hosts: PrefixTable<()>,
+    underlay: Vec<IpAddr>,
     prefixes: PrefixTable<()>,
     counters: Arc<PeerCounters>,
 }
 
-/// A datagram that passed every check.
+/// What to do with a datagram that passed every check.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Rx {
+    /// Write an inner IP packet to a TUN.
+    Deliver(Delivery),
+    /// A probe-type payload (at `payload` in the buffer) for the control plane.
+    Control {
+        /// Peer index of the sender.
+        peer: usize,
+        /// Where the payload is in the datagram buffer.
+        payload: Range<usize>,
+    },
+    /// Relay: send the datagram (hop limit already decremented) on to `to`.
+    Forward {
+        /// The destination node's data-port address.
+        to: SocketAddr,
+    },
+}
+
+/// One direction of a relay session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct RelayHop {
+    from: IpAddr,
+    to: SocketAddr,
+}
+
+/// An inner packet that passed every check.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Delivery {
     /// Peer index of the sender.
@@ -435,7 +565,9 @@ pub struct RxState {
     peers: Vec<RxPeer>,
     by_id: HashMap<NodeId, usize>,
     local_dsts: PrefixTable<()>,
-    node_drops: Arc<DropCounters>,
+    local_addrs: Vec<IpAddr>,
+    relays: HashMap<(NodeId, NodeId), RelayHop>,
+    node: Arc<NodeCounters>,
 }
 
 impl RxState {
@@ -459,12 +591,14 @@ impl RxState {
                     for n in &p.prefixes {
                         prefixes.insert(*n, ());
                     }
-                    RxPeer { sessions: Vec::new(), hosts, prefixes, counters: p.counters.clone() }
+                    RxPeer { sessions: Vec::new(), hosts, underlay: Vec::new(), prefixes, counters: p.counters.clone() }
                 })
                 .collect(),
             by_id: spec.peers.iter().enumerate().map(|(i, p)| (p.node_id, i)).collect(),
             local_dsts,
-            node_drops: spec.node_drops.clone(),
+            local_addrs: Vec::new(),
+            relays: HashMap::new(),
+            node: spec.node.clone(),
         }
     }
 
@@ -481,28 +615,49 @@ impl RxState {
                     p.sessions.truncate(RX_SESSIONS);
                 }
             }
-            DataCommand::SetEndpoint { .. } => {}
+            DataCommand::SetEndpoint { .. } | DataCommand::SendControl { .. } => {}
             DataCommand::ClearSessions { peer } => {
                 if let Some(p) = self.peers.get_mut(*peer) {
                     p.sessions.clear();
                 }
             }
+            DataCommand::SetPeerUnderlay { peer, addrs } => {
+                if let Some(p) = self.peers.get_mut(*peer) {
+                    p.underlay = addrs.iter().map(|a| a.to_canonical()).collect();
+                }
+            }
+            DataCommand::SetLocalAddresses(addrs) => self.local_addrs = addrs.iter().map(|a| a.to_canonical()).collect(),
+            DataCommand::SetRelay { a, a_addr, b, b_addr } => {
+                let (a_addr, b_addr) = (canonical(*a_addr), canonical(*b_addr));
+                self.relays.insert((*a, *b), RelayHop { from: a_addr.ip(), to: b_addr });
+                self.relays.insert((*b, *a), RelayHop { from: b_addr.ip(), to: a_addr });
+            }
+            DataCommand::ClearRelay { a, b } => {
+                self.relays.remove(&(*a, *b));
+                self.relays.remove(&(*b, *a));
+            }
         }
     }
 
-    /// Authenticates and opens one datagram in place. On success the inner packet is at
-    /// `buf[delivery.inner]`.
+    /// Number of relay directions this node forwards.
+    pub fn relay_count(&self) -> usize {
+        self.relays.len()
+    }
+
+    /// Handles one datagram that arrived from `from`: a packet for this node is
+    /// authenticated and opened in place; a packet for another node is relayed without
+    /// being opened, if this node agreed to relay between its source and destination.
     ///
     /// # Errors
     /// The [`DropReason`], already counted (per peer where the peer is known).
-    pub fn decapsulate(&mut self, buf: &mut [u8], now_ms: u64) -> Result<Delivery, DropReason> {
+    pub fn decapsulate(&mut self, buf: &mut [u8], from: SocketAddr, now_ms: u64) -> Result<Rx, DropReason> {
         let header = match Header::decode(buf) {
             Ok(h) => h,
             Err(wire::WireError::BadVersion) => return Err(self.node_drop(DropReason::BadVersion)),
             Err(_) => return Err(self.node_drop(DropReason::Malformed)),
         };
         if header.dst != self.local {
-            return Err(self.node_drop(DropReason::NotForUs));
+            return self.relay(&header, buf, canonical(from));
         }
         let Some(&peer) = self.by_id.get(&header.src) else {
             return Err(self.node_drop(DropReason::UnknownPeer));
@@ -512,7 +667,7 @@ impl RxState {
             p.counters.drops.add(r);
             r
         };
-        if header.traffic != TrafficType::Data {
+        if header.traffic == TrafficType::Signalling {
             return Err(fail(p, DropReason::UnsupportedType));
         }
         let Some(session) = p.sessions.iter_mut().find(|s| s.key_id == header.key_id) else {
@@ -530,28 +685,55 @@ impl RxState {
         }
         p.counters.last_rx_ms.store(now_ms.max(1), Relaxed);
         let inner = HEADER_LEN..HEADER_LEN + n;
+        if header.traffic == TrafficType::Probe {
+            p.counters.probe_rx_bytes.fetch_add((n + OVERHEAD) as u64, Relaxed);
+            return Ok(Rx::Control { peer, payload: inner });
+        }
         let Some((src, dst)) = packet::addresses(&buf[inner.clone()]) else {
             return Err(fail(p, DropReason::NotIp));
         };
-        let tun = if p.hosts.contains(src) {
+        let tun = if p.hosts.contains(src) || p.underlay.contains(&src) {
             Tun::Peer(peer)
         } else if p.prefixes.contains(src) {
             Tun::Aggregate
         } else {
             return Err(fail(p, DropReason::SourceNotAllowed));
         };
-        if !self.local_dsts.contains(dst) {
+        if !self.local_dsts.contains(dst) && !self.local_addrs.contains(&dst) {
             return Err(fail(p, DropReason::DestinationNotAllowed));
         }
         p.counters.rx_packets.fetch_add(1, Relaxed);
         p.counters.rx_bytes.fetch_add(n as u64, Relaxed);
-        Ok(Delivery { peer, tun, inner })
+        Ok(Rx::Deliver(Delivery { peer, tun, inner }))
+    }
+
+    fn relay(&mut self, header: &Header, buf: &mut [u8], from: SocketAddr) -> Result<Rx, DropReason> {
+        let Some(hop) = self.relays.get(&(header.src, header.dst)).copied() else {
+            return Err(self.node_drop(DropReason::RelayDenied));
+        };
+        if hop.from != from.ip() {
+            return Err(self.node_drop(DropReason::RelayDenied));
+        }
+        if hop.to == from {
+            return Err(self.node_drop(DropReason::RelayLoop));
+        }
+        if !wire::decrement_hop_limit(buf) {
+            return Err(self.node_drop(DropReason::HopLimit));
+        }
+        self.node.relayed_packets.fetch_add(1, Relaxed);
+        self.node.relayed_bytes.fetch_add(buf.len() as u64, Relaxed);
+        Ok(Rx::Forward { to: hop.to })
     }
 
     fn node_drop(&self, r: DropReason) -> DropReason {
-        self.node_drops.add(r);
+        self.node.drops.add(r);
         r
     }
+}
+
+/// The address with an IPv4-mapped IPv6 address written as IPv4.
+fn canonical(a: SocketAddr) -> SocketAddr {
+    SocketAddr::new(a.ip().to_canonical(), a.port())
 }
 
 #[cfg(test)]
@@ -576,7 +758,7 @@ mod tests {
                 inner_mtu: 1388,
                 counters: Arc::default(),
             }],
-            node_drops: Arc::default(),
+            node: Arc::default(),
         }
     }
 
@@ -607,6 +789,16 @@ mod tests {
         buf
     }
 
+    const FROM: &str = "192.0.2.1:7720";
+
+    /// Decapsulates a datagram that must carry an inner packet.
+    fn open(rx: &mut RxState, buf: &mut [u8], now: u64) -> Result<Delivery, DropReason> {
+        match rx.decapsulate(buf, FROM.parse().unwrap(), now)? {
+            Rx::Deliver(d) => Ok(d),
+            other => panic!("not a delivery: {other:?}"),
+        }
+    }
+
     fn send(tx: &mut TxState, ingress: Tun, pkt: &[u8]) -> (TxAction, Vec<u8>, Vec<u8>) {
         let mut buf = frame(pkt);
         let mut reply = Vec::new();
@@ -623,14 +815,14 @@ mod tests {
         let pkt = ip4("10.77.0.1", "10.77.0.2", 100);
         let (a, mut dgram, _) = send(&mut tx, Tun::Peer(0), &pkt);
         assert!(matches!(a, TxAction::Send { peer: 0, .. }));
-        let d = rx.decapsulate(&mut dgram, 5).unwrap();
+        let d = open(&mut rx, &mut dgram, 5).unwrap();
         assert_eq!(d.tun, Tun::Peer(0));
         assert_eq!(&dgram[d.inner.clone()], &pkt[..]);
         // from the prefix behind A to the prefix behind B: aggregate on both sides
         let pkt = ip4("10.1.0.9", "10.2.0.7", 10);
         let (a, mut dgram, _) = send(&mut tx, Tun::Aggregate, &pkt);
         assert!(matches!(a, TxAction::Send { .. }));
-        assert_eq!(rx.decapsulate(&mut dgram, 6).unwrap().tun, Tun::Aggregate);
+        assert_eq!(open(&mut rx, &mut dgram, 6).unwrap().tun, Tun::Aggregate);
         assert_eq!(sb.peers[0].counters.rx_packets.load(Relaxed), 2);
         assert_eq!(sb.peers[0].counters.last_rx_ms.load(Relaxed), 6);
     }
@@ -641,36 +833,36 @@ mod tests {
         let pkt = ip4("10.77.0.1", "10.77.0.2", 50);
         let (_, dgram, _) = send(&mut tx, Tun::Peer(0), &pkt);
         let mut first = dgram.clone();
-        rx.decapsulate(&mut first, 1).unwrap();
+        open(&mut rx, &mut first, 1).unwrap();
         let mut again = dgram.clone();
-        assert_eq!(rx.decapsulate(&mut again, 1), Err(DropReason::Replay));
+        assert_eq!(open(&mut rx, &mut again, 1), Err(DropReason::Replay));
         let (_, mut corrupt, _) = send(&mut tx, Tun::Peer(0), &pkt);
         let last = corrupt.len() - 1;
         corrupt[last] ^= 0xff;
-        assert_eq!(rx.decapsulate(&mut corrupt, 1), Err(DropReason::AuthFailed));
+        assert_eq!(open(&mut rx, &mut corrupt, 1), Err(DropReason::AuthFailed));
         let mut junk = vec![0x10u8; 200];
         junk[3] = 0;
         junk[4..20].copy_from_slice(&A.0);
         junk[20..36].copy_from_slice(&B.0);
-        assert_eq!(rx.decapsulate(&mut junk, 1), Err(DropReason::NoSession));
+        assert_eq!(open(&mut rx, &mut junk, 1), Err(DropReason::NoSession));
         let mut unknown = dgram.clone();
         unknown[4] ^= 1;
-        assert_eq!(rx.decapsulate(&mut unknown, 1), Err(DropReason::UnknownPeer));
+        assert_eq!(open(&mut rx, &mut unknown, 1), Err(DropReason::UnknownPeer));
         let c = &sb.peers[0].counters.drops;
         assert_eq!((c.get(DropReason::Replay), c.get(DropReason::AuthFailed), c.get(DropReason::NoSession)), (1, 1, 1));
-        assert_eq!(sb.node_drops.get(DropReason::UnknownPeer), 1);
+        assert_eq!(sb.node.drops.get(DropReason::UnknownPeer), 1);
         // the tunnel keeps working
         let (_, mut ok, _) = send(&mut tx, Tun::Peer(0), &pkt);
-        assert!(rx.decapsulate(&mut ok, 2).is_ok());
+        assert!(open(&mut rx, &mut ok, 2).is_ok());
     }
 
     #[test]
     fn spoofed_inner_addresses_are_refused() {
         let (mut tx, mut rx, _, _) = pair();
         let (_, mut d, _) = send(&mut tx, Tun::Peer(0), &ip4("10.99.0.1", "10.77.0.2", 5));
-        assert_eq!(rx.decapsulate(&mut d, 1), Err(DropReason::SourceNotAllowed));
+        assert_eq!(open(&mut rx, &mut d, 1), Err(DropReason::SourceNotAllowed));
         let (_, mut d, _) = send(&mut tx, Tun::Peer(0), &ip4("10.77.0.1", "10.99.0.1", 5));
-        assert_eq!(rx.decapsulate(&mut d, 1), Err(DropReason::DestinationNotAllowed));
+        assert_eq!(open(&mut rx, &mut d, 1), Err(DropReason::DestinationNotAllowed));
     }
 
     #[test]
@@ -705,14 +897,76 @@ mod tests {
         let (_, mut old, _) = send(&mut tx, Tun::Peer(0), &pkt);
         let m2 = [7u8; wire::EXPORTER_LEN];
         rx.apply(&DataCommand::InstallSession { peer: 0, secrets: wire::split_exporter(&m2, &B, &A) });
-        assert!(rx.decapsulate(&mut old, 1).is_ok());
+        assert!(open(&mut rx, &mut old, 1).is_ok());
         tx.apply(&DataCommand::InstallSession { peer: 0, secrets: wire::split_exporter(&m2, &A, &B) });
         let (_, mut new, _) = send(&mut tx, Tun::Peer(0), &pkt);
-        assert!(rx.decapsulate(&mut new, 1).is_ok());
+        assert!(open(&mut rx, &mut new, 1).is_ok());
         rx.apply(&DataCommand::InstallSession { peer: 0, secrets: wire::split_exporter(&[8; 72], &B, &A) });
         rx.apply(&DataCommand::InstallSession { peer: 0, secrets: wire::split_exporter(&[9; 72], &B, &A) });
         let (_, mut stale, _) = send(&mut tx, Tun::Peer(0), &pkt);
-        assert_eq!(rx.decapsulate(&mut stale, 1), Err(DropReason::NoSession));
+        assert_eq!(open(&mut rx, &mut stale, 1), Err(DropReason::NoSession));
+    }
+
+    #[test]
+    fn probes_are_sealed_and_handed_to_the_control_plane() {
+        let (mut tx, mut rx, sa, sb) = pair();
+        let mut out = vec![0u8; 100];
+        let n = tx.seal_control(0, b"probe!", &mut out).unwrap();
+        let mut d = out[..n].to_vec();
+        match rx.decapsulate(&mut d, FROM.parse().unwrap(), 3).unwrap() {
+            Rx::Control { peer: 0, payload } => assert_eq!(&d[payload], b"probe!"),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(sa.peers[0].counters.probe_tx_bytes.load(Relaxed), n as u64);
+        assert_eq!(sb.peers[0].counters.probe_rx_bytes.load(Relaxed), n as u64);
+        assert_eq!(sb.peers[0].counters.rx_packets.load(Relaxed), 0, "probes are not data");
+    }
+
+    #[test]
+    fn protected_traffic_from_the_peers_underlay_address_is_accepted_when_known() {
+        let (mut tx, mut rx, _, _) = pair();
+        let pkt = ip4("192.0.2.1", "192.0.2.2", 20);
+        let mut fresh = || send(&mut tx, Tun::Peer(0), &pkt).1;
+        assert_eq!(open(&mut rx, &mut fresh(), 1), Err(DropReason::SourceNotAllowed));
+        rx.apply(&DataCommand::SetPeerUnderlay { peer: 0, addrs: vec!["192.0.2.1".parse().unwrap()] });
+        assert_eq!(open(&mut rx, &mut fresh(), 1), Err(DropReason::DestinationNotAllowed));
+        rx.apply(&DataCommand::SetLocalAddresses(vec!["::ffff:192.0.2.2".parse().unwrap()]));
+        assert_eq!(open(&mut rx, &mut fresh(), 1).unwrap().tun, Tun::Peer(0));
+    }
+
+    #[test]
+    fn relays_forward_only_agreed_pairs_from_the_right_address_and_never_back() {
+        const C: NodeId = NodeId([0xc; 16]);
+        let (mut tx, _, _, _) = pair();
+        // C relays between A and B
+        let sc = spec(C, A, "10.77.0.3", "10.77.0.1", "10.1.0.0/24", "10.3.0.0/24");
+        let mut relay = RxState::new(&sc);
+        let pkt = ip4("10.77.0.1", "10.77.0.2", 30);
+        let (_, dgram, _) = send(&mut tx, Tun::Peer(0), &pkt);
+        let a_addr: SocketAddr = "192.0.2.1:7720".parse().unwrap();
+        let b_addr: SocketAddr = "192.0.2.2:7720".parse().unwrap();
+        assert_eq!(relay.decapsulate(&mut dgram.clone(), a_addr, 1), Err(DropReason::RelayDenied));
+        relay.apply(&DataCommand::SetRelay { a: A, a_addr, b: B, b_addr });
+        let mut d = dgram.clone();
+        assert_eq!(relay.decapsulate(&mut d, a_addr, 1), Ok(Rx::Forward { to: b_addr }));
+        assert_eq!(Header::decode(&d).unwrap().hop_limit, wire::DEFAULT_HOP_LIMIT - 1);
+        // the relayed datagram still opens at B (the hop limit is not authenticated)
+        let (_, mut rx_b, _, _) = pair();
+        assert!(open(&mut rx_b, &mut d, 1).is_ok());
+        // from anyone but A: refused; a mapped IPv4 address is the same address
+        assert_eq!(relay.decapsulate(&mut dgram.clone(), "192.0.2.99:7720".parse().unwrap(), 1), Err(DropReason::RelayDenied));
+        assert_eq!(relay.decapsulate(&mut dgram.clone(), "[::ffff:192.0.2.1]:7720".parse().unwrap(), 1), Ok(Rx::Forward { to: b_addr }));
+        // never back where it came from
+        relay.apply(&DataCommand::SetRelay { a: A, a_addr, b: B, b_addr: a_addr });
+        assert_eq!(relay.decapsulate(&mut dgram.clone(), a_addr, 1), Err(DropReason::RelayLoop));
+        // hop limit exhausted
+        relay.apply(&DataCommand::SetRelay { a: A, a_addr, b: B, b_addr });
+        let mut spent = dgram.clone();
+        spent[2] = 0;
+        assert_eq!(relay.decapsulate(&mut spent, a_addr, 1), Err(DropReason::HopLimit));
+        relay.apply(&DataCommand::ClearRelay { a: B, b: A });
+        assert_eq!(relay.decapsulate(&mut dgram.clone(), a_addr, 1), Err(DropReason::RelayDenied));
+        assert_eq!(sc.node.relayed_packets.load(Relaxed), 2);
     }
 
     proptest! {
@@ -726,7 +980,7 @@ mod tests {
                 buf[4..20].copy_from_slice(&A.0);
                 buf[20..36].copy_from_slice(&B.0);
             }
-            let _ = rx.decapsulate(&mut buf, 1);
+            let _ = open(&mut rx, &mut buf, 1);
         }
 
         #[test]

@@ -12,6 +12,7 @@ pub mod config;
 pub mod ctl;
 pub mod dataplane;
 pub mod failover;
+pub mod icmp;
 pub mod identity;
 pub mod kernel;
 pub mod links;

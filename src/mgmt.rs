@@ -22,7 +22,7 @@ pub const FRAME_HEADER_LEN: usize = 36;
 pub const MAX_FRAME: usize = 64 * 1024;
 
 /// A management message.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum Message {
     /// First message on a new session, sent by each side: who it is and where its data
@@ -35,10 +35,53 @@ pub enum Message {
         /// UDP port of the sender's data plane.
         data_port: u16,
     },
+    /// Asks the receiver to relay between the sender (`a`) and node `b`, both ways.
+    RelayRequest {
+        /// The requesting end (must be the sender).
+        a: NodeId,
+        /// The other end.
+        b: NodeId,
+    },
+    /// Answer to a relay request.
+    RelayResponse {
+        /// The other end named in the request.
+        b: NodeId,
+        /// Whether the relay session is in place.
+        accepted: bool,
+        /// Why not, when refused.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        reason: Option<String>,
+    },
+    /// The sender no longer needs the relay session between itself and `b`.
+    RelayRelease {
+        /// The releasing end (must be the sender).
+        a: NodeId,
+        /// The other end.
+        b: NodeId,
+    },
+    /// The sender's direct links to its peers, for relay choice (RON-style link state).
+    LinkReport {
+        /// One entry per peer of the sender.
+        links: Vec<Link>,
+    },
+}
+
+/// One direct link in a [`Message::LinkReport`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Link {
+    /// The far end.
+    pub node: NodeId,
+    /// Whether the path is up (not down or degraded).
+    pub up: bool,
+    /// Smoothed RTT in milliseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rtt_ms: Option<f64>,
+    /// Smoothed loss, 0..1.
+    pub loss: f64,
 }
 
 /// A decoded frame.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Frame {
     /// Originating node.
     pub src: NodeId,
@@ -124,6 +167,24 @@ mod tests {
         let len = u32::from_be_bytes(bytes[..4].try_into().unwrap()) as usize;
         assert_eq!(len, bytes.len() - 4);
         assert_eq!(decode(&bytes[4..]).unwrap(), f);
+    }
+
+    #[test]
+    fn relay_and_link_messages_round_trip() {
+        for message in [
+            Message::RelayRequest { a: NodeId([1; 16]), b: NodeId([2; 16]) },
+            Message::RelayResponse { b: NodeId([2; 16]), accepted: false, reason: Some("no path".into()) },
+            Message::RelayRelease { a: NodeId([1; 16]), b: NodeId([2; 16]) },
+            Message::LinkReport { links: vec![Link { node: NodeId([3; 16]), up: true, rtt_ms: Some(1.5), loss: 0.01 }] },
+        ] {
+            let f = Frame { src: NodeId([1; 16]), dst: NodeId([9; 16]), hop_limit: 0, message };
+            assert_eq!(decode(&encode(&f)[4..]).unwrap(), f);
+        }
+        // a node ID that is not 32 hex digits is refused
+        let mut bad = encode(&Frame { src: NodeId([1; 16]), dst: NodeId([9; 16]), hop_limit: 0, message: Message::RelayRelease { a: NodeId([1; 16]), b: NodeId([2; 16]) } });
+        let at = bad.len() - 10;
+        bad[at] = b'z';
+        assert!(matches!(decode(&bad[4..]), Err(FrameError::Body(_))));
     }
 
     #[test]

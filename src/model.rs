@@ -9,10 +9,20 @@ use std::sync::Arc;
 use ipnet::{IpNet, Ipv6Net};
 
 use crate::config::Config;
-use crate::dataplane::{DataPlaneSpec, DropCounters, PeerCounters, PeerSpec};
+use crate::dataplane::{DataPlaneSpec, NodeCounters, PeerCounters, PeerSpec};
 use crate::identity::NodeId;
 use crate::kernel::{AddrSpec, DesiredState, LinkSpec, RouteSpec, RuleSpec};
 use crate::links::{self, LinkAddrs};
+
+/// Protection of one peer's destinations, as the failover engine decided it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Protect {
+    /// The peer's underlay addresses in use (learned from its sessions).
+    pub underlay: Vec<IpAddr>,
+    /// This node's underlay address towards the peer, used as the preferred source of the
+    /// rerouted routes so that new connections keep the address they would have had.
+    pub src: Vec<IpAddr>,
+}
 
 /// Configuration, identity and derived link addresses.
 #[derive(Debug, Clone)]
@@ -40,7 +50,8 @@ impl Model {
         Model { cfg, local, links, warnings }
     }
 
-    /// Addresses that belong to peer `i` itself (overlay and link addresses).
+    /// Addresses that belong to peer `i` itself (overlay and link addresses, and the
+    /// literal addresses of its endpoints); packets from them arrive on its own TUN.
     pub fn peer_host_addrs(&self, i: usize) -> Vec<IpAddr> {
         let p = &self.cfg.peers[i];
         let l = &self.links[i];
@@ -49,6 +60,35 @@ impl Model {
         v.extend(p.overlay_v6.map(IpAddr::V6));
         v.extend(l.remote_v4.map(IpAddr::V4));
         v.push(IpAddr::V6(l.remote_v6));
+        v.extend(self.endpoint_ips(i));
+        v
+    }
+
+    /// The literal IP addresses among peer `i`'s configured endpoints.
+    pub fn endpoint_ips(&self, i: usize) -> Vec<IpAddr> {
+        let mut v: Vec<IpAddr> = Vec::new();
+        for e in &self.cfg.peers[i].endpoints {
+            if let crate::config::Endpoint::Addr(a) = e {
+                let ip = a.ip().to_canonical();
+                if !v.contains(&ip) {
+                    v.push(ip);
+                }
+            }
+        }
+        v
+    }
+
+    /// Every destination protected for peer `i`: its underlay addresses (configured and
+    /// `learned`) and its `protected` prefixes.
+    pub fn protected_destinations(&self, i: usize, learned: &[IpAddr]) -> Vec<IpNet> {
+        let mut v: Vec<IpNet> = self.endpoint_ips(i).into_iter().map(IpNet::from).collect();
+        for a in learned {
+            let n = IpNet::from(a.to_canonical());
+            if !v.contains(&n) {
+                v.push(n);
+            }
+        }
+        v.extend(self.cfg.peers[i].protected.iter().copied());
         v
     }
 
@@ -74,18 +114,21 @@ impl Model {
                 .map(|(i, p)| PeerSpec {
                     node_id: p.node_id,
                     host_addrs: self.peer_host_addrs(i),
-                    prefixes: p.prefixes.clone(),
+                    prefixes: p.prefixes.iter().chain(p.protected.iter()).copied().collect(),
                     inner_mtu: p.inner_mtu(),
                     counters: Arc::new(PeerCounters::default()),
                 })
                 .collect(),
-            node_drops: Arc::new(DropCounters::default()),
+            node: Arc::new(NodeCounters::default()),
         }
     }
 
     /// The kernel state detour wants: its TUNs up with the right MTU, their addresses, the
     /// routes of the overlay routing table in detour's own table, and the two policy rules.
-    pub fn desired_kernel(&self) -> DesiredState {
+    /// For each peer whose protection is on (`protect[i]`), its protected destinations are
+    /// routed into the overlay too: its underlay addresses through its own TUN, its
+    /// protected prefixes through the aggregate.
+    pub fn desired_kernel(&self, protect: &[Option<Protect>]) -> DesiredState {
         let cfg = &self.cfg;
         let k = &cfg.kernel;
         let agg = k.aggregate_interface.clone();
@@ -122,6 +165,17 @@ impl Model {
             }
             for net in &p.prefixes {
                 s.routes.insert(RouteSpec { dst: *net, dev: agg.clone(), src: src_for(net) });
+            }
+            if let Some(Some(pr)) = protect.get(i) {
+                let src_of = |net: &IpNet| pr.src.iter().copied().find(|a| a.is_ipv4() == net.addr().is_ipv4());
+                let mut underlay: Vec<IpNet> = self.endpoint_ips(i).into_iter().map(IpNet::from).collect();
+                underlay.extend(pr.underlay.iter().map(|a| IpNet::from(a.to_canonical())));
+                for dst in underlay {
+                    s.routes.insert(RouteSpec { dst, dev: dev.clone(), src: src_of(&dst) });
+                }
+                for net in &p.protected {
+                    s.routes.insert(RouteSpec { dst: *net, dev: agg.clone(), src: src_of(net) });
+                }
             }
         }
         for v6 in [false, true] {
@@ -161,7 +215,7 @@ prefixes = ["10.2.0.0/24"]
     #[test]
     fn kernel_routes_mirror_the_overlay_table() {
         let m = model();
-        let k = m.desired_kernel();
+        let k = m.desired_kernel(&[None]);
         let has = |dst: &str, dev: &str| k.routes.iter().any(|r| r.dst == dst.parse::<IpNet>().unwrap() && r.dev == dev);
         assert!(has("10.77.0.0/24", "detour0"));
         assert!(has("fd77::/64", "detour0"));
@@ -179,6 +233,21 @@ prefixes = ["10.2.0.0/24"]
             }
         }
         assert_eq!(tx.route("10.77.0.2".parse().unwrap()), Some(0));
+    }
+
+    #[test]
+    fn protection_adds_routes_into_the_overlay_only_while_on() {
+        let m = model();
+        let off = m.desired_kernel(&[None]);
+        let on = m.desired_kernel(&[Some(Protect { underlay: vec!["198.51.100.2".parse().unwrap()], src: vec!["192.0.2.1".parse().unwrap()] })]);
+        let added: Vec<&RouteSpec> = on.routes.difference(&off.routes).collect();
+        assert_eq!(added.len(), 1, "{added:?}");
+        assert_eq!(added[0].dst, "198.51.100.2/32".parse::<IpNet>().unwrap());
+        assert_eq!(added[0].dev, "dt-bob");
+        assert_eq!(added[0].src, Some("192.0.2.1".parse().unwrap()));
+        // the kernel plan withdraws them again when protection ends
+        let ops = crate::kernel::plan(&off, &on);
+        assert_eq!(ops, vec![crate::kernel::KernelOp::DelRoute(added[0].clone())]);
     }
 
     #[test]

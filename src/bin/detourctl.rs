@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use detour::config::{Config, DEFAULT_CONFIG_PATH, DEFAULT_CONTROL_SOCKET};
-use detour::ctl::{render_status, Request, Response};
+use detour::ctl::{render_paths, render_status, Request, Response};
 use detour::identity::{Identity, PublicKey};
 
 /// Control and inspect detour.
@@ -36,6 +36,18 @@ enum Cmd {
         /// A base64 public key instead of a key file.
         #[arg(long)]
         public_key: Option<String>,
+    },
+    /// List every monitored path with RTT, loss and state.
+    Paths {
+        /// Print the daemon's JSON answer instead of the table.
+        #[arg(long)]
+        json: bool,
+        /// Control socket of the daemon.
+        #[arg(short, long, value_name = "PATH")]
+        socket: Option<PathBuf>,
+        /// Read the control socket path from this configuration file.
+        #[arg(short, long, value_name = "FILE")]
+        config: Option<PathBuf>,
     },
     /// Show this node and its peers: state, handshakes, RTT, traffic, drops, path.
     Status {
@@ -75,6 +87,19 @@ fn socket_path(socket: Option<PathBuf>, config: Option<PathBuf>) -> Result<PathB
     }
 }
 
+fn ask(socket: Option<PathBuf>, config: Option<PathBuf>, req: Request) -> Result<Response, String> {
+    let path = socket_path(socket, config)?;
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| e.to_string())?;
+    rt.block_on(detour::shell::control::request(&path, &req)).map_err(|e| format!("{e:#}"))
+}
+
+fn unexpected(r: Response) -> String {
+    match r {
+        Response::Error { message } => format!("detourd: {message}"),
+        other => format!("unexpected answer from detourd: {other:?}"),
+    }
+}
+
 fn run(args: Args) -> Result<(), String> {
     match args.cmd {
         Cmd::Genkey { file } => {
@@ -88,16 +113,16 @@ fn run(args: Args) -> Result<(), String> {
             Some(k) => println!("{}", k.parse::<PublicKey>().map_err(|e| format!("--public-key: {e}"))?.node_id()),
             None => println!("{}", read_identity(file)?.node_id()),
         },
-        Cmd::Status { json, socket, config } => {
-            let path = socket_path(socket, config)?;
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| e.to_string())?;
-            let resp = rt.block_on(detour::shell::control::request(&path, &Request::Status)).map_err(|e| format!("{e:#}"))?;
-            match resp {
-                Response::Status(s) if json => println!("{}", serde_json::to_string_pretty(&s).map_err(|e| e.to_string())?),
-                Response::Status(s) => print!("{}", render_status(&s)),
-                Response::Error { message } => return Err(format!("detourd: {message}")),
-            }
-        }
+        Cmd::Status { json, socket, config } => match ask(socket, config, Request::Status)? {
+            Response::Status(s) if json => println!("{}", serde_json::to_string_pretty(&s).map_err(|e| e.to_string())?),
+            Response::Status(s) => print!("{}", render_status(&s)),
+            other => return Err(unexpected(other)),
+        },
+        Cmd::Paths { json, socket, config } => match ask(socket, config, Request::Paths)? {
+            Response::Paths(p) if json => println!("{}", serde_json::to_string_pretty(&p).map_err(|e| e.to_string())?),
+            Response::Paths(p) => print!("{}", render_paths(&p)),
+            other => return Err(unexpected(other)),
+        },
     }
     Ok(())
 }

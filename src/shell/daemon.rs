@@ -6,11 +6,11 @@
 //! path, reconcile the kernel, start the management sessions, report READY to systemd.
 //! Stop order reverses it; every object created is removed, also when start fails half way.
 
-use std::collections::{BTreeSet, HashMap};
-use std::net::SocketAddr;
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Context, Result};
@@ -19,13 +19,16 @@ use tun_rs::{DeviceBuilder, SyncDevice};
 
 use crate::config::{Config, Endpoint};
 use crate::ctl::{NodeStatus, PeerStatus, Request, Response, Status};
-use crate::dataplane::{DataCommand, DataPlaneSpec, PathEndpoint};
+use crate::dataplane::{DataCommand, DataPlaneSpec};
+use crate::icmp::Filter;
 use crate::identity::{Identity, PublicKey};
 use crate::kernel;
-use crate::model::Model;
+use crate::model::{Model, Protect};
 use crate::session::{PeerSession, SessionTimers, Verdict};
 use crate::shell::control;
-use crate::shell::datapath::{DataPath, DataPathSetup};
+use crate::shell::datapath::{DataPath, DataPathSetup, EVENT_QUEUE};
+use crate::shell::engine::{Engine, EngineShared, SessionEvent};
+use crate::shell::intercept::{self, IcmpCounters};
 use crate::shell::netlink::Netlink;
 use crate::shell::quic::{self, Management};
 use crate::shell::sockets;
@@ -53,6 +56,10 @@ struct Shared {
     refused: Arc<crate::shell::tls::RefusedKeys>,
     /// Failed management handshakes and sessions closed for protocol errors.
     mgmt_errors: Arc<AtomicU64>,
+    engine: Arc<EngineShared>,
+    icmp: Arc<IcmpCounters>,
+    icmp_active: bool,
+    sessions: mpsc::UnboundedSender<SessionEvent>,
 }
 
 enum PeerEvent {
@@ -82,7 +89,7 @@ pub async fn run(cfg: Config) -> Result<()> {
     let control_path = model.cfg.node.control_socket.clone();
     let listener = control::bind(&control_path)?;
     let nl = Netlink::connect()?;
-    let mut resources = Resources { nl: nl.clone(), model: model.clone(), datapath: None, control_path: control_path.clone() };
+    let mut resources = Resources { nl: nl.clone(), model: model.clone(), datapath: None, control_path: control_path.clone(), netfilter: false };
     let result = run_inner(&identity, model, nl, listener, &mut resources).await;
     resources.cleanup().await;
     result
@@ -94,10 +101,14 @@ struct Resources {
     model: Model,
     datapath: Option<Arc<DataPath>>,
     control_path: PathBuf,
+    netfilter: bool,
 }
 
 impl Resources {
     async fn cleanup(&mut self) {
+        if self.netfilter {
+            intercept::remove_rules();
+        }
         let names = link_names(&self.model);
         match self.nl.observe(&names, self.model.cfg.kernel.table).await {
             Ok((actual, index)) => {
@@ -120,11 +131,11 @@ impl Resources {
 }
 
 fn link_names(model: &Model) -> BTreeSet<String> {
-    model.desired_kernel().links.into_iter().map(|l| l.name).collect()
+    model.desired_kernel(&[]).links.into_iter().map(|l| l.name).collect()
 }
 
-async fn reconcile(nl: &Netlink, model: &Model, quiet: bool) -> Result<usize> {
-    let desired = model.desired_kernel();
+async fn reconcile(nl: &Netlink, model: &Model, protect: &[Option<Protect>], quiet: bool) -> Result<usize> {
+    let desired = model.desired_kernel(protect);
     let names = desired.links.iter().map(|l| l.name.clone()).collect();
     let (actual, index) = nl.observe(&names, model.cfg.kernel.table).await?;
     let ops = kernel::plan(&desired, &actual);
@@ -182,12 +193,35 @@ async fn run_inner(identity: &Identity, model: Model, nl: Netlink, listener: tok
 
     let start = Instant::now();
     let spec = model.dataplane_spec();
-    let dp = Arc::new(DataPath::start(DataPathSetup { spec: spec.clone(), tuns, mtus, sockets: data_socks, start, threads: cfg.node.data_threads })?);
+    let (data_tx, data_rx) = mpsc::channel(EVENT_QUEUE);
+    let dp = Arc::new(DataPath::start(DataPathSetup { spec: spec.clone(), tuns, mtus, sockets: data_socks, start, threads: cfg.node.data_threads, events: data_tx })?);
     res.datapath = Some(dp.clone());
-    reconcile(&nl, &model, true).await?;
+    reconcile(&nl, &model, &[], true).await?;
+
+    // Failure detection: the engine, ICMP interception and the TCP monitor.
+    let filter = Arc::new(RwLock::new(Filter::default()));
+    let engine_shared = Arc::new(EngineShared::default());
+    let icmp_counters = Arc::new(IcmpCounters::default());
+    let (alarm_tx, alarm_rx) = mpsc::unbounded_channel();
+    let mut icmp_active = false;
+    if cfg.failover.icmp && !cfg.peers.is_empty() {
+        res.netfilter = true;
+        match intercept::install_rules(cfg.failover.nfqueue).and_then(|_| intercept::start_queue(cfg.failover.nfqueue, filter.clone(), icmp_counters.clone(), alarm_tx.clone())) {
+            Ok(()) => icmp_active = true,
+            Err(e) => {
+                intercept::remove_rules();
+                tracing::warn!("ICMP interception is off: {e:#} (install iptables, or set failover.icmp = false)");
+            }
+        }
+    }
+    if cfg.failover.tcp_monitor && !cfg.peers.is_empty() {
+        intercept::start_tcp_monitor(cfg.failover.tcp_poll, filter.clone(), icmp_counters.clone(), alarm_tx.clone())?;
+    }
+    let mut local_addrs = refresh_local_addresses(&nl, &dp, &filter, &HashSet::new()).await;
 
     let peer_keys: Vec<PublicKey> = cfg.peers.iter().map(|p| p.public_key).collect();
     let mgmt = Arc::new(Management::new(identity, &cfg.node.name, cfg.node.data_port, &peer_keys, mgmt_socks)?);
+    let (session_tx, session_rx) = mpsc::unbounded_channel();
     let shared = Arc::new(Shared {
         model: model.clone(),
         public_key: identity.public_key(),
@@ -196,11 +230,18 @@ async fn run_inner(identity: &Identity, model: Model, nl: Netlink, listener: tok
         peers: cfg.peers.iter().map(|_| Mutex::new(PeerInfo { state: "down", ..Default::default() })).collect(),
         refused: mgmt.refused.clone(),
         mgmt_errors: Arc::new(AtomicU64::new(0)),
+        engine: engine_shared.clone(),
+        icmp: icmp_counters,
+        icmp_active,
+        sessions: session_tx,
     });
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let mut peer_tx = Vec::new();
     let mut tasks = Vec::new();
+    let engine = Engine::new(model.clone(), dp.clone(), filter.clone(), engine_shared.clone(), rand::random(), Instant::now());
+    let engine_task = tokio::spawn(engine.run(session_rx, data_rx, alarm_rx, shutdown_rx.clone()));
+    drop(alarm_tx);
     for i in 0..cfg.peers.len() {
         let (tx, rx) = mpsc::unbounded_channel();
         peer_tx.push(tx.clone());
@@ -236,7 +277,16 @@ async fn run_inner(identity: &Identity, model: Model, nl: Netlink, listener: tok
             _ = int.recv() => { tracing::info!("SIGINT: stopping"); break; }
             _ = hup.recv() => tracing::warn!("SIGHUP: configuration reload is not supported; restart detourd to apply changes"),
             _ = tick.tick() => {
-                if let Err(e) = reconcile(&nl, &model, false).await {
+                let protect = engine_shared.protect.lock().expect("protect").clone();
+                if let Err(e) = reconcile(&nl, &model, &protect, false).await {
+                    tracing::warn!("reconcile: {e:#}");
+                }
+                local_addrs = refresh_local_addresses(&nl, &dp, &filter, &local_addrs).await;
+            }
+            _ = engine_shared.kernel.notified() => {
+                // Protection changed: move the routes now, not at the next tick.
+                let protect = engine_shared.protect.lock().expect("protect").clone();
+                if let Err(e) = reconcile(&nl, &model, &protect, true).await {
                     tracing::warn!("reconcile: {e:#}");
                 }
             }
@@ -245,6 +295,8 @@ async fn run_inner(identity: &Identity, model: Model, nl: Netlink, listener: tok
     }
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
     let _ = shutdown_tx.send(true);
+    // Let the engine release its relay sessions before the sessions close.
+    let _ = tokio::time::timeout(Duration::from_millis(200), engine_task).await;
     for ep in &mgmt.endpoints {
         ep.close(quic::close::SHUTDOWN.into(), b"shutdown");
     }
@@ -257,6 +309,23 @@ async fn run_inner(identity: &Identity, model: Model, nl: Netlink, listener: tok
     drop(shared);
     drop(mgmt);
     Ok(())
+}
+
+/// Reads this host's addresses; when they changed, tells the data path (protected traffic to
+/// them is accepted) and the ICMP filter (errors must quote one of them).
+async fn refresh_local_addresses(nl: &Netlink, dp: &DataPath, filter: &RwLock<Filter>, old: &HashSet<IpAddr>) -> HashSet<IpAddr> {
+    let now = match nl.all_addresses().await {
+        Ok(a) => a.into_iter().map(|a| a.to_canonical()).collect::<HashSet<IpAddr>>(),
+        Err(e) => {
+            tracing::debug!("reading local addresses: {e:#}");
+            return old.clone();
+        }
+    };
+    if now != *old {
+        dp.command(DataCommand::SetLocalAddresses(now.iter().copied().collect()));
+        filter.write().expect("filter").local = now.clone();
+    }
+    now
 }
 
 async fn accept_loop(ep: quinn::Endpoint, by_key: Arc<HashMap<PublicKey, usize>>, peers: Vec<mpsc::UnboundedSender<PeerEvent>>, errors: Arc<AtomicU64>) {
@@ -405,8 +474,11 @@ async fn supervise(
                 }
                 let data = SocketAddr::new(remote.ip().to_canonical(), data_port);
                 cmd.0.command(DataCommand::InstallSession { peer: i, secrets });
-                cmd.0.command(DataCommand::SetEndpoint { peer: i, endpoint: Some(PathEndpoint { remote: data, local_ip: None }) });
                 ready = Some(conn);
+                if let Some(c) = conns.get(&conn).cloned() {
+                    let _ = shared.sessions.send(SessionEvent::Up { peer: i, conn: c.clone(), data });
+                    tokio::spawn(read_messages(i, c, local, peer.node_id, shared.sessions.clone(), shared.mgmt_errors.clone()));
+                }
                 let mut info = shared.peers[i].lock().expect("peer info");
                 info.since = Some(now);
                 info.conn = conns.get(&conn).cloned();
@@ -419,12 +491,47 @@ async fn supervise(
                 sess.on_closed(now, conn, rand::random());
                 if ready == Some(conn) {
                     ready = None;
+                    let _ = shared.sessions.send(SessionEvent::Down { peer: i });
                     let mut info = shared.peers[i].lock().expect("peer info");
                     info.conn = None;
                     tracing::info!("session with {} down: {reason}", peer.name);
                 }
             }
         }
+    }
+}
+
+/// Reads the management messages a peer sends on its session until it closes. A frame that
+/// does not name this session's ends is counted as an error and skipped.
+async fn read_messages(
+    peer: usize,
+    conn: quinn::Connection,
+    local: crate::identity::NodeId,
+    peer_id: crate::identity::NodeId,
+    sessions: mpsc::UnboundedSender<SessionEvent>,
+    errors: Arc<AtomicU64>,
+) {
+    while let Ok(mut recv) = conn.accept_uni().await {
+        let sessions = sessions.clone();
+        let errors = errors.clone();
+        tokio::spawn(async move {
+            match tokio::time::timeout(quic::HELLO_TIMEOUT, quic::read_frame(&mut recv)).await {
+                Ok(Ok(f)) if f.src == peer_id && f.dst == local => {
+                    let _ = sessions.send(SessionEvent::Message { peer, message: f.message });
+                }
+                Ok(Ok(f)) => {
+                    errors.fetch_add(1, Relaxed);
+                    tracing::debug!("management frame {} -> {} on the session with {peer_id}", f.src, f.dst);
+                }
+                Ok(Err(e)) => {
+                    errors.fetch_add(1, Relaxed);
+                    tracing::debug!("management message from {peer_id}: {e:#}");
+                }
+                Err(_) => {
+                    errors.fetch_add(1, Relaxed);
+                }
+            }
+        });
     }
 }
 
@@ -435,18 +542,52 @@ fn secs(i: Option<Instant>) -> Option<f64> {
 fn handle(shared: &Shared, req: Request) -> Response {
     match req {
         Request::Status => Response::Status(Box::new(status(shared))),
+        Request::Paths => Response::Paths(paths(shared)),
     }
+}
+
+fn paths(shared: &Shared) -> Vec<crate::ctl::PeerPaths> {
+    let routes = shared.engine.routes.lock().expect("routes");
+    shared
+        .model
+        .cfg
+        .peers
+        .iter()
+        .enumerate()
+        .map(|(i, p)| crate::ctl::PeerPaths {
+            name: p.name.clone(),
+            paths: routes
+                .get(i)
+                .and_then(|r| r.as_ref())
+                .map(|r| {
+                    r.paths
+                        .iter()
+                        .map(|x| crate::ctl::PathRow {
+                            path: x.path.clone(),
+                            state: x.state.clone(),
+                            since_s: x.since.elapsed().as_secs_f64(),
+                            rtt_ms: x.rtt_ms,
+                            loss_pct: x.loss * 100.0,
+                            in_use: x.in_use,
+                        })
+                        .collect()
+                })
+                .unwrap_or_default(),
+        })
+        .collect()
 }
 
 fn status(shared: &Shared) -> Status {
     let cfg = &shared.model.cfg;
     let now_ms = shared.start.elapsed().as_millis() as u64;
+    let routes = shared.engine.routes.lock().expect("routes").clone();
     let peers = cfg
         .peers
         .iter()
         .enumerate()
         .map(|(i, p)| {
             let info = shared.peers[i].lock().expect("peer info");
+            let route = routes.get(i).and_then(|r| r.clone());
             let c = &shared.spec.peers[i].counters;
             let last_rx = c.last_rx_ms.load(Relaxed);
             let links = &shared.model.links[i];
@@ -458,7 +599,17 @@ fn status(shared: &Shared) -> Status {
                 interface: p.interface.clone(),
                 state: info.state.to_string(),
                 endpoint: info.endpoint.map(|e| e.to_string()),
-                path: if info.endpoint.is_some() { "direct".into() } else { "none".into() },
+                path: match (&route, info.endpoint) {
+                    (_, None) => "none".into(),
+                    (Some(r), _) => r.path.clone(),
+                    (None, _) => "direct".into(),
+                },
+                reason: route.as_ref().map(|r| r.reason.clone()).unwrap_or_else(|| "healthy".into()),
+                path_since_s: route.as_ref().filter(|_| info.endpoint.is_some()).map(|r| r.since.elapsed().as_secs_f64()),
+                protected: route.as_ref().is_some_and(|r| r.protected),
+                route_changes: route.as_ref().map(|r| r.changes).unwrap_or(0),
+                probe_tx_bytes: c.probe_tx_bytes.load(Relaxed),
+                probe_rx_bytes: c.probe_rx_bytes.load(Relaxed),
                 last_handshake_s: secs(info.since),
                 rtt_ms: info.conn.as_ref().filter(|c| c.close_reason().is_none()).map(|c| c.rtt().as_secs_f64() * 1000.0),
                 last_rx_s: (last_rx > 0).then(|| now_ms.saturating_sub(last_rx) as f64 / 1000.0),
@@ -487,9 +638,18 @@ fn status(shared: &Shared) -> Status {
             uptime_s: shared.start.elapsed().as_secs(),
         },
         peers,
-        drops: shared.spec.node_drops.snapshot().into_iter().map(|(k, v)| (k.to_string(), v)).collect(),
+        drops: shared.spec.node.drops.snapshot().into_iter().map(|(k, v)| (k.to_string(), v)).collect(),
         refused_handshakes: refused,
         last_refused_key: last_key,
         management_errors: shared.mgmt_errors.load(Relaxed),
+        icmp: crate::ctl::IcmpStatus {
+            active: shared.icmp_active,
+            rerouted: shared.icmp.rerouted.load(Relaxed),
+            ignored: shared.icmp.ignored_snapshot().into_iter().map(|(k, v)| (k.to_string(), v)).collect(),
+            tcp_stalls: shared.icmp.tcp_stalls.load(Relaxed),
+        },
+        relayed_packets: shared.spec.node.relayed_packets.load(Relaxed),
+        relayed_bytes: shared.spec.node.relayed_bytes.load(Relaxed),
+        relaying: shared.engine.relaying.lock().expect("relaying").iter().map(|(a, b)| format!("{a} <-> {b}")).collect(),
     }
 }

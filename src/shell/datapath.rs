@@ -1,14 +1,17 @@
-//! The data path: two threads around the pure [`TxState`] and [`RxState`].
+//! The data path: the pure [`TxState`] and [`RxState`] on one data thread (the default) or
+//! on two.
 //!
-//! * **TX thread**: reads every TUN (per-peer TUNs and the aggregate) with virtio-net
-//!   offload, so the kernel hands over 64 KiB TCP super-packets that tun-rs splits into
-//!   segments; each segment is sealed by [`TxState`], and consecutive datagrams to the same
-//!   peer go out as one UDP GSO `sendmsg` (quinn-udp).
-//! * **RX thread**: receives with UDP GRO and `recvmmsg` (quinn-udp), opens each datagram
-//!   with [`RxState`] and writes the inner packets per TUN in one GRO-coalescing batch.
+//! * **Send**: every TUN (per-peer TUNs and the aggregate) is read with virtio-net offload,
+//!   so the kernel hands over 64 KiB TCP super-packets that tun-rs splits into segments;
+//!   each segment is sealed by [`TxState`], and consecutive datagrams to the same address go
+//!   out as one UDP GSO `sendmsg` (quinn-udp).
+//! * **Receive**: UDP GRO and `recvmmsg` (quinn-udp); [`RxState`] opens each datagram and
+//!   the inner packets are written per TUN in one GRO-coalescing batch. Probe packets go to
+//!   the control plane as [`DataEvent`]s; packets for other nodes (relaying) go back out,
+//!   batched the same way as sending.
 //!
 //! Each thread runs its own single-threaded tokio runtime, so a packet is never handed
-//! between threads. The control plane talks to both through [`DataCommand`] channels.
+//! between threads. The control plane talks to the data path through [`DataCommand`]s.
 
 use std::cell::RefCell;
 use std::io::{self, IoSliceMut};
@@ -25,7 +28,7 @@ use tokio::net::UdpSocket;
 use tokio::sync::mpsc;
 use tun_rs::{AsyncDevice, GROTable, SyncDevice, VIRTIO_NET_HDR_LEN};
 
-use crate::dataplane::{DataCommand, DataPlaneSpec, DropReason, RxState, Tun, TxAction, TxState};
+use crate::dataplane::{DataCommand, DataPlaneSpec, DropReason, NodeCounters, Rx, RxState, Tun, TxAction, TxState};
 use crate::wire::{HEADER_LEN, OVERHEAD, TAG_LEN};
 
 /// Largest UDP payload in one GSO send (bytes), below the 64 KiB IP limit.
@@ -43,6 +46,8 @@ const RX_OUT_CAP: usize = 65_535 + 4 * VIRTIO_NET_HDR_LEN;
 const RX_TUN_BATCH: usize = 64;
 /// Write buffers kept for reuse.
 const RX_POOL_MAX: usize = 2 * RX_TUN_BATCH;
+/// Control packets waiting for the control plane before new ones are dropped.
+pub const EVENT_QUEUE: usize = 4096;
 
 /// A data socket with its quinn-udp state.
 pub struct DataSocket {
@@ -54,6 +59,22 @@ pub struct DataSocket {
     pub carries_v4: bool,
     /// Whether the socket carries IPv6.
     pub carries_v6: bool,
+}
+
+/// What the data path tells the control plane.
+#[derive(Debug)]
+pub enum DataEvent {
+    /// An authenticated probe-type packet from a peer.
+    Control {
+        /// Peer index.
+        peer: usize,
+        /// The underlay address it came from (the peer or a relay).
+        from: SocketAddr,
+        /// The probe payload.
+        payload: Vec<u8>,
+        /// When it was received.
+        at: Instant,
+    },
 }
 
 /// What the data path needs to start.
@@ -70,6 +91,8 @@ pub struct DataPathSetup {
     pub start: Instant,
     /// Data threads: 1 (TX and RX together) or 2 (one per direction).
     pub threads: usize,
+    /// Where probe packets go.
+    pub events: mpsc::Sender<DataEvent>,
 }
 
 /// Handle to the running data path.
@@ -88,7 +111,7 @@ impl DataPath {
     /// # Errors
     /// If a runtime cannot be built or a device or socket cannot be registered.
     pub fn start(setup: DataPathSetup) -> Result<DataPath> {
-        let DataPathSetup { spec, tuns, mtus, sockets, start, threads } = setup;
+        let DataPathSetup { spec, tuns, mtus, sockets, start, threads, events } = setup;
         let n_peers = spec.peers.len();
         if tuns.len() != n_peers + 1 || mtus.len() != tuns.len() {
             return Err(anyhow!("internal: {} TUNs for {} peers", tuns.len(), n_peers));
@@ -101,20 +124,17 @@ impl DataPath {
         };
         if threads <= 1 {
             let (cmd, cmds) = mpsc::unbounded_channel();
+            let rx = Some((start, events));
             let t = std::thread::Builder::new()
                 .name("detour-data".into())
-                .spawn(move || tun_thread(spec, tuns, mtus, sockets, cmds, ready_tx, Some(start)))
+                .spawn(move || tun_thread(spec, tuns, mtus, sockets, cmds, ready_tx, rx))
                 .context("starting the data thread")?;
             wait_ready(&ready_rx)?;
             return Ok(DataPath { cmds: vec![cmd], threads: vec![t] });
         }
         let (tx_cmd, tx_rx) = mpsc::unbounded_channel();
         let (rx_cmd, rx_rx) = mpsc::unbounded_channel();
-        let tx_socks: Vec<DataSocket> = sockets
-            .iter()
-            .map(|s| Ok(DataSocket { socket: s.socket.try_clone()?, state: s.state.clone(), carries_v4: s.carries_v4, carries_v6: s.carries_v6 }))
-            .collect::<io::Result<_>>()
-            .context("duplicating the data socket")?;
+        let tx_socks: Vec<DataSocket> = sockets.iter().map(dup).collect::<io::Result<_>>().context("duplicating the data socket")?;
         let tx_spec = spec.clone();
         let tx_thread = std::thread::Builder::new()
             .name("detour-tx".into())
@@ -123,15 +143,23 @@ impl DataPath {
         let devices = wait_ready(&ready_rx)?;
         let rx_thread = std::thread::Builder::new()
             .name("detour-rx".into())
-            .spawn(move || rx_thread(spec, devices, sockets, rx_rx, start))
+            .spawn(move || rx_thread(spec, devices, sockets, rx_rx, start, events))
             .context("starting the RX thread")?;
         Ok(DataPath { cmds: vec![tx_cmd, rx_cmd], threads: vec![tx_thread, rx_thread] })
     }
 
     /// Sends a command to every data thread (applied in order).
     pub fn command(&self, cmd: DataCommand) {
-        for c in &self.cmds {
-            let _ = c.send(cmd.clone());
+        match &cmd {
+            // Sending needs the keys and counters of the thread that owns the TUNs only.
+            DataCommand::SendControl { .. } => {
+                let _ = self.cmds[0].send(cmd);
+            }
+            _ => {
+                for c in &self.cmds {
+                    let _ = c.send(cmd.clone());
+                }
+            }
         }
     }
 
@@ -144,12 +172,17 @@ impl DataPath {
     }
 }
 
+fn dup(s: &DataSocket) -> io::Result<DataSocket> {
+    Ok(DataSocket { socket: s.socket.try_clone()?, state: s.state.clone(), carries_v4: s.carries_v4, carries_v6: s.carries_v6 })
+}
+
 fn runtime() -> io::Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_current_thread().enable_all().build()
 }
 
-struct TxSocket {
-    sock: Rc<UdpSocket>,
+/// A data socket registered with this thread's runtime.
+struct Socket {
+    sock: UdpSocket,
     state: Arc<UdpSocketState>,
     v4: bool,
     v6: bool,
@@ -157,7 +190,7 @@ struct TxSocket {
 
 /// Picks the socket for a destination and the address form it needs (a v4 destination on a
 /// dual-stack socket is written v4-mapped).
-fn pick(socks: &[TxSocket], to: SocketAddr) -> Option<(usize, SocketAddr)> {
+fn pick(socks: &[Socket], to: SocketAddr) -> Option<(usize, SocketAddr)> {
     match to {
         SocketAddr::V4(v4) => {
             if let Some(i) = socks.iter().position(|s| s.v4 && !s.v6) {
@@ -178,43 +211,30 @@ fn register_tuns(tuns: Vec<SyncDevice>) -> Result<Vec<Arc<AsyncDevice>>, String>
 }
 
 /// Registers the sockets with the current runtime.
-fn register_sockets(sockets: Vec<DataSocket>) -> Result<Vec<(Rc<UdpSocket>, DataSocket)>, String> {
-    sockets
+fn register_sockets(sockets: Vec<DataSocket>) -> Result<Rc<Vec<Socket>>, String> {
+    let socks = sockets
         .into_iter()
         .map(|s| {
-            let sock = UdpSocket::from_std(s.socket.try_clone().map_err(|e| format!("data socket: {e}"))?)
-                .map_err(|e| format!("registering the data socket: {e}"))?;
-            Ok((Rc::new(sock), s))
+            let sock = UdpSocket::from_std(s.socket).map_err(|e| format!("registering the data socket: {e}"))?;
+            Ok(Socket { sock, state: s.state, v4: s.carries_v4, v6: s.carries_v6 })
         })
-        .collect()
-}
-
-/// Starts one TUN reader task per TUN on the current `LocalSet`.
-fn spawn_tx(spec: &DataPlaneSpec, devices: &[Arc<AsyncDevice>], mtus: &[usize], socks: Vec<TxSocket>) -> Rc<RefCell<TxState>> {
-    let state = Rc::new(RefCell::new(TxState::new(spec)));
-    let socks = Rc::new(socks);
-    let n = devices.len();
-    for (i, dev) in devices.iter().enumerate() {
-        let ingress = if i + 1 == n { Tun::Aggregate } else { Tun::Peer(i) };
-        let task = TxTask::new(dev.clone(), ingress, mtus[i], state.clone(), socks.clone(), spec.node_drops.clone());
-        tokio::task::spawn_local(task.run());
-    }
-    state
+        .collect::<Result<Vec<_>, String>>()?;
+    Ok(Rc::new(socks))
 }
 
 /// Starts one receiver task per data socket on the current `LocalSet`.
-fn spawn_rx(spec: &DataPlaneSpec, devices: Vec<Arc<AsyncDevice>>, socks: Vec<(Rc<UdpSocket>, Arc<UdpSocketState>)>, start: Instant) -> Rc<RefCell<RxState>> {
+fn spawn_rx(spec: &DataPlaneSpec, devices: Vec<Arc<AsyncDevice>>, socks: &Rc<Vec<Socket>>, start: Instant, events: mpsc::Sender<DataEvent>) -> Rc<RefCell<RxState>> {
     let state = Rc::new(RefCell::new(RxState::new(spec)));
     let devices = Rc::new(devices);
-    for (sock, sstate) in socks {
-        let task = RxTask::new(sock, sstate, state.clone(), devices.clone(), spec.clone(), start);
+    for i in 0..socks.len() {
+        let task = RxTask::new(i, socks.clone(), state.clone(), devices.clone(), spec.clone(), start, events.clone());
         tokio::task::spawn_local(task.run());
     }
     state
 }
 
-/// The thread that owns the TUNs: it always sends, and with `rx_start` it also receives
-/// (the one-thread data path).
+/// The thread that owns the TUNs: it always sends, and with `rx` it also receives (the
+/// one-thread data path).
 fn tun_thread(
     spec: DataPlaneSpec,
     tuns: Vec<SyncDevice>,
@@ -222,7 +242,7 @@ fn tun_thread(
     sockets: Vec<DataSocket>,
     mut cmds: mpsc::UnboundedReceiver<DataCommand>,
     ready: Ready,
-    rx_start: Option<Instant>,
+    rx: Option<(Instant, mpsc::Sender<DataEvent>)>,
 ) {
     let rt = match runtime() {
         Ok(rt) => rt,
@@ -241,15 +261,57 @@ fn tun_thread(
                 return;
             }
         };
-        let tx_socks = socks.iter().map(|(sock, s)| TxSocket { sock: sock.clone(), state: s.state.clone(), v4: s.carries_v4, v6: s.carries_v6 }).collect();
-        let tx = spawn_tx(&spec, &devices, &mtus, tx_socks);
-        let rx = rx_start.map(|start| spawn_rx(&spec, devices.clone(), socks.into_iter().map(|(sock, s)| (sock, s.state)).collect(), start));
+        let tx = Rc::new(RefCell::new(TxState::new(&spec)));
+        let n = devices.len();
+        for (i, dev) in devices.iter().enumerate() {
+            let ingress = if i + 1 == n { Tun::Aggregate } else { Tun::Peer(i) };
+            let task = TxTask::new(dev.clone(), ingress, mtus[i], tx.clone(), Out::new(socks.clone(), spec.node.clone()));
+            tokio::task::spawn_local(task.run());
+        }
+        let rx = rx.map(|(start, events)| spawn_rx(&spec, devices.clone(), &socks, start, events));
         let _ = ready.send(Ok(devices));
+        let mut out = Out::new(socks, spec.node.clone());
+        let mut buf = vec![0u8; 2048];
         while let Some(cmd) = cmds.recv().await {
+            if let DataCommand::SendControl { peer, to, payload } = &cmd {
+                if buf.len() < payload.len() + OVERHEAD {
+                    buf.resize(payload.len() + OVERHEAD, 0);
+                }
+                let sealed = tx.borrow_mut().seal_control(*peer, payload, &mut buf);
+                if let Ok(len) = sealed {
+                    out.push(*to, None, &buf[..len]).await;
+                    out.flush().await;
+                }
+                continue;
+            }
             tx.borrow_mut().apply(&cmd);
             if let Some(rx) = &rx {
                 rx.borrow_mut().apply(&cmd);
             }
+        }
+    });
+}
+
+fn rx_thread(spec: DataPlaneSpec, devices: Vec<Arc<AsyncDevice>>, sockets: Vec<DataSocket>, mut cmds: mpsc::UnboundedReceiver<DataCommand>, start: Instant, events: mpsc::Sender<DataEvent>) {
+    let rt = match runtime() {
+        Ok(rt) => rt,
+        Err(e) => {
+            tracing::error!("RX runtime: {e}");
+            return;
+        }
+    };
+    let local = tokio::task::LocalSet::new();
+    local.block_on(&rt, async move {
+        let socks = match register_sockets(sockets) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!("{e}");
+                return;
+            }
+        };
+        let state = spawn_rx(&spec, devices, &socks, start, events);
+        while let Some(cmd) = cmds.recv().await {
+            state.borrow_mut().apply(&cmd);
         }
     });
 }
@@ -286,33 +348,89 @@ impl Batch {
     }
 }
 
+/// Sends datagrams on the data sockets, batching consecutive ones to one address into one
+/// GSO send.
+struct Out {
+    socks: Rc<Vec<Socket>>,
+    batch: Batch,
+    node: Arc<NodeCounters>,
+}
+
+impl Out {
+    fn new(socks: Rc<Vec<Socket>>, node: Arc<NodeCounters>) -> Out {
+        Out { socks, batch: Batch { buf: Vec::with_capacity(GSO_MAX_BYTES + 2048), seg: 0, count: 0, dest: None, closed: false }, node }
+    }
+
+    /// Queues one datagram; sends the batch first when it cannot take it.
+    async fn push(&mut self, to: SocketAddr, src_ip: Option<IpAddr>, data: &[u8]) {
+        let Some((sock, to)) = pick(&self.socks, to) else {
+            self.node.drops.add(DropReason::SendError);
+            return;
+        };
+        let max_segs = self.socks[sock].state.max_gso_segments().max(1);
+        let dest = (sock, to, src_ip);
+        if !self.batch.try_push(dest, data, max_segs) {
+            self.flush().await;
+            self.batch.try_push(dest, data, max_segs);
+        }
+    }
+
+    async fn flush(&mut self) {
+        let Some((sock_i, to, src_ip)) = self.batch.dest else { return };
+        if self.batch.count == 0 {
+            return;
+        }
+        let s = &self.socks[sock_i];
+        let transmit = Transmit {
+            destination: to,
+            ecn: None,
+            contents: &self.batch.buf,
+            segment_size: if self.batch.count > 1 { Some(self.batch.seg) } else { None },
+            src_ip,
+        };
+        loop {
+            if s.sock.writable().await.is_err() {
+                break;
+            }
+            match s.sock.try_io(Interest::WRITABLE, || s.state.try_send((&s.sock).into(), &transmit)) {
+                Ok(()) => break,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) => {
+                    tracing::debug!("data send to {to}: {e}");
+                    self.node.drops.add(DropReason::SendError);
+                    break;
+                }
+            }
+        }
+        self.batch.buf.clear();
+        self.batch.count = 0;
+        self.batch.dest = None;
+    }
+}
+
 struct TxTask {
     dev: Arc<AsyncDevice>,
     ingress: Tun,
     state: Rc<RefCell<TxState>>,
-    socks: Rc<Vec<TxSocket>>,
-    node_drops: Arc<crate::dataplane::DropCounters>,
+    out: Out,
     original: Vec<u8>,
     bufs: Vec<Vec<u8>>,
     sizes: Vec<usize>,
     reply: Vec<u8>,
-    batch: Batch,
     gro: GROTable,
 }
 
 impl TxTask {
-    fn new(dev: Arc<AsyncDevice>, ingress: Tun, mtu: usize, state: Rc<RefCell<TxState>>, socks: Rc<Vec<TxSocket>>, node_drops: Arc<crate::dataplane::DropCounters>) -> TxTask {
+    fn new(dev: Arc<AsyncDevice>, ingress: Tun, mtu: usize, state: Rc<RefCell<TxState>>, out: Out) -> TxTask {
         TxTask {
             dev,
             ingress,
             state,
-            socks,
-            node_drops,
+            out,
             original: vec![0u8; VIRTIO_NET_HDR_LEN + 65_535],
             bufs: vec![vec![0u8; HEADER_LEN + mtu + TAG_LEN]; TUN_BATCH],
             sizes: vec![0; TUN_BATCH],
             reply: Vec::new(),
-            batch: Batch { buf: Vec::with_capacity(GSO_MAX_BYTES + 2048), seg: 0, count: 0, dest: None, closed: false },
             gro: GROTable::default(),
         }
     }
@@ -341,7 +459,7 @@ impl TxTask {
                     }
                 }
             }
-            self.flush().await;
+            self.out.flush().await;
         }
     }
 
@@ -359,18 +477,7 @@ impl TxTask {
         for i in 0..n {
             let action = self.state.borrow_mut().encapsulate(self.ingress, &mut self.bufs[i], self.sizes[i], &mut self.reply);
             match action {
-                TxAction::Send { to, src_ip, len, .. } => {
-                    let Some((sock, to)) = pick(&self.socks, to) else {
-                        self.node_drops.add(DropReason::SendError);
-                        continue;
-                    };
-                    let max_segs = self.socks[sock].state.max_gso_segments().max(1);
-                    let dest = (sock, to, src_ip);
-                    if !self.batch.try_push(dest, &self.bufs[i][..len], max_segs) {
-                        self.flush().await;
-                        self.batch.try_push(dest, &self.bufs[i][..len], max_segs);
-                    }
-                }
+                TxAction::Send { to, src_ip, len, .. } => self.out.push(to, src_ip, &self.bufs[i][..len]).await,
                 TxAction::Reply(_) => {
                     let mut out = vec![0u8; VIRTIO_NET_HDR_LEN];
                     out.extend_from_slice(&self.reply);
@@ -383,93 +490,41 @@ impl TxTask {
             }
         }
     }
-
-    async fn flush(&mut self) {
-        let Some((sock_i, to, src_ip)) = self.batch.dest else { return };
-        if self.batch.count == 0 {
-            return;
-        }
-        let s = &self.socks[sock_i];
-        let transmit = Transmit {
-            destination: to,
-            ecn: None,
-            contents: &self.batch.buf,
-            segment_size: if self.batch.count > 1 { Some(self.batch.seg) } else { None },
-            src_ip,
-        };
-        loop {
-            if s.sock.writable().await.is_err() {
-                break;
-            }
-            let sock: &UdpSocket = &s.sock;
-            match sock.try_io(Interest::WRITABLE, || s.state.try_send(sock.into(), &transmit)) {
-                Ok(()) => break,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                Err(e) => {
-                    tracing::debug!("data send to {to}: {e}");
-                    self.node_drops.add(DropReason::SendError);
-                    break;
-                }
-            }
-        }
-        self.batch.buf.clear();
-        self.batch.count = 0;
-        self.batch.dest = None;
-    }
-}
-
-fn rx_thread(spec: DataPlaneSpec, devices: Vec<Arc<AsyncDevice>>, sockets: Vec<DataSocket>, mut cmds: mpsc::UnboundedReceiver<DataCommand>, start: Instant) {
-    let rt = match runtime() {
-        Ok(rt) => rt,
-        Err(e) => {
-            tracing::error!("RX runtime: {e}");
-            return;
-        }
-    };
-    let local = tokio::task::LocalSet::new();
-    local.block_on(&rt, async move {
-        let socks = match register_sockets(sockets) {
-            Ok(s) => s.into_iter().map(|(sock, s)| (sock, s.state)).collect(),
-            Err(e) => {
-                tracing::error!("{e}");
-                return;
-            }
-        };
-        let state = spawn_rx(&spec, devices, socks, start);
-        while let Some(cmd) = cmds.recv().await {
-            state.borrow_mut().apply(&cmd);
-        }
-    });
 }
 
 struct RxTask {
-    sock: Rc<UdpSocket>,
-    state: Arc<UdpSocketState>,
+    sock: usize,
+    socks: Rc<Vec<Socket>>,
     rx: Rc<RefCell<RxState>>,
     devices: Rc<Vec<Arc<AsyncDevice>>>,
     spec: DataPlaneSpec,
     start: Instant,
+    events: mpsc::Sender<DataEvent>,
+    out: Out,
     slots: Vec<Vec<u8>>,
     meta: Vec<RecvMeta>,
-    out: Vec<Vec<Vec<u8>>>,
+    tun_out: Vec<Vec<Vec<u8>>>,
     pool: Vec<Vec<u8>>,
     gro: GROTable,
 }
 
 impl RxTask {
-    fn new(sock: Rc<UdpSocket>, state: Arc<UdpSocketState>, rx: Rc<RefCell<RxState>>, devices: Rc<Vec<Arc<AsyncDevice>>>, spec: DataPlaneSpec, start: Instant) -> RxTask {
+    fn new(sock: usize, socks: Rc<Vec<Socket>>, rx: Rc<RefCell<RxState>>, devices: Rc<Vec<Arc<AsyncDevice>>>, spec: DataPlaneSpec, start: Instant, events: mpsc::Sender<DataEvent>) -> RxTask {
         let n = quinn_udp::BATCH_SIZE.max(1);
         let tuns = devices.len();
+        let out = Out::new(socks.clone(), spec.node.clone());
         RxTask {
             sock,
-            state,
+            socks,
             rx,
             devices,
             spec,
             start,
+            events,
+            out,
             slots: vec![vec![0u8; RX_SLOT]; n],
             meta: vec![RecvMeta::default(); n],
-            out: vec![Vec::new(); tuns],
+            tun_out: vec![Vec::new(); tuns],
             pool: Vec::new(),
             gro: GROTable::default(),
         }
@@ -477,15 +532,14 @@ impl RxTask {
 
     async fn run(mut self) {
         loop {
-            if self.sock.readable().await.is_err() {
+            let s = &self.socks[self.sock];
+            if s.sock.readable().await.is_err() {
                 return;
             }
             let res = {
                 let mut iovs: Vec<IoSliceMut<'_>> = self.slots.iter_mut().map(|b| IoSliceMut::new(b)).collect();
-                let state = &self.state;
-                let sock: &UdpSocket = &self.sock;
                 let meta = &mut self.meta;
-                sock.try_io(Interest::READABLE, || state.recv(sock.into(), &mut iovs, meta))
+                s.sock.try_io(Interest::READABLE, || s.state.recv((&s.sock).into(), &mut iovs, meta))
             };
             let n = match res {
                 Ok(n) => n,
@@ -495,43 +549,59 @@ impl RxTask {
                     continue;
                 }
             };
-            self.handle(n);
+            self.handle(n).await;
         }
     }
 
-    fn handle(&mut self, n: usize) {
+    async fn handle(&mut self, n: usize) {
         let now_ms = self.start.elapsed().as_millis() as u64;
         let aggregate = self.devices.len() - 1;
-        {
-            let mut rx = self.rx.borrow_mut();
-            for i in 0..n {
-                let m = self.meta[i];
-                let stride = if m.stride == 0 { m.len } else { m.stride };
-                let data = &mut self.slots[i][..m.len.min(RX_SLOT)];
-                for dgram in data.chunks_mut(stride.max(1)) {
-                    if dgram.len() < OVERHEAD {
-                        self.spec.node_drops.add(DropReason::Malformed);
-                        continue;
+        for i in 0..n {
+            let m = self.meta[i];
+            let from = m.addr;
+            let stride = if m.stride == 0 { m.len } else { m.stride };
+            let len = m.len.min(RX_SLOT);
+            let mut at = 0;
+            while at < len {
+                let start = at;
+                let end = (at + stride.max(1)).min(len);
+                at = end;
+                let dgram = &mut self.slots[i][start..end];
+                if dgram.len() < OVERHEAD {
+                    self.spec.node.drops.add(DropReason::Malformed);
+                    continue;
+                }
+                let outcome = self.rx.borrow_mut().decapsulate(dgram, from, now_ms);
+                match outcome {
+                    Ok(Rx::Deliver(d)) => {
+                        let t = match d.tun {
+                            Tun::Peer(p) => p,
+                            Tun::Aggregate => aggregate,
+                        };
+                        let mut b = self.pool.pop().unwrap_or_else(|| Vec::with_capacity(RX_OUT_CAP));
+                        b.clear();
+                        b.resize(VIRTIO_NET_HDR_LEN, 0);
+                        b.extend_from_slice(&dgram[d.inner]);
+                        self.tun_out[t].push(b);
+                        if self.tun_out[t].len() >= RX_TUN_BATCH {
+                            Self::write_tun(&self.devices[t], &mut self.gro, &mut self.tun_out[t], &mut self.pool, &self.spec, t);
+                        }
                     }
-                    let Ok(d) = rx.decapsulate(dgram, now_ms) else { continue };
-                    let t = match d.tun {
-                        Tun::Peer(p) => p,
-                        Tun::Aggregate => aggregate,
-                    };
-                    let mut b = self.pool.pop().unwrap_or_else(|| Vec::with_capacity(RX_OUT_CAP));
-                    b.clear();
-                    b.resize(VIRTIO_NET_HDR_LEN, 0);
-                    b.extend_from_slice(&dgram[d.inner]);
-                    self.out[t].push(b);
-                    if self.out[t].len() >= RX_TUN_BATCH {
-                        Self::write_tun(&self.devices[t], &mut self.gro, &mut self.out[t], &mut self.pool, &self.spec, t);
+                    Ok(Rx::Control { peer, payload }) => {
+                        let ev = DataEvent::Control { peer, from, payload: dgram[payload].to_vec(), at: Instant::now() };
+                        if self.events.try_send(ev).is_err() {
+                            self.spec.node.drops.add(DropReason::SendError);
+                        }
                     }
+                    Ok(Rx::Forward { to }) => self.out.push(to, None, &self.slots[i][start..end]).await,
+                    Err(_) => {}
                 }
             }
         }
-        for t in 0..self.out.len() {
-            if !self.out[t].is_empty() {
-                Self::write_tun(&self.devices[t], &mut self.gro, &mut self.out[t], &mut self.pool, &self.spec, t);
+        self.out.flush().await;
+        for t in 0..self.tun_out.len() {
+            if !self.tun_out[t].is_empty() {
+                Self::write_tun(&self.devices[t], &mut self.gro, &mut self.tun_out[t], &mut self.pool, &self.spec, t);
             }
         }
     }
@@ -545,7 +615,7 @@ impl RxTask {
             let n = out.len() as u64;
             match spec.peers.get(t) {
                 Some(p) => p.counters.drops.add_n(DropReason::TunWriteError, n),
-                None => spec.node_drops.add_n(DropReason::TunWriteError, n),
+                None => spec.node.drops.add_n(DropReason::TunWriteError, n),
             }
         }
         for b in out.drain(..) {

@@ -7,3 +7,6 @@ pub mod quic;
 pub mod control;
 pub mod daemon;
 pub mod sockets;
+pub mod sockdiag;
+pub mod engine;
+pub mod intercept;

@@ -94,6 +94,25 @@ impl Netlink {
         Ok(out)
     }
 
+    /// Every address on every interface of this host (including detour's own).
+    ///
+    /// # Errors
+    /// Netlink failures.
+    pub async fn all_addresses(&self) -> Result<Vec<IpAddr>> {
+        let mut out = Vec::new();
+        let mut addrs = self.handle.address().get().execute();
+        while let Some(a) = addrs.try_next().await.context("listing addresses")? {
+            for attr in &a.attributes {
+                if let AddressAttribute::Local(ip) | AddressAttribute::Address(ip) = attr {
+                    if !out.contains(ip) {
+                        out.push(*ip);
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+
     /// Reads what detour owns in the kernel: the named links, their addresses, the routes in
     /// `table` tagged with detour's protocol, and every rule tagged with it.
     ///

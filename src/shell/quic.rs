@@ -148,12 +148,7 @@ impl Management {
             if dialled {
                 send.write_all(&ours).await?;
             }
-            let mut len = [0u8; 4];
-            recv.read_exact(&mut len).await?;
-            let len = mgmt::check_len(u32::from_be_bytes(len) as usize)?;
-            let mut buf = vec![0u8; len];
-            recv.read_exact(&mut buf).await?;
-            let frame = mgmt::decode(&buf)?;
+            let frame = read_frame(&mut recv).await?;
             if !dialled {
                 send.write_all(&ours).await?;
             }
@@ -165,7 +160,9 @@ impl Management {
         if frame.src != peer || frame.dst != self.local {
             bail!("hello names {} → {}, expected {} → {}", frame.src, frame.dst, peer, self.local);
         }
-        let Message::Hello { version, name, data_port } = frame.message;
+        let Message::Hello { version, name, data_port } = frame.message else {
+            bail!("expected a hello, got {:?}", frame.message);
+        };
         if version != 1 || data_port == 0 {
             bail!("unsupported hello (version {version}, data port {data_port})");
         }
@@ -174,6 +171,30 @@ impl Management {
             .map_err(|e| anyhow!("TLS exporter: {e:?}"))?;
         Ok((wire::split_exporter(&material, &self.local, &peer), data_port, name))
     }
+}
+
+/// Reads one length-prefixed management frame from a stream.
+///
+/// # Errors
+/// Stream errors and malformed frames.
+pub async fn read_frame(recv: &mut quinn::RecvStream) -> Result<Frame> {
+    let mut len = [0u8; 4];
+    recv.read_exact(&mut len).await?;
+    let len = mgmt::check_len(u32::from_be_bytes(len) as usize)?;
+    let mut buf = vec![0u8; len];
+    recv.read_exact(&mut buf).await?;
+    Ok(mgmt::decode(&buf)?)
+}
+
+/// Sends one management frame on a new unidirectional stream.
+///
+/// # Errors
+/// Stream errors.
+pub async fn send_frame(conn: &quinn::Connection, frame: &Frame) -> Result<()> {
+    let mut s = conn.open_uni().await?;
+    s.write_all(&mgmt::encode(frame)).await?;
+    s.finish()?;
+    Ok(())
 }
 
 /// The pinned key the peer presented on an authenticated connection.

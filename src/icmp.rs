@@ -1,0 +1,222 @@
+//! ICMP unreachable interception, the decision part (spec A§2.1.3, seeds-digest items 44–46).
+//!
+//! The kernel queues every ICMP destination-unreachable net/host (ICMPv6: no route, address
+//! unreachable) to detour before any socket sees it. [`Filter::classify`] decides: an error
+//! about a destination detour protects, quoting a packet this host really sent, is dropped
+//! and the destination switched to the overlay at once; anything else goes on untouched.
+//! ICMP is easy to forge, so the quoted header must be plausible: a complete IP header and
+//! at least 8 bytes of a TCP, UDP or ICMP echo packet, sent from one of this host's addresses
+//! to a protected destination, with the error addressed to that same local address. The
+//! shell adds one more check for TCP: the quoted connection must exist.
+
+use std::collections::HashSet;
+use std::net::{IpAddr, SocketAddr};
+
+use etherparse::{IpNumber, LaxNetSlice, LaxSlicedPacket, TransportSlice};
+
+use crate::routing::PrefixTable;
+
+/// What to do with a queued ICMP error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// Drop it and reroute the peer's protected destinations into the overlay.
+    Reroute {
+        /// Peer index.
+        peer: usize,
+        /// The quoted TCP connection (local, remote), when the quoted packet is TCP; the
+        /// shell checks that it exists.
+        tcp: Option<(SocketAddr, SocketAddr)>,
+    },
+    /// Let it through unchanged.
+    Accept(Ignored),
+}
+
+/// Why an ICMP error was let through.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ignored {
+    /// Not a net/host unreachable (or ICMPv6 no route / address unreachable).
+    OtherType,
+    /// The packet or its quoted header could not be parsed.
+    Malformed,
+    /// The quoted destination is not protected by detour.
+    NotProtected,
+    /// The quoted source is not an address of this host, or the error is not addressed to
+    /// it: forged or misdirected.
+    NotOurs,
+    /// The quoted packet is not TCP, UDP or ICMP echo.
+    Protocol,
+    /// The quoted TCP connection does not exist (checked by the shell).
+    NoConnection,
+}
+
+impl Ignored {
+    /// snake_case name for counters.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Ignored::OtherType => "other_type",
+            Ignored::Malformed => "malformed",
+            Ignored::NotProtected => "not_protected",
+            Ignored::NotOurs => "not_ours",
+            Ignored::Protocol => "protocol",
+            Ignored::NoConnection => "no_connection",
+        }
+    }
+}
+
+/// What the classifier knows: protected destinations and this host's addresses.
+#[derive(Debug, Clone, Default)]
+pub struct Filter {
+    /// Protected destination prefix → peer index.
+    pub protected: PrefixTable<usize>,
+    /// This host's unicast addresses.
+    pub local: HashSet<IpAddr>,
+}
+
+impl Filter {
+    /// Classifies one queued packet (an IPv4 or IPv6 packet carrying ICMP). Never panics.
+    pub fn classify(&self, pkt: &[u8]) -> Verdict {
+        let Ok(outer) = LaxSlicedPacket::from_ip(pkt) else { return Verdict::Accept(Ignored::Malformed) };
+        let outer_dst = match &outer.net {
+            Some(LaxNetSlice::Ipv4(ip)) => IpAddr::V4(ip.header().destination_addr()),
+            Some(LaxNetSlice::Ipv6(ip)) => IpAddr::V6(ip.header().destination_addr()),
+            _ => return Verdict::Accept(Ignored::Malformed),
+        };
+        let quoted = match &outer.transport {
+            Some(TransportSlice::Icmpv4(icmp)) => {
+                // type 3 (destination unreachable), code 0 (net) or 1 (host)
+                if icmp.type_u8() != 3 || icmp.code_u8() > 1 {
+                    return Verdict::Accept(Ignored::OtherType);
+                }
+                icmp.payload()
+            }
+            Some(TransportSlice::Icmpv6(icmp)) => {
+                // type 1 (destination unreachable), code 0 (no route) or 3 (address)
+                if icmp.type_u8() != 1 || !matches!(icmp.code_u8(), 0 | 3) {
+                    return Verdict::Accept(Ignored::OtherType);
+                }
+                icmp.payload()
+            }
+            _ => return Verdict::Accept(Ignored::OtherType),
+        };
+        let Ok(inner) = LaxSlicedPacket::from_ip(quoted) else { return Verdict::Accept(Ignored::Malformed) };
+        let (src, dst) = match &inner.net {
+            Some(LaxNetSlice::Ipv4(ip)) => (IpAddr::V4(ip.header().source_addr()), IpAddr::V4(ip.header().destination_addr())),
+            Some(LaxNetSlice::Ipv6(ip)) => (IpAddr::V6(ip.header().source_addr()), IpAddr::V6(ip.header().destination_addr())),
+            _ => return Verdict::Accept(Ignored::Malformed),
+        };
+        let Some(&peer) = self.protected.lookup(dst) else { return Verdict::Accept(Ignored::NotProtected) };
+        if !self.local.contains(&src) || outer_dst != src {
+            return Verdict::Accept(Ignored::NotOurs);
+        }
+        match &inner.transport {
+            Some(TransportSlice::Tcp(tcp)) => {
+                Verdict::Reroute { peer, tcp: Some((SocketAddr::new(src, tcp.source_port()), SocketAddr::new(dst, tcp.destination_port()))) }
+            }
+            Some(TransportSlice::Udp(_)) => Verdict::Reroute { peer, tcp: None },
+            Some(TransportSlice::Icmpv4(i)) if i.type_u8() == 8 => Verdict::Reroute { peer, tcp: None },
+            Some(TransportSlice::Icmpv6(i)) if i.type_u8() == 128 => Verdict::Reroute { peer, tcp: None },
+            None => {
+                // A TCP header truncated below 20 bytes still quotes its ports (8 bytes).
+                let proto = inner.net.as_ref().and_then(|n| n.ip_payload_ref()).map(|p| (p.ip_number, p.payload));
+                match proto {
+                    Some((IpNumber::TCP, p)) if p.len() >= 8 => {
+                        let sp = u16::from_be_bytes([p[0], p[1]]);
+                        let dp = u16::from_be_bytes([p[2], p[3]]);
+                        Verdict::Reroute { peer, tcp: Some((SocketAddr::new(src, sp), SocketAddr::new(dst, dp))) }
+                    }
+                    Some((IpNumber::UDP, p)) if p.len() >= 8 => Verdict::Reroute { peer, tcp: None },
+                    Some(_) => Verdict::Accept(Ignored::Protocol),
+                    None => Verdict::Accept(Ignored::Malformed),
+                }
+            }
+            _ => Verdict::Accept(Ignored::Protocol),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use etherparse::{icmpv4, icmpv6, Icmpv4Type, Icmpv6Type, PacketBuilder};
+    use proptest::prelude::*;
+
+    fn filter() -> Filter {
+        let mut f = Filter::default();
+        f.protected.insert("10.0.2.2/32".parse().unwrap(), 0);
+        f.protected.insert("198.51.100.0/24".parse().unwrap(), 1);
+        f.protected.insert("fd00:0:2::2/128".parse().unwrap(), 0);
+        f.local.insert("10.0.1.2".parse().unwrap());
+        f.local.insert("fd00:0:1::2".parse().unwrap());
+        f
+    }
+
+    fn tcp4(src: [u8; 4], dst: [u8; 4]) -> Vec<u8> {
+        let mut out = Vec::new();
+        PacketBuilder::ipv4(src, dst, 64).tcp(40000, 80, 1, 1000).write(&mut out, &[]).unwrap();
+        out
+    }
+
+    fn icmp4(to: [u8; 4], code: icmpv4::DestUnreachableHeader, quoted: &[u8]) -> Vec<u8> {
+        let mut out = Vec::new();
+        PacketBuilder::ipv4([10, 0, 1, 1], to, 64).icmpv4(Icmpv4Type::DestinationUnreachable(code)).write(&mut out, &quoted[..28.min(quoted.len())]).unwrap();
+        out
+    }
+
+    #[test]
+    fn host_unreachable_about_a_protected_peer_reroutes() {
+        let q = tcp4([10, 0, 1, 2], [10, 0, 2, 2]);
+        let v = filter().classify(&icmp4([10, 0, 1, 2], icmpv4::DestUnreachableHeader::Host, &q));
+        assert_eq!(v, Verdict::Reroute { peer: 0, tcp: Some(("10.0.1.2:40000".parse().unwrap(), "10.0.2.2:80".parse().unwrap())) });
+        let q = tcp4([10, 0, 1, 2], [198, 51, 100, 7]);
+        assert!(matches!(filter().classify(&icmp4([10, 0, 1, 2], icmpv4::DestUnreachableHeader::Network, &q)), Verdict::Reroute { peer: 1, .. }));
+    }
+
+    #[test]
+    fn forged_or_unrelated_errors_pass_untouched() {
+        let f = filter();
+        // not protected
+        let q = tcp4([10, 0, 1, 2], [192, 0, 2, 9]);
+        assert_eq!(f.classify(&icmp4([10, 0, 1, 2], icmpv4::DestUnreachableHeader::Host, &q)), Verdict::Accept(Ignored::NotProtected));
+        // quoted source is not ours
+        let q = tcp4([10, 9, 9, 9], [10, 0, 2, 2]);
+        assert_eq!(f.classify(&icmp4([10, 0, 1, 2], icmpv4::DestUnreachableHeader::Host, &q)), Verdict::Accept(Ignored::NotOurs));
+        // error not addressed to the quoted sender
+        let q = tcp4([10, 0, 1, 2], [10, 0, 2, 2]);
+        assert_eq!(f.classify(&icmp4([10, 0, 1, 9], icmpv4::DestUnreachableHeader::Host, &q)), Verdict::Accept(Ignored::NotOurs));
+        // other codes (port unreachable, fragmentation needed)
+        assert_eq!(f.classify(&icmp4([10, 0, 1, 2], icmpv4::DestUnreachableHeader::Port, &q)), Verdict::Accept(Ignored::OtherType));
+        // garbage quote
+        assert_eq!(f.classify(&icmp4([10, 0, 1, 2], icmpv4::DestUnreachableHeader::Host, &[0x45, 0, 0])), Verdict::Accept(Ignored::Malformed));
+        assert_eq!(f.classify(&[1, 2, 3]), Verdict::Accept(Ignored::Malformed));
+    }
+
+    #[test]
+    fn icmpv6_no_route_and_address_unreachable() {
+        let mut q = Vec::new();
+        PacketBuilder::ipv6("fd00:0:1::2".parse::<std::net::Ipv6Addr>().unwrap().octets(), "fd00:0:2::2".parse::<std::net::Ipv6Addr>().unwrap().octets(), 64)
+            .udp(5000, 53)
+            .write(&mut q, &[1, 2, 3])
+            .unwrap();
+        for code in [icmpv6::DestUnreachableCode::NoRoute, icmpv6::DestUnreachableCode::Address] {
+            let mut e = Vec::new();
+            PacketBuilder::ipv6("fd00:0:1::1".parse::<std::net::Ipv6Addr>().unwrap().octets(), "fd00:0:1::2".parse::<std::net::Ipv6Addr>().unwrap().octets(), 64)
+                .icmpv6(Icmpv6Type::DestinationUnreachable(code))
+                .write(&mut e, &q)
+                .unwrap();
+            assert_eq!(filter().classify(&e), Verdict::Reroute { peer: 0, tcp: None });
+        }
+        let mut e = Vec::new();
+        PacketBuilder::ipv6("fd00:0:1::1".parse::<std::net::Ipv6Addr>().unwrap().octets(), "fd00:0:1::2".parse::<std::net::Ipv6Addr>().unwrap().octets(), 64)
+            .icmpv6(Icmpv6Type::DestinationUnreachable(icmpv6::DestUnreachableCode::Port))
+            .write(&mut e, &q)
+            .unwrap();
+        assert_eq!(filter().classify(&e), Verdict::Accept(Ignored::OtherType));
+    }
+
+    proptest! {
+        #[test]
+        fn classify_never_panics(data in proptest::collection::vec(any::<u8>(), 0..200)) {
+            let _ = filter().classify(&data);
+        }
+    }
+}

@@ -1,0 +1,202 @@
+//! ICMP interception (NFQUEUE) and TCP-stall monitoring: the I/O around
+//! [`crate::icmp::Filter`].
+//!
+//! On this kernel NFQUEUE exists only through iptables (`NFT_QUEUE` is off), so detour puts
+//! its rules in chains of its own, `DETOUR-ICMP` in `filter`/`INPUT` for IPv4 and IPv6, with
+//! `--queue-bypass`: when detourd is not running, ICMP flows as if the rules did not exist.
+//! The chains are removed on stop, and left-overs from a crash on the next start.
+
+use std::collections::HashMap;
+use std::process::Command;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use tokio::sync::mpsc;
+
+use crate::icmp::{Filter, Ignored, Verdict};
+use crate::shell::sockdiag;
+
+/// The iptables chain detour owns.
+pub const CHAIN: &str = "DETOUR-ICMP";
+
+/// What the interception and monitoring threads report.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Alarm {
+    /// An ICMP unreachable about one of the peer's protected destinations was caught.
+    Icmp {
+        /// Peer index.
+        peer: usize,
+        /// When the packet reached detour.
+        at: Instant,
+    },
+    /// TCP connections to the peer's protected destinations keep timing out.
+    TcpStall {
+        /// Peer index.
+        peer: usize,
+    },
+}
+
+/// Counters of the interception, for status output.
+#[derive(Debug, Default)]
+pub struct IcmpCounters {
+    /// Errors dropped and acted on.
+    pub rerouted: AtomicU64,
+    /// Errors let through, by reason (see [`Ignored`]).
+    pub ignored: [AtomicU64; 6],
+    /// TCP stalls reported.
+    pub tcp_stalls: AtomicU64,
+}
+
+impl IcmpCounters {
+    fn ignore(&self, why: Ignored) {
+        self.ignored[why as usize].fetch_add(1, Relaxed);
+    }
+
+    /// Non-zero "ignored" counters by name.
+    pub fn ignored_snapshot(&self) -> Vec<(&'static str, u64)> {
+        [Ignored::OtherType, Ignored::Malformed, Ignored::NotProtected, Ignored::NotOurs, Ignored::Protocol, Ignored::NoConnection]
+            .iter()
+            .map(|w| (w.as_str(), self.ignored[*w as usize].load(Relaxed)))
+            .filter(|(_, n)| *n > 0)
+            .collect()
+    }
+}
+
+fn iptables(v6: bool, args: &[&str]) -> Result<bool> {
+    let bin = if v6 { "ip6tables" } else { "iptables" };
+    let out = Command::new(bin).arg("-w").args(args).output().with_context(|| format!("running {bin}"))?;
+    Ok(out.status.success())
+}
+
+/// Removes detour's chains (and the jumps to them) for both families; idempotent.
+pub fn remove_rules() {
+    for v6 in [false, true] {
+        // Delete every jump, however many an earlier crash left.
+        for _ in 0..16 {
+            match iptables(v6, &["-D", "INPUT", "-j", CHAIN]) {
+                Ok(true) => continue,
+                _ => break,
+            }
+        }
+        let _ = iptables(v6, &["-F", CHAIN]);
+        let _ = iptables(v6, &["-X", CHAIN]);
+    }
+}
+
+/// Installs the rules that queue ICMP net/host unreachable (ICMPv6 no route / address
+/// unreachable) to `queue`, after removing any left by an earlier run.
+///
+/// # Errors
+/// If iptables is missing or refuses a rule.
+pub fn install_rules(queue: u16) -> Result<()> {
+    remove_rules();
+    let q = queue.to_string();
+    let v4: [&[&str]; 2] = [&["-p", "icmp", "--icmp-type", "network-unreachable"], &["-p", "icmp", "--icmp-type", "host-unreachable"]];
+    let v6: [&[&str]; 2] = [&["-p", "ipv6-icmp", "--icmpv6-type", "no-route"], &["-p", "ipv6-icmp", "--icmpv6-type", "address-unreachable"]];
+    for (is_v6, matches) in [(false, v4), (true, v6)] {
+        if !iptables(is_v6, &["-N", CHAIN])? {
+            bail!("cannot create the {CHAIN} chain");
+        }
+        for m in matches {
+            let mut args = vec!["-A", CHAIN];
+            args.extend_from_slice(m);
+            args.extend_from_slice(&["-j", "NFQUEUE", "--queue-num", &q, "--queue-bypass"]);
+            if !iptables(is_v6, &args)? {
+                bail!("cannot add an NFQUEUE rule (is the kernel's NFQUEUE target available?)");
+            }
+        }
+        if !iptables(is_v6, &["-I", "INPUT", "1", "-j", CHAIN])? {
+            bail!("cannot add the jump to {CHAIN}");
+        }
+    }
+    Ok(())
+}
+
+/// Starts the NFQUEUE thread. It lives until the process exits (its rules carry
+/// `--queue-bypass`, so a stopped daemon never holds ICMP back).
+///
+/// # Errors
+/// If the queue cannot be opened or bound.
+pub fn start_queue(queue: u16, filter: Arc<RwLock<Filter>>, counters: Arc<IcmpCounters>, alarms: mpsc::UnboundedSender<Alarm>) -> Result<()> {
+    let mut q = nfq::Queue::open().context("opening NFQUEUE")?;
+    q.bind(queue).with_context(|| format!("binding NFQUEUE {queue}"))?;
+    q.set_fail_open(queue, true).context("NFQUEUE fail-open")?;
+    q.set_copy_range(queue, 1024).context("NFQUEUE copy range")?;
+    std::thread::Builder::new()
+        .name("detour-icmp".into())
+        .spawn(move || loop {
+            let Ok(mut msg) = q.recv() else {
+                std::thread::sleep(Duration::from_millis(10));
+                continue;
+            };
+            let at = Instant::now();
+            let verdict = filter.read().map(|f| f.classify(msg.get_payload())).unwrap_or(Verdict::Accept(Ignored::Malformed));
+            let verdict = match verdict {
+                // One more plausibility check: the quoted TCP connection must exist.
+                Verdict::Reroute { tcp: Some((local, remote)), .. } if !sockdiag::tcp_exists(local, remote).unwrap_or(true) => {
+                    Verdict::Accept(Ignored::NoConnection)
+                }
+                v => v,
+            };
+            match verdict {
+                Verdict::Reroute { peer, .. } => {
+                    counters.rerouted.fetch_add(1, Relaxed);
+                    msg.set_verdict(nfq::Verdict::Drop);
+                    let _ = alarms.send(Alarm::Icmp { peer, at });
+                }
+                Verdict::Accept(why) => {
+                    counters.ignore(why);
+                    msg.set_verdict(nfq::Verdict::Accept);
+                }
+            }
+            if let Err(e) = q.verdict(msg) {
+                tracing::warn!("NFQUEUE verdict: {e}");
+            }
+        })
+        .context("starting the ICMP thread")?;
+    Ok(())
+}
+
+/// Starts the TCP monitor thread: every `every` it reads the host's TCP connections and
+/// reports peers whose protected destinations have a connection that timed out twice in a
+/// row (a SYN once), at most once a second per peer.
+///
+/// # Errors
+/// If the thread cannot be started.
+pub fn start_tcp_monitor(every: Duration, filter: Arc<RwLock<Filter>>, counters: Arc<IcmpCounters>, alarms: mpsc::UnboundedSender<Alarm>) -> Result<()> {
+    std::thread::Builder::new()
+        .name("detour-tcpmon".into())
+        .spawn(move || {
+            let mut last: HashMap<usize, Instant> = HashMap::new();
+            loop {
+                std::thread::sleep(every);
+                if alarms.is_closed() {
+                    return;
+                }
+                let Ok(conns) = sockdiag::tcp_connections() else { continue };
+                let Ok(f) = filter.read() else { continue };
+                for c in conns {
+                    let stalled = match c.state {
+                        sockdiag::TCP_ESTABLISHED => c.retransmits >= 2,
+                        sockdiag::TCP_SYN_SENT => c.retransmits >= 1,
+                        _ => false,
+                    };
+                    if !stalled {
+                        continue;
+                    }
+                    let Some(&peer) = f.protected.lookup(c.remote.ip()) else { continue };
+                    let now = Instant::now();
+                    if last.get(&peer).is_some_and(|t| now < *t + Duration::from_secs(1)) {
+                        continue;
+                    }
+                    last.insert(peer, now);
+                    counters.tcp_stalls.fetch_add(1, Relaxed);
+                    let _ = alarms.send(Alarm::TcpStall { peer });
+                }
+            }
+        })
+        .context("starting the TCP monitor")?;
+    Ok(())
+}
