@@ -1,6 +1,7 @@
 //! End-to-end tests with real kernels, TUNs, ping, TCP and iperf3, each in network
 //! namespaces it creates and removes. Run as root (scripts/test.sh does).
 
+mod failover;
 mod lab;
 
 use std::time::Duration;

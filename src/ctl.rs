@@ -30,7 +30,10 @@ pub enum Response {
     /// Answer to [`Request::Status`].
     Status(Box<Status>),
     /// Answer to [`Request::Paths`].
-    Paths(Vec<PeerPaths>),
+    Paths {
+        /// One entry per peer.
+        peers: Vec<PeerPaths>,
+    },
     /// The request was not understood or failed.
     Error {
         /// What went wrong.
@@ -310,6 +313,15 @@ mod tests {
         assert_eq!(serde_json::from_str::<Request>(r#"{"cmd":"paths"}"#).unwrap(), Request::Paths);
         assert!(serde_json::from_str::<Request>(r#"{"cmd":"reboot"}"#).is_err());
         assert!(serde_json::from_str::<Request>("\u{0}\u{1}garbage").is_err());
+    }
+
+    #[test]
+    fn every_response_serializes() {
+        let r = Response::Paths { peers: vec![PeerPaths { name: "b".into(), paths: vec![] }] };
+        let text = serde_json::to_string(&r).unwrap();
+        assert!(matches!(serde_json::from_str::<Response>(&text).unwrap(), Response::Paths { .. }));
+        let e = serde_json::to_string(&Response::Error { message: "x".into() }).unwrap();
+        assert!(e.contains("\"error\""));
     }
 
     #[test]

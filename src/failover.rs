@@ -751,11 +751,10 @@ impl Failover {
             let new = match x.state {
                 _ if silent => PathState::Down,
                 PathState::Down if recovered_probes => {
-                    if x.loss > cfg.degraded_loss {
-                        PathState::Degraded
-                    } else {
-                        PathState::Up
-                    }
+                    // The losses counted while the path was down describe the outage, not
+                    // the quality of the path that came back.
+                    x.loss = 0.0;
+                    PathState::Up
                 }
                 PathState::Down => PathState::Down,
                 PathState::Up if x.loss > cfg.degraded_loss => PathState::Degraded,
@@ -1127,12 +1126,12 @@ mod tests {
         assert!(r.protect);
         assert_eq!(r.reason, Reason::ProbeLoss);
         assert!(net.route(1, 0).protect, "the other direction reroutes too");
-        // restore: direct again only after the hold-down
+        // restore: direct again after the hold-down, not much later
         net.cut.clear();
         let t1 = net.now;
         while net.route(0, 1).path != PathId::Direct {
             net.step();
-            assert!(net.now - t1 < Duration::from_secs(6));
+            assert!(net.now - t1 < FailoverConfig::default().hold_down + Duration::from_millis(300), "slow return");
         }
         assert!(net.now - t1 >= FailoverConfig::default().hold_down);
         assert!(!net.route(0, 1).protect);

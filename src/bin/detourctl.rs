@@ -119,8 +119,8 @@ fn run(args: Args) -> Result<(), String> {
             other => return Err(unexpected(other)),
         },
         Cmd::Paths { json, socket, config } => match ask(socket, config, Request::Paths)? {
-            Response::Paths(p) if json => println!("{}", serde_json::to_string_pretty(&p).map_err(|e| e.to_string())?),
-            Response::Paths(p) => print!("{}", render_paths(&p)),
+            Response::Paths { peers } if json => println!("{}", serde_json::to_string_pretty(&peers).map_err(|e| e.to_string())?),
+            Response::Paths { peers } => print!("{}", render_paths(&peers)),
             other => return Err(unexpected(other)),
         },
     }

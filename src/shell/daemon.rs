@@ -542,7 +542,7 @@ fn secs(i: Option<Instant>) -> Option<f64> {
 fn handle(shared: &Shared, req: Request) -> Response {
     match req {
         Request::Status => Response::Status(Box::new(status(shared))),
-        Request::Paths => Response::Paths(paths(shared)),
+        Request::Paths => Response::Paths { peers: paths(shared) },
     }
 }
 

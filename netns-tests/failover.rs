@@ -1,0 +1,271 @@
+//! Transparent failover (issue 3): failures made in the router namespace with netfilter
+//! drop and REJECT rules and the statistic match; real TCP and a 10 ms probe stream.
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use crate::lab::{bin, Lab};
+
+const UP: Duration = Duration::from_secs(15);
+const STREAM: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/netns-tests/helpers/stream.py");
+const TCPCHECK: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/netns-tests/helpers/tcpcheck.py");
+
+/// A lab whose hosts all peer with each other, every session up.
+fn mesh(names: &[&str]) -> Lab {
+    let mut lab = Lab::new(names);
+    lab.write_mesh();
+    lab.start_all();
+    for n in names {
+        let others: Vec<&str> = names.iter().copied().filter(|x| x != n).collect();
+        lab.wait_up(n, &others, UP);
+    }
+    lab
+}
+
+fn router(lab: &Lab, script: &str) {
+    let o = lab.sh(&lab.router, script);
+    assert!(o.ok, "router: `{script}`: {}", o.stderr);
+}
+
+/// Drops everything from `a` to `b` in the router (and back, if `both`).
+fn cut(lab: &Lab, a: &str, b: &str, both: bool) {
+    let (ua, ub) = (lab.host(a).underlay_v4(), lab.host(b).underlay_v4());
+    router(lab, &format!("iptables -I FORWARD -s {ua} -d {ub} -j DROP"));
+    if both {
+        router(lab, &format!("iptables -I FORWARD -s {ub} -d {ua} -j DROP"));
+    }
+}
+
+fn spawn(lab: &Lab, host: &str, args: &[&str]) -> Child {
+    Command::new("ip")
+        .args(["netns", "exec", &lab.host(host).ns])
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawning a helper")
+}
+
+fn finish(child: Child) -> (bool, String) {
+    let out = child.wait_with_output().expect("helper output");
+    (out.status.success(), String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr))
+}
+
+fn route(lab: &Lab, name: &str, peer: &str) -> Value {
+    Lab::peer(&lab.status(name), peer).clone()
+}
+
+fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) -> Duration {
+    let t0 = Instant::now();
+    while !f() {
+        assert!(t0.elapsed() < timeout, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    t0.elapsed()
+}
+
+#[test]
+fn a_long_tcp_transfer_survives_a_silent_cut_through_a_relay() {
+    let lab = mesh(&["alice", "bob", "carol"]);
+    let bob = lab.host("bob").underlay_v4();
+    let mut echo = spawn(&lab, "bob", &["python3", STREAM, "server", "9200"]);
+    let mut sink = spawn(&lab, "bob", &["python3", TCPCHECK, "server", "9100"]);
+    std::thread::sleep(Duration::from_millis(400));
+    // 24 MB spread over 8 s, and a 10 ms probe stream, both to bob's underlay address
+    let transfer = spawn(&lab, "alice", &["python3", TCPCHECK, "client", &bob, "9100", "24000000", "", "8"]);
+    let stream = spawn(&lab, "alice", &["python3", STREAM, "client", &bob, "9200", "8"]);
+    std::thread::sleep(Duration::from_secs(3));
+    cut(&lab, "alice", "bob", true);
+    let (ok, text) = finish(transfer);
+    let (_, s) = finish(stream);
+    let _ = echo.kill();
+    let _ = sink.kill();
+    let _ = echo.wait();
+    let _ = sink.wait();
+    let s: Value = serde_json::from_str(s.trim()).expect("stream output");
+    println!("silent cut: outage measured by the 10 ms probe stream: {} ms (at {} s)", s["outage_ms"], s["outage_at"]);
+    assert!(ok && text.starts_with("ok"), "the TCP transfer failed: {text}");
+    let outage = s["outage_ms"].as_f64().unwrap();
+    assert!(outage < 2000.0, "outage {outage} ms");
+    let r = route(&lab, "alice", "bob");
+    assert_eq!(r["path"], "via carol", "{r}");
+    assert_eq!(r["reason"], "probe_loss");
+    assert_eq!(r["protected"], true);
+    let c = lab.status("carol");
+    assert!(c["relayed_packets"].as_u64().unwrap() > 1000, "{c}");
+    // the kernel route for bob's underlay address points into bob's TUN
+    let rt = lab.ok("alice", &format!("ip route get {bob}"));
+    assert!(rt.contains("dev dt-bob"), "{rt}");
+}
+
+#[test]
+fn an_icmp_host_unreachable_makes_a_new_connect_succeed_through_a_relay() {
+    let lab = mesh(&["alice", "bob", "carol"]);
+    let (a, b) = (lab.host("alice").underlay_v4(), lab.host("bob").underlay_v4());
+    // TCP to bob's port 9100 is rejected with host unreachable; probes still pass
+    router(&lab, &format!("iptables -I FORWARD -s {a} -d {b} -p tcp --dport 9100 -j REJECT --reject-with icmp-host-unreachable"));
+    let mut sink = spawn(&lab, "bob", &["python3", TCPCHECK, "server", "9100"]);
+    std::thread::sleep(Duration::from_millis(400));
+    let t0 = Instant::now();
+    let (ok, text) = finish(spawn(&lab, "alice", &["python3", TCPCHECK, "client", &b, "9100", "100000"]));
+    let took = t0.elapsed();
+    let _ = sink.kill();
+    let _ = sink.wait();
+    assert!(ok && text.starts_with("ok"), "connect failed instead of going through the relay: {text}");
+    println!("connect through the relay took {took:?}");
+    let st = lab.status("alice");
+    assert!(st["icmp"]["rerouted"].as_u64().unwrap() >= 1, "{}", st["icmp"]);
+    assert_eq!(Lab::peer(&st, "bob")["reason"], "icmp_unreachable");
+}
+
+/// Sends a forged ICMP host unreachable to `to` from the router, quoting a TCP packet from
+/// `quoted_src` to `quoted_dst`.
+fn forge(lab: &Lab, to: &str, quoted_src: &str, quoted_dst: &str, dport: u16) {
+    let script = format!(
+        r#"
+import socket, struct
+def csum(b):
+    if len(b) % 2: b += b"\0"
+    s = sum(struct.unpack("!%dH" % (len(b) // 2), b))
+    s = (s >> 16) + (s & 0xffff); s += s >> 16
+    return (~s) & 0xffff
+ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 40, 1, 0x4000, 64, 6, 0, socket.inet_aton("{quoted_src}"), socket.inet_aton("{quoted_dst}"))
+ip = ip[:10] + struct.pack("!H", csum(ip)) + ip[12:]
+quoted = ip + struct.pack("!HHI", 43210, {dport}, 1)
+hdr = struct.pack("!BBHI", 3, 1, 0, 0)
+msg = hdr + quoted
+msg = msg[:2] + struct.pack("!H", csum(msg)) + msg[4:]
+s = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
+for _ in range(3):
+    s.sendto(msg, ("{to}", 0))
+"#
+    );
+    let o = lab.sh(&lab.router, &format!("python3 -c '{}'", script.replace('\'', "\"")));
+    assert!(o.ok, "forging: {}", o.stderr);
+}
+
+#[test]
+fn forged_icmp_unreachable_changes_nothing() {
+    let lab = mesh(&["alice", "bob", "carol"]);
+    let (a, b) = (lab.host("alice").underlay_v4(), lab.host("bob").underlay_v4());
+    let before = route(&lab, "alice", "bob")["route_changes"].as_u64().unwrap();
+    forge(&lab, &a, &a, "10.0.9.9", 80); // a destination detour does not protect
+    forge(&lab, &a, "10.0.3.77", &b, 80); // a quoted source that is not alice's
+    forge(&lab, &a, &a, &b, 80); // a TCP connection that does not exist
+    std::thread::sleep(Duration::from_millis(500));
+    let st = lab.status("alice");
+    let icmp = &st["icmp"];
+    assert_eq!(icmp["rerouted"], 0, "{icmp}");
+    assert!(icmp["ignored"]["not_protected"].as_u64().unwrap_or(0) >= 3, "{icmp}");
+    assert!(icmp["ignored"]["not_ours"].as_u64().unwrap_or(0) >= 3, "{icmp}");
+    assert!(icmp["ignored"]["no_connection"].as_u64().unwrap_or(0) >= 3, "{icmp}");
+    let r = Lab::peer(&st, "bob");
+    assert_eq!(r["path"], "direct");
+    assert_eq!(r["protected"], false);
+    assert_eq!(r["route_changes"].as_u64().unwrap(), before);
+}
+
+#[test]
+fn traffic_returns_after_the_hold_down_and_twenty_percent_loss_does_not_flap() {
+    let lab = mesh(&["alice", "bob", "carol"]);
+    cut(&lab, "alice", "bob", true);
+    wait_until("the reroute", Duration::from_secs(3), || route(&lab, "alice", "bob")["protected"] == true);
+    router(&lab, "iptables -F FORWARD");
+    let back = wait_until("the return to direct", Duration::from_secs(10), || route(&lab, "alice", "bob")["path"] == "direct");
+    println!("back on the direct path {back:?} after the repair");
+    assert!(back >= Duration::from_millis(2500), "returned before the hold-down: {back:?}");
+    assert!(!lab.ok("alice", "ip route show table 7720").contains(&lab.host("bob").underlay_v4()));
+    // 20 % random loss each way on the direct path
+    let (a, b) = (lab.host("alice").underlay_v4(), lab.host("bob").underlay_v4());
+    router(&lab, &format!("iptables -I FORWARD -s {a} -d {b} -m statistic --mode random --probability 0.2 -j DROP"));
+    router(&lab, &format!("iptables -I FORWARD -s {b} -d {a} -m statistic --mode random --probability 0.2 -j DROP"));
+    let changes = route(&lab, "alice", "bob")["route_changes"].as_u64().unwrap();
+    let changes_b = route(&lab, "bob", "alice")["route_changes"].as_u64().unwrap();
+    std::thread::sleep(Duration::from_secs(20));
+    let r = route(&lab, "alice", "bob");
+    assert_eq!(r["route_changes"].as_u64().unwrap(), changes, "the route flapped under 20% loss: {r}");
+    assert_eq!(route(&lab, "bob", "alice")["route_changes"].as_u64().unwrap(), changes_b);
+    assert_eq!(r["path"], "direct");
+    let paths = lab.ok("alice", &format!("{} paths --json -s {}", bin("detourctl"), lab.host("alice").socket.display()));
+    println!("{paths}");
+}
+
+#[test]
+fn stopping_the_relay_in_use_moves_traffic_to_another_relay() {
+    let mut lab = mesh(&["alice", "bob", "carol", "dave"]);
+    let bob = lab.host("bob").underlay_v4();
+    cut(&lab, "alice", "bob", true);
+    wait_until("the reroute", Duration::from_secs(3), || route(&lab, "alice", "bob")["protected"] == true);
+    let first = route(&lab, "alice", "bob")["path"].as_str().unwrap().trim_start_matches("via ").to_string();
+    assert!(first == "carol" || first == "dave", "{first}");
+    let mut echo = spawn(&lab, "bob", &["python3", STREAM, "server", "9200"]);
+    std::thread::sleep(Duration::from_millis(300));
+    let stream = spawn(&lab, "alice", &["python3", STREAM, "client", &bob, "9200", "6"]);
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(lab.stop(&first));
+    let (_, s) = finish(stream);
+    let _ = echo.kill();
+    let _ = echo.wait();
+    let s: Value = serde_json::from_str(s.trim()).unwrap();
+    println!("relay {first} stopped: outage {} ms", s["outage_ms"]);
+    let r = route(&lab, "alice", "bob");
+    assert_ne!(r["path"], format!("via {first}"), "{r}");
+    assert_ne!(r["path"], "direct");
+    // traffic flows again on the new path
+    assert!(s["received"].as_u64().unwrap() as f64 > 0.5 * s["sent"].as_u64().unwrap() as f64, "{s}");
+    let last = s["outage_at"].as_f64().unwrap();
+    assert!(last < 5.5, "no echoes after the relay stopped: {s}");
+    lab.ok("alice", &format!("ping -c 3 -i 0.1 -W 2 {bob}"));
+}
+
+#[test]
+fn a_one_way_failure_is_repaired_in_the_broken_direction_only() {
+    let lab = mesh(&["alice", "bob", "carol"]);
+    cut(&lab, "alice", "bob", false);
+    wait_until("alice's reroute", Duration::from_secs(3), || route(&lab, "alice", "bob")["protected"] == true);
+    std::thread::sleep(Duration::from_secs(1));
+    let a = route(&lab, "alice", "bob");
+    let b = route(&lab, "bob", "alice");
+    assert_eq!(a["path"], "via carol", "{a}");
+    assert_eq!(b["path"], "direct", "bob's own direction works: {b}");
+    assert_eq!(b["protected"], false);
+    // both directions carry TCP: alice's segments through carol, bob's ACKs direct
+    let b_addr = lab.host("bob").underlay_v4();
+    let mut sink = spawn(&lab, "bob", &["python3", TCPCHECK, "server", "9100"]);
+    std::thread::sleep(Duration::from_millis(300));
+    let (ok, text) = finish(spawn(&lab, "alice", &["python3", TCPCHECK, "client", &b_addr, "9100", "4000000"]));
+    let _ = sink.kill();
+    let _ = sink.wait();
+    assert!(ok, "{text}");
+    // and bob's connections to alice as well
+    let a_addr = lab.host("alice").underlay_v4();
+    let mut sink = spawn(&lab, "alice", &["python3", TCPCHECK, "server", "9101"]);
+    std::thread::sleep(Duration::from_millis(300));
+    let (ok, text) = finish(spawn(&lab, "bob", &["python3", TCPCHECK, "client", &a_addr, "9101", "4000000"]));
+    let _ = sink.kill();
+    let _ = sink.wait();
+    assert!(ok, "{text}");
+}
+
+#[test]
+fn a_healthy_path_stays_in_the_kernel_and_out_of_userspace() {
+    let lab = mesh(&["alice", "bob", "carol"]);
+    let bob = lab.host("bob").underlay_v4();
+    let rt = lab.ok("alice", &format!("ip route get {bob}"));
+    assert!(rt.contains("dev eth0") && !rt.contains("dt-"), "{rt}");
+    let tun_before: u64 = ["dt-bob", "dt-carol", "detour0"].iter().map(|d| lab.tx_packets("alice", d)).sum();
+    let mut sink = spawn(&lab, "bob", &["python3", TCPCHECK, "server", "9100"]);
+    std::thread::sleep(Duration::from_millis(300));
+    let (ok, text) = finish(spawn(&lab, "alice", &["python3", TCPCHECK, "client", &bob, "9100", "20000000"]));
+    let _ = sink.kill();
+    let _ = sink.wait();
+    assert!(ok, "{text}");
+    let tun_after: u64 = ["dt-bob", "dt-carol", "detour0"].iter().map(|d| lab.tx_packets("alice", d)).sum();
+    // Only the kernel's own IPv6 housekeeping (if any) may touch the TUNs.
+    assert!(tun_after - tun_before < 10, "the transfer went through detour's interfaces");
+    let r = route(&lab, "alice", "bob");
+    assert_eq!(r["path"], "direct");
+    assert_eq!(r["route_changes"], 0);
+}
