@@ -4,22 +4,28 @@
 #   forwarding  single- and 4-stream TCP (iperf3) and ping RTT between the same two
 #               namespaces over the bare underlay and through the overlay, in one run,
 #               plus detourd's CPU time per Gbit carried.
+#   failover    time from a failure of the direct path to traffic flowing again through a
+#               relay, measured by a 10 ms probe stream, for silent failures and for
+#               ICMP-signalled ones (BENCH_TRIALS each, default 10); the probe overhead per
+#               peer; healthy-path TCP throughput with and without detourd running.
 #
 # BENCH_SECONDS (default 10) sets the length of each iperf3 run. Run as root.
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 
 usage() {
-  echo "usage: $0 forwarding" >&2
+  echo "usage: $0 forwarding|failover" >&2
   exit 2
 }
 [ $# -eq 1 ] || usage
 NAME=$1
 SECS=${BENCH_SECONDS:-10}
 case "$NAME" in
-  forwarding) ;;
+  forwarding | failover) ;;
   *) usage ;;
 esac
+TRIALS=${BENCH_TRIALS:-10}
+STREAM="$DETOUR_ROOT/netns-tests/helpers/stream.py"
 
 lab_begin bench
 
@@ -108,7 +114,118 @@ print(json.dumps(r))
 EOF
 }
 
+# peer_field NS NAME PEER FIELD -> a field of PEER in NAME's status
+peer_field() {
+  ip netns exec "$1" "$BIN/detourctl" status --json -s "$DIR/$2.sock" \
+    | python3 -c "import json,sys; print(next(p for p in json.load(sys.stdin)['peers'] if p['name']=='$3')['$4'])"
+}
+
+bench_failover() {
+  mesh_start alice bob carol
+  local A="${P}h1" B="${P}h2" R="${P}r" UA=10.0.1.2 UB=10.0.2.2
+  ip netns exec "$B" python3 "$STREAM" server 9200 &
+  local echo_pid=$!
+  sleep 1
+
+  # Probe overhead: what alice sends to bob per second while everything is healthy.
+  local p0 p1
+  p0=$(peer_field "$A" alice bob probe_tx_bytes)
+  sleep 10
+  p1=$(peer_field "$A" alice bob probe_tx_bytes)
+  local probe_bps=$(((p1 - p0) / 10))
+
+  # Waits until alice sends to bob on the direct path again (after a hold-down).
+  wait_direct() {
+    local t
+    for t in $(seq 1 200); do
+      [ "$(peer_field "$A" alice bob path)" = direct ] && [ "$(peer_field "$A" alice bob protected)" = False ] && return 0
+      sleep 0.1
+    done
+    echo "alice did not return to the direct path" >&2
+    return 1
+  }
+
+  # trial silent|icmp -> outage in ms
+  trial() {
+    wait_direct
+    local out
+    out=$(mktemp)
+    ip netns exec "$A" python3 "$STREAM" client "$UB" 9200 3 >"$out" &
+    local client=$!
+    sleep 1
+    if [ "$1" = silent ]; then
+      ip netns exec "$R" iptables -I FORWARD -s "$UA" -d "$UB" -j DROP
+      ip netns exec "$R" iptables -I FORWARD -s "$UB" -d "$UA" -j DROP
+    else
+      ip netns exec "$R" iptables -I FORWARD -s "$UA" -d "$UB" -j REJECT --reject-with icmp-host-unreachable
+      ip netns exec "$R" iptables -I FORWARD -s "$UB" -d "$UA" -j REJECT --reject-with icmp-host-unreachable
+    fi
+    wait "$client"
+    ip netns exec "$R" iptables -F FORWARD
+    python3 -c "import json; print(json.load(open('$out'))['outage_ms'])"
+    rm -f "$out"
+  }
+  local silent=() icmp=() i
+  for i in $(seq 1 "$TRIALS"); do
+    echo "trial $i/$TRIALS..." >&2
+    silent+=("$(trial silent)")
+    icmp+=("$(trial icmp)")
+  done
+  kill "$echo_pid" 2>/dev/null || true
+
+  # Healthy path: TCP on the underlay addresses with and without detourd, alternating.
+  wait_direct
+  ip netns exec "$B" iperf3 -s -D >/dev/null
+  sleep 0.5
+  local with1 without1 with2 without2
+  echo "healthy path, detourd running..." >&2
+  read -r with1 _ < <(iperf "$A" "$UB" 1)
+  echo "healthy path, detourd stopped..." >&2
+  kill -TERM $(pgrep -f "detourd -c $DIR") 2>/dev/null || true
+  sleep 1
+  read -r without1 _ < <(iperf "$A" "$UB" 1)
+  start_daemon "${P}h1" "$DIR" alice
+  start_daemon "${P}h2" "$DIR" bob
+  start_daemon "${P}h3" "$DIR" carol
+  wait_up "${P}h1" "$DIR" alice 2
+  wait_direct
+  echo "healthy path, detourd running..." >&2
+  read -r with2 _ < <(iperf "$A" "$UB" 1)
+  kill -TERM $(pgrep -f "detourd -c $DIR") 2>/dev/null || true
+  sleep 1
+  echo "healthy path, detourd stopped..." >&2
+  read -r without2 _ < <(iperf "$A" "$UB" 1)
+
+  python3 - "$probe_bps" "$with1" "$without1" "$with2" "$without2" "${silent[*]}" "${icmp[*]}" <<'EOF'
+import json, statistics, sys
+probe = int(sys.argv[1])
+w1, o1, w2, o2 = (float(x) for x in sys.argv[2:6])
+silent = [float(x) for x in sys.argv[6].split()]
+icmp = [float(x) for x in sys.argv[7].split()]
+def pct(v, q):
+    v = sorted(v)
+    return v[min(len(v) - 1, int(round(q * (len(v) - 1))))]
+r = {
+    "bench": "failover",
+    "trials": len(silent),
+    "failover_silent_ms_p50": round(statistics.median(silent), 1),
+    "failover_silent_ms_p95": round(pct(silent, 0.95), 1),
+    "failover_icmp_ms_p50": round(statistics.median(icmp), 1),
+    "failover_icmp_ms_p95": round(pct(icmp, 0.95), 1),
+    "failover_silent_ms": silent,
+    "failover_icmp_ms": icmp,
+    "probe_bytes_per_s_per_peer": probe,
+    "healthy_gbps_with_detourd": [round(w1 / 1e9, 3), round(w2 / 1e9, 3)],
+    "healthy_gbps_without_detourd": [round(o1 / 1e9, 3), round(o2 / 1e9, 3)],
+    "healthy_throughput_ratio": round((w1 + w2) / (o1 + o2), 4),
+}
+for k, v in r.items():
+    print(f"{k:32} {v}", file=sys.stderr)
+print(json.dumps(r))
+EOF
+}
+
 case "$NAME" in
   forwarding) bench_forwarding ;;
-  *) usage ;;
+  failover) bench_failover ;;
 esac

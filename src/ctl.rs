@@ -283,7 +283,7 @@ pub fn render_status(s: &Status) -> String {
 /// Renders `detourctl paths`: one table row per monitored path.
 pub fn render_paths(peers: &[PeerPaths]) -> String {
     let mut o = String::new();
-    let _ = writeln!(o, "{:<16} {:<20} {:<9} {:>10} {:>9} {:>7}  {}", "PEER", "PATH", "STATE", "SINCE", "RTT", "LOSS", "IN USE");
+    let _ = writeln!(o, "{:<16} {:<20} {:<9} {:>10} {:>9} {:>7}  IN USE", "PEER", "PATH", "STATE", "SINCE", "RTT", "LOSS");
     for p in peers {
         for r in &p.paths {
             let rtt = r.rtt_ms.map(|v| format!("{v:.2} ms")).unwrap_or_else(|| "-".into());
