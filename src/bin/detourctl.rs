@@ -38,29 +38,23 @@ enum Cmd {
         public_key: Option<String>,
     },
     /// List every monitored path with RTT, loss and state.
-    Paths {
-        /// Print the daemon's JSON answer instead of the table.
-        #[arg(long)]
-        json: bool,
-        /// Control socket of the daemon.
-        #[arg(short, long, value_name = "PATH")]
-        socket: Option<PathBuf>,
-        /// Read the control socket path from this configuration file.
-        #[arg(short, long, value_name = "FILE")]
-        config: Option<PathBuf>,
-    },
+    Paths(Query),
     /// Show this node and its peers: state, handshakes, RTT, traffic, drops, path.
-    Status {
-        /// Print the daemon's JSON answer instead of the table.
-        #[arg(long)]
-        json: bool,
-        /// Control socket of the daemon.
-        #[arg(short, long, value_name = "PATH")]
-        socket: Option<PathBuf>,
-        /// Read the control socket path from this configuration file.
-        #[arg(short, long, value_name = "FILE")]
-        config: Option<PathBuf>,
-    },
+    Status(Query),
+}
+
+/// How to reach the daemon, and the output form.
+#[derive(clap::Args, Debug)]
+struct Query {
+    /// Print the daemon's JSON answer instead of the table.
+    #[arg(long)]
+    json: bool,
+    /// Control socket of the daemon.
+    #[arg(short, long, value_name = "PATH")]
+    socket: Option<PathBuf>,
+    /// Read the control socket path from this configuration file.
+    #[arg(short, long, value_name = "FILE")]
+    config: Option<PathBuf>,
 }
 
 fn read_identity(file: Option<PathBuf>) -> Result<Identity, String> {
@@ -113,13 +107,13 @@ fn run(args: Args) -> Result<(), String> {
             Some(k) => println!("{}", k.parse::<PublicKey>().map_err(|e| format!("--public-key: {e}"))?.node_id()),
             None => println!("{}", read_identity(file)?.node_id()),
         },
-        Cmd::Status { json, socket, config } => match ask(socket, config, Request::Status)? {
-            Response::Status(s) if json => println!("{}", serde_json::to_string_pretty(&s).map_err(|e| e.to_string())?),
+        Cmd::Status(q) => match ask(q.socket, q.config, Request::Status)? {
+            Response::Status(s) if q.json => println!("{}", serde_json::to_string_pretty(&s).map_err(|e| e.to_string())?),
             Response::Status(s) => print!("{}", render_status(&s)),
             other => return Err(unexpected(other)),
         },
-        Cmd::Paths { json, socket, config } => match ask(socket, config, Request::Paths)? {
-            Response::Paths { peers } if json => println!("{}", serde_json::to_string_pretty(&peers).map_err(|e| e.to_string())?),
+        Cmd::Paths(q) => match ask(q.socket, q.config, Request::Paths)? {
+            Response::Paths { peers } if q.json => println!("{}", serde_json::to_string_pretty(&peers).map_err(|e| e.to_string())?),
             Response::Paths { peers } => print!("{}", render_paths(&peers)),
             other => return Err(unexpected(other)),
         },
