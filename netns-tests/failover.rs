@@ -269,3 +269,33 @@ fn a_healthy_path_stays_in_the_kernel_and_out_of_userspace() {
     assert_eq!(r["path"], "direct");
     assert_eq!(r["route_changes"], 0);
 }
+
+#[test]
+fn stalled_tcp_connections_trigger_a_confirmed_reroute() {
+    // Probing alone would take 8 s to call the path down: the TCP monitor must be faster.
+    let mut lab = Lab::new(&["alice", "bob", "carol"]);
+    lab.write_mesh();
+    let mut a = lab.node_section("alice", "");
+    a += "\n[failover]\ndown_after_ms = 8000\n";
+    a += &lab.peer_section("bob", None, "");
+    a += &lab.peer_section("carol", None, "");
+    lab.write_config("alice", &a);
+    lab.start_all();
+    lab.wait_up("alice", &["bob", "carol"], UP);
+    lab.wait_up("bob", &["alice", "carol"], UP);
+    let bob = lab.host("bob").underlay_v4();
+    let mut sink = spawn(&lab, "bob", &["python3", TCPCHECK, "server", "9100"]);
+    std::thread::sleep(Duration::from_millis(400));
+    let transfer = spawn(&lab, "alice", &["python3", TCPCHECK, "client", &bob, "9100", "16000000", "", "6"]);
+    std::thread::sleep(Duration::from_secs(2));
+    cut(&lab, "alice", "bob", true);
+    let took = wait_until("the TCP-stall reroute", Duration::from_secs(5), || route(&lab, "alice", "bob")["protected"] == true);
+    println!("rerouted {took:?} after the cut");
+    let (ok, text) = finish(transfer);
+    let _ = sink.kill();
+    let _ = sink.wait();
+    assert!(ok && text.starts_with("ok"), "{text}");
+    let st = lab.status("alice");
+    assert_eq!(Lab::peer(&st, "bob")["reason"], "tcp_stall", "{st}");
+    assert!(st["icmp"]["tcp_stalls"].as_u64().unwrap() >= 1);
+}
