@@ -242,6 +242,12 @@ impl Identity {
         self.public_key().node_id()
     }
 
+    /// An Ed25519 signature of `msg` (64 bytes).
+    pub fn sign(&self, msg: &[u8]) -> [u8; 64] {
+        use ed25519_dalek::Signer;
+        self.signing.sign(msg).to_bytes()
+    }
+
     /// Reads a key file written by [`Identity::write_new`] (or any PKCS#8 PEM Ed25519 key).
     ///
     /// # Errors

@@ -11,6 +11,7 @@
 pub mod config;
 pub mod ctl;
 pub mod dataplane;
+pub mod directory;
 pub mod failover;
 pub mod icmp;
 pub mod identity;
@@ -18,6 +19,7 @@ pub mod kernel;
 pub mod links;
 pub mod mgmt;
 pub mod model;
+pub mod mroute;
 pub mod packet;
 pub mod replay;
 pub mod routing;

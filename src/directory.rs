@@ -1,0 +1,426 @@
+//! The node directory: signed node records spread as soft state, and P2PNS-style names
+//! (spec A§3.1–A§3.2, seeds-digest items 57–61; P2PNS register/resolve, `002`).
+//!
+//! Every node publishes a [`NodeRecord`]: who it is (node ID, name, public key), where it is
+//! (underlay endpoints), what it offers (overlay addresses, prefixes, relay willingness,
+//! uptime class), its management neighbours (so that every node knows the management
+//! topology) and a sequence number and expiry. The record is signed with the node's key;
+//! the node ID must be the hash of that key, so a record cannot be forged for someone else's
+//! ID. Records are refreshed before they expire and forgotten when they do; a record with a
+//! bad signature, a key that does not match its ID, an old sequence number or a past expiry
+//! is rejected and counted. The newest seen sequence number of a forgotten node is kept for
+//! a while, so an old record cannot be replayed into the directory.
+//!
+//! Names: a name belongs to the node that registered it first (earliest registration time,
+//! then lowest node ID); a later claim by another key is refused. A record that claims a
+//! taken name is still accepted as a node record, without that name.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+
+use base64::Engine;
+use ed25519_dalek::{Signature, Verifier, VerifyingKey};
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
+
+use crate::identity::{Identity, NodeId, PublicKey};
+
+/// How long a record is valid after it was signed (seconds).
+pub const RECORD_TTL_S: u64 = 120;
+/// How often a node re-signs its record (seconds).
+pub const REFRESH_S: u64 = 30;
+/// How long the sequence number of a forgotten node is remembered (seconds).
+pub const TOMBSTONE_S: u64 = 3600;
+/// Largest signed record accepted, in bytes.
+pub const MAX_RECORD: usize = 16 * 1024;
+
+/// How long a node has been up: stable hosts are preferred as neighbours and relays.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Uptime {
+    /// Routers and servers: up for days.
+    Stable,
+    /// Laptops and the like: minutes to hours.
+    Ephemeral,
+}
+
+/// A name and when its holder first registered it (unix seconds).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Name {
+    /// The name.
+    pub name: String,
+    /// Registration time, unix seconds.
+    pub since: u64,
+}
+
+/// What a node publishes about itself.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NodeRecord {
+    /// Node ID (first 16 bytes of SHA-256 of `public_key`).
+    pub node_id: NodeId,
+    /// Ed25519 public key, base64.
+    pub public_key: String,
+    /// Registered names; the first is the node's own name.
+    pub names: Vec<Name>,
+    /// Underlay endpoints of the data plane (the management port is the data port + 1).
+    pub endpoints: Vec<SocketAddr>,
+    /// Overlay IPv4 address.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub overlay_v4: Option<Ipv4Addr>,
+    /// Overlay IPv6 address.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub overlay_v6: Option<Ipv6Addr>,
+    /// Prefixes reachable through the node.
+    #[serde(default)]
+    pub prefixes: Vec<IpNet>,
+    /// Whether the node relays for others.
+    pub relay: bool,
+    /// Uptime class.
+    pub uptime: Uptime,
+    /// Management neighbours (nodes it keeps sessions with).
+    #[serde(default)]
+    pub neighbours: Vec<NodeId>,
+    /// Sequence number; a newer record has a larger one.
+    pub seq: u64,
+    /// Unix time after which the record is invalid.
+    pub expires: u64,
+}
+
+impl NodeRecord {
+    /// The node's own name.
+    pub fn name(&self) -> &str {
+        self.names.first().map(|n| n.name.as_str()).unwrap_or("")
+    }
+}
+
+/// A record as it travels: the exact signed bytes and the signature.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SignedRecord {
+    /// JSON of the [`NodeRecord`], base64.
+    pub body: String,
+    /// Ed25519 signature over the body bytes, base64.
+    pub sig: String,
+}
+
+/// Why a record was rejected.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, thiserror::Error)]
+pub enum Reject {
+    /// Not decodable.
+    #[error("malformed record")]
+    Malformed,
+    /// The signature does not verify with the record's key.
+    #[error("bad signature")]
+    BadSignature,
+    /// The node ID is not the hash of the key.
+    #[error("key does not match the node ID")]
+    KeyMismatch,
+    /// Not newer than the record already known (or remembered).
+    #[error("stale sequence number")]
+    Stale,
+    /// Its expiry has passed (or is implausibly far away).
+    #[error("expired")]
+    Expired,
+}
+
+impl Reject {
+    /// All reasons, for counters.
+    pub const ALL: [Reject; 5] = [Reject::Malformed, Reject::BadSignature, Reject::KeyMismatch, Reject::Stale, Reject::Expired];
+
+    /// snake_case name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reject::Malformed => "malformed",
+            Reject::BadSignature => "bad_signature",
+            Reject::KeyMismatch => "key_mismatch",
+            Reject::Stale => "stale",
+            Reject::Expired => "expired",
+        }
+    }
+}
+
+fn b64() -> base64::engine::GeneralPurpose {
+    base64::engine::general_purpose::STANDARD
+}
+
+impl SignedRecord {
+    /// Signs a record with the node's identity.
+    pub fn sign(record: &NodeRecord, identity: &Identity) -> SignedRecord {
+        let body = serde_json::to_vec(record).expect("records serialize");
+        let sig = identity.sign(&body);
+        SignedRecord { body: b64().encode(&body), sig: b64().encode(sig) }
+    }
+
+    /// Checks the signature and that the node ID belongs to the key, and decodes.
+    ///
+    /// # Errors
+    /// [`Reject::Malformed`], [`Reject::BadSignature`] or [`Reject::KeyMismatch`].
+    pub fn verify(&self) -> Result<NodeRecord, Reject> {
+        if self.body.len() > MAX_RECORD * 2 {
+            return Err(Reject::Malformed);
+        }
+        let body = b64().decode(&self.body).map_err(|_| Reject::Malformed)?;
+        let sig = b64().decode(&self.sig).map_err(|_| Reject::Malformed)?;
+        let rec: NodeRecord = serde_json::from_slice(&body).map_err(|_| Reject::Malformed)?;
+        let key: PublicKey = rec.public_key.parse().map_err(|_| Reject::Malformed)?;
+        if key.node_id() != rec.node_id {
+            return Err(Reject::KeyMismatch);
+        }
+        let vk = VerifyingKey::from_bytes(&key.0).map_err(|_| Reject::Malformed)?;
+        let sig: [u8; 64] = sig.try_into().map_err(|_| Reject::Malformed)?;
+        vk.verify(&body, &Signature::from_bytes(&sig)).map_err(|_| Reject::BadSignature)?;
+        Ok(rec)
+    }
+}
+
+/// A record accepted into the directory.
+#[derive(Debug, Clone)]
+pub struct Entry {
+    /// The decoded record.
+    pub record: NodeRecord,
+    /// The signed form, to pass on.
+    pub signed: SignedRecord,
+}
+
+/// The result of offering a record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Accepted {
+    /// A node not known before.
+    New,
+    /// A newer record of a known node.
+    Updated,
+}
+
+/// The directory of one node.
+#[derive(Debug, Default)]
+pub struct Directory {
+    entries: HashMap<NodeId, Entry>,
+    tombstones: HashMap<NodeId, (u64, u64)>,
+    rejected: BTreeMap<&'static str, u64>,
+}
+
+impl Directory {
+    /// An empty directory.
+    pub fn new() -> Directory {
+        Directory::default()
+    }
+
+    /// Offers a signed record received at `now` (unix seconds).
+    ///
+    /// # Errors
+    /// Why it was rejected (also counted).
+    pub fn insert(&mut self, signed: SignedRecord, now: u64) -> Result<Accepted, Reject> {
+        let r = self.check(&signed, now);
+        match r {
+            Ok(rec) => {
+                let new = !self.entries.contains_key(&rec.node_id);
+                self.tombstones.remove(&rec.node_id);
+                self.entries.insert(rec.node_id, Entry { record: rec, signed });
+                Ok(if new { Accepted::New } else { Accepted::Updated })
+            }
+            Err(e) => {
+                *self.rejected.entry(e.as_str()).or_default() += 1;
+                Err(e)
+            }
+        }
+    }
+
+    fn check(&self, signed: &SignedRecord, now: u64) -> Result<NodeRecord, Reject> {
+        let rec = signed.verify()?;
+        if rec.expires <= now || rec.expires > now + 10 * RECORD_TTL_S {
+            return Err(Reject::Expired);
+        }
+        let known = self.entries.get(&rec.node_id).map(|e| e.record.seq).or_else(|| self.tombstones.get(&rec.node_id).map(|t| t.0));
+        if known.is_some_and(|k| rec.seq <= k) {
+            return Err(Reject::Stale);
+        }
+        Ok(rec)
+    }
+
+    /// Forgets expired records (keeping their sequence numbers for [`TOMBSTONE_S`]).
+    /// Returns the nodes forgotten.
+    pub fn expire(&mut self, now: u64) -> Vec<NodeId> {
+        let gone: Vec<NodeId> = self.entries.iter().filter(|(_, e)| e.record.expires <= now).map(|(id, _)| *id).collect();
+        for id in &gone {
+            if let Some(e) = self.entries.remove(id) {
+                self.tombstones.insert(*id, (e.record.seq, now + TOMBSTONE_S));
+            }
+        }
+        self.tombstones.retain(|_, (_, until)| *until > now);
+        gone
+    }
+
+    /// A node's record.
+    pub fn get(&self, id: &NodeId) -> Option<&Entry> {
+        self.entries.get(id)
+    }
+
+    /// Every record.
+    pub fn entries(&self) -> impl Iterator<Item = &Entry> {
+        self.entries.values()
+    }
+
+    /// Number of records.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// True when empty.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// (node ID, sequence number) of every record: what anti-entropy exchanges.
+    pub fn digest(&self) -> Vec<(NodeId, u64)> {
+        let mut d: Vec<(NodeId, u64)> = self.entries.iter().map(|(id, e)| (*id, e.record.seq)).collect();
+        d.sort();
+        d
+    }
+
+    /// Compares with a neighbour's digest: the records this directory has that are newer
+    /// (or missing there), and the node IDs it should ask for.
+    pub fn diff(&self, theirs: &[(NodeId, u64)]) -> (Vec<SignedRecord>, Vec<NodeId>) {
+        let their: HashMap<NodeId, u64> = theirs.iter().copied().collect();
+        let give = self.entries.iter().filter(|(id, e)| their.get(id).is_none_or(|s| *s < e.record.seq)).map(|(_, e)| e.signed.clone()).collect();
+        let want = theirs.iter().filter(|(id, s)| self.entries.get(id).is_none_or(|e| e.record.seq < *s)).map(|(id, _)| *id).collect();
+        (give, want)
+    }
+
+    /// Who holds a name: the earliest registration wins, then the lowest node ID.
+    pub fn holder(&self, name: &str) -> Option<&Entry> {
+        self.entries
+            .values()
+            .filter_map(|e| e.record.names.iter().find(|n| n.name == name).map(|n| (n.since, e.record.node_id, e)))
+            .min_by_key(|(since, id, _)| (*since, *id))
+            .map(|(_, _, e)| e)
+    }
+
+    /// P2PNS resolve: the node holding `name`.
+    pub fn resolve(&self, name: &str) -> Option<&NodeRecord> {
+        self.holder(name).map(|e| &e.record)
+    }
+
+    /// Whether `node` may register `name` registered at `since`: it is free, or held by
+    /// `node` itself, or `node`'s claim is older.
+    pub fn may_register(&self, node: &NodeId, name: &str, since: u64) -> bool {
+        match self.holder(name) {
+            None => true,
+            Some(e) if e.record.node_id == *node => true,
+            Some(e) => {
+                let theirs = e.record.names.iter().find(|n| n.name == name).map(|n| n.since).unwrap_or(u64::MAX);
+                (since, *node) < (theirs, e.record.node_id)
+            }
+        }
+    }
+
+    /// Rejections so far, by reason.
+    pub fn rejected(&self) -> &BTreeMap<&'static str, u64> {
+        &self.rejected
+    }
+
+    /// The highest sequence number known or remembered for a node.
+    pub fn known_seq(&self, id: &NodeId) -> Option<u64> {
+        self.entries.get(id).map(|e| e.record.seq).or_else(|| self.tombstones.get(id).map(|t| t.0))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(id: &Identity, name: &str, since: u64, seq: u64, expires: u64) -> NodeRecord {
+        NodeRecord {
+            node_id: id.node_id(),
+            public_key: id.public_key().to_string(),
+            names: vec![Name { name: name.into(), since }],
+            endpoints: vec!["192.0.2.1:7720".parse().unwrap()],
+            overlay_v4: Some("10.77.0.1".parse().unwrap()),
+            overlay_v6: None,
+            prefixes: vec![],
+            relay: true,
+            uptime: Uptime::Stable,
+            neighbours: vec![],
+            seq,
+            expires,
+        }
+    }
+
+    #[test]
+    fn signed_records_verify_and_update_by_sequence() {
+        let a = Identity::from_seed([1; 32]);
+        let mut d = Directory::new();
+        assert_eq!(d.insert(SignedRecord::sign(&record(&a, "alice", 10, 1, 200), &a), 100), Ok(Accepted::New));
+        assert_eq!(d.insert(SignedRecord::sign(&record(&a, "alice", 10, 2, 200), &a), 100), Ok(Accepted::Updated));
+        assert_eq!(d.insert(SignedRecord::sign(&record(&a, "alice", 10, 2, 200), &a), 100), Err(Reject::Stale), "replay");
+        assert_eq!(d.insert(SignedRecord::sign(&record(&a, "alice", 10, 1, 200), &a), 100), Err(Reject::Stale), "older");
+        assert_eq!(d.get(&a.node_id()).unwrap().record.seq, 2);
+        assert_eq!(d.rejected().get("stale"), Some(&2));
+    }
+
+    #[test]
+    fn forgeries_are_rejected() {
+        let a = Identity::from_seed([1; 32]);
+        let m = Identity::from_seed([2; 32]);
+        let mut d = Directory::new();
+        // mallory signs a record for alice's node ID with her own key
+        let mut r = record(&a, "alice", 10, 5, 200);
+        r.public_key = m.public_key().to_string();
+        assert_eq!(d.insert(SignedRecord::sign(&r, &m), 100), Err(Reject::KeyMismatch));
+        // a valid record with its body changed after signing
+        let good = SignedRecord::sign(&record(&a, "alice", 10, 5, 200), &a);
+        let mut body = b64().decode(&good.body).unwrap();
+        let text = String::from_utf8(body.clone()).unwrap().replace("192.0.2.1", "192.0.2.9");
+        body = text.into_bytes();
+        let tampered = SignedRecord { body: b64().encode(body), sig: good.sig.clone() };
+        assert_eq!(d.insert(tampered, 100), Err(Reject::BadSignature));
+        assert_eq!(d.insert(SignedRecord { body: "!!".into(), sig: "".into() }, 100), Err(Reject::Malformed));
+        assert_eq!(d.insert(SignedRecord::sign(&record(&a, "alice", 10, 5, 90), &a), 100), Err(Reject::Expired));
+        assert!(d.is_empty());
+    }
+
+    #[test]
+    fn expired_records_go_and_cannot_be_replayed() {
+        let a = Identity::from_seed([1; 32]);
+        let mut d = Directory::new();
+        let old = SignedRecord::sign(&record(&a, "alice", 10, 3, 200), &a);
+        d.insert(old.clone(), 100).unwrap();
+        assert_eq!(d.expire(250), vec![a.node_id()]);
+        assert!(d.is_empty());
+        // the same record replayed later is refused by the tombstone, and is expired anyway
+        assert!(d.insert(old, 150).is_err());
+        assert_eq!(d.insert(SignedRecord::sign(&record(&a, "alice", 10, 3, 400), &a), 260), Err(Reject::Stale));
+        assert_eq!(d.insert(SignedRecord::sign(&record(&a, "alice", 10, 4, 400), &a), 260), Ok(Accepted::New));
+    }
+
+    #[test]
+    fn first_registration_holds_a_name() {
+        let a = Identity::from_seed([1; 32]);
+        let b = Identity::from_seed([2; 32]);
+        let mut d = Directory::new();
+        d.insert(SignedRecord::sign(&record(&a, "sip:office", 10, 1, 200), &a), 100).unwrap();
+        // b claims the same name later: its record is accepted, the name stays a's
+        d.insert(SignedRecord::sign(&record(&b, "sip:office", 20, 1, 200), &b), 100).unwrap();
+        assert_eq!(d.resolve("sip:office").unwrap().node_id, a.node_id());
+        assert!(!d.may_register(&b.node_id(), "sip:office", 20));
+        assert!(d.may_register(&a.node_id(), "sip:office", 10));
+        assert!(d.may_register(&b.node_id(), "other", 20));
+        assert_eq!(d.len(), 2);
+    }
+
+    #[test]
+    fn digests_find_what_each_side_lacks() {
+        let a = Identity::from_seed([1; 32]);
+        let b = Identity::from_seed([2; 32]);
+        let mut x = Directory::new();
+        let mut y = Directory::new();
+        x.insert(SignedRecord::sign(&record(&a, "a", 1, 5, 200), &a), 100).unwrap();
+        y.insert(SignedRecord::sign(&record(&a, "a", 1, 3, 200), &a), 100).unwrap();
+        y.insert(SignedRecord::sign(&record(&b, "b", 1, 1, 200), &b), 100).unwrap();
+        let (give, want) = x.diff(&y.digest());
+        assert_eq!(give.len(), 1, "x has a newer record of a");
+        assert_eq!(want, vec![b.node_id()]);
+        for r in give {
+            y.insert(r, 100).unwrap();
+        }
+        assert_eq!(y.get(&a.node_id()).unwrap().record.seq, 5);
+    }
+}
