@@ -21,6 +21,15 @@ fn mesh(names: &[&str]) -> Lab {
         let others: Vec<&str> = names.iter().copied().filter(|x| x != n).collect();
         lab.wait_up(n, &others, UP);
     }
+    // Failures are injected only once every pair has a standby relay path, as on a node
+    // that has been up for a few seconds.
+    if names.len() > 2 {
+        for (i, a) in names.iter().enumerate() {
+            for b in &names[i + 1..] {
+                wait_relays_ready(&lab, a, b);
+            }
+        }
+    }
     lab
 }
 
@@ -55,6 +64,17 @@ fn finish(child: Child) -> (bool, String) {
 
 fn route(lab: &Lab, name: &str, peer: &str) -> Value {
     Lab::peer(&lab.status(name), peer).clone()
+}
+
+/// Waits until `a` has a working standby relay path to `b` and `b` one to `a`: a one-way
+/// failure can only be told apart when the far end's reports have a way back.
+fn wait_relays_ready(lab: &Lab, a: &str, b: &str) {
+    let ready = |x: &str, y: &str| {
+        let out = lab.ok(x, &format!("{} paths --json -s {}", bin("detourctl"), lab.host(x).socket.display()));
+        let v: Value = serde_json::from_str(&out).unwrap_or(Value::Null);
+        v.as_array().into_iter().flatten().filter(|p| p["name"] == y).flat_map(|p| p["paths"].as_array().cloned().unwrap_or_default()).any(|r| r["path"].as_str().is_some_and(|s| s.starts_with("via ")) && r["state"] == "up")
+    };
+    wait_until("standby relay paths", Duration::from_secs(10), || ready(a, b) && ready(b, a));
 }
 
 fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) -> Duration {
@@ -212,7 +232,7 @@ fn stopping_the_relay_in_use_moves_traffic_to_another_relay() {
     println!("relay {first} stopped: outage {} ms", s["outage_ms"]);
     let r = route(&lab, "alice", "bob");
     assert_ne!(r["path"], format!("via {first}"), "{r}");
-    assert_ne!(r["path"], "direct");
+    assert_ne!(r["path"], "direct", "{r}\n--- alice's log ---\n{}", lab.log("alice"));
     // traffic flows again on the new path
     assert!(s["received"].as_u64().unwrap() as f64 > 0.5 * s["sent"].as_u64().unwrap() as f64, "{s}");
     let last = s["outage_at"].as_f64().unwrap();
@@ -229,7 +249,7 @@ fn a_one_way_failure_is_repaired_in_the_broken_direction_only() {
     let a = route(&lab, "alice", "bob");
     let b = route(&lab, "bob", "alice");
     assert_eq!(a["path"], "via carol", "{a}");
-    assert_eq!(b["path"], "direct", "bob's own direction works: {b}");
+    assert_eq!(b["path"], "direct", "bob's own direction works: {b}\n--- bob's log ---\n{}", lab.log("bob"));
     assert_eq!(b["protected"], false);
     // both directions carry TCP: alice's segments through carol, bob's ACKs direct
     let b_addr = lab.host("bob").underlay_v4();

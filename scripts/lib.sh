@@ -96,7 +96,6 @@ overlay_ipv4 = "10.77.0.$i/24"
 overlay_ipv6 = "fd77::$i/64"
 prefixes = ["10.$((100 + i)).0.0/24", "fd10:$i::/64"]
 control_socket = "$dir/$name.sock"
-${DATA_THREADS:+data_threads = $DATA_THREADS}
 EOF
   local peer pname pi
   for peer in "$@"; do

@@ -121,10 +121,56 @@ pub struct NodeConfig {
     pub log_level: String,
     /// Path of the root-only control socket.
     pub control_socket: PathBuf,
-    /// Data-plane threads: 1 (TX and RX on one thread, the default) or 2 (one each).
-    pub data_threads: usize,
     /// Whether this node relays between its peers when they ask.
     pub relay: bool,
+    /// Uptime class published in the directory (stable hosts are preferred as management
+    /// neighbours and relays).
+    pub uptime: crate::directory::Uptime,
+    /// Underlay data endpoints published in the directory; empty means this host's global
+    /// addresses with the data port.
+    pub advertise: Vec<SocketAddr>,
+}
+
+/// The management overlay (`[management]`).
+#[derive(Debug, Clone)]
+pub struct ManagementConfig {
+    /// Most management neighbours chosen by this node (configured peers come on top).
+    pub max_neighbours: usize,
+    /// Fewest management neighbours chosen, whatever the reliability rule gives.
+    pub min_neighbours: usize,
+    /// Probability with which a message should find a live path; with the measured
+    /// availability of neighbours it sets the neighbour count (`mroute::neighbours_for`).
+    pub target_delivery: f64,
+    /// UDP port of the local API on 127.0.0.1 and ::1 (`None`: off).
+    pub api_port: Option<u16>,
+    /// Messages per second one local program may send (bursts of twice that).
+    pub api_rate: u32,
+    /// Mark management packets with DSCP CS6 (an iptables mangle rule).
+    pub dscp: bool,
+    /// Underlay interface on which detourd installs an HTB qdisc that serves management
+    /// packets first.
+    pub qdisc_interface: Option<String>,
+    /// Rate of that qdisc in bit/s (set it a little below the link's real rate).
+    pub qdisc_rate: u64,
+    /// On-demand sessions (not configured, not a neighbour) close after this long without
+    /// forwarding traffic.
+    pub idle_timeout: Duration,
+}
+
+impl Default for ManagementConfig {
+    fn default() -> Self {
+        ManagementConfig {
+            max_neighbours: 8,
+            min_neighbours: 3,
+            target_delivery: 0.9999,
+            api_port: None,
+            api_rate: 200,
+            dscp: true,
+            qdisc_interface: None,
+            qdisc_rate: 0,
+            idle_timeout: Duration::from_secs(60),
+        }
+    }
 }
 
 /// Failure detection and rerouting (`[failover]`).
@@ -222,6 +268,8 @@ pub struct Config {
     pub kernel: KernelConfig,
     /// `[failover]`.
     pub failover: FailoverSettings,
+    /// `[management]`.
+    pub management: ManagementConfig,
     /// `[[peer]]` entries, in file order.
     pub peers: Vec<PeerConfig>,
 }
@@ -234,6 +282,8 @@ struct RawConfig {
     kernel: RawKernel,
     #[serde(default)]
     failover: RawFailover,
+    #[serde(default)]
+    management: RawManagement,
     #[serde(default, rename = "peer")]
     peers: Vec<RawPeer>,
 }
@@ -254,8 +304,24 @@ struct RawNode {
     underlay_mtu: Option<u16>,
     log_level: Option<String>,
     control_socket: Option<String>,
-    data_threads: Option<u8>,
     relay: Option<bool>,
+    uptime: Option<String>,
+    #[serde(default)]
+    advertise: Vec<String>,
+}
+
+#[derive(Deserialize, Debug, Default)]
+#[serde(deny_unknown_fields)]
+struct RawManagement {
+    max_neighbours: Option<usize>,
+    min_neighbours: Option<usize>,
+    target_delivery: Option<f64>,
+    api_port: Option<u16>,
+    api_rate: Option<u32>,
+    dscp: Option<bool>,
+    qdisc_interface: Option<String>,
+    qdisc_rate: Option<String>,
+    idle_timeout_s: Option<u64>,
 }
 
 #[derive(Deserialize, Debug, Default)]
@@ -530,11 +596,22 @@ fn validate(raw: RawConfig, file: &str, errs: &mut Errors) -> Option<Config> {
     if tracing_subscriber::EnvFilter::try_new(&log_level).is_err() {
         errs.push("node.log_level", format!("expected `error`, `warn`, `info`, `debug`, `trace` or a tracing directive, got `{log_level}`"));
     }
-    let data_threads = usize::from(n.data_threads.unwrap_or(1));
-    if !(1..=2).contains(&data_threads) {
-        errs.push("node.data_threads", format!("expected 1 (send and receive on one thread) or 2 (one thread each), got {data_threads}"));
-    }
     let relay = n.relay.unwrap_or(true);
+    let uptime = match n.uptime.as_deref() {
+        None | Some("stable") => crate::directory::Uptime::Stable,
+        Some("ephemeral") => crate::directory::Uptime::Ephemeral,
+        Some(other) => {
+            errs.push("node.uptime", format!("expected `stable` (routers, servers) or `ephemeral` (laptops and the like), got `{other}`"));
+            crate::directory::Uptime::Stable
+        }
+    };
+    let mut advertise = Vec::new();
+    for (i, a) in n.advertise.iter().enumerate() {
+        match a.parse::<SocketAddr>().or_else(|_| a.parse::<IpAddr>().map(|ip| SocketAddr::new(ip, data_port))) {
+            Ok(sa) if !sa.ip().is_unspecified() && sa.port() != 0 => advertise.push(sa),
+            _ => errs.push(format!("node.advertise[{i}]"), format!("expected an underlay address such as `192.0.2.1` or `[2001:db8::1]:7720`, got `{a}`")),
+        }
+    }
     let control_socket = PathBuf::from(n.control_socket.unwrap_or_else(|| DEFAULT_CONTROL_SOCKET.to_string()));
     if !control_socket.is_absolute() {
         errs.push("node.control_socket", format!("expected an absolute path, got `{}`", control_socket.display()));
@@ -570,6 +647,7 @@ fn validate(raw: RawConfig, file: &str, errs: &mut Errors) -> Option<Config> {
     };
 
     let failover = validate_failover(raw.failover, errs);
+    let management = validate_management(raw.management, data_port, errs);
 
     let mut peers = Vec::new();
     let mut names = HashSet::new();
@@ -701,13 +779,96 @@ fn validate(raw: RawConfig, file: &str, errs: &mut Errors) -> Option<Config> {
             underlay_mtu,
             log_level,
             control_socket,
-            data_threads,
             relay,
+            uptime,
+            advertise,
         },
         kernel: KernelConfig { table, rule_priority, fwmark, aggregate_interface, interface_prefix, link_pool_v4 },
         failover,
+        management,
         peers,
     })
+}
+
+/// Parses a rate such as `100mbit`, `1.5gbit`, `800kbit` or a plain number of bit/s.
+pub fn parse_rate(s: &str) -> Option<u64> {
+    let t = s.trim().to_ascii_lowercase();
+    let (num, mult) = if let Some(n) = t.strip_suffix("gbit") {
+        (n, 1e9)
+    } else if let Some(n) = t.strip_suffix("mbit") {
+        (n, 1e6)
+    } else if let Some(n) = t.strip_suffix("kbit") {
+        (n, 1e3)
+    } else if let Some(n) = t.strip_suffix("bit") {
+        (n, 1.0)
+    } else {
+        (t.as_str(), 1.0)
+    };
+    let v: f64 = num.trim().parse().ok()?;
+    let bits = (v * mult) as u64;
+    (v.is_finite() && v > 0.0 && bits >= 1000).then_some(bits)
+}
+
+fn validate_management(m: RawManagement, data_port: u16, errs: &mut Errors) -> ManagementConfig {
+    let d = ManagementConfig::default();
+    let max_neighbours = m.max_neighbours.unwrap_or(d.max_neighbours);
+    if !(1..=64).contains(&max_neighbours) {
+        errs.push("management.max_neighbours", format!("expected 1..64, got {max_neighbours}"));
+    }
+    let min_neighbours = m.min_neighbours.unwrap_or(d.min_neighbours.min(max_neighbours));
+    if min_neighbours < 1 || min_neighbours > max_neighbours {
+        errs.push("management.min_neighbours", format!("expected 1..max_neighbours ({max_neighbours}), got {min_neighbours}"));
+    }
+    let target_delivery = m.target_delivery.unwrap_or(d.target_delivery);
+    if !(0.5..1.0).contains(&target_delivery) {
+        errs.push("management.target_delivery", format!("expected a probability in [0.5, 1), such as 0.9999, got {target_delivery}"));
+    }
+    let api_port = match m.api_port {
+        None => data_port.checked_add(2),
+        Some(0) => None,
+        Some(p) if data_port.checked_add(1) == Some(p) || p == data_port => {
+            errs.push("management.api_port", format!("port {p} is the data or management port; expected another port, or 0 to turn the API off"));
+            None
+        }
+        Some(p) => Some(p),
+    };
+    let api_rate = m.api_rate.unwrap_or(d.api_rate);
+    if api_rate == 0 {
+        errs.push("management.api_rate", "expected at least 1 message per second");
+    }
+    let qdisc_rate = match (&m.qdisc_interface, &m.qdisc_rate) {
+        (Some(i), _) if !valid_ifname(i) => {
+            errs.push("management.qdisc_interface", format!("expected an interface name of 1-15 characters, got `{i}`"));
+            0
+        }
+        (Some(_), None) => {
+            errs.push("management.qdisc_rate", "expected the underlay link's rate (a little below it), such as `95mbit`, with qdisc_interface");
+            0
+        }
+        (_, Some(r)) => match parse_rate(r) {
+            Some(v) => v,
+            None => {
+                errs.push("management.qdisc_rate", format!("expected a rate such as `95mbit`, `1gbit` or `800kbit`, got `{r}`"));
+                0
+            }
+        },
+        (None, None) => 0,
+    };
+    let idle = m.idle_timeout_s.unwrap_or(d.idle_timeout.as_secs());
+    if !(5..=86_400).contains(&idle) {
+        errs.push("management.idle_timeout_s", format!("expected 5..86400 seconds, got {idle}"));
+    }
+    ManagementConfig {
+        max_neighbours: max_neighbours.clamp(1, 64),
+        min_neighbours: min_neighbours.clamp(1, max_neighbours.clamp(1, 64)),
+        target_delivery,
+        api_port,
+        api_rate: api_rate.max(1),
+        dscp: m.dscp.unwrap_or(d.dscp),
+        qdisc_interface: m.qdisc_interface,
+        qdisc_rate,
+        idle_timeout: Duration::from_secs(idle),
+    }
 }
 
 fn validate_failover(f: RawFailover, errs: &mut Errors) -> FailoverSettings {
@@ -942,7 +1103,7 @@ prefixes = ["10.9.0.0/16"]
         assert_eq!(c.peers[0].endpoints.len(), 3);
         assert_eq!(c.kernel.fwmark, DEFAULT_FWMARK);
         assert_eq!(c.peers[0].inner_mtu(), 1388);
-        assert_eq!(c.node.data_threads, 1);
+        assert_eq!(c.management.api_port, Some(DEFAULT_DATA_PORT + 2));
     }
 
     #[test]

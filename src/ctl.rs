@@ -21,6 +21,8 @@ pub enum Request {
     Status,
     /// Every monitored path with RTT, loss and state.
     Paths,
+    /// The node directory.
+    Nodes,
 }
 
 /// A response.
@@ -33,6 +35,11 @@ pub enum Response {
     Paths {
         /// One entry per peer.
         peers: Vec<PeerPaths>,
+    },
+    /// Answer to [`Request::Nodes`].
+    Nodes {
+        /// Every node in the directory, this one included.
+        nodes: Vec<NodeRow>,
     },
     /// The request was not understood or failed.
     Error {
@@ -65,6 +72,110 @@ pub struct Status {
     pub relayed_bytes: u64,
     /// Relay sessions this node serves, as "a <-> b".
     pub relaying: Vec<String>,
+    /// The management overlay.
+    pub management: ManagementStatus,
+}
+
+/// The management overlay in `detourctl status`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct ManagementStatus {
+    /// Nodes in the directory (this one included).
+    pub directory_nodes: usize,
+    /// Neighbours the reliability rule asks for now.
+    pub target_neighbours: usize,
+    /// Measured availability of neighbours (0..1).
+    pub availability: f64,
+    /// Management sessions: configured peers, chosen neighbours, nodes that chose this
+    /// one, and on-demand links.
+    pub neighbours: Vec<NeighbourRow>,
+    /// Node records rejected, by reason (`bad_signature`, `key_mismatch`, `stale`,
+    /// `expired`, `malformed`).
+    pub rejected_records: BTreeMap<String, u64>,
+    /// Records received again (flooding delivers most records more than once; a replayed
+    /// current record counts here too).
+    pub duplicate_records: u64,
+    /// Records this node published.
+    pub records_published: u64,
+    /// Records accepted from others.
+    pub records_accepted: u64,
+    /// Routed messages waiting for their acknowledgement.
+    pub pending_messages: usize,
+    /// Routed messages dropped on the way through this node, by reason.
+    pub routing_drops: BTreeMap<String, u64>,
+    /// Names this node holds.
+    pub names: Vec<String>,
+    /// The local API.
+    pub api: ApiStatus,
+}
+
+/// One management session.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct NeighbourRow {
+    /// Node name.
+    pub name: String,
+    /// Node ID.
+    pub node_id: String,
+    /// `configured`, `neighbour` (chosen by this node), `inbound` (chose this node) or
+    /// `on-demand`.
+    pub role: String,
+    /// `up`, or `unusable` while the failover engine sees its path down.
+    pub state: String,
+    /// Smoothed RTT of the session, in milliseconds.
+    pub rtt_ms: Option<f64>,
+    /// Seconds since the session came up.
+    pub since_s: Option<f64>,
+}
+
+/// The local API in `detourctl status`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct ApiStatus {
+    /// Port on 127.0.0.1 and ::1, if on.
+    pub port: Option<u16>,
+    /// Subscriptions.
+    pub subscriptions: usize,
+    /// Messages accepted for sending.
+    pub sent: u64,
+    /// Of those, acknowledged by their destination.
+    pub delivered: u64,
+    /// Of those, given up.
+    pub failed: u64,
+    /// Messages received for this node.
+    pub received: u64,
+    /// Received messages no program was subscribed to.
+    pub unsubscribed: u64,
+    /// Requests answered with an error, by code.
+    pub errors: BTreeMap<String, u64>,
+}
+
+/// One node of the directory (`detourctl nodes`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct NodeRow {
+    /// Its own name.
+    pub name: String,
+    /// Every name it holds.
+    pub names: Vec<String>,
+    /// Node ID.
+    pub node_id: String,
+    /// Underlay endpoints.
+    pub endpoints: Vec<String>,
+    /// Overlay addresses.
+    pub overlay_addresses: Vec<String>,
+    /// Announced prefixes.
+    pub prefixes: Vec<String>,
+    /// Relays for others.
+    pub relay: bool,
+    /// `stable` or `ephemeral`.
+    pub uptime: String,
+    /// Management neighbours it lists.
+    pub neighbours: usize,
+    /// Record sequence number.
+    pub seq: u64,
+    /// Seconds until the record expires.
+    pub expires_in_s: i64,
+    /// This node.
+    pub local: bool,
+    /// Has a management session with this node.
+    pub session: bool,
 }
 
 /// ICMP interception counters.
@@ -134,6 +245,9 @@ pub struct NodeStatus {
 pub struct PeerStatus {
     /// Peer name.
     pub name: String,
+    /// `configured`, or `directory` for a node learned from the directory with an active
+    /// link.
+    pub kind: String,
     /// Node ID.
     pub node_id: String,
     /// Per-peer interface.
@@ -246,9 +360,38 @@ pub fn render_status(s: &Status) -> String {
             s.last_refused_key.as_deref().unwrap_or("?")
         );
     }
+    let m = &s.management;
+    let _ = writeln!(o);
+    let _ = writeln!(
+        o,
+        "management: {} nodes in the directory; {} neighbours wanted (availability {:.3}); names: {}",
+        m.directory_nodes,
+        m.target_neighbours,
+        m.availability,
+        if m.names.is_empty() { "-".to_string() } else { m.names.join(", ") }
+    );
+    for nb in &m.neighbours {
+        let rtt = nb.rtt_ms.map(|r| format!("{r:.2} ms")).unwrap_or_else(|| "-".into());
+        let _ = writeln!(o, "  {:<16} {:<10} {:<9} rtt {:>9}  up {}  {}", nb.name, nb.role, nb.state, rtt, ago(nb.since_s).replace(" ago", ""), nb.node_id);
+    }
+    if !m.rejected_records.is_empty() {
+        let _ = writeln!(o, "  rejected records: {}", drops(&m.rejected_records));
+    }
+    if let Some(port) = m.api.port {
+        let mut errs = drops(&m.api.errors);
+        if m.api.errors.is_empty() {
+            errs = "none".into();
+        }
+        let _ = writeln!(
+            o,
+            "  api: port {port}, {} subscriptions; sent {} (delivered {}, failed {}), received {} ({} without subscriber); errors: {errs}",
+            m.api.subscriptions, m.api.sent, m.api.delivered, m.api.failed, m.api.received, m.api.unsubscribed
+        );
+    }
     for p in &s.peers {
         let _ = writeln!(o);
-        let _ = writeln!(o, "peer: {} ({})", p.name, p.state);
+        let kind = if p.kind == "configured" { String::new() } else { format!(", {}", p.kind) };
+        let _ = writeln!(o, "peer: {} ({}{kind})", p.name, p.state);
         let _ = writeln!(o, "  node id: {}", p.node_id);
         let _ = writeln!(o, "  interface: {}  link: {}", p.interface, p.link_addresses.join(", "));
         let _ = writeln!(o, "  overlay: {}", p.overlay_addresses.join(", "));
@@ -276,6 +419,37 @@ pub fn render_status(s: &Status) -> String {
             ago(p.last_rx_s)
         );
         let _ = writeln!(o, "  drops: {}", drops(&p.drops));
+    }
+    o
+}
+
+/// Renders `detourctl nodes`: one row per directory node.
+pub fn render_nodes(nodes: &[NodeRow]) -> String {
+    let mut o = String::new();
+    let _ = writeln!(o, "{:<16} {:<32} {:<24} {:<24} {:<9} {:>5} {:>7}  FLAGS", "NAME", "NODE ID", "ENDPOINT", "OVERLAY", "UPTIME", "NBRS", "EXPIRES");
+    for n in nodes {
+        let mut flags = Vec::new();
+        if n.local {
+            flags.push("self");
+        }
+        if n.session {
+            flags.push("session");
+        }
+        if n.relay {
+            flags.push("relay");
+        }
+        let _ = writeln!(
+            o,
+            "{:<16} {:<32} {:<24} {:<24} {:<9} {:>5} {:>6}s  {}",
+            n.name,
+            n.node_id,
+            n.endpoints.first().map(String::as_str).unwrap_or("-"),
+            n.overlay_addresses.join(","),
+            n.uptime,
+            n.neighbours,
+            n.expires_in_s,
+            flags.join(",")
+        );
     }
     o
 }
@@ -311,6 +485,7 @@ mod tests {
     fn requests_parse_strictly() {
         assert_eq!(serde_json::from_str::<Request>(r#"{"cmd":"status"}"#).unwrap(), Request::Status);
         assert_eq!(serde_json::from_str::<Request>(r#"{"cmd":"paths"}"#).unwrap(), Request::Paths);
+        assert_eq!(serde_json::from_str::<Request>(r#"{"cmd":"nodes"}"#).unwrap(), Request::Nodes);
         assert!(serde_json::from_str::<Request>(r#"{"cmd":"reboot"}"#).is_err());
         assert!(serde_json::from_str::<Request>("\u{0}\u{1}garbage").is_err());
     }

@@ -189,6 +189,9 @@ pub struct PeerSpec {
     pub host_addrs: Vec<IpAddr>,
     /// Prefixes behind the peer; packets from them arrive on the aggregate TUN.
     pub prefixes: Vec<IpNet>,
+    /// This node's own addresses on the link to the peer (its IPv4 link address): the peer
+    /// may send to them.
+    pub link_local: Vec<IpAddr>,
     /// Largest inner packet (bytes) that fits the path to this peer.
     pub inner_mtu: u16,
     /// Counters shared with the control plane.
@@ -217,9 +220,60 @@ pub struct PathEndpoint {
     pub local_ip: Option<IpAddr>,
 }
 
-/// Control-plane changes applied to both data threads, in order.
+/// A TUN device handed to the data thread (taken once; the handle can be cloned).
+#[derive(Clone)]
+pub struct TunHandle(pub Arc<std::sync::Mutex<Option<tun_rs::SyncDevice>>>);
+
+impl std::fmt::Debug for TunHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("TunHandle")
+    }
+}
+
+impl TunHandle {
+    /// Wraps a device.
+    pub fn new(dev: tun_rs::SyncDevice) -> TunHandle {
+        TunHandle(Arc::new(std::sync::Mutex::new(Some(dev))))
+    }
+
+    /// Takes the device out (once).
+    pub fn take(&self) -> Option<tun_rs::SyncDevice> {
+        self.0.lock().ok().and_then(|mut g| g.take())
+    }
+}
+
+/// Control-plane changes applied to the data thread, in order.
 #[derive(Debug, Clone)]
 pub enum DataCommand {
+    /// A new peer at index `peer` (the next free index), or new addresses and prefixes for
+    /// an existing one (its keys and endpoint stay).
+    AddPeer {
+        /// Peer index.
+        peer: usize,
+        /// What the data plane needs to know about it.
+        spec: PeerSpec,
+    },
+    /// The peer left the overlay: keys, endpoint, addresses and prefixes are forgotten (the
+    /// index is not reused).
+    RemovePeer {
+        /// Peer index.
+        peer: usize,
+    },
+    /// Give the peer its own TUN (packets from its host addresses are written there and
+    /// everything read from it goes to the peer). Handled by the I/O shell.
+    AttachTun {
+        /// Peer index.
+        peer: usize,
+        /// The device.
+        tun: TunHandle,
+        /// Its MTU in bytes.
+        mtu: usize,
+    },
+    /// Close the peer's TUN (its traffic uses the aggregate from now on).
+    DetachTun {
+        /// Peer index.
+        peer: usize,
+    },
     /// Keys of a new management session: the send key is replaced; the previous receive
     /// key stays valid for packets still in flight.
     InstallSession {
@@ -305,6 +359,12 @@ pub enum TxAction {
     },
     /// Write the ICMP error left in the reply buffer back to the TUN the packet came from.
     Reply(DropReason),
+    /// Drop the packet (already counted) because the peer has no session yet: the control
+    /// plane should open one.
+    NoSession {
+        /// Peer index.
+        peer: usize,
+    },
     /// Drop the packet (already counted).
     Drop(DropReason),
 }
@@ -317,6 +377,7 @@ struct TxSession {
 
 struct TxPeer {
     id: NodeId,
+    routes: Vec<IpNet>,
     session: Option<TxSession>,
     endpoint: Option<PathEndpoint>,
     inner_mtu: usize,
@@ -335,36 +396,67 @@ impl TxState {
     /// Builds the send state; the aggregate routing table maps each peer's host addresses
     /// and prefixes to the peer.
     pub fn new(spec: &DataPlaneSpec) -> TxState {
-        let mut table = PrefixTable::new();
+        let mut t = TxState { local: spec.local, peers: Vec::new(), table: PrefixTable::new(), node: spec.node.clone() };
         for (i, p) in spec.peers.iter().enumerate() {
-            for a in &p.host_addrs {
-                table.insert(IpNet::from(*a), i);
+            t.add_peer(i, p);
+        }
+        t
+    }
+
+    fn tx_peer(p: &PeerSpec) -> TxPeer {
+        TxPeer {
+            id: p.node_id,
+            routes: p.host_addrs.iter().map(|a| IpNet::from(*a)).chain(p.prefixes.iter().copied()).collect(),
+            session: None,
+            endpoint: None,
+            inner_mtu: usize::from(p.inner_mtu),
+            counters: p.counters.clone(),
+        }
+    }
+
+    fn add_peer(&mut self, i: usize, spec: &PeerSpec) {
+        let new = Self::tx_peer(spec);
+        if i < self.peers.len() {
+            let old = &mut self.peers[i];
+            if old.id == new.id {
+                old.routes = new.routes;
+                old.inner_mtu = new.inner_mtu;
+                old.counters = new.counters;
+            } else {
+                *old = new;
             }
-            for net in &p.prefixes {
+        } else if i == self.peers.len() {
+            self.peers.push(new);
+        } else {
+            return;
+        }
+        self.rebuild_table();
+    }
+
+    /// The aggregate routing table from every peer's routes; on overlap the lower index
+    /// (configured peers come first) wins.
+    fn rebuild_table(&mut self) {
+        let mut table = PrefixTable::new();
+        for (i, p) in self.peers.iter().enumerate().rev() {
+            for net in &p.routes {
                 table.insert(*net, i);
             }
         }
-        TxState {
-            local: spec.local,
-            peers: spec
-                .peers
-                .iter()
-                .map(|p| TxPeer {
-                    id: p.node_id,
-                    session: None,
-                    endpoint: None,
-                    inner_mtu: usize::from(p.inner_mtu),
-                    counters: p.counters.clone(),
-                })
-                .collect(),
-            table,
-            node: spec.node.clone(),
-        }
+        self.table = table;
     }
 
     /// Applies a control-plane change.
     pub fn apply(&mut self, cmd: &DataCommand) {
         match cmd {
+            DataCommand::AddPeer { peer, spec } => self.add_peer(*peer, spec),
+            DataCommand::RemovePeer { peer } => {
+                if let Some(p) = self.peers.get_mut(*peer) {
+                    p.routes.clear();
+                    p.session = None;
+                    p.endpoint = None;
+                    self.rebuild_table();
+                }
+            }
             DataCommand::InstallSession { peer, secrets } => {
                 if let Some(p) = self.peers.get_mut(*peer) {
                     p.session = Some(TxSession { key_id: secrets.tx_key_id, key: PacketKey::new(&secrets.tx_key), next_counter: 0 });
@@ -384,7 +476,9 @@ impl TxState {
             | DataCommand::SetLocalAddresses(_)
             | DataCommand::SetRelay { .. }
             | DataCommand::ClearRelay { .. }
-            | DataCommand::SendControl { .. } => {}
+            | DataCommand::SendControl { .. }
+            | DataCommand::AttachTun { .. }
+            | DataCommand::DetachTun { .. } => {}
         }
     }
 
@@ -468,7 +562,7 @@ impl TxState {
         }
         let Some(session) = p.session.as_mut().filter(|s| s.next_counter < u64::MAX) else {
             p.counters.drops.add(DropReason::NoSession);
-            return TxAction::Drop(DropReason::NoSession);
+            return TxAction::NoSession { peer };
         };
         let Some(endpoint) = p.endpoint else {
             p.counters.drops.add(DropReason::NoEndpoint);
@@ -512,6 +606,8 @@ struct RxSession {
 }
 
 struct RxPeer {
+    id: NodeId,
+    link_local: Vec<IpAddr>,
     sessions: Vec<RxSession>,
     hosts: PrefixTable<()>,
     underlay: Vec<IpAddr>,
@@ -577,34 +673,64 @@ impl RxState {
         for net in &spec.local_dsts {
             local_dsts.insert(*net, ());
         }
-        RxState {
+        let mut r = RxState {
             local: spec.local,
-            peers: spec
-                .peers
-                .iter()
-                .map(|p| {
-                    let mut hosts = PrefixTable::new();
-                    for a in &p.host_addrs {
-                        hosts.insert(IpNet::from(*a), ());
-                    }
-                    let mut prefixes = PrefixTable::new();
-                    for n in &p.prefixes {
-                        prefixes.insert(*n, ());
-                    }
-                    RxPeer { sessions: Vec::new(), hosts, underlay: Vec::new(), prefixes, counters: p.counters.clone() }
-                })
-                .collect(),
-            by_id: spec.peers.iter().enumerate().map(|(i, p)| (p.node_id, i)).collect(),
+            peers: Vec::new(),
+            by_id: HashMap::new(),
             local_dsts,
             local_addrs: Vec::new(),
             relays: HashMap::new(),
             node: spec.node.clone(),
+        };
+        for (i, p) in spec.peers.iter().enumerate() {
+            r.add_peer(i, p);
         }
+        r
+    }
+
+    fn add_peer(&mut self, i: usize, spec: &PeerSpec) {
+        let mut hosts = PrefixTable::new();
+        for a in &spec.host_addrs {
+            hosts.insert(IpNet::from(*a), ());
+        }
+        let mut prefixes = PrefixTable::new();
+        for n in &spec.prefixes {
+            prefixes.insert(*n, ());
+        }
+        if i < self.peers.len() {
+            let old = &mut self.peers[i];
+            if old.id != spec.node_id {
+                self.by_id.remove(&old.id);
+                old.sessions.clear();
+                old.underlay.clear();
+            }
+            old.id = spec.node_id;
+            old.link_local = spec.link_local.clone();
+            old.hosts = hosts;
+            old.prefixes = prefixes;
+            old.counters = spec.counters.clone();
+        } else if i == self.peers.len() {
+            self.peers.push(RxPeer { id: spec.node_id, link_local: spec.link_local.clone(), sessions: Vec::new(), hosts, underlay: Vec::new(), prefixes, counters: spec.counters.clone() });
+        } else {
+            return;
+        }
+        self.by_id.insert(spec.node_id, i);
     }
 
     /// Applies a control-plane change.
     pub fn apply(&mut self, cmd: &DataCommand) {
         match cmd {
+            DataCommand::AddPeer { peer, spec } => self.add_peer(*peer, spec),
+            DataCommand::RemovePeer { peer } => {
+                if let Some(p) = self.peers.get_mut(*peer) {
+                    self.by_id.remove(&p.id);
+                    p.sessions.clear();
+                    p.underlay.clear();
+                    p.hosts = PrefixTable::new();
+                    p.prefixes = PrefixTable::new();
+                    p.link_local.clear();
+                }
+            }
             DataCommand::InstallSession { peer, secrets } => {
                 if let Some(p) = self.peers.get_mut(*peer) {
                     p.sessions.retain(|s| s.key_id != secrets.rx_key_id);
@@ -615,7 +741,7 @@ impl RxState {
                     p.sessions.truncate(RX_SESSIONS);
                 }
             }
-            DataCommand::SetEndpoint { .. } | DataCommand::SendControl { .. } => {}
+            DataCommand::SetEndpoint { .. } | DataCommand::SendControl { .. } | DataCommand::AttachTun { .. } | DataCommand::DetachTun { .. } => {}
             DataCommand::ClearSessions { peer } => {
                 if let Some(p) = self.peers.get_mut(*peer) {
                     p.sessions.clear();
@@ -699,7 +825,7 @@ impl RxState {
         } else {
             return Err(fail(p, DropReason::SourceNotAllowed));
         };
-        if !self.local_dsts.contains(dst) && !self.local_addrs.contains(&dst) {
+        if !self.local_dsts.contains(dst) && !self.local_addrs.contains(&dst) && !p.link_local.contains(&dst) {
             return Err(fail(p, DropReason::DestinationNotAllowed));
         }
         p.counters.rx_packets.fetch_add(1, Relaxed);
@@ -755,6 +881,7 @@ mod tests {
                 node_id: remote,
                 host_addrs: vec![remote_addr.parse().unwrap()],
                 prefixes: vec![remote_prefix.parse().unwrap()],
+                link_local: vec![],
                 inner_mtu: 1388,
                 counters: Arc::default(),
             }],
@@ -885,9 +1012,35 @@ mod tests {
         let sa = spec(A, B, "10.77.0.1", "10.77.0.2", "10.2.0.0/24", "10.1.0.0/24");
         let mut tx = TxState::new(&sa);
         let pkt = ip4("10.77.0.1", "10.77.0.2", 5);
-        assert_eq!(send(&mut tx, Tun::Peer(0), &pkt).0, TxAction::Drop(DropReason::NoSession));
+        assert_eq!(send(&mut tx, Tun::Peer(0), &pkt).0, TxAction::NoSession { peer: 0 });
+        assert_eq!(sa.peers[0].counters.drops.get(DropReason::NoSession), 1);
         tx.apply(&DataCommand::InstallSession { peer: 0, secrets: wire::split_exporter(&[1; 72], &A, &B) });
         assert_eq!(send(&mut tx, Tun::Peer(0), &pkt).0, TxAction::Drop(DropReason::NoEndpoint));
+    }
+
+    /// A node learned from the directory is added while running: the aggregate routes to
+    /// it (asking for a session first), and it is forgotten again when it leaves.
+    #[test]
+    fn peers_join_and_leave_at_run_time() {
+        const C: NodeId = NodeId([0xc; 16]);
+        let (mut tx, mut rx, _, _) = pair();
+        let to_c = ip4("10.77.0.1", "10.77.0.3", 5);
+        assert_eq!(send(&mut tx, Tun::Aggregate, &to_c).0, TxAction::Reply(DropReason::NoRoute));
+        let c = PeerSpec { node_id: C, host_addrs: vec!["10.77.0.3".parse().unwrap()], prefixes: vec!["10.3.0.0/24".parse().unwrap()], link_local: vec![], inner_mtu: 1388, counters: Arc::default() };
+        tx.apply(&DataCommand::AddPeer { peer: 1, spec: c.clone() });
+        rx.apply(&DataCommand::AddPeer { peer: 1, spec: c.clone() });
+        assert_eq!(tx.route("10.3.0.9".parse().unwrap()), Some(1));
+        assert_eq!(send(&mut tx, Tun::Aggregate, &to_c).0, TxAction::NoSession { peer: 1 });
+        // an index out of order is ignored
+        tx.apply(&DataCommand::AddPeer { peer: 7, spec: c.clone() });
+        assert_eq!(tx.route("10.3.0.9".parse().unwrap()), Some(1));
+        // the first peer's traffic is untouched
+        let (a, _, _) = send(&mut tx, Tun::Peer(0), &ip4("10.77.0.1", "10.77.0.2", 5));
+        assert!(matches!(a, TxAction::Send { peer: 0, .. }));
+        tx.apply(&DataCommand::RemovePeer { peer: 1 });
+        rx.apply(&DataCommand::RemovePeer { peer: 1 });
+        assert_eq!(tx.route("10.3.0.9".parse().unwrap()), None);
+        assert_eq!(tx.route("10.77.0.2".parse().unwrap()), Some(0));
     }
 
     #[test]

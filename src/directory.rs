@@ -114,9 +114,13 @@ pub enum Reject {
     /// The node ID is not the hash of the key.
     #[error("key does not match the node ID")]
     KeyMismatch,
-    /// Not newer than the record already known (or remembered).
+    /// Older than the record already known (or remembered).
     #[error("stale sequence number")]
     Stale,
+    /// The record already known, received again (flooding delivers most records more than
+    /// once; a replay of the current record lands here too).
+    #[error("duplicate")]
+    Duplicate,
     /// Its expiry has passed (or is implausibly far away).
     #[error("expired")]
     Expired,
@@ -124,7 +128,7 @@ pub enum Reject {
 
 impl Reject {
     /// All reasons, for counters.
-    pub const ALL: [Reject; 5] = [Reject::Malformed, Reject::BadSignature, Reject::KeyMismatch, Reject::Stale, Reject::Expired];
+    pub const ALL: [Reject; 6] = [Reject::Malformed, Reject::BadSignature, Reject::KeyMismatch, Reject::Stale, Reject::Duplicate, Reject::Expired];
 
     /// snake_case name.
     pub fn as_str(self) -> &'static str {
@@ -133,6 +137,7 @@ impl Reject {
             Reject::BadSignature => "bad_signature",
             Reject::KeyMismatch => "key_mismatch",
             Reject::Stale => "stale",
+            Reject::Duplicate => "duplicate",
             Reject::Expired => "expired",
         }
     }
@@ -148,6 +153,21 @@ impl SignedRecord {
         let body = serde_json::to_vec(record).expect("records serialize");
         let sig = identity.sign(&body);
         SignedRecord { body: b64().encode(&body), sig: b64().encode(sig) }
+    }
+
+    /// The node ID and sequence number the record claims, without checking anything.
+    pub fn peek(&self) -> Option<(NodeId, u64)> {
+        #[derive(Deserialize)]
+        struct Claim {
+            node_id: NodeId,
+            seq: u64,
+        }
+        if self.body.len() > MAX_RECORD * 2 {
+            return None;
+        }
+        let body = b64().decode(&self.body).ok()?;
+        let c: Claim = serde_json::from_slice(&body).ok()?;
+        Some((c.node_id, c.seq))
     }
 
     /// Checks the signature and that the node ID belongs to the key, and decodes.
@@ -225,13 +245,24 @@ impl Directory {
     }
 
     fn check(&self, signed: &SignedRecord, now: u64) -> Result<NodeRecord, Reject> {
+        // Most records arrive more than once (flooding): compare the sequence number before
+        // paying for the signature check.
+        if let Some((id, seq)) = signed.peek() {
+            match self.known_seq(&id) {
+                Some(k) if seq < k => return Err(Reject::Stale),
+                Some(k) if seq == k => return Err(Reject::Duplicate),
+                _ => {}
+            }
+        }
         let rec = signed.verify()?;
         if rec.expires <= now || rec.expires > now + 10 * RECORD_TTL_S {
             return Err(Reject::Expired);
         }
         let known = self.entries.get(&rec.node_id).map(|e| e.record.seq).or_else(|| self.tombstones.get(&rec.node_id).map(|t| t.0));
-        if known.is_some_and(|k| rec.seq <= k) {
-            return Err(Reject::Stale);
+        match known {
+            Some(k) if rec.seq < k => return Err(Reject::Stale),
+            Some(k) if rec.seq == k => return Err(Reject::Duplicate),
+            _ => {}
         }
         Ok(rec)
     }
@@ -350,10 +381,11 @@ mod tests {
         let mut d = Directory::new();
         assert_eq!(d.insert(SignedRecord::sign(&record(&a, "alice", 10, 1, 200), &a), 100), Ok(Accepted::New));
         assert_eq!(d.insert(SignedRecord::sign(&record(&a, "alice", 10, 2, 200), &a), 100), Ok(Accepted::Updated));
-        assert_eq!(d.insert(SignedRecord::sign(&record(&a, "alice", 10, 2, 200), &a), 100), Err(Reject::Stale), "replay");
+        assert_eq!(d.insert(SignedRecord::sign(&record(&a, "alice", 10, 2, 200), &a), 100), Err(Reject::Duplicate), "replay");
         assert_eq!(d.insert(SignedRecord::sign(&record(&a, "alice", 10, 1, 200), &a), 100), Err(Reject::Stale), "older");
         assert_eq!(d.get(&a.node_id()).unwrap().record.seq, 2);
-        assert_eq!(d.rejected().get("stale"), Some(&2));
+        assert_eq!(d.rejected().get("stale"), Some(&1));
+        assert_eq!(d.rejected().get("duplicate"), Some(&1));
     }
 
     #[test]
@@ -387,7 +419,8 @@ mod tests {
         assert!(d.is_empty());
         // the same record replayed later is refused by the tombstone, and is expired anyway
         assert!(d.insert(old, 150).is_err());
-        assert_eq!(d.insert(SignedRecord::sign(&record(&a, "alice", 10, 3, 400), &a), 260), Err(Reject::Stale));
+        assert_eq!(d.insert(SignedRecord::sign(&record(&a, "alice", 10, 3, 400), &a), 260), Err(Reject::Duplicate));
+        assert_eq!(d.insert(SignedRecord::sign(&record(&a, "alice", 10, 2, 400), &a), 260), Err(Reject::Stale));
         assert_eq!(d.insert(SignedRecord::sign(&record(&a, "alice", 10, 4, 400), &a), 260), Ok(Accepted::New));
     }
 

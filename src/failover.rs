@@ -479,28 +479,78 @@ impl Failover {
     /// Creates the state for `peers` (node IDs, in config order). `seed` drives the random
     /// relay choice; `now` is the clock origin for probe timestamps.
     pub fn new(local: NodeId, peers: &[NodeId], cfg: FailoverConfig, seed: u64, now: Instant) -> Failover {
-        Failover {
-            local,
-            cfg,
-            peers: peers
-                .iter()
-                .map(|id| Peer {
-                    id: *id,
-                    direct_known: false,
-                    paths: Vec::new(),
-                    route: Route { path: PathId::Direct, protect: false, reason: Reason::Healthy, since: now },
-                    relays: HashMap::new(),
-                    check: None,
-                    last_candidates: None,
-                    changes: 0,
-                })
-                .collect(),
-            by_id: peers.iter().enumerate().map(|(i, id)| (*id, i)).collect(),
-            links: HashMap::new(),
-            rng: seed | 1,
-            epoch: now,
-            actions: VecDeque::new(),
+        let mut f = Failover { local, cfg, peers: Vec::new(), by_id: HashMap::new(), links: HashMap::new(), rng: seed | 1, epoch: now, actions: VecDeque::new() };
+        for id in peers {
+            f.add_peer(*id, now);
         }
+        f
+    }
+
+    /// Adds a peer (a node learned from the directory) at the next index, which it returns.
+    pub fn add_peer(&mut self, id: NodeId, now: Instant) -> usize {
+        let i = self.peers.len();
+        self.peers.push(Peer {
+            id,
+            direct_known: false,
+            paths: Vec::new(),
+            route: Route { path: PathId::Direct, protect: false, reason: Reason::Healthy, since: now },
+            relays: HashMap::new(),
+            check: None,
+            last_candidates: None,
+            changes: 0,
+        });
+        self.by_id.insert(id, i);
+        i
+    }
+
+    /// Number of peers.
+    pub fn len(&self) -> usize {
+        self.peers.len()
+    }
+
+    /// True without peers.
+    pub fn is_empty(&self) -> bool {
+        self.peers.is_empty()
+    }
+
+    /// Stops monitoring a peer whose session was closed on purpose (an idle on-demand
+    /// link): its relay sessions are released, its route returns to direct without
+    /// protection, and it no longer serves as a relay for others. It is monitored again
+    /// after the next [`Failover::handle_direct_known`].
+    pub fn forget(&mut self, now: Instant, peer: usize) {
+        let Some(p) = self.peers.get_mut(peer) else { return };
+        if !p.direct_known {
+            return;
+        }
+        p.direct_known = false;
+        p.paths.clear();
+        p.check = None;
+        p.last_candidates = None;
+        let was_protected = p.route.protect;
+        let was_path = p.route.path;
+        p.route = Route { path: PathId::Direct, protect: false, reason: Reason::Healthy, since: now };
+        let active: Vec<usize> = p.relays.iter().filter(|(_, c)| **c == Candidate::Active).map(|(r, _)| *r).collect();
+        p.relays.clear();
+        for relay in active {
+            self.actions.push_back(Action::ReleaseRelay { relay, peer });
+        }
+        if was_path != PathId::Direct {
+            self.actions.push_back(Action::UsePath { peer, path: PathId::Direct });
+        }
+        if was_protected {
+            self.actions.push_back(Action::Protect { peer, on: false });
+        }
+        // Other peers stop using it as a relay.
+        let id = self.peers[peer].id;
+        for q in 0..self.peers.len() {
+            if let Some(c) = self.peers[q].relays.remove(&peer) {
+                if c == Candidate::Active {
+                    self.actions.push_back(Action::ReleaseRelay { relay: peer, peer: q });
+                }
+                self.peers[q].paths.retain(|x| x.id != PathId::Relay(id));
+            }
+        }
+        self.links.retain(|(r, _), _| *r != peer);
     }
 
     /// The configuration in use.
@@ -578,6 +628,12 @@ impl Failover {
 
     /// A relay answered a relay request for `peer`.
     pub fn handle_relay_response(&mut self, now: Instant, relay: usize, peer: usize, accepted: bool) {
+        self.handle_relay_answer(now, relay, peer, accepted, false);
+    }
+
+    /// A relay answered a relay request for `peer`; a `transient` refusal (the relay has no
+    /// session to the peer yet) is retried after a second instead of `relay_retry`.
+    pub fn handle_relay_answer(&mut self, now: Instant, relay: usize, peer: usize, accepted: bool, transient: bool) {
         let Some(relay_id) = self.peers.get(relay).map(|r| r.id) else { return };
         let Some(p) = self.peers.get_mut(peer) else { return };
         if accepted {
@@ -590,7 +646,8 @@ impl Failover {
                 p.paths.push(path);
             }
         } else {
-            p.relays.insert(relay, Candidate::Refused(now + self.cfg.relay_retry));
+            let retry = if transient { self.cfg.relay_retry.min(Duration::from_secs(1)) } else { self.cfg.relay_retry };
+            p.relays.insert(relay, Candidate::Refused(now + retry));
             p.paths.retain(|x| x.id != PathId::Relay(relay_id));
         }
     }

@@ -194,6 +194,7 @@ pub enum KeyFileError {
 }
 
 /// This node's identity: its Ed25519 signing key.
+#[derive(Clone)]
 pub struct Identity {
     signing: SigningKey,
 }

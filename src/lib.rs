@@ -8,6 +8,7 @@
 
 #![warn(missing_docs)]
 
+pub mod api;
 pub mod config;
 pub mod ctl;
 pub mod dataplane;
@@ -20,6 +21,7 @@ pub mod links;
 pub mod mgmt;
 pub mod model;
 pub mod mroute;
+pub mod overlay;
 pub mod packet;
 pub mod replay;
 pub mod routing;

@@ -67,26 +67,26 @@ pub fn plan(local: &NodeId, peers: &[(String, NodeId)], pool: Ipv4Net, in_use: &
     let mut warnings = Vec::new();
     for i in order {
         let (name, id) = &peers[i];
-        let l = link_v4(pool, local, id);
-        let r = link_v4(pool, id, local);
-        let v4 = if l != r && !taken.contains(&l) && !taken.contains(&r) {
-            taken.insert(l);
-            taken.insert(r);
-            Some((l, r))
-        } else {
-            warnings.push(format!(
-                "peer {name}: its IPv4 link addresses {l}/{r} collide with another link; the link to {name} has no IPv4 link address (its IPv6 link-local address works)"
-            ));
-            None
-        };
-        out[i] = Some(LinkAddrs {
-            local_v4: v4.map(|(l, _)| l),
-            remote_v4: v4.map(|(_, r)| r),
-            local_v6: link_local_v6(local),
-            remote_v6: link_local_v6(id),
-        });
+        let (l, w) = assign(local, name, id, pool, &mut taken);
+        warnings.extend(w);
+        out[i] = Some(l);
     }
     (out.into_iter().map(|x| x.expect("every peer planned")).collect(), warnings)
+}
+
+/// The link addresses of one more peer, avoiding the IPv4 addresses in `taken` (which gets
+/// the new ones). Returns a warning when the peer gets no IPv4 link address.
+pub fn assign(local: &NodeId, name: &str, id: &NodeId, pool: Ipv4Net, taken: &mut HashSet<Ipv4Addr>) -> (LinkAddrs, Option<String>) {
+    let l = link_v4(pool, local, id);
+    let r = link_v4(pool, id, local);
+    let (v4, warning) = if l != r && !taken.contains(&l) && !taken.contains(&r) {
+        taken.insert(l);
+        taken.insert(r);
+        (Some((l, r)), None)
+    } else {
+        (None, Some(format!("peer {name}: its IPv4 link addresses {l}/{r} collide with another link; the link to {name} has no IPv4 link address (its IPv6 link-local address works)")))
+    };
+    (LinkAddrs { local_v4: v4.map(|(l, _)| l), remote_v4: v4.map(|(_, r)| r), local_v6: link_local_v6(local), remote_v6: link_local_v6(id) }, warning)
 }
 
 #[cfg(test)]

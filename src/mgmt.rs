@@ -19,7 +19,7 @@ use crate::wire::{TrafficType, VERSION};
 /// Header length of a management frame (no key ID or counter).
 pub const FRAME_HEADER_LEN: usize = 36;
 /// Largest accepted frame body + header, in bytes.
-pub const MAX_FRAME: usize = 64 * 1024;
+pub const MAX_FRAME: usize = 256 * 1024;
 
 /// A management message.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -51,6 +51,9 @@ pub enum Message {
         /// Why not, when refused.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         reason: Option<String>,
+        /// The refusal may go away soon (the relay has no session to `b` yet).
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        transient: bool,
     },
     /// The sender no longer needs the relay session between itself and `b`.
     RelayRelease {
@@ -63,6 +66,27 @@ pub enum Message {
     LinkReport {
         /// One entry per peer of the sender.
         links: Vec<Link>,
+    },
+    /// Signed node records (directory gossip: new and updated records are flooded to every
+    /// neighbour but the one they came from, and sent when a digest shows they are missing).
+    Records {
+        /// The records, as signed by their nodes.
+        records: Vec<crate::directory::SignedRecord>,
+    },
+    /// The sender's directory as (node ID, sequence number) pairs (anti-entropy).
+    Digest {
+        /// Every record the sender holds.
+        entries: Vec<(NodeId, u64)>,
+    },
+    /// Asks for the records of these nodes.
+    Want {
+        /// Node IDs.
+        nodes: Vec<NodeId>,
+    },
+    /// A message routed over the management overlay to any node ID.
+    Routed {
+        /// The envelope (source route, hop limit, body).
+        envelope: crate::mroute::Envelope,
     },
 }
 
@@ -173,7 +197,7 @@ mod tests {
     fn relay_and_link_messages_round_trip() {
         for message in [
             Message::RelayRequest { a: NodeId([1; 16]), b: NodeId([2; 16]) },
-            Message::RelayResponse { b: NodeId([2; 16]), accepted: false, reason: Some("no path".into()) },
+            Message::RelayResponse { b: NodeId([2; 16]), accepted: false, reason: Some("no path".into()), transient: true },
             Message::RelayRelease { a: NodeId([1; 16]), b: NodeId([2; 16]) },
             Message::LinkReport { links: vec![Link { node: NodeId([3; 16]), up: true, rtt_ms: Some(1.5), loss: 0.01 }] },
         ] {

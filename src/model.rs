@@ -1,15 +1,18 @@
-//! The node's overlay model: the validated configuration plus this node's identity, and the
-//! two views derived from it — the data plane's ([`Model::dataplane_spec`]) and the
-//! kernel's ([`Model::desired_kernel`]). Both come from this one place, so the overlay
-//! routing table and the kernel routes cannot disagree (seeds-digest items 43, 65).
+//! The node's overlay model: the validated configuration, this node's identity and every
+//! peer — configured ones first, then the nodes learned from the directory — and the two
+//! views derived from it: the data plane's ([`Model::dataplane_spec`], [`Model::peer_spec`])
+//! and the kernel's ([`Model::desired_kernel`]). Both come from this one place, so the
+//! overlay routing table and the kernel routes cannot disagree (seeds-digest items 43, 65).
 
-use std::net::IpAddr;
+use std::collections::{HashMap, HashSet};
+use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
 
 use ipnet::{IpNet, Ipv6Net};
 
-use crate::config::Config;
+use crate::config::{derive_ifname, Config, Endpoint, PeerConfig};
 use crate::dataplane::{DataPlaneSpec, NodeCounters, PeerCounters, PeerSpec};
+use crate::directory::{NodeRecord, Uptime};
 use crate::identity::NodeId;
 use crate::kernel::{AddrSpec, DesiredState, LinkSpec, RouteSpec, RuleSpec};
 use crate::links::{self, LinkAddrs};
@@ -24,21 +27,61 @@ pub struct Protect {
     pub src: Vec<IpAddr>,
 }
 
-/// Configuration, identity and derived link addresses.
+/// One peer: configured, or a node learned from the directory.
+#[derive(Debug, Clone)]
+pub struct PeerDef {
+    /// Its settings (for a directory node, made from its record).
+    pub cfg: PeerConfig,
+    /// Addresses of the per-peer link.
+    pub links: LinkAddrs,
+    /// From the configuration (pinned, always has a session and a TUN).
+    pub configured: bool,
+    /// Whether its per-peer TUN exists (configured peers: always; others while the link
+    /// carries traffic).
+    pub tun: bool,
+    /// Still in the directory (configured peers: always).
+    pub present: bool,
+    /// Relays for others (from its record; configured peers: assumed).
+    pub relay: bool,
+    /// Uptime class (from its record; configured peers: stable).
+    pub uptime: Uptime,
+    /// Traffic counters, shared with the data path.
+    pub counters: Arc<PeerCounters>,
+}
+
+/// What [`Model::learn`] did with a record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Learned {
+    /// A new peer at this index.
+    New(usize),
+    /// An existing peer whose data-plane view changed.
+    Changed(usize),
+    /// Nothing the data plane or the kernel sees changed.
+    Same(usize),
+    /// The record is this node's own, or a configured peer's (whose settings stay pinned).
+    Ignored,
+}
+
+/// Configuration, identity, peers and derived link addresses.
 #[derive(Debug, Clone)]
 pub struct Model {
     /// The validated configuration.
     pub cfg: Config,
     /// This node's ID.
     pub local: NodeId,
-    /// Link addresses per peer (config order).
-    pub links: Vec<LinkAddrs>,
+    /// Every peer: configured ones first (config order), then directory nodes in the order
+    /// they were learned. Indices are never reused.
+    pub peers: Vec<PeerDef>,
+    /// Counters of the node itself.
+    pub node: Arc<NodeCounters>,
     /// Problems worth a warning at start (e.g. link address collisions).
     pub warnings: Vec<String>,
+    by_id: HashMap<NodeId, usize>,
+    taken_v4: HashSet<Ipv4Addr>,
 }
 
 impl Model {
-    /// Derives the model; pure.
+    /// Derives the model from the configuration; pure.
     pub fn new(cfg: Config, local: NodeId) -> Model {
         let mut in_use: Vec<IpAddr> = Vec::new();
         if let Some(v4) = cfg.node.overlay_v4 {
@@ -47,14 +90,191 @@ impl Model {
         in_use.extend(cfg.peers.iter().filter_map(|p| p.overlay_v4.map(IpAddr::V4)));
         let ids: Vec<(String, NodeId)> = cfg.peers.iter().map(|p| (p.name.clone(), p.node_id)).collect();
         let (links, warnings) = links::plan(&local, &ids, cfg.kernel.link_pool_v4, &in_use);
-        Model { cfg, local, links, warnings }
+        let mut taken_v4: HashSet<Ipv4Addr> = in_use.iter().filter_map(|a| match a { IpAddr::V4(v) => Some(*v), _ => None }).collect();
+        for l in &links {
+            taken_v4.extend(l.local_v4);
+            taken_v4.extend(l.remote_v4);
+        }
+        let peers: Vec<PeerDef> = cfg
+            .peers
+            .iter()
+            .zip(links)
+            .map(|(p, links)| PeerDef {
+                cfg: p.clone(),
+                links,
+                configured: true,
+                tun: true,
+                present: true,
+                relay: true,
+                uptime: Uptime::Stable,
+                counters: Arc::new(PeerCounters::default()),
+            })
+            .collect();
+        let by_id = peers.iter().enumerate().map(|(i, p)| (p.cfg.node_id, i)).collect();
+        Model { cfg, local, peers, node: Arc::new(NodeCounters::default()), warnings, by_id, taken_v4 }
+    }
+
+    /// Peer `i`'s settings.
+    pub fn peer(&self, i: usize) -> &PeerConfig {
+        &self.peers[i].cfg
+    }
+
+    /// The index of a node.
+    pub fn index_of(&self, id: &NodeId) -> Option<usize> {
+        self.by_id.get(id).copied()
+    }
+
+    /// Number of configured peers (they have the first indices).
+    pub fn configured(&self) -> usize {
+        self.cfg.peers.len()
+    }
+
+    /// Takes in a directory record: a node not known before becomes a peer (no TUN yet);
+    /// a known directory node gets the record's endpoints, addresses and prefixes. Overlay
+    /// addresses and prefixes that belong to this node or a configured peer are not taken
+    /// over, and a configured peer's pinned settings never change.
+    pub fn learn(&mut self, rec: &NodeRecord) -> Learned {
+        if rec.node_id == self.local {
+            return Learned::Ignored;
+        }
+        let existing = self.index_of(&rec.node_id);
+        if existing.is_some_and(|i| self.peers[i].configured) {
+            if let Some(i) = existing {
+                self.peers[i].relay = rec.relay;
+                self.peers[i].uptime = rec.uptime;
+            }
+            return Learned::Ignored;
+        }
+        let reserved = self.reserved(existing);
+        let ok_addr = |a: IpAddr| !reserved.0.contains(&a);
+        let prefixes: Vec<IpNet> = rec.prefixes.iter().copied().filter(|n| !reserved.1.iter().any(|r| r.contains(n) || n.contains(r))).collect();
+        let endpoints: Vec<Endpoint> = rec.endpoints.iter().map(|a| Endpoint::Addr(*a)).collect();
+        let overlay_v4 = rec.overlay_v4.filter(|a| ok_addr(IpAddr::V4(*a)));
+        let overlay_v6 = rec.overlay_v6.filter(|a| ok_addr(IpAddr::V6(*a)));
+        match existing {
+            Some(i) => {
+                let p = &mut self.peers[i];
+                let changed = !p.present || p.cfg.endpoints != endpoints || p.cfg.overlay_v4 != overlay_v4 || p.cfg.overlay_v6 != overlay_v6 || p.cfg.prefixes != prefixes;
+                p.cfg.endpoints = endpoints;
+                p.cfg.overlay_v4 = overlay_v4;
+                p.cfg.overlay_v6 = overlay_v6;
+                p.cfg.prefixes = prefixes;
+                p.present = true;
+                p.relay = rec.relay;
+                p.uptime = rec.uptime;
+                if changed {
+                    Learned::Changed(i)
+                } else {
+                    Learned::Same(i)
+                }
+            }
+            None => {
+                let name = self.unique_name(rec.name(), &rec.node_id);
+                let interface = self.unique_ifname(&name, &rec.node_id);
+                let (links, warning) = links::assign(&self.local, &name, &rec.node_id, self.cfg.kernel.link_pool_v4, &mut self.taken_v4);
+                if let Some(w) = warning {
+                    self.warnings.push(w);
+                }
+                let public_key = match rec.public_key.parse() {
+                    Ok(k) => k,
+                    Err(_) => return Learned::Ignored,
+                };
+                let i = self.peers.len();
+                self.peers.push(PeerDef {
+                    cfg: PeerConfig {
+                        name,
+                        public_key,
+                        node_id: rec.node_id,
+                        endpoints,
+                        overlay_v4,
+                        overlay_v6,
+                        prefixes,
+                        interface,
+                        underlay_mtu: self.cfg.node.underlay_mtu,
+                        protected: Vec::new(),
+                    },
+                    links,
+                    configured: false,
+                    tun: false,
+                    present: true,
+                    relay: rec.relay,
+                    uptime: rec.uptime,
+                    counters: Arc::new(PeerCounters::default()),
+                });
+                self.by_id.insert(rec.node_id, i);
+                Learned::New(i)
+            }
+        }
+    }
+
+    /// A directory node left the directory: it keeps its index (and link addresses), but
+    /// no longer has routes or a TUN. Returns its index.
+    pub fn forget(&mut self, id: &NodeId) -> Option<usize> {
+        let i = self.index_of(id)?;
+        let p = &mut self.peers[i];
+        if p.configured || !p.present {
+            return None;
+        }
+        p.present = false;
+        p.tun = false;
+        Some(i)
+    }
+
+    /// Opens or closes a directory node's TUN (configured peers always have theirs).
+    /// Returns whether anything changed.
+    pub fn set_tun(&mut self, i: usize, on: bool) -> bool {
+        match self.peers.get_mut(i) {
+            Some(p) if !p.configured && p.tun != on && (p.present || !on) => {
+                p.tun = on;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Addresses and prefixes a directory node may not claim: this node's, and those of
+    /// the configured peers and other directory nodes (except `except`).
+    fn reserved(&self, except: Option<usize>) -> (HashSet<IpAddr>, Vec<IpNet>) {
+        let n = &self.cfg.node;
+        let mut addrs: HashSet<IpAddr> = HashSet::new();
+        addrs.extend(n.overlay_v4.map(|v| IpAddr::V4(v.addr())));
+        addrs.extend(n.overlay_v6.map(|v| IpAddr::V6(v.addr())));
+        let mut nets: Vec<IpNet> = n.prefixes.clone();
+        for (i, p) in self.peers.iter().enumerate() {
+            if Some(i) == except || !p.present {
+                continue;
+            }
+            addrs.extend(p.cfg.overlay_v4.map(IpAddr::V4));
+            addrs.extend(p.cfg.overlay_v6.map(IpAddr::V6));
+            nets.extend(p.cfg.prefixes.iter().chain(p.cfg.protected.iter()).copied());
+        }
+        (addrs, nets)
+    }
+
+    fn unique_name(&self, want: &str, id: &NodeId) -> String {
+        let clean: String = want.chars().filter(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')).take(24).collect();
+        let base = if clean.is_empty() { id.short() } else { clean };
+        if self.peers.iter().any(|p| p.cfg.name == base) || base == self.cfg.node.name {
+            format!("{base}-{}", &id.to_string()[..6])
+        } else {
+            base
+        }
+    }
+
+    fn unique_ifname(&self, name: &str, id: &NodeId) -> String {
+        let taken = |n: &str| n == self.cfg.kernel.aggregate_interface || self.peers.iter().any(|p| p.cfg.interface == n);
+        let first = derive_ifname(&self.cfg.kernel.interface_prefix, name);
+        if !taken(&first) {
+            return first;
+        }
+        derive_ifname(&self.cfg.kernel.interface_prefix, &format!("{name}{}", id))
     }
 
     /// Addresses that belong to peer `i` itself (overlay and link addresses, and the
     /// literal addresses of its endpoints); packets from them arrive on its own TUN.
     pub fn peer_host_addrs(&self, i: usize) -> Vec<IpAddr> {
-        let p = &self.cfg.peers[i];
-        let l = &self.links[i];
+        let p = &self.peers[i].cfg;
+        let l = &self.peers[i].links;
         let mut v: Vec<IpAddr> = Vec::new();
         v.extend(p.overlay_v4.map(IpAddr::V4));
         v.extend(p.overlay_v6.map(IpAddr::V6));
@@ -64,11 +284,11 @@ impl Model {
         v
     }
 
-    /// The literal IP addresses among peer `i`'s configured endpoints.
+    /// The literal IP addresses among peer `i`'s endpoints.
     pub fn endpoint_ips(&self, i: usize) -> Vec<IpAddr> {
         let mut v: Vec<IpAddr> = Vec::new();
-        for e in &self.cfg.peers[i].endpoints {
-            if let crate::config::Endpoint::Addr(a) = e {
+        for e in &self.peers[i].cfg.endpoints {
+            if let Endpoint::Addr(a) = e {
                 let ip = a.ip().to_canonical();
                 if !v.contains(&ip) {
                     v.push(ip);
@@ -88,39 +308,33 @@ impl Model {
                 v.push(n);
             }
         }
-        v.extend(self.cfg.peers[i].protected.iter().copied());
+        v.extend(self.peers[i].cfg.protected.iter().copied());
         v
     }
 
-    /// The data plane's view, with fresh counters.
+    /// The data plane's view of peer `i` (a peer that left has no addresses).
+    pub fn peer_spec(&self, i: usize) -> PeerSpec {
+        let p = &self.peers[i];
+        PeerSpec {
+            node_id: p.cfg.node_id,
+            host_addrs: if p.present { self.peer_host_addrs(i) } else { Vec::new() },
+            prefixes: if p.present { p.cfg.prefixes.iter().chain(p.cfg.protected.iter()).copied().collect() } else { Vec::new() },
+            link_local: p.links.local_v4.map(IpAddr::V4).into_iter().collect(),
+            inner_mtu: p.cfg.inner_mtu(),
+            counters: p.counters.clone(),
+        }
+    }
+
+    /// The data plane's view.
     pub fn dataplane_spec(&self) -> DataPlaneSpec {
         let n = &self.cfg.node;
         let mut local_dsts: Vec<IpNet> = Vec::new();
         local_dsts.extend(n.overlay_v4.map(|v| IpNet::from(IpAddr::V4(v.addr()))));
         local_dsts.extend(n.overlay_v6.map(|v| IpNet::from(IpAddr::V6(v.addr()))));
         local_dsts.extend(n.prefixes.iter().copied());
-        for l in &self.links {
-            local_dsts.extend(l.local_v4.map(|a| IpNet::from(IpAddr::V4(a))));
-            local_dsts.push(IpNet::from(IpAddr::V6(l.local_v6)));
-        }
-        DataPlaneSpec {
-            local: self.local,
-            local_dsts,
-            peers: self
-                .cfg
-                .peers
-                .iter()
-                .enumerate()
-                .map(|(i, p)| PeerSpec {
-                    node_id: p.node_id,
-                    host_addrs: self.peer_host_addrs(i),
-                    prefixes: p.prefixes.iter().chain(p.protected.iter()).copied().collect(),
-                    inner_mtu: p.inner_mtu(),
-                    counters: Arc::new(PeerCounters::default()),
-                })
-                .collect(),
-            node: Arc::new(NodeCounters::default()),
-        }
+        // This node's link-local address is the same on every link.
+        local_dsts.push(IpNet::from(IpAddr::V6(links::link_local_v6(&self.local))));
+        DataPlaneSpec { local: self.local, local_dsts, peers: (0..self.peers.len()).map(|i| self.peer_spec(i)).collect(), node: self.node.clone() }
     }
 
     /// The kernel state detour wants: its TUNs up with the right MTU, their addresses, the
@@ -145,9 +359,30 @@ impl Model {
             s.addrs.insert(AddrSpec { dev: agg.clone(), addr: IpAddr::V6(v6.addr()), prefix_len: v6.prefix_len() });
             s.routes.insert(RouteSpec { dst: IpNet::V6(v6.trunc()), dev: agg.clone(), src: own_v6 });
         }
-        for (i, p) in cfg.peers.iter().enumerate() {
+        let in_overlay = |a: &IpAddr| match a {
+            IpAddr::V4(v) => cfg.node.overlay_v4.is_some_and(|n| n.contains(v)),
+            IpAddr::V6(v) => cfg.node.overlay_v6.is_some_and(|n| n.contains(v)),
+        };
+        for (i, def) in self.peers.iter().enumerate() {
+            if !def.present {
+                continue;
+            }
+            let p = &def.cfg;
+            let overlay = [p.overlay_v4.map(IpAddr::V4), p.overlay_v6.map(IpAddr::V6)];
+            for net in &p.prefixes {
+                s.routes.insert(RouteSpec { dst: *net, dev: agg.clone(), src: src_for(net) });
+            }
+            if !def.tun {
+                // Reached through the aggregate: its overlay addresses are inside the
+                // overlay prefix, or get a host route.
+                for a in overlay.into_iter().flatten().filter(|a| !in_overlay(a)) {
+                    let dst = IpNet::from(a);
+                    s.routes.insert(RouteSpec { dst, dev: agg.clone(), src: src_for(&dst) });
+                }
+                continue;
+            }
             let dev = p.interface.clone();
-            let l = &self.links[i];
+            let l = &def.links;
             s.links.insert(LinkSpec { name: dev.clone(), mtu: u32::from(p.inner_mtu()), up: true });
             s.addrs.insert(AddrSpec { dev: dev.clone(), addr: IpAddr::V6(l.local_v6), prefix_len: 64 });
             s.routes.insert(RouteSpec {
@@ -159,12 +394,9 @@ impl Model {
                 s.addrs.insert(AddrSpec { dev: dev.clone(), addr: IpAddr::V4(local), prefix_len: 32 });
                 s.routes.insert(RouteSpec { dst: IpNet::from(IpAddr::V4(remote)), dev: dev.clone(), src: Some(IpAddr::V4(local)) });
             }
-            for a in [p.overlay_v4.map(IpAddr::V4), p.overlay_v6.map(IpAddr::V6)].into_iter().flatten() {
+            for a in overlay.into_iter().flatten() {
                 let dst = IpNet::from(a);
                 s.routes.insert(RouteSpec { dst, dev: dev.clone(), src: src_for(&dst) });
-            }
-            for net in &p.prefixes {
-                s.routes.insert(RouteSpec { dst: *net, dev: agg.clone(), src: src_for(net) });
             }
             if let Some(Some(pr)) = protect.get(i) {
                 let src_of = |net: &IpNet| pr.src.iter().copied().find(|a| a.is_ipv4() == net.addr().is_ipv4());

@@ -6,72 +6,85 @@
 //! path, reconcile the kernel, start the management sessions, report READY to systemd.
 //! Stop order reverses it; every object created is removed, also when start fails half way.
 
-use std::collections::{BTreeSet, HashMap, HashSet};
-use std::net::{IpAddr, SocketAddr};
+use std::collections::{BTreeSet, HashSet};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Context, Result};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, watch, Notify};
 use tun_rs::{DeviceBuilder, SyncDevice};
 
-use crate::config::{Config, Endpoint};
+use crate::config::Config;
 use crate::ctl::{NodeStatus, PeerStatus, Request, Response, Status};
-use crate::dataplane::{DataCommand, DataPlaneSpec};
+use crate::dataplane::DataCommand;
 use crate::icmp::Filter;
 use crate::identity::{Identity, PublicKey};
 use crate::kernel;
 use crate::model::{Model, Protect};
-use crate::session::{PeerSession, SessionTimers, Verdict};
 use crate::shell::control;
 use crate::shell::datapath::{DataPath, DataPathSetup, EVENT_QUEUE};
 use crate::shell::engine::{Engine, EngineShared, SessionEvent};
 use crate::shell::intercept::{self, IcmpCounters};
+use crate::shell::mnode::{self, OverlayEvent, OverlayView};
 use crate::shell::netlink::Netlink;
+use crate::shell::peers::{self, want, PeerInfo};
+use crate::shell::priority;
 use crate::shell::quic::{self, Management};
 use crate::shell::sockets;
-use crate::wire::SessionSecrets;
+use crate::shell::tls::{AllowedKeys, RefusedKeys};
 
 /// How often the kernel state is checked and repaired.
 pub const RECONCILE_INTERVAL: Duration = Duration::from_secs(2);
 
-/// Live management state of one peer, for status output.
-#[derive(Default)]
-struct PeerInfo {
-    state: &'static str,
-    since: Option<Instant>,
-    conn: Option<quinn::Connection>,
-    endpoint: Option<SocketAddr>,
-    sessions: u64,
-}
-
-struct Shared {
-    model: Model,
-    public_key: PublicKey,
-    start: Instant,
-    spec: DataPlaneSpec,
-    peers: Vec<Mutex<PeerInfo>>,
-    refused: Arc<crate::shell::tls::RefusedKeys>,
+/// What the daemon's tasks share.
+pub struct Shared {
+    /// Configuration and peers (configured, and learned from the directory).
+    pub model: Arc<RwLock<Model>>,
+    /// This node's public key.
+    pub public_key: PublicKey,
+    /// Daemon start.
+    pub start: Instant,
+    /// The data path.
+    pub dp: Arc<DataPath>,
+    /// The management endpoint.
+    pub mgmt: Arc<Management>,
+    /// Keys admitted to management sessions.
+    pub allowed: Arc<AllowedKeys>,
+    /// Live state per peer index.
+    pub peers: Mutex<Vec<PeerInfo>>,
+    /// Refused handshakes.
+    pub refused: Arc<RefusedKeys>,
     /// Failed management handshakes and sessions closed for protocol errors.
-    mgmt_errors: Arc<AtomicU64>,
-    engine: Arc<EngineShared>,
-    icmp: Arc<IcmpCounters>,
-    icmp_active: bool,
-    sessions: mpsc::UnboundedSender<SessionEvent>,
+    pub mgmt_errors: Arc<AtomicU64>,
+    /// The failover engine's published state.
+    pub engine: Arc<EngineShared>,
+    /// ICMP interception counters.
+    pub icmp: Arc<IcmpCounters>,
+    /// Whether ICMP interception runs.
+    pub icmp_active: bool,
+    /// To the failover engine.
+    pub sessions: mpsc::UnboundedSender<SessionEvent>,
+    /// To the management overlay task.
+    pub overlay: mpsc::UnboundedSender<OverlayEvent>,
+    /// Woken when the model changed: the kernel is reconciled at once.
+    pub kernel: Notify,
+    /// What status output shows of the management overlay.
+    pub overlay_view: Mutex<OverlayView>,
+    /// This host's addresses (refreshed by the reconcile loop).
+    pub local_addrs: Mutex<HashSet<IpAddr>>,
+    /// Becomes true at shutdown.
+    pub shutdown: watch::Receiver<bool>,
 }
 
-enum PeerEvent {
-    Incoming(quinn::Connection),
-    Dialed(Option<quinn::Connection>),
-    Ready { conn: u64, secrets: SessionSecrets, data_port: u16, remote: SocketAddr },
-    Closed { conn: u64, reason: String },
+impl Shared {
+    /// Peer `i`'s name.
+    pub fn peer_name(&self, i: usize) -> String {
+        self.model.read().expect("model").peers.get(i).map(|p| p.cfg.name.clone()).unwrap_or_else(|| format!("peer {i}"))
+    }
 }
-
-/// Sends data-plane commands to both data threads.
-#[derive(Clone)]
-struct Commander(Arc<DataPath>);
 
 /// Runs the daemon with a validated configuration until a stop signal.
 ///
@@ -89,8 +102,9 @@ pub async fn run(cfg: Config) -> Result<()> {
     let control_path = model.cfg.node.control_socket.clone();
     let listener = control::bind(&control_path)?;
     let nl = Netlink::connect()?;
-    let mut resources = Resources { nl: nl.clone(), model: model.clone(), datapath: None, control_path: control_path.clone(), netfilter: false };
-    let result = run_inner(&identity, model, nl, listener, &mut resources).await;
+    let qdisc = model.cfg.management.qdisc_interface.clone();
+    let mut resources = Resources { nl: nl.clone(), table: model.cfg.kernel.table, links: link_names(&model), datapath: None, control_path: control_path.clone(), netfilter: false, dscp: false, qdisc: None };
+    let result = run_inner(&identity, model, nl, listener, &mut resources, qdisc).await;
     resources.cleanup().await;
     result
 }
@@ -98,10 +112,13 @@ pub async fn run(cfg: Config) -> Result<()> {
 /// What must be undone at exit.
 struct Resources {
     nl: Netlink,
-    model: Model,
+    table: u32,
+    links: BTreeSet<String>,
     datapath: Option<Arc<DataPath>>,
     control_path: PathBuf,
     netfilter: bool,
+    dscp: bool,
+    qdisc: Option<String>,
 }
 
 impl Resources {
@@ -109,11 +126,16 @@ impl Resources {
         if self.netfilter {
             intercept::remove_rules();
         }
-        let names = link_names(&self.model);
-        match self.nl.observe(&names, self.model.cfg.kernel.table).await {
+        if self.dscp {
+            priority::remove_dscp_rules();
+        }
+        if let Some(dev) = self.qdisc.take() {
+            priority::remove_qdisc(&dev);
+        }
+        match self.nl.observe(&self.links, self.table).await {
             Ok((actual, index)) => {
                 for op in kernel::teardown(&actual) {
-                    if let Err(e) = self.nl.apply(&op, self.model.cfg.kernel.table, &index).await {
+                    if let Err(e) = self.nl.apply(&op, self.table, &index).await {
                         tracing::warn!("cleanup: {e}");
                     }
                 }
@@ -152,7 +174,11 @@ async fn reconcile(nl: &Netlink, model: &Model, protect: &[Option<Protect>], qui
     Ok(ops.len())
 }
 
-fn open_tun(name: &str) -> Result<SyncDevice> {
+/// Opens a TUN with offload (without, if the kernel refuses).
+///
+/// # Errors
+/// If the interface is in use or cannot be created.
+pub fn open_tun(name: &str) -> Result<SyncDevice> {
     let build = |offload: bool| DeviceBuilder::new().name(name).offload(offload).tx_queue_len(1000).build_sync();
     match build(true) {
         Ok(d) => Ok(d),
@@ -164,19 +190,39 @@ fn open_tun(name: &str) -> Result<SyncDevice> {
     }
 }
 
-async fn run_inner(identity: &Identity, model: Model, nl: Netlink, listener: tokio::net::UnixListener, res: &mut Resources) -> Result<()> {
-    let cfg = &model.cfg;
+/// Binds the local API on 127.0.0.1 and ::1 (`::1` only where IPv6 is up).
+fn bind_api(port: u16) -> Result<Vec<tokio::net::UdpSocket>> {
+    let mut v = Vec::new();
+    for (ip, required) in [(IpAddr::V4(Ipv4Addr::LOCALHOST), true), (IpAddr::V6(Ipv6Addr::LOCALHOST), false)] {
+        match std::net::UdpSocket::bind(SocketAddr::new(ip, port)) {
+            Ok(s) => {
+                s.set_nonblocking(true)?;
+                v.push(tokio::net::UdpSocket::from_std(s)?);
+            }
+            Err(e) if required => return Err(anyhow!("binding the local API on {ip} port {port}: {e} (set management.api_port, or 0 to turn the API off)")),
+            Err(e) => tracing::debug!("local API on {ip}: {e}"),
+        }
+    }
+    Ok(v)
+}
+
+async fn run_inner(identity: &Identity, model: Model, nl: Netlink, listener: tokio::net::UnixListener, res: &mut Resources, qdisc: Option<String>) -> Result<()> {
+    let cfg = model.cfg.clone();
     let table = cfg.kernel.table;
 
-    // State left by a crashed daemon: rules tagged with our protocol, routes in our table.
-    let names = link_names(&model);
-    let (stale, index) = nl.observe(&names, table).await?;
+    // State left by a crashed daemon: rules tagged with our protocol, routes in our table,
+    // our netfilter chains and qdisc.
+    let (stale, index) = nl.observe(&res.links, table).await?;
     let purge = kernel::teardown(&stale);
     if !purge.is_empty() {
         tracing::info!("removing {} kernel objects left by an earlier run", purge.len());
         for op in &purge {
             nl.apply(op, table, &index).await?;
         }
+    }
+    priority::remove_dscp_rules();
+    if let Some(dev) = &qdisc {
+        priority::remove_qdisc(dev);
     }
 
     let mut tuns = Vec::new();
@@ -190,11 +236,37 @@ async fn run_inner(identity: &Identity, model: Model, nl: Netlink, listener: tok
 
     let data_socks = sockets::data_sockets(sockets::bind_all(&cfg.node.listen, cfg.node.data_port, cfg.kernel.fwmark, Some(sockets::DATA_BUFFER))?)?;
     let mgmt_socks: Vec<_> = sockets::bind_all(&cfg.node.listen, cfg.node.management_port, cfg.kernel.fwmark, None)?.into_iter().map(|b| b.socket).collect();
+    let api_socks = match cfg.management.api_port {
+        Some(p) => bind_api(p)?,
+        None => Vec::new(),
+    };
+
+    // Priority of management traffic: HTB (optional), socket priority, DSCP mark.
+    let mut sock_priority = priority::DEFAULT_MGMT_PRIORITY;
+    if let Some(dev) = &qdisc {
+        match priority::install_qdisc(dev, cfg.management.qdisc_rate) {
+            Ok(()) => {
+                res.qdisc = Some(dev.clone());
+                sock_priority = priority::HTB_MGMT_PRIORITY;
+                tracing::info!("HTB on {dev}: management traffic first, {} bit/s in all", cfg.management.qdisc_rate);
+            }
+            Err(e) => tracing::warn!("management.qdisc_interface: {e:#}"),
+        }
+    }
+    if let Err(e) = priority::set_socket_priority(&mgmt_socks, sock_priority) {
+        tracing::warn!("{e:#}");
+    }
+    if cfg.management.dscp {
+        res.dscp = true;
+        if let Err(e) = priority::install_dscp_rules(cfg.node.management_port) {
+            tracing::warn!("DSCP marking of management traffic is off: {e:#} (set management.dscp = false to silence this)");
+        }
+    }
 
     let start = Instant::now();
     let spec = model.dataplane_spec();
     let (data_tx, data_rx) = mpsc::channel(EVENT_QUEUE);
-    let dp = Arc::new(DataPath::start(DataPathSetup { spec: spec.clone(), tuns, mtus, sockets: data_socks, start, threads: cfg.node.data_threads, events: data_tx })?);
+    let dp = Arc::new(DataPath::start(DataPathSetup { spec, tuns, mtus, sockets: data_socks, start, events: data_tx })?);
     res.datapath = Some(dp.clone());
     reconcile(&nl, &model, &[], true).await?;
 
@@ -217,49 +289,60 @@ async fn run_inner(identity: &Identity, model: Model, nl: Netlink, listener: tok
     if cfg.failover.tcp_monitor && !cfg.peers.is_empty() {
         intercept::start_tcp_monitor(cfg.failover.tcp_poll, filter.clone(), icmp_counters.clone(), alarm_tx.clone())?;
     }
-    let mut local_addrs = refresh_local_addresses(&nl, &dp, &filter, &HashSet::new()).await;
+    let local_addrs = refresh_local_addresses(&nl, &dp, &filter, &HashSet::new()).await;
 
-    let peer_keys: Vec<PublicKey> = cfg.peers.iter().map(|p| p.public_key).collect();
-    let mgmt = Arc::new(Management::new(identity, &cfg.node.name, cfg.node.data_port, &peer_keys, mgmt_socks)?);
+    let allowed = Arc::new(AllowedKeys::new(cfg.peers.iter().map(|p| p.public_key)));
+    let mgmt = Arc::new(Management::new(identity, &cfg.node.name, cfg.node.data_port, allowed.clone(), mgmt_socks)?);
     let (session_tx, session_rx) = mpsc::unbounded_channel();
+    let (overlay_tx, overlay_rx) = mpsc::unbounded_channel();
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let model = Arc::new(RwLock::new(model));
     let shared = Arc::new(Shared {
         model: model.clone(),
         public_key: identity.public_key(),
         start,
-        spec,
-        peers: cfg.peers.iter().map(|_| Mutex::new(PeerInfo { state: "down", ..Default::default() })).collect(),
+        dp: dp.clone(),
+        mgmt: mgmt.clone(),
+        allowed,
+        peers: Mutex::new(Vec::new()),
         refused: mgmt.refused.clone(),
         mgmt_errors: Arc::new(AtomicU64::new(0)),
         engine: engine_shared.clone(),
         icmp: icmp_counters,
         icmp_active,
         sessions: session_tx,
+        overlay: overlay_tx,
+        kernel: Notify::new(),
+        overlay_view: Mutex::new(OverlayView::default()),
+        local_addrs: Mutex::new(local_addrs),
+        shutdown: shutdown_rx.clone(),
     });
+    drop(model);
 
-    let (shutdown_tx, shutdown_rx) = watch::channel(false);
-    let mut peer_tx = Vec::new();
     let mut tasks = Vec::new();
-    let engine = Engine::new(model.clone(), dp.clone(), filter.clone(), engine_shared.clone(), rand::random(), Instant::now());
+    let (needs_tx, mut needs_rx) = mpsc::unbounded_channel();
+    let engine = Engine::new(shared.model.clone(), dp.clone(), filter.clone(), engine_shared.clone(), needs_tx, rand::random(), Instant::now());
     let engine_task = tokio::spawn(engine.run(session_rx, data_rx, alarm_rx, shutdown_rx.clone()));
     drop(alarm_tx);
+    let node = mnode::Node::new(shared.clone(), identity.clone(), api_socks);
+    tasks.push(tokio::spawn(node.run(overlay_rx)));
+    peers::grow(&shared);
     for i in 0..cfg.peers.len() {
-        let (tx, rx) = mpsc::unbounded_channel();
-        peer_tx.push(tx.clone());
-        tasks.push(tokio::spawn(supervise(i, shared.clone(), mgmt.clone(), Commander(dp.clone()), rx, tx, shutdown_rx.clone())));
+        peers::set_want(&shared, i, want::CONFIGURED, true);
     }
-    let by_key: Arc<HashMap<PublicKey, usize>> = Arc::new(cfg.peers.iter().enumerate().map(|(i, p)| (p.public_key, i)).collect());
     for ep in &mgmt.endpoints {
-        tasks.push(tokio::spawn(accept_loop(ep.clone(), by_key.clone(), peer_tx.clone(), shared.mgmt_errors.clone())));
+        tasks.push(tokio::spawn(peers::accept_loop(shared.clone(), ep.clone())));
     }
     let handler_shared = shared.clone();
     tasks.push(tokio::spawn(control::serve(listener, Arc::new(move |req| handle(&handler_shared, req)))));
 
     tracing::info!(
-        "detourd up: node {} ({}), data port {}, management port {}, {} peers",
+        "detourd up: node {} ({}), data port {}, management port {}, local API {}, {} configured peers",
         cfg.node.name,
-        model.local,
+        identity.node_id(),
         cfg.node.data_port,
         cfg.node.management_port,
+        cfg.management.api_port.map(|p| p.to_string()).unwrap_or_else(|| "off".into()),
         cfg.peers.len()
     );
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
@@ -271,6 +354,7 @@ async fn run_inner(identity: &Identity, model: Model, nl: Netlink, listener: tok
     let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
     let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
     let mut tick = tokio::time::interval(RECONCILE_INTERVAL);
+    let mut activity = tokio::time::interval(Duration::from_secs(1));
     loop {
         tokio::select! {
             _ = term.recv() => { tracing::info!("SIGTERM: stopping"); break; }
@@ -278,15 +362,30 @@ async fn run_inner(identity: &Identity, model: Model, nl: Netlink, listener: tok
             _ = hup.recv() => tracing::warn!("SIGHUP: configuration reload is not supported; restart detourd to apply changes"),
             _ = tick.tick() => {
                 let protect = engine_shared.protect.lock().expect("protect").clone();
-                if let Err(e) = reconcile(&nl, &model, &protect, false).await {
+                let m = shared.model.read().expect("model").clone();
+                if let Err(e) = reconcile(&nl, &m, &protect, false).await {
                     tracing::warn!("reconcile: {e:#}");
                 }
-                local_addrs = refresh_local_addresses(&nl, &dp, &filter, &local_addrs).await;
+                let old = shared.local_addrs.lock().expect("addrs").clone();
+                let now = refresh_local_addresses(&nl, &dp, &filter, &old).await;
+                *shared.local_addrs.lock().expect("addrs") = now;
             }
+            _ = activity.tick() => peers::check_activity(&shared, Instant::now()),
+            Some(peer) = needs_rx.recv() => peers::need_session(&shared, peer),
             _ = engine_shared.kernel.notified() => {
                 // Protection changed: move the routes now, not at the next tick.
                 let protect = engine_shared.protect.lock().expect("protect").clone();
-                if let Err(e) = reconcile(&nl, &model, &protect, true).await {
+                let m = shared.model.read().expect("model").clone();
+                if let Err(e) = reconcile(&nl, &m, &protect, true).await {
+                    tracing::warn!("reconcile: {e:#}");
+                }
+            }
+            _ = shared.kernel.notified() => {
+                // Peers or their interfaces changed.
+                let protect = engine_shared.protect.lock().expect("protect").clone();
+                let m = shared.model.read().expect("model").clone();
+                res.links = res.links.union(&link_names(&m)).cloned().collect();
+                if let Err(e) = reconcile(&nl, &m, &protect, true).await {
                     tracing::warn!("reconcile: {e:#}");
                 }
             }
@@ -306,6 +405,7 @@ async fn run_inner(identity: &Identity, model: Model, nl: Netlink, listener: tok
     for t in tasks {
         t.abort();
     }
+    res.links = link_names(&shared.model.read().expect("model"));
     drop(shared);
     drop(mgmt);
     Ok(())
@@ -328,213 +428,6 @@ async fn refresh_local_addresses(nl: &Netlink, dp: &DataPath, filter: &RwLock<Fi
     now
 }
 
-async fn accept_loop(ep: quinn::Endpoint, by_key: Arc<HashMap<PublicKey, usize>>, peers: Vec<mpsc::UnboundedSender<PeerEvent>>, errors: Arc<AtomicU64>) {
-    while let Some(incoming) = ep.accept().await {
-        let by_key = by_key.clone();
-        let peers = peers.clone();
-        let errors = errors.clone();
-        tokio::spawn(async move {
-            let remote = incoming.remote_address();
-            match incoming.await {
-                Ok(conn) => match quic::peer_key(&conn).and_then(|k| by_key.get(&k).copied()) {
-                    Some(i) => {
-                        let _ = peers[i].send(PeerEvent::Incoming(conn));
-                    }
-                    None => conn.close(quic::close::PROTOCOL.into(), b"unknown key"),
-                },
-                Err(e) => {
-                    errors.fetch_add(1, Relaxed);
-                    tracing::debug!("management handshake from {remote} failed: {e}");
-                }
-            }
-        });
-    }
-}
-
-async fn resolve(endpoints: &[Endpoint]) -> Vec<SocketAddr> {
-    let mut out = Vec::new();
-    for e in endpoints {
-        match e {
-            Endpoint::Addr(a) => out.push(SocketAddr::new(a.ip(), a.port() + 1)),
-            Endpoint::Host(h, p) => match tokio::net::lookup_host((h.as_str(), p + 1)).await {
-                Ok(addrs) => out.extend(addrs),
-                Err(e) => tracing::debug!("resolving {h}: {e}"),
-            },
-        }
-    }
-    out
-}
-
-async fn supervise(
-    i: usize,
-    shared: Arc<Shared>,
-    mgmt: Arc<Management>,
-    cmd: Commander,
-    mut events: mpsc::UnboundedReceiver<PeerEvent>,
-    events_tx: mpsc::UnboundedSender<PeerEvent>,
-    mut shutdown: watch::Receiver<bool>,
-) {
-    let peer = shared.model.cfg.peers[i].clone();
-    let local = shared.model.local;
-    let mut sess = PeerSession::new(local, SessionTimers::default(), Instant::now());
-    let mut conns: HashMap<u64, quinn::Connection> = HashMap::new();
-    // The connection whose keys the data plane uses.
-    let mut ready: Option<u64> = None;
-    loop {
-        let now = Instant::now();
-        if sess.poll_dial(now) {
-            let mgmt = mgmt.clone();
-            let tx = events_tx.clone();
-            let endpoints = peer.endpoints.clone();
-            let key = peer.public_key;
-            let name = peer.name.clone();
-            tokio::spawn(async move {
-                let addrs = resolve(&endpoints).await;
-                let conn = if addrs.is_empty() {
-                    None
-                } else {
-                    match mgmt.dial(key, &addrs).await {
-                        Ok(c) => Some(c),
-                        Err(e) => {
-                            tracing::debug!("dialling {name}: {e:#}");
-                            None
-                        }
-                    }
-                };
-                let _ = tx.send(PeerEvent::Dialed(conn));
-            });
-        }
-        shared.peers[i].lock().expect("peer info").state = sess.state_name();
-        let wake = sess.next_timeout();
-        let event = tokio::select! {
-            ev = events.recv() => match ev { Some(ev) => ev, None => return },
-            _ = async { match wake { Some(t) => tokio::time::sleep_until(t.into()).await, None => std::future::pending().await } } => continue,
-            _ = shutdown.changed() => {
-                for c in conns.values() {
-                    c.close(quic::close::SHUTDOWN.into(), b"shutdown");
-                }
-                return;
-            }
-        };
-        let now = Instant::now();
-        match event {
-            PeerEvent::Incoming(conn) | PeerEvent::Dialed(Some(conn)) if conn.close_reason().is_none() => {
-                let dialled = conn.side() == quinn::Side::Client;
-                let id = conn.stable_id() as u64;
-                let initiator = if dialled { local } else { peer.node_id };
-                match sess.on_connection(now, id, initiator, dialled) {
-                    Verdict::Adopt { replaced } => {
-                        if let Some(old) = replaced.and_then(|r| conns.remove(&r)) {
-                            old.close(quic::close::REPLACED.into(), b"replaced");
-                        }
-                        conns.insert(id, conn.clone());
-                        let mgmt = mgmt.clone();
-                        let tx = events_tx.clone();
-                        let name = peer.name.clone();
-                        let peer_id = peer.node_id;
-                        let errors = shared.mgmt_errors.clone();
-                        tokio::spawn(async move {
-                            match mgmt.hello(&conn, peer_id, dialled).await {
-                                Ok((secrets, data_port, _)) => {
-                                    let remote = conn.remote_address();
-                                    let _ = tx.send(PeerEvent::Ready { conn: id, secrets, data_port, remote });
-                                }
-                                Err(e) => {
-                                    // A connection closed by the tie-break or a replacement
-                                    // is expected; anything else is worth a warning.
-                                    let expected = match conn.close_reason() {
-                                        Some(quinn::ConnectionError::LocallyClosed) => true,
-                                        Some(quinn::ConnectionError::ApplicationClosed(c)) => {
-                                            [quic::close::REPLACED, quic::close::DUPLICATE].map(u64::from).contains(&u64::from(c.error_code))
-                                        }
-                                        _ => false,
-                                    };
-                                    if expected {
-                                        tracing::debug!("session attempt with {name} superseded: {e:#}");
-                                    } else {
-                                        errors.fetch_add(1, Relaxed);
-                                        tracing::warn!("session with {name}: {e:#}");
-                                    }
-                                    conn.close(quic::close::PROTOCOL.into(), b"hello failed");
-                                }
-                            }
-                            let reason = conn.closed().await;
-                            let _ = tx.send(PeerEvent::Closed { conn: id, reason: reason.to_string() });
-                        });
-                    }
-                    Verdict::Refuse => conn.close(quic::close::DUPLICATE.into(), b"duplicate"),
-                }
-            }
-            PeerEvent::Incoming(_) => {}
-            // No endpoint answered, or the connection closed before it was used.
-            PeerEvent::Dialed(_) => sess.on_dial_failed(now, rand::random()),
-            PeerEvent::Ready { conn, secrets, data_port, remote } => {
-                if sess.current().map(|c| c.0) != Some(conn) {
-                    continue;
-                }
-                let data = SocketAddr::new(remote.ip().to_canonical(), data_port);
-                cmd.0.command(DataCommand::InstallSession { peer: i, secrets });
-                ready = Some(conn);
-                if let Some(c) = conns.get(&conn).cloned() {
-                    let _ = shared.sessions.send(SessionEvent::Up { peer: i, conn: c.clone(), data });
-                    tokio::spawn(read_messages(i, c, local, peer.node_id, shared.sessions.clone(), shared.mgmt_errors.clone()));
-                }
-                let mut info = shared.peers[i].lock().expect("peer info");
-                info.since = Some(now);
-                info.conn = conns.get(&conn).cloned();
-                info.endpoint = Some(data);
-                info.sessions += 1;
-                tracing::info!("session with {} up (data endpoint {data})", peer.name);
-            }
-            PeerEvent::Closed { conn, reason } => {
-                conns.remove(&conn);
-                sess.on_closed(now, conn, rand::random());
-                if ready == Some(conn) {
-                    ready = None;
-                    let _ = shared.sessions.send(SessionEvent::Down { peer: i });
-                    let mut info = shared.peers[i].lock().expect("peer info");
-                    info.conn = None;
-                    tracing::info!("session with {} down: {reason}", peer.name);
-                }
-            }
-        }
-    }
-}
-
-/// Reads the management messages a peer sends on its session until it closes. A frame that
-/// does not name this session's ends is counted as an error and skipped.
-async fn read_messages(
-    peer: usize,
-    conn: quinn::Connection,
-    local: crate::identity::NodeId,
-    peer_id: crate::identity::NodeId,
-    sessions: mpsc::UnboundedSender<SessionEvent>,
-    errors: Arc<AtomicU64>,
-) {
-    while let Ok(mut recv) = conn.accept_uni().await {
-        let sessions = sessions.clone();
-        let errors = errors.clone();
-        tokio::spawn(async move {
-            match tokio::time::timeout(quic::HELLO_TIMEOUT, quic::read_frame(&mut recv)).await {
-                Ok(Ok(f)) if f.src == peer_id && f.dst == local => {
-                    let _ = sessions.send(SessionEvent::Message { peer, message: f.message });
-                }
-                Ok(Ok(f)) => {
-                    errors.fetch_add(1, Relaxed);
-                    tracing::debug!("management frame {} -> {} on the session with {peer_id}", f.src, f.dst);
-                }
-                Ok(Err(e)) => {
-                    errors.fetch_add(1, Relaxed);
-                    tracing::debug!("management message from {peer_id}: {e:#}");
-                }
-                Err(_) => {
-                    errors.fetch_add(1, Relaxed);
-                }
-            }
-        });
-    }
-}
-
 fn secs(i: Option<Instant>) -> Option<f64> {
     i.map(|t| t.elapsed().as_secs_f64())
 }
@@ -543,19 +436,24 @@ fn handle(shared: &Shared, req: Request) -> Response {
     match req {
         Request::Status => Response::Status(Box::new(status(shared))),
         Request::Paths => Response::Paths { peers: paths(shared) },
+        Request::Nodes => Response::Nodes { nodes: shared.overlay_view.lock().expect("view").nodes.clone() },
     }
 }
 
+/// Peers shown in status: configured ones, and directory nodes with a session or a TUN.
+fn shown(shared: &Shared) -> Vec<usize> {
+    let m = shared.model.read().expect("model");
+    let peers = shared.peers.lock().expect("peers");
+    (0..m.peers.len()).filter(|&i| m.peers[i].configured || (m.peers[i].present && (m.peers[i].tun || peers.get(i).is_some_and(|p| p.conn.is_some())))).collect()
+}
+
 fn paths(shared: &Shared) -> Vec<crate::ctl::PeerPaths> {
-    let routes = shared.engine.routes.lock().expect("routes");
-    shared
-        .model
-        .cfg
-        .peers
-        .iter()
-        .enumerate()
-        .map(|(i, p)| crate::ctl::PeerPaths {
-            name: p.name.clone(),
+    let routes = shared.engine.routes.lock().expect("routes").clone();
+    let m = shared.model.read().expect("model").clone();
+    shown(shared)
+        .into_iter()
+        .map(|i| crate::ctl::PeerPaths {
+            name: m.peers[i].cfg.name.clone(),
             paths: routes
                 .get(i)
                 .and_then(|r| r.as_ref())
@@ -578,25 +476,32 @@ fn paths(shared: &Shared) -> Vec<crate::ctl::PeerPaths> {
 }
 
 fn status(shared: &Shared) -> Status {
-    let cfg = &shared.model.cfg;
+    let m = shared.model.read().expect("model").clone();
+    let cfg = &m.cfg;
     let now_ms = shared.start.elapsed().as_millis() as u64;
     let routes = shared.engine.routes.lock().expect("routes").clone();
-    let peers = cfg
-        .peers
-        .iter()
-        .enumerate()
-        .map(|(i, p)| {
-            let info = shared.peers[i].lock().expect("peer info");
+    let show = shown(shared);
+    let infos = shared.peers.lock().expect("peers");
+    let peers = show
+        .into_iter()
+        .map(|i| {
+            let def = &m.peers[i];
+            let p = &def.cfg;
+            let info = &infos[i];
             let route = routes.get(i).and_then(|r| r.clone());
-            let c = &shared.spec.peers[i].counters;
+            let c = &def.counters;
             let last_rx = c.last_rx_ms.load(Relaxed);
-            let links = &shared.model.links[i];
-            let mut link_addresses: Vec<String> = links.local_v4.map(|a| a.to_string()).into_iter().collect();
-            link_addresses.push(format!("{}%{}", links.local_v6, p.interface));
+            let links = &def.links;
+            let mut link_addresses: Vec<String> = Vec::new();
+            if def.tun {
+                link_addresses.extend(links.local_v4.map(|a| a.to_string()));
+                link_addresses.push(format!("{}%{}", links.local_v6, p.interface));
+            }
             PeerStatus {
                 name: p.name.clone(),
+                kind: if def.configured { "configured".into() } else { "directory".into() },
                 node_id: p.node_id.to_string(),
-                interface: p.interface.clone(),
+                interface: if def.tun { p.interface.clone() } else { cfg.kernel.aggregate_interface.clone() },
                 state: info.state.to_string(),
                 endpoint: info.endpoint.map(|e| e.to_string()),
                 path: match (&route, info.endpoint) {
@@ -624,11 +529,12 @@ fn status(shared: &Shared) -> Status {
             }
         })
         .collect();
+    drop(infos);
     let (refused, last_key) = shared.refused.snapshot();
     Status {
         node: NodeStatus {
             name: cfg.node.name.clone(),
-            node_id: shared.model.local.to_string(),
+            node_id: m.local.to_string(),
             public_key: shared.public_key.to_string(),
             data_port: cfg.node.data_port,
             management_port: cfg.node.management_port,
@@ -638,7 +544,7 @@ fn status(shared: &Shared) -> Status {
             uptime_s: shared.start.elapsed().as_secs(),
         },
         peers,
-        drops: shared.spec.node.drops.snapshot().into_iter().map(|(k, v)| (k.to_string(), v)).collect(),
+        drops: m.node.drops.snapshot().into_iter().map(|(k, v)| (k.to_string(), v)).collect(),
         refused_handshakes: refused,
         last_refused_key: last_key,
         management_errors: shared.mgmt_errors.load(Relaxed),
@@ -648,8 +554,9 @@ fn status(shared: &Shared) -> Status {
             ignored: shared.icmp.ignored_snapshot().into_iter().map(|(k, v)| (k.to_string(), v)).collect(),
             tcp_stalls: shared.icmp.tcp_stalls.load(Relaxed),
         },
-        relayed_packets: shared.spec.node.relayed_packets.load(Relaxed),
-        relayed_bytes: shared.spec.node.relayed_bytes.load(Relaxed),
+        relayed_packets: m.node.relayed_packets.load(Relaxed),
+        relayed_bytes: m.node.relayed_bytes.load(Relaxed),
         relaying: shared.engine.relaying.lock().expect("relaying").iter().map(|(a, b)| format!("{a} <-> {b}")).collect(),
+        management: shared.overlay_view.lock().expect("view").status.clone(),
     }
 }

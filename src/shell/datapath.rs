@@ -1,5 +1,4 @@
-//! The data path: the pure [`TxState`] and [`RxState`] on one data thread (the default) or
-//! on two.
+//! The data path: the pure [`TxState`] and [`RxState`] on one data thread.
 //!
 //! * **Send**: every TUN (per-peer TUNs and the aggregate) is read with virtio-net offload,
 //!   so the kernel hands over 64 KiB TCP super-packets that tun-rs splits into segments;
@@ -10,8 +9,9 @@
 //!   the control plane as [`DataEvent`]s; packets for other nodes (relaying) go back out,
 //!   batched the same way as sending.
 //!
-//! Each thread runs its own single-threaded tokio runtime, so a packet is never handed
-//! between threads. The control plane talks to the data path through [`DataCommand`]s.
+//! The thread runs a single-threaded tokio runtime, so a packet is never handed between
+//! threads. The control plane talks to it through [`DataCommand`]s, which also add peers
+//! learned from the directory and attach or detach their TUNs while the daemon runs.
 
 use std::cell::RefCell;
 use std::io::{self, IoSliceMut};
@@ -46,6 +46,8 @@ const RX_OUT_CAP: usize = 65_535 + 4 * VIRTIO_NET_HDR_LEN;
 const RX_TUN_BATCH: usize = 64;
 /// Write buffers kept for reuse.
 const RX_POOL_MAX: usize = 2 * RX_TUN_BATCH;
+/// How often the control plane is told that a peer without a session has traffic waiting.
+const NEED_SESSION_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 /// Control packets waiting for the control plane before new ones are dropped.
 pub const EVENT_QUEUE: usize = 4096;
 
@@ -75,13 +77,20 @@ pub enum DataEvent {
         /// When it was received.
         at: Instant,
     },
+    /// Traffic for a peer that has no session: open one (sent at most once a second per
+    /// peer while packets keep coming).
+    NeedSession {
+        /// Peer index.
+        peer: usize,
+    },
 }
 
 /// What the data path needs to start.
 pub struct DataPathSetup {
     /// Peers, addresses and counters.
     pub spec: DataPlaneSpec,
-    /// TUN devices opened with offload: per-peer TUNs in peer order, then the aggregate.
+    /// TUN devices opened with offload: per-peer TUNs of the first peers, in peer order, then
+    /// the aggregate.
     pub tuns: Vec<SyncDevice>,
     /// MTU of each TUN (same order), to size buffers.
     pub mtus: Vec<usize>,
@@ -89,91 +98,50 @@ pub struct DataPathSetup {
     pub sockets: Vec<DataSocket>,
     /// The daemon's clock origin (`now_ms` = milliseconds since this instant).
     pub start: Instant,
-    /// Data threads: 1 (TX and RX together) or 2 (one per direction).
-    pub threads: usize,
-    /// Where probe packets go.
+    /// Where probe packets and session requests go.
     pub events: mpsc::Sender<DataEvent>,
 }
 
 /// Handle to the running data path.
 pub struct DataPath {
-    cmds: Vec<mpsc::UnboundedSender<DataCommand>>,
-    threads: Vec<JoinHandle<()>>,
+    cmds: mpsc::UnboundedSender<DataCommand>,
+    thread: JoinHandle<()>,
 }
-
-type Ready = std::sync::mpsc::Sender<Result<Vec<Arc<AsyncDevice>>, String>>;
 
 impl DataPath {
-    /// Starts the data path on `setup.threads` threads: 1 runs TX and RX on one thread (the
-    /// lowest latency, and the best throughput on small machines), 2 gives each direction
-    /// its own thread.
+    /// Starts the data thread (TX and RX on one thread: the lowest latency, and the best
+    /// throughput on small machines; see `docs/performance.md`).
     ///
     /// # Errors
-    /// If a runtime cannot be built or a device or socket cannot be registered.
+    /// If the runtime cannot be built or a device or socket cannot be registered.
     pub fn start(setup: DataPathSetup) -> Result<DataPath> {
-        let DataPathSetup { spec, tuns, mtus, sockets, start, threads, events } = setup;
-        let n_peers = spec.peers.len();
-        if tuns.len() != n_peers + 1 || mtus.len() != tuns.len() {
-            return Err(anyhow!("internal: {} TUNs for {} peers", tuns.len(), n_peers));
+        let DataPathSetup { spec, tuns, mtus, sockets, start, events } = setup;
+        if tuns.is_empty() || tuns.len() > spec.peers.len() + 1 || mtus.len() != tuns.len() {
+            return Err(anyhow!("internal: {} TUNs for {} peers", tuns.len(), spec.peers.len()));
         }
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-        let wait_ready = |rx: &std::sync::mpsc::Receiver<Result<Vec<Arc<AsyncDevice>>, String>>| match rx.recv() {
-            Ok(Ok(d)) => Ok(d),
+        let (cmd, cmds) = mpsc::unbounded_channel();
+        let thread = std::thread::Builder::new()
+            .name("detour-data".into())
+            .spawn(move || data_thread(spec, tuns, mtus, sockets, cmds, ready_tx, start, events))
+            .context("starting the data thread")?;
+        match ready_rx.recv() {
+            Ok(Ok(())) => Ok(DataPath { cmds: cmd, thread }),
             Ok(Err(e)) => Err(anyhow!(e)),
-            Err(_) => Err(anyhow!("a data thread died during start")),
-        };
-        if threads <= 1 {
-            let (cmd, cmds) = mpsc::unbounded_channel();
-            let rx = Some((start, events));
-            let t = std::thread::Builder::new()
-                .name("detour-data".into())
-                .spawn(move || tun_thread(spec, tuns, mtus, sockets, cmds, ready_tx, rx))
-                .context("starting the data thread")?;
-            wait_ready(&ready_rx)?;
-            return Ok(DataPath { cmds: vec![cmd], threads: vec![t] });
+            Err(_) => Err(anyhow!("the data thread died during start")),
         }
-        let (tx_cmd, tx_rx) = mpsc::unbounded_channel();
-        let (rx_cmd, rx_rx) = mpsc::unbounded_channel();
-        let tx_socks: Vec<DataSocket> = sockets.iter().map(dup).collect::<io::Result<_>>().context("duplicating the data socket")?;
-        let tx_spec = spec.clone();
-        let tx_thread = std::thread::Builder::new()
-            .name("detour-tx".into())
-            .spawn(move || tun_thread(tx_spec, tuns, mtus, tx_socks, tx_rx, ready_tx, None))
-            .context("starting the TX thread")?;
-        let devices = wait_ready(&ready_rx)?;
-        let rx_thread = std::thread::Builder::new()
-            .name("detour-rx".into())
-            .spawn(move || rx_thread(spec, devices, sockets, rx_rx, start, events))
-            .context("starting the RX thread")?;
-        Ok(DataPath { cmds: vec![tx_cmd, rx_cmd], threads: vec![tx_thread, rx_thread] })
     }
 
-    /// Sends a command to every data thread (applied in order).
+    /// Sends a command to the data thread (applied in order).
     pub fn command(&self, cmd: DataCommand) {
-        match &cmd {
-            // Sending needs the keys and counters of the thread that owns the TUNs only.
-            DataCommand::SendControl { .. } => {
-                let _ = self.cmds[0].send(cmd);
-            }
-            _ => {
-                for c in &self.cmds {
-                    let _ = c.send(cmd.clone());
-                }
-            }
-        }
+        let _ = self.cmds.send(cmd);
     }
 
-    /// Stops the threads and closes the TUNs (which removes the interfaces).
+    /// Stops the thread and closes the TUNs (which removes the interfaces).
     pub fn stop(self) {
         drop(self.cmds);
-        for t in self.threads {
-            let _ = t.join();
-        }
+        let _ = self.thread.join();
     }
-}
-
-fn dup(s: &DataSocket) -> io::Result<DataSocket> {
-    Ok(DataSocket { socket: s.socket.try_clone()?, state: s.state.clone(), carries_v4: s.carries_v4, carries_v6: s.carries_v6 })
 }
 
 fn runtime() -> io::Result<tokio::runtime::Runtime> {
@@ -205,11 +173,6 @@ fn pick(socks: &[Socket], to: SocketAddr) -> Option<(usize, SocketAddr)> {
     }
 }
 
-/// Registers the TUNs with the current runtime.
-fn register_tuns(tuns: Vec<SyncDevice>) -> Result<Vec<Arc<AsyncDevice>>, String> {
-    tuns.into_iter().map(|t| AsyncDevice::new(t).map(Arc::new).map_err(|e| format!("registering a TUN: {e}"))).collect()
-}
-
 /// Registers the sockets with the current runtime.
 fn register_sockets(sockets: Vec<DataSocket>) -> Result<Rc<Vec<Socket>>, String> {
     let socks = sockets
@@ -222,27 +185,80 @@ fn register_sockets(sockets: Vec<DataSocket>) -> Result<Rc<Vec<Socket>>, String>
     Ok(Rc::new(socks))
 }
 
-/// Starts one receiver task per data socket on the current `LocalSet`.
-fn spawn_rx(spec: &DataPlaneSpec, devices: Vec<Arc<AsyncDevice>>, socks: &Rc<Vec<Socket>>, start: Instant, events: mpsc::Sender<DataEvent>) -> Rc<RefCell<RxState>> {
-    let state = Rc::new(RefCell::new(RxState::new(spec)));
-    let devices = Rc::new(devices);
-    for i in 0..socks.len() {
-        let task = RxTask::new(i, socks.clone(), state.clone(), devices.clone(), spec.clone(), start, events.clone());
-        tokio::task::spawn_local(task.run());
-    }
-    state
+/// The TUNs of the data thread: the aggregate and the per-peer TUNs attached now.
+struct Devices {
+    aggregate: Arc<AsyncDevice>,
+    peers: Vec<Option<(Arc<AsyncDevice>, tokio::task::AbortHandle)>>,
 }
 
-/// The thread that owns the TUNs: it always sends, and with `rx` it also receives (the
-/// one-thread data path).
-fn tun_thread(
+impl Devices {
+    /// Write slot of a TUN: 0 is the aggregate, `p + 1` the TUN of peer `p`; a peer without
+    /// a TUN of its own gets the aggregate.
+    fn slot(&self, tun: Tun) -> usize {
+        match tun {
+            Tun::Peer(p) if self.peers.get(p).is_some_and(|d| d.is_some()) => p + 1,
+            _ => 0,
+        }
+    }
+
+    fn get(&self, slot: usize) -> Option<Arc<AsyncDevice>> {
+        if slot == 0 {
+            Some(self.aggregate.clone())
+        } else {
+            self.peers.get(slot - 1).and_then(|d| d.as_ref()).map(|d| d.0.clone())
+        }
+    }
+}
+
+/// What the tasks of the data thread share.
+struct Thread {
+    tx: Rc<RefCell<TxState>>,
+    rx: Rc<RefCell<RxState>>,
+    devices: Rc<RefCell<Devices>>,
+    socks: Rc<Vec<Socket>>,
+    node: Arc<NodeCounters>,
+    events: mpsc::Sender<DataEvent>,
+    /// When each peer's missing session was last reported.
+    wanted: Rc<RefCell<std::collections::HashMap<usize, Instant>>>,
+}
+
+impl Thread {
+    fn attach(&self, peer: usize, dev: SyncDevice, mtu: usize) {
+        let dev = match AsyncDevice::new(dev) {
+            Ok(d) => Arc::new(d),
+            Err(e) => {
+                tracing::warn!("registering the TUN of peer {peer}: {e}");
+                return;
+            }
+        };
+        self.detach(peer);
+        let task = TxTask::new(dev.clone(), Tun::Peer(peer), mtu, self);
+        let handle = tokio::task::spawn_local(task.run()).abort_handle();
+        let mut d = self.devices.borrow_mut();
+        if d.peers.len() <= peer {
+            d.peers.resize_with(peer + 1, || None);
+        }
+        d.peers[peer] = Some((dev, handle));
+    }
+
+    fn detach(&self, peer: usize) {
+        if let Some((_, task)) = self.devices.borrow_mut().peers.get_mut(peer).and_then(|d| d.take()) {
+            task.abort();
+        }
+    }
+}
+
+/// The data thread: sends and receives, and applies the control plane's commands.
+#[allow(clippy::too_many_arguments)]
+fn data_thread(
     spec: DataPlaneSpec,
     tuns: Vec<SyncDevice>,
     mtus: Vec<usize>,
     sockets: Vec<DataSocket>,
     mut cmds: mpsc::UnboundedReceiver<DataCommand>,
-    ready: Ready,
-    rx: Option<(Instant, mpsc::Sender<DataEvent>)>,
+    ready: std::sync::mpsc::Sender<Result<(), String>>,
+    start: Instant,
+    events: mpsc::Sender<DataEvent>,
 ) {
     let rt = match runtime() {
         Ok(rt) => rt,
@@ -253,65 +269,77 @@ fn tun_thread(
     };
     let local = tokio::task::LocalSet::new();
     local.block_on(&rt, async move {
-        let setup = register_tuns(tuns).and_then(|d| register_sockets(sockets).map(|s| (d, s)));
-        let (devices, socks) = match setup {
-            Ok(x) => x,
+        let socks = match register_sockets(sockets) {
+            Ok(s) => s,
             Err(e) => {
                 let _ = ready.send(Err(e));
                 return;
             }
         };
-        let tx = Rc::new(RefCell::new(TxState::new(&spec)));
-        let n = devices.len();
-        for (i, dev) in devices.iter().enumerate() {
-            let ingress = if i + 1 == n { Tun::Aggregate } else { Tun::Peer(i) };
-            let task = TxTask::new(dev.clone(), ingress, mtus[i], tx.clone(), Out::new(socks.clone(), spec.node.clone()));
-            tokio::task::spawn_local(task.run());
-        }
-        let rx = rx.map(|(start, events)| spawn_rx(&spec, devices.clone(), &socks, start, events));
-        let _ = ready.send(Ok(devices));
-        let mut out = Out::new(socks, spec.node.clone());
-        let mut buf = vec![0u8; 2048];
-        while let Some(cmd) = cmds.recv().await {
-            if let DataCommand::SendControl { peer, to, payload } = &cmd {
-                if buf.len() < payload.len() + OVERHEAD {
-                    buf.resize(payload.len() + OVERHEAD, 0);
-                }
-                let sealed = tx.borrow_mut().seal_control(*peer, payload, &mut buf);
-                if let Ok(len) = sealed {
-                    out.push(*to, None, &buf[..len]).await;
-                    out.flush().await;
-                }
-                continue;
-            }
-            tx.borrow_mut().apply(&cmd);
-            if let Some(rx) = &rx {
-                rx.borrow_mut().apply(&cmd);
-            }
-        }
-    });
-}
-
-fn rx_thread(spec: DataPlaneSpec, devices: Vec<Arc<AsyncDevice>>, sockets: Vec<DataSocket>, mut cmds: mpsc::UnboundedReceiver<DataCommand>, start: Instant, events: mpsc::Sender<DataEvent>) {
-    let rt = match runtime() {
-        Ok(rt) => rt,
-        Err(e) => {
-            tracing::error!("RX runtime: {e}");
+        let mut tuns = tuns;
+        let mut mtus = mtus;
+        let (Some(agg), Some(agg_mtu)) = (tuns.pop(), mtus.pop()) else {
+            let _ = ready.send(Err("internal: no aggregate TUN".into()));
             return;
-        }
-    };
-    let local = tokio::task::LocalSet::new();
-    local.block_on(&rt, async move {
-        let socks = match register_sockets(sockets) {
-            Ok(s) => s,
+        };
+        let aggregate = match AsyncDevice::new(agg) {
+            Ok(d) => Arc::new(d),
             Err(e) => {
-                tracing::error!("{e}");
+                let _ = ready.send(Err(format!("registering a TUN: {e}")));
                 return;
             }
         };
-        let state = spawn_rx(&spec, devices, &socks, start, events);
+        let th = Thread {
+            tx: Rc::new(RefCell::new(TxState::new(&spec))),
+            rx: Rc::new(RefCell::new(RxState::new(&spec))),
+            devices: Rc::new(RefCell::new(Devices { aggregate: aggregate.clone(), peers: Vec::new() })),
+            socks: socks.clone(),
+            node: spec.node.clone(),
+            events: events.clone(),
+            wanted: Rc::default(),
+        };
+        tokio::task::spawn_local(TxTask::new(aggregate, Tun::Aggregate, agg_mtu, &th).run());
+        for (i, (dev, mtu)) in tuns.into_iter().zip(mtus).enumerate() {
+            th.attach(i, dev, mtu);
+        }
+        for i in 0..socks.len() {
+            tokio::task::spawn_local(RxTask::new(i, &th, start).run());
+        }
+        let _ = ready.send(Ok(()));
+        let mut out = Out::new(socks, spec.node.clone());
+        let mut buf = vec![0u8; 2048];
         while let Some(cmd) = cmds.recv().await {
-            state.borrow_mut().apply(&cmd);
+            match &cmd {
+                DataCommand::SendControl { peer, to, payload } => {
+                    if buf.len() < payload.len() + OVERHEAD {
+                        buf.resize(payload.len() + OVERHEAD, 0);
+                    }
+                    let sealed = th.tx.borrow_mut().seal_control(*peer, payload, &mut buf);
+                    if let Ok(len) = sealed {
+                        out.push(*to, None, &buf[..len]).await;
+                        out.flush().await;
+                    }
+                    continue;
+                }
+                DataCommand::AttachTun { peer, tun, mtu } => {
+                    if let Some(dev) = tun.take() {
+                        th.attach(*peer, dev, *mtu);
+                    }
+                }
+                DataCommand::DetachTun { peer } => th.detach(*peer),
+                DataCommand::RemovePeer { peer } => {
+                    th.detach(*peer);
+                    th.wanted.borrow_mut().remove(peer);
+                }
+                _ => {}
+            }
+            th.tx.borrow_mut().apply(&cmd);
+            th.rx.borrow_mut().apply(&cmd);
+        }
+        // Close the TUNs before the runtime goes.
+        let n = th.devices.borrow().peers.len();
+        for p in 0..n {
+            th.detach(p);
         }
     });
 }
@@ -413,6 +441,8 @@ struct TxTask {
     ingress: Tun,
     state: Rc<RefCell<TxState>>,
     out: Out,
+    events: mpsc::Sender<DataEvent>,
+    wanted: Rc<RefCell<std::collections::HashMap<usize, Instant>>>,
     original: Vec<u8>,
     bufs: Vec<Vec<u8>>,
     sizes: Vec<usize>,
@@ -421,12 +451,14 @@ struct TxTask {
 }
 
 impl TxTask {
-    fn new(dev: Arc<AsyncDevice>, ingress: Tun, mtu: usize, state: Rc<RefCell<TxState>>, out: Out) -> TxTask {
+    fn new(dev: Arc<AsyncDevice>, ingress: Tun, mtu: usize, th: &Thread) -> TxTask {
         TxTask {
             dev,
             ingress,
-            state,
-            out,
+            state: th.tx.clone(),
+            out: Out::new(th.socks.clone(), th.node.clone()),
+            events: th.events.clone(),
+            wanted: th.wanted.clone(),
             original: vec![0u8; VIRTIO_NET_HDR_LEN + 65_535],
             bufs: vec![vec![0u8; HEADER_LEN + mtu + TAG_LEN]; TUN_BATCH],
             sizes: vec![0; TUN_BATCH],
@@ -486,6 +518,14 @@ impl TxTask {
                         tracing::debug!("writing an ICMP error to the TUN: {e}");
                     }
                 }
+                TxAction::NoSession { peer } => {
+                    let now = Instant::now();
+                    let mut w = self.wanted.borrow_mut();
+                    if w.get(&peer).is_none_or(|t| now >= *t + NEED_SESSION_EVERY) {
+                        w.insert(peer, now);
+                        let _ = self.events.try_send(DataEvent::NeedSession { peer });
+                    }
+                }
                 TxAction::Drop(_) => {}
             }
         }
@@ -496,35 +536,34 @@ struct RxTask {
     sock: usize,
     socks: Rc<Vec<Socket>>,
     rx: Rc<RefCell<RxState>>,
-    devices: Rc<Vec<Arc<AsyncDevice>>>,
-    spec: DataPlaneSpec,
+    devices: Rc<RefCell<Devices>>,
+    node: Arc<NodeCounters>,
     start: Instant,
     events: mpsc::Sender<DataEvent>,
     out: Out,
     slots: Vec<Vec<u8>>,
     meta: Vec<RecvMeta>,
+    /// Packets waiting per write slot (see [`Devices::slot`]).
     tun_out: Vec<Vec<Vec<u8>>>,
     pool: Vec<Vec<u8>>,
     gro: GROTable,
 }
 
 impl RxTask {
-    fn new(sock: usize, socks: Rc<Vec<Socket>>, rx: Rc<RefCell<RxState>>, devices: Rc<Vec<Arc<AsyncDevice>>>, spec: DataPlaneSpec, start: Instant, events: mpsc::Sender<DataEvent>) -> RxTask {
+    fn new(sock: usize, th: &Thread, start: Instant) -> RxTask {
         let n = quinn_udp::BATCH_SIZE.max(1);
-        let tuns = devices.len();
-        let out = Out::new(socks.clone(), spec.node.clone());
         RxTask {
             sock,
-            socks,
-            rx,
-            devices,
-            spec,
+            socks: th.socks.clone(),
+            rx: th.rx.clone(),
+            devices: th.devices.clone(),
+            node: th.node.clone(),
             start,
-            events,
-            out,
+            events: th.events.clone(),
+            out: Out::new(th.socks.clone(), th.node.clone()),
             slots: vec![vec![0u8; RX_SLOT]; n],
             meta: vec![RecvMeta::default(); n],
-            tun_out: vec![Vec::new(); tuns],
+            tun_out: vec![Vec::new()],
             pool: Vec::new(),
             gro: GROTable::default(),
         }
@@ -555,7 +594,6 @@ impl RxTask {
 
     async fn handle(&mut self, n: usize) {
         let now_ms = self.start.elapsed().as_millis() as u64;
-        let aggregate = self.devices.len() - 1;
         for i in 0..n {
             let m = self.meta[i];
             let from = m.addr;
@@ -568,29 +606,29 @@ impl RxTask {
                 at = end;
                 let dgram = &mut self.slots[i][start..end];
                 if dgram.len() < OVERHEAD {
-                    self.spec.node.drops.add(DropReason::Malformed);
+                    self.node.drops.add(DropReason::Malformed);
                     continue;
                 }
                 let outcome = self.rx.borrow_mut().decapsulate(dgram, from, now_ms);
                 match outcome {
                     Ok(Rx::Deliver(d)) => {
-                        let t = match d.tun {
-                            Tun::Peer(p) => p,
-                            Tun::Aggregate => aggregate,
-                        };
+                        let t = self.devices.borrow().slot(d.tun);
+                        if self.tun_out.len() <= t {
+                            self.tun_out.resize_with(t + 1, Vec::new);
+                        }
                         let mut b = self.pool.pop().unwrap_or_else(|| Vec::with_capacity(RX_OUT_CAP));
                         b.clear();
                         b.resize(VIRTIO_NET_HDR_LEN, 0);
                         b.extend_from_slice(&dgram[d.inner]);
                         self.tun_out[t].push(b);
                         if self.tun_out[t].len() >= RX_TUN_BATCH {
-                            Self::write_tun(&self.devices[t], &mut self.gro, &mut self.tun_out[t], &mut self.pool, &self.spec, t);
+                            self.write_tun(t);
                         }
                     }
                     Ok(Rx::Control { peer, payload }) => {
                         let ev = DataEvent::Control { peer, from, payload: dgram[payload].to_vec(), at: Instant::now() };
                         if self.events.try_send(ev).is_err() {
-                            self.spec.node.drops.add(DropReason::SendError);
+                            self.node.drops.add(DropReason::SendError);
                         }
                     }
                     Ok(Rx::Forward { to }) => self.out.push(to, None, &self.slots[i][start..end]).await,
@@ -601,26 +639,29 @@ impl RxTask {
         self.out.flush().await;
         for t in 0..self.tun_out.len() {
             if !self.tun_out[t].is_empty() {
-                Self::write_tun(&self.devices[t], &mut self.gro, &mut self.tun_out[t], &mut self.pool, &self.spec, t);
+                self.write_tun(t);
             }
         }
     }
 
-    /// Writes queued packets to one TUN; tun-rs coalesces consecutive TCP segments of a
-    /// flow into one super-packet (GRO), so the kernel's TCP sees one write per train.
-    fn write_tun(dev: &AsyncDevice, gro: &mut GROTable, out: &mut Vec<Vec<u8>>, pool: &mut Vec<Vec<u8>>, spec: &DataPlaneSpec, t: usize) {
-        let dev: &tun_rs::DeviceImpl = dev;
-        if let Err(e) = dev.send_multiple(gro, out, VIRTIO_NET_HDR_LEN) {
-            tracing::debug!("TUN write: {e}");
-            let n = out.len() as u64;
-            match spec.peers.get(t) {
-                Some(p) => p.counters.drops.add_n(DropReason::TunWriteError, n),
-                None => spec.node.drops.add_n(DropReason::TunWriteError, n),
+    /// Writes the packets queued for one write slot; tun-rs coalesces consecutive TCP
+    /// segments of a flow into one super-packet (GRO), so the kernel's TCP sees one write
+    /// per train.
+    fn write_tun(&mut self, t: usize) {
+        let out = &mut self.tun_out[t];
+        match self.devices.borrow().get(t) {
+            Some(dev) => {
+                let dev: &tun_rs::DeviceImpl = &dev;
+                if let Err(e) = dev.send_multiple(&mut self.gro, out, VIRTIO_NET_HDR_LEN) {
+                    tracing::debug!("TUN write: {e}");
+                    self.node.drops.add_n(DropReason::TunWriteError, out.len() as u64);
+                }
             }
+            None => self.node.drops.add_n(DropReason::TunWriteError, out.len() as u64),
         }
         for b in out.drain(..) {
-            if pool.len() < RX_POOL_MAX && b.capacity() >= RX_OUT_CAP {
-                pool.push(b);
+            if self.pool.len() < RX_POOL_MAX && b.capacity() >= RX_OUT_CAP {
+                self.pool.push(b);
             }
         }
     }

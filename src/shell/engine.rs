@@ -37,9 +37,21 @@ pub enum SessionEvent {
         conn: quinn::Connection,
         /// The peer's data-port address.
         data: SocketAddr,
+        /// Monitor the path (configured peers, and links that carry forwarding traffic).
+        monitor: bool,
     },
     /// The session that was up closed.
     Down {
+        /// Peer index.
+        peer: usize,
+    },
+    /// The link to a peer whose session is up now carries forwarding traffic: monitor it.
+    Monitor {
+        /// Peer index.
+        peer: usize,
+    },
+    /// The session to a directory node was closed on purpose (idle): stop monitoring it.
+    Forget {
         /// Peer index.
         peer: usize,
     },
@@ -101,6 +113,7 @@ pub struct EngineShared {
 
 struct PeerLink {
     id: NodeId,
+    monitored: bool,
     conn: Option<quinn::Connection>,
     data: Option<SocketAddr>,
     local_ip: Option<IpAddr>,
@@ -109,7 +122,8 @@ struct PeerLink {
 
 /// The engine's state.
 pub struct Engine {
-    model: Model,
+    model: Arc<RwLock<Model>>,
+    needs: mpsc::UnboundedSender<usize>,
     core: Failover,
     dp: Arc<DataPath>,
     filter: Arc<RwLock<Filter>>,
@@ -122,32 +136,48 @@ pub struct Engine {
 }
 
 impl Engine {
-    /// Creates the engine; `seed` drives random relay choice.
-    pub fn new(model: Model, dp: Arc<DataPath>, filter: Arc<RwLock<Filter>>, shared: Arc<EngineShared>, seed: u64, now: Instant) -> Engine {
-        let ids: Vec<NodeId> = model.cfg.peers.iter().map(|p| p.node_id).collect();
-        let core = Failover::new(model.local, &ids, model.cfg.failover.core(), seed, now);
-        let n = ids.len();
-        *shared.routes.lock().expect("routes") = vec![None; n];
-        *shared.protect.lock().expect("protect") = vec![None; n];
-        {
-            let mut f = filter.write().expect("filter");
-            for i in 0..n {
-                for net in model.protected_destinations(i, &[]) {
-                    f.protected.insert(net, i);
-                }
-            }
-        }
-        Engine {
-            peers: ids.iter().map(|id| PeerLink { id: *id, conn: None, data: None, local_ip: None, path: PathId::Direct }).collect(),
-            by_id: ids.iter().enumerate().map(|(i, id)| (*id, i)).collect(),
+    /// Creates the engine; `seed` drives random relay choice. Requests for sessions to
+    /// peers without one (traffic waiting) go to `needs`.
+    pub fn new(model: Arc<RwLock<Model>>, dp: Arc<DataPath>, filter: Arc<RwLock<Filter>>, shared: Arc<EngineShared>, needs: mpsc::UnboundedSender<usize>, seed: u64, now: Instant) -> Engine {
+        let local = model.read().expect("model").local;
+        let cfg = model.read().expect("model").cfg.failover.core();
+        let mut e = Engine {
+            core: Failover::new(local, &[], cfg, seed, now),
+            peers: Vec::new(),
+            by_id: HashMap::new(),
             model,
-            core,
+            needs,
             dp,
             filter,
             shared,
             serving: HashMap::new(),
             last_report: now,
+        };
+        e.sync_peers(now);
+        e
+    }
+
+    /// Takes in the peers the model gained (directory nodes) since the last call.
+    fn sync_peers(&mut self, now: Instant) {
+        let model = self.model.clone();
+        let m = model.read().expect("model");
+        while self.peers.len() < m.peers.len() {
+            let i = self.peers.len();
+            let p = &m.peers[i];
+            let id = p.cfg.node_id;
+            self.core.add_peer(id, now);
+            self.peers.push(PeerLink { id, monitored: false, conn: None, data: None, local_ip: None, path: PathId::Direct });
+            self.by_id.insert(id, i);
+            if p.configured {
+                let mut f = self.filter.write().expect("filter");
+                for net in m.protected_destinations(i, &[]) {
+                    f.protected.insert(net, i);
+                }
+            }
         }
+        let n = self.peers.len();
+        self.shared.routes.lock().expect("routes").resize(n, None);
+        self.shared.protect.lock().expect("protect").resize(n, None);
     }
 
     /// Runs until `shutdown` changes.
@@ -167,20 +197,28 @@ impl Engine {
                     return;
                 }
                 Some(ev) = sessions.recv() => self.on_session(ev),
-                Some(DataEvent::Control { peer, from, payload, at }) = data.recv() => {
-                    match self.core.handle_probe(at, peer, &payload) {
-                        Ok(Some(echo)) => self.dp.command(DataCommand::SendControl { peer, to: canonical(from), payload: echo }),
-                        Ok(None) => {}
-                        Err(e) => tracing::debug!("probe from peer {peer}: {e}"),
+                Some(ev) = data.recv() => match ev {
+                    DataEvent::Control { peer, from, payload, at } => {
+                        if peer >= self.peers.len() {
+                            self.sync_peers(at);
+                        }
+                        match self.core.handle_probe(at, peer, &payload) {
+                            Ok(Some(echo)) => self.dp.command(DataCommand::SendControl { peer, to: canonical(from), payload: echo }),
+                            Ok(None) => {}
+                            Err(e) => tracing::debug!("probe from peer {peer}: {e}"),
+                        }
                     }
-                }
+                    DataEvent::NeedSession { peer } => {
+                        let _ = self.needs.send(peer);
+                    }
+                },
                 Some(alarm) = alarms.recv() => match alarm {
                     Alarm::Icmp { peer, at } => {
-                        tracing::info!("ICMP unreachable about {}'s destinations: rerouting", self.model.cfg.peers[peer].name);
+                        tracing::info!("ICMP unreachable about {}'s destinations: rerouting", self.name(peer));
                         self.core.handle_icmp(at, peer);
                     }
                     Alarm::TcpStall { peer } => {
-                        tracing::info!("TCP to {}'s destinations stalls: checking the path", self.model.cfg.peers[peer].name);
+                        tracing::info!("TCP to {}'s destinations stalls: checking the path", self.name(peer));
                         self.core.handle_tcp_stall(Instant::now(), peer);
                     }
                 },
@@ -198,8 +236,8 @@ impl Engine {
         }
     }
 
-    fn name(&self, i: usize) -> &str {
-        &self.model.cfg.peers[i].name
+    fn name(&self, i: usize) -> String {
+        self.model.read().expect("model").peers.get(i).map(|p| p.cfg.name.clone()).unwrap_or_else(|| format!("peer {i}"))
     }
 
     fn path_name(&self, path: PathId) -> String {
@@ -222,25 +260,27 @@ impl Engine {
 
     fn on_session(&mut self, ev: SessionEvent) {
         let now = Instant::now();
+        let peer = match &ev {
+            SessionEvent::Up { peer, .. } | SessionEvent::Down { peer } | SessionEvent::Monitor { peer } | SessionEvent::Forget { peer } | SessionEvent::Message { peer, .. } => *peer,
+        };
+        if peer >= self.peers.len() {
+            self.sync_peers(now);
+            if peer >= self.peers.len() {
+                return;
+            }
+        }
         match ev {
-            SessionEvent::Up { peer, conn, data } => {
+            SessionEvent::Up { peer, conn, data, monitor } => {
                 let local_ip = conn.local_ip().map(|a| a.to_canonical());
                 let p = &mut self.peers[peer];
                 let moved = p.data != Some(data);
                 p.conn = Some(conn);
                 p.data = Some(data);
                 p.local_ip = local_ip;
-                self.core.handle_direct_known(now, peer);
-                let mut underlay = self.model.endpoint_ips(peer);
-                if !underlay.contains(&data.ip()) {
-                    underlay.push(data.ip());
+                if monitor {
+                    self.start_monitoring(now, peer);
                 }
-                self.dp.command(DataCommand::SetPeerUnderlay { peer, addrs: underlay });
-                {
-                    let mut f = self.filter.write().expect("filter");
-                    f.protected.insert(IpNet::from(data.ip()), peer);
-                }
-                if moved {
+                if moved && self.peers[peer].monitored {
                     // Keep the data path, and every relay session through or to this peer,
                     // on the current address.
                     let path = self.peers[peer].path;
@@ -254,32 +294,69 @@ impl Engine {
                             self.use_path(q, self.peers[q].path);
                         }
                     }
+                } else if !self.peers[peer].monitored {
+                    // Not monitored: the data path simply uses the session's address.
+                    self.use_path(peer, PathId::Direct);
                 }
                 self.refresh_protect(peer);
             }
             SessionEvent::Down { peer } => {
                 self.peers[peer].conn = None;
             }
+            SessionEvent::Monitor { peer } => self.start_monitoring(now, peer),
+            SessionEvent::Forget { peer } => {
+                self.core.forget(now, peer);
+                self.peers[peer].monitored = false;
+                self.peers[peer].conn = None;
+                let pairs: Vec<(usize, usize)> = self.serving.keys().copied().filter(|(a, b)| *a == peer || *b == peer).collect();
+                for (a, b) in pairs {
+                    self.serving.remove(&(a, b));
+                    self.dp.command(DataCommand::ClearRelay { a: self.peers[a].id, b: self.peers[b].id });
+                }
+                self.refresh_protect(peer);
+            }
             SessionEvent::Message { peer, message } => self.on_message(now, peer, message),
         }
+    }
+
+    /// Starts probing the direct path to a peer whose data address is known.
+    fn start_monitoring(&mut self, now: Instant, peer: usize) {
+        let Some(data) = self.peers[peer].data else { return };
+        if self.peers[peer].monitored {
+            return;
+        }
+        self.peers[peer].monitored = true;
+        self.core.handle_direct_known(now, peer);
+        let mut underlay = self.model.read().expect("model").endpoint_ips(peer);
+        if !underlay.contains(&data.ip()) {
+            underlay.push(data.ip());
+        }
+        self.dp.command(DataCommand::SetPeerUnderlay { peer, addrs: underlay });
+        {
+            let mut f = self.filter.write().expect("filter");
+            f.protected.insert(IpNet::from(data.ip()), peer);
+        }
+        let path = self.peers[peer].path;
+        self.use_path(peer, path);
     }
 
     fn on_message(&mut self, now: Instant, from: usize, message: Message) {
         match message {
             Message::RelayRequest { a, b } => {
                 let answer = self.serve_relay(from, a, b);
-                if let Err(reason) = &answer {
+                if let Err((reason, _)) = &answer {
                     tracing::info!("refused to relay between {} and {b}: {reason}", self.name(from));
                 }
-                let reply = Message::RelayResponse { b, accepted: answer.is_ok(), reason: answer.err() };
+                let transient = answer.as_ref().err().is_some_and(|(_, t)| *t);
+                let reply = Message::RelayResponse { b, accepted: answer.is_ok(), reason: answer.err().map(|(r, _)| r), transient };
                 self.send(from, reply);
             }
-            Message::RelayResponse { b, accepted, reason } => {
+            Message::RelayResponse { b, accepted, reason, transient } => {
                 let Some(&peer) = self.by_id.get(&b) else { return };
                 if !accepted {
                     tracing::debug!("{} will not relay to {}: {}", self.name(from), self.name(peer), reason.unwrap_or_default());
                 }
-                self.core.handle_relay_response(now, from, peer, accepted);
+                self.core.handle_relay_answer(now, from, peer, accepted, transient);
             }
             Message::RelayRelease { a, b } => {
                 if a != self.peers[from].id {
@@ -300,25 +377,26 @@ impl Engine {
                 let infos: Vec<LinkInfo> = links.iter().map(|l| LinkInfo { node: l.node, up: l.up, rtt_ms: l.rtt_ms, loss: l.loss }).collect();
                 self.core.handle_link_report(now, from, &infos);
             }
-            Message::Hello { .. } => {}
+            _ => {}
         }
     }
 
     /// Decides a relay request from peer `from`: relaying must be allowed here, the
-    /// requester must be the end it names, and both ends need a known data address.
-    fn serve_relay(&mut self, from: usize, a: NodeId, b: NodeId) -> Result<(), String> {
-        if !self.model.cfg.node.relay {
-            return Err("this node does not relay (node.relay = false)".into());
+    /// requester must be the end it names, and both ends need a known data address. An
+    /// error says why, and whether it may pass soon (a missing session).
+    fn serve_relay(&mut self, from: usize, a: NodeId, b: NodeId) -> Result<(), (String, bool)> {
+        if !self.model.read().expect("model").cfg.node.relay {
+            return Err(("this node does not relay (node.relay = false)".into(), false));
         }
         if a != self.peers[from].id {
-            return Err("a node may only ask for its own relay sessions".into());
+            return Err(("a node may only ask for its own relay sessions".into(), false));
         }
-        let Some(&bi) = self.by_id.get(&b) else { return Err("unknown destination".into()) };
+        let Some(&bi) = self.by_id.get(&b) else { return Err(("unknown destination".into(), true)) };
         if bi == from {
-            return Err("a node cannot relay to itself".into());
+            return Err(("a node cannot relay to itself".into(), false));
         }
         if self.peers[from].data.is_none() || self.peers[bi].data.is_none() {
-            return Err(format!("no data path to {}", self.name(bi)));
+            return Err((format!("no data path to {}", self.name(bi)), true));
         }
         let key = (from.min(bi), from.max(bi));
         let new = !self.serving.contains_key(&key);
@@ -336,9 +414,13 @@ impl Engine {
         }
     }
 
+    fn local(&self) -> NodeId {
+        self.model.read().expect("model").local
+    }
+
     fn send(&self, to: usize, message: Message) {
         let Some(conn) = self.peers[to].conn.clone() else { return };
-        let frame = Frame { src: self.model.local, dst: self.peers[to].id, hop_limit: 0, message };
+        let frame = Frame { src: self.local(), dst: self.peers[to].id, hop_limit: 0, message };
         tokio::spawn(async move {
             if let Err(e) = quic::send_frame(&conn, &frame).await {
                 tracing::debug!("management message: {e:#}");
@@ -398,12 +480,12 @@ impl Engine {
                 }
                 Action::RequestRelay { relay, peer } => {
                     if self.peers[relay].conn.is_some() {
-                        self.send(relay, Message::RelayRequest { a: self.model.local, b: self.peers[peer].id });
+                        self.send(relay, Message::RelayRequest { a: self.local(), b: self.peers[peer].id });
                     } else {
                         self.core.handle_relay_response(Instant::now(), relay, peer, false);
                     }
                 }
-                Action::ReleaseRelay { relay, peer } => self.send(relay, Message::RelayRelease { a: self.model.local, b: self.peers[peer].id }),
+                Action::ReleaseRelay { relay, peer } => self.send(relay, Message::RelayRelease { a: self.local(), b: self.peers[peer].id }),
             }
         }
     }
@@ -411,13 +493,14 @@ impl Engine {
     fn release_all(&mut self) {
         for peer in 0..self.peers.len() {
             for relay in self.core.active_relays(peer) {
-                self.send(relay, Message::RelayRelease { a: self.model.local, b: self.peers[peer].id });
+                self.send(relay, Message::RelayRelease { a: self.local(), b: self.peers[peer].id });
             }
         }
     }
 
     fn publish(&self) {
         let mut routes = self.shared.routes.lock().expect("routes");
+        routes.resize(self.peers.len(), None);
         for (i, slot) in routes.iter_mut().enumerate() {
             let Some(r) = self.core.route(i) else { continue };
             let paths = self
@@ -444,7 +527,7 @@ impl Engine {
             });
         }
         drop(routes);
-        let relaying: Vec<(String, String)> = self.serving.keys().map(|(a, b)| (self.name(*a).to_string(), self.name(*b).to_string())).collect();
+        let relaying: Vec<(String, String)> = self.serving.keys().map(|(a, b)| (self.name(*a), self.name(*b))).collect();
         *self.shared.relaying.lock().expect("relaying") = relaying;
     }
 }

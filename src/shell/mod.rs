@@ -10,3 +10,6 @@ pub mod sockets;
 pub mod sockdiag;
 pub mod engine;
 pub mod intercept;
+pub mod mnode;
+pub mod peers;
+pub mod priority;

@@ -12,7 +12,7 @@ use tokio::io::AsyncWriteExt;
 
 use crate::identity::{Identity, NodeId, PublicKey};
 use crate::mgmt::{self, Frame, Message};
-use crate::shell::tls::{self, NodeCert, RefusedKeys};
+use crate::shell::tls::{self, AllowedKeys, NodeCert, RefusedKeys};
 use crate::wire::{self, SessionSecrets};
 
 /// Management keepalive interval.
@@ -41,7 +41,7 @@ fn transport() -> Arc<quinn::TransportConfig> {
     t.keep_alive_interval(Some(KEEPALIVE));
     t.max_idle_timeout(Some(IDLE_TIMEOUT.try_into().expect("idle timeout fits")));
     t.max_concurrent_bidi_streams(64u32.into());
-    t.max_concurrent_uni_streams(64u32.into());
+    t.max_concurrent_uni_streams(1024u32.into());
     t.datagram_receive_buffer_size(None);
     Arc::new(t)
 }
@@ -68,10 +68,10 @@ impl Management {
     ///
     /// # Errors
     /// TLS or socket errors.
-    pub fn new(identity: &Identity, name: &str, data_port: u16, peers: &[PublicKey], sockets: Vec<StdUdpSocket>) -> Result<Management> {
+    pub fn new(identity: &Identity, name: &str, data_port: u16, allowed: Arc<AllowedKeys>, sockets: Vec<StdUdpSocket>) -> Result<Management> {
         let cert = NodeCert::new(identity)?;
         let refused = Arc::new(RefusedKeys::default());
-        let server = tls::server_config(&cert, peers, refused.clone())?;
+        let server = tls::server_config(&cert, allowed, refused.clone())?;
         let mut server = quinn::ServerConfig::with_crypto(Arc::new(QuicServerConfig::try_from(server).context("QUIC server TLS")?));
         server.transport_config(transport());
         let reset = Sha256::new().chain_update(b"detour stateless reset v1").chain_update(identity.pkcs8_der()).finalize();
@@ -186,12 +186,22 @@ pub async fn read_frame(recv: &mut quinn::RecvStream) -> Result<Frame> {
     Ok(mgmt::decode(&buf)?)
 }
 
-/// Sends one management frame on a new unidirectional stream.
+/// Sends one management frame on a new unidirectional stream. Urgent frames (routed
+/// messages, relay signalling) are sent before anything else queued on the session.
 ///
 /// # Errors
 /// Stream errors.
 pub async fn send_frame(conn: &quinn::Connection, frame: &Frame) -> Result<()> {
+    send_frame_prio(conn, frame, true).await
+}
+
+/// [`send_frame`] with a choice of priority: gossip goes after urgent frames.
+///
+/// # Errors
+/// Stream errors.
+pub async fn send_frame_prio(conn: &quinn::Connection, frame: &Frame, urgent: bool) -> Result<()> {
     let mut s = conn.open_uni().await?;
+    let _ = s.set_priority(if urgent { 1 } else { 0 });
     s.write_all(&mgmt::encode(frame)).await?;
     s.finish()?;
     Ok(())
@@ -219,9 +229,10 @@ mod tests {
         let a = Identity::from_seed([1; 32]);
         let b = Identity::from_seed([2; 32]);
         let mallory = Identity::from_seed([3; 32]);
-        let ma = Management::new(&a, "a", 7000, &[b.public_key()], vec![socket()]).unwrap();
-        let mb = Management::new(&b, "b", 7100, &[a.public_key()], vec![socket()]).unwrap();
-        let mm = Management::new(&mallory, "m", 7200, &[a.public_key()], vec![socket()]).unwrap();
+        let allow = |k: PublicKey| Arc::new(AllowedKeys::new([k]));
+        let ma = Management::new(&a, "a", 7000, allow(b.public_key()), vec![socket()]).unwrap();
+        let mb = Management::new(&b, "b", 7100, allow(a.public_key()), vec![socket()]).unwrap();
+        let mm = Management::new(&mallory, "m", 7200, allow(a.public_key()), vec![socket()]).unwrap();
         let b_addr = mb.endpoints[0].local_addr().unwrap();
         let a_addr = ma.endpoints[0].local_addr().unwrap();
 

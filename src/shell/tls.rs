@@ -7,7 +7,7 @@
 //! refused, counted and logged with the key it presented.
 
 use std::collections::HashSet;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 
 use anyhow::{Context, Result};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
@@ -61,9 +61,36 @@ const SCHEMES: [SignatureScheme; 1] = [SignatureScheme::ED25519];
 /// Sessions are TLS 1.3 only.
 const TLS12_REFUSED: rustls::Error = rustls::Error::PeerIncompatible(rustls::PeerIncompatible::Tls12NotOffered);
 
+/// The keys the management endpoint accepts from dialling nodes: the configured peers'
+/// and those of the nodes in the directory (members admitted by other members).
+#[derive(Debug, Default)]
+pub struct AllowedKeys(RwLock<HashSet<PublicKey>>);
+
+impl AllowedKeys {
+    /// A set of keys.
+    pub fn new(keys: impl IntoIterator<Item = PublicKey>) -> AllowedKeys {
+        AllowedKeys(RwLock::new(keys.into_iter().collect()))
+    }
+
+    /// Admits a key.
+    pub fn insert(&self, k: PublicKey) {
+        self.0.write().expect("allowed keys").insert(k);
+    }
+
+    /// Withdraws a key.
+    pub fn remove(&self, k: &PublicKey) {
+        self.0.write().expect("allowed keys").remove(k);
+    }
+
+    /// Whether a key is admitted.
+    pub fn contains(&self, k: &PublicKey) -> bool {
+        self.0.read().expect("allowed keys").contains(k)
+    }
+}
+
 #[derive(Debug)]
 struct Pinned {
-    allowed: HashSet<PublicKey>,
+    allowed: Arc<AllowedKeys>,
     algs: WebPkiSupportedAlgorithms,
     refused: Arc<RefusedKeys>,
     role: &'static str,
@@ -79,7 +106,7 @@ impl Pinned {
             Some(k) if self.allowed.contains(&k) => Ok(()),
             _ => {
                 let who = describe(cert);
-                tracing::warn!("refused management {} presenting key {who}: not a configured peer key", self.role);
+                tracing::warn!("refused management {} presenting key {who}: neither a configured peer nor a node in the directory", self.role);
                 self.refused.record(&who);
                 Err(rustls::Error::InvalidCertificate(CertificateError::ApplicationVerificationFailure))
             }
@@ -159,13 +186,13 @@ impl NodeCert {
     }
 }
 
-/// Server side: accepts any configured peer key.
+/// Server side: accepts the keys in `allowed` (which may change while it runs).
 ///
 /// # Errors
 /// rustls configuration errors.
-pub fn server_config(node: &NodeCert, peers: &[PublicKey], refused: Arc<RefusedKeys>) -> Result<rustls::ServerConfig> {
+pub fn server_config(node: &NodeCert, allowed: Arc<AllowedKeys>, refused: Arc<RefusedKeys>) -> Result<rustls::ServerConfig> {
     let p = provider();
-    let verifier = PinnedClient(Pinned { allowed: peers.iter().copied().collect(), algs: p.signature_verification_algorithms, refused, role: "client" });
+    let verifier = PinnedClient(Pinned { allowed, algs: p.signature_verification_algorithms, refused, role: "client" });
     let mut cfg = rustls::ServerConfig::builder_with_provider(p)
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(Arc::new(verifier))
@@ -180,7 +207,7 @@ pub fn server_config(node: &NodeCert, peers: &[PublicKey], refused: Arc<RefusedK
 /// rustls configuration errors.
 pub fn client_config(node: &NodeCert, peer: PublicKey, refused: Arc<RefusedKeys>) -> Result<rustls::ClientConfig> {
     let p = provider();
-    let verifier = PinnedServer(Pinned { allowed: [peer].into_iter().collect(), algs: p.signature_verification_algorithms, refused, role: "server" });
+    let verifier = PinnedServer(Pinned { allowed: Arc::new(AllowedKeys::new([peer])), algs: p.signature_verification_algorithms, refused, role: "server" });
     let mut cfg = rustls::ClientConfig::builder_with_provider(p)
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .dangerous()
@@ -207,7 +234,7 @@ mod tests {
         let bad = Identity::from_seed([2; 32]);
         let refused = Arc::new(RefusedKeys::default());
         let p = provider();
-        let v = Pinned { allowed: [good.public_key()].into_iter().collect(), algs: p.signature_verification_algorithms, refused: refused.clone(), role: "client" };
+        let v = Pinned { allowed: Arc::new(AllowedKeys::new([good.public_key()])), algs: p.signature_verification_algorithms, refused: refused.clone(), role: "client" };
         assert!(v.check(&NodeCert::new(&good).unwrap().cert).is_ok());
         assert!(v.check(&NodeCert::new(&bad).unwrap().cert).is_err());
         assert!(v.check(&CertificateDer::from(vec![0u8; 10])).is_err());

@@ -1,0 +1,1037 @@
+//! The management overlay of one node, sans I/O: its signed record, directory gossip,
+//! the choice of management neighbours, and delivery of messages to any node ID
+//! (spec A§1.3.2, A§2.2, A§3; seeds-digest items 32–39, 48–49, 57–61, 78–82).
+//!
+//! The shell feeds it session changes, management messages, ticks and local requests
+//! (`now` on the monotonic clock, `unix` in seconds for record expiry) and carries out what
+//! [`Overlay::poll`] returns. Nothing here opens a socket or reads a clock, so hundreds of
+//! nodes can be simulated in one process (see the tests).
+//!
+//! * **Record.** The node signs a [`NodeRecord`] (sequence number = unix time in ms, never
+//!   lower than one it published before) and floods it to every session when it changes
+//!   (debounced) and every [`REFRESH_S`]. A record of its own that is newer than the one it
+//!   holds — left in the network by an earlier run — is adopted: the node continues above
+//!   its sequence number and keeps its names' registration times.
+//! * **Gossip.** A record that is new to the directory is flooded to every session but the
+//!   one it came from; on every new session, and every [`ANTI_ENTROPY`] with one random
+//!   neighbour, the two sides exchange digests and then the records the other lacks
+//!   (push-pull anti-entropy), so partitions that heal merge their directories.
+//! * **Neighbours.** The node keeps sessions with `k` neighbours: `k` follows the
+//!   reliability rule ([`neighbours_for`]) with the measured availability of neighbours,
+//!   between the configured bounds; stable nodes first, then diverse underlay groups, then
+//!   a per-node pseudo-random order (rendezvous hashing) so that the graph is random and
+//!   stays connected. Configured peers count towards `k`. A neighbour that cannot be
+//!   reached is replaced.
+//! * **Delivery.** [`crate::mroute::Router`] on the topology the records describe.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ipnet::IpNet;
+use sha2::{Digest as _, Sha256};
+
+use crate::directory::{Accepted, Directory, Name, NodeRecord, Reject, SignedRecord, Uptime, RECORD_TTL_S, REFRESH_S};
+use crate::identity::{Identity, NodeId};
+use crate::mgmt::Message;
+use crate::mroute::{self, MrouteConfig, Router, Topology};
+
+/// How often a node exchanges digests with one random neighbour.
+pub const ANTI_ENTROPY: Duration = Duration::from_secs(5);
+/// Shortest time between two publications of the node's record.
+pub const PUBLISH_DEBOUNCE: Duration = Duration::from_millis(300);
+/// A chosen neighbour without a session for this long is replaced.
+pub const NEIGHBOUR_PATIENCE: Duration = Duration::from_secs(10);
+/// How long a replaced neighbour is not chosen again.
+pub const SHUN_FOR: Duration = Duration::from_secs(60);
+/// Records per [`Message::Records`].
+pub const RECORDS_PER_MESSAGE: usize = 16;
+/// Largest digest or record list taken from one message.
+pub const MAX_ENTRIES: usize = 100_000;
+
+/// Tunables (from `[management]`).
+#[derive(Debug, Clone, Copy)]
+pub struct OverlayConfig {
+    /// Fewest neighbours.
+    pub min_neighbours: usize,
+    /// Most neighbours chosen (configured peers count towards it).
+    pub max_neighbours: usize,
+    /// Target probability that a message finds a live path.
+    pub target_delivery: f64,
+    /// Message delivery tunables.
+    pub mroute: MrouteConfig,
+}
+
+impl Default for OverlayConfig {
+    fn default() -> Self {
+        OverlayConfig { min_neighbours: 3, max_neighbours: 8, target_delivery: 0.9999, mroute: MrouteConfig::default() }
+    }
+}
+
+/// What the node publishes about itself (besides its identity, names and neighbours).
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct OwnInfo {
+    /// Its own name (registered at start).
+    pub name: String,
+    /// Underlay data endpoints.
+    pub endpoints: Vec<SocketAddr>,
+    /// Overlay IPv4 address.
+    pub overlay_v4: Option<Ipv4Addr>,
+    /// Overlay IPv6 address.
+    pub overlay_v6: Option<Ipv6Addr>,
+    /// Prefixes behind the node.
+    pub prefixes: Vec<IpNet>,
+    /// Relays for others.
+    pub relay: bool,
+    /// Uptime class.
+    pub uptime: Option<Uptime>,
+}
+
+/// An instruction to the shell, or a report.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Out {
+    /// Send a management message on the session with `to`.
+    Send {
+        /// A node with a live session.
+        to: NodeId,
+        /// The message.
+        message: Message,
+        /// Routed messages go before gossip.
+        urgent: bool,
+    },
+    /// A message for a local program.
+    Deliver {
+        /// Originating node.
+        src: NodeId,
+        /// Application channel.
+        channel: u16,
+        /// Payload.
+        payload: Vec<u8>,
+    },
+    /// A message sent from here was acknowledged end to end.
+    Delivered {
+        /// Its ID.
+        id: u64,
+    },
+    /// A message sent from here could not be delivered.
+    Failed {
+        /// Its ID.
+        id: u64,
+    },
+    /// A record of another node is new or changed.
+    Learned(NodeRecord),
+    /// A node's record expired.
+    Forgotten(NodeId),
+    /// The neighbours this node wants sessions with (sent when the set changes).
+    Neighbours(BTreeSet<NodeId>),
+    /// A name this node had registered is held by an earlier registration of another node.
+    NameLost {
+        /// The name.
+        name: String,
+        /// Its holder.
+        holder: NodeId,
+    },
+}
+
+/// Why a name cannot be registered.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RegisterError {
+    /// Another node registered it first.
+    #[error("the name is held by node {0}")]
+    Taken(NodeId),
+    /// Not a usable name.
+    #[error("names are 1-64 printable characters without spaces")]
+    Invalid,
+}
+
+/// Counters of the management overlay.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// Records accepted (new or newer).
+    pub records_accepted: u64,
+    /// Records this node published.
+    pub records_published: u64,
+    /// Digests sent.
+    pub digests_sent: u64,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Session {
+    configured: bool,
+    usable: bool,
+}
+
+/// Underlay diversity group of a record: its first endpoint's IPv4 /24 or IPv6 /48.
+fn underlay_group(rec: &NodeRecord) -> u64 {
+    let key: Vec<u8> = match rec.endpoints.first().map(|e| e.ip().to_canonical()) {
+        Some(IpAddr::V4(v)) => v.octets()[..3].to_vec(),
+        Some(IpAddr::V6(v)) => v.octets()[..6].to_vec(),
+        None => Vec::new(),
+    };
+    let d = Sha256::digest(&key);
+    u64::from_be_bytes(d[..8].try_into().expect("8 bytes"))
+}
+
+/// Rendezvous weight of `id` as seen from `local`: every node orders candidates
+/// differently, so the neighbour graph is random.
+fn rendezvous(local: &NodeId, id: &NodeId) -> u64 {
+    let d = Sha256::new().chain_update(local.0).chain_update(id.0).finalize();
+    u64::from_be_bytes(d[..8].try_into().expect("8 bytes"))
+}
+
+/// How many neighbours a node needs in an overlay of `nodes` nodes so that a message finds
+/// a live path with probability `target`, when each neighbour is up with probability
+/// `availability`. Series/parallel reliability (`000 Pr2 §3.2`): a path of `h` hops works
+/// when each hop finds a live next hop, `R = r^h`, so each hop needs `r = target^(1/h)`;
+/// a hop with `k` independent neighbours fails only if all are down, `r = 1 − (1 − a)^k`
+/// ([`mroute::neighbours_needed`]). `h` is the expected path length of a random graph of
+/// degree 3, `⌈ln n / ln 3⌉`.
+pub fn neighbours_for(availability: f64, target: f64, nodes: usize) -> usize {
+    let h = ((nodes.max(2) as f64).ln() / 3f64.ln()).ceil().max(1.0);
+    let per_hop = target.clamp(0.5, 0.999_999_999).powf(1.0 / h);
+    mroute::neighbours_needed(availability, per_hop)
+}
+
+/// A candidate management neighbour.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Candidate {
+    /// Its node ID.
+    pub id: NodeId,
+    /// Stable uptime class.
+    pub stable: bool,
+    /// Underlay diversity group.
+    pub group: u64,
+}
+
+/// Chooses up to `k - fixed` neighbours among `candidates`: those in `keep` stay (so the
+/// graph does not churn), then stable nodes before ephemeral ones, nodes in underlay groups
+/// not yet covered before others, and otherwise the rendezvous order of `local`.
+pub fn choose_neighbours(local: &NodeId, candidates: &[Candidate], keep: &BTreeSet<NodeId>, fixed_groups: &[u64], fixed: usize, k: usize) -> BTreeSet<NodeId> {
+    let need = k.saturating_sub(fixed);
+    let mut chosen = BTreeSet::new();
+    let mut groups: Vec<u64> = fixed_groups.to_vec();
+    let mut kept: Vec<&Candidate> = candidates.iter().filter(|c| keep.contains(&c.id)).collect();
+    kept.sort_by_key(|c| (!c.stable, rendezvous(local, &c.id)));
+    for c in kept.into_iter().take(need) {
+        chosen.insert(c.id);
+        groups.push(c.group);
+    }
+    while chosen.len() < need {
+        let best = candidates
+            .iter()
+            .filter(|c| !chosen.contains(&c.id))
+            .min_by_key(|c| (!c.stable, groups.contains(&c.group), rendezvous(local, &c.id)));
+        match best {
+            Some(c) => {
+                chosen.insert(c.id);
+                groups.push(c.group);
+            }
+            None => break,
+        }
+    }
+    chosen
+}
+
+/// The management overlay state of one node.
+pub struct Overlay {
+    identity: Identity,
+    local: NodeId,
+    cfg: OverlayConfig,
+    info: OwnInfo,
+    names: Vec<Name>,
+    seq: u64,
+    dir: Directory,
+    router: Router,
+    sessions: BTreeMap<NodeId, Session>,
+    chosen: BTreeMap<NodeId, Instant>,
+    shunned: HashMap<NodeId, Instant>,
+    announced: BTreeSet<NodeId>,
+    availability: f64,
+    dirty: bool,
+    last_publish: Option<Instant>,
+    last_publish_unix: u64,
+    topo_dirty: bool,
+    last_anti_entropy: Instant,
+    last_sample: Instant,
+    rng: u64,
+    stats: Stats,
+    out: VecDeque<Out>,
+}
+
+impl Overlay {
+    /// A node that starts at `now` (unix seconds `unix`) and publishes its first record at
+    /// the first tick.
+    pub fn new(identity: Identity, cfg: OverlayConfig, info: OwnInfo, now: Instant, unix: u64, seed: u64) -> Overlay {
+        let local = identity.node_id();
+        let names = vec![Name { name: info.name.clone(), since: unix }];
+        Overlay {
+            router: Router::new(local, cfg.mroute, seed),
+            identity,
+            local,
+            cfg,
+            info,
+            names,
+            seq: 0,
+            dir: Directory::new(),
+            sessions: BTreeMap::new(),
+            chosen: BTreeMap::new(),
+            shunned: HashMap::new(),
+            announced: BTreeSet::new(),
+            availability: 0.9,
+            dirty: true,
+            last_publish: None,
+            last_publish_unix: 0,
+            topo_dirty: true,
+            last_anti_entropy: now,
+            last_sample: now,
+            rng: seed | 1,
+            stats: Stats::default(),
+            out: VecDeque::new(),
+        }
+    }
+
+    fn random(&mut self) -> u64 {
+        self.rng ^= self.rng << 13;
+        self.rng ^= self.rng >> 7;
+        self.rng ^= self.rng << 17;
+        self.rng
+    }
+
+    /// This node's ID.
+    pub fn local(&self) -> NodeId {
+        self.local
+    }
+
+    /// The directory.
+    pub fn directory(&self) -> &Directory {
+        &self.dir
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> &Stats {
+        &self.stats
+    }
+
+    /// Delivery drops on the way through this node, by reason.
+    pub fn router(&self) -> &Router {
+        &self.router
+    }
+
+    /// Measured availability of neighbours (0..1).
+    pub fn availability(&self) -> f64 {
+        self.availability
+    }
+
+    /// The neighbour count the reliability rule asks for now.
+    pub fn target_neighbours(&self) -> usize {
+        neighbours_for(self.availability, self.cfg.target_delivery, self.dir.len().max(2)).clamp(self.cfg.min_neighbours, self.cfg.max_neighbours)
+    }
+
+    /// The neighbours chosen by this node (configured peers aside).
+    pub fn chosen(&self) -> impl Iterator<Item = &NodeId> {
+        self.chosen.keys()
+    }
+
+    /// Live sessions as (node, configured, usable).
+    pub fn sessions(&self) -> impl Iterator<Item = (&NodeId, bool, bool)> {
+        self.sessions.iter().map(|(id, s)| (id, s.configured, s.usable))
+    }
+
+    /// Next output.
+    pub fn poll(&mut self) -> Option<Out> {
+        self.out.pop_front()
+    }
+
+    /// The names this node holds.
+    pub fn names(&self) -> &[Name] {
+        &self.names
+    }
+
+    /// New information to publish (endpoints, addresses…).
+    pub fn set_info(&mut self, info: OwnInfo) {
+        if info != self.info {
+            if info.name != self.info.name {
+                self.names.retain(|n| n.name != self.info.name);
+                self.names.insert(0, Name { name: info.name.clone(), since: self.last_publish_unix.max(1) });
+            }
+            self.info = info;
+            self.dirty = true;
+        }
+    }
+
+    /// A management session with `id` is up.
+    pub fn session_up(&mut self, now: Instant, id: NodeId, configured: bool) {
+        if id == self.local {
+            return;
+        }
+        self.sessions.insert(id, Session { configured, usable: true });
+        self.neighbours_changed();
+        self.send_digest(now, id);
+    }
+
+    /// The session with `id` closed.
+    pub fn session_down(&mut self, id: NodeId) {
+        if self.sessions.remove(&id).is_some() {
+            self.neighbours_changed();
+        }
+    }
+
+    /// Whether the session with `id` carries messages (the failover engine may know its
+    /// path is down before the session times out).
+    pub fn set_usable(&mut self, id: NodeId, usable: bool) {
+        if let Some(s) = self.sessions.get_mut(&id) {
+            if s.usable != usable {
+                s.usable = usable;
+                self.push_router_neighbours();
+            }
+        }
+    }
+
+    fn neighbours_changed(&mut self) {
+        self.push_router_neighbours();
+        self.dirty = true;
+    }
+
+    fn push_router_neighbours(&mut self) {
+        self.router.set_neighbours(self.sessions.iter().filter(|(_, s)| s.usable).map(|(id, _)| *id));
+    }
+
+    fn send_digest(&mut self, _now: Instant, to: NodeId) {
+        self.stats.digests_sent += 1;
+        self.out.push_back(Out::Send { to, message: Message::Digest { entries: self.dir.digest() }, urgent: false });
+    }
+
+    fn send_records(&mut self, to: NodeId, records: Vec<SignedRecord>) {
+        for chunk in records.chunks(RECORDS_PER_MESSAGE) {
+            self.out.push_back(Out::Send { to, message: Message::Records { records: chunk.to_vec() }, urgent: false });
+        }
+    }
+
+    /// Sends `payload` to node `dst` on `channel`; returns the message ID, whose fate is
+    /// reported as [`Out::Delivered`] or [`Out::Failed`].
+    pub fn send(&mut self, now: Instant, dst: NodeId, channel: u16, payload: &[u8], critical: bool) -> u64 {
+        let id = self.router.send(now, dst, channel, payload, critical);
+        self.pump_router();
+        id
+    }
+
+    /// P2PNS register: adds `name` to this node's record, unless another node registered it
+    /// first.
+    ///
+    /// # Errors
+    /// [`RegisterError`].
+    pub fn register(&mut self, unix: u64, name: &str) -> Result<(), RegisterError> {
+        if name.is_empty() || name.len() > 64 || !name.chars().all(|c| c.is_ascii_graphic()) {
+            return Err(RegisterError::Invalid);
+        }
+        if self.names.iter().any(|n| n.name == name) {
+            return Ok(());
+        }
+        if !self.dir.may_register(&self.local, name, unix) {
+            let holder = self.dir.holder(name).map(|e| e.record.node_id).unwrap_or_default();
+            return Err(RegisterError::Taken(holder));
+        }
+        self.names.push(Name { name: name.to_string(), since: unix });
+        self.dirty = true;
+        Ok(())
+    }
+
+    /// P2PNS resolve: the record of the node holding `name` (this node's own included).
+    pub fn resolve(&self, name: &str) -> Option<&NodeRecord> {
+        self.dir.resolve(name)
+    }
+
+    /// A management message from the session with `from`.
+    pub fn handle(&mut self, now: Instant, unix: u64, from: NodeId, message: Message) {
+        match message {
+            Message::Records { records } => {
+                let mut fresh = Vec::new();
+                for r in records.into_iter().take(MAX_ENTRIES) {
+                    if let Some(r) = self.take_record(unix, r) {
+                        fresh.push(r);
+                    }
+                }
+                if !fresh.is_empty() {
+                    let others: Vec<NodeId> = self.sessions.keys().copied().filter(|s| *s != from).collect();
+                    for to in others {
+                        self.send_records(to, fresh.clone());
+                    }
+                }
+            }
+            Message::Digest { mut entries } => {
+                entries.truncate(MAX_ENTRIES);
+                let (give, want) = self.dir.diff(&entries);
+                self.send_records(from, give);
+                if !want.is_empty() {
+                    self.out.push_back(Out::Send { to: from, message: Message::Want { nodes: want }, urgent: false });
+                }
+            }
+            Message::Want { mut nodes } => {
+                nodes.truncate(MAX_ENTRIES);
+                let records: Vec<SignedRecord> = nodes.iter().filter_map(|id| self.dir.get(id).map(|e| e.signed.clone())).collect();
+                self.send_records(from, records);
+            }
+            Message::Routed { envelope } => {
+                self.router.handle(now, from, envelope);
+                self.pump_router();
+            }
+            _ => {}
+        }
+    }
+
+    /// Offers one received record; returns it when it is new to the directory (to flood).
+    fn take_record(&mut self, unix: u64, signed: SignedRecord) -> Option<SignedRecord> {
+        // Our own record from an earlier run: continue above it, keep the names' ages.
+        if signed.peek().is_some_and(|(id, seq)| id == self.local && seq > self.seq) {
+            if let Ok(rec) = signed.verify() {
+                if rec.seq > self.seq {
+                    self.seq = rec.seq;
+                    for old in &rec.names {
+                        if let Some(n) = self.names.iter_mut().find(|n| n.name == old.name) {
+                            n.since = old.since;
+                        }
+                    }
+                    self.dirty = true;
+                    self.last_publish = None;
+                }
+            }
+        }
+        if signed.peek().is_some_and(|(id, _)| id == self.local) {
+            return None;
+        }
+        match self.dir.insert(signed.clone(), unix) {
+            Ok(a) => {
+                self.stats.records_accepted += 1;
+                self.topo_dirty = true;
+                let rec = self.dir.get(&signed.peek()?.0)?.record.clone();
+                if a == Accepted::New || a == Accepted::Updated {
+                    self.out.push_back(Out::Learned(rec));
+                }
+                Some(signed)
+            }
+            Err(_) => None,
+        }
+    }
+
+    /// Rejections so far, by reason.
+    pub fn rejected(&self) -> Vec<(&'static str, u64)> {
+        Reject::ALL.iter().map(|r| (r.as_str(), self.dir.rejected().get(r.as_str()).copied().unwrap_or(0))).filter(|(_, n)| *n > 0).collect()
+    }
+
+    fn pump_router(&mut self) {
+        while let Some(o) = self.router.poll() {
+            let o = match o {
+                mroute::Out::Forward { to, env } => Out::Send { to, message: Message::Routed { envelope: env }, urgent: true },
+                mroute::Out::Deliver { src, channel, payload } => Out::Deliver { src, channel, payload },
+                mroute::Out::Delivered { id } => Out::Delivered { id },
+                mroute::Out::Failed { id } => Out::Failed { id },
+            };
+            self.out.push_back(o);
+        }
+    }
+
+    /// Advances time: retries, expiry, publication, anti-entropy and neighbour choice. Call
+    /// it every 100 ms or so.
+    pub fn tick(&mut self, now: Instant, unix: u64) {
+        self.router.handle_tick(now);
+        self.pump_router();
+        for id in self.dir.expire(unix) {
+            self.topo_dirty = true;
+            self.out.push_back(Out::Forgotten(id));
+        }
+        self.check_names(unix);
+        let due_refresh = unix >= self.last_publish_unix + REFRESH_S;
+        let debounced = self.last_publish.is_none_or(|t| now >= t + PUBLISH_DEBOUNCE);
+        if (self.dirty && debounced) || due_refresh {
+            self.publish(now, unix);
+        }
+        if now >= self.last_anti_entropy + ANTI_ENTROPY {
+            self.last_anti_entropy = now;
+            let ids: Vec<NodeId> = self.sessions.keys().copied().collect();
+            if !ids.is_empty() {
+                let pick = ids[(self.random() % ids.len() as u64) as usize];
+                self.send_digest(now, pick);
+            }
+        }
+        if now >= self.last_sample + Duration::from_secs(1) {
+            self.last_sample = now;
+            self.sample_availability(now);
+            self.choose(now);
+        }
+        if self.topo_dirty {
+            self.topo_dirty = false;
+            let topo = Topology::new(self.dir.entries().map(|e| (e.record.node_id, e.record.neighbours.clone())));
+            self.router.set_topology(Arc::new(topo));
+        }
+    }
+
+    fn check_names(&mut self, _unix: u64) {
+        let lost: Vec<(String, NodeId)> = self
+            .names
+            .iter()
+            .skip(1)
+            .filter(|n| !self.dir.may_register(&self.local, &n.name, n.since))
+            .map(|n| (n.name.clone(), self.dir.holder(&n.name).map(|e| e.record.node_id).unwrap_or_default()))
+            .collect();
+        for (name, holder) in lost {
+            self.names.retain(|n| n.name != name);
+            self.dirty = true;
+            self.out.push_back(Out::NameLost { name, holder });
+        }
+    }
+
+    /// Signs and floods this node's record.
+    fn publish(&mut self, now: Instant, unix: u64) {
+        self.seq = (unix * 1000).max(self.seq + 1);
+        // The node's own name is published only while nobody registered it earlier.
+        let names: Vec<Name> = self.names.iter().filter(|n| self.dir.may_register(&self.local, &n.name, n.since)).cloned().collect();
+        let rec = NodeRecord {
+            node_id: self.local,
+            public_key: self.identity.public_key().to_string(),
+            names,
+            endpoints: self.info.endpoints.clone(),
+            overlay_v4: self.info.overlay_v4,
+            overlay_v6: self.info.overlay_v6,
+            prefixes: self.info.prefixes.clone(),
+            relay: self.info.relay,
+            uptime: self.info.uptime.unwrap_or(Uptime::Stable),
+            neighbours: self.sessions.keys().copied().collect(),
+            seq: self.seq,
+            expires: unix + RECORD_TTL_S,
+        };
+        let signed = SignedRecord::sign(&rec, &self.identity);
+        let _ = self.dir.insert(signed.clone(), unix);
+        self.stats.records_published += 1;
+        self.dirty = false;
+        self.last_publish = Some(now);
+        self.last_publish_unix = unix;
+        self.topo_dirty = true;
+        let to: Vec<NodeId> = self.sessions.keys().copied().collect();
+        for t in to {
+            self.send_records(t, vec![signed.clone()]);
+        }
+    }
+
+    fn sample_availability(&mut self, now: Instant) {
+        // Neighbours chosen long enough ago to have had their chance to connect.
+        let settled: Vec<bool> = self.chosen.iter().filter(|(_, since)| now.saturating_duration_since(**since) > NEIGHBOUR_PATIENCE).map(|(id, _)| self.sessions.contains_key(id)).collect();
+        for up in settled {
+            self.availability += (if up { 1.0 } else { 0.0 } - self.availability) / 600.0;
+        }
+        self.availability = self.availability.clamp(0.5, 0.999);
+    }
+
+    fn choose(&mut self, now: Instant) {
+        self.shunned.retain(|_, until| now < *until);
+        // Neighbours that never connected are replaced.
+        let stale: Vec<NodeId> = self.chosen.iter().filter(|(id, since)| !self.sessions.contains_key(id) && now.saturating_duration_since(**since) > NEIGHBOUR_PATIENCE).map(|(id, _)| *id).collect();
+        for id in stale {
+            self.chosen.remove(&id);
+            self.shunned.insert(id, now + SHUN_FOR);
+        }
+        let configured: Vec<NodeId> = self.sessions.iter().filter(|(_, s)| s.configured).map(|(id, _)| *id).collect();
+        let candidates: Vec<Candidate> = self
+            .dir
+            .entries()
+            .map(|e| &e.record)
+            .filter(|r| r.node_id != self.local && !r.endpoints.is_empty() && !self.shunned.contains_key(&r.node_id) && !configured.contains(&r.node_id))
+            .map(|r| Candidate { id: r.node_id, stable: r.uptime == Uptime::Stable, group: underlay_group(r) })
+            .collect();
+        let fixed_groups: Vec<u64> = configured.iter().filter_map(|id| self.dir.get(id)).map(|e| underlay_group(&e.record)).collect();
+        let keep: BTreeSet<NodeId> = self.chosen.keys().copied().collect();
+        let k = self.target_neighbours();
+        let set = choose_neighbours(&self.local, &candidates, &keep, &fixed_groups, configured.len(), k);
+        self.chosen.retain(|id, _| set.contains(id));
+        for id in &set {
+            self.chosen.entry(*id).or_insert(now);
+        }
+        if set != self.announced {
+            self.announced = set.clone();
+            self.out.push_back(Out::Neighbours(set));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Nodes on a perfect underlay: a session exists between two live nodes when either
+    /// wants it (configured or chosen) and nothing blocks them; messages take 1 ms.
+    struct Sim {
+        nodes: Vec<Option<Overlay>>,
+        ids: Vec<NodeId>,
+        index: HashMap<NodeId, usize>,
+        configured: Vec<BTreeSet<usize>>,
+        wants: Vec<BTreeSet<usize>>,
+        links: BTreeSet<(usize, usize)>,
+        blocked: Box<dyn Fn(usize, usize) -> bool>,
+        /// Directed pairs whose messages are lost while the session looks alive.
+        lossy: BTreeSet<(usize, usize)>,
+        /// Per-node clock error in seconds.
+        skew: Vec<i64>,
+        queue: VecDeque<(Instant, usize, usize, Message)>,
+        t0: Instant,
+        now: Instant,
+        unix: u64,
+        delivered: Vec<Vec<(NodeId, Vec<u8>)>>,
+        acked: BTreeSet<(usize, u64)>,
+    }
+
+    fn ident(i: usize) -> Identity {
+        let mut seed = [7u8; 32];
+        seed[..8].copy_from_slice(&(i as u64).to_be_bytes());
+        Identity::from_seed(seed)
+    }
+
+    impl Sim {
+        fn new(n: usize) -> Sim {
+            let ids: Vec<NodeId> = (0..n).map(|i| ident(i).node_id()).collect();
+            let t0 = Instant::now();
+            Sim {
+                nodes: (0..n).map(|_| None).collect(),
+                index: ids.iter().enumerate().map(|(i, id)| (*id, i)).collect(),
+                ids,
+                configured: vec![BTreeSet::new(); n],
+                wants: vec![BTreeSet::new(); n],
+                links: BTreeSet::new(),
+                blocked: Box::new(|_, _| false),
+                lossy: BTreeSet::new(),
+                skew: vec![0; n],
+                queue: VecDeque::new(),
+                t0,
+                now: t0,
+                unix: 1_000_000,
+                delivered: vec![Vec::new(); n],
+                acked: BTreeSet::new(),
+            }
+        }
+
+        fn start(&mut self, i: usize) {
+            let info = OwnInfo {
+                name: format!("n{i}"),
+                endpoints: vec![SocketAddr::from(([10, (i / 200) as u8, (i % 200) as u8, 1], 7720))],
+                overlay_v4: None,
+                overlay_v6: None,
+                prefixes: vec![],
+                relay: true,
+                uptime: Some(Uptime::Stable),
+            };
+            let unix = self.unix_of(i);
+            self.nodes[i] = Some(Overlay::new(ident(i), OverlayConfig::default(), info, self.now, unix, i as u64 + 1));
+        }
+
+        fn stop(&mut self, i: usize) {
+            self.nodes[i] = None;
+            self.wants[i].clear();
+            let gone: Vec<(usize, usize)> = self.links.iter().copied().filter(|(a, b)| *a == i || *b == i).collect();
+            for (a, b) in gone {
+                self.links.remove(&(a, b));
+                let other = if a == i { b } else { a };
+                if let Some(n) = self.nodes[other].as_mut() {
+                    n.session_down(self.ids[i]);
+                }
+            }
+        }
+
+        fn unix_of(&self, i: usize) -> u64 {
+            self.unix.saturating_add_signed(self.skew[i])
+        }
+
+        fn configure(&mut self, a: usize, b: usize) {
+            self.configured[a].insert(b);
+            self.configured[b].insert(a);
+        }
+
+        fn pump(&mut self, i: usize) {
+            while let Some(o) = self.nodes[i].as_mut().and_then(|n| n.poll()) {
+                match o {
+                    Out::Send { to, message, .. } => {
+                        let j = self.index[&to];
+                        self.queue.push_back((self.now + Duration::from_millis(1), i, j, message));
+                    }
+                    Out::Neighbours(set) => self.wants[i] = set.iter().map(|id| self.index[id]).collect(),
+                    Out::Deliver { src, payload, .. } => self.delivered[i].push((src, payload)),
+                    Out::Delivered { id } => {
+                        self.acked.insert((i, id));
+                    }
+                    _ => {}
+                }
+            }
+        }
+
+        /// Makes sessions match what the nodes want.
+        fn sessions(&mut self) {
+            let n = self.nodes.len();
+            let mut want = BTreeSet::new();
+            for a in 0..n {
+                if self.nodes[a].is_none() {
+                    continue;
+                }
+                for &b in self.configured[a].iter().chain(self.wants[a].iter()) {
+                    if self.nodes[b].is_some() && !(self.blocked)(a, b) {
+                        want.insert((a.min(b), a.max(b)));
+                    }
+                }
+            }
+            let gone: Vec<(usize, usize)> = self.links.difference(&want).copied().collect();
+            for (a, b) in gone {
+                self.links.remove(&(a, b));
+                if let Some(x) = self.nodes[a].as_mut() {
+                    x.session_down(self.ids[b]);
+                }
+                if let Some(x) = self.nodes[b].as_mut() {
+                    x.session_down(self.ids[a]);
+                }
+            }
+            let new: Vec<(usize, usize)> = want.difference(&self.links).copied().collect();
+            for (a, b) in new {
+                self.links.insert((a, b));
+                let now = self.now;
+                let (ida, idb) = (self.ids[a], self.ids[b]);
+                let ca = self.configured[a].contains(&b);
+                self.nodes[a].as_mut().unwrap().session_up(now, idb, ca);
+                self.nodes[b].as_mut().unwrap().session_up(now, ida, ca);
+                self.pump(a);
+                self.pump(b);
+            }
+        }
+
+        fn run(&mut self, d: Duration) {
+            let end = self.now + d;
+            let mut next_tick = self.now;
+            while self.now < end {
+                while let Some((t, _, _, _)) = self.queue.front() {
+                    if *t > next_tick {
+                        break;
+                    }
+                    let (t, from, to, m) = self.queue.pop_front().unwrap();
+                    self.now = self.now.max(t);
+                    let linked = self.links.contains(&(from.min(to), from.max(to))) && !self.lossy.contains(&(from, to));
+                    let unix = self.unix_of(to);
+                    if let (true, Some(node)) = (linked, self.nodes[to].as_mut()) {
+                        node.handle(t, unix, self.ids[from], m);
+                        self.pump(to);
+                    }
+                }
+                self.now = next_tick;
+                self.unix = 1_000_000 + (self.now - self.t0).as_secs();
+                for i in 0..self.nodes.len() {
+                    let unix = self.unix_of(i);
+                    if let Some(n) = self.nodes[i].as_mut() {
+                        n.tick(self.now, unix);
+                    }
+                    self.pump(i);
+                }
+                self.sessions();
+                next_tick += Duration::from_millis(100);
+            }
+        }
+
+    }
+
+    impl Sim {
+        fn knows_all(&self, live: &[usize]) -> bool {
+            live.iter().all(|&i| {
+                let d = self.nodes[i].as_ref().unwrap().directory();
+                live.iter().all(|&j| d.get(&self.ids[j]).is_some())
+            })
+        }
+    }
+
+    #[test]
+    fn neighbour_count_follows_series_parallel_reliability() {
+        // 1000 nodes: ~7 hops, each needs 0.99986 with 90 % available neighbours: 4.
+        assert_eq!(neighbours_for(0.9, 0.999, 1000), 4);
+        // Less available neighbours need more of them.
+        assert!(neighbours_for(0.7, 0.9999, 50) > neighbours_for(0.9, 0.9999, 50));
+        assert_eq!(neighbours_for(0.9, 0.9999, 50), 5);
+    }
+
+    #[test]
+    fn neighbours_prefer_stable_and_diverse_nodes_and_stay_put() {
+        let local = NodeId([1; 16]);
+        let c = |b: u8, stable: bool, group: u64| Candidate { id: NodeId([b; 16]), stable, group };
+        let cands = vec![c(2, false, 1), c(3, true, 1), c(4, true, 1), c(5, true, 2), c(6, true, 3)];
+        let set = choose_neighbours(&local, &cands, &BTreeSet::new(), &[], 0, 3);
+        // the ephemeral node is not chosen while stable ones remain; groups 1, 2 and 3 all appear
+        assert!(!set.contains(&NodeId([2; 16])));
+        assert!(set.contains(&NodeId([5; 16])) && set.contains(&NodeId([6; 16])));
+        // a kept neighbour stays even when a "better" one exists
+        let keep: BTreeSet<NodeId> = [NodeId([2; 16])].into();
+        let set2 = choose_neighbours(&local, &cands, &keep, &[], 0, 3);
+        assert!(set2.contains(&NodeId([2; 16])));
+        // configured peers count towards k
+        assert_eq!(choose_neighbours(&local, &cands, &BTreeSet::new(), &[], 2, 3).len(), 1);
+    }
+
+    /// A ring of configured peers (each node configured with its two neighbours on the
+    /// ring, as bootstrap contacts) among `n` nodes, all started.
+    fn ring(n: usize) -> Sim {
+        ring_of(n, n)
+    }
+
+    /// Room for `n` nodes, the first `started` on a ring and running.
+    fn ring_of(n: usize, started: usize) -> Sim {
+        let mut s = Sim::new(n);
+        for i in 0..started {
+            s.configure(i, (i + 1) % started);
+        }
+        for i in 0..started {
+            s.start(i);
+        }
+        s
+    }
+
+    #[test]
+    fn directories_converge_and_a_join_reaches_every_node() {
+        let mut s = ring(50);
+        s.run(Duration::from_secs(10));
+        let live: Vec<usize> = (0..50).collect();
+        assert!(s.knows_all(&live), "all 50 know each other");
+        // Neighbour counts are bounded: what a node chose plus who chose it.
+        for i in 0..50 {
+            let n = s.nodes[i].as_ref().unwrap();
+            let chosen = n.chosen().count();
+            assert!(chosen <= OverlayConfig::default().max_neighbours, "node {i} chose {chosen}");
+        }
+        // A new node configured with one contact joins; its record reaches all within 2 s.
+        let mut s = ring_of(51, 50);
+        s.run(Duration::from_secs(10));
+        s.configure(50, 7);
+        s.start(50);
+        s.run(Duration::from_secs(2));
+        let all: Vec<usize> = (0..51).collect();
+        assert!(s.knows_all(&all), "the join reached every node within 2 s");
+    }
+
+    #[test]
+    fn a_partition_that_heals_merges_the_directory() {
+        let mut s = ring_of(41, 40);
+        s.run(Duration::from_secs(10));
+        // Cut the overlay in two halves for longer than a record lives.
+        s.blocked = Box::new(|a, b| (a < 20) != (b < 20));
+        s.run(Duration::from_secs(RECORD_TTL_S + 30));
+        let d0 = s.nodes[0].as_ref().unwrap().directory();
+        assert!(d0.get(&s.ids[30]).is_none(), "the other half's records expired");
+        // A node joins the first half during the partition.
+        s.configure(40, 3);
+        s.start(40);
+        s.run(Duration::from_secs(5));
+        assert!(s.nodes[30].as_ref().unwrap().directory().get(&s.ids[40]).is_none());
+        // Heal: the configured ring links across the cut come back and everything merges.
+        s.blocked = Box::new(|_, _| false);
+        s.run(Duration::from_secs(10));
+        let all: Vec<usize> = (0..41).collect();
+        assert!(s.knows_all(&all), "directories merged");
+    }
+
+    #[test]
+    fn messages_go_around_a_dead_link_and_critical_ones_need_no_retry() {
+        let mut s = ring(30);
+        s.run(Duration::from_secs(10));
+        // Pick a neighbour of node 0 and make their link silently lose everything.
+        let b = *s.nodes[0].as_ref().unwrap().sessions().map(|(id, _, _)| id).next().map(|id| &s.index[id]).unwrap();
+        s.lossy.insert((0, b));
+        s.lossy.insert((b, 0));
+        let t0 = s.now;
+        let now = s.now;
+        let id = s.nodes[0].as_mut().unwrap().send(now, s.ids[b], 9, b"plain", false);
+        s.pump(0);
+        s.run(Duration::from_secs(3));
+        assert!(s.acked.contains(&(0, id)), "acknowledged after a retry on another path");
+        assert_eq!(s.delivered[b], vec![(s.ids[0], b"plain".to_vec())]);
+        // A critical message takes two disjoint paths at once: it arrives before the first
+        // retry would be sent.
+        let now = s.now;
+        let id = s.nodes[0].as_mut().unwrap().send(now, s.ids[b], 9, b"critical", true);
+        s.pump(0);
+        s.run(Duration::from_millis(400));
+        assert!(s.acked.contains(&(0, id)), "acknowledged within 400 ms, without a retry");
+        assert_eq!(s.delivered[b].len(), 2);
+        assert!(s.now - t0 < Duration::from_secs(4));
+    }
+
+    #[test]
+    fn churn_loses_no_acknowledged_message() {
+        let n = 30;
+        let mut s = ring(n);
+        s.run(Duration::from_secs(10));
+        let mut rng = 12345u64;
+        let mut rand = move || {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            rng
+        };
+        let mut sent: Vec<(usize, u64, usize, Vec<u8>)> = Vec::new();
+        for round in 0..40 {
+            // every second one node dies and one dead node comes back
+            let victim = (rand() % n as u64) as usize;
+            if s.nodes[victim].is_some() {
+                s.stop(victim);
+            }
+            let dead: Vec<usize> = (0..n).filter(|i| s.nodes[*i].is_none() && *i != victim).collect();
+            if let Some(&back) = dead.first() {
+                s.start(back);
+            }
+            for k in 0..10 {
+                let live: Vec<usize> = (0..n).filter(|i| s.nodes[*i].is_some()).collect();
+                let a = live[(rand() % live.len() as u64) as usize];
+                let b = live[(rand() % live.len() as u64) as usize];
+                if a == b {
+                    continue;
+                }
+                let payload = format!("{round}/{k}").into_bytes();
+                let now = s.now;
+                let dst = s.ids[b];
+                let id = s.nodes[a].as_mut().unwrap().send(now, dst, 1, &payload, false);
+                s.pump(a);
+                sent.push((a, id, b, payload));
+            }
+            s.run(Duration::from_secs(1));
+        }
+        s.run(Duration::from_secs(10));
+        let acked: Vec<&(usize, u64, usize, Vec<u8>)> = sent.iter().filter(|(a, id, _, _)| s.acked.contains(&(*a, *id))).collect();
+        for (a, _, b, p) in &acked {
+            assert!(s.delivered[*b].contains(&(s.ids[*a], p.clone())), "acknowledged but not delivered");
+        }
+        // and most messages between nodes that stayed up made it
+        assert!(acked.len() * 10 >= sent.len() * 8, "{} of {} acknowledged", acked.len(), sent.len());
+    }
+
+    #[test]
+    fn a_restarted_node_continues_above_its_old_sequence_number_and_keeps_its_name() {
+        let mut s = ring(10);
+        s.run(Duration::from_secs(5));
+        let old = s.nodes[3].as_ref().unwrap().directory().get(&s.ids[3]).unwrap().record.clone();
+        // The node restarts with a clock that went back; the network still holds its record.
+        s.stop(3);
+        s.skew[3] = -100;
+        s.start(3);
+        s.run(Duration::from_secs(3));
+        let n3 = s.nodes[3].as_ref().unwrap();
+        let mine = n3.directory().get(&s.ids[3]).unwrap().record.clone();
+        assert!(mine.seq > old.seq, "continued above {} (now {})", old.seq, mine.seq);
+        assert_eq!(mine.names[0].since, old.names[0].since, "kept the registration time");
+        let elsewhere = s.nodes[7].as_ref().unwrap().directory().get(&s.ids[3]).unwrap().record.seq;
+        assert_eq!(elsewhere, mine.seq, "the others took the new record");
+    }
+
+    #[test]
+    fn a_second_key_cannot_register_a_held_name() {
+        let mut s = ring(6);
+        s.run(Duration::from_secs(5));
+        let unix = s.unix;
+        s.nodes[1].as_mut().unwrap().register(unix, "sip:alice").unwrap();
+        s.run(Duration::from_secs(2));
+        let unix = s.unix;
+        let r = s.nodes[4].as_mut().unwrap().register(unix, "sip:alice");
+        assert_eq!(r, Err(RegisterError::Taken(s.ids[1])));
+        assert_eq!(s.nodes[4].as_ref().unwrap().resolve("sip:alice").unwrap().node_id, s.ids[1]);
+        assert_eq!(s.nodes[4].as_ref().unwrap().resolve("n2").unwrap().node_id, s.ids[2]);
+        // The same name claimed by a node's own start-up name elsewhere is not published.
+        assert_eq!(s.nodes[0].as_ref().unwrap().resolve("sip:alice").unwrap().node_id, s.ids[1]);
+    }
+}

@@ -1,0 +1,522 @@
+//! The management overlay task: drives the [`Overlay`] core with session events, messages
+//! and ticks, carries out what it asks (frames on sessions, new peers for the data plane,
+//! neighbour sessions), and serves the local UDP API ([`crate::api`]).
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use tokio::net::UdpSocket;
+use tokio::sync::mpsc;
+
+use crate::api::{self, flag, kind, op, Address, ErrorCode, RateLimiter, Reply, Request, RequestError, Subscriptions};
+use crate::ctl::{ApiStatus, NeighbourRow, NodeRow};
+use crate::dataplane::DataCommand;
+use crate::directory::{NodeRecord, Uptime};
+use crate::identity::{Identity, NodeId};
+use crate::mgmt::{Frame, Message};
+use crate::model::Learned;
+use crate::overlay::{Out, Overlay, OverlayConfig, OwnInfo, RegisterError};
+use crate::shell::daemon::Shared;
+use crate::shell::peers::{self, want};
+use crate::shell::quic;
+
+/// How often the core is ticked.
+const TICK: Duration = Duration::from_millis(100);
+
+/// Events for the management overlay task.
+#[derive(Debug)]
+pub enum OverlayEvent {
+    /// A management session is up.
+    SessionUp {
+        /// The node.
+        node: NodeId,
+        /// A configured peer.
+        configured: bool,
+    },
+    /// The session closed.
+    SessionDown {
+        /// The node.
+        node: NodeId,
+    },
+    /// A management message for the overlay.
+    Message {
+        /// The neighbour it came from.
+        from: NodeId,
+        /// The message.
+        message: Message,
+    },
+}
+
+/// What status output shows of the management overlay (refreshed by the task).
+#[derive(Debug, Clone, Default)]
+pub struct OverlayView {
+    /// `detourctl nodes`.
+    pub nodes: Vec<NodeRow>,
+    /// `detourctl status`, management section.
+    pub status: crate::ctl::ManagementStatus,
+}
+
+/// Counters of the local API.
+#[derive(Debug, Default)]
+struct ApiCounters {
+    sent: u64,
+    delivered: u64,
+    failed: u64,
+    received: u64,
+    unsubscribed: u64,
+    errors: BTreeMap<String, u64>,
+}
+
+struct Pending {
+    client: SocketAddr,
+    tag: u32,
+    channel: u16,
+    dst: NodeId,
+    report: bool,
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+/// The overlay task's state.
+pub struct Node {
+    shared: Arc<Shared>,
+    core: Overlay,
+    api: Vec<Arc<UdpSocket>>,
+    subs: Subscriptions,
+    limiter: RateLimiter,
+    pending: HashMap<u64, Pending>,
+    counters: ApiCounters,
+    since: HashMap<NodeId, Instant>,
+    last_info: Instant,
+}
+
+/// The underlay endpoints this node publishes: the configured `advertise` list, else the
+/// explicit listen addresses, else this host's global addresses (not loopback, link-local,
+/// multicast, detour's overlay or link addresses), each with the data port.
+pub fn endpoints(shared: &Shared) -> Vec<SocketAddr> {
+    let m = shared.model.read().expect("model");
+    let n = &m.cfg.node;
+    if !n.advertise.is_empty() {
+        return n.advertise.clone();
+    }
+    let listen: Vec<IpAddr> = n.listen.iter().copied().filter(|a| !a.is_unspecified()).collect();
+    let addrs: Vec<IpAddr> = if listen.is_empty() { shared.local_addrs.lock().expect("addrs").iter().copied().collect() } else { listen };
+    let pool = m.cfg.kernel.link_pool_v4;
+    let mut v: Vec<SocketAddr> = addrs
+        .into_iter()
+        .map(|a| a.to_canonical())
+        .filter(|a| !a.is_loopback() && !a.is_multicast() && !a.is_unspecified())
+        .filter(|a| match a {
+            IpAddr::V4(v) => !v.is_link_local() && !pool.contains(v) && !n.overlay_v4.is_some_and(|o| o.contains(v)),
+            IpAddr::V6(v) => (v.segments()[0] & 0xffc0) != 0xfe80 && !n.overlay_v6.is_some_and(|o| o.contains(v)),
+        })
+        .map(|a| SocketAddr::new(a, n.data_port))
+        .collect();
+    v.sort();
+    v
+}
+
+fn own_info(shared: &Shared) -> OwnInfo {
+    let endpoints = endpoints(shared);
+    let m = shared.model.read().expect("model");
+    let n = &m.cfg.node;
+    OwnInfo {
+        name: n.name.clone(),
+        endpoints,
+        overlay_v4: n.overlay_v4.map(|v| v.addr()),
+        overlay_v6: n.overlay_v6.map(|v| v.addr()),
+        prefixes: n.prefixes.clone(),
+        relay: n.relay,
+        uptime: Some(n.uptime),
+    }
+}
+
+impl Node {
+    /// Builds the task's state; `api` are the bound API sockets (none when off).
+    pub fn new(shared: Arc<Shared>, identity: Identity, api: Vec<UdpSocket>) -> Node {
+        let (cfg, rate) = {
+            let m = shared.model.read().expect("model");
+            let mc = &m.cfg.management;
+            (OverlayConfig { min_neighbours: mc.min_neighbours, max_neighbours: mc.max_neighbours, target_delivery: mc.target_delivery, ..Default::default() }, mc.api_rate)
+        };
+        let info = own_info(&shared);
+        let core = Overlay::new(identity, cfg, info, Instant::now(), unix_now(), rand::random());
+        Node {
+            shared,
+            core,
+            api: api.into_iter().map(Arc::new).collect(),
+            subs: Subscriptions::default(),
+            limiter: RateLimiter::new(rate),
+            pending: HashMap::new(),
+            counters: ApiCounters::default(),
+            since: HashMap::new(),
+            last_info: Instant::now(),
+        }
+    }
+
+    /// Runs until shutdown.
+    pub async fn run(mut self, mut events: mpsc::UnboundedReceiver<OverlayEvent>) {
+        let mut tick = tokio::time::interval(TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        let mut shutdown = self.shared.shutdown.clone();
+        let (api_tx, mut api_rx) = mpsc::channel::<(usize, SocketAddr, Vec<u8>)>(1024);
+        for (i, s) in self.api.iter().enumerate() {
+            let s = s.clone();
+            let tx = api_tx.clone();
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 65_536];
+                loop {
+                    match s.recv_from(&mut buf).await {
+                        Ok((n, from)) => {
+                            if tx.send((i, from, buf[..n].to_vec())).await.is_err() {
+                                return;
+                            }
+                        }
+                        Err(e) => tracing::debug!("api socket: {e}"),
+                    }
+                }
+            });
+        }
+        drop(api_tx);
+        let mut last_view = Instant::now() - Duration::from_secs(1);
+        loop {
+            tokio::select! {
+                _ = shutdown.changed() => return,
+                Some(ev) = events.recv() => self.on_event(ev),
+                Some((sock, from, data)) = api_rx.recv() => self.on_api(sock, from, &data).await,
+                _ = tick.tick() => {
+                    let now = Instant::now();
+                    self.core.tick(now, unix_now());
+                    if now >= self.last_info + Duration::from_secs(2) {
+                        self.last_info = now;
+                        self.core.set_info(own_info(&self.shared));
+                        self.update_usable();
+                    }
+                    if now >= last_view + Duration::from_millis(500) {
+                        last_view = now;
+                        self.publish_view(now);
+                    }
+                }
+            }
+            self.drain().await;
+        }
+    }
+
+    fn on_event(&mut self, ev: OverlayEvent) {
+        let now = Instant::now();
+        match ev {
+            OverlayEvent::SessionUp { node, configured } => {
+                self.since.insert(node, now);
+                self.core.session_up(now, node, configured);
+            }
+            OverlayEvent::SessionDown { node } => {
+                self.since.remove(&node);
+                self.core.session_down(node);
+            }
+            OverlayEvent::Message { from, message } => self.core.handle(now, unix_now(), from, message),
+        }
+    }
+
+    /// Sessions whose monitored direct path is down carry no routed messages until it
+    /// recovers (the session itself only times out after several seconds).
+    fn update_usable(&mut self) {
+        let routes = self.shared.engine.routes.lock().expect("routes").clone();
+        let m = self.shared.model.read().expect("model");
+        let sessions: Vec<NodeId> = self.core.sessions().map(|(id, _, _)| *id).collect();
+        for id in sessions {
+            let usable = m
+                .index_of(&id)
+                .and_then(|i| routes.get(i).cloned().flatten())
+                .map(|r| r.paths.iter().find(|p| p.path == "direct").is_none_or(|p| p.state != "down"))
+                .unwrap_or(true);
+            self.core.set_usable(id, usable);
+        }
+    }
+
+    async fn drain(&mut self) {
+        while let Some(o) = self.core.poll() {
+            match o {
+                Out::Send { to, message, urgent } => self.send_frame(to, message, urgent),
+                Out::Deliver { src, channel, payload } => self.deliver(src, channel, payload).await,
+                Out::Delivered { id } => self.report(id, kind::DELIVERED).await,
+                Out::Failed { id } => self.report(id, kind::FAILED).await,
+                Out::Learned(rec) => self.learned(&rec),
+                Out::Forgotten(id) => self.forgotten(id),
+                Out::Neighbours(set) => {
+                    let m = self.shared.model.read().expect("model");
+                    let wanted: Vec<(usize, bool)> = m.peers.iter().enumerate().filter(|(_, p)| !p.configured).map(|(i, p)| (i, set.contains(&p.cfg.node_id))).collect();
+                    drop(m);
+                    for (i, on) in wanted {
+                        peers::set_want(&self.shared, i, want::NEIGHBOUR, on);
+                    }
+                }
+                Out::NameLost { name, holder } => tracing::warn!("name {name} is held by node {holder}, which registered it earlier; this node no longer publishes it"),
+            }
+        }
+    }
+
+    fn send_frame(&self, to: NodeId, message: Message, urgent: bool) {
+        let conn = {
+            let m = self.shared.model.read().expect("model");
+            m.index_of(&to).and_then(|i| self.shared.peers.lock().expect("peers").get(i).and_then(|p| p.conn.clone()))
+        };
+        let Some(conn) = conn else { return };
+        let frame = Frame { src: self.core.local(), dst: to, hop_limit: 0, message };
+        tokio::spawn(async move {
+            if let Err(e) = quic::send_frame_prio(&conn, &frame, urgent).await {
+                tracing::debug!("management message to {to}: {e:#}");
+            }
+        });
+    }
+
+    fn learned(&mut self, rec: &NodeRecord) {
+        let learned = self.shared.model.write().expect("model").learn(rec);
+        match learned {
+            Learned::New(i) | Learned::Changed(i) => {
+                let spec = self.shared.model.read().expect("model").peer_spec(i);
+                self.shared.dp.command(DataCommand::AddPeer { peer: i, spec });
+                if let Ok(k) = rec.public_key.parse() {
+                    self.shared.allowed.insert(k);
+                }
+                peers::grow(&self.shared);
+                self.shared.kernel.notify_one();
+                if matches!(learned, Learned::New(_)) {
+                    tracing::info!("directory: learned node {} ({})", rec.name(), rec.node_id);
+                }
+            }
+            Learned::Same(_) | Learned::Ignored => {}
+        }
+    }
+
+    fn forgotten(&mut self, id: NodeId) {
+        let gone = self.shared.model.write().expect("model").forget(&id);
+        if let Some(i) = gone {
+            tracing::info!("directory: node {id} expired");
+            peers::forgotten(&self.shared, i);
+            self.shared.dp.command(DataCommand::RemovePeer { peer: i });
+            let key = self.shared.model.read().expect("model").peers[i].cfg.public_key;
+            self.shared.allowed.remove(&key);
+            self.shared.kernel.notify_one();
+        }
+    }
+
+    async fn reply(&self, sock: usize, to: SocketAddr, r: &Reply) {
+        if let Some(s) = self.api.get(sock).or_else(|| self.api.first()) {
+            let _ = s.send_to(&r.encode(), to).await;
+        }
+    }
+
+    /// The API socket of the client's address family.
+    fn sock_for(&self, to: &SocketAddr) -> usize {
+        self.api.iter().position(|s| s.local_addr().is_ok_and(|a| a.is_ipv4() == to.is_ipv4())).unwrap_or(0)
+    }
+
+    async fn deliver(&mut self, src: NodeId, channel: u16, payload: Vec<u8>) {
+        self.counters.received += 1;
+        let to = self.subs.receivers(Instant::now(), channel);
+        if to.is_empty() {
+            self.counters.unsubscribed += 1;
+            return;
+        }
+        let r = Reply { kind: kind::MESSAGE, code: 0, channel, tag: 0, node: src, message_id: 0, body: payload };
+        for a in to {
+            let sock = self.sock_for(&a);
+            if let Some(s) = self.api.get(sock) {
+                if let Err(e) = s.send_to(&r.encode(), a).await {
+                    // The program is gone (port unreachable): forget its subscriptions.
+                    tracing::debug!("api: delivering to {a}: {e}");
+                    self.subs.drop_client(a);
+                }
+            }
+        }
+    }
+
+    async fn report(&mut self, id: u64, k: u8) {
+        let Some(p) = self.pending.remove(&id) else { return };
+        if k == kind::DELIVERED {
+            self.counters.delivered += 1;
+        } else {
+            self.counters.failed += 1;
+        }
+        if p.report {
+            let r = Reply { kind: k, code: 0, channel: p.channel, tag: p.tag, node: p.dst, message_id: id, body: Vec::new() };
+            let sock = self.sock_for(&p.client);
+            self.reply(sock, p.client, &r).await;
+        }
+    }
+
+    fn count_error(&mut self, code: ErrorCode) {
+        *self.counters.errors.entry(code.as_str().to_string()).or_default() += 1;
+    }
+
+    async fn on_api(&mut self, sock: usize, from: SocketAddr, data: &[u8]) {
+        let now = Instant::now();
+        let req = match api::parse(data) {
+            Ok(r) => r,
+            Err(e) => {
+                self.count_error(e.code);
+                self.reply(sock, from, &Reply::error(&e)).await;
+                return;
+            }
+        };
+        if !self.limiter.allow(now, from) {
+            let e = RequestError { code: ErrorCode::RateLimited, tag: req.tag, channel: req.channel, message: "too many requests; slow down".into() };
+            self.count_error(e.code);
+            self.reply(sock, from, &Reply::error(&e)).await;
+            return;
+        }
+        let result = self.serve(now, from, &req);
+        match result {
+            Ok(r) => self.reply(sock, from, &r).await,
+            Err((code, message)) => {
+                self.count_error(code);
+                let e = RequestError { code, tag: req.tag, channel: req.channel, message };
+                self.reply(sock, from, &Reply::error(&e)).await;
+            }
+        }
+    }
+
+    fn lookup(&self, a: &Address) -> Result<NodeRecord, (ErrorCode, String)> {
+        let rec = match a {
+            Address::Node(id) => self.core.directory().get(id).map(|e| e.record.clone()),
+            Address::Name(n) => self.core.resolve(n).cloned(),
+            Address::None => None,
+        };
+        rec.ok_or_else(|| {
+            let what = match a {
+                Address::Node(id) => format!("node {id}"),
+                Address::Name(n) => format!("name {n}"),
+                Address::None => "nothing".into(),
+            };
+            (ErrorCode::UnknownNode, format!("{what} is not in the directory"))
+        })
+    }
+
+    fn serve(&mut self, now: Instant, from: SocketAddr, req: &Request) -> Result<Reply, (ErrorCode, String)> {
+        let ok = |node: NodeId, message_id: u64, body: Vec<u8>, k: u8| Reply { kind: k, code: 0, channel: req.channel, tag: req.tag, node, message_id, body };
+        match req.op {
+            op::SEND => {
+                let rec = self.lookup(&req.address)?;
+                let id = self.core.send(now, rec.node_id, req.channel, &req.payload, req.flags & flag::CRITICAL != 0);
+                self.counters.sent += 1;
+                self.pending.insert(id, Pending { client: from, tag: req.tag, channel: req.channel, dst: rec.node_id, report: req.flags & flag::NO_REPORT == 0 });
+                Ok(ok(rec.node_id, id, Vec::new(), kind::ACCEPTED))
+            }
+            op::SUBSCRIBE => {
+                self.subs.subscribe(now, from, req.channel).map_err(|c| (c, format!("at most {} subscriptions per program", api::MAX_SUBSCRIPTIONS_PER_CLIENT)))?;
+                Ok(ok(NodeId::default(), 0, Vec::new(), kind::OK))
+            }
+            op::UNSUBSCRIBE => {
+                self.subs.unsubscribe(from, req.channel);
+                Ok(ok(NodeId::default(), 0, Vec::new(), kind::OK))
+            }
+            op::RESOLVE => {
+                let rec = self.lookup(&req.address)?;
+                let body = serde_json::to_vec(&rec).unwrap_or_default();
+                Ok(ok(rec.node_id, 0, body, kind::RESOLVED))
+            }
+            op::REGISTER => {
+                let Address::Name(name) = &req.address else { return Err((ErrorCode::InvalidName, "register takes a name".into())) };
+                match self.core.register(unix_now(), name) {
+                    Ok(()) => {
+                        tracing::info!("registered name {name}");
+                        Ok(ok(self.core.local(), 0, Vec::new(), kind::OK))
+                    }
+                    Err(RegisterError::Taken(holder)) => Err((ErrorCode::NameTaken, format!("{name} is held by node {holder}"))),
+                    Err(RegisterError::Invalid) => Err((ErrorCode::InvalidName, "names are 1-64 printable characters without spaces".into())),
+                }
+            }
+            _ => Err((ErrorCode::UnknownOp, "unknown operation".into())),
+        }
+    }
+
+    fn publish_view(&mut self, now: Instant) {
+        let unix = unix_now() as i64;
+        let local = self.core.local();
+        let sessions: HashSet<NodeId> = self.core.sessions().map(|(id, _, _)| *id).collect();
+        let mut nodes: Vec<NodeRow> = self
+            .core
+            .directory()
+            .entries()
+            .map(|e| {
+                let r = &e.record;
+                NodeRow {
+                    name: r.name().to_string(),
+                    names: r.names.iter().map(|n| n.name.clone()).collect(),
+                    node_id: r.node_id.to_string(),
+                    endpoints: r.endpoints.iter().map(|a| a.to_string()).collect(),
+                    overlay_addresses: [r.overlay_v4.map(|a| a.to_string()), r.overlay_v6.map(|a| a.to_string())].into_iter().flatten().collect(),
+                    prefixes: r.prefixes.iter().map(|p| p.to_string()).collect(),
+                    relay: r.relay,
+                    uptime: match r.uptime {
+                        Uptime::Stable => "stable".into(),
+                        Uptime::Ephemeral => "ephemeral".into(),
+                    },
+                    neighbours: r.neighbours.len(),
+                    seq: r.seq,
+                    expires_in_s: r.expires as i64 - unix,
+                    local: r.node_id == local,
+                    session: sessions.contains(&r.node_id),
+                }
+            })
+            .collect();
+        nodes.sort_by(|a, b| (!a.local, &a.name).cmp(&(!b.local, &b.name)));
+        let chosen: HashSet<NodeId> = self.core.chosen().copied().collect();
+        let (m, peers) = (self.shared.model.read().expect("model"), self.shared.peers.lock().expect("peers"));
+        let neighbours: Vec<NeighbourRow> = self
+            .core
+            .sessions()
+            .map(|(id, configured, usable)| {
+                let i = m.index_of(id);
+                let info = i.and_then(|i| peers.get(i));
+                let role = if configured {
+                    "configured"
+                } else if chosen.contains(id) {
+                    "neighbour"
+                } else if info.is_some_and(|p| p.want & want::DATA != 0) {
+                    "on-demand"
+                } else {
+                    "inbound"
+                };
+                NeighbourRow {
+                    name: i.map(|i| m.peers[i].cfg.name.clone()).unwrap_or_else(|| id.short()),
+                    node_id: id.to_string(),
+                    role: role.into(),
+                    state: if usable { "up".into() } else { "unusable".into() },
+                    rtt_ms: info.and_then(|p| p.conn.as_ref()).filter(|c| c.close_reason().is_none()).map(|c| c.rtt().as_secs_f64() * 1000.0),
+                    since_s: self.since.get(id).map(|t| now.saturating_duration_since(*t).as_secs_f64()),
+                }
+            })
+            .collect();
+        drop(peers);
+        drop(m);
+        let status = crate::ctl::ManagementStatus {
+            directory_nodes: self.core.directory().len(),
+            target_neighbours: self.core.target_neighbours(),
+            availability: self.core.availability(),
+            neighbours,
+            rejected_records: self.core.rejected().into_iter().filter(|(k, _)| *k != "duplicate").map(|(k, v)| (k.to_string(), v)).collect(),
+            duplicate_records: self.core.rejected().into_iter().find(|(k, _)| *k == "duplicate").map(|(_, v)| v).unwrap_or(0),
+            records_published: self.core.stats().records_published,
+            records_accepted: self.core.stats().records_accepted,
+            pending_messages: self.core.router().pending(),
+            routing_drops: self.core.router().drops().iter().map(|(k, v)| (format!("{k:?}").to_lowercase(), *v)).collect(),
+            names: self.core.names().iter().map(|n| n.name.clone()).collect(),
+            api: ApiStatus {
+                port: self.api.first().and_then(|s| s.local_addr().ok()).map(|a| a.port()),
+                subscriptions: self.subs.len(),
+                sent: self.counters.sent,
+                delivered: self.counters.delivered,
+                failed: self.counters.failed,
+                received: self.counters.received,
+                unsubscribed: self.counters.unsubscribed,
+                errors: self.counters.errors.clone(),
+            },
+        };
+        *self.shared.overlay_view.lock().expect("view") = OverlayView { nodes, status };
+    }
+}

@@ -1,0 +1,467 @@
+//! Management sessions with peers, configured or learned from the directory: who gets a
+//! session, the task that keeps each one, and the per-peer interfaces of links in use.
+//!
+//! A peer is **wanted** for one or more reasons: it is configured (always), the management
+//! overlay chose it as a neighbour, or forwarding traffic uses the link (since the data
+//! path asked for a session, until [`crate::config::ManagementConfig::idle_timeout`] passes
+//! without traffic). A wanted peer has a supervisor task that dials it (with backoff) and
+//! runs its session; a peer that is not wanted keeps a session only while the other side
+//! holds it open (the side that dialled closes it when it no longer wants it). Links that
+//! carry forwarding traffic get their own TUN and path monitoring; it goes away with the
+//! traffic.
+
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::Instant;
+
+use tokio::sync::{mpsc, watch};
+
+use crate::config::Endpoint;
+use crate::dataplane::{DataCommand, TunHandle};
+use crate::identity::NodeId;
+use crate::mgmt::Message;
+use crate::session::{PeerSession, SessionTimers, Verdict};
+use crate::shell::daemon::{open_tun, Shared};
+use crate::shell::engine::SessionEvent;
+use crate::shell::mnode::OverlayEvent;
+use crate::shell::quic;
+use crate::wire::SessionSecrets;
+
+/// Reasons a peer is wanted (bits of [`PeerInfo::want`]).
+pub mod want {
+    /// A configured peer.
+    pub const CONFIGURED: u8 = 1;
+    /// A management neighbour chosen by the overlay.
+    pub const NEIGHBOUR: u8 = 2;
+    /// Forwarding traffic uses the link.
+    pub const DATA: u8 = 4;
+}
+
+/// The QUIC close code for a session closed because neither side needs it any more.
+pub const CLOSE_IDLE: u32 = 5;
+
+/// Live state of one peer, for the daemon and status output.
+#[derive(Default)]
+pub struct PeerInfo {
+    /// `up`, `connecting`, `backoff` or `down`.
+    pub state: &'static str,
+    /// When the current session became usable.
+    pub since: Option<Instant>,
+    /// The session whose keys the data plane uses.
+    pub conn: Option<quinn::Connection>,
+    /// The peer's data-port address of that session.
+    pub endpoint: Option<SocketAddr>,
+    /// Sessions established since start.
+    pub sessions: u64,
+    /// Why the peer is wanted ([`want`] bits).
+    pub want: u8,
+    /// Last time forwarding traffic was seen on the link.
+    pub data_at: Option<Instant>,
+    /// Traffic counter at the last check (bytes both ways).
+    pub bytes_seen: u64,
+    /// The supervisor task, if one runs.
+    supervisor: Option<Supervisor>,
+}
+
+struct Supervisor {
+    events: mpsc::UnboundedSender<PeerEvent>,
+    wanted: watch::Sender<bool>,
+}
+
+/// Events for a peer's supervisor.
+enum PeerEvent {
+    /// An accepted connection authenticated with this peer's key.
+    Incoming(quinn::Connection),
+    /// A dial attempt ended (with a connection or not).
+    Dialed(Option<quinn::Connection>),
+    /// The Hello exchange on a connection finished: its keys and the peer's data port.
+    Ready { conn: u64, secrets: SessionSecrets, data_port: u16, remote: SocketAddr },
+    /// A connection closed.
+    Closed { conn: u64, reason: String },
+}
+
+/// Makes room for the peers the model gained.
+pub fn grow(shared: &Shared) {
+    let n = shared.model.read().expect("model").peers.len();
+    let mut peers = shared.peers.lock().expect("peers");
+    while peers.len() < n {
+        peers.push(PeerInfo { state: "down", ..Default::default() });
+    }
+}
+
+/// Adds or removes a reason for wanting peer `i`; starts its supervisor when it becomes
+/// wanted.
+pub fn set_want(shared: &Arc<Shared>, i: usize, bit: u8, on: bool) {
+    grow(shared);
+    let mut peers = shared.peers.lock().expect("peers");
+    let Some(p) = peers.get_mut(i) else { return };
+    let before = p.want;
+    if on {
+        p.want |= bit;
+    } else {
+        p.want &= !bit;
+    }
+    let wanted = p.want != 0;
+    if before == p.want && (p.supervisor.is_some() || !wanted) {
+        return;
+    }
+    match &p.supervisor {
+        Some(s) => {
+            let _ = s.wanted.send(wanted);
+        }
+        None if wanted => p.supervisor = Some(spawn_supervisor(shared, i, true)),
+        None => {}
+    }
+}
+
+fn spawn_supervisor(shared: &Arc<Shared>, i: usize, wanted: bool) -> Supervisor {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let (wtx, wrx) = watch::channel(wanted);
+    tokio::spawn(supervise(i, shared.clone(), rx, tx.clone(), wrx));
+    Supervisor { events: tx, wanted: wtx }
+}
+
+/// Hands an authenticated incoming connection to its peer's supervisor (starting one when
+/// the peer is not wanted here: the session lives while the other side keeps it).
+pub fn incoming(shared: &Arc<Shared>, i: usize, conn: quinn::Connection) {
+    grow(shared);
+    let mut peers = shared.peers.lock().expect("peers");
+    let Some(p) = peers.get_mut(i) else { return };
+    if p.supervisor.is_none() {
+        p.supervisor = Some(spawn_supervisor(shared, i, p.want != 0));
+    }
+    if let Some(s) = &p.supervisor {
+        let _ = s.events.send(PeerEvent::Incoming(conn));
+    }
+}
+
+/// Accepts management connections and hands them to their peers.
+pub async fn accept_loop(shared: Arc<Shared>, ep: quinn::Endpoint) {
+    while let Some(inc) = ep.accept().await {
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let remote = inc.remote_address();
+            match inc.await {
+                Ok(conn) => {
+                    let index = quic::peer_key(&conn).and_then(|k| shared.model.read().expect("model").index_of(&k.node_id()));
+                    match index {
+                        Some(i) => incoming(&shared, i, conn),
+                        None => conn.close(quic::close::PROTOCOL.into(), b"unknown key"),
+                    }
+                }
+                Err(e) => {
+                    shared.mgmt_errors.fetch_add(1, Relaxed);
+                    tracing::debug!("management handshake from {remote} failed: {e}");
+                }
+            }
+        });
+    }
+}
+
+async fn resolve(endpoints: &[Endpoint]) -> Vec<SocketAddr> {
+    let mut out = Vec::new();
+    for e in endpoints {
+        match e {
+            Endpoint::Addr(a) => out.push(SocketAddr::new(a.ip(), a.port().wrapping_add(1))),
+            Endpoint::Host(h, p) => match tokio::net::lookup_host((h.as_str(), p.wrapping_add(1))).await {
+                Ok(addrs) => out.extend(addrs),
+                Err(e) => tracing::debug!("resolving {h}: {e}"),
+            },
+        }
+    }
+    out
+}
+
+fn set_state(shared: &Shared, i: usize, state: &'static str) {
+    if let Some(p) = shared.peers.lock().expect("peers").get_mut(i) {
+        p.state = state;
+    }
+}
+
+/// Runs the sessions of peer `i` while it is wanted or a session the other side opened
+/// lives.
+async fn supervise(i: usize, shared: Arc<Shared>, mut events: mpsc::UnboundedReceiver<PeerEvent>, events_tx: mpsc::UnboundedSender<PeerEvent>, mut wanted: watch::Receiver<bool>) {
+    let (local, peer_id, configured) = {
+        let m = shared.model.read().expect("model");
+        (m.local, m.peers[i].cfg.node_id, m.peers[i].configured)
+    };
+    let mut sess = PeerSession::new(local, SessionTimers::default(), Instant::now());
+    let mut conns: std::collections::HashMap<u64, quinn::Connection> = std::collections::HashMap::new();
+    let mut ready: Option<u64> = None;
+    let mut shutdown = shared.shutdown.clone();
+    loop {
+        let now = Instant::now();
+        let want = *wanted.borrow();
+        if want && sess.poll_dial(now) {
+            let (key, endpoints, name) = {
+                let m = shared.model.read().expect("model");
+                let p = &m.peers[i].cfg;
+                (p.public_key, p.endpoints.clone(), p.name.clone())
+            };
+            let mgmt = shared.mgmt.clone();
+            let tx = events_tx.clone();
+            tokio::spawn(async move {
+                let addrs = resolve(&endpoints).await;
+                let conn = if addrs.is_empty() {
+                    None
+                } else {
+                    match mgmt.dial(key, &addrs).await {
+                        Ok(c) => Some(c),
+                        Err(e) => {
+                            tracing::debug!("dialling {name}: {e:#}");
+                            None
+                        }
+                    }
+                };
+                let _ = tx.send(PeerEvent::Dialed(conn));
+            });
+        }
+        if !want {
+            // Close what this side dialled; keep what the other side holds open.
+            let dialled: Vec<u64> = conns.iter().filter(|(_, c)| c.side() == quinn::Side::Client).map(|(id, _)| *id).collect();
+            for id in dialled {
+                if let Some(c) = conns.get(&id) {
+                    c.close(CLOSE_IDLE.into(), b"idle");
+                }
+            }
+            if conns.is_empty() {
+                // Exit unless someone wanted the peer again meanwhile (checked under the
+                // lock that set_want takes).
+                let mut peers = shared.peers.lock().expect("peers");
+                let p = &mut peers[i];
+                if p.want == 0 {
+                    p.supervisor = None;
+                    p.state = "down";
+                    drop(peers);
+                    if !configured {
+                        let _ = shared.sessions.send(SessionEvent::Forget { peer: i });
+                    }
+                    return;
+                }
+                drop(peers);
+                continue;
+            }
+        }
+        set_state(&shared, i, sess.state_name());
+        let wake = sess.next_timeout().filter(|_| want);
+        let event = tokio::select! {
+            ev = events.recv() => match ev { Some(ev) => ev, None => return },
+            _ = async { match wake { Some(t) => tokio::time::sleep_until(t.into()).await, None => std::future::pending().await } } => continue,
+            r = wanted.changed() => { if r.is_err() { return; } continue; }
+            _ = shutdown.changed() => {
+                for c in conns.values() {
+                    c.close(quic::close::SHUTDOWN.into(), b"shutdown");
+                }
+                return;
+            }
+        };
+        let now = Instant::now();
+        match event {
+            PeerEvent::Incoming(conn) | PeerEvent::Dialed(Some(conn)) if conn.close_reason().is_none() => {
+                let dialled = conn.side() == quinn::Side::Client;
+                let id = conn.stable_id() as u64;
+                let initiator = if dialled { local } else { peer_id };
+                match sess.on_connection(now, id, initiator, dialled) {
+                    Verdict::Adopt { replaced } => {
+                        if let Some(old) = replaced.and_then(|r| conns.remove(&r)) {
+                            old.close(quic::close::REPLACED.into(), b"replaced");
+                        }
+                        conns.insert(id, conn.clone());
+                        let shared2 = shared.clone();
+                        let tx = events_tx.clone();
+                        tokio::spawn(async move {
+                            match shared2.mgmt.hello(&conn, peer_id, dialled).await {
+                                Ok((secrets, data_port, _)) => {
+                                    let remote = conn.remote_address();
+                                    let _ = tx.send(PeerEvent::Ready { conn: id, secrets, data_port, remote });
+                                }
+                                Err(e) => {
+                                    let expected = match conn.close_reason() {
+                                        Some(quinn::ConnectionError::LocallyClosed) => true,
+                                        Some(quinn::ConnectionError::ApplicationClosed(c)) => {
+                                            [quic::close::REPLACED, quic::close::DUPLICATE, CLOSE_IDLE].map(u64::from).contains(&u64::from(c.error_code))
+                                        }
+                                        _ => false,
+                                    };
+                                    if expected {
+                                        tracing::debug!("session attempt with peer {i} superseded: {e:#}");
+                                    } else {
+                                        shared2.mgmt_errors.fetch_add(1, Relaxed);
+                                        tracing::warn!("session with {}: {e:#}", shared2.peer_name(i));
+                                    }
+                                    conn.close(quic::close::PROTOCOL.into(), b"hello failed");
+                                }
+                            }
+                            let reason = conn.closed().await;
+                            let _ = tx.send(PeerEvent::Closed { conn: id, reason: reason.to_string() });
+                        });
+                    }
+                    Verdict::Refuse => conn.close(quic::close::DUPLICATE.into(), b"duplicate"),
+                }
+            }
+            PeerEvent::Incoming(_) => {}
+            PeerEvent::Dialed(_) => sess.on_dial_failed(now, rand::random()),
+            PeerEvent::Ready { conn, secrets, data_port, remote } => {
+                if sess.current().map(|c| c.0) != Some(conn) {
+                    continue;
+                }
+                let data = SocketAddr::new(remote.ip().to_canonical(), data_port);
+                shared.dp.command(DataCommand::InstallSession { peer: i, secrets });
+                ready = Some(conn);
+                let Some(c) = conns.get(&conn).cloned() else { continue };
+                let monitor = {
+                    let mut peers = shared.peers.lock().expect("peers");
+                    let p = &mut peers[i];
+                    p.since = Some(now);
+                    p.conn = Some(c.clone());
+                    p.endpoint = Some(data);
+                    p.sessions += 1;
+                    configured || p.want & want::DATA != 0
+                };
+                let _ = shared.sessions.send(SessionEvent::Up { peer: i, conn: c.clone(), data, monitor });
+                let _ = shared.overlay.send(OverlayEvent::SessionUp { node: peer_id, configured });
+                tokio::spawn(read_messages(i, c, local, peer_id, shared.clone()));
+                tracing::info!("session with {} up (data endpoint {data})", shared.peer_name(i));
+            }
+            PeerEvent::Closed { conn, reason } => {
+                conns.remove(&conn);
+                sess.on_closed(now, conn, rand::random());
+                if ready == Some(conn) {
+                    ready = None;
+                    let _ = shared.sessions.send(SessionEvent::Down { peer: i });
+                    let _ = shared.overlay.send(OverlayEvent::SessionDown { node: peer_id });
+                    if let Some(p) = shared.peers.lock().expect("peers").get_mut(i) {
+                        p.conn = None;
+                    }
+                    let level_info = configured || !reason.contains("idle");
+                    if level_info {
+                        tracing::info!("session with {} down: {reason}", shared.peer_name(i));
+                    } else {
+                        tracing::debug!("session with {} closed: {reason}", shared.peer_name(i));
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Reads the management messages a peer sends on its session until it closes: relay
+/// signalling and link reports go to the failover engine, directory gossip and routed
+/// messages to the management overlay. A frame that does not name this session's ends is
+/// counted as an error and skipped.
+async fn read_messages(peer: usize, conn: quinn::Connection, local: NodeId, peer_id: NodeId, shared: Arc<Shared>) {
+    while let Ok(mut recv) = conn.accept_uni().await {
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            match tokio::time::timeout(quic::HELLO_TIMEOUT, quic::read_frame(&mut recv)).await {
+                Ok(Ok(f)) if f.src == peer_id && f.dst == local => match f.message {
+                    m @ (Message::Records { .. } | Message::Digest { .. } | Message::Want { .. } | Message::Routed { .. }) => {
+                        let _ = shared.overlay.send(OverlayEvent::Message { from: peer_id, message: m });
+                    }
+                    m => {
+                        let _ = shared.sessions.send(SessionEvent::Message { peer, message: m });
+                    }
+                },
+                Ok(Ok(f)) => {
+                    shared.mgmt_errors.fetch_add(1, Relaxed);
+                    tracing::debug!("management frame {} -> {} on the session with {peer_id}", f.src, f.dst);
+                }
+                Ok(Err(e)) => {
+                    shared.mgmt_errors.fetch_add(1, Relaxed);
+                    tracing::debug!("management message from {peer_id}: {e:#}");
+                }
+                Err(_) => {
+                    shared.mgmt_errors.fetch_add(1, Relaxed);
+                }
+            }
+        });
+    }
+}
+
+/// The data path has packets for peer `i` and no session: the link is in use.
+pub fn need_session(shared: &Arc<Shared>, i: usize) {
+    let present = shared.model.read().expect("model").peers.get(i).is_some_and(|p| p.present);
+    if present {
+        activate(shared, i, Instant::now());
+    }
+}
+
+/// Marks the link to directory node `i` as carrying forwarding traffic: it gets a TUN,
+/// a session and path monitoring.
+fn activate(shared: &Arc<Shared>, i: usize, now: Instant) {
+    grow(shared);
+    let first = {
+        let mut peers = shared.peers.lock().expect("peers");
+        let p = &mut peers[i];
+        let first = p.want & want::DATA == 0;
+        p.data_at = Some(now);
+        first
+    };
+    if !first {
+        return;
+    }
+    let (name, mtu, configured) = {
+        let m = shared.model.read().expect("model");
+        let p = &m.peers[i];
+        (p.cfg.interface.clone(), usize::from(p.cfg.inner_mtu()), p.configured)
+    };
+    if !configured {
+        match open_tun(&name) {
+            Ok(dev) => {
+                shared.dp.command(DataCommand::AttachTun { peer: i, tun: TunHandle::new(dev), mtu });
+                shared.model.write().expect("model").set_tun(i, true);
+                shared.kernel.notify_one();
+                tracing::info!("link to {} in use: interface {name}", shared.peer_name(i));
+            }
+            Err(e) => tracing::warn!("link to {}: {e:#}; its traffic uses the aggregate interface", shared.peer_name(i)),
+        }
+    }
+    set_want(shared, i, want::DATA, true);
+    if shared.peers.lock().expect("peers")[i].conn.is_some() {
+        let _ = shared.sessions.send(SessionEvent::Monitor { peer: i });
+    }
+}
+
+fn deactivate(shared: &Arc<Shared>, i: usize) {
+    let changed = shared.model.write().expect("model").set_tun(i, false);
+    if changed {
+        shared.dp.command(DataCommand::DetachTun { peer: i });
+        shared.kernel.notify_one();
+        tracing::info!("link to {} idle: interface removed", shared.peer_name(i));
+    }
+    if let Some(p) = shared.peers.lock().expect("peers").get_mut(i) {
+        p.data_at = None;
+    }
+    set_want(shared, i, want::DATA, false);
+}
+
+/// Finds links to directory nodes whose traffic started or stopped (every second or so).
+pub fn check_activity(shared: &Arc<Shared>, now: Instant) {
+    let idle = shared.model.read().expect("model").cfg.management.idle_timeout;
+    let counters: Vec<(usize, u64)> = {
+        let m = shared.model.read().expect("model");
+        m.peers.iter().enumerate().filter(|(_, p)| !p.configured && p.present).map(|(i, p)| (i, p.counters.rx_bytes.load(Relaxed) + p.counters.tx_bytes.load(Relaxed))).collect()
+    };
+    grow(shared);
+    for (i, bytes) in counters {
+        let (moved, active, last) = {
+            let mut peers = shared.peers.lock().expect("peers");
+            let p = &mut peers[i];
+            let moved = bytes != p.bytes_seen;
+            p.bytes_seen = bytes;
+            (moved, p.want & want::DATA != 0, p.data_at)
+        };
+        if moved {
+            activate(shared, i, now);
+        } else if active && last.is_none_or(|t| now.saturating_duration_since(t) >= idle) {
+            deactivate(shared, i);
+        }
+    }
+}
+
+/// A directory node left the directory: no more session, TUN or routes.
+pub fn forgotten(shared: &Arc<Shared>, i: usize) {
+    deactivate(shared, i);
+    set_want(shared, i, want::NEIGHBOUR, false);
+}
