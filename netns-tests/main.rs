@@ -2,6 +2,7 @@
 //! namespaces it creates and removes. Run as root (scripts/test.sh does).
 
 mod failover;
+mod management;
 mod lab;
 
 use std::time::Duration;

@@ -100,6 +100,8 @@ pub struct ManagementStatus {
     pub records_accepted: u64,
     /// Routed messages waiting for their acknowledgement.
     pub pending_messages: usize,
+    /// Retransmissions of routed messages on other paths.
+    pub retransmissions: u64,
     /// Routed messages dropped on the way through this node, by reason.
     pub routing_drops: BTreeMap<String, u64>,
     /// Names this node holds.

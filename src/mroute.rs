@@ -279,6 +279,7 @@ pub struct Router {
     rng: u64,
     out: VecDeque<Out>,
     drops: HashMap<Drop, u64>,
+    retries: u64,
 }
 
 fn b64() -> base64::engine::GeneralPurpose {
@@ -298,6 +299,7 @@ impl Router {
             rng: seed | 1,
             out: VecDeque::new(),
             drops: HashMap::new(),
+            retries: 0,
         }
     }
 
@@ -326,6 +328,11 @@ impl Router {
     /// Messages dropped on the way here, by reason.
     pub fn drops(&self) -> &HashMap<Drop, u64> {
         &self.drops
+    }
+
+    /// Attempts after the first (retransmissions on other paths) so far.
+    pub fn retries(&self) -> u64 {
+        self.retries
     }
 
     /// Messages waiting for an acknowledgement.
@@ -588,6 +595,7 @@ impl Router {
                 }
             }
             p.timeout *= 2;
+            self.retries += 1;
             self.attempt(now, id);
         }
         let keep = self.cfg.dedupe_for;

@@ -428,8 +428,9 @@ impl Overlay {
         if self.names.iter().any(|n| n.name == name) {
             return Ok(());
         }
-        if !self.dir.may_register(&self.local, name, unix) {
-            let holder = self.dir.holder(name).map(|e| e.record.node_id).unwrap_or_default();
+        // A name another node holds is refused (the earliest-registration rule only settles
+        // claims that raced, e.g. in a partition).
+        if let Some(holder) = self.dir.holder(name).map(|e| e.record.node_id).filter(|h| *h != self.local) {
             return Err(RegisterError::Taken(holder));
         }
         self.names.push(Name { name: name.to_string(), since: unix });

@@ -1,13 +1,17 @@
-//! `detourctl`: keys, node IDs and the daemon's status. See `detourctl --help`.
+//! `detourctl`: keys, node IDs, the daemon's status, and the local management API (send,
+//! listen, resolve, register). See `detourctl --help`.
 
-use std::io::Read;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, UdpSocket};
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand};
-use detour::config::{Config, DEFAULT_CONFIG_PATH, DEFAULT_CONTROL_SOCKET};
-use detour::ctl::{render_paths, render_status, Request, Response};
-use detour::identity::{Identity, PublicKey};
+use detour::api::{self, flag, kind, op, Address, Reply};
+use detour::config::{Config, DEFAULT_CONFIG_PATH, DEFAULT_CONTROL_SOCKET, DEFAULT_DATA_PORT};
+use detour::ctl::{render_nodes, render_paths, render_status, Request, Response};
+use detour::identity::{Identity, NodeId, PublicKey};
 
 /// Control and inspect detour.
 #[derive(Parser, Debug)]
@@ -41,6 +45,73 @@ enum Cmd {
     Paths(Query),
     /// Show this node and its peers: state, handshakes, RTT, traffic, drops, path.
     Status(Query),
+    /// List the node directory: every node of the overlay with its endpoints and addresses.
+    Nodes(Query),
+    /// Send a message to a node (by node ID or name) over the management overlay and wait
+    /// for its end-to-end acknowledgement.
+    Send {
+        /// Destination: a node ID (32 hex digits) or a registered name.
+        dest: String,
+        /// The message; `-` or nothing reads standard input.
+        message: Option<String>,
+        /// Application channel at the destination.
+        #[arg(long, default_value_t = 1)]
+        channel: u16,
+        /// Send on two disjoint paths at once.
+        #[arg(long)]
+        critical: bool,
+        /// Return once the daemon accepted the message, without waiting for the
+        /// acknowledgement.
+        #[arg(long)]
+        no_wait: bool,
+        /// Give up waiting after this many seconds.
+        #[arg(long, default_value_t = 30)]
+        timeout: u64,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Print the messages that arrive for a channel (0: every channel).
+    Listen {
+        /// Channel to receive.
+        #[arg(long, default_value_t = 0)]
+        channel: u16,
+        /// Exit after this many messages.
+        #[arg(long)]
+        count: Option<u64>,
+        /// One JSON object per message.
+        #[arg(long)]
+        json: bool,
+        /// Exit after this many seconds.
+        #[arg(long)]
+        timeout: Option<u64>,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Look up a node by name or node ID: its node ID and current locators.
+    Resolve {
+        /// A name or a node ID.
+        key: String,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Register a name for this node (refused if another node holds it).
+    Register {
+        /// The name.
+        name: String,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+}
+
+/// Where the local API listens.
+#[derive(clap::Args, Debug)]
+struct ApiArgs {
+    /// API port on 127.0.0.1 (default: from the configuration file, else 7722).
+    #[arg(long)]
+    port: Option<u16>,
+    /// Read the API port from this configuration file.
+    #[arg(short, long, value_name = "FILE")]
+    config: Option<PathBuf>,
 }
 
 /// How to reach the daemon, and the output form.
@@ -94,6 +165,103 @@ fn unexpected(r: Response) -> String {
     }
 }
 
+fn api_addr(a: &ApiArgs) -> Result<SocketAddr, String> {
+    if let Some(p) = a.port {
+        return Ok(SocketAddr::from(([127, 0, 0, 1], p)));
+    }
+    let explicit = a.config.is_some();
+    let path = a.config.clone().unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG_PATH));
+    match Config::load(&path) {
+        Ok(c) => match c.management.api_port {
+            Some(p) => Ok(SocketAddr::from(([127, 0, 0, 1], p))),
+            None => Err(format!("{}: the local API is off (management.api_port = 0)", path.display())),
+        },
+        Err(e) if explicit => Err(e.to_string()),
+        Err(_) => Ok(SocketAddr::from(([127, 0, 0, 1], DEFAULT_DATA_PORT + 2))),
+    }
+}
+
+fn address(s: &str) -> Address {
+    if s.len() == 32 && s.bytes().all(|b| b.is_ascii_hexdigit()) {
+        if let Ok(id) = s.parse::<NodeId>() {
+            return Address::Node(id);
+        }
+    }
+    Address::Name(s.to_string())
+}
+
+fn explain(r: &Reply) -> String {
+    let code = api::ErrorCode::from_u8(r.code).map(|c| c.as_str()).unwrap_or("unknown");
+    format!("{code}: {}", String::from_utf8_lossy(&r.body))
+}
+
+/// A client of the local API.
+struct ApiClient {
+    sock: UdpSocket,
+    tag: u32,
+}
+
+impl ApiClient {
+    fn connect(to: SocketAddr) -> Result<ApiClient, String> {
+        let sock = UdpSocket::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
+        sock.connect(to).map_err(|e| e.to_string())?;
+        Ok(ApiClient { sock, tag: std::process::id() })
+    }
+
+    fn send(&mut self, op: u8, flags: u8, channel: u16, address: Address, payload: Vec<u8>) -> Result<u32, String> {
+        self.tag = self.tag.wrapping_add(1);
+        let req = api::Request { op, flags, channel, tag: self.tag, address, payload };
+        self.sock.send(&api::encode_request(&req)).map_err(|e| format!("sending to detourd's API: {e}"))?;
+        Ok(self.tag)
+    }
+
+    /// The next datagram, or `None` at the deadline.
+    fn recv(&self, deadline: Instant) -> Result<Option<Reply>, String> {
+        let mut buf = vec![0u8; 65_536];
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Ok(None);
+            }
+            self.sock.set_read_timeout(Some(left)).map_err(|e| e.to_string())?;
+            match self.sock.recv(&mut buf) {
+                Ok(n) => {
+                    if let Some(r) = Reply::decode(&buf[..n]) {
+                        return Ok(Some(r));
+                    }
+                }
+                Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => return Ok(None),
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => return Err("detourd's local API does not answer (is detourd running?)".into()),
+                Err(e) => return Err(e.to_string()),
+            }
+        }
+    }
+
+    /// Sends a request and waits for its first answer.
+    fn call(&mut self, op: u8, channel: u16, address: Address) -> Result<Reply, String> {
+        let tag = self.send(op, 0, channel, address, Vec::new())?;
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            match self.recv(deadline)? {
+                Some(r) if r.tag == tag && r.kind != kind::MESSAGE => return Ok(r),
+                Some(_) => continue,
+                None => return Err("no answer from detourd's local API (is detourd running?)".into()),
+            }
+        }
+    }
+}
+
+fn read_message(m: Option<String>) -> Result<Vec<u8>, String> {
+    match m {
+        Some(s) if s != "-" => Ok(s.into_bytes()),
+        _ => {
+            let mut v = Vec::new();
+            std::io::stdin().read_to_end(&mut v).map_err(|e| format!("reading standard input: {e}"))?;
+            Ok(v)
+        }
+    }
+}
+
 fn run(args: Args) -> Result<(), String> {
     match args.cmd {
         Cmd::Genkey { file } => {
@@ -112,6 +280,102 @@ fn run(args: Args) -> Result<(), String> {
             Response::Status(s) => print!("{}", render_status(&s)),
             other => return Err(unexpected(other)),
         },
+        Cmd::Nodes(q) => match ask(q.socket, q.config, Request::Nodes)? {
+            Response::Nodes { nodes } if q.json => println!("{}", serde_json::to_string_pretty(&nodes).map_err(|e| e.to_string())?),
+            Response::Nodes { nodes } => print!("{}", render_nodes(&nodes)),
+            other => return Err(unexpected(other)),
+        },
+        Cmd::Send { dest, message, channel, critical, no_wait, timeout, api } => {
+            let payload = read_message(message)?;
+            let mut c = ApiClient::connect(api_addr(&api)?)?;
+            let flags = if critical { flag::CRITICAL } else { 0 } | if no_wait { flag::NO_REPORT } else { 0 };
+            let t0 = Instant::now();
+            let tag = c.send(op::SEND, flags, channel, address(&dest), payload)?;
+            let deadline = t0 + Duration::from_secs(timeout);
+            let mut id = None;
+            loop {
+                let Some(r) = c.recv(deadline)? else {
+                    return Err(match id {
+                        None => "no answer from detourd's local API (is detourd running?)".into(),
+                        Some(id) => format!("message {id:016x}: no acknowledgement within {timeout} s"),
+                    });
+                };
+                if r.tag != tag {
+                    continue;
+                }
+                match r.kind {
+                    kind::ACCEPTED => {
+                        id = Some(r.message_id);
+                        if no_wait {
+                            println!("accepted: message {:016x} to {}", r.message_id, r.node);
+                            return Ok(());
+                        }
+                    }
+                    kind::DELIVERED => {
+                        println!("delivered: message {:016x} to {} in {:.1} ms", r.message_id, r.node, t0.elapsed().as_secs_f64() * 1000.0);
+                        return Ok(());
+                    }
+                    kind::FAILED => return Err(format!("message {:016x} to {} could not be delivered", r.message_id, r.node)),
+                    kind::ERROR => return Err(explain(&r)),
+                    _ => {}
+                }
+            }
+        }
+        Cmd::Listen { channel, count, json, timeout, api } => {
+            let mut c = ApiClient::connect(api_addr(&api)?)?;
+            let r = c.call(op::SUBSCRIBE, channel, Address::None)?;
+            if r.kind != kind::OK {
+                return Err(explain(&r));
+            }
+            let end = timeout.map(|t| Instant::now() + Duration::from_secs(t));
+            let mut renew = Instant::now() + Duration::from_secs(30);
+            let mut seen = 0u64;
+            let stdout = std::io::stdout();
+            while count.is_none_or(|n| seen < n) {
+                let deadline = [Some(renew), end].into_iter().flatten().min().expect("renew is set");
+                match c.recv(deadline)? {
+                    Some(m) if m.kind == kind::MESSAGE => {
+                        seen += 1;
+                        let mut out = stdout.lock();
+                        if json {
+                            let text = String::from_utf8(m.body.clone()).ok();
+                            let hex: String = m.body.iter().map(|b| format!("{b:02x}")).collect();
+                            let v = serde_json::json!({ "from": m.node.to_string(), "channel": m.channel, "text": text, "hex": hex });
+                            let _ = writeln!(out, "{v}");
+                        } else {
+                            let _ = writeln!(out, "from {} channel {}: {}", m.node, m.channel, String::from_utf8_lossy(&m.body));
+                        }
+                        let _ = out.flush();
+                    }
+                    Some(_) => {}
+                    None => {
+                        if end.is_some_and(|e| Instant::now() >= e) {
+                            break;
+                        }
+                        c.send(op::SUBSCRIBE, 0, channel, Address::None, Vec::new())?;
+                        renew = Instant::now() + Duration::from_secs(30);
+                    }
+                }
+            }
+            let _ = c.send(op::UNSUBSCRIBE, 0, channel, Address::None, Vec::new());
+        }
+        Cmd::Resolve { key, api } => {
+            let mut c = ApiClient::connect(api_addr(&api)?)?;
+            let r = c.call(op::RESOLVE, 0, address(&key))?;
+            if r.kind != kind::RESOLVED {
+                return Err(explain(&r));
+            }
+            let v: serde_json::Value = serde_json::from_slice(&r.body).map_err(|e| format!("bad answer: {e}"))?;
+            println!("{}", serde_json::to_string_pretty(&v).map_err(|e| e.to_string())?);
+        }
+        Cmd::Register { name, api } => {
+            let mut c = ApiClient::connect(api_addr(&api)?)?;
+            let r = c.call(op::REGISTER, 0, Address::Name(name.clone()))?;
+            if r.kind != kind::OK {
+                return Err(explain(&r));
+            }
+            println!("registered {name} for node {}", r.node);
+        }
         Cmd::Paths(q) => match ask(q.socket, q.config, Request::Paths)? {
             Response::Paths { peers } if q.json => println!("{}", serde_json::to_string_pretty(&peers).map_err(|e| e.to_string())?),
             Response::Paths { peers } => print!("{}", render_paths(&peers)),

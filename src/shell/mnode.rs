@@ -504,6 +504,7 @@ impl Node {
             records_published: self.core.stats().records_published,
             records_accepted: self.core.stats().records_accepted,
             pending_messages: self.core.router().pending(),
+            retransmissions: self.core.router().retries(),
             routing_drops: self.core.router().drops().iter().map(|(k, v)| (format!("{k:?}").to_lowercase(), *v)).collect(),
             names: self.core.names().iter().map(|n| n.name.clone()).collect(),
             api: ApiStatus {
