@@ -8,20 +8,25 @@
 #               relay, measured by a 10 ms probe stream, for silent failures and for
 #               ICMP-signalled ones (BENCH_TRIALS each, default 10); the probe overhead per
 #               peer; healthy-path TCP throughput with and without detourd running.
+#   management  delivery ratio and latency (send to end-to-end acknowledgement) of
+#               management messages between two hosts, idle and while the forwarding
+#               overlay between them is saturated through a tbf bottleneck (with detourd's
+#               HTB on the sender's underlay interface, and without it), in one run; then
+#               directory convergence after a node joins overlays of 10 and 50 nodes.
 #
 # BENCH_SECONDS (default 10) sets the length of each iperf3 run. Run as root.
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 
 usage() {
-  echo "usage: $0 forwarding|failover" >&2
+  echo "usage: $0 forwarding|failover|management" >&2
   exit 2
 }
 [ $# -eq 1 ] || usage
 NAME=$1
 SECS=${BENCH_SECONDS:-10}
 case "$NAME" in
-  forwarding | failover) ;;
+  forwarding | failover | management) ;;
   *) usage ;;
 esac
 TRIALS=${BENCH_TRIALS:-10}
@@ -225,7 +230,118 @@ print(json.dumps(r))
 EOF
 }
 
+PROBE="$DETOUR_ROOT/netns-tests/helpers/mgmtprobe.py"
+DIRWATCH="$DETOUR_ROOT/netns-tests/helpers/dirwatch.py"
+
+# ring_configs N: keys and configurations for N hosts, each with the previous and the
+# next host on a ring as its configured peers (bootstrap contacts).
+ring_configs() {
+  local n=$1 i prev next
+  for i in $(seq 1 "$n"); do
+    "$BIN/detourctl" genkey "$DIR/n$i.key" >/dev/null 2>&1
+  done
+  for i in $(seq 1 "$n"); do
+    prev=$(((i + n - 2) % n + 1))
+    next=$((i % n + 1))
+    if [ "$prev" = "$next" ]; then
+      write_config "$DIR" "n$i" "$i" "n$next:$next"
+    else
+      write_config "$DIR" "n$i" "$i" "n$prev:$prev" "n$next:$next"
+    fi
+  done
+}
+
+# join N -> seconds until every one of N-1 running nodes lists node N after it started
+join() {
+  local n=$1 i socks=()
+  topo_create "$P" "$n"
+  ring_configs "$n"
+  for i in $(seq 1 $((n - 1))); do
+    start_daemon "${P}h$i" "$DIR" "n$i"
+    socks+=("$DIR/n$i.sock")
+  done
+  # Wait until the first n-1 nodes know each other.
+  python3 "$DIRWATCH" 120 "n$((n - 1))" "${socks[@]}" >/dev/null
+  python3 "$DIRWATCH" 120 "n1" "${socks[@]}" >/dev/null
+  sleep 2
+  start_daemon "${P}h$n" "$DIR" "n$n"
+  python3 "$DIRWATCH" 60 "n$n" "${socks[@]}" | python3 -c 'import json,sys; print(json.load(sys.stdin)["all"])'
+  topo_destroy "$P"
+  rm -f "$DIR"/n*.sock
+}
+
+bench_management() {
+  # Two hosts; the router limits the path towards bob to 50 Mbit/s (tbf). alice's detourd
+  # shapes its underlay interface to 45 Mbit/s with management first (HTB).
+  topo_create "$P" 2
+  "$BIN/detourctl" genkey "$DIR/alice.key" >/dev/null 2>&1
+  "$BIN/detourctl" genkey "$DIR/bob.key" >/dev/null 2>&1
+  write_config "$DIR" alice 1 bob:2
+  write_config "$DIR" bob 2 alice:1
+  printf '\n[management]\nqdisc_interface = "eth0"\nqdisc_rate = "45mbit"\n' >>"$DIR/alice.toml"
+  start_daemon "${P}h1" "$DIR" alice
+  start_daemon "${P}h2" "$DIR" bob
+  wait_up "${P}h1" "$DIR" alice 1
+  ip netns exec "${P}r" tc qdisc add dev r2 root tbf rate 50mbit burst 64kb latency 400ms
+  local A="${P}h1" B="${P}h2" N=${BENCH_MESSAGES:-300}
+  ip netns exec "$B" iperf3 -s -D >/dev/null
+  sleep 1
+  echo "management messages, idle..." >&2
+  local idle sat unshaped
+  idle=$(ip netns exec "$A" python3 "$PROBE" 7722 bob "$N" 0.02)
+  echo "management messages, forwarding overlay saturated..." >&2
+  ip netns exec "$A" iperf3 -c 10.77.0.2 -P 4 -t $((N / 50 + 8)) >/dev/null &
+  local ip1=$!
+  sleep 3
+  sat=$(ip netns exec "$A" python3 "$PROBE" 7722 bob "$N" 0.02)
+  wait "$ip1" || true
+  echo "management messages, saturated, without detour's HTB..." >&2
+  ip netns exec "$A" tc qdisc del dev eth0 root
+  ip netns exec "$A" iperf3 -c 10.77.0.2 -P 4 -t $((N / 50 + 8)) >/dev/null &
+  local ip2=$!
+  sleep 3
+  unshaped=$(ip netns exec "$A" python3 "$PROBE" 7722 bob "$N" 0.02)
+  wait "$ip2" || true
+  kill -TERM $(pgrep -f "detourd -c $DIR") 2>/dev/null || true
+  sleep 1
+  topo_destroy "$P"
+  echo "join, 10 nodes..." >&2
+  local j10 j50
+  j10=$(join 10)
+  echo "join, 50 nodes..." >&2
+  j50=$(join 50)
+  python3 - "$idle" "$sat" "$unshaped" "$j10" "$j50" <<'EOF'
+import json, sys
+idle, sat, unshaped = (json.loads(x) for x in sys.argv[1:4])
+j10, j50 = (None if x == "None" else float(x) for x in sys.argv[4:6])
+def p(v, q):
+    v = sorted(v)
+    return round(v[min(len(v) - 1, int(round(q * (len(v) - 1))))], 3) if v else None
+r = {
+    "bench": "management",
+    "messages_per_phase": idle["sent"],
+    "mgmt_idle_p50_ms": p(idle["latencies_ms"], 0.5),
+    "mgmt_idle_p99_ms": p(idle["latencies_ms"], 0.99),
+    "mgmt_idle_delivery_ratio": round(idle["delivered"] / idle["sent"], 4),
+    "mgmt_saturated_p50_ms": p(sat["latencies_ms"], 0.5),
+    "mgmt_saturated_p99_ms": p(sat["latencies_ms"], 0.99),
+    "mgmt_saturated_delivery_ratio": round(sat["delivered"] / sat["sent"], 4),
+    "mgmt_saturated_p99_over_idle": round(p(sat["latencies_ms"], 0.99) / p(idle["latencies_ms"], 0.99), 2) if sat["latencies_ms"] else None,
+    "mgmt_saturated_unshaped_p50_ms": p(unshaped["latencies_ms"], 0.5),
+    "mgmt_saturated_unshaped_p99_ms": p(unshaped["latencies_ms"], 0.99),
+    "mgmt_saturated_unshaped_delivery_ratio": round(unshaped["delivered"] / unshaped["sent"], 4),
+    "join_convergence_10_s": round(j10, 3) if j10 is not None else None,
+    "join_convergence_50_s": round(j50, 3) if j50 is not None else None,
+}
+for k, v in r.items():
+    print(f"{k:40} {v}", file=sys.stderr)
+print(json.dumps(r))
+EOF
+}
+
 case "$NAME" in
   forwarding) bench_forwarding ;;
   failover) bench_failover ;;
+  management) bench_management ;;
 esac
+

@@ -1,13 +1,27 @@
 #!/usr/bin/env bash
-# The main job: three hosts in network namespaces, joined through a router namespace,
-# carry real traffic through detour. Installs what is missing, builds, runs, and removes
-# everything at the end and on Ctrl-C. Run as root: sudo scripts/demo.sh
+# The main job: hosts in network namespaces, joined through a router namespace, carry real
+# traffic through detour; a fourth host joins through the directory and exchanges
+# management messages. Installs what is missing, builds, runs, and removes everything at
+# the end and on Ctrl-C. Run as root: sudo scripts/demo.sh
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 
 lab_begin demo
-echo "== creating hosts alice, bob and carol behind a router; starting detourd on each"
-mesh_start alice bob carol
+echo "== creating hosts alice, bob, carol and dave behind a router; starting detourd on the first three"
+topo_create "$P" 4
+for n in alice bob carol dave; do "$BIN/detourctl" genkey "$DIR/$n.key" >/dev/null 2>&1; done
+# alice, bob and carol are peers of each other; dave knows only bob (and bob dave).
+write_config "$DIR" alice 1 bob:2 carol:3
+write_config "$DIR" bob 2 alice:1 carol:3 dave:4
+write_config "$DIR" carol 3 alice:1 bob:2
+write_config "$DIR" dave 4 bob:2
+for n in alice bob carol dave; do "$BIN/detourd" --check-config "$DIR/$n.toml" >&2; done
+start_daemon "${P}h1" "$DIR" alice
+start_daemon "${P}h2" "$DIR" bob
+start_daemon "${P}h3" "$DIR" carol
+wait_up "${P}h1" "$DIR" alice 2
+wait_up "${P}h2" "$DIR" bob 2
+wait_up "${P}h3" "$DIR" carol 2
 
 A="${P}h1"
 run() { echo "+ $*"; "$@"; }
@@ -39,6 +53,26 @@ echo "== iperf3 (3 s) through the aggregate interface: alice -> carol's network 
 ip netns exec "${P}h3" iperf3 -s -D -1 >/dev/null
 sleep 0.3
 run ip netns exec "$A" iperf3 -c fd10:3::1 -t 3
+
+echo
+echo "== dave joins, configured with bob only; alice learns of it through the directory"
+start_daemon "${P}h4" "$DIR" dave
+for t in $(seq 1 100); do
+  ip netns exec "$A" "$BIN/detourctl" nodes -s "$DIR/alice.sock" | grep -q '^dave ' && break
+  sleep 0.1
+done
+run ip netns exec "$A" "$BIN/detourctl" nodes -s "$DIR/alice.sock"
+echo
+echo "== alice pings dave's overlay address: the link to dave is opened on demand"
+run ip netns exec "$A" ping -c 4 -i 0.3 10.77.0.4 || true
+run ip -n "$A" -brief link show dt-dave
+echo
+echo "== a management message from alice to dave (by name), acknowledged end to end"
+ip netns exec "${P}h4" "$BIN/detourctl" listen --port 7722 --channel 5 --count 1 --timeout 10 &
+listener=$!
+sleep 0.5
+run ip netns exec "$A" "$BIN/detourctl" send --port 7722 --channel 5 dave "hello dave, from alice"
+wait "$listener" || true
 
 echo
 echo "== alice: detourctl status after the traffic"

@@ -378,11 +378,17 @@ struct TxSession {
 struct TxPeer {
     id: NodeId,
     routes: Vec<IpNet>,
+    /// Inner packets waiting for the first session (a few, like WireGuard's staged
+    /// queue), so that a connection's first packet is not lost to the handshake.
+    staged: Vec<Vec<u8>>,
     session: Option<TxSession>,
     endpoint: Option<PathEndpoint>,
     inner_mtu: usize,
     counters: Arc<PeerCounters>,
 }
+
+/// Packets kept per peer while its first session is set up.
+pub const STAGED_MAX: usize = 16;
 
 /// Send-side state: routing, keys and counters (owned by the TX thread).
 pub struct TxState {
@@ -407,6 +413,7 @@ impl TxState {
         TxPeer {
             id: p.node_id,
             routes: p.host_addrs.iter().map(|a| IpNet::from(*a)).chain(p.prefixes.iter().copied()).collect(),
+            staged: Vec::new(),
             session: None,
             endpoint: None,
             inner_mtu: usize::from(p.inner_mtu),
@@ -452,6 +459,7 @@ impl TxState {
             DataCommand::RemovePeer { peer } => {
                 if let Some(p) = self.peers.get_mut(*peer) {
                     p.routes.clear();
+                    p.staged.clear();
                     p.session = None;
                     p.endpoint = None;
                     self.rebuild_table();
@@ -479,6 +487,15 @@ impl TxState {
             | DataCommand::SendControl { .. }
             | DataCommand::AttachTun { .. }
             | DataCommand::DetachTun { .. } => {}
+        }
+    }
+
+    /// The packets staged for `peer` while it had no session, once it has a session and an
+    /// endpoint (to be sent again through [`TxState::encapsulate`] with `Tun::Peer(peer)`).
+    pub fn take_staged(&mut self, peer: usize) -> Vec<Vec<u8>> {
+        match self.peers.get_mut(peer) {
+            Some(p) if p.session.is_some() && p.endpoint.is_some() => std::mem::take(&mut p.staged),
+            _ => Vec::new(),
         }
     }
 
@@ -559,6 +576,15 @@ impl TxState {
             p.counters.drops.add(DropReason::TooBig);
             let mtu = p.inner_mtu as u16;
             return Self::icmp(pkt, reply, |pkt, from| packet::too_big(pkt, mtu, from), DropReason::TooBig);
+        }
+        if p.session.is_none() || p.endpoint.is_none() {
+            // No session yet: keep the first few packets for when it comes.
+            if p.staged.len() < STAGED_MAX {
+                p.staged.push(pkt.to_vec());
+            } else {
+                p.counters.drops.add(DropReason::NoSession);
+            }
+            return TxAction::NoSession { peer };
         }
         let Some(session) = p.session.as_mut().filter(|s| s.next_counter < u64::MAX) else {
             p.counters.drops.add(DropReason::NoSession);
@@ -1012,10 +1038,22 @@ mod tests {
         let sa = spec(A, B, "10.77.0.1", "10.77.0.2", "10.2.0.0/24", "10.1.0.0/24");
         let mut tx = TxState::new(&sa);
         let pkt = ip4("10.77.0.1", "10.77.0.2", 5);
-        assert_eq!(send(&mut tx, Tun::Peer(0), &pkt).0, TxAction::NoSession { peer: 0 });
-        assert_eq!(sa.peers[0].counters.drops.get(DropReason::NoSession), 1);
+        // The first packets wait for the session; beyond STAGED_MAX they are dropped.
+        for _ in 0..STAGED_MAX + 2 {
+            assert_eq!(send(&mut tx, Tun::Peer(0), &pkt).0, TxAction::NoSession { peer: 0 });
+        }
+        assert_eq!(sa.peers[0].counters.drops.get(DropReason::NoSession), 2);
         tx.apply(&DataCommand::InstallSession { peer: 0, secrets: wire::split_exporter(&[1; 72], &A, &B) });
-        assert_eq!(send(&mut tx, Tun::Peer(0), &pkt).0, TxAction::Drop(DropReason::NoEndpoint));
+        assert!(tx.take_staged(0).is_empty(), "no endpoint yet");
+        tx.apply(&DataCommand::SetEndpoint { peer: 0, endpoint: Some(PathEndpoint { remote: "192.0.2.2:7720".parse().unwrap(), local_ip: None }) });
+        let staged = tx.take_staged(0);
+        assert_eq!(staged.len(), STAGED_MAX);
+        assert_eq!(staged[0], pkt);
+        let mut buf = vec![0u8; pkt.len() + OVERHEAD];
+        buf[HEADER_LEN..HEADER_LEN + pkt.len()].copy_from_slice(&staged[0]);
+        let mut reply = Vec::new();
+        assert!(matches!(tx.encapsulate(Tun::Peer(0), &mut buf, pkt.len(), &mut reply), TxAction::Send { peer: 0, .. }));
+        assert!(tx.take_staged(0).is_empty());
     }
 
     /// A node learned from the directory is added while running: the aggregate routes to

@@ -640,14 +640,18 @@ mod tests {
                 rng ^= rng << 17;
                 rng
             };
+            // Each node chooses its k neighbours as the overlay does (stable nodes, diverse
+            // underlay groups, rendezvous order); a session is a link for both ends.
+            let groups: Vec<u64> = (0..n).map(|_| rand() % 50).collect();
+            let candidates: Vec<crate::overlay::Candidate> = (0..n).map(|b| crate::overlay::Candidate { id: id(b as u32), stable: true, group: groups[b] }).collect();
+            let index: HashMap<NodeId, usize> = (0..n).map(|b| (id(b as u32), b)).collect();
             let mut links: Vec<BTreeSet<usize>> = vec![BTreeSet::new(); n];
             for a in 0..n {
-                while links[a].len() < k {
-                    let b = (rand() % n as u64) as usize;
-                    if b != a {
-                        links[a].insert(b);
-                        links[b].insert(a);
-                    }
+                let others: Vec<crate::overlay::Candidate> = candidates.iter().copied().filter(|c| c.id != id(a as u32)).collect();
+                for c in crate::overlay::choose_neighbours(&id(a as u32), &others, &BTreeSet::new(), &[], 0, k) {
+                    let b = index[&c];
+                    links[a].insert(b);
+                    links[b].insert(a);
                 }
             }
             let topo = Arc::new(Topology::new((0..n).map(|a| (id(a as u32), links[a].iter().map(|b| id(*b as u32)).collect()))));
@@ -814,12 +818,13 @@ mod tests {
 
     /// A thousand nodes, 10% of them failed (only half of their neighbours noticed):
     /// messages between live nodes arrive, acknowledged, at least 99.9% of the time. Each
-    /// node keeps the neighbour count the reliability rule gives for 10% failures and a
-    /// 99.99% chance that a node keeps a live neighbour (see `neighbours_needed`).
+    /// node chooses its neighbours as the overlay does, as many as the reliability rule
+    /// gives for 90 % available neighbours, a 99.99 % target and 1000 nodes
+    /// (`overlay::neighbours_for`).
     #[test]
     fn simulation_1000_nodes_10_percent_failed_delivers_999_per_mille() {
-        let k = neighbours_needed(0.9, 0.9999);
-        assert_eq!(k, 4);
+        let k = crate::overlay::neighbours_for(0.9, 0.9999, 1000);
+        assert_eq!(k, 5);
         let mut s = Sim::new(1000, k, 0.10, 2026);
         let live: Vec<usize> = (0..1000).filter(|a| !s.dead.contains(a)).collect();
         let mut rng = 99u64;

@@ -211,19 +211,26 @@ pub fn choose_neighbours(local: &NodeId, candidates: &[Candidate], keep: &BTreeS
     let need = k.saturating_sub(fixed);
     let mut chosen = BTreeSet::new();
     let mut groups: Vec<u64> = fixed_groups.to_vec();
-    let mut kept: Vec<&Candidate> = candidates.iter().filter(|c| keep.contains(&c.id)).collect();
-    kept.sort_by_key(|c| (!c.stable, rendezvous(local, &c.id)));
-    for c in kept.into_iter().take(need) {
+    // Each candidate's rendezvous weight, computed once.
+    let mut ranked: Vec<(bool, u64, &Candidate)> = candidates.iter().map(|c| (!c.stable, rendezvous(local, &c.id), c)).collect();
+    ranked.sort_by_key(|(eph, w, _)| (*eph, *w));
+    for (_, _, c) in ranked.iter().filter(|(_, _, c)| keep.contains(&c.id)).take(need) {
         chosen.insert(c.id);
         groups.push(c.group);
     }
     while chosen.len() < need {
-        let best = candidates
-            .iter()
-            .filter(|c| !chosen.contains(&c.id))
-            .min_by_key(|c| (!c.stable, groups.contains(&c.group), rendezvous(local, &c.id)));
-        match best {
-            Some(c) => {
+        // The first in rank order whose group is new; else the first not chosen.
+        let fresh = ranked.iter().find(|(_, _, c)| !chosen.contains(&c.id) && !groups.contains(&c.group));
+        let stable_fresh = fresh.filter(|(eph, _, _)| !*eph);
+        let first = ranked.iter().find(|(_, _, c)| !chosen.contains(&c.id));
+        // Stability first: a stable node in a covered group beats an ephemeral one in a new group.
+        let pick = match (stable_fresh, first) {
+            (Some(f), _) => Some(f),
+            (None, Some(x)) if !x.0 => Some(x),
+            (None, x) => fresh.or(x),
+        };
+        match pick {
+            Some((_, _, c)) => {
                 chosen.insert(c.id);
                 groups.push(c.group);
             }

@@ -335,6 +335,20 @@ fn data_thread(
             }
             th.tx.borrow_mut().apply(&cmd);
             th.rx.borrow_mut().apply(&cmd);
+            // Packets that waited for this peer's first session go out now.
+            if let DataCommand::InstallSession { peer, .. } | DataCommand::SetEndpoint { peer, .. } = &cmd {
+                let staged = th.tx.borrow_mut().take_staged(*peer);
+                for pkt in staged {
+                    let mut b = vec![0u8; pkt.len() + OVERHEAD];
+                    b[HEADER_LEN..HEADER_LEN + pkt.len()].copy_from_slice(&pkt);
+                    let mut reply = Vec::new();
+                    let action = th.tx.borrow_mut().encapsulate(Tun::Peer(*peer), &mut b, pkt.len(), &mut reply);
+                    if let TxAction::Send { to, src_ip, len, .. } = action {
+                        out.push(to, src_ip, &b[..len]).await;
+                    }
+                }
+                out.flush().await;
+            }
         }
         // Close the TUNs before the runtime goes.
         let n = th.devices.borrow().peers.len();

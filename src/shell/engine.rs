@@ -344,8 +344,10 @@ impl Engine {
         match message {
             Message::RelayRequest { a, b } => {
                 let answer = self.serve_relay(from, a, b);
-                if let Err((reason, _)) = &answer {
-                    tracing::info!("refused to relay between {} and {b}: {reason}", self.name(from));
+                match &answer {
+                    Err((reason, false)) => tracing::info!("refused to relay between {} and {b}: {reason}", self.name(from)),
+                    Err((reason, true)) => tracing::debug!("not relaying between {} and {b} yet: {reason}", self.name(from)),
+                    Ok(()) => {}
                 }
                 let transient = answer.as_ref().err().is_some_and(|(_, t)| *t);
                 let reply = Message::RelayResponse { b, accepted: answer.is_ok(), reason: answer.err().map(|(r, _)| r), transient };

@@ -286,9 +286,14 @@ async fn supervise(i: usize, shared: Arc<Shared>, mut events: mpsc::UnboundedRec
                                     };
                                     if expected {
                                         tracing::debug!("session attempt with peer {i} superseded: {e:#}");
-                                    } else {
+                                    } else if configured {
                                         shared2.mgmt_errors.fetch_add(1, Relaxed);
                                         tracing::warn!("session with {}: {e:#}", shared2.peer_name(i));
+                                    } else {
+                                        // A node that joined a moment ago may not know this
+                                        // node's key yet: expected, retried with backoff.
+                                        shared2.mgmt_errors.fetch_add(1, Relaxed);
+                                        tracing::debug!("session with {}: {e:#}", shared2.peer_name(i));
                                     }
                                     conn.close(quic::close::PROTOCOL.into(), b"hello failed");
                                 }
