@@ -22,6 +22,7 @@ start_daemon "${P}h3" "$DIR" carol
 wait_up "${P}h1" "$DIR" alice 2
 wait_up "${P}h2" "$DIR" bob 2
 wait_up "${P}h3" "$DIR" carol 2
+sleep 1   # let the directory settle before the first status
 
 A="${P}h1"
 run() { echo "+ $*"; "$@"; }

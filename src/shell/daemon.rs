@@ -26,7 +26,7 @@ use crate::kernel;
 use crate::model::{Model, Protect};
 use crate::shell::control;
 use crate::shell::datapath::{DataPath, DataPathSetup, EVENT_QUEUE};
-use crate::shell::engine::{Engine, EngineShared, SessionEvent};
+use crate::shell::engine::{Engine, EngineShared, Need, SessionEvent};
 use crate::shell::intercept::{self, IcmpCounters};
 use crate::shell::mnode::{self, OverlayEvent, OverlayView};
 use crate::shell::netlink::Netlink;
@@ -371,7 +371,10 @@ async fn run_inner(identity: &Identity, model: Model, nl: Netlink, listener: tok
                 *shared.local_addrs.lock().expect("addrs") = now;
             }
             _ = activity.tick() => peers::check_activity(&shared, Instant::now()),
-            Some(peer) = needs_rx.recv() => peers::need_session(&shared, peer),
+            Some(need) = needs_rx.recv() => match need {
+                Need::Data(peer) => peers::need_session(&shared, peer),
+                Need::Relay(peer, on) => peers::set_want(&shared, peer, want::RELAY, on),
+            },
             _ = engine_shared.kernel.notified() => {
                 // Protection changed: move the routes now, not at the next tick.
                 let protect = engine_shared.protect.lock().expect("protect").clone();

@@ -21,6 +21,16 @@ use crate::shell::datapath::{DataEvent, DataPath};
 use crate::shell::intercept::Alarm;
 use crate::shell::quic;
 
+/// A session the engine needs opened (or no longer needs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Need {
+    /// Forwarding traffic waits for a session to this peer.
+    Data(usize),
+    /// A relay session this node serves needs a session to this peer (on), or no longer
+    /// does (off).
+    Relay(usize, bool),
+}
+
 /// How often the core is ticked.
 const TICK: Duration = Duration::from_millis(10);
 /// How often link reports go to the peers.
@@ -123,7 +133,7 @@ struct PeerLink {
 /// The engine's state.
 pub struct Engine {
     model: Arc<RwLock<Model>>,
-    needs: mpsc::UnboundedSender<usize>,
+    needs: mpsc::UnboundedSender<Need>,
     core: Failover,
     dp: Arc<DataPath>,
     filter: Arc<RwLock<Filter>>,
@@ -132,13 +142,15 @@ pub struct Engine {
     by_id: HashMap<NodeId, usize>,
     /// Relay sessions served: pair (lower index, higher index) → peers that asked.
     serving: HashMap<(usize, usize), BTreeSet<usize>>,
+    /// Peers this node opened a session to for a relay session, and since when.
+    relay_links: HashMap<usize, Instant>,
     last_report: Instant,
 }
 
 impl Engine {
     /// Creates the engine; `seed` drives random relay choice. Requests for sessions to
     /// peers without one (traffic waiting) go to `needs`.
-    pub fn new(model: Arc<RwLock<Model>>, dp: Arc<DataPath>, filter: Arc<RwLock<Filter>>, shared: Arc<EngineShared>, needs: mpsc::UnboundedSender<usize>, seed: u64, now: Instant) -> Engine {
+    pub fn new(model: Arc<RwLock<Model>>, dp: Arc<DataPath>, filter: Arc<RwLock<Filter>>, shared: Arc<EngineShared>, needs: mpsc::UnboundedSender<Need>, seed: u64, now: Instant) -> Engine {
         let local = model.read().expect("model").local;
         let cfg = model.read().expect("model").cfg.failover.core();
         let mut e = Engine {
@@ -151,6 +163,7 @@ impl Engine {
             filter,
             shared,
             serving: HashMap::new(),
+            relay_links: HashMap::new(),
             last_report: now,
         };
         e.sync_peers(now);
@@ -209,7 +222,7 @@ impl Engine {
                         }
                     }
                     DataEvent::NeedSession { peer } => {
-                        let _ = self.needs.send(peer);
+                        let _ = self.needs.send(Need::Data(peer));
                     }
                 },
                 Some(alarm) = alarms.recv() => match alarm {
@@ -228,6 +241,7 @@ impl Engine {
                     if now >= self.last_report + LINK_REPORT_EVERY {
                         self.last_report = now;
                         self.send_link_reports();
+                        self.release_relay_links(now);
                     }
                     self.publish();
                 }
@@ -319,6 +333,22 @@ impl Engine {
         }
     }
 
+    /// Sessions opened for relaying that no relay session uses any more (after 30 s) are no
+    /// longer wanted.
+    fn release_relay_links(&mut self, now: Instant) {
+        let serving: BTreeSet<usize> = self.serving.keys().flat_map(|(a, b)| [*a, *b]).collect();
+        let idle: Vec<usize> = self.relay_links.iter().filter(|(p, t)| !serving.contains(p) && now.saturating_duration_since(**t) > Duration::from_secs(30)).map(|(p, _)| *p).collect();
+        for p in serving {
+            if let Some(t) = self.relay_links.get_mut(&p) {
+                *t = now;
+            }
+        }
+        for p in idle {
+            self.relay_links.remove(&p);
+            let _ = self.needs.send(Need::Relay(p, false));
+        }
+    }
+
     /// Starts probing the direct path to a peer whose data address is known.
     fn start_monitoring(&mut self, now: Instant, peer: usize) {
         let Some(data) = self.peers[peer].data else { return };
@@ -398,6 +428,12 @@ impl Engine {
             return Err(("a node cannot relay to itself".into(), false));
         }
         if self.peers[from].data.is_none() || self.peers[bi].data.is_none() {
+            // A node of the directory without a session yet: open one for the relay, and
+            // let the requester ask again.
+            if self.peers[bi].data.is_none() {
+                self.relay_links.insert(bi, Instant::now());
+                let _ = self.needs.send(Need::Relay(bi, true));
+            }
             return Err((format!("no data path to {}", self.name(bi)), true));
         }
         let key = (from.min(bi), from.max(bi));

@@ -196,7 +196,7 @@ impl Node {
                         self.core.set_info(own_info(&self.shared));
                         self.update_usable();
                     }
-                    if now >= last_view + Duration::from_millis(500) {
+                    if now >= last_view + Duration::from_millis(100) {
                         last_view = now;
                         self.publish_view(now);
                     }

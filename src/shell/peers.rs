@@ -36,6 +36,8 @@ pub mod want {
     pub const NEIGHBOUR: u8 = 2;
     /// Forwarding traffic uses the link.
     pub const DATA: u8 = 4;
+    /// A relay session this node serves needs the link.
+    pub const RELAY: u8 = 8;
 }
 
 /// The QUIC close code for a session closed because neither side needs it any more.
