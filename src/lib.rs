@@ -24,6 +24,7 @@ pub mod mroute;
 pub mod overlay;
 pub mod packet;
 pub mod replay;
+pub mod replex;
 pub mod routing;
 pub mod session;
 pub mod shell;
