@@ -13,20 +13,26 @@
 #               overlay between them is saturated through a tbf bottleneck (with detourd's
 #               HTB on the sender's underlay interface, and without it), in one run; then
 #               directory convergence after a node joins overlays of 10 and 50 nodes.
+#   replex      two paths from alice to bob: the direct one (20 Mbit/s, tbf in the router)
+#               and one through carol over separate links (10 Mbit/s, tbf on each hop).
+#               A closed loop of many short TCP uploads (flows.py) runs over the direct
+#               path alone, the relay alone (direct path cut), an equal split, and REPLEX
+#               (default parameters unless BENCH_REPLEX_LAMBDA / BENCH_REPLEX_PERIOD_MS);
+#               time to converge, final shares and costs, and throughput ratios.
 #
 # BENCH_SECONDS (default 10) sets the length of each iperf3 run. Run as root.
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 
 usage() {
-  echo "usage: $0 forwarding|failover|management" >&2
+  echo "usage: $0 forwarding|failover|management|replex" >&2
   exit 2
 }
 [ $# -eq 1 ] || usage
 NAME=$1
 SECS=${BENCH_SECONDS:-10}
 case "$NAME" in
-  forwarding | failover | management) ;;
+  forwarding | failover | management | replex) ;;
   *) usage ;;
 esac
 TRIALS=${BENCH_TRIALS:-10}
@@ -339,9 +345,170 @@ print(json.dumps(r))
 EOF
 }
 
+bench_replex() {
+  local A="${P}h1" B="${P}h2" C="${P}h3" R="${P}r"
+  local FLOWS="$DETOUR_ROOT/netns-tests/helpers/flows.py"
+  local WORKERS=${BENCH_FLOW_WORKERS:-24} SIZE=${BENCH_FLOW_BYTES:-1000000}
+  local BASE=${BENCH_REPLEX_BASE_SECONDS:-30} RUN=${BENCH_REPLEX_SECONDS:-150}
+  topo_create "$P" 3
+  # The relay path: alice - carol - bob over their own veth links (not the router).
+  ip link add ac0 netns "$A" type veth peer name ca0 netns "$C"
+  ip link add cb0 netns "$C" type veth peer name bc0 netns "$B"
+  ip -n "$A" addr add 10.9.1.1/30 dev ac0
+  ip -n "$C" addr add 10.9.1.2/30 dev ca0
+  ip -n "$C" addr add 10.9.2.1/30 dev cb0
+  ip -n "$B" addr add 10.9.2.2/30 dev bc0
+  ip -n "$A" link set ac0 up; ip -n "$C" link set ca0 up; ip -n "$C" link set cb0 up; ip -n "$B" link set bc0 up
+  ip netns exec "$R" tc qdisc add dev r2 root tbf rate 20mbit burst 32kb latency 50ms
+  ip netns exec "$A" tc qdisc add dev ac0 root tbf rate 10mbit burst 32kb latency 50ms
+  ip netns exec "$C" tc qdisc add dev cb0 root tbf rate 10mbit burst 32kb latency 50ms
+  local n
+  for n in alice bob carol; do "$BIN/detourctl" genkey "$DIR/$n.key" >/dev/null 2>&1; done
+  write_config "$DIR" bob 2 alice:1
+  write_config "$DIR" carol 3 alice:1 bob:2
+  write_config "$DIR" alice 1 bob:2
+  # carol is reached (and reaches) over the relay links.
+  sed -i 's/"10.0.1.2"/"10.9.1.1"/; s/"10.0.2.2"/"10.9.2.2"/' "$DIR/carol.toml"
+  cp "$DIR/alice.toml" "$DIR/alice.base"
+  printf '\n[[peer]]\nname = "carol"\npublic_key = "%s"\nendpoints = ["10.9.1.2"]\noverlay_ipv4 = "10.77.0.3"\n' "$("$BIN/detourctl" pubkey "$DIR/carol.key")" >>"$DIR/alice.base"
+  printf '\n[[peer]]\nname = "carol"\npublic_key = "%s"\nendpoints = ["10.9.2.1"]\noverlay_ipv4 = "10.77.0.3"\n' "$("$BIN/detourctl" pubkey "$DIR/carol.key")" >>"$DIR/bob.toml"
+  cp "$DIR/alice.base" "$DIR/alice.toml"
+  start_daemon "$B" "$DIR" bob
+  start_daemon "$C" "$DIR" carol
+  ip netns exec "$B" python3 "$FLOWS" server 9200 &
+  # alice_with REPLEX_SECTION: (re)starts alice's detourd with that [replex] section.
+  alice_with() {
+    local pid
+    pid=$(pgrep -f "detourd -c $DIR/alice.toml" || true)
+    if [ -n "$pid" ]; then kill -TERM $pid; while kill -0 $pid 2>/dev/null; do sleep 0.1; done; fi
+    { cat "$DIR/alice.base"; printf '\n%s\n' "$1"; } >"$DIR/alice.toml"
+    start_daemon "$A" "$DIR" alice
+    wait_up "$A" "$DIR" alice 2
+  }
+  # ready: waits until alice's REPLEX has both routes live (30 s at most).
+  ready() {
+    local t
+    for t in $(seq 1 300); do
+      ip netns exec "$A" "$BIN/detourctl" status --json -s "$DIR/alice.sock" | python3 -c '
+import json, sys
+p = [p for p in json.load(sys.stdin)["peers"] if p["name"] == "bob"][0]
+sys.exit(0 if sum(r["status"] == "live" for r in p["shares"]) >= 2 else 1)' && return 0
+      sleep 0.1
+    done
+    return 1
+  }
+  load() { ip netns exec "$A" python3 "$FLOWS" client 10.0.2.2 9200 "$WORKERS" "$SIZE" "$1"; }
+  local direct relay equal adaptive
+  if [ -n "${BENCH_REPLEX_ONLY:-}" ]; then
+    direct='{"mbit_s": 1, "failed": 0}'; relay=$direct; equal=$direct
+  else
+  echo "direct path only..." >&2
+  alice_with ""
+  sleep 2
+  direct=$(load "$BASE")
+  echo "relay path only (direct path cut)..." >&2
+  ip netns exec "$R" iptables -I FORWARD -s 10.0.1.2 -d 10.0.2.2 -j DROP
+  sleep 3
+  relay=$(load "$BASE")
+  ip netns exec "$R" iptables -D FORWARD -s 10.0.1.2 -d 10.0.2.2 -j DROP
+  echo "equal split..." >&2
+  alice_with $'[replex]\nenabled = true\nmode = "equal"'
+  ready
+  sleep 2
+  equal=$(load "$BASE")
+  fi
+  echo "REPLEX, ${RUN} s..." >&2
+  local extra=""
+  [ -n "${BENCH_REPLEX_LAMBDA:-}" ] && extra+=$'\nlambda = '"$BENCH_REPLEX_LAMBDA"
+  [ -n "${BENCH_REPLEX_PERIOD_MS:-}" ] && extra+=$'\nperiod_ms = '"$BENCH_REPLEX_PERIOD_MS"
+  alice_with $'[replex]\nenabled = true'"$extra"
+  ready
+  load "$RUN" >"$DIR/adaptive.json" &
+  local lpid=$! t
+  : >"$DIR/samples"
+  while kill -0 "$lpid" 2>/dev/null; do
+    sleep 1
+    ip netns exec "$A" "$BIN/detourctl" status --json -s "$DIR/alice.sock" | python3 -c '
+import json, sys
+s = json.load(sys.stdin)
+print(json.dumps(s))
+p = [p for p in s["peers"] if p["name"] == "bob"][0]
+print(" | ".join("%s %.0f%% (realized %.0f%%, %s ms)" % (r["path"], 100 * r["target_share"], 100 * r["realized_share"], r["cost_ms"] and round(r["cost_ms"], 1)) for r in p["shares"]), file=sys.stderr)' >>"$DIR/samples" || true
+  done
+  wait "$lpid"
+  if [ -n "${BENCH_DEBUG:-}" ]; then
+    { ip -n "$A" nexthop; ip -n "$A" route show table 7720; ip -n "$A" -s link show dt-bob; ip netns exec "$A" iptables -t mangle -L DETOUR-ACCT -v -n -x
+      ip netns exec "$A" "$BIN/detourctl" status -s "$DIR/alice.sock"; grep -i "warn\|error\|nexthop" "$DIR/alice.log" | head -20; } >&2 || true
+  fi
+  adaptive=$(cat "$DIR/adaptive.json")
+  [ -n "${BENCH_SAMPLES:-}" ] && cp "$DIR/samples" "$BENCH_SAMPLES"
+  python3 - "$direct" "$relay" "$equal" "$adaptive" "$DIR/samples" "$BASE" <<'EOF'
+import json, sys
+direct, relay, equal, adaptive = (json.loads(x) for x in sys.argv[1:5])
+base = int(sys.argv[6])
+samples = []
+for line in open(sys.argv[5]):
+    try:
+        p = [p for p in json.loads(line)["peers"] if p["name"] == "bob"][0]
+    except (ValueError, IndexError, KeyError):
+        continue
+    samples.append([r for r in p["shares"] if r["status"] == "live"])
+# The last samples see the load winding down (workers finishing their last flows).
+samples = samples[:-3]
+def costs(window):
+    """Mean cost of each route used (target share > 2 %) over a window of samples."""
+    acc = {}
+    for s in window:
+        for r in s:
+            if r["cost_ms"] is not None:
+                acc.setdefault(r["path"], []).append((r["cost_ms"], r["target_share"]))
+    return {k: sum(c for c, _ in v) / len(v) for k, v in acc.items() if sum(x for _, x in v) / len(v) > 0.02}
+def spread(window):
+    c = list(costs(window).values())
+    return max(c) / max(min(c), 1e-9) - 1 if len(c) >= 2 else None
+# Costs are the smoothed RTTs of TCP-filled queues: noisy. Converged: from this second on,
+# every 10 s window's mean costs of the used routes are within 20 % of each other.
+W = 10
+conv = None
+for i in range(len(samples) - W + 1):
+    if all((lambda x: x is not None and x <= 0.2)(spread(samples[j:j + W])) for j in range(i, len(samples) - W + 1)):
+        conv = i + W
+        break
+last = samples[-2 * W:]
+def mean(v):
+    v = [x for x in v if x is not None]
+    return sum(v) / len(v) if v else None
+final = {}
+for s in last:
+    for r in s:
+        f = final.setdefault(r["path"], {"target": [], "realized": [], "cost": []})
+        f["target"].append(r["target_share"]); f["realized"].append(r["realized_share"]); f["cost"].append(r["cost_ms"])
+per = adaptive["per_second"]
+steady = per[-base:] if len(per) >= base else per
+steady_rate = sum(steady) / len(steady)
+best = max(direct["mbit_s"], relay["mbit_s"])
+r = {
+    "bench": "replex",
+    "direct_only_mbit_s": direct["mbit_s"],
+    "relay_only_mbit_s": relay["mbit_s"],
+    "equal_split_mbit_s": equal["mbit_s"],
+    "replex_mbit_s": round(steady_rate, 3),
+    "replex_whole_run_mbit_s": adaptive["mbit_s"],
+    "replex_converge_s": conv,
+    "replex_vs_best_single_ratio": round(steady_rate / best, 3),
+    "replex_vs_equal_split_ratio": round(steady_rate / equal["mbit_s"], 3),
+    "replex_final_cost_spread": round(spread(last), 3) if spread(last) is not None else None,
+    "replex_final": {k: {"target_share": round(mean(v["target"]), 3), "realized_share": round(mean(v["realized"]), 3), "cost_ms": round(mean(v["cost"]), 2)} for k, v in final.items()},
+    "flows_failed": direct["failed"] + relay["failed"] + equal["failed"] + adaptive["failed"],
+}
+print(json.dumps(r))
+EOF
+}
+
 case "$NAME" in
   forwarding) bench_forwarding ;;
   failover) bench_failover ;;
   management) bench_management ;;
+  replex) bench_replex ;;
 esac
 

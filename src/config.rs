@@ -131,6 +131,41 @@ pub struct NodeConfig {
     pub advertise: Vec<SocketAddr>,
 }
 
+/// REPLEX multipath (`[replex]`; `replex-spec.md` §3.7).
+#[derive(Debug, Clone)]
+pub struct ReplexConfig {
+    /// Spread traffic to each peer over the direct path and its relays by REPLEX shares.
+    pub enabled: bool,
+    /// How the shares are set: adapted by REPLEX rounds, or equal over the live paths.
+    pub mode: ReplexMode,
+    /// Round period (±10 % jitter).
+    pub period: Duration,
+    /// The algorithm's parameters.
+    pub params: crate::replex::Params,
+    /// Buckets of the kernel's resilient nexthop groups.
+    pub kernel_buckets: u16,
+    /// Idle time after which a kernel bucket (and a userspace flow) may move to another
+    /// route: a flowlet gap far longer than any difference in path delay, so a move never
+    /// reorders a flow's packets.
+    pub flow_idle: Duration,
+}
+
+impl Default for ReplexConfig {
+    fn default() -> Self {
+        ReplexConfig { enabled: false, mode: ReplexMode::Adaptive, period: Duration::from_secs(1), params: crate::replex::Params::default(), kernel_buckets: 1024, flow_idle: Duration::from_secs(5) }
+    }
+}
+
+/// How `[replex]` sets the shares of a destination's live paths.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReplexMode {
+    /// REPLEX rounds move the shares towards the cheaper paths (`replex-spec.md` §3.4).
+    Adaptive,
+    /// Equal shares over the live paths, whatever they cost (ECMP's split; the baseline
+    /// REPLEX is measured against, `scripts/bench.sh replex`).
+    Equal,
+}
+
 /// The management overlay (`[management]`).
 #[derive(Debug, Clone)]
 pub struct ManagementConfig {
@@ -270,6 +305,8 @@ pub struct Config {
     pub failover: FailoverSettings,
     /// `[management]`.
     pub management: ManagementConfig,
+    /// `[replex]`.
+    pub replex: ReplexConfig,
     /// `[[peer]]` entries, in file order.
     pub peers: Vec<PeerConfig>,
 }
@@ -284,6 +321,8 @@ struct RawConfig {
     failover: RawFailover,
     #[serde(default)]
     management: RawManagement,
+    #[serde(default)]
+    replex: RawReplex,
     #[serde(default, rename = "peer")]
     peers: Vec<RawPeer>,
 }
@@ -308,6 +347,22 @@ struct RawNode {
     uptime: Option<String>,
     #[serde(default)]
     advertise: Vec<String>,
+}
+
+#[derive(Deserialize, Debug, Default)]
+#[serde(deny_unknown_fields)]
+struct RawReplex {
+    enabled: Option<bool>,
+    mode: Option<String>,
+    period_ms: Option<u64>,
+    lambda: Option<f64>,
+    beta: Option<f64>,
+    theta_ms: Option<f64>,
+    alpha_off_ms: Option<f64>,
+    loss_penalty_ms: Option<f64>,
+    min_samples: Option<u32>,
+    kernel_buckets: Option<u16>,
+    flow_idle_s: Option<u64>,
 }
 
 #[derive(Deserialize, Debug, Default)]
@@ -648,6 +703,19 @@ fn validate(raw: RawConfig, file: &str, errs: &mut Errors) -> Option<Config> {
 
     let failover = validate_failover(raw.failover, errs);
     let management = validate_management(raw.management, data_port, errs);
+    let replex = validate_replex(raw.replex, errs);
+    if replex.enabled {
+        // The pin table and rules of REPLEX (docs/design.md, "REPLEX").
+        if matches!(table.wrapping_add(1), 0 | 253..=255) {
+            errs.push("kernel.table", format!("with [replex] enabled, table {} (the pin table, kernel.table + 1) must not be reserved; expected another number", table.wrapping_add(1)));
+        }
+        if rule_priority < 2 {
+            errs.push("kernel.rule_priority", "with [replex] enabled, expected 2 or more (the pin rules take rule_priority - 1)");
+        }
+        if fwmark & crate::kernel::PIN_MASK != 0 {
+            errs.push("kernel.fwmark", format!("with [replex] enabled, expected a mark without the pin bits {:#x}", crate::kernel::PIN_MASK));
+        }
+    }
 
     let mut peers = Vec::new();
     let mut names = HashSet::new();
@@ -786,8 +854,60 @@ fn validate(raw: RawConfig, file: &str, errs: &mut Errors) -> Option<Config> {
         kernel: KernelConfig { table, rule_priority, fwmark, aggregate_interface, interface_prefix, link_pool_v4 },
         failover,
         management,
+        replex,
         peers,
     })
+}
+
+fn validate_replex(r: RawReplex, errs: &mut Errors) -> ReplexConfig {
+    let d = ReplexConfig::default();
+    let mut num = |key: &str, v: Option<f64>, default: f64, lo: f64, hi: f64, what: &str| -> f64 {
+        match v {
+            None => default,
+            Some(x) if x.is_finite() && (lo..=hi).contains(&x) => x,
+            Some(x) => {
+                errs.push(format!("replex.{key}"), format!("expected {what} in {lo}..{hi}, got {x}"));
+                default
+            }
+        }
+    };
+    let lambda = num("lambda", r.lambda, d.params.lambda, 0.001, 1.0, "a migration rate");
+    let beta = num("beta", r.beta, d.params.beta, 0.0, 1.0, "an exploration ratio");
+    let theta_ms = num("theta_ms", r.theta_ms, d.params.theta_ms, 0.0, 1000.0, "milliseconds");
+    let alpha_off_ms = num("alpha_off_ms", r.alpha_off_ms, d.params.alpha_off_ms, 0.0, 1000.0, "milliseconds");
+    let loss_penalty_ms = num("loss_penalty_ms", r.loss_penalty_ms, d.params.loss_penalty_ms, 0.0, 100_000.0, "milliseconds");
+    let period_ms = r.period_ms.unwrap_or(d.period.as_millis() as u64);
+    if !(100..=60_000).contains(&period_ms) {
+        errs.push("replex.period_ms", format!("expected 100..60000 milliseconds, got {period_ms}"));
+    }
+    let min_samples = r.min_samples.unwrap_or(d.params.min_samples);
+    if min_samples > 1000 {
+        errs.push("replex.min_samples", format!("expected 0..1000, got {min_samples}"));
+    }
+    let kernel_buckets = r.kernel_buckets.unwrap_or(d.kernel_buckets);
+    if !(16..=4096).contains(&kernel_buckets) {
+        errs.push("replex.kernel_buckets", format!("expected 16..4096, got {kernel_buckets}"));
+    }
+    let flow_idle_s = r.flow_idle_s.unwrap_or(d.flow_idle.as_secs());
+    if !(1..=3600).contains(&flow_idle_s) {
+        errs.push("replex.flow_idle_s", format!("expected 1..3600 seconds, got {flow_idle_s}"));
+    }
+    let mode = match r.mode.as_deref() {
+        None | Some("adaptive") => ReplexMode::Adaptive,
+        Some("equal") => ReplexMode::Equal,
+        Some(other) => {
+            errs.push("replex.mode", format!("expected \"adaptive\" or \"equal\", got {other:?}"));
+            ReplexMode::Adaptive
+        }
+    };
+    ReplexConfig {
+        enabled: r.enabled.unwrap_or(d.enabled),
+        mode,
+        period: Duration::from_millis(period_ms.clamp(100, 60_000)),
+        params: crate::replex::Params { lambda, beta, theta_ms, alpha_off_ms, loss_penalty_ms, min_samples: min_samples.min(1000), ..d.params },
+        kernel_buckets: kernel_buckets.clamp(16, 4096),
+        flow_idle: Duration::from_secs(flow_idle_s.clamp(1, 3600)),
+    }
 }
 
 /// Parses a rate such as `100mbit`, `1.5gbit`, `800kbit` or a plain number of bit/s.
@@ -1087,6 +1207,15 @@ prefixes = ["10.9.0.0/16"]
         let text = sample().replace("name = \"alice\"", "name = \"alice\"\nunderlay_mtu = 1300");
         let e = Config::parse(&text, "f").unwrap_err().to_string();
         assert!(e.contains("node.underlay_mtu") && e.contains("1280"), "{e}");
+    }
+
+    #[test]
+    fn replex_mode_is_checked() {
+        let text = format!("{}\n[replex]\nenabled = true\nmode = \"fastest\"\n", sample());
+        let e = Config::parse(&text, "f").unwrap_err().to_string();
+        assert!(e.contains("replex.mode") && e.contains("adaptive"), "{e}");
+        let text = format!("{}\n[replex]\nenabled = true\nmode = \"equal\"\n", sample());
+        assert_eq!(Config::parse(&text, "f").expect("valid").replex.mode, ReplexMode::Equal);
     }
 
     /// The complete example in docs/config.md is valid and means what the text says.

@@ -298,6 +298,24 @@ pub struct PeerStatus {
     pub link_addresses: Vec<String>,
     /// The peer's overlay addresses.
     pub overlay_addresses: Vec<String>,
+    /// REPLEX: each route's target share, realized share and cost (empty when off).
+    #[serde(default)]
+    pub shares: Vec<RouteShare>,
+}
+
+/// One route of a peer's REPLEX split.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RouteShare {
+    /// `direct` or `via <relay>`.
+    pub path: String,
+    /// `live`, `warming` (new, not measured enough yet) or `down`.
+    pub status: String,
+    /// Target share, 0..1.
+    pub target_share: f64,
+    /// Share of the bytes sent over the last round, 0..1.
+    pub realized_share: f64,
+    /// Cost in ms: smoothed RTT plus the loss penalty.
+    pub cost_ms: Option<f64>,
 }
 
 fn bytes(n: u64) -> String {
@@ -421,6 +439,18 @@ pub fn render_status(s: &Status) -> String {
             ago(p.last_rx_s)
         );
         let _ = writeln!(o, "  drops: {}", drops(&p.drops));
+        if !p.shares.is_empty() {
+            let parts: Vec<String> = p
+                .shares
+                .iter()
+                .map(|r| {
+                    let cost = r.cost_ms.map(|c| format!("{c:.1} ms")).unwrap_or_else(|| "-".into());
+                    let st = if r.status == "live" { String::new() } else { format!(" {}", r.status) };
+                    format!("{} {:.0}% (realized {:.0}%, cost {cost}{st})", r.path, r.target_share * 100.0, r.realized_share * 100.0)
+                })
+                .collect();
+            let _ = writeln!(o, "  replex: {}", parts.join(" | "));
+        }
     }
     o
 }

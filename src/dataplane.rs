@@ -164,6 +164,10 @@ pub struct PeerCounters {
     pub probe_tx_bytes: AtomicU64,
     /// Probe bytes received from the peer (whole datagrams).
     pub probe_rx_bytes: AtomicU64,
+    /// Inner packets sent per route of a split (by slot).
+    pub route_packets: [AtomicU64; MAX_SPLIT],
+    /// Inner bytes sent per route of a split (by slot).
+    pub route_bytes: [AtomicU64; MAX_SPLIT],
     /// Drops attributed to this peer.
     pub drops: DropCounters,
 }
@@ -192,6 +196,10 @@ pub struct PeerSpec {
     /// This node's own addresses on the link to the peer (its IPv4 link address): the peer
     /// may send to them.
     pub link_local: Vec<IpAddr>,
+    /// Protected destinations of the peer (its underlay addresses and protected prefixes):
+    /// their traffic reaches the peer's TUN only when it must go through the overlay, so a
+    /// split sends it on relay routes only.
+    pub protected: Vec<IpNet>,
     /// Largest inner packet (bytes) that fits the path to this peer.
     pub inner_mtu: u16,
     /// Counters shared with the control plane.
@@ -274,6 +282,18 @@ pub enum DataCommand {
         /// Peer index.
         peer: usize,
     },
+    /// Spread the peer's traffic over several routes (REPLEX shares): new flows are hashed
+    /// onto routes by share, existing flows keep their route while it is in the list.
+    /// Protected destinations use the relay routes only. An empty list ends the split (the
+    /// endpoint of [`DataCommand::SetEndpoint`] is used).
+    SetSplit {
+        /// Peer index.
+        peer: usize,
+        /// The routes.
+        routes: Vec<SplitRoute>,
+        /// A flow idle this long may be moved (ms).
+        flow_idle_ms: u64,
+    },
     /// Keys of a new management session: the send key is replaced; the previous receive
     /// key stays valid for packets still in flight.
     InstallSession {
@@ -334,6 +354,89 @@ pub enum DataCommand {
     },
 }
 
+/// Most routes in one split.
+pub const MAX_SPLIT: usize = 8;
+
+/// One route of a peer's traffic split.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SplitRoute {
+    /// Where its packets go: the peer itself (direct) or a relay.
+    pub endpoint: PathEndpoint,
+    /// Target share, 0..1.
+    pub share: f64,
+    /// Through a relay (protected destinations use only these).
+    pub relay: bool,
+    /// Counter slot (`PeerCounters::route_*[slot]`, `< MAX_SPLIT`); also the route's
+    /// identity for flows pinned to it.
+    pub slot: usize,
+}
+
+struct Split {
+    routes: Vec<SplitRoute>,
+    all: crate::replex::Buckets,
+    relays: crate::replex::Buckets,
+    /// Indices into `routes` of the relay routes (what `relays` buckets map to).
+    relay_idx: Vec<usize>,
+    flows: crate::replex::Flows<packet::FlowKey, usize>,
+}
+
+impl Split {
+    fn new(routes: Vec<SplitRoute>, idle: u64) -> Split {
+        let mut s = Split {
+            routes: Vec::new(),
+            all: crate::replex::Buckets::new(crate::replex::BUCKETS),
+            relays: crate::replex::Buckets::new(crate::replex::BUCKETS),
+            relay_idx: Vec::new(),
+            flows: crate::replex::Flows::new(idle, 65_536),
+        };
+        s.set(routes);
+        s
+    }
+
+    /// New routes and shares: buckets move only as much as the shares did; flows pinned
+    /// to a route that left are re-hashed (in [`Split::pick`]).
+    fn set(&mut self, routes: Vec<SplitRoute>) {
+        // Keep bucket → route assignments stable by slot: reorder the shares to the order
+        // of the old routes where slots match.
+        let old_slots: Vec<usize> = self.routes.iter().map(|r| r.slot).collect();
+        let mut ordered: Vec<SplitRoute> = old_slots.iter().filter_map(|s| routes.iter().find(|r| r.slot == *s).copied()).collect();
+        for r in &routes {
+            if !ordered.iter().any(|o| o.slot == r.slot) {
+                ordered.push(*r);
+            }
+        }
+        if ordered.len() != old_slots.len() || ordered.iter().zip(&old_slots).any(|(r, s)| r.slot != *s) {
+            // The route list changed shape: start from a fresh table.
+            self.all = crate::replex::Buckets::new(crate::replex::BUCKETS);
+            self.relays = crate::replex::Buckets::new(crate::replex::BUCKETS);
+        }
+        self.routes = ordered;
+        let shares: Vec<f64> = self.routes.iter().map(|r| r.share).collect();
+        self.all.rebalance(&shares);
+        self.relay_idx = (0..self.routes.len()).filter(|&i| self.routes[i].relay).collect();
+        let relay_shares: Vec<f64> = self.relay_idx.iter().map(|&i| self.routes[i].share.max(1e-9)).collect();
+        if !relay_shares.is_empty() {
+            self.relays.rebalance(&relay_shares);
+        }
+    }
+
+    /// The route (index into `routes`) for a packet of `key` at `now_ms`.
+    fn pick(&mut self, key: &packet::FlowKey, hash: u64, protected: bool, now_ms: u64) -> Option<usize> {
+        let routes = &self.routes;
+        let (all, relays, relay_idx) = (&self.all, &self.relays, &self.relay_idx);
+        let slot = self.flows.route(
+            key,
+            now_ms,
+            |slot| routes.iter().any(|r| r.slot == slot && (!protected || r.relay)),
+            || {
+                let i = if protected && !relay_idx.is_empty() { relay_idx[relays.route(hash)] } else { all.route(hash) };
+                routes.get(i).map(|r| r.slot).unwrap_or(0)
+            },
+        );
+        self.routes.iter().position(|r| r.slot == slot)
+    }
+}
+
 /// Which TUN an inner packet came from or goes to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Tun {
@@ -378,6 +481,9 @@ struct TxSession {
 struct TxPeer {
     id: NodeId,
     routes: Vec<IpNet>,
+    protected: PrefixTable<()>,
+    protected_nets: Vec<IpNet>,
+    split: Option<Split>,
     /// Inner packets waiting for the first session (a few, like WireGuard's staged
     /// queue), so that a connection's first packet is not lost to the handshake.
     staged: Vec<Vec<u8>>,
@@ -396,13 +502,16 @@ pub struct TxState {
     peers: Vec<TxPeer>,
     table: PrefixTable<usize>,
     node: Arc<NodeCounters>,
+    now_ms: u64,
+    salt: u64,
 }
 
 impl TxState {
     /// Builds the send state; the aggregate routing table maps each peer's host addresses
     /// and prefixes to the peer.
     pub fn new(spec: &DataPlaneSpec) -> TxState {
-        let mut t = TxState { local: spec.local, peers: Vec::new(), table: PrefixTable::new(), node: spec.node.clone() };
+        let salt = u64::from_be_bytes(spec.local.0[..8].try_into().expect("8 bytes"));
+        let mut t = TxState { local: spec.local, peers: Vec::new(), table: PrefixTable::new(), node: spec.node.clone(), now_ms: 0, salt };
         for (i, p) in spec.peers.iter().enumerate() {
             t.add_peer(i, p);
         }
@@ -413,6 +522,9 @@ impl TxState {
         TxPeer {
             id: p.node_id,
             routes: p.host_addrs.iter().map(|a| IpNet::from(*a)).chain(p.prefixes.iter().copied()).collect(),
+            protected: Self::table(&p.protected),
+            protected_nets: p.protected.clone(),
+            split: None,
             staged: Vec::new(),
             session: None,
             endpoint: None,
@@ -421,12 +533,22 @@ impl TxState {
         }
     }
 
+    fn table(nets: &[IpNet]) -> PrefixTable<()> {
+        let mut t = PrefixTable::new();
+        for n in nets {
+            t.insert(*n, ());
+        }
+        t
+    }
+
     fn add_peer(&mut self, i: usize, spec: &PeerSpec) {
         let new = Self::tx_peer(spec);
         if i < self.peers.len() {
             let old = &mut self.peers[i];
             if old.id == new.id {
                 old.routes = new.routes;
+                old.protected = new.protected;
+                old.protected_nets = new.protected_nets;
                 old.inner_mtu = new.inner_mtu;
                 old.counters = new.counters;
             } else {
@@ -480,14 +602,38 @@ impl TxState {
                     p.session = None;
                 }
             }
-            DataCommand::SetPeerUnderlay { .. }
-            | DataCommand::SetLocalAddresses(_)
+            DataCommand::SetPeerUnderlay { peer, addrs } => {
+                if let Some(p) = self.peers.get_mut(*peer) {
+                    let mut nets = p.protected_nets.clone();
+                    nets.extend(addrs.iter().map(|a| IpNet::from(a.to_canonical())));
+                    p.protected = Self::table(&nets);
+                }
+            }
+            DataCommand::SetSplit { peer, routes, flow_idle_ms } => {
+                if let Some(p) = self.peers.get_mut(*peer) {
+                    let routes: Vec<SplitRoute> = routes.iter().copied().filter(|r| r.slot < MAX_SPLIT).take(MAX_SPLIT).collect();
+                    if routes.is_empty() {
+                        p.split = None;
+                    } else {
+                        match &mut p.split {
+                            Some(s) => s.set(routes),
+                            None => p.split = Some(Split::new(routes, *flow_idle_ms)),
+                        }
+                    }
+                }
+            }
+            DataCommand::SetLocalAddresses(_)
             | DataCommand::SetRelay { .. }
             | DataCommand::ClearRelay { .. }
             | DataCommand::SendControl { .. }
             | DataCommand::AttachTun { .. }
             | DataCommand::DetachTun { .. } => {}
         }
+    }
+
+    /// The current time in ms on the daemon's clock (for idle flows of a split).
+    pub fn set_now(&mut self, now_ms: u64) {
+        self.now_ms = now_ms;
     }
 
     /// The packets staged for `peer` while it had no session, once it has a session and an
@@ -590,10 +736,21 @@ impl TxState {
             p.counters.drops.add(DropReason::NoSession);
             return TxAction::NoSession { peer };
         };
-        let Some(endpoint) = p.endpoint else {
+        let Some(mut endpoint) = p.endpoint else {
             p.counters.drops.add(DropReason::NoEndpoint);
             return TxAction::Drop(DropReason::NoEndpoint);
         };
+        if let Some(split) = p.split.as_mut() {
+            if let Some(key) = packet::flow_key(pkt) {
+                let protected = p.protected.contains(dst);
+                if let Some(i) = split.pick(&key, key.hash(self.salt), protected, self.now_ms) {
+                    let r = split.routes[i];
+                    endpoint = r.endpoint;
+                    p.counters.route_packets[r.slot].fetch_add(1, Relaxed);
+                    p.counters.route_bytes[r.slot].fetch_add(len as u64, Relaxed);
+                }
+            }
+        }
         let header = Header {
             traffic: TrafficType::Data,
             flags: 0,
@@ -767,7 +924,7 @@ impl RxState {
                     p.sessions.truncate(RX_SESSIONS);
                 }
             }
-            DataCommand::SetEndpoint { .. } | DataCommand::SendControl { .. } | DataCommand::AttachTun { .. } | DataCommand::DetachTun { .. } => {}
+            DataCommand::SetEndpoint { .. } | DataCommand::SendControl { .. } | DataCommand::AttachTun { .. } | DataCommand::DetachTun { .. } | DataCommand::SetSplit { .. } => {}
             DataCommand::ClearSessions { peer } => {
                 if let Some(p) = self.peers.get_mut(*peer) {
                     p.sessions.clear();
@@ -908,6 +1065,7 @@ mod tests {
                 host_addrs: vec![remote_addr.parse().unwrap()],
                 prefixes: vec![remote_prefix.parse().unwrap()],
                 link_local: vec![],
+                protected: vec![],
                 inner_mtu: 1388,
                 counters: Arc::default(),
             }],
@@ -1056,6 +1214,50 @@ mod tests {
         assert!(tx.take_staged(0).is_empty());
     }
 
+    /// REPLEX split: flows spread by share and stay put; protected destinations use the
+    /// relay routes only; a route that leaves takes its flows with it.
+    #[test]
+    fn a_split_spreads_flows_by_share_and_keeps_them_on_their_route() {
+        let (mut tx, _, sa, _) = pair();
+        let direct: SocketAddr = "192.0.2.2:7720".parse().unwrap();
+        let relay: SocketAddr = "192.0.2.3:7720".parse().unwrap();
+        tx.apply(&DataCommand::SetEndpoint { peer: 0, endpoint: Some(PathEndpoint { remote: direct, local_ip: None }) });
+        let route = |remote, share, relay, slot| SplitRoute { endpoint: PathEndpoint { remote, local_ip: None }, share, relay, slot };
+        tx.apply(&DataCommand::SetSplit { peer: 0, routes: vec![route(direct, 0.75, false, 0), route(relay, 0.25, true, 1)], flow_idle_ms: 60_000 });
+        let tcp = |sport: u16, dst: &str| {
+            let mut v = Vec::new();
+            PacketBuilder::ipv4("10.77.0.1".parse::<Ipv4Addr>().unwrap().octets(), dst.parse::<Ipv4Addr>().unwrap().octets(), 64).tcp(sport, 80, 1, 1000).write(&mut v, &[0u8; 20]).unwrap();
+            v
+        };
+        let to = |tx: &mut TxState, pkt: &[u8]| match send(tx, Tun::Peer(0), pkt).0 {
+            TxAction::Send { to, .. } => to,
+            other => panic!("{other:?}"),
+        };
+        let mut first = Vec::new();
+        for sport in 0..400u16 {
+            first.push(to(&mut tx, &tcp(10_000 + sport, "10.77.0.2")));
+        }
+        let on_relay = first.iter().filter(|a| **a == relay).count();
+        assert!((60..140).contains(&on_relay), "{on_relay} of 400 flows on the 25 % route");
+        // shares change: every flow stays where it is
+        tx.apply(&DataCommand::SetSplit { peer: 0, routes: vec![route(direct, 0.1, false, 0), route(relay, 0.9, true, 1)], flow_idle_ms: 60_000 });
+        for sport in 0..400u16 {
+            assert_eq!(to(&mut tx, &tcp(10_000 + sport, "10.77.0.2")), first[sport as usize]);
+        }
+        // new flows follow the new shares
+        let new_on_relay = (0..400u16).filter(|s| to(&mut tx, &tcp(20_000 + s, "10.77.0.2")) == relay).count();
+        assert!(new_on_relay > 300, "{new_on_relay}");
+        // protected destinations (the peer's underlay address) take relay routes only
+        tx.apply(&DataCommand::SetPeerUnderlay { peer: 0, addrs: vec!["198.51.100.2".parse().unwrap()] });
+        assert!((0..100u16).all(|s| to(&mut tx, &tcp(30_000 + s, "198.51.100.2")) == relay));
+        // the relay route goes: its flows move to the direct route
+        tx.apply(&DataCommand::SetSplit { peer: 0, routes: vec![route(direct, 1.0, false, 0)], flow_idle_ms: 60_000 });
+        for sport in 0..400u16 {
+            assert_eq!(to(&mut tx, &tcp(10_000 + sport, "10.77.0.2")), direct);
+        }
+        assert!(sa.peers[0].counters.route_packets[1].load(Relaxed) > 0);
+    }
+
     /// A node learned from the directory is added while running: the aggregate routes to
     /// it (asking for a session first), and it is forgotten again when it leaves.
     #[test]
@@ -1064,7 +1266,7 @@ mod tests {
         let (mut tx, mut rx, _, _) = pair();
         let to_c = ip4("10.77.0.1", "10.77.0.3", 5);
         assert_eq!(send(&mut tx, Tun::Aggregate, &to_c).0, TxAction::Reply(DropReason::NoRoute));
-        let c = PeerSpec { node_id: C, host_addrs: vec!["10.77.0.3".parse().unwrap()], prefixes: vec!["10.3.0.0/24".parse().unwrap()], link_local: vec![], inner_mtu: 1388, counters: Arc::default() };
+        let c = PeerSpec { node_id: C, host_addrs: vec!["10.77.0.3".parse().unwrap()], prefixes: vec!["10.3.0.0/24".parse().unwrap()], link_local: vec![], protected: vec![], inner_mtu: 1388, counters: Arc::default() };
         tx.apply(&DataCommand::AddPeer { peer: 1, spec: c.clone() });
         rx.apply(&DataCommand::AddPeer { peer: 1, spec: c.clone() });
         assert_eq!(tx.route("10.3.0.9".parse().unwrap()), Some(1));

@@ -319,6 +319,8 @@ struct Path {
     state: PathState,
     state_since: Instant,
     reason: Reason,
+    /// Probes answered since the path last went down (REPLEX's sample count).
+    answered: u32,
     // incoming
     rx_highest: Option<u32>,
     rx_bitmap: u64,
@@ -339,6 +341,7 @@ impl Path {
             state: initial,
             state_since: now,
             reason: Reason::Healthy,
+            answered: 0,
             rx_highest: None,
             rx_bitmap: 0,
         }
@@ -348,6 +351,7 @@ impl Path {
         if let Some(s) = self.sent.iter_mut().find(|s| s.seq == seq) {
             if !s.delivered {
                 s.delivered = true;
+                self.answered = self.answered.saturating_add(1);
                 if !s.resolved {
                     s.resolved = true;
                     self.loss += LOSS_ALPHA * (0.0 - self.loss);
@@ -429,6 +433,8 @@ pub struct Route {
 struct Peer {
     id: NodeId,
     direct_known: bool,
+    /// Paths that carry a traffic share (REPLEX) besides the route: probed fast.
+    busy: Vec<PathId>,
     paths: Vec<Path>,
     route: Route,
     relays: HashMap<usize, Candidate>,
@@ -461,6 +467,10 @@ pub struct PathView {
     pub loss: f64,
     /// Whether traffic uses it now.
     pub in_use: bool,
+    /// Probes answered since it last went down.
+    pub samples: u32,
+    /// For a relay path: the relay agreed to relay (its session is active).
+    pub active: bool,
 }
 
 /// The failover state machine for all peers.
@@ -492,6 +502,7 @@ impl Failover {
         self.peers.push(Peer {
             id,
             direct_known: false,
+            busy: Vec::new(),
             paths: Vec::new(),
             route: Route { path: PathId::Direct, protect: false, reason: Reason::Healthy, since: now },
             relays: HashMap::new(),
@@ -501,6 +512,14 @@ impl Failover {
         });
         self.by_id.insert(id, i);
         i
+    }
+
+    /// The paths that carry a traffic share of `peer` besides its route (REPLEX): they are
+    /// probed at the fast rate, like the path in use.
+    pub fn set_busy(&mut self, peer: usize, paths: Vec<PathId>) {
+        if let Some(p) = self.peers.get_mut(peer) {
+            p.busy = paths;
+        }
     }
 
     /// Number of peers.
@@ -601,7 +620,19 @@ impl Failover {
         let Some(p) = self.peers.get(peer) else { return Vec::new() };
         p.paths
             .iter()
-            .map(|x| PathView { id: x.id, state: x.state, since: x.state_since, srtt: x.srtt, loss: x.loss, in_use: x.id == p.route.path })
+            .map(|x| PathView {
+                id: x.id,
+                state: x.state,
+                since: x.state_since,
+                srtt: x.srtt,
+                loss: x.loss,
+                in_use: x.id == p.route.path || p.busy.contains(&x.id),
+                samples: x.answered,
+                active: match x.id {
+                    PathId::Direct => p.direct_known,
+                    PathId::Relay(r) => self.by_id.get(&r).and_then(|ri| p.relays.get(ri)) == Some(&Candidate::Active),
+                },
+            })
             .collect()
     }
 
@@ -767,7 +798,7 @@ impl Failover {
                     .iter()
                     .filter(|x| x.id != PathId::Direct || p.direct_known)
                     .filter(|x| {
-                        let fast = x.id == PathId::Direct || x.id == p.route.path;
+                        let fast = x.id == PathId::Direct || x.id == p.route.path || p.busy.contains(&x.id);
                         let every = if fast { self.cfg.probe_interval } else { self.cfg.standby_interval };
                         let active = match x.id {
                             PathId::Direct => true,
@@ -819,6 +850,9 @@ impl Failover {
                 s => s,
             };
             if new != x.state {
+                if new == PathState::Down {
+                    x.answered = 0;
+                }
                 x.reason = match new {
                     PathState::Down => Reason::ProbeLoss,
                     PathState::Degraded => Reason::Degraded,

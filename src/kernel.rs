@@ -39,19 +39,76 @@ pub struct AddrSpec {
     pub prefix_len: u8,
 }
 
-/// A unicast route in detour's table, through one of its interfaces.
+/// A unicast route in detour's table, through one of its interfaces or a nexthop object.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct RouteSpec {
     /// Destination prefix.
     pub dst: IpNet,
-    /// Output interface name.
+    /// Output interface name (empty for a route through a nexthop object).
     pub dev: String,
     /// Preferred source address.
     pub src: Option<IpAddr>,
+    /// The nexthop object (a resilient group) the route uses instead of `dev`.
+    pub nhid: Option<u32>,
+    /// In the pin table (`kernel.table + 1`), which only connections pinned to the overlay
+    /// look up (see [`PIN_OVERLAY`]), instead of detour's table.
+    pub pinned: bool,
 }
 
-/// A policy rule: `priority P not fwmark M lookup T` (the wg-quick pattern), so that
-/// packets of detour's own sockets never enter detour's routes.
+/// Connection-mark bits with which REPLEX pins a connection to the path it started on
+/// (saved in conntrack after the first packet's routing, restored on every later packet):
+/// a resilient group only sees the route lookups, and a local socket caches its route, so
+/// the group alone cannot keep a connection where it is (the mwan3 pattern).
+pub const PIN_MASK: u32 = 0x0030_0000;
+/// Pinned to the direct path: looks up `main`.
+pub const PIN_DIRECT: u32 = 0x0010_0000;
+/// Pinned to the overlay: looks up the pin table (the peer's TUN).
+pub const PIN_OVERLAY: u32 = 0x0020_0000;
+
+/// What a nexthop object is.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum NexthopKind {
+    /// One next hop: a gateway on an interface, or an interface alone.
+    Via {
+        /// Gateway, if any.
+        gw: Option<IpAddr>,
+        /// Output interface name.
+        dev: String,
+    },
+    /// A resilient group (`type resilient`): flows hash to `buckets` buckets spread over
+    /// the members by weight; a bucket moves to another member only after it was idle for
+    /// `idle_timer_s`, so active flows keep their next hop when weights change.
+    Resilient {
+        /// (member nexthop ID, weight 1..=256).
+        members: Vec<(u32, u16)>,
+        /// Number of buckets.
+        buckets: u16,
+        /// Idle time before a bucket may move, in seconds.
+        idle_timer_s: u32,
+    },
+}
+
+/// A nexthop object detour owns (tagged with its protocol), for IPv4 (`v6 = false`) or
+/// IPv6 routes.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct NexthopSpec {
+    /// Nexthop ID.
+    pub id: u32,
+    /// Address family of the routes using it.
+    pub v6: bool,
+    /// What it is.
+    pub kind: NexthopKind,
+}
+
+impl NexthopSpec {
+    fn is_group(&self) -> bool {
+        matches!(self.kind, NexthopKind::Resilient { .. })
+    }
+}
+
+/// A policy rule: `priority P [not] fwmark M/mask lookup T`. Detour's own: `not fwmark
+/// <kernel.fwmark> lookup <table>` (the wg-quick pattern), so that packets of detour's own
+/// sockets never enter detour's routes; with REPLEX, the two pin rules.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct RuleSpec {
     /// IPv6 (true) or IPv4 rule.
@@ -60,8 +117,12 @@ pub struct RuleSpec {
     pub priority: u32,
     /// Table looked up.
     pub table: u32,
-    /// Firewall mark that skips the table.
+    /// Firewall mark matched.
     pub fwmark: u32,
+    /// Mask of the mark.
+    pub mask: u32,
+    /// `not fwmark`: the rule applies to packets without the mark.
+    pub invert: bool,
 }
 
 /// A complete kernel state (desired or observed).
@@ -75,6 +136,8 @@ pub struct DesiredState {
     pub routes: BTreeSet<RouteSpec>,
     /// Policy rules.
     pub rules: BTreeSet<RuleSpec>,
+    /// Nexthop objects (members and resilient groups).
+    pub nexthops: BTreeSet<NexthopSpec>,
 }
 
 /// One change to the kernel.
@@ -94,11 +157,19 @@ pub enum KernelOp {
     DelRule(RuleSpec),
     /// Add a rule.
     AddRule(RuleSpec),
+    /// Remove a nexthop object (by ID).
+    DelNexthop(NexthopSpec),
+    /// Create a nexthop object, or change it in place (a resilient group keeps its
+    /// buckets: active flows stay on their next hop).
+    SetNexthop(NexthopSpec),
 }
 
-/// The operations that turn `actual` into `desired`: link settings first, then deletions,
-/// then additions. Links that are missing entirely are not created here (TUNs are created
-/// by opening them); their addresses and routes wait until they exist.
+/// The operations that turn `actual` into `desired`: link settings first, then deletions
+/// (routes before the nexthop groups they use, groups before their members), then
+/// additions (members, groups, routes). A changed nexthop object is changed in place, never
+/// deleted and re-added, so a resilient group keeps its flows on their next hops. Links
+/// that are missing entirely are not created here (TUNs are created by opening them); their
+/// addresses, nexthops and routes wait until they exist.
 pub fn plan(desired: &DesiredState, actual: &DesiredState) -> Vec<KernelOp> {
     let mut ops = Vec::new();
     let present: BTreeSet<&str> = actual.links.iter().map(|l| l.name.as_str()).collect();
@@ -113,7 +184,42 @@ pub fn plan(desired: &DesiredState, actual: &DesiredState) -> Vec<KernelOp> {
     for r in actual.routes.difference(&desired.routes) {
         ops.push(KernelOp::DelRoute(r.clone()));
     }
-    for a in actual.addrs.difference(&desired.addrs) {
+    // Nexthop objects by ID: gone ones are deleted (groups first), changed ones set.
+    let want: std::collections::BTreeMap<u32, &NexthopSpec> = desired.nexthops.iter().map(|n| (n.id, n)).collect();
+    let have: std::collections::BTreeMap<u32, &NexthopSpec> = actual.nexthops.iter().map(|n| (n.id, n)).collect();
+    for group in [true, false] {
+        for (id, n) in &have {
+            if n.is_group() == group && !want.contains_key(id) {
+                ops.push(KernelOp::DelNexthop((*n).clone()));
+            }
+        }
+    }
+    // A next hop on one of detour's own links waits for the link; one on an underlay
+    // interface (not detour's, not observed) is tried, and retried while it fails.
+    let own: BTreeSet<&str> = desired.links.iter().map(|l| l.name.as_str()).collect();
+    let nh_ready = |n: &NexthopSpec| match &n.kind {
+        NexthopKind::Via { dev, .. } => present.contains(dev.as_str()) || !own.contains(dev.as_str()),
+        NexthopKind::Resilient { .. } => true,
+    };
+    let mut ready: BTreeSet<u32> = have.keys().copied().collect();
+    for group in [false, true] {
+        for (id, n) in &want {
+            if n.is_group() != group || !nh_ready(n) {
+                continue;
+            }
+            if let NexthopKind::Resilient { members, .. } = &n.kind {
+                if !members.iter().all(|(m, _)| ready.contains(m)) {
+                    continue;
+                }
+            }
+            if have.get(id) != Some(n) {
+                ops.push(KernelOp::SetNexthop((*n).clone()));
+            }
+            ready.insert(*id);
+        }
+    }
+    // Addresses are only ever removed from detour's own links.
+    for a in actual.addrs.difference(&desired.addrs).filter(|a| own.contains(a.dev.as_str())) {
         ops.push(KernelOp::DelAddr(a.clone()));
     }
     for a in desired.addrs.difference(&actual.addrs) {
@@ -122,7 +228,11 @@ pub fn plan(desired: &DesiredState, actual: &DesiredState) -> Vec<KernelOp> {
         }
     }
     for r in desired.routes.difference(&actual.routes) {
-        if present.contains(r.dev.as_str()) {
+        let usable = match r.nhid {
+            Some(id) => ready.contains(&id) && want.contains_key(&id),
+            None => present.contains(r.dev.as_str()),
+        };
+        if usable {
             ops.push(KernelOp::AddRoute(r.clone()));
         }
     }
@@ -143,7 +253,48 @@ mod tests {
     use super::*;
 
     fn route(dst: &str, dev: &str) -> RouteSpec {
-        RouteSpec { dst: dst.parse().unwrap(), dev: dev.into(), src: None }
+        RouteSpec { dst: dst.parse().unwrap(), dev: dev.into(), src: None, nhid: None, pinned: false }
+    }
+
+    fn group(id: u32, w: (u16, u16)) -> NexthopSpec {
+        NexthopSpec { id, v6: false, kind: NexthopKind::Resilient { members: vec![(1, w.0), (2, w.1)], buckets: 128, idle_timer_s: 60 } }
+    }
+
+    fn members() -> [NexthopSpec; 2] {
+        [
+            NexthopSpec { id: 1, v6: false, kind: NexthopKind::Via { gw: Some("10.0.1.1".parse().unwrap()), dev: "eth0".into() } },
+            NexthopSpec { id: 2, v6: false, kind: NexthopKind::Via { gw: None, dev: "dt-b".into() } },
+        ]
+    }
+
+    #[test]
+    fn nexthop_groups_are_built_in_order_changed_in_place_and_removed_in_order() {
+        // eth0 is an underlay interface: not detour's, not observed, its addresses untouchable
+        let mut desired = state();
+        let mut actual = desired.clone();
+        actual.addrs.insert(AddrSpec { dev: "eth0".into(), addr: "10.0.1.2".parse().unwrap(), prefix_len: 24 });
+        for m in members() {
+            desired.nexthops.insert(m);
+        }
+        desired.nexthops.insert(group(3, (200, 54)));
+        let via = RouteSpec { dst: "198.51.100.2/32".parse().unwrap(), dev: String::new(), src: None, nhid: Some(3), pinned: false };
+        desired.routes.insert(via.clone());
+        let ops = plan(&desired, &actual);
+        let [m1, m2] = members();
+        assert_eq!(ops, vec![KernelOp::SetNexthop(m1), KernelOp::SetNexthop(m2), KernelOp::SetNexthop(group(3, (200, 54))), KernelOp::AddRoute(via.clone())]);
+        actual.addrs.clear();
+        // new weights: the group is changed in place, nothing else
+        actual = desired.clone();
+        desired.nexthops.remove(&group(3, (200, 54)));
+        desired.nexthops.insert(group(3, (100, 154)));
+        assert_eq!(plan(&desired, &actual), vec![KernelOp::SetNexthop(group(3, (100, 154)))]);
+        // split over: the route goes first, then the group, then its members
+        actual = desired.clone();
+        desired.nexthops.clear();
+        desired.routes.remove(&via);
+        let ops = plan(&desired, &actual);
+        let [m1, m2] = members();
+        assert_eq!(ops, vec![KernelOp::DelRoute(via), KernelOp::DelNexthop(group(3, (100, 154))), KernelOp::DelNexthop(m1), KernelOp::DelNexthop(m2)]);
     }
 
     fn state() -> DesiredState {
@@ -153,7 +304,7 @@ mod tests {
         s.addrs.insert(AddrSpec { dev: "detour0".into(), addr: "10.77.0.1".parse().unwrap(), prefix_len: 24 });
         s.routes.insert(route("10.77.0.0/24", "detour0"));
         s.routes.insert(route("10.77.0.2/32", "dt-b"));
-        s.rules.insert(RuleSpec { v6: false, priority: 7720, table: 7720, fwmark: 0xd7 });
+        s.rules.insert(RuleSpec { v6: false, priority: 7720, table: 7720, fwmark: 0xd7, mask: u32::MAX, invert: true });
         s
     }
 
@@ -178,7 +329,7 @@ mod tests {
                 KernelOp::SetLink(LinkSpec { name: "dt-b".into(), mtu: 1388, up: true }),
                 KernelOp::DelRoute(route("10.77.0.2/32", "detour0")),
                 KernelOp::AddRoute(route("10.77.0.2/32", "dt-b")),
-                KernelOp::AddRule(RuleSpec { v6: false, priority: 7720, table: 7720, fwmark: 0xd7 }),
+                KernelOp::AddRule(RuleSpec { v6: false, priority: 7720, table: 7720, fwmark: 0xd7, mask: u32::MAX, invert: true }),
             ]
         );
         // applying the plan to the model converges
@@ -216,8 +367,10 @@ mod tests {
 
     #[test]
     fn teardown_removes_everything_but_links() {
-        let ops = teardown(&state());
-        assert_eq!(ops.len(), 4);
-        assert!(ops.iter().all(|o| matches!(o, KernelOp::DelRoute(_) | KernelOp::DelAddr(_) | KernelOp::DelRule(_))));
+        let mut s = state();
+        s.nexthops.insert(members()[1].clone());
+        let ops = teardown(&s);
+        assert_eq!(ops.len(), 5);
+        assert!(ops.iter().all(|o| matches!(o, KernelOp::DelRoute(_) | KernelOp::DelAddr(_) | KernelOp::DelRule(_) | KernelOp::DelNexthop(_))));
     }
 }

@@ -14,7 +14,7 @@ use crate::config::{derive_ifname, Config, Endpoint, PeerConfig};
 use crate::dataplane::{DataPlaneSpec, NodeCounters, PeerCounters, PeerSpec};
 use crate::directory::{NodeRecord, Uptime};
 use crate::identity::NodeId;
-use crate::kernel::{AddrSpec, DesiredState, LinkSpec, RouteSpec, RuleSpec};
+use crate::kernel::{AddrSpec, DesiredState, LinkSpec, NexthopKind, NexthopSpec, RouteSpec, RuleSpec, PIN_DIRECT, PIN_MASK, PIN_OVERLAY};
 use crate::links::{self, LinkAddrs};
 
 /// Protection of one peer's destinations, as the failover engine decided it.
@@ -25,6 +25,19 @@ pub struct Protect {
     /// This node's underlay address towards the peer, used as the preferred source of the
     /// rerouted routes so that new connections keep the address they would have had.
     pub src: Vec<IpAddr>,
+    /// REPLEX split while the direct path still carries part of the traffic: the weights
+    /// (direct, overlay), 1..=256, of the resilient nexthop group the protected destinations
+    /// are routed through. `None`: all of it goes through the overlay.
+    pub split: Option<(u16, u16)>,
+}
+
+/// The underlay route to a destination, as detour's own packets would take it: gateway
+/// and output interface (read by the shell; the direct member of a split's nexthop group).
+pub type UnderlayHops = std::collections::HashMap<IpNet, (Option<IpAddr>, String)>;
+
+/// Nexthop IDs detour uses: `0xd7` in the top byte, the peer index, and the object.
+pub fn nexthop_id(peer: usize, object: u8) -> u32 {
+    0xd700_0000 | ((peer as u32 & 0xffff) << 8) | u32::from(object)
 }
 
 /// One peer: configured, or a node learned from the directory.
@@ -320,6 +333,7 @@ impl Model {
             host_addrs: if p.present { self.peer_host_addrs(i) } else { Vec::new() },
             prefixes: if p.present { p.cfg.prefixes.iter().chain(p.cfg.protected.iter()).copied().collect() } else { Vec::new() },
             link_local: p.links.local_v4.map(IpAddr::V4).into_iter().collect(),
+            protected: if p.present { self.protected_destinations(i, &[]) } else { Vec::new() },
             inner_mtu: p.cfg.inner_mtu(),
             counters: p.counters.clone(),
         }
@@ -343,6 +357,28 @@ impl Model {
     /// routed into the overlay too: its underlay addresses through its own TUN, its
     /// protected prefixes through the aggregate.
     pub fn desired_kernel(&self, protect: &[Option<Protect>]) -> DesiredState {
+        self.desired_kernel_with(protect, &UnderlayHops::new())
+    }
+
+    /// The protected destinations of peer `i` that a split routes: its underlay addresses
+    /// (configured and learned) and protected prefixes.
+    pub fn split_destinations(&self, i: usize, pr: &Protect) -> Vec<IpNet> {
+        let mut v: Vec<IpNet> = self.endpoint_ips(i).into_iter().map(IpNet::from).collect();
+        for a in &pr.underlay {
+            let n = IpNet::from(a.to_canonical());
+            if !v.contains(&n) {
+                v.push(n);
+            }
+        }
+        v.extend(self.peers[i].cfg.protected.iter().copied());
+        v
+    }
+
+    /// [`Model::desired_kernel`] with the underlay routes of split destinations, for the
+    /// nexthop groups of REPLEX splits: each destination with a known underlay route gets a
+    /// resilient group of its direct next hop and the peer's TUN, weighted as the split
+    /// says; destinations whose underlay route is not known yet keep the kernel's route.
+    pub fn desired_kernel_with(&self, protect: &[Option<Protect>], hops: &UnderlayHops) -> DesiredState {
         let cfg = &self.cfg;
         let k = &cfg.kernel;
         let agg = k.aggregate_interface.clone();
@@ -353,11 +389,11 @@ impl Model {
         s.links.insert(LinkSpec { name: agg.clone(), mtu: u32::from(cfg.aggregate_mtu()), up: true });
         if let Some(v4) = cfg.node.overlay_v4 {
             s.addrs.insert(AddrSpec { dev: agg.clone(), addr: IpAddr::V4(v4.addr()), prefix_len: v4.prefix_len() });
-            s.routes.insert(RouteSpec { dst: IpNet::V4(v4.trunc()), dev: agg.clone(), src: own_v4 });
+            s.routes.insert(RouteSpec { dst: IpNet::V4(v4.trunc()), dev: agg.clone(), src: own_v4, nhid: None, pinned: false });
         }
         if let Some(v6) = cfg.node.overlay_v6 {
             s.addrs.insert(AddrSpec { dev: agg.clone(), addr: IpAddr::V6(v6.addr()), prefix_len: v6.prefix_len() });
-            s.routes.insert(RouteSpec { dst: IpNet::V6(v6.trunc()), dev: agg.clone(), src: own_v6 });
+            s.routes.insert(RouteSpec { dst: IpNet::V6(v6.trunc()), dev: agg.clone(), src: own_v6, nhid: None, pinned: false });
         }
         let in_overlay = |a: &IpAddr| match a {
             IpAddr::V4(v) => cfg.node.overlay_v4.is_some_and(|n| n.contains(v)),
@@ -370,14 +406,14 @@ impl Model {
             let p = &def.cfg;
             let overlay = [p.overlay_v4.map(IpAddr::V4), p.overlay_v6.map(IpAddr::V6)];
             for net in &p.prefixes {
-                s.routes.insert(RouteSpec { dst: *net, dev: agg.clone(), src: src_for(net) });
+                s.routes.insert(RouteSpec { dst: *net, dev: agg.clone(), src: src_for(net), nhid: None, pinned: false });
             }
             if !def.tun {
                 // Reached through the aggregate: its overlay addresses are inside the
                 // overlay prefix, or get a host route.
                 for a in overlay.into_iter().flatten().filter(|a| !in_overlay(a)) {
                     let dst = IpNet::from(a);
-                    s.routes.insert(RouteSpec { dst, dev: agg.clone(), src: src_for(&dst) });
+                    s.routes.insert(RouteSpec { dst, dev: agg.clone(), src: src_for(&dst), nhid: None, pinned: false });
                 }
                 continue;
             }
@@ -389,29 +425,70 @@ impl Model {
                 dst: IpNet::V6(Ipv6Net::new("fe80::".parse().expect("literal"), 64).expect("64")),
                 dev: dev.clone(),
                 src: None,
+                nhid: None,
+                pinned: false,
             });
             if let (Some(local), Some(remote)) = (l.local_v4, l.remote_v4) {
                 s.addrs.insert(AddrSpec { dev: dev.clone(), addr: IpAddr::V4(local), prefix_len: 32 });
-                s.routes.insert(RouteSpec { dst: IpNet::from(IpAddr::V4(remote)), dev: dev.clone(), src: Some(IpAddr::V4(local)) });
+                s.routes.insert(RouteSpec { dst: IpNet::from(IpAddr::V4(remote)), dev: dev.clone(), src: Some(IpAddr::V4(local)), nhid: None, pinned: false });
             }
             for a in overlay.into_iter().flatten() {
                 let dst = IpNet::from(a);
-                s.routes.insert(RouteSpec { dst, dev: dev.clone(), src: src_for(&dst) });
+                s.routes.insert(RouteSpec { dst, dev: dev.clone(), src: src_for(&dst), nhid: None, pinned: false });
             }
-            if let Some(Some(pr)) = protect.get(i) {
+            if let Some(Some(pr)) = protect.get(i).filter(|p| p.as_ref().is_some_and(|p| p.split.is_some())) {
+                let (wd, wo) = pr.split.expect("checked");
+                let src_of = |net: &IpNet| pr.src.iter().copied().find(|a| a.is_ipv4() == net.addr().is_ipv4());
+                let k = &self.cfg.replex;
+                let mut directs: Vec<(bool, Option<IpAddr>, String)> = Vec::new();
+                for dst in self.split_destinations(i, pr) {
+                    let Some((gw, via)) = hops.get(&dst) else { continue };
+                    let v6 = dst.addr().is_ipv6();
+                    let key = (v6, *gw, via.clone());
+                    let n = match directs.iter().position(|d| *d == key) {
+                        Some(n) => n,
+                        None => {
+                            directs.push(key);
+                            directs.len() - 1
+                        }
+                    };
+                    if n >= 32 {
+                        continue;
+                    }
+                    let tun = nexthop_id(i, u8::from(v6));
+                    let direct = nexthop_id(i, 0x10 + n as u8);
+                    let group = nexthop_id(i, 0x80 + n as u8);
+                    s.nexthops.insert(NexthopSpec { id: tun, v6, kind: NexthopKind::Via { gw: None, dev: dev.clone() } });
+                    s.nexthops.insert(NexthopSpec { id: direct, v6, kind: NexthopKind::Via { gw: *gw, dev: via.clone() } });
+                    s.nexthops.insert(NexthopSpec {
+                        id: group,
+                        v6,
+                        kind: NexthopKind::Resilient { members: vec![(direct, wd), (tun, wo)], buckets: k.kernel_buckets, idle_timer_s: k.flow_idle.as_secs() as u32 },
+                    });
+                    s.routes.insert(RouteSpec { dst, dev: String::new(), src: src_of(&dst), nhid: Some(group), pinned: false });
+                    s.routes.insert(RouteSpec { dst, dev: dev.clone(), src: src_of(&dst), nhid: None, pinned: true });
+                }
+            } else if let Some(Some(pr)) = protect.get(i) {
                 let src_of = |net: &IpNet| pr.src.iter().copied().find(|a| a.is_ipv4() == net.addr().is_ipv4());
                 let mut underlay: Vec<IpNet> = self.endpoint_ips(i).into_iter().map(IpNet::from).collect();
                 underlay.extend(pr.underlay.iter().map(|a| IpNet::from(a.to_canonical())));
                 for dst in underlay {
-                    s.routes.insert(RouteSpec { dst, dev: dev.clone(), src: src_of(&dst) });
+                    s.routes.insert(RouteSpec { dst, dev: dev.clone(), src: src_of(&dst), nhid: None, pinned: false });
                 }
                 for net in &p.protected {
-                    s.routes.insert(RouteSpec { dst: *net, dev: agg.clone(), src: src_of(net) });
+                    s.routes.insert(RouteSpec { dst: *net, dev: agg.clone(), src: src_of(net), nhid: None, pinned: false });
                 }
             }
         }
         for v6 in [false, true] {
-            s.rules.insert(RuleSpec { v6, priority: k.rule_priority, table: k.table, fwmark: k.fwmark });
+            s.rules.insert(RuleSpec { v6, priority: k.rule_priority, table: k.table, fwmark: k.fwmark, mask: u32::MAX, invert: true });
+            if cfg.replex.enabled {
+                // Connections REPLEX pinned: to the direct path (main), to the overlay (the
+                // pin table), ahead of detour's table and its nexthop groups.
+                let p = k.rule_priority.saturating_sub(1);
+                s.rules.insert(RuleSpec { v6, priority: p, table: 254, fwmark: PIN_DIRECT, mask: PIN_MASK, invert: false });
+                s.rules.insert(RuleSpec { v6, priority: p, table: k.table + 1, fwmark: PIN_OVERLAY, mask: PIN_MASK, invert: false });
+            }
         }
         s
     }
@@ -471,7 +548,7 @@ prefixes = ["10.2.0.0/24"]
     fn protection_adds_routes_into_the_overlay_only_while_on() {
         let m = model();
         let off = m.desired_kernel(&[None]);
-        let on = m.desired_kernel(&[Some(Protect { underlay: vec!["198.51.100.2".parse().unwrap()], src: vec!["192.0.2.1".parse().unwrap()] })]);
+        let on = m.desired_kernel(&[Some(Protect { underlay: vec!["198.51.100.2".parse().unwrap()], src: vec!["192.0.2.1".parse().unwrap()], split: None })]);
         let added: Vec<&RouteSpec> = on.routes.difference(&off.routes).collect();
         assert_eq!(added.len(), 1, "{added:?}");
         assert_eq!(added[0].dst, "198.51.100.2/32".parse::<IpNet>().unwrap());
@@ -480,6 +557,33 @@ prefixes = ["10.2.0.0/24"]
         // the kernel plan withdraws them again when protection ends
         let ops = crate::kernel::plan(&off, &on);
         assert_eq!(ops, vec![crate::kernel::KernelOp::DelRoute(added[0].clone())]);
+    }
+
+    #[test]
+    fn a_replex_split_routes_protected_destinations_through_a_resilient_group() {
+        let m = model();
+        let pr = Protect { underlay: vec!["198.51.100.2".parse().unwrap()], src: vec!["192.0.2.1".parse().unwrap()], split: Some((200, 56)) };
+        let mut hops = UnderlayHops::new();
+        hops.insert("198.51.100.2/32".parse().unwrap(), (Some("192.0.2.254".parse().unwrap()), "eth0".into()));
+        let k = m.desired_kernel_with(&[Some(pr.clone())], &hops);
+        let r = k.routes.iter().find(|r| r.dst == "198.51.100.2/32".parse::<IpNet>().unwrap()).expect("a route for the split destination");
+        let g = k.nexthops.iter().find(|n| Some(n.id) == r.nhid).expect("its group");
+        let NexthopKind::Resilient { members, buckets, .. } = &g.kind else { panic!("{g:?}") };
+        assert_eq!(*buckets, 1024);
+        let direct = k.nexthops.iter().find(|n| n.id == members[0].0).unwrap();
+        let tun = k.nexthops.iter().find(|n| n.id == members[1].0).unwrap();
+        assert_eq!(direct.kind, NexthopKind::Via { gw: Some("192.0.2.254".parse().unwrap()), dev: "eth0".into() });
+        assert_eq!(tun.kind, NexthopKind::Via { gw: None, dev: "dt-bob".into() });
+        assert_eq!((members[0].1, members[1].1), (200, 56));
+        assert_eq!(r.src, Some("192.0.2.1".parse().unwrap()));
+        // new shares change only the group's weights: the kernel plan changes it in place
+        let k2 = m.desired_kernel_with(&[Some(Protect { split: Some((100, 156)), ..pr })], &hops);
+        let ops = crate::kernel::plan(&k2, &k);
+        assert_eq!(ops.len(), 1, "{ops:?}");
+        assert!(matches!(&ops[0], crate::kernel::KernelOp::SetNexthop(n) if n.id == g.id));
+        // without a known underlay route the destination keeps the kernel's own route
+        let k3 = m.desired_kernel_with(&[Some(Protect { underlay: vec![], src: vec![], split: Some((1, 1)) })], &UnderlayHops::new());
+        assert!(k3.nexthops.is_empty());
     }
 
     #[test]

@@ -32,6 +32,59 @@ pub fn addresses(pkt: &[u8]) -> Option<(IpAddr, IpAddr)> {
     }
 }
 
+/// A flow's 5-tuple as bytes (addresses, protocol, ports), for hashing flows onto routes.
+/// Ports are read for TCP and UDP in unfragmented IPv4 and in IPv6 without extension
+/// headers; other packets hash by addresses and protocol. `None` if not IP.
+pub fn flow_key(pkt: &[u8]) -> Option<FlowKey> {
+    let mut k = FlowKey { bytes: [0; 37], len: 0 };
+    match pkt.first()? >> 4 {
+        4 if pkt.len() >= 20 => {
+            let ihl = usize::from(pkt[0] & 0x0f) * 4;
+            let proto = pkt[9];
+            k.bytes[..8].copy_from_slice(&pkt[12..20]);
+            k.bytes[8] = proto;
+            let unfragmented = u16::from_be_bytes([pkt[6], pkt[7]]) & 0x3fff == 0;
+            if unfragmented && matches!(proto, 6 | 17) && pkt.len() >= ihl + 4 && ihl >= 20 {
+                k.bytes[9..13].copy_from_slice(&pkt[ihl..ihl + 4]);
+            }
+            k.len = 13;
+        }
+        6 if pkt.len() >= 40 => {
+            let proto = pkt[6];
+            k.bytes[..32].copy_from_slice(&pkt[8..40]);
+            k.bytes[32] = proto;
+            if matches!(proto, 6 | 17) && pkt.len() >= 44 {
+                k.bytes[33..37].copy_from_slice(&pkt[40..44]);
+            }
+            k.len = 37;
+        }
+        _ => return None,
+    }
+    Some(k)
+}
+
+/// See [`flow_key`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct FlowKey {
+    bytes: [u8; 37],
+    len: u8,
+}
+
+impl FlowKey {
+    /// A 64-bit hash of the flow, salted (FNV-1a over salt and key).
+    pub fn hash(&self, salt: u64) -> u64 {
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325 ^ salt;
+        for b in &self.bytes[..usize::from(self.len)] {
+            h ^= u64::from(*b);
+            h = h.wrapping_mul(0x0100_0000_01b3);
+        }
+        // final avalanche, so that the low bits (the bucket) depend on every byte
+        h ^= h >> 33;
+        h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
+        h ^ (h >> 33)
+    }
+}
+
 /// Destination address only (see [`addresses`]).
 pub fn destination(pkt: &[u8]) -> Option<IpAddr> {
     addresses(pkt).map(|(_, d)| d)

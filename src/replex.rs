@@ -211,6 +211,15 @@ impl<K: Copy + Eq> Dest<K> {
         }
     }
 
+    /// Equal shares over the live routes (ECMP's split, the baseline of §3.6), in place of
+    /// a round.
+    pub fn equalize(&mut self) {
+        let n = self.routes.iter().filter(|r| r.status == Status::Live).count();
+        for r in self.routes.iter_mut().filter(|r| r.status == Status::Live) {
+            r.share = 1.0 / n as f64;
+        }
+    }
+
     /// One REPLEX round (§3.4): the Jacobi update of the live routes' shares from a
     /// snapshot of shares and costs. Returns the fraction of traffic moved (½Σ|Δs| ≤ λ).
     pub fn round(&mut self, p: &Params) -> f64 {
@@ -643,6 +652,19 @@ mod tests {
         // A relay disappears altogether: its share goes to the others.
         d.update(&[(0, m(30.0, true, 9))], p.min_samples, Some(0));
         assert_eq!(d.shares(), vec![1.0]);
+    }
+
+    #[test]
+    fn equal_mode_splits_evenly_over_live_routes_only() {
+        let p = Params::default();
+        let m = |up: bool, samples: u32| Measure { cost: Some(10.0), up, samples };
+        let mut d: Dest<u8> = Dest::default();
+        d.update(&[(0, m(true, 9)), (1, m(true, 9)), (2, m(true, 1))], p.min_samples, Some(0));
+        d.equalize();
+        assert_eq!(d.shares(), vec![0.5, 0.5, 0.0]);
+        d.update(&[(0, m(false, 9)), (1, m(true, 9)), (2, m(true, 9))], p.min_samples, Some(0));
+        d.equalize();
+        assert_eq!(d.shares(), vec![0.0, 0.5, 0.5]);
     }
 
     #[test]

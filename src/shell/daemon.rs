@@ -23,7 +23,8 @@ use crate::dataplane::DataCommand;
 use crate::icmp::Filter;
 use crate::identity::{Identity, PublicKey};
 use crate::kernel;
-use crate::model::{Model, Protect};
+use crate::model::{Model, Protect, UnderlayHops};
+use crate::shell::acct::{self, Accounting};
 use crate::shell::control;
 use crate::shell::datapath::{DataPath, DataPathSetup, EVENT_QUEUE};
 use crate::shell::engine::{Engine, EngineShared, Need, SessionEvent};
@@ -103,7 +104,7 @@ pub async fn run(cfg: Config) -> Result<()> {
     let listener = control::bind(&control_path)?;
     let nl = Netlink::connect()?;
     let qdisc = model.cfg.management.qdisc_interface.clone();
-    let mut resources = Resources { nl: nl.clone(), table: model.cfg.kernel.table, links: link_names(&model), datapath: None, control_path: control_path.clone(), netfilter: false, dscp: false, qdisc: None };
+    let mut resources = Resources { nl: nl.clone(), table: model.cfg.kernel.table, links: link_names(&model), datapath: None, control_path: control_path.clone(), netfilter: false, dscp: false, qdisc: None, acct: false, hash_policy: Vec::new() };
     let result = run_inner(&identity, model, nl, listener, &mut resources, qdisc).await;
     resources.cleanup().await;
     result
@@ -119,6 +120,8 @@ struct Resources {
     netfilter: bool,
     dscp: bool,
     qdisc: Option<String>,
+    acct: bool,
+    hash_policy: Vec<&'static str>,
 }
 
 impl Resources {
@@ -126,6 +129,10 @@ impl Resources {
         if self.netfilter {
             intercept::remove_rules();
         }
+        if self.acct {
+            acct::remove();
+        }
+        acct::restore_hash_policy(&std::mem::take(&mut self.hash_policy));
         if self.dscp {
             priority::remove_dscp_rules();
         }
@@ -156,9 +163,32 @@ fn link_names(model: &Model) -> BTreeSet<String> {
     model.desired_kernel(&[]).links.into_iter().map(|l| l.name).collect()
 }
 
+/// The underlay routes of the destinations REPLEX splits (the direct members of their
+/// nexthop groups).
+async fn underlay_hops(nl: &Netlink, model: &Model, protect: &[Option<Protect>]) -> UnderlayHops {
+    let mut hops = UnderlayHops::new();
+    for (i, pr) in protect.iter().enumerate() {
+        let Some(pr) = pr.as_ref().filter(|p| p.split.is_some()) else { continue };
+        if i >= model.peers.len() {
+            continue;
+        }
+        for dst in model.split_destinations(i, pr) {
+            match nl.underlay_route(dst.addr(), model.cfg.kernel.fwmark).await {
+                Ok(Some(hop)) => {
+                    hops.insert(dst, hop);
+                }
+                Ok(None) => {}
+                Err(e) => tracing::debug!("underlay route to {dst}: {e:#}"),
+            }
+        }
+    }
+    hops
+}
+
 async fn reconcile(nl: &Netlink, model: &Model, protect: &[Option<Protect>], quiet: bool) -> Result<usize> {
-    let desired = model.desired_kernel(protect);
-    let names = desired.links.iter().map(|l| l.name.clone()).collect();
+    let hops = underlay_hops(nl, model, protect).await;
+    let desired = model.desired_kernel_with(protect, &hops);
+    let names: BTreeSet<String> = desired.links.iter().map(|l| l.name.clone()).collect();
     let (actual, index) = nl.observe(&names, model.cfg.kernel.table).await?;
     let ops = kernel::plan(&desired, &actual);
     for op in &ops {
@@ -221,6 +251,7 @@ async fn run_inner(identity: &Identity, model: Model, nl: Netlink, listener: tok
         }
     }
     priority::remove_dscp_rules();
+    acct::remove();
     if let Some(dev) = &qdisc {
         priority::remove_qdisc(dev);
     }
@@ -260,6 +291,15 @@ async fn run_inner(identity: &Identity, model: Model, nl: Netlink, listener: tok
         res.dscp = true;
         if let Err(e) = priority::install_dscp_rules(cfg.node.management_port) {
             tracing::warn!("DSCP marking of management traffic is off: {e:#} (set management.dscp = false to silence this)");
+        }
+    }
+
+    let mut accounting = Accounting::default();
+    if cfg.replex.enabled {
+        res.acct = true;
+        res.hash_policy = acct::set_hash_policy();
+        if let Err(e) = accounting.install(cfg.kernel.fwmark) {
+            tracing::warn!("REPLEX: no byte accounting of the kernel's direct share: {e:#}");
         }
     }
 
@@ -370,7 +410,12 @@ async fn run_inner(identity: &Identity, model: Model, nl: Netlink, listener: tok
                 let now = refresh_local_addresses(&nl, &dp, &filter, &old).await;
                 *shared.local_addrs.lock().expect("addrs") = now;
             }
-            _ = activity.tick() => peers::check_activity(&shared, Instant::now()),
+            _ = activity.tick() => {
+                peers::check_activity(&shared, Instant::now());
+                if cfg.replex.enabled {
+                    account(&shared, &engine_shared, &mut accounting);
+                }
+            }
             Some(need) = needs_rx.recv() => match need {
                 Need::Data(peer) => peers::need_session(&shared, peer),
                 Need::Relay(peer, on) => peers::set_want(&shared, peer, want::RELAY, on),
@@ -412,6 +457,40 @@ async fn run_inner(identity: &Identity, model: Model, nl: Netlink, listener: tok
     drop(shared);
     drop(mgmt);
     Ok(())
+}
+
+/// Keeps the accounting rules in step with the REPLEX splits and hands the kernel's direct
+/// byte counts to the engine.
+fn account(shared: &Shared, engine: &EngineShared, accounting: &mut Accounting) {
+    let protect = engine.protect.lock().expect("protect").clone();
+    let rules: Vec<acct::Rule> = {
+        let m = shared.model.read().expect("model");
+        protect
+            .iter()
+            .enumerate()
+            .filter_map(|(i, p)| p.as_ref().filter(|p| p.split.is_some()).map(|p| (i, p)))
+            .filter(|(i, _)| *i < m.peers.len())
+            .flat_map(|(i, p)| m.split_destinations(i, p).into_iter().map(move |dst| (i, dst)))
+            .map(|(i, dst)| acct::Rule { peer: i, dst, tun: m.peers[i].cfg.interface.clone() })
+            .collect()
+    };
+    if let Err(e) = accounting.set(rules) {
+        tracing::debug!("accounting: {e:#}");
+        return;
+    }
+    match accounting.read() {
+        Ok(counts) => {
+            let mut direct = engine.direct_bytes.lock().expect("direct bytes");
+            let mut sums = vec![0u64; direct.len()];
+            for (peer, bytes) in counts {
+                if let Some(s) = sums.get_mut(peer) {
+                    *s += bytes;
+                }
+            }
+            *direct = sums;
+        }
+        Err(e) => tracing::debug!("accounting: {e:#}"),
+    }
 }
 
 /// Reads this host's addresses; when they changed, tells the data path (protected traffic to
@@ -529,6 +608,15 @@ fn status(shared: &Shared) -> Status {
                 sessions: info.sessions,
                 link_addresses,
                 overlay_addresses: [p.overlay_v4.map(|a| a.to_string()), p.overlay_v6.map(|a| a.to_string())].into_iter().flatten().collect(),
+                shares: route
+                    .as_ref()
+                    .map(|r| {
+                        r.shares
+                            .iter()
+                            .map(|x| crate::ctl::RouteShare { path: x.path.clone(), status: x.status.clone(), target_share: x.target, realized_share: x.realized, cost_ms: x.cost_ms })
+                            .collect()
+                    })
+                    .unwrap_or_default(),
             }
         })
         .collect();

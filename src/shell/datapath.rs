@@ -212,6 +212,7 @@ impl Devices {
 
 /// What the tasks of the data thread share.
 struct Thread {
+    start: Instant,
     tx: Rc<RefCell<TxState>>,
     rx: Rc<RefCell<RxState>>,
     devices: Rc<RefCell<Devices>>,
@@ -290,6 +291,7 @@ fn data_thread(
             }
         };
         let th = Thread {
+            start,
             tx: Rc::new(RefCell::new(TxState::new(&spec))),
             rx: Rc::new(RefCell::new(RxState::new(&spec))),
             devices: Rc::new(RefCell::new(Devices { aggregate: aggregate.clone(), peers: Vec::new() })),
@@ -453,6 +455,7 @@ impl Out {
 struct TxTask {
     dev: Arc<AsyncDevice>,
     ingress: Tun,
+    start: Instant,
     state: Rc<RefCell<TxState>>,
     out: Out,
     events: mpsc::Sender<DataEvent>,
@@ -469,6 +472,7 @@ impl TxTask {
         TxTask {
             dev,
             ingress,
+            start: th.start,
             state: th.tx.clone(),
             out: Out::new(th.socks.clone(), th.node.clone()),
             events: th.events.clone(),
@@ -521,7 +525,13 @@ impl TxTask {
 
     async fn process(&mut self, n: usize) {
         for i in 0..n {
-            let action = self.state.borrow_mut().encapsulate(self.ingress, &mut self.bufs[i], self.sizes[i], &mut self.reply);
+            let action = {
+                let mut st = self.state.borrow_mut();
+                if i == 0 {
+                    st.set_now(self.start.elapsed().as_millis() as u64);
+                }
+                st.encapsulate(self.ingress, &mut self.bufs[i], self.sizes[i], &mut self.reply)
+            };
             match action {
                 TxAction::Send { to, src_ip, len, .. } => self.out.push(to, src_ip, &self.bufs[i][..len]).await,
                 TxAction::Reply(_) => {

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use ipnet::IpNet;
 use tokio::sync::{mpsc, watch, Notify};
 
-use crate::dataplane::{DataCommand, PathEndpoint};
+use crate::dataplane::{DataCommand, PathEndpoint, SplitRoute, MAX_SPLIT};
 use crate::failover::{Action, Failover, LinkInfo, PathId, PathState};
 use crate::icmp::Filter;
 use crate::identity::NodeId;
@@ -89,6 +89,23 @@ pub struct RouteStatus {
     pub changes: u64,
     /// Every monitored path.
     pub paths: Vec<PathStatus>,
+    /// REPLEX shares per route (empty when REPLEX is off or has not run).
+    pub shares: Vec<ShareStatus>,
+}
+
+/// One route of a peer's REPLEX split, for status and metrics.
+#[derive(Debug, Clone)]
+pub struct ShareStatus {
+    /// `direct` or `via <relay name>`.
+    pub path: String,
+    /// `live`, `warming` or `down`.
+    pub status: String,
+    /// Target share, 0..1.
+    pub target: f64,
+    /// Share of the bytes sent to the peer's destinations over the last round, 0..1.
+    pub realized: f64,
+    /// Cost in ms (smoothed RTT + loss penalty).
+    pub cost_ms: Option<f64>,
 }
 
 /// One monitored path, for `detourctl paths`.
@@ -119,6 +136,46 @@ pub struct EngineShared {
     pub kernel: Notify,
     /// Relay sessions this node serves: (a, b) node names.
     pub relaying: Mutex<Vec<(String, String)>>,
+    /// Bytes to each peer's split destinations that took the direct path in the kernel
+    /// (cumulative; read by the daemon from its accounting rules).
+    pub direct_bytes: Mutex<Vec<u64>>,
+}
+
+/// REPLEX state of one peer.
+struct ReplexPeer {
+    dest: crate::replex::Dest<PathId>,
+    slots: HashMap<PathId, usize>,
+    sent: Vec<(PathId, f64)>,
+    weights: Option<(u16, u16)>,
+    last_route_bytes: [u64; MAX_SPLIT],
+    last_direct_bytes: u64,
+    realized: HashMap<PathId, f64>,
+}
+
+impl ReplexPeer {
+    fn new() -> ReplexPeer {
+        ReplexPeer {
+            dest: crate::replex::Dest::default(),
+            slots: HashMap::new(),
+            sent: Vec::new(),
+            weights: None,
+            last_route_bytes: [0; MAX_SPLIT],
+            last_direct_bytes: 0,
+            realized: HashMap::new(),
+        }
+    }
+
+    /// A stable counter slot for a route.
+    fn slot(&mut self, id: PathId) -> Option<usize> {
+        if let Some(s) = self.slots.get(&id) {
+            return Some(*s);
+        }
+        let live: Vec<PathId> = self.dest.routes.iter().map(|r| r.id).collect();
+        self.slots.retain(|k, _| live.contains(k));
+        let free = (0..MAX_SPLIT).find(|s| !self.slots.values().any(|x| x == s))?;
+        self.slots.insert(id, free);
+        Some(free)
+    }
 }
 
 struct PeerLink {
@@ -145,6 +202,10 @@ pub struct Engine {
     /// Peers this node opened a session to for a relay session, and since when.
     relay_links: HashMap<usize, Instant>,
     last_report: Instant,
+    /// REPLEX state per peer (when `[replex] enabled`).
+    replex: Vec<Option<ReplexPeer>>,
+    next_round: Instant,
+    rng: u64,
 }
 
 impl Engine {
@@ -165,6 +226,9 @@ impl Engine {
             serving: HashMap::new(),
             relay_links: HashMap::new(),
             last_report: now,
+            replex: Vec::new(),
+            next_round: now,
+            rng: seed | 1,
         };
         e.sync_peers(now);
         e
@@ -191,6 +255,8 @@ impl Engine {
         let n = self.peers.len();
         self.shared.routes.lock().expect("routes").resize(n, None);
         self.shared.protect.lock().expect("protect").resize(n, None);
+        self.shared.direct_bytes.lock().expect("direct bytes").resize(n, 0);
+        self.replex.resize_with(n, || None);
     }
 
     /// Runs until `shutdown` changes.
@@ -238,6 +304,7 @@ impl Engine {
                 _ = tick.tick() => {
                     let now = Instant::now();
                     self.core.handle_tick(now);
+                    self.replex_tick(now);
                     if now >= self.last_report + LINK_REPORT_EVERY {
                         self.last_report = now;
                         self.send_link_reports();
@@ -331,6 +398,134 @@ impl Engine {
             }
             SessionEvent::Message { peer, message } => self.on_message(now, peer, message),
         }
+    }
+
+    fn jitter(&mut self) -> f64 {
+        self.rng ^= self.rng << 13;
+        self.rng ^= self.rng >> 7;
+        self.rng ^= self.rng << 17;
+        0.9 + 0.2 * (self.rng % 10_000) as f64 / 10_000.0
+    }
+
+    /// REPLEX (`replex-spec.md` §3): every tick the routes' liveness (a route that went
+    /// down hands its share over at once), every period a round of share updates; the
+    /// shares go to the data path (userspace split) and to the kernel (the weights of the
+    /// protected destinations' resilient nexthop group).
+    fn replex_tick(&mut self, now: Instant) {
+        let cfg = self.model.read().expect("model").cfg.replex.clone();
+        if !cfg.enabled {
+            return;
+        }
+        let round = now >= self.next_round;
+        if round {
+            let j = self.jitter();
+            self.next_round = now + cfg.period.mul_f64(j);
+        }
+        for peer in 0..self.peers.len() {
+            if !self.peers[peer].monitored || self.peers[peer].data.is_none() {
+                if self.replex[peer].take().is_some() {
+                    self.dp.command(DataCommand::SetSplit { peer, routes: Vec::new(), flow_idle_ms: 0 });
+                    self.refresh_protect(peer);
+                }
+                continue;
+            }
+            self.replex_peer(peer, &cfg, round);
+        }
+    }
+
+    fn replex_peer(&mut self, peer: usize, cfg: &crate::config::ReplexConfig, round: bool) {
+        let p = cfg.params;
+        let Some(route) = self.core.route(peer) else { return };
+        let views = self.core.paths(peer);
+        let measures: Vec<(PathId, crate::replex::Measure)> = views
+            .iter()
+            .filter(|v| v.active)
+            .map(|v| {
+                // While failover has moved the peer off the direct path, it is down here too.
+                let up = v.state == PathState::Up && !(v.id == PathId::Direct && route.protect);
+                let cost = v.srtt.map(|d| p.cost(d.as_secs_f64() * 1000.0, v.loss));
+                (v.id, crate::replex::Measure { cost, up, samples: v.samples })
+            })
+            .collect();
+        let state = self.replex[peer].get_or_insert_with(ReplexPeer::new);
+        let before: Vec<(PathId, f64)> = state.dest.routes.iter().filter(|r| r.status == crate::replex::Status::Live).map(|r| (r.id, r.share)).collect();
+        state.dest.update(&measures, p.min_samples, Some(PathId::Direct));
+        if round {
+            match cfg.mode {
+                crate::config::ReplexMode::Adaptive => {
+                    state.dest.round(&p);
+                }
+                crate::config::ReplexMode::Equal => state.dest.equalize(),
+            }
+        }
+        let live: Vec<(PathId, f64)> = state.dest.routes.iter().filter(|r| r.status == crate::replex::Status::Live).map(|r| (r.id, r.share)).collect();
+        let liveness_changed = before.iter().map(|x| x.0).ne(live.iter().map(|x| x.0));
+        if round {
+            self.measure_realized(peer);
+        }
+        if !round && !liveness_changed {
+            return;
+        }
+        // The data path's split: every live route (a route at share 0 keeps the flows
+        // pinned to it); none while all traffic is on the direct path.
+        let direct_share = live.iter().find(|(id, _)| *id == PathId::Direct).map(|(_, s)| *s).unwrap_or(0.0);
+        let pure_direct = live.len() == 1 && direct_share > 0.999_999;
+        let mut routes = Vec::new();
+        if !pure_direct {
+            for (id, share) in &live {
+                let Some(endpoint) = self.address_of(peer, *id) else { continue };
+                let Some(slot) = self.replex[peer].as_mut().and_then(|st| st.slot(*id)) else { continue };
+                routes.push(SplitRoute { endpoint: PathEndpoint { remote: endpoint, local_ip: None }, share: *share, relay: *id != PathId::Direct, slot });
+            }
+        }
+        let state = self.replex[peer].as_mut().expect("inserted above");
+        let sent: Vec<(PathId, f64)> = live.clone();
+        if sent != state.sent {
+            state.sent = sent;
+            self.dp.command(DataCommand::SetSplit { peer, routes, flow_idle_ms: cfg.flow_idle.as_millis() as u64 });
+        }
+        let busy: Vec<PathId> = live.iter().filter(|(_, s)| *s > 0.0).map(|(id, _)| *id).collect();
+        self.core.set_busy(peer, busy);
+        // The kernel's split of the protected destinations: while the direct path carries
+        // part of the traffic, a resilient group weighted by the shares.
+        // The group stays while the direct route is live, even at a share near 0 (weight
+        // 1 at least): removing it would move the flows the kernel keeps on the direct
+        // path.
+        let overlay = 1.0 - direct_share;
+        let direct_live = live.iter().any(|(id, _)| *id == PathId::Direct);
+        let weights = if direct_live && overlay >= 0.5 / f64::from(cfg.kernel_buckets) {
+            let wo = ((overlay * 256.0).round() as u16).clamp(1, 255);
+            Some((256 - wo, wo))
+        } else {
+            None
+        };
+        if state.weights != weights {
+            state.weights = weights;
+            self.refresh_protect(peer);
+        }
+    }
+
+    /// The realized shares of the last round: bytes per route (userspace counters, plus
+    /// the kernel's direct bytes of the split destinations).
+    fn measure_realized(&mut self, peer: usize) {
+        let counters = self.model.read().expect("model").peers.get(peer).map(|p| p.counters.clone());
+        let Some(c) = counters else { return };
+        let direct_kernel = self.shared.direct_bytes.lock().expect("direct bytes").get(peer).copied().unwrap_or(0);
+        let Some(st) = self.replex[peer].as_mut() else { return };
+        let mut bytes: HashMap<PathId, f64> = HashMap::new();
+        for (id, slot) in &st.slots {
+            let now = c.route_bytes[*slot].load(std::sync::atomic::Ordering::Relaxed);
+            let d = now.saturating_sub(st.last_route_bytes[*slot]);
+            st.last_route_bytes[*slot] = now;
+            *bytes.entry(*id).or_default() += d as f64;
+        }
+        // The kernel's counters restart when the accounting rule of a destination is
+        // re-added.
+        let dk = if direct_kernel >= st.last_direct_bytes { direct_kernel - st.last_direct_bytes } else { direct_kernel };
+        st.last_direct_bytes = direct_kernel;
+        *bytes.entry(PathId::Direct).or_default() += dk as f64;
+        let total: f64 = bytes.values().sum();
+        st.realized = if total > 0.0 { bytes.into_iter().map(|(k, v)| (k, v / total)).collect() } else { HashMap::new() };
     }
 
     /// Sessions opened for relaying that no relay session uses any more (after 30 s) are no
@@ -485,8 +680,13 @@ impl Engine {
 
     fn refresh_protect(&self, peer: usize) {
         let on = self.core.route(peer).is_some_and(|r| r.protect);
+        let split = self.replex.get(peer).and_then(|r| r.as_ref()).and_then(|r| r.weights);
         let p = &self.peers[peer];
-        let value = on.then(|| Protect { underlay: p.data.map(|d| vec![d.ip()]).unwrap_or_default(), src: p.local_ip.into_iter().collect() });
+        let value = (on || split.is_some()).then(|| Protect {
+            underlay: p.data.map(|d| vec![d.ip()]).unwrap_or_default(),
+            src: p.local_ip.into_iter().collect(),
+            split: if on { None } else { split },
+        });
         let mut protect = self.shared.protect.lock().expect("protect");
         if protect[peer] != value {
             protect[peer] = value;
@@ -555,6 +755,28 @@ impl Engine {
                     in_use: v.in_use,
                 })
                 .collect();
+            let shares = self
+                .replex
+                .get(i)
+                .and_then(|x| x.as_ref())
+                .map(|st| {
+                    st.dest
+                        .routes
+                        .iter()
+                        .map(|rt| ShareStatus {
+                            path: self.path_name(rt.id),
+                            status: match rt.status {
+                                crate::replex::Status::Live => "live".into(),
+                                crate::replex::Status::Warming => "warming".into(),
+                                crate::replex::Status::Down => "down".into(),
+                            },
+                            target: rt.share,
+                            realized: st.realized.get(&rt.id).copied().unwrap_or(0.0),
+                            cost_ms: (rt.cost < f64::MAX / 2.0).then_some(rt.cost),
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
             *slot = Some(RouteStatus {
                 path: self.path_name(r.path),
                 reason: r.reason.as_str().into(),
@@ -562,6 +784,7 @@ impl Engine {
                 protected: r.protect,
                 changes: self.core.route_changes(i),
                 paths,
+                shares,
             });
         }
         drop(routes);

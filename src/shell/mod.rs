@@ -13,3 +13,5 @@ pub mod intercept;
 pub mod mnode;
 pub mod peers;
 pub mod priority;
+pub mod nexthop;
+pub mod acct;

@@ -18,10 +18,11 @@ use rtnetlink::{Handle, LinkUnspec};
 
 use crate::kernel::{AddrSpec, DesiredState, KernelOp, LinkSpec, RouteSpec, RuleSpec, RTPROT_DETOUR};
 
-/// A netlink route socket.
+/// A netlink route socket (and one for nexthop objects, which rtnetlink does not cover).
 #[derive(Clone)]
 pub struct Netlink {
     handle: Handle,
+    nexthops: std::sync::Arc<std::sync::Mutex<Option<crate::shell::nexthop::Nexthops>>>,
 }
 
 /// Interface name → index of the links detour looked at.
@@ -50,7 +51,7 @@ impl Netlink {
     pub fn connect() -> Result<Netlink> {
         let (conn, handle, _) = rtnetlink::new_connection_with_strict_check().context("opening a netlink socket")?;
         tokio::spawn(conn);
-        Ok(Netlink { handle })
+        Ok(Netlink { handle, nexthops: Default::default() })
     }
 
     async fn request(&self, msg: RouteNetlinkMessage, flags: u16) -> Result<Vec<RouteNetlinkMessage>, rtnetlink::Error> {
@@ -113,6 +114,55 @@ impl Netlink {
         Ok(out)
     }
 
+    fn with_nexthops<T>(&self, f: impl FnOnce(&mut crate::shell::nexthop::Nexthops) -> Result<T>) -> Result<T> {
+        let mut g = self.nexthops.lock().expect("nexthop socket");
+        if g.is_none() {
+            *g = Some(crate::shell::nexthop::Nexthops::open()?);
+        }
+        let r = f(g.as_mut().expect("opened"));
+        if r.is_err() {
+            // A broken socket is reopened next time.
+            *g = None;
+        }
+        r
+    }
+
+    /// The route the kernel would use to `dst` for detour's own (marked) packets, which
+    /// bypass detour's table: the underlay route, as (gateway, output interface name).
+    ///
+    /// # Errors
+    /// Netlink failures; `Ok(None)` when there is no route.
+    pub async fn underlay_route(&self, dst: IpAddr, fwmark: u32) -> Result<Option<(Option<IpAddr>, String)>> {
+        let mut msg = RouteMessage::default();
+        msg.header.address_family = family(dst.is_ipv6());
+        msg.header.destination_prefix_length = if dst.is_ipv6() { 128 } else { 32 };
+        msg.attributes.push(RouteAttribute::Destination(RouteAddress::from(dst)));
+        msg.attributes.push(RouteAttribute::Mark(fwmark));
+        let answer = match self.request(RouteNetlinkMessage::GetRoute(msg), NLM_F_REQUEST).await {
+            Ok(a) => a,
+            Err(e) if matches!(errno(&e), Some(libc::ENETUNREACH) | Some(libc::EHOSTUNREACH)) => return Ok(None),
+            Err(e) => return Err(anyhow::anyhow!("route to {dst}: {e}")),
+        };
+        let links = self.links().await?;
+        for m in answer {
+            if let RouteNetlinkMessage::NewRoute(r) = m {
+                let mut gw = None;
+                let mut oif = None;
+                for a in &r.attributes {
+                    match a {
+                        RouteAttribute::Gateway(RouteAddress::Inet(ip)) => gw = Some(IpAddr::V4(*ip)),
+                        RouteAttribute::Gateway(RouteAddress::Inet6(ip)) => gw = Some(IpAddr::V6(*ip)),
+                        RouteAttribute::Oif(i) => oif = Some(*i),
+                        _ => {}
+                    }
+                }
+                let dev = oif.and_then(|i| links.iter().find(|(_, (idx, _, _))| *idx == i).map(|(n, _)| n.clone()));
+                return Ok(dev.map(|d| (gw, d)));
+            }
+        }
+        Ok(None)
+    }
+
     /// Reads what detour owns in the kernel: the named links, their addresses, the routes in
     /// `table` tagged with detour's protocol, and every rule tagged with it.
     ///
@@ -122,10 +172,13 @@ impl Netlink {
         let mut s = DesiredState::default();
         let mut index = IfIndex::new();
         let mut by_index = HashMap::new();
+        // Every interface is indexed (nexthops name underlay devices), but only detour's
+        // own links, with their addresses, are part of the observed state: the plan must
+        // never touch an address it did not create.
         for (name, (idx, mtu, up)) in self.links().await? {
+            index.insert(name.clone(), idx);
             if names.contains(&name) {
                 s.links.insert(LinkSpec { name: name.clone(), mtu, up });
-                index.insert(name.clone(), idx);
                 by_index.insert(idx, name);
             }
         }
@@ -144,21 +197,29 @@ impl Netlink {
                 s.addrs.insert(AddrSpec { dev: dev.clone(), addr, prefix_len: a.header.prefix_len });
             }
         }
-        for v6 in [false, true] {
-            let mut msg = RouteMessage::default();
-            msg.header.address_family = family(v6);
-            msg.header.protocol = RouteProtocol::from(RTPROT_DETOUR);
-            msg.attributes.push(RouteAttribute::Table(table));
-            let routes = self.request(RouteNetlinkMessage::GetRoute(msg), NLM_F_REQUEST | NLM_F_DUMP).await.context("listing routes")?;
-            for r in routes {
-                if let RouteNetlinkMessage::NewRoute(r) = r {
-                    if let Some(spec) = route_spec(&r, table, &by_index) {
-                        s.routes.insert(spec);
+        for (tbl, pinned) in [(table, false), (table + 1, true)] {
+            for v6 in [false, true] {
+                let mut msg = RouteMessage::default();
+                msg.header.address_family = family(v6);
+                msg.header.protocol = RouteProtocol::from(RTPROT_DETOUR);
+                msg.attributes.push(RouteAttribute::Table(tbl));
+                let routes = self.request(RouteNetlinkMessage::GetRoute(msg), NLM_F_REQUEST | NLM_F_DUMP).await.context("listing routes")?;
+                for r in routes {
+                    if let RouteNetlinkMessage::NewRoute(r) = r {
+                        if let Some(mut spec) = route_spec(&r, tbl, &by_index) {
+                            spec.pinned = pinned;
+                            s.routes.insert(spec);
+                        }
                     }
                 }
             }
         }
         s.rules = self.rules().await?;
+        let all: HashMap<u32, String> = self.links().await?.into_iter().map(|(n, (i, _, _))| (i, n)).collect();
+        match self.with_nexthops(|nh| nh.dump(&all)) {
+            Ok(list) => s.nexthops.extend(list),
+            Err(e) => tracing::debug!("listing nexthops: {e:#}"),
+        }
         Ok((s, index))
     }
 
@@ -172,18 +233,20 @@ impl Netlink {
             let version = if v6 { rtnetlink::IpVersion::V6 } else { rtnetlink::IpVersion::V4 };
             let mut rules = self.handle.rule().get(version).execute();
             while let Some(r) = rules.try_next().await.context("listing rules")? {
-                let (mut prio, mut tbl, mut mark, mut proto) = (0, u32::from(r.header.table), 0, 0u8);
+                let (mut prio, mut tbl, mut mark, mut mask, mut proto) = (0, u32::from(r.header.table), 0, u32::MAX, 0u8);
                 for a in &r.attributes {
                     match a {
                         RuleAttribute::Priority(p) => prio = *p,
                         RuleAttribute::Table(t) => tbl = *t,
                         RuleAttribute::FwMark(m) => mark = *m,
+                        RuleAttribute::FwMask(m) => mask = *m,
                         RuleAttribute::Protocol(p) => proto = u8::from(*p),
                         _ => {}
                     }
                 }
                 if proto == RTPROT_DETOUR {
-                    out.insert(RuleSpec { v6, priority: prio, table: tbl, fwmark: mark });
+                    let invert = r.header.flags.contains(RuleFlags::Invert);
+                    out.insert(RuleSpec { v6, priority: prio, table: tbl, fwmark: mark, mask, invert });
                 }
             }
         }
@@ -232,7 +295,8 @@ impl Netlink {
             }
             KernelOp::AddRoute(r) => {
                 let v6 = r.dst.addr().is_ipv6();
-                let msg = route_message(r, table, idx(&r.dev)?);
+                let oif = if r.nhid.is_some() { 0 } else { idx(&r.dev)? };
+                let msg = route_message(r, if r.pinned { table + 1 } else { table }, oif);
                 // IPv6 keeps device routes to the same prefix side by side (fe80::/64 on
                 // every per-peer link); IPv4 must not, so it asks for exclusivity.
                 let flags = NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | if v6 { 0 } else { NLM_F_EXCL };
@@ -240,13 +304,15 @@ impl Netlink {
             }
             KernelOp::DelRoute(r) => {
                 let oif = index.get(&r.dev).copied().unwrap_or(0);
-                let msg = route_message(r, table, oif);
+                let msg = route_message(r, if r.pinned { table + 1 } else { table }, oif);
                 self.request(RouteNetlinkMessage::DelRoute(msg), NLM_F_REQUEST | NLM_F_ACK).await.map(|_| ())
             }
             KernelOp::AddRule(r) => {
                 self.request(RouteNetlinkMessage::NewRule(rule_message(r)), NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL).await.map(|_| ())
             }
             KernelOp::DelRule(r) => self.request(RouteNetlinkMessage::DelRule(rule_message(r)), NLM_F_REQUEST | NLM_F_ACK).await.map(|_| ()),
+            KernelOp::SetNexthop(n) => return self.with_nexthops(|nh| nh.set(n, index)),
+            KernelOp::DelNexthop(n) => return self.with_nexthops(|nh| nh.delete(n.id)),
         };
         match res {
             Ok(()) => Ok(()),
@@ -282,6 +348,11 @@ fn route_message(r: &RouteSpec, table: u32, oif: u32) -> RouteMessage {
     if let Some(src) = r.src {
         msg.attributes.push(RouteAttribute::PrefSource(RouteAddress::from(src)));
     }
+    if let Some(id) = r.nhid {
+        msg.header.scope = RouteScope::Universe;
+        msg.attributes.retain(|a| !matches!(a, RouteAttribute::Oif(_)));
+        msg.attributes.push(RouteAttribute::NhId(id));
+    }
     msg
 }
 
@@ -289,9 +360,11 @@ fn route_spec(r: &RouteMessage, table: u32, by_index: &HashMap<u32, String>) -> 
     let mut dst = None;
     let mut oif = None;
     let mut src = None;
+    let mut nhid = None;
     let mut tbl = u32::from(r.header.table);
     for a in &r.attributes {
         match a {
+            RouteAttribute::NhId(id) => nhid = Some(*id),
             RouteAttribute::Destination(RouteAddress::Inet(ip)) => dst = Some(IpAddr::V4(*ip)),
             RouteAttribute::Destination(RouteAddress::Inet6(ip)) => dst = Some(IpAddr::V6(*ip)),
             RouteAttribute::Oif(i) => oif = Some(*i),
@@ -312,8 +385,11 @@ fn route_spec(r: &RouteMessage, table: u32, by_index: &HashMap<u32, String>) -> 
     let dst = IpNet::new(dst, r.header.destination_prefix_length).ok()?;
     // A route through an interface that is not ours (or gone) is stale: name it so that
     // the plan deletes it.
+    if nhid.is_some() {
+        return Some(RouteSpec { dst, dev: String::new(), src, nhid, pinned: false });
+    }
     let dev = oif.and_then(|i| by_index.get(&i).cloned()).unwrap_or_else(|| format!("#{}", oif.unwrap_or(0)));
-    Some(RouteSpec { dst, dev, src })
+    Some(RouteSpec { dst, dev, src, nhid: None, pinned: false })
 }
 
 fn rule_message(r: &RuleSpec) -> RuleMessage {
@@ -321,10 +397,12 @@ fn rule_message(r: &RuleSpec) -> RuleMessage {
     msg.header.family = family(r.v6);
     msg.header.table = if r.table < 256 { r.table as u8 } else { 0 };
     msg.header.action = RuleAction::ToTable;
-    msg.header.flags = RuleFlags::Invert;
+    if r.invert {
+        msg.header.flags = RuleFlags::Invert;
+    }
     msg.attributes.push(RuleAttribute::Priority(r.priority));
     msg.attributes.push(RuleAttribute::FwMark(r.fwmark));
-    msg.attributes.push(RuleAttribute::FwMask(u32::MAX));
+    msg.attributes.push(RuleAttribute::FwMask(r.mask));
     msg.attributes.push(RuleAttribute::Table(r.table));
     msg.attributes.push(RuleAttribute::Protocol(RouteProtocol::from(RTPROT_DETOUR)));
     msg

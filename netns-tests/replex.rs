@@ -1,0 +1,151 @@
+//! REPLEX multipath (issue 5): two rate-limited paths from alice to bob, the direct one
+//! through the router (20 Mbit/s) and one through carol over links of their own
+//! (10 Mbit/s), under a closed loop of many short TCP uploads.
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use crate::lab::Lab;
+
+const UP: Duration = Duration::from_secs(15);
+const FLOWS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/netns-tests/helpers/flows.py");
+/// The direct path's tbf rate, Mbit/s: no load can get more through it alone.
+const DIRECT_MBIT: f64 = 20.0;
+
+/// One second of alice's view of bob: (path, target share, realized share, cost ms).
+type Sample = Vec<(String, f64, f64, Option<f64>)>;
+
+fn lab() -> Lab {
+    let mut lab = Lab::new(&["alice", "bob", "carol"]);
+    let (a, b, c) = (lab.host("alice").ns.clone(), lab.host("bob").ns.clone(), lab.host("carol").ns.clone());
+    let links = format!(
+        "set -e
+ip link add ac0 netns {a} type veth peer name ca0 netns {c}
+ip link add cb0 netns {c} type veth peer name bc0 netns {b}
+ip -n {a} addr add 10.9.1.1/30 dev ac0
+ip -n {c} addr add 10.9.1.2/30 dev ca0
+ip -n {c} addr add 10.9.2.1/30 dev cb0
+ip -n {b} addr add 10.9.2.2/30 dev bc0
+for x in '{a} ac0' '{c} ca0' '{c} cb0' '{b} bc0'; do set -- $x; ip -n $1 link set $2 up; done
+ip netns exec {r} tc qdisc add dev r2 root tbf rate {DIRECT_MBIT}mbit burst 32kb latency 50ms
+ip netns exec {a} tc qdisc add dev ac0 root tbf rate 10mbit burst 32kb latency 50ms
+ip netns exec {c} tc qdisc add dev cb0 root tbf rate 10mbit burst 32kb latency 50ms
+",
+        r = lab.router
+    );
+    let o = crate::lab::host_sh(&links);
+    assert!(o.ok, "relay links: {}", o.stderr);
+    let alice = lab.node_section("alice", "")
+        + &lab.peer_section("bob", None, "")
+        + &lab.peer_section("carol", Some("10.9.1.2"), "")
+        + "\n[replex]\nenabled = true\n";
+    let bob = lab.node_section("bob", "") + &lab.peer_section("alice", None, "") + &lab.peer_section("carol", Some("10.9.2.1"), "");
+    let carol = lab.node_section("carol", "") + &lab.peer_section("alice", Some("10.9.1.1"), "") + &lab.peer_section("bob", Some("10.9.2.2"), "");
+    lab.write_config("alice", &alice);
+    lab.write_config("bob", &bob);
+    lab.write_config("carol", &carol);
+    lab.start_all();
+    lab.wait_up("alice", &["bob", "carol"], UP);
+    lab.wait_up("bob", &["alice", "carol"], UP);
+    lab
+}
+
+fn sample(lab: &Lab) -> Sample {
+    let s = lab.status("alice");
+    Lab::peer(&s, "bob")["shares"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|r| r["status"] == "live")
+        .map(|r| (r["path"].as_str().unwrap_or("").to_string(), r["target_share"].as_f64().unwrap_or(0.0), r["realized_share"].as_f64().unwrap_or(0.0), r["cost_ms"].as_f64()))
+        .collect()
+}
+
+fn mean(v: impl Iterator<Item = f64>) -> f64 {
+    let v: Vec<f64> = v.collect();
+    v.iter().sum::<f64>() / v.len().max(1) as f64
+}
+
+#[test]
+fn shares_move_off_the_congested_path_aggregate_beats_it_and_no_flow_changes_path() {
+    let mut lab = lab();
+    // bob marks each upload connection by where its packets arrive: 1 through the overlay
+    // (alice's TUN), 2 straight from alice's underlay address. A connection marked 3 was
+    // spread over both paths.
+    lab.ok(
+        "bob",
+        "iptables -t mangle -A PREROUTING -p tcp --dport 9200 -i dt-alice -j CONNMARK --or-mark 0x1
+iptables -t mangle -A PREROUTING -p tcp --dport 9200 -i eth0 -s 10.0.1.2 -j CONNMARK --or-mark 0x2
+iptables -t mangle -A PREROUTING -p tcp --dport 9200 -m connmark --mark 0x3/0x3",
+    );
+    // REPLEX needs both routes live before it can split.
+    let t0 = Instant::now();
+    while sample(&lab).len() < 2 {
+        assert!(t0.elapsed() < Duration::from_secs(30), "the relay route never became live:\n{}", lab.log("alice"));
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let bob_ns = lab.host("bob").ns.clone();
+    let mut server = Command::new("ip").args(["netns", "exec", &bob_ns, "python3", FLOWS, "server", "9200"]).stdout(Stdio::null()).stderr(Stdio::null()).spawn().expect("flow server");
+    std::thread::sleep(Duration::from_millis(500));
+    const SECONDS: u64 = 70;
+    let client = Command::new("ip")
+        .args(["netns", "exec", &lab.host("alice").ns, "python3", FLOWS, "client", "10.0.2.2", "9200", "24", "1000000", &SECONDS.to_string()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("flow client");
+    let mut samples: Vec<Sample> = Vec::new();
+    let mut group_seen = false;
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(SECONDS - 2) {
+        std::thread::sleep(Duration::from_secs(1));
+        samples.push(sample(&lab));
+        if !group_seen {
+            group_seen = lab.ok("alice", "ip nexthop show").contains("type resilient");
+        }
+    }
+    let out = client.wait_with_output().expect("flow client output");
+    let _ = server.kill();
+    let _ = server.wait();
+    assert!(out.status.success(), "flows: {}", String::from_utf8_lossy(&out.stderr));
+    let log = lab.log("alice");
+    let load: Value = serde_json::from_slice(&out.stdout).expect("flows JSON");
+    let trace: Vec<String> = samples.iter().map(|s| format!("{s:?}")).collect();
+    let trace = trace.join("\n");
+
+    // The kernel split the direct share with a resilient nexthop group.
+    assert!(group_seen, "no resilient nexthop group appeared\n{trace}");
+    // Shares moved off the congested direct path, and traffic followed them.
+    let tail = &samples[samples.len() - 20..];
+    let relay = |s: &Sample, f: fn(&(String, f64, f64, Option<f64>)) -> f64| s.iter().filter(|r| r.0.starts_with("via ")).map(f).sum::<f64>();
+    let relay_target = mean(tail.iter().map(|s| relay(s, |r| r.1)));
+    let relay_realized = mean(tail.iter().map(|s| relay(s, |r| r.2)));
+    assert!(relay_target > 0.15 && relay_target < 0.85, "relay target share {relay_target:.3} at the end\n{trace}");
+    assert!(relay_realized > 0.1, "relay realized share {relay_realized:.3} at the end\n{trace}");
+    // The measured costs came close: within 35 % of each other on 10-second means (the
+    // costs are RTTs of TCP-filled queues, noisy second by second).
+    let cost = |path: &str| mean(tail[10..].iter().flat_map(|s| s.iter().filter(|r| (r.0 == "direct") == (path == "direct")).filter_map(|r| r.3)));
+    let (cd, cr) = (cost("direct"), cost("relay"));
+    let spread = cd.max(cr) / cd.min(cr) - 1.0;
+    assert!(spread < 0.35, "costs {cd:.1} ms direct, {cr:.1} ms via the relay (spread {spread:.2})\n{trace}");
+    // More got through than the direct path alone can carry.
+    let per: Vec<f64> = load["per_second"].as_array().expect("per_second").iter().filter_map(Value::as_f64).collect();
+    let steady = mean(per[per.len() - 20..].iter().copied());
+    assert!(steady > DIRECT_MBIT, "aggregate {steady:.1} Mbit/s over the last 20 s, the direct path alone carries at most {DIRECT_MBIT}\n{load}\n{trace}");
+    assert!(load["flows"].as_u64().unwrap_or(0) > 100, "{load}");
+    // Both paths carried connections, and no connection was spread over both.
+    let counters: Vec<u64> = lab.ok("bob", "iptables -t mangle -L PREROUTING -v -n -x | awk '/dpt:9200/ {print $1}'").lines().filter_map(|l| l.trim().parse().ok()).collect();
+    assert_eq!(counters.len(), 3, "bob's marking rules: {counters:?}");
+    assert!(counters[0] > 0 && counters[1] > 0, "packets through the overlay / direct: {counters:?}");
+    let events: Vec<&str> = log.lines().filter(|l| l.contains(" INFO ") || l.contains(" WARN ")).collect::<Vec<_>>();
+    let events = events.join("\n");
+    assert_eq!(counters[2], 0, "packets of connections that arrived over both paths: {counters:?}\n{events}\n{trace}");
+
+    // At exit: no nexthops, no accounting chain, the hash policy as it was.
+    assert!(lab.stop("alice"), "alice did not exit cleanly");
+    assert_eq!(lab.ok("alice", "ip nexthop show").trim(), "", "nexthops left behind");
+    assert!(!lab.ok("alice", "iptables -t mangle -S").contains("DETOUR-ACCT"), "accounting chain left behind");
+    assert_eq!(lab.ok("alice", "cat /proc/sys/net/ipv4/fib_multipath_hash_policy").trim(), "0");
+}
