@@ -1,6 +1,7 @@
 //! REPLEX multipath (issue 5): two rate-limited paths from alice to bob, the direct one
 //! through the router (20 Mbit/s) and one through carol over links of their own
-//! (10 Mbit/s), under a closed loop of many short TCP uploads.
+//! (10 Mbit/s), under many short TCP uploads arriving at random (28 Mbit/s offered: more
+//! than either path carries, less than both).
 
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -31,13 +32,12 @@ ip -n {b} addr add 10.9.2.2/30 dev bc0
 for x in '{a} ac0' '{c} ca0' '{c} cb0' '{b} bc0'; do set -- $x; ip -n $1 link set $2 up; done
 ip netns exec {r} tc qdisc add dev r2 root tbf rate {DIRECT_MBIT}mbit burst 32kb latency 50ms
 ip netns exec {a} tc qdisc add dev ac0 root tbf rate 10mbit burst 32kb latency 50ms
-ip netns exec {c} tc qdisc add dev cb0 root tbf rate 10mbit burst 32kb latency 50ms
 ",
         r = lab.router
     );
     let o = crate::lab::host_sh(&links);
     assert!(o.ok, "relay links: {}", o.stderr);
-    let alice = lab.node_section("alice", "")
+    let alice = lab.node_section("alice", "metrics_listen = \"127.0.0.1:9772\"")
         + &lab.peer_section("bob", None, "")
         + &lab.peer_section("carol", Some("10.9.1.2"), "")
         + "\n[replex]\nenabled = true\n";
@@ -89,9 +89,9 @@ iptables -t mangle -A PREROUTING -p tcp --dport 9200 -m connmark --mark 0x3/0x3"
     let bob_ns = lab.host("bob").ns.clone();
     let mut server = Command::new("ip").args(["netns", "exec", &bob_ns, "python3", FLOWS, "server", "9200"]).stdout(Stdio::null()).stderr(Stdio::null()).spawn().expect("flow server");
     std::thread::sleep(Duration::from_millis(500));
-    const SECONDS: u64 = 70;
+    const SECONDS: u64 = 80;
     let client = Command::new("ip")
-        .args(["netns", "exec", &lab.host("alice").ns, "python3", FLOWS, "client", "10.0.2.2", "9200", "24", "1000000", &SECONDS.to_string()])
+        .args(["netns", "exec", &lab.host("alice").ns, "python3", FLOWS, "client", "10.0.2.2", "9200", "64", "1000000", &SECONDS.to_string(), "3.5"])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -118,22 +118,23 @@ iptables -t mangle -A PREROUTING -p tcp --dport 9200 -m connmark --mark 0x3/0x3"
     // The kernel split the direct share with a resilient nexthop group.
     assert!(group_seen, "no resilient nexthop group appeared\n{trace}");
     // Shares moved off the congested direct path, and traffic followed them.
-    let tail = &samples[samples.len() - 20..];
+    let tail = &samples[samples.len() - 40..];
     let relay = |s: &Sample, f: fn(&(String, f64, f64, Option<f64>)) -> f64| s.iter().filter(|r| r.0.starts_with("via ")).map(f).sum::<f64>();
     let relay_target = mean(tail.iter().map(|s| relay(s, |r| r.1)));
     let relay_realized = mean(tail.iter().map(|s| relay(s, |r| r.2)));
     assert!(relay_target > 0.15 && relay_target < 0.85, "relay target share {relay_target:.3} at the end\n{trace}");
     assert!(relay_realized > 0.1, "relay realized share {relay_realized:.3} at the end\n{trace}");
-    // The measured costs came close: within 35 % of each other on 10-second means (the
-    // costs are RTTs of TCP-filled queues, noisy second by second).
-    let cost = |path: &str| mean(tail[10..].iter().flat_map(|s| s.iter().filter(|r| (r.0 == "direct") == (path == "direct")).filter_map(|r| r.3)));
+    // The measured costs came close: within 50 % of each other on 40-second means (the
+    // costs are RTTs of filled queues and swing second by second; the benchmark, longer,
+    // checks 20 % on 60-second means).
+    let cost = |path: &str| mean(tail.iter().flat_map(|s| s.iter().filter(|r| (r.0 == "direct") == (path == "direct")).filter_map(|r| r.3)));
     let (cd, cr) = (cost("direct"), cost("relay"));
     let spread = cd.max(cr) / cd.min(cr) - 1.0;
-    assert!(spread < 0.35, "costs {cd:.1} ms direct, {cr:.1} ms via the relay (spread {spread:.2})\n{trace}");
+    assert!(spread < 0.5, "costs {cd:.1} ms direct, {cr:.1} ms via the relay (spread {spread:.2})\n{trace}");
     // More got through than the direct path alone can carry.
     let per: Vec<f64> = load["per_second"].as_array().expect("per_second").iter().filter_map(Value::as_f64).collect();
-    let steady = mean(per[per.len() - 20..].iter().copied());
-    assert!(steady > DIRECT_MBIT, "aggregate {steady:.1} Mbit/s over the last 20 s, the direct path alone carries at most {DIRECT_MBIT}\n{load}\n{trace}");
+    let steady = mean(per[per.len() - 30..].iter().copied());
+    assert!(steady > DIRECT_MBIT, "aggregate {steady:.1} Mbit/s over the last 30 s, the direct path alone carries at most {DIRECT_MBIT}\n{load}\n{trace}");
     assert!(load["flows"].as_u64().unwrap_or(0) > 100, "{load}");
     // Both paths carried connections, and no connection was spread over both.
     let counters: Vec<u64> = lab.ok("bob", "iptables -t mangle -L PREROUTING -v -n -x | awk '/dpt:9200/ {print $1}'").lines().filter_map(|l| l.trim().parse().ok()).collect();
@@ -142,6 +143,19 @@ iptables -t mangle -A PREROUTING -p tcp --dport 9200 -m connmark --mark 0x3/0x3"
     let events: Vec<&str> = log.lines().filter(|l| l.contains(" INFO ") || l.contains(" WARN ")).collect::<Vec<_>>();
     let events = events.join("\n");
     assert_eq!(counters[2], 0, "packets of connections that arrived over both paths: {counters:?}\n{events}\n{trace}");
+
+    // The metrics show each route's target share, realized share and cost.
+    let metrics = lab.ok("alice", "python3 -c 'import urllib.request; print(urllib.request.urlopen(\"http://127.0.0.1:9772/metrics\").read().decode())'");
+    let value = |name: &str, path: &str| -> Option<f64> {
+        metrics.lines().find(|l| l.starts_with(&format!("detour_{name}{{peer=\"bob\",path=\"{path}\"")))?.rsplit(' ').next()?.parse().ok()
+    };
+    for path in ["direct", "via carol"] {
+        for name in ["route_target_share", "route_realized_share", "route_cost_seconds"] {
+            assert!(value(name, path).is_some_and(|v| v >= 0.0), "no {name} for {path} in the metrics:\n{metrics}");
+        }
+    }
+    let total = value("route_target_share", "direct").unwrap_or(0.0) + value("route_target_share", "via carol").unwrap_or(0.0);
+    assert!((total - 1.0).abs() < 1e-6, "target shares sum to {total}\n{metrics}");
 
     // At exit: no nexthops, no accounting chain, the hash policy as it was.
     assert!(lab.stop("alice"), "alice did not exit cleanly");

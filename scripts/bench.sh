@@ -14,7 +14,7 @@
 #               HTB on the sender's underlay interface, and without it), in one run; then
 #               directory convergence after a node joins overlays of 10 and 50 nodes.
 #   replex      two paths from alice to bob: the direct one (20 Mbit/s, tbf in the router)
-#               and one through carol over separate links (10 Mbit/s, tbf on each hop).
+#               and one through carol over separate links (10 Mbit/s, tbf on alice's link to carol).
 #               A closed loop of many short TCP uploads (flows.py) runs over the direct
 #               path alone, the relay alone (direct path cut), an equal split, and REPLEX
 #               (default parameters unless BENCH_REPLEX_LAMBDA / BENCH_REPLEX_PERIOD_MS);
@@ -348,7 +348,9 @@ EOF
 bench_replex() {
   local A="${P}h1" B="${P}h2" C="${P}h3" R="${P}r"
   local FLOWS="$DETOUR_ROOT/netns-tests/helpers/flows.py"
-  local WORKERS=${BENCH_FLOW_WORKERS:-24} SIZE=${BENCH_FLOW_BYTES:-1000000}
+  # Open loop: 1 MB uploads arriving at random, 3.5 per second (28 Mbit/s offered: more than
+  # either path, less than both), at most 64 at once.
+  local WORKERS=${BENCH_FLOW_WORKERS:-64} SIZE=${BENCH_FLOW_BYTES:-1000000} RATE=${BENCH_FLOW_RATE:-3.5}
   local BASE=${BENCH_REPLEX_BASE_SECONDS:-30} RUN=${BENCH_REPLEX_SECONDS:-150}
   topo_create "$P" 3
   # The relay path: alice - carol - bob over their own veth links (not the router).
@@ -361,7 +363,6 @@ bench_replex() {
   ip -n "$A" link set ac0 up; ip -n "$C" link set ca0 up; ip -n "$C" link set cb0 up; ip -n "$B" link set bc0 up
   ip netns exec "$R" tc qdisc add dev r2 root tbf rate 20mbit burst 32kb latency 50ms
   ip netns exec "$A" tc qdisc add dev ac0 root tbf rate 10mbit burst 32kb latency 50ms
-  ip netns exec "$C" tc qdisc add dev cb0 root tbf rate 10mbit burst 32kb latency 50ms
   local n
   for n in alice bob carol; do "$BIN/detourctl" genkey "$DIR/$n.key" >/dev/null 2>&1; done
   write_config "$DIR" bob 2 alice:1
@@ -397,7 +398,7 @@ sys.exit(0 if sum(r["status"] == "live" for r in p["shares"]) >= 2 else 1)' && r
     done
     return 1
   }
-  load() { ip netns exec "$A" python3 "$FLOWS" client 10.0.2.2 9200 "$WORKERS" "$SIZE" "$1"; }
+  load() { ip netns exec "$A" python3 "$FLOWS" client 10.0.2.2 9200 "$WORKERS" "$SIZE" "$1" "$RATE"; }
   local direct relay equal adaptive
   if [ -n "${BENCH_REPLEX_ONLY:-}" ]; then
     direct='{"mbit_s": 1, "failed": 0}'; relay=$direct; equal=$direct
@@ -424,9 +425,10 @@ sys.exit(0 if sum(r["status"] == "live" for r in p["shares"]) >= 2 else 1)' && r
   alice_with $'[replex]\nenabled = true'"$extra"
   ready
   load "$RUN" >"$DIR/adaptive.json" &
-  local lpid=$! t
+  local lpid=$! t0=$SECONDS
   : >"$DIR/samples"
-  while kill -0 "$lpid" 2>/dev/null; do
+  # One sample a second while flows arrive (not while the last ones drain).
+  while [ $((SECONDS - t0)) -lt "$RUN" ]; do
     sleep 1
     ip netns exec "$A" "$BIN/detourctl" status --json -s "$DIR/alice.sock" | python3 -c '
 import json, sys
@@ -442,7 +444,7 @@ print(" | ".join("%s %.0f%% (realized %.0f%%, %s ms)" % (r["path"], 100 * r["tar
   fi
   adaptive=$(cat "$DIR/adaptive.json")
   [ -n "${BENCH_SAMPLES:-}" ] && cp "$DIR/samples" "$BENCH_SAMPLES"
-  python3 - "$direct" "$relay" "$equal" "$adaptive" "$DIR/samples" "$BASE" <<'EOF'
+  python3 - "$direct" "$relay" "$equal" "$adaptive" "$DIR/samples" "$BASE" "$RATE" "$SIZE" <<'EOF'
 import json, sys
 direct, relay, equal, adaptive = (json.loads(x) for x in sys.argv[1:5])
 base = int(sys.argv[6])
@@ -453,8 +455,11 @@ for line in open(sys.argv[5]):
     except (ValueError, IndexError, KeyError):
         continue
     samples.append([r for r in p["shares"] if r["status"] == "live"])
-# The last samples see the load winding down (workers finishing their last flows).
-samples = samples[:-3]
+W = 60  # seconds of the final state
+last = samples[-W:]
+def mean(v):
+    v = [x for x in v if x is not None]
+    return sum(v) / len(v) if v else None
 def costs(window):
     """Mean cost of each route used (target share > 2 %) over a window of samples."""
     acc = {}
@@ -466,40 +471,45 @@ def costs(window):
 def spread(window):
     c = list(costs(window).values())
     return max(c) / max(min(c), 1e-9) - 1 if len(c) >= 2 else None
-# Costs are the smoothed RTTs of TCP-filled queues: noisy. Converged: from this second on,
-# every 10 s window's mean costs of the used routes are within 20 % of each other.
-W = 10
+def share(s, path):
+    return sum(r["target_share"] for r in s if r["path"] == path)
+# Converged: from this second on, the direct route's target share stays within 10
+# percentage points of its final value (mean over the last 60 s). Costs are RTTs of
+# filled queues and swing second by second; they are compared on 60-second means.
+final_direct = mean([share(s, "direct") for s in last])
 conv = None
-for i in range(len(samples) - W + 1):
-    if all((lambda x: x is not None and x <= 0.2)(spread(samples[j:j + W])) for j in range(i, len(samples) - W + 1)):
-        conv = i + W
+for i in range(len(samples)):
+    if all(abs(share(s, "direct") - final_direct) <= 0.1 for s in samples[i:]):
+        conv = i + 1
         break
-last = samples[-2 * W:]
-def mean(v):
-    v = [x for x in v if x is not None]
-    return sum(v) / len(v) if v else None
 final = {}
 for s in last:
     for r in s:
         f = final.setdefault(r["path"], {"target": [], "realized": [], "cost": []})
         f["target"].append(r["target_share"]); f["realized"].append(r["realized_share"]); f["cost"].append(r["cost_ms"])
-per = adaptive["per_second"]
-steady = per[-base:] if len(per) >= base else per
-steady_rate = sum(steady) / len(steady)
-best = max(direct["mbit_s"], relay["mbit_s"])
+# Rates: bytes the uploads got through per second, after the first 5 s (baselines) or
+# over the last BASE seconds (REPLEX, converged).
+def rate(run, last=None):
+    per = run.get("per_second") or [run["mbit_s"]]
+    per = per[-last:] if last else (per[5:] or per)
+    return sum(per) / len(per)
+d_rate, r_rate, e_rate = rate(direct), rate(relay), rate(equal)
+steady_rate = rate(adaptive, base)
+best = max(d_rate, r_rate)
 r = {
     "bench": "replex",
-    "direct_only_mbit_s": direct["mbit_s"],
-    "relay_only_mbit_s": relay["mbit_s"],
-    "equal_split_mbit_s": equal["mbit_s"],
+    "offered_mbit_s": round(float(sys.argv[7]) * float(sys.argv[8]) * 8 / 1e6, 3),
+    "direct_only_mbit_s": round(d_rate, 3),
+    "relay_only_mbit_s": round(r_rate, 3),
+    "equal_split_mbit_s": round(e_rate, 3),
     "replex_mbit_s": round(steady_rate, 3),
-    "replex_whole_run_mbit_s": adaptive["mbit_s"],
     "replex_converge_s": conv,
     "replex_vs_best_single_ratio": round(steady_rate / best, 3),
-    "replex_vs_equal_split_ratio": round(steady_rate / equal["mbit_s"], 3),
+    "replex_vs_equal_split_ratio": round(steady_rate / e_rate, 3),
     "replex_final_cost_spread": round(spread(last), 3) if spread(last) is not None else None,
     "replex_final": {k: {"target_share": round(mean(v["target"]), 3), "realized_share": round(mean(v["realized"]), 3), "cost_ms": round(mean(v["cost"]), 2)} for k, v in final.items()},
-    "flows_failed": direct["failed"] + relay["failed"] + equal["failed"] + adaptive["failed"],
+    "replex_flows_failed": adaptive["failed"],
+    "replex_flows_rejected": adaptive.get("rejected", 0),
 }
 print(json.dumps(r))
 EOF

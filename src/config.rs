@@ -129,6 +129,8 @@ pub struct NodeConfig {
     /// Underlay data endpoints published in the directory; empty means this host's global
     /// addresses with the data port.
     pub advertise: Vec<SocketAddr>,
+    /// Where to serve Prometheus metrics over HTTP (`None`: off).
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 /// REPLEX multipath (`[replex]`; `replex-spec.md` §3.7).
@@ -347,6 +349,7 @@ struct RawNode {
     uptime: Option<String>,
     #[serde(default)]
     advertise: Vec<String>,
+    metrics_listen: Option<String>,
 }
 
 #[derive(Deserialize, Debug, Default)]
@@ -660,6 +663,14 @@ fn validate(raw: RawConfig, file: &str, errs: &mut Errors) -> Option<Config> {
             crate::directory::Uptime::Stable
         }
     };
+    let metrics_listen = match n.metrics_listen.as_deref().map(str::parse::<SocketAddr>) {
+        None => None,
+        Some(Ok(sa)) => Some(sa),
+        Some(Err(_)) => {
+            errs.push("node.metrics_listen", format!("expected an address and port such as `127.0.0.1:9772`, got `{}`", n.metrics_listen.as_deref().unwrap_or("")));
+            None
+        }
+    };
     let mut advertise = Vec::new();
     for (i, a) in n.advertise.iter().enumerate() {
         match a.parse::<SocketAddr>().or_else(|_| a.parse::<IpAddr>().map(|ip| SocketAddr::new(ip, data_port))) {
@@ -850,6 +861,7 @@ fn validate(raw: RawConfig, file: &str, errs: &mut Errors) -> Option<Config> {
             relay,
             uptime,
             advertise,
+            metrics_listen,
         },
         kernel: KernelConfig { table, rule_priority, fwmark, aggregate_interface, interface_prefix, link_pool_v4 },
         failover,

@@ -532,10 +532,129 @@ mod tests {
     }
 
     #[test]
+    fn metric_labels_are_escaped() {
+        assert_eq!(label("via \"x\"\\\n"), "via \\\"x\\\"\\\\\\n");
+    }
+
+    #[test]
     fn renders_units() {
         assert_eq!(bytes(512), "512 B");
         assert_eq!(bytes(1536), "1.5 KiB");
         assert_eq!(ago(Some(0.25)), "250 ms ago");
         assert_eq!(ago(None), "never");
     }
+}
+
+/// Escapes a Prometheus label value (backslash, quote, newline).
+fn label(v: &str) -> String {
+    v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+}
+
+/// Renders `status` and `paths` as Prometheus metrics (text exposition format 0.0.4):
+/// per peer its state, traffic and drops; per monitored path its RTT (seconds), loss
+/// (0..1) and state; per REPLEX route (`replex-spec.md` §3) its target share, realized
+/// share (0..1) and cost (seconds); node-wide drops, relaying, ICMP interception and the
+/// management overlay. Served by `detourd` on `node.metrics_listen`.
+pub fn render_metrics(status: &Status, paths: &[PeerPaths]) -> String {
+    let mut o = String::new();
+    let family = |o: &mut String, name: &str, kind: &str, help: &str| {
+        let _ = writeln!(o, "# HELP detour_{name} {help}\n# TYPE detour_{name} {kind}");
+    };
+    family(&mut o, "uptime_seconds", "gauge", "Seconds since detourd started.");
+    let _ = writeln!(o, "detour_uptime_seconds{{node=\"{}\"}} {}", label(&status.node.name), status.node.uptime_s);
+    family(&mut o, "peer_up", "gauge", "1 while the session with the peer is up.");
+    for p in &status.peers {
+        let _ = writeln!(o, "detour_peer_up{{peer=\"{}\"}} {}", label(&p.name), u8::from(p.state == "up"));
+    }
+    family(&mut o, "peer_rerouted", "gauge", "1 while the peer's protected destinations are routed into the overlay (failover).");
+    for p in &status.peers {
+        let _ = writeln!(o, "detour_peer_rerouted{{peer=\"{}\"}} {}", label(&p.name), u8::from(p.protected));
+    }
+    family(&mut o, "peer_rtt_seconds", "gauge", "Smoothed RTT of the path in use to the peer.");
+    for p in &status.peers {
+        if let Some(r) = p.rtt_ms {
+            let _ = writeln!(o, "detour_peer_rtt_seconds{{peer=\"{}\"}} {}", label(&p.name), r / 1000.0);
+        }
+    }
+    for (name, what, get) in [
+        ("peer_receive_bytes_total", "Bytes received from the peer through the overlay.", (|p: &PeerStatus| p.rx_bytes) as fn(&PeerStatus) -> u64),
+        ("peer_transmit_bytes_total", "Bytes sent to the peer through the overlay.", |p: &PeerStatus| p.tx_bytes),
+        ("peer_receive_packets_total", "Packets received from the peer through the overlay.", |p: &PeerStatus| p.rx_packets),
+        ("peer_transmit_packets_total", "Packets sent to the peer through the overlay.", |p: &PeerStatus| p.tx_packets),
+        ("peer_route_changes_total", "Changes of the path in use to the peer.", |p: &PeerStatus| p.route_changes),
+    ] {
+        family(&mut o, name, "counter", what);
+        for p in &status.peers {
+            let _ = writeln!(o, "detour_{name}{{peer=\"{}\"}} {}", label(&p.name), get(p));
+        }
+    }
+    family(&mut o, "peer_drops_total", "counter", "Packets from or to the peer dropped, by reason.");
+    for p in &status.peers {
+        for (reason, n) in &p.drops {
+            let _ = writeln!(o, "detour_peer_drops_total{{peer=\"{}\",reason=\"{}\"}} {n}", label(&p.name), label(reason));
+        }
+    }
+    family(&mut o, "drops_total", "counter", "Packets dropped that belong to no peer, by reason.");
+    for (reason, n) in &status.drops {
+        let _ = writeln!(o, "detour_drops_total{{reason=\"{}\"}} {n}", label(reason));
+    }
+    family(&mut o, "path_up", "gauge", "1 while a monitored path to a peer is up.");
+    for pp in paths {
+        for r in &pp.paths {
+            let _ = writeln!(o, "detour_path_up{{peer=\"{}\",path=\"{}\"}} {}", label(&pp.name), label(&r.path), u8::from(r.state == "up"));
+        }
+    }
+    family(&mut o, "path_in_use", "gauge", "1 for the path that carries the peer's traffic.");
+    for pp in paths {
+        for r in &pp.paths {
+            let _ = writeln!(o, "detour_path_in_use{{peer=\"{}\",path=\"{}\"}} {}", label(&pp.name), label(&r.path), u8::from(r.in_use));
+        }
+    }
+    family(&mut o, "path_rtt_seconds", "gauge", "Smoothed probe RTT of a path.");
+    for pp in paths {
+        for r in &pp.paths {
+            if let Some(rtt) = r.rtt_ms {
+                let _ = writeln!(o, "detour_path_rtt_seconds{{peer=\"{}\",path=\"{}\"}} {}", label(&pp.name), label(&r.path), rtt / 1000.0);
+            }
+        }
+    }
+    family(&mut o, "path_loss_ratio", "gauge", "Smoothed probe loss of a path (0..1).");
+    for pp in paths {
+        for r in &pp.paths {
+            let _ = writeln!(o, "detour_path_loss_ratio{{peer=\"{}\",path=\"{}\"}} {}", label(&pp.name), label(&r.path), r.loss_pct / 100.0);
+        }
+    }
+    family(&mut o, "route_target_share", "gauge", "REPLEX target share of a route to the peer (0..1).");
+    for p in &status.peers {
+        for r in &p.shares {
+            let _ = writeln!(o, "detour_route_target_share{{peer=\"{}\",path=\"{}\",status=\"{}\"}} {}", label(&p.name), label(&r.path), label(&r.status), r.target_share);
+        }
+    }
+    family(&mut o, "route_realized_share", "gauge", "Share of the bytes to the peer that the route carried in the last REPLEX round (0..1).");
+    for p in &status.peers {
+        for r in &p.shares {
+            let _ = writeln!(o, "detour_route_realized_share{{peer=\"{}\",path=\"{}\"}} {}", label(&p.name), label(&r.path), r.realized_share);
+        }
+    }
+    family(&mut o, "route_cost_seconds", "gauge", "REPLEX cost of a route: smoothed RTT plus the loss penalty.");
+    for p in &status.peers {
+        for r in &p.shares {
+            if let Some(c) = r.cost_ms {
+                let _ = writeln!(o, "detour_route_cost_seconds{{peer=\"{}\",path=\"{}\"}} {}", label(&p.name), label(&r.path), c / 1000.0);
+            }
+        }
+    }
+    family(&mut o, "relayed_bytes_total", "counter", "Bytes this node relayed for others.");
+    let _ = writeln!(o, "detour_relayed_bytes_total {}", status.relayed_bytes);
+    family(&mut o, "relayed_packets_total", "counter", "Packets this node relayed for others.");
+    let _ = writeln!(o, "detour_relayed_packets_total {}", status.relayed_packets);
+    family(&mut o, "icmp_rerouted_total", "counter", "ICMP unreachable errors caught and answered by a reroute.");
+    let _ = writeln!(o, "detour_icmp_rerouted_total {}", status.icmp.rerouted);
+    family(&mut o, "tcp_stalls_total", "counter", "Stalled TCP connections towards protected destinations.");
+    let _ = writeln!(o, "detour_tcp_stalls_total {}", status.icmp.tcp_stalls);
+    family(&mut o, "refused_handshakes_total", "counter", "Management handshakes refused for an unknown key.");
+    let _ = writeln!(o, "detour_refused_handshakes_total {}", status.refused_handshakes);
+    family(&mut o, "directory_nodes", "gauge", "Nodes in the directory (this one included).");
+    let _ = writeln!(o, "detour_directory_nodes {}", status.management.directory_nodes);
+    o
 }

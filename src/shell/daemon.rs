@@ -375,6 +375,11 @@ async fn run_inner(identity: &Identity, model: Model, nl: Netlink, listener: tok
     }
     let handler_shared = shared.clone();
     tasks.push(tokio::spawn(control::serve(listener, Arc::new(move |req| handle(&handler_shared, req)))));
+    if let Some(addr) = cfg.node.metrics_listen {
+        let metrics_shared = shared.clone();
+        let l = crate::shell::metrics::bind(addr).await?;
+        tasks.push(tokio::spawn(crate::shell::metrics::serve(l, Arc::new(move || crate::ctl::render_metrics(&status(&metrics_shared), &paths(&metrics_shared))))));
+    }
 
     tracing::info!(
         "detourd up: node {} ({}), data port {}, management port {}, local API {}, {} configured peers",

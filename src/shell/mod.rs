@@ -15,3 +15,4 @@ pub mod peers;
 pub mod priority;
 pub mod nexthop;
 pub mod acct;
+pub mod metrics;
