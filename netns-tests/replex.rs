@@ -15,8 +15,10 @@ const FLOWS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/netns-tests/helpers/fl
 /// The direct path's tbf rate, Mbit/s: no load can get more through it alone.
 const DIRECT_MBIT: f64 = 20.0;
 
-/// One second of alice's view of bob: (path, target share, realized share, cost ms).
-type Sample = Vec<(String, f64, f64, Option<f64>)>;
+/// One route in alice's view of bob: (path, target share, realized share, cost ms).
+type Route = (String, f64, f64, Option<f64>);
+/// One second of alice's view of bob.
+type Sample = Vec<Route>;
 
 fn lab() -> Lab {
     let mut lab = Lab::new(&["alice", "bob", "carol"]);
@@ -119,7 +121,7 @@ iptables -t mangle -A PREROUTING -p tcp --dport 9200 -m connmark --mark 0x3/0x3"
     assert!(group_seen, "no resilient nexthop group appeared\n{trace}");
     // Shares moved off the congested direct path, and traffic followed them.
     let tail = &samples[samples.len() - 40..];
-    let relay = |s: &Sample, f: fn(&(String, f64, f64, Option<f64>)) -> f64| s.iter().filter(|r| r.0.starts_with("via ")).map(f).sum::<f64>();
+    let relay = |s: &Sample, f: fn(&Route) -> f64| s.iter().filter(|r| r.0.starts_with("via ")).map(f).sum::<f64>();
     let relay_target = mean(tail.iter().map(|s| relay(s, |r| r.1)));
     let relay_realized = mean(tail.iter().map(|s| relay(s, |r| r.2)));
     assert!(relay_target > 0.15 && relay_target < 0.85, "relay target share {relay_target:.3} at the end\n{trace}");

@@ -17,7 +17,7 @@
 #               and one through carol over separate links (10 Mbit/s, tbf on alice's link to carol).
 #               A closed loop of many short TCP uploads (flows.py) runs over the direct
 #               path alone, the relay alone (direct path cut), an equal split, and REPLEX
-#               (default parameters unless BENCH_REPLEX_LAMBDA / BENCH_REPLEX_PERIOD_MS);
+#               (lambda 0.1, rounds every 2 s; BENCH_REPLEX_LAMBDA, BENCH_REPLEX_PERIOD_MS);
 #               time to converge, final shares and costs, and throughput ratios.
 #
 # BENCH_SECONDS (default 10) sets the length of each iperf3 run. Run as root.
@@ -351,7 +351,7 @@ bench_replex() {
   # Open loop: 1 MB uploads arriving at random, 3.5 per second (28 Mbit/s offered: more than
   # either path, less than both), at most 64 at once.
   local WORKERS=${BENCH_FLOW_WORKERS:-64} SIZE=${BENCH_FLOW_BYTES:-1000000} RATE=${BENCH_FLOW_RATE:-3.5}
-  local BASE=${BENCH_REPLEX_BASE_SECONDS:-30} RUN=${BENCH_REPLEX_SECONDS:-150}
+  local BASE=${BENCH_REPLEX_BASE_SECONDS:-30} RUN=${BENCH_REPLEX_SECONDS:-240}
   topo_create "$P" 3
   # The relay path: alice - carol - bob over their own veth links (not the router).
   ip link add ac0 netns "$A" type veth peer name ca0 netns "$C"
@@ -421,7 +421,9 @@ sys.exit(0 if sum(r["status"] == "live" for r in p["shares"]) >= 2 else 1)' && r
   echo "REPLEX, ${RUN} s..." >&2
   local extra=""
   [ -n "${BENCH_REPLEX_LAMBDA:-}" ] && extra+=$'\nlambda = '"$BENCH_REPLEX_LAMBDA"
-  [ -n "${BENCH_REPLEX_PERIOD_MS:-}" ] && extra+=$'\nperiod_ms = '"$BENCH_REPLEX_PERIOD_MS"
+  # Flows of a second or more: rounds every 2 s (replex-spec.md §3.7: longer periods for
+  # longer flows), so that a round sees the effect of the last one.
+  extra+=$'\nperiod_ms = '"${BENCH_REPLEX_PERIOD_MS:-2000}"
   alice_with $'[replex]\nenabled = true'"$extra"
   ready
   load "$RUN" >"$DIR/adaptive.json" &

@@ -509,42 +509,6 @@ pub fn render_paths(peers: &[PeerPaths]) -> String {
     o
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn requests_parse_strictly() {
-        assert_eq!(serde_json::from_str::<Request>(r#"{"cmd":"status"}"#).unwrap(), Request::Status);
-        assert_eq!(serde_json::from_str::<Request>(r#"{"cmd":"paths"}"#).unwrap(), Request::Paths);
-        assert_eq!(serde_json::from_str::<Request>(r#"{"cmd":"nodes"}"#).unwrap(), Request::Nodes);
-        assert!(serde_json::from_str::<Request>(r#"{"cmd":"reboot"}"#).is_err());
-        assert!(serde_json::from_str::<Request>("\u{0}\u{1}garbage").is_err());
-    }
-
-    #[test]
-    fn every_response_serializes() {
-        let r = Response::Paths { peers: vec![PeerPaths { name: "b".into(), paths: vec![] }] };
-        let text = serde_json::to_string(&r).unwrap();
-        assert!(matches!(serde_json::from_str::<Response>(&text).unwrap(), Response::Paths { .. }));
-        let e = serde_json::to_string(&Response::Error { message: "x".into() }).unwrap();
-        assert!(e.contains("\"error\""));
-    }
-
-    #[test]
-    fn metric_labels_are_escaped() {
-        assert_eq!(label("via \"x\"\\\n"), "via \\\"x\\\"\\\\\\n");
-    }
-
-    #[test]
-    fn renders_units() {
-        assert_eq!(bytes(512), "512 B");
-        assert_eq!(bytes(1536), "1.5 KiB");
-        assert_eq!(ago(Some(0.25)), "250 ms ago");
-        assert_eq!(ago(None), "never");
-    }
-}
-
 /// Escapes a Prometheus label value (backslash, quote, newline).
 fn label(v: &str) -> String {
     v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
@@ -657,4 +621,40 @@ pub fn render_metrics(status: &Status, paths: &[PeerPaths]) -> String {
     family(&mut o, "directory_nodes", "gauge", "Nodes in the directory (this one included).");
     let _ = writeln!(o, "detour_directory_nodes {}", status.management.directory_nodes);
     o
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_parse_strictly() {
+        assert_eq!(serde_json::from_str::<Request>(r#"{"cmd":"status"}"#).unwrap(), Request::Status);
+        assert_eq!(serde_json::from_str::<Request>(r#"{"cmd":"paths"}"#).unwrap(), Request::Paths);
+        assert_eq!(serde_json::from_str::<Request>(r#"{"cmd":"nodes"}"#).unwrap(), Request::Nodes);
+        assert!(serde_json::from_str::<Request>(r#"{"cmd":"reboot"}"#).is_err());
+        assert!(serde_json::from_str::<Request>("\u{0}\u{1}garbage").is_err());
+    }
+
+    #[test]
+    fn every_response_serializes() {
+        let r = Response::Paths { peers: vec![PeerPaths { name: "b".into(), paths: vec![] }] };
+        let text = serde_json::to_string(&r).unwrap();
+        assert!(matches!(serde_json::from_str::<Response>(&text).unwrap(), Response::Paths { .. }));
+        let e = serde_json::to_string(&Response::Error { message: "x".into() }).unwrap();
+        assert!(e.contains("\"error\""));
+    }
+
+    #[test]
+    fn metric_labels_are_escaped() {
+        assert_eq!(label("via \"x\"\\\n"), "via \\\"x\\\"\\\\\\n");
+    }
+
+    #[test]
+    fn renders_units() {
+        assert_eq!(bytes(512), "512 B");
+        assert_eq!(bytes(1536), "1.5 KiB");
+        assert_eq!(ago(Some(0.25)), "250 ms ago");
+        assert_eq!(ago(None), "never");
+    }
 }
