@@ -376,7 +376,7 @@ bench_replex() {
   cp "$DIR/alice.base" "$DIR/alice.toml"
   start_daemon "$B" "$DIR" bob
   start_daemon "$C" "$DIR" carol
-  ip netns exec "$B" python3 "$FLOWS" server 9200 &
+  ip netns exec "$B" python3 "$FLOWS" server 9200 "$DIR/recv" &
   # alice_with REPLEX_SECTION: (re)starts alice's detourd with that [replex] section.
   alice_with() {
     local pid
@@ -399,6 +399,20 @@ sys.exit(0 if sum(r["status"] == "live" for r in p["shares"]) >= 2 else 1)' && r
     return 1
   }
   load() { ip netns exec "$A" python3 "$FLOWS" client 10.0.2.2 9200 "$WORKERS" "$SIZE" "$1" "$RATE"; }
+  # measure SECONDS: runs the load and adds the goodput bob received after the first 5 s.
+  measure() {
+    load "$1" >"$DIR/load.json" &
+    local p=$! a b
+    sleep 5
+    a=$(cat "$DIR/recv")
+    sleep $(($1 - 5))
+    b=$(cat "$DIR/recv")
+    wait "$p"
+    python3 -c 'import json, sys
+r = json.load(open(sys.argv[1])); a = sys.argv[2].split(); b = sys.argv[3].split()
+r["goodput_mbit_s"] = (int(b[1]) - int(a[1])) * 8 / (float(b[0]) - float(a[0])) / 1e6
+print(json.dumps(r))' "$DIR/load.json" "$a" "$b"
+  }
   local direct relay equal adaptive
   if [ -n "${BENCH_REPLEX_ONLY:-}" ]; then
     direct='{"mbit_s": 1, "failed": 0}'; relay=$direct; equal=$direct
@@ -406,17 +420,17 @@ sys.exit(0 if sum(r["status"] == "live" for r in p["shares"]) >= 2 else 1)' && r
   echo "direct path only..." >&2
   alice_with ""
   sleep 2
-  direct=$(load "$BASE")
+  direct=$(measure "$BASE")
   echo "relay path only (direct path cut)..." >&2
   ip netns exec "$R" iptables -I FORWARD -s 10.0.1.2 -d 10.0.2.2 -j DROP
   sleep 3
-  relay=$(load "$BASE")
+  relay=$(measure "$BASE")
   ip netns exec "$R" iptables -D FORWARD -s 10.0.1.2 -d 10.0.2.2 -j DROP
   echo "equal split..." >&2
   alice_with $'[replex]\nenabled = true\nmode = "equal"'
   ready
   sleep 2
-  equal=$(load "$BASE")
+  equal=$(measure "$BASE")
   fi
   echo "REPLEX, ${RUN} s..." >&2
   local extra=""
@@ -429,9 +443,11 @@ sys.exit(0 if sum(r["status"] == "live" for r in p["shares"]) >= 2 else 1)' && r
   load "$RUN" >"$DIR/adaptive.json" &
   local lpid=$! t0=$SECONDS
   : >"$DIR/samples"
+  : >"$DIR/recvs"
   # One sample a second while flows arrive (not while the last ones drain).
   while [ $((SECONDS - t0)) -lt "$RUN" ]; do
     sleep 1
+    cat "$DIR/recv" >>"$DIR/recvs"
     ip netns exec "$A" "$BIN/detourctl" status --json -s "$DIR/alice.sock" | python3 -c '
 import json, sys
 s = json.load(sys.stdin)
@@ -444,7 +460,11 @@ print(" | ".join("%s %.0f%% (realized %.0f%%, %s ms)" % (r["path"], 100 * r["tar
     { ip -n "$A" nexthop; ip -n "$A" route show table 7720; ip -n "$A" -s link show dt-bob; ip netns exec "$A" iptables -t mangle -L DETOUR-ACCT -v -n -x
       ip netns exec "$A" "$BIN/detourctl" status -s "$DIR/alice.sock"; grep -i "warn\|error\|nexthop" "$DIR/alice.log" | head -20; } >&2 || true
   fi
-  adaptive=$(cat "$DIR/adaptive.json")
+  adaptive=$(python3 -c 'import json, sys
+r = json.load(open(sys.argv[1])); v = [l.split() for l in open(sys.argv[2]) if l.strip()]
+a, b = v[max(0, len(v) - 1 - int(sys.argv[3]))], v[-1]
+r["goodput_mbit_s"] = (int(b[1]) - int(a[1])) * 8 / (float(b[0]) - float(a[0])) / 1e6
+print(json.dumps(r))' "$DIR/adaptive.json" "$DIR/recvs" "$BASE")
   [ -n "${BENCH_SAMPLES:-}" ] && cp "$DIR/samples" "$BENCH_SAMPLES"
   python3 - "$direct" "$relay" "$equal" "$adaptive" "$DIR/samples" "$BASE" "$RATE" "$SIZE" <<'EOF'
 import json, sys
@@ -489,14 +509,12 @@ for s in last:
     for r in s:
         f = final.setdefault(r["path"], {"target": [], "realized": [], "cost": []})
         f["target"].append(r["target_share"]); f["realized"].append(r["realized_share"]); f["cost"].append(r["cost_ms"])
-# Rates: bytes the uploads got through per second, after the first 5 s (baselines) or
-# over the last BASE seconds (REPLEX, converged).
-def rate(run, last=None):
-    per = run.get("per_second") or [run["mbit_s"]]
-    per = per[-last:] if last else (per[5:] or per)
-    return sum(per) / len(per)
+# Rates: goodput bob received, after the first 5 s (baselines) or over the last BASE
+# seconds (REPLEX, converged).
+def rate(run):
+    return run.get("goodput_mbit_s", run["mbit_s"])
 d_rate, r_rate, e_rate = rate(direct), rate(relay), rate(equal)
-steady_rate = rate(adaptive, base)
+steady_rate = rate(adaptive)
 best = max(d_rate, r_rate)
 r = {
     "bench": "replex",

@@ -5,12 +5,16 @@ do this back to back (a closed loop); with RATE, flows arrive at random (Poisson
 per second (an open loop, the offered load being RATE x SIZE), at most WORKERS at once
 (arrivals beyond that are counted as rejected). Runs for SECONDS.
 
-usage: flows.py server PORT
+usage: flows.py server PORT [STATS]
        flows.py client HOST PORT WORKERS SIZE SECONDS [RATE]
+
+The server counts the bytes it receives; with STATS it rewrites that file every 0.2 s
+with "<unix time> <bytes received so far>" (delivered goodput, whatever became of the
+flows).
 
 The client prints JSON: {"bytes": acknowledged bytes, "flows": completed flows,
 "failed": failed flows, "rejected": arrivals over WORKERS, "mbit_s": average rate,
-"per_second": [Mbit/s each second]}.
+"per_second": [Mbit/s of uploads completed (acknowledged by the server) each second]}.
 """
 import random
 import json
@@ -21,6 +25,10 @@ import threading
 import time
 
 
+RECEIVED = [0]
+RECEIVED_LOCK = threading.Lock()
+
+
 class Upload(socketserver.BaseRequestHandler):
     def handle(self):
         total = 0
@@ -29,6 +37,8 @@ class Upload(socketserver.BaseRequestHandler):
             if not d:
                 break
             total += len(d)
+            with RECEIVED_LOCK:
+                RECEIVED[0] += len(d)
         self.request.sendall(total.to_bytes(8, "big"))
 
 
@@ -38,7 +48,20 @@ class Server(socketserver.ThreadingTCPServer):
     request_queue_size = 256
 
 
-def serve(port):
+def serve(port, stats=None):
+    if stats:
+        import os
+
+        def write():
+            while True:
+                with RECEIVED_LOCK:
+                    n = RECEIVED[0]
+                with open(stats + ".tmp", "w") as f:
+                    f.write("%f %d\n" % (time.time(), n))
+                os.replace(stats + ".tmp", stats)
+                time.sleep(0.2)
+
+        threading.Thread(target=write, daemon=True).start()
     Server(("0.0.0.0", port), Upload).serve_forever()
 
 
@@ -63,7 +86,6 @@ def client(host, port, workers, size, seconds, rate=None):
                 while left > 0:
                     n = s.send(chunk[: min(left, len(chunk))])
                     left -= n
-                    account(n)
                 s.shutdown(socket.SHUT_WR)
                 got = b""
                 while len(got) < 8:
@@ -72,6 +94,8 @@ def client(host, port, workers, size, seconds, rate=None):
                         break
                     got += d
                 ok = len(got) == 8 and int.from_bytes(got, "big") == size
+            if ok:
+                account(size)
             with lock:
                 if ok:
                     stats["bytes"] += size
@@ -127,6 +151,6 @@ def client(host, port, workers, size, seconds, rate=None):
 
 if __name__ == "__main__":
     if sys.argv[1] == "server":
-        serve(int(sys.argv[2]))
+        serve(int(sys.argv[2]), sys.argv[3] if len(sys.argv) > 3 else None)
     else:
         client(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), float(sys.argv[6]), float(sys.argv[7]) if len(sys.argv) > 7 else None)
