@@ -414,9 +414,6 @@ r["goodput_mbit_s"] = (int(b[1]) - int(a[1])) * 8 / (float(b[0]) - float(a[0])) 
 print(json.dumps(r))' "$DIR/load.json" "$a" "$b"
   }
   local direct relay equal adaptive
-  if [ -n "${BENCH_REPLEX_ONLY:-}" ]; then
-    direct='{"mbit_s": 1, "failed": 0}'; relay=$direct; equal=$direct
-  else
   echo "direct path only..." >&2
   alice_with ""
   sleep 2
@@ -431,7 +428,6 @@ print(json.dumps(r))' "$DIR/load.json" "$a" "$b"
   ready
   sleep 2
   equal=$(measure "$BASE")
-  fi
   echo "REPLEX, ${RUN} s..." >&2
   local extra=""
   [ -n "${BENCH_REPLEX_LAMBDA:-}" ] && extra+=$'\nlambda = '"$BENCH_REPLEX_LAMBDA"
@@ -456,10 +452,6 @@ p = [p for p in s["peers"] if p["name"] == "bob"][0]
 print(" | ".join("%s %.0f%% (realized %.0f%%, %s ms)" % (r["path"], 100 * r["target_share"], 100 * r["realized_share"], r["cost_ms"] and round(r["cost_ms"], 1)) for r in p["shares"]), file=sys.stderr)' >>"$DIR/samples" || true
   done
   wait "$lpid"
-  if [ -n "${BENCH_DEBUG:-}" ]; then
-    { ip -n "$A" nexthop; ip -n "$A" route show table 7720; ip -n "$A" -s link show dt-bob; ip netns exec "$A" iptables -t mangle -L DETOUR-ACCT -v -n -x
-      ip netns exec "$A" "$BIN/detourctl" status -s "$DIR/alice.sock"; grep -i "warn\|error\|nexthop" "$DIR/alice.log" | head -20; } >&2 || true
-  fi
   adaptive=$(python3 -c 'import json, sys
 r = json.load(open(sys.argv[1])); v = [l.split() for l in open(sys.argv[2]) if l.strip()]
 a, b = v[max(0, len(v) - 1 - int(sys.argv[3]))], v[-1]

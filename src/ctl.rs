@@ -562,49 +562,36 @@ pub fn render_metrics(status: &Status, paths: &[PeerPaths]) -> String {
     for (reason, n) in &status.drops {
         let _ = writeln!(o, "detour_drops_total{{reason=\"{}\"}} {n}", label(reason));
     }
-    family(&mut o, "path_up", "gauge", "1 while a monitored path to a peer is up.");
-    for pp in paths {
-        for r in &pp.paths {
-            let _ = writeln!(o, "detour_path_up{{peer=\"{}\",path=\"{}\"}} {}", label(&pp.name), label(&r.path), u8::from(r.state == "up"));
-        }
-    }
-    family(&mut o, "path_in_use", "gauge", "1 for the path that carries the peer's traffic.");
-    for pp in paths {
-        for r in &pp.paths {
-            let _ = writeln!(o, "detour_path_in_use{{peer=\"{}\",path=\"{}\"}} {}", label(&pp.name), label(&r.path), u8::from(r.in_use));
-        }
-    }
-    family(&mut o, "path_rtt_seconds", "gauge", "Smoothed probe RTT of a path.");
-    for pp in paths {
-        for r in &pp.paths {
-            if let Some(rtt) = r.rtt_ms {
-                let _ = writeln!(o, "detour_path_rtt_seconds{{peer=\"{}\",path=\"{}\"}} {}", label(&pp.name), label(&r.path), rtt / 1000.0);
+    type PathMetric = fn(&PathRow) -> Option<f64>;
+    let path_metrics: [(&str, &str, PathMetric); 4] = [
+        ("path_up", "1 while a monitored path to a peer is up.", |r| Some(f64::from(u8::from(r.state == "up")))),
+        ("path_in_use", "1 for the path that carries the peer's traffic.", |r| Some(f64::from(u8::from(r.in_use)))),
+        ("path_rtt_seconds", "Smoothed probe RTT of a path.", |r| r.rtt_ms.map(|x| x / 1000.0)),
+        ("path_loss_ratio", "Smoothed probe loss of a path (0..1).", |r| Some(r.loss_pct / 100.0)),
+    ];
+    for (name, help, get) in path_metrics {
+        family(&mut o, name, "gauge", help);
+        for pp in paths {
+            for r in &pp.paths {
+                if let Some(v) = get(r) {
+                    let _ = writeln!(o, "detour_{name}{{peer=\"{}\",path=\"{}\"}} {v}", label(&pp.name), label(&r.path));
+                }
             }
         }
     }
-    family(&mut o, "path_loss_ratio", "gauge", "Smoothed probe loss of a path (0..1).");
-    for pp in paths {
-        for r in &pp.paths {
-            let _ = writeln!(o, "detour_path_loss_ratio{{peer=\"{}\",path=\"{}\"}} {}", label(&pp.name), label(&r.path), r.loss_pct / 100.0);
-        }
-    }
-    family(&mut o, "route_target_share", "gauge", "REPLEX target share of a route to the peer (0..1).");
-    for p in &status.peers {
-        for r in &p.shares {
-            let _ = writeln!(o, "detour_route_target_share{{peer=\"{}\",path=\"{}\",status=\"{}\"}} {}", label(&p.name), label(&r.path), label(&r.status), r.target_share);
-        }
-    }
-    family(&mut o, "route_realized_share", "gauge", "Share of the bytes to the peer that the route carried in the last REPLEX round (0..1).");
-    for p in &status.peers {
-        for r in &p.shares {
-            let _ = writeln!(o, "detour_route_realized_share{{peer=\"{}\",path=\"{}\"}} {}", label(&p.name), label(&r.path), r.realized_share);
-        }
-    }
-    family(&mut o, "route_cost_seconds", "gauge", "REPLEX cost of a route: smoothed RTT plus the loss penalty.");
-    for p in &status.peers {
-        for r in &p.shares {
-            if let Some(c) = r.cost_ms {
-                let _ = writeln!(o, "detour_route_cost_seconds{{peer=\"{}\",path=\"{}\"}} {}", label(&p.name), label(&r.path), c / 1000.0);
+    type RouteMetric = fn(&RouteShare) -> Option<f64>;
+    let route_metrics: [(&str, &str, RouteMetric); 3] = [
+        ("route_target_share", "REPLEX target share of a route to the peer (0..1).", |r| Some(r.target_share)),
+        ("route_realized_share", "Share of the bytes to the peer that the route carried in the last REPLEX round (0..1).", |r| Some(r.realized_share)),
+        ("route_cost_seconds", "REPLEX cost of a route: smoothed RTT plus the loss penalty.", |r| r.cost_ms.map(|c| c / 1000.0)),
+    ];
+    for (name, help, get) in route_metrics {
+        family(&mut o, name, "gauge", help);
+        for p in &status.peers {
+            for r in &p.shares {
+                if let Some(v) = get(r) {
+                    let _ = writeln!(o, "detour_{name}{{peer=\"{}\",path=\"{}\"}} {v}", label(&p.name), label(&r.path));
+                }
             }
         }
     }

@@ -144,15 +144,8 @@ impl<K: Copy + Eq> Dest<K> {
     /// that went down hand their share to the live ones at once; a destination without any
     /// share gets it all on the first live route (`prefer`, when live, else the cheapest).
     pub fn update(&mut self, measures: &[(K, Measure)], min_samples: u32, prefer: Option<K>) {
-        // Drop routes that no longer exist, keeping what they carried to redistribute.
-        let mut orphaned = 0.0;
-        self.routes.retain(|r| {
-            let keep = measures.iter().any(|(id, _)| *id == r.id);
-            if !keep && r.status == Status::Live {
-                orphaned += r.share;
-            }
-            keep
-        });
+        // Drop routes that no longer exist; what they carried goes to the live ones below.
+        self.routes.retain(|r| measures.iter().any(|(id, _)| *id == r.id));
         for (id, m) in measures {
             let r = match self.routes.iter_mut().find(|r| r.id == *id) {
                 Some(r) => r,
@@ -172,21 +165,18 @@ impl<K: Copy + Eq> Dest<K> {
             } else {
                 Status::Warming
             };
-            if next != Status::Live && r.status == Status::Live {
-                orphaned += r.share;
-            }
             if next != Status::Live {
                 r.share = 0.0;
             }
             r.status = next;
         }
-        self.hand_over(orphaned, prefer);
+        self.hand_over(prefer);
     }
 
-    /// Gives `amount` of traffic from routes that went away to the live routes, in
-    /// proportion to their shares (equally when they have none), and makes sure the live
-    /// shares sum to 1.
-    fn hand_over(&mut self, amount: f64, prefer: Option<K>) {
+    /// Gives the traffic of routes that went away or down to the live routes, in
+    /// proportion to their shares (all to one route when they have none), so that the
+    /// live shares sum to 1.
+    fn hand_over(&mut self, prefer: Option<K>) {
         let live: Vec<usize> = (0..self.routes.len()).filter(|&i| self.routes[i].status == Status::Live).collect();
         if live.is_empty() {
             return;
@@ -204,7 +194,6 @@ impl<K: Copy + Eq> Dest<K> {
             self.routes[pick].share = 1.0;
             return;
         }
-        let _ = amount;
         // Proportional hand-over is the same as renormalising the remaining live shares.
         for &i in &live {
             self.routes[i].share /= total;
