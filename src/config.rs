@@ -131,6 +131,26 @@ pub struct NodeConfig {
     pub advertise: Vec<SocketAddr>,
     /// Where to serve Prometheus metrics over HTTP (`None`: off).
     pub metrics_listen: Option<SocketAddr>,
+    /// Networks behind this router that are normally reached over the underlay; peers
+    /// route them into the overlay while their direct path to this node is down (spec
+    /// A§1.1.2 context 2). Published in the directory.
+    pub networks: Vec<IpNet>,
+    /// The relay policy published in the directory (`[policy]`; `up_since` is filled in
+    /// at start).
+    pub policy: crate::policy::Policy,
+}
+
+/// Exits to hosts that do not run detour (`[exit]`; spec A§1.1.2 context 3).
+#[derive(Debug, Clone, Default)]
+pub struct ExitConfig {
+    /// Outside destinations watched: when one becomes unreachable (ICMP unreachable, a
+    /// connection attempt that times out), new connections to it go through an exit node.
+    pub watch: Vec<IpNet>,
+    /// Outside destinations whose new connections always go through an exit node.
+    pub always: Vec<IpNet>,
+    /// How long a destination found unreachable stays on the exit before the direct path
+    /// is tried again for new connections.
+    pub hold: Duration,
 }
 
 /// REPLEX multipath (`[replex]`; `replex-spec.md` §3.7).
@@ -309,6 +329,8 @@ pub struct Config {
     pub management: ManagementConfig,
     /// `[replex]`.
     pub replex: ReplexConfig,
+    /// `[exit]`.
+    pub exit: ExitConfig,
     /// `[[peer]]` entries, in file order.
     pub peers: Vec<PeerConfig>,
 }
@@ -325,6 +347,10 @@ struct RawConfig {
     management: RawManagement,
     #[serde(default)]
     replex: RawReplex,
+    #[serde(default)]
+    policy: RawPolicy,
+    #[serde(default)]
+    exit: RawExit,
     #[serde(default, rename = "peer")]
     peers: Vec<RawPeer>,
 }
@@ -350,6 +376,35 @@ struct RawNode {
     #[serde(default)]
     advertise: Vec<String>,
     metrics_listen: Option<String>,
+    #[serde(default)]
+    networks: Vec<String>,
+}
+
+#[derive(Deserialize, Debug, Default)]
+#[serde(deny_unknown_fields)]
+struct RawPolicy {
+    commitment: Option<String>,
+    priority: Option<i64>,
+    connectivity: Option<String>,
+    #[serde(default)]
+    source_prefixes: Vec<String>,
+    lifespan: Option<String>,
+    local: Option<bool>,
+    overlay: Option<bool>,
+    internet: Option<bool>,
+    internet_masquerade: Option<bool>,
+    #[serde(default)]
+    exit_prefixes: Vec<String>,
+}
+
+#[derive(Deserialize, Debug, Default)]
+#[serde(deny_unknown_fields)]
+struct RawExit {
+    #[serde(default)]
+    watch: Vec<String>,
+    #[serde(default)]
+    always: Vec<String>,
+    hold_s: Option<u64>,
 }
 
 #[derive(Deserialize, Debug, Default)]
@@ -663,6 +718,14 @@ fn validate(raw: RawConfig, file: &str, errs: &mut Errors) -> Option<Config> {
             crate::directory::Uptime::Stable
         }
     };
+    let mut networks = Vec::new();
+    for (i, p) in n.networks.iter().enumerate() {
+        if let Some(net) = parse_prefix(errs, &format!("node.networks[{i}]"), p) {
+            networks.push(net);
+        }
+    }
+    let policy = validate_policy(raw.policy, relay, n.relay.is_some(), uptime, n.uptime.is_some(), errs);
+    let exit = validate_exit(raw.exit, errs);
     let metrics_listen = match n.metrics_listen.as_deref().map(str::parse::<SocketAddr>) {
         None => None,
         Some(Ok(sa)) => Some(sa),
@@ -715,17 +778,19 @@ fn validate(raw: RawConfig, file: &str, errs: &mut Errors) -> Option<Config> {
     let failover = validate_failover(raw.failover, errs);
     let management = validate_management(raw.management, data_port, errs);
     let replex = validate_replex(raw.replex, errs);
-    if replex.enabled {
-        // The pin table and rules of REPLEX (docs/design.md, "REPLEX").
-        if matches!(table.wrapping_add(1), 0 | 253..=255) {
-            errs.push("kernel.table", format!("with [replex] enabled, table {} (the pin table, kernel.table + 1) must not be reserved; expected another number", table.wrapping_add(1)));
+    // detour's tables are table .. table + 3 (docs/design.md, "Kernel state"), its rules
+    // take rule_priority - 3 .. rule_priority, and its mark bits are 0xf00000.
+    for extra in 1..crate::kernel::TABLES {
+        if matches!(table.wrapping_add(extra), 0 | 253..=255) {
+            errs.push("kernel.table", format!("table {} (kernel.table + {extra}, also detour's) is reserved; expected a table number with three free numbers after it", table.wrapping_add(extra)));
         }
-        if rule_priority < 2 {
-            errs.push("kernel.rule_priority", "with [replex] enabled, expected 2 or more (the pin rules take rule_priority - 1)");
-        }
-        if fwmark & crate::kernel::PIN_MASK != 0 {
-            errs.push("kernel.fwmark", format!("with [replex] enabled, expected a mark without the pin bits {:#x}", crate::kernel::PIN_MASK));
-        }
+    }
+    if (1..4).contains(&rule_priority) {
+        errs.push("kernel.rule_priority", "expected 4 or more (detour's class and pin rules take rule_priority - 3 .. rule_priority - 1)");
+    }
+    let own_bits = crate::kernel::PIN_MASK | crate::kernel::CLASS_NEW | crate::kernel::CLASS_EGRESS;
+    if fwmark & own_bits != 0 {
+        errs.push("kernel.fwmark", format!("expected a mark without detour's connection-mark bits {own_bits:#x}"));
     }
 
     let mut peers = Vec::new();
@@ -862,13 +927,122 @@ fn validate(raw: RawConfig, file: &str, errs: &mut Errors) -> Option<Config> {
             uptime,
             advertise,
             metrics_listen,
+            networks,
+            policy,
         },
         kernel: KernelConfig { table, rule_priority, fwmark, aggregate_interface, interface_prefix, link_pool_v4 },
         failover,
         management,
         replex,
+        exit,
         peers,
     })
+}
+
+/// `[policy]`: the relay policy (`docs/policies.md`). `node.relay = false` means
+/// commitment `never`, and `node.uptime` is the lifespan; given in both places they must
+/// agree.
+fn validate_policy(r: RawPolicy, relay: bool, relay_set: bool, uptime: crate::directory::Uptime, uptime_set: bool, errs: &mut Errors) -> crate::policy::Policy {
+    use crate::policy::{Commitment, Connectivity, Policy, Willing};
+    let d = Policy::default();
+    let commitment = match r.commitment.as_deref() {
+        None => {
+            if relay {
+                Commitment::Always
+            } else {
+                Commitment::Never
+            }
+        }
+        Some(s) => {
+            let c = match s {
+                "always" => Commitment::Always,
+                "failure" => Commitment::Failure,
+                "last_resort" => Commitment::LastResort,
+                "never" => Commitment::Never,
+                other => {
+                    errs.push("policy.commitment", format!("expected \"always\" (relays any traffic), \"failure\" (only while a path has failed), \"last_resort\" (only when no other relay works) or \"never\", got {other:?}"));
+                    Commitment::Always
+                }
+            };
+            if relay_set && (c == Commitment::Never) == relay {
+                errs.push("policy.commitment", format!("{:?} contradicts node.relay = {relay}; set one of them", c.as_str()));
+            }
+            c
+        }
+    };
+    let priority = match r.priority {
+        None => d.priority,
+        Some(p) if (0..=255).contains(&p) => p as u8,
+        Some(p) => {
+            errs.push("policy.priority", format!("expected 0..255 (higher is preferred among relays of the same commitment), got {p}"));
+            d.priority
+        }
+    };
+    let connectivity = match r.connectivity.as_deref() {
+        None | Some("host") => Connectivity::Host,
+        Some("broadcast_domain") => Connectivity::BroadcastDomain,
+        Some("subnet_router") => Connectivity::SubnetRouter,
+        Some("unrestricted") => Connectivity::Unrestricted,
+        Some("partial") => Connectivity::Partial,
+        Some(other) => {
+            errs.push("policy.connectivity", format!("expected \"host\", \"broadcast_domain\", \"subnet_router\", \"unrestricted\" or \"partial\", got {other:?}"));
+            Connectivity::Host
+        }
+    };
+    let mut source_prefixes = Vec::new();
+    for (i, p) in r.source_prefixes.iter().enumerate() {
+        if let Some(net) = parse_prefix(errs, &format!("policy.source_prefixes[{i}]"), p) {
+            source_prefixes.push(net);
+        }
+    }
+    if !source_prefixes.is_empty() && connectivity != Connectivity::Partial {
+        errs.push("policy.source_prefixes", "only used with connectivity = \"partial\"");
+    }
+    let lifespan = match r.lifespan.as_deref() {
+        None => uptime,
+        Some(s) => {
+            let l = match s {
+                "stable" => crate::directory::Uptime::Stable,
+                "ephemeral" => crate::directory::Uptime::Ephemeral,
+                other => {
+                    errs.push("policy.lifespan", format!("expected \"stable\" (routers, servers) or \"ephemeral\" (laptops, phones), got {other:?}"));
+                    uptime
+                }
+            };
+            if uptime_set && l != uptime {
+                errs.push("policy.lifespan", "contradicts node.uptime; set one of them");
+            }
+            l
+        }
+    };
+    let dw = Willing::default();
+    let willing = Willing {
+        local: r.local.unwrap_or(dw.local),
+        overlay: r.overlay.unwrap_or(dw.overlay),
+        internet: r.internet.unwrap_or(dw.internet),
+        internet_masquerade: r.internet_masquerade.unwrap_or(dw.internet_masquerade),
+    };
+    if willing.internet && !matches!(connectivity, Connectivity::Unrestricted | Connectivity::Partial) {
+        errs.push("policy.internet", format!("a node of connectivity class {:?} cannot send other nodes' traffic to the Internet with their source address; use internet_masquerade", connectivity.as_str()));
+    }
+    let mut exit_prefixes = Vec::new();
+    for (i, p) in r.exit_prefixes.iter().enumerate() {
+        if let Some(net) = parse_prefix(errs, &format!("policy.exit_prefixes[{i}]"), p) {
+            exit_prefixes.push(net);
+        }
+    }
+    Policy { commitment, priority, connectivity, source_prefixes, willing, lifespan, up_since: 0, exit_prefixes }
+}
+
+fn validate_exit(r: RawExit, errs: &mut Errors) -> ExitConfig {
+    let mut list = |key: &str, v: &[String]| -> Vec<IpNet> { v.iter().enumerate().filter_map(|(i, p)| parse_prefix(errs, &format!("exit.{key}[{i}]"), p)).collect() };
+    let watch = list("watch", &r.watch);
+    let always = list("always", &r.always);
+    let hold_s = r.hold_s.unwrap_or(60);
+    if !(1..=86_400).contains(&hold_s) {
+        errs.push("exit.hold_s", format!("expected 1..86400 seconds, got {hold_s}"));
+    }
+    ExitConfig { watch, always, hold: Duration::from_secs(hold_s.clamp(1, 86_400)) }
 }
 
 fn validate_replex(r: RawReplex, errs: &mut Errors) -> ReplexConfig {
@@ -1228,6 +1402,56 @@ prefixes = ["10.9.0.0/16"]
         assert!(e.contains("replex.mode") && e.contains("adaptive"), "{e}");
         let text = format!("{}\n[replex]\nenabled = true\nmode = \"equal\"\n", sample());
         assert_eq!(Config::parse(&text, "f").expect("valid").replex.mode, ReplexMode::Equal);
+    }
+
+    #[test]
+    fn policy_section_is_validated() {
+        use crate::policy::{Commitment, Connectivity};
+        let text = format!("{}\n[policy]\ncommitment = \"sometimes\"\npriority = 300\nconnectivity = \"router\"\ninternet = true\n", sample());
+        let e = Config::parse(&text, "f").unwrap_err().to_string();
+        for want in ["policy.commitment", "policy.priority", "policy.connectivity", "last_resort"] {
+            assert!(e.contains(want), "{want} missing in {e}");
+        }
+        let text = format!("{}\n[policy]\ninternet = true\n", sample());
+        let e = Config::parse(&text, "f").unwrap_err().to_string();
+        assert!(e.contains("policy.internet") && e.contains("internet_masquerade"), "{e}");
+        let text = sample().replace("[node]\n", "[node]\nrelay = false\n") + "\n[policy]\ncommitment = \"always\"\n";
+        assert!(Config::parse(&text, "f").unwrap_err().to_string().contains("contradicts node.relay"));
+        let text = sample().replace("[node]\n", "[node]\nrelay = false\n");
+        assert_eq!(Config::parse(&text, "f").unwrap().node.policy.commitment, Commitment::Never);
+        let c = Config::parse(&sample(), "f").unwrap();
+        assert_eq!((c.node.policy.commitment, c.node.policy.connectivity, c.node.policy.priority), (Commitment::Always, Connectivity::Host, 100));
+        assert!(!c.node.policy.willing.internet_masquerade);
+        let text = format!("{}\n[exit]\nwatch = [\"203.0.113.0/24\", \"nonsense\"]\nhold_s = 0\n", sample());
+        let e = Config::parse(&text, "f").unwrap_err().to_string();
+        assert!(e.contains("exit.watch[1]") && e.contains("exit.hold_s"), "{e}");
+    }
+
+    /// The four example configurations of docs/policies.md are valid and say what the
+    /// text says.
+    #[test]
+    fn policy_examples_are_valid() {
+        use crate::policy::{Commitment, Connectivity};
+        let doc = include_str!("../docs/policies.md");
+        let mut configs = Vec::new();
+        let mut rest = doc;
+        while let Some(i) = rest.find("```toml") {
+            let body = &rest[i + 7..];
+            let end = body.find("```").expect("closing fence");
+            configs.push(Config::parse(&body[..end], "docs/policies.md").unwrap_or_else(|e| panic!("{e}")));
+            rest = &body[end..];
+        }
+        let by = |name: &str| configs.iter().find(|c| c.node.name == name).unwrap_or_else(|| panic!("no example named {name}"));
+        let router = by("router-h");
+        assert_eq!((router.node.policy.connectivity, router.node.policy.commitment), (Connectivity::SubnetRouter, Commitment::Always));
+        assert!(!router.node.networks.is_empty());
+        let server = by("server");
+        assert_eq!(server.node.policy.commitment, Commitment::Failure);
+        let laptop = by("laptop");
+        assert_eq!((laptop.node.policy.commitment, laptop.node.policy.lifespan), (Commitment::LastResort, crate::directory::Uptime::Ephemeral));
+        let exit = by("exit");
+        assert!(exit.node.policy.willing.internet_masquerade);
+        assert!(!by("laptop").exit.watch.is_empty());
     }
 
     /// The complete example in docs/config.md is valid and means what the text says.

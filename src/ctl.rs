@@ -240,6 +240,15 @@ pub struct NodeStatus {
     pub aggregate_interface: String,
     /// Seconds since the daemon started.
     pub uptime_s: u64,
+    /// This node's relay policy, in words.
+    #[serde(default)]
+    pub policy: String,
+    /// Relay and exit requests this node refused by its policy, by reason.
+    #[serde(default)]
+    pub refusals: BTreeMap<String, u64>,
+    /// Outside destinations that go through an exit node, and which traffic may.
+    #[serde(default)]
+    pub exits: Vec<String>,
 }
 
 /// One peer.
@@ -301,6 +310,25 @@ pub struct PeerStatus {
     /// REPLEX: each route's target share, realized share and cost (empty when off).
     #[serde(default)]
     pub shares: Vec<RouteShare>,
+    /// Nodes that could relay to this peer, best first, with what each traffic class may
+    /// do with them.
+    #[serde(default)]
+    pub relays: Vec<RelayRow>,
+}
+
+/// One possible relay towards a peer (`detourctl status`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RelayRow {
+    /// Relay name.
+    pub name: String,
+    /// Its policy: commitment, priority, lifespan.
+    pub policy: String,
+    /// `None` when failover traffic may use it, else why not.
+    pub failover: Option<String>,
+    /// `None` when performance (REPLEX) traffic may use it, else why not.
+    pub performance: Option<String>,
+    /// `active`, `refused: <reason>`, `not asked`, `no session`.
+    pub state: String,
 }
 
 /// One route of a peer's REPLEX split.
@@ -356,6 +384,15 @@ pub fn render_status(s: &Status) -> String {
     let addrs: Vec<&str> = [n.overlay_ipv4.as_deref(), n.overlay_ipv6.as_deref()].into_iter().flatten().collect();
     let _ = writeln!(o, "  overlay: {} on {}", addrs.join(", "), n.aggregate_interface);
     let _ = writeln!(o, "  uptime: {} s", n.uptime_s);
+    if !n.policy.is_empty() {
+        let _ = writeln!(o, "  policy: {}", n.policy);
+    }
+    if !n.refusals.is_empty() {
+        let _ = writeln!(o, "  refused by policy: {}", drops(&n.refusals));
+    }
+    for e in &n.exits {
+        let _ = writeln!(o, "  exit: {e}");
+    }
     if !s.drops.is_empty() {
         let _ = writeln!(o, "  drops: {}", drops(&s.drops));
     }
@@ -450,6 +487,13 @@ pub fn render_status(s: &Status) -> String {
                 })
                 .collect();
             let _ = writeln!(o, "  replex: {}", parts.join(" | "));
+        }
+        if !p.relays.is_empty() {
+            let _ = writeln!(o, "  relays (best first):");
+            for r in &p.relays {
+                let class = |x: &Option<String>| x.as_ref().map(|w| format!("no ({w})")).unwrap_or_else(|| "yes".into());
+                let _ = writeln!(o, "    {:<16} {:<32} failover: {}; performance: {}; {}", r.name, r.policy, class(&r.failover), class(&r.performance), r.state);
+            }
         }
     }
     o
@@ -599,6 +643,10 @@ pub fn render_metrics(status: &Status, paths: &[PeerPaths]) -> String {
     let _ = writeln!(o, "detour_relayed_bytes_total {}", status.relayed_bytes);
     family(&mut o, "relayed_packets_total", "counter", "Packets this node relayed for others.");
     let _ = writeln!(o, "detour_relayed_packets_total {}", status.relayed_packets);
+    family(&mut o, "policy_refusals_total", "counter", "Relay and exit requests refused by this node's policy, by reason.");
+    for (reason, v) in &status.node.refusals {
+        let _ = writeln!(o, "detour_policy_refusals_total{{reason=\"{}\"}} {v}", label(reason));
+    }
     family(&mut o, "icmp_rerouted_total", "counter", "ICMP unreachable errors caught and answered by a reroute.");
     let _ = writeln!(o, "detour_icmp_rerouted_total {}", status.icmp.rerouted);
     family(&mut o, "tcp_stalls_total", "counter", "Stalled TCP connections towards protected destinations.");

@@ -66,11 +66,14 @@ pub enum DropReason {
     RelayLoop,
     /// The hop limit ran out.
     HopLimit,
+    /// A packet for a host outside the overlay that this node's policy does not let leave
+    /// here (no exit to it, or no delivery to its networks): `policy::Refusal`.
+    EgressRefused,
 }
 
 impl DropReason {
     /// All reasons, in counter order.
-    pub const ALL: [DropReason; 20] = [
+    pub const ALL: [DropReason; 21] = [
         DropReason::Malformed,
         DropReason::BadVersion,
         DropReason::UnsupportedType,
@@ -91,6 +94,7 @@ impl DropReason {
         DropReason::RelayDenied,
         DropReason::RelayLoop,
         DropReason::HopLimit,
+        DropReason::EgressRefused,
     ];
 
     /// Stable snake_case name used in status output and metrics.
@@ -116,6 +120,7 @@ impl DropReason {
             DropReason::RelayDenied => "relay_denied",
             DropReason::RelayLoop => "relay_loop",
             DropReason::HopLimit => "hop_limit",
+            DropReason::EgressRefused => "egress_refused",
         }
     }
 
@@ -217,6 +222,9 @@ pub struct DataPlaneSpec {
     pub peers: Vec<PeerSpec>,
     /// Counters of the node itself.
     pub node: Arc<NodeCounters>,
+    /// This node's policy and own networks, when it lets overlay traffic leave towards
+    /// hosts that do not run detour (an exit, or delivery to the networks behind it).
+    pub egress: Option<(crate::policy::Policy, Vec<IpNet>)>,
 }
 
 /// Where an authenticated underlay path ends.
@@ -313,6 +321,14 @@ pub enum DataCommand {
     ClearSessions {
         /// Peer index.
         peer: usize,
+    },
+    /// Outside destinations this node reaches through the peer as its exit: replies from
+    /// them are accepted on the peer's TUN.
+    SetExitSources {
+        /// Peer index (the exit).
+        peer: usize,
+        /// The destinations.
+        nets: Vec<IpNet>,
     },
     /// The peer's underlay addresses: packets from them (protected traffic rerouted through
     /// the overlay) are accepted on the peer's TUN.
@@ -623,6 +639,7 @@ impl TxState {
                 }
             }
             DataCommand::SetLocalAddresses(_)
+            | DataCommand::SetExitSources { .. }
             | DataCommand::SetRelay { .. }
             | DataCommand::ClearRelay { .. }
             | DataCommand::SendControl { .. }
@@ -795,6 +812,8 @@ struct RxPeer {
     hosts: PrefixTable<()>,
     underlay: Vec<IpAddr>,
     prefixes: PrefixTable<()>,
+    /// Outside destinations reached through this peer as exit (their replies come from it).
+    exits: PrefixTable<()>,
     counters: Arc<PeerCounters>,
 }
 
@@ -847,6 +866,7 @@ pub struct RxState {
     local_addrs: Vec<IpAddr>,
     relays: HashMap<(NodeId, NodeId), RelayHop>,
     node: Arc<NodeCounters>,
+    egress: Option<(crate::policy::Policy, Vec<IpNet>)>,
 }
 
 impl RxState {
@@ -864,6 +884,7 @@ impl RxState {
             local_addrs: Vec::new(),
             relays: HashMap::new(),
             node: spec.node.clone(),
+            egress: spec.egress.clone(),
         };
         for (i, p) in spec.peers.iter().enumerate() {
             r.add_peer(i, p);
@@ -893,7 +914,7 @@ impl RxState {
             old.prefixes = prefixes;
             old.counters = spec.counters.clone();
         } else if i == self.peers.len() {
-            self.peers.push(RxPeer { id: spec.node_id, link_local: spec.link_local.clone(), sessions: Vec::new(), hosts, underlay: Vec::new(), prefixes, counters: spec.counters.clone() });
+            self.peers.push(RxPeer { id: spec.node_id, link_local: spec.link_local.clone(), sessions: Vec::new(), hosts, underlay: Vec::new(), prefixes, exits: PrefixTable::new(), counters: spec.counters.clone() });
         } else {
             return;
         }
@@ -933,6 +954,15 @@ impl RxState {
             DataCommand::SetPeerUnderlay { peer, addrs } => {
                 if let Some(p) = self.peers.get_mut(*peer) {
                     p.underlay = addrs.iter().map(|a| a.to_canonical()).collect();
+                }
+            }
+            DataCommand::SetExitSources { peer, nets } => {
+                if let Some(p) = self.peers.get_mut(*peer) {
+                    let mut t = PrefixTable::new();
+                    for n in nets {
+                        t.insert(*n, ());
+                    }
+                    p.exits = t;
                 }
             }
             DataCommand::SetLocalAddresses(addrs) => self.local_addrs = addrs.iter().map(|a| a.to_canonical()).collect(),
@@ -1005,11 +1035,19 @@ impl RxState {
             Tun::Peer(peer)
         } else if p.prefixes.contains(src) {
             Tun::Aggregate
+        } else if p.exits.contains(src) {
+            Tun::Peer(peer)
         } else {
             return Err(fail(p, DropReason::SourceNotAllowed));
         };
         if !self.local_dsts.contains(dst) && !self.local_addrs.contains(&dst) && !p.link_local.contains(&dst) {
-            return Err(fail(p, DropReason::DestinationNotAllowed));
+            // Leaving the overlay here, towards a host that does not run detour: only as
+            // this node's policy allows (spec A§1.2.2, A§3.6).
+            match &self.egress {
+                Some((policy, own)) if policy.egress(own, src, dst).is_ok() => {}
+                Some(_) => return Err(fail(p, DropReason::EgressRefused)),
+                None => return Err(fail(p, DropReason::DestinationNotAllowed)),
+            }
         }
         p.counters.rx_packets.fetch_add(1, Relaxed);
         p.counters.rx_bytes.fetch_add(n as u64, Relaxed);
@@ -1070,6 +1108,7 @@ mod tests {
                 counters: Arc::default(),
             }],
             node: Arc::default(),
+            egress: None,
         }
     }
 
@@ -1174,6 +1213,42 @@ mod tests {
         assert_eq!(open(&mut rx, &mut d, 1), Err(DropReason::SourceNotAllowed));
         let (_, mut d, _) = send(&mut tx, Tun::Peer(0), &ip4("10.77.0.1", "10.99.0.1", 5));
         assert_eq!(open(&mut rx, &mut d, 1), Err(DropReason::DestinationNotAllowed));
+    }
+
+    #[test]
+    fn an_egress_node_lets_out_only_what_its_policy_allows_and_a_requester_accepts_replies_from_its_exit() {
+        use crate::policy::{Policy, Willing};
+        let sa = spec(A, B, "10.77.0.1", "10.77.0.2", "10.2.0.0/24", "10.1.0.0/24");
+        let mut sb = spec(B, A, "10.77.0.2", "10.77.0.1", "10.1.0.0/24", "10.2.0.0/24");
+        let exit = Policy { willing: Willing { internet_masquerade: true, ..Willing::default() }, exit_prefixes: vec!["203.0.113.0/24".parse().unwrap()], ..Policy::default() };
+        sb.egress = Some((exit, vec!["192.168.2.0/24".parse().unwrap()]));
+        let mut tx = TxState::new(&sa);
+        let mut rx = RxState::new(&sb);
+        let material = [42u8; wire::EXPORTER_LEN];
+        tx.apply(&DataCommand::InstallSession { peer: 0, secrets: wire::split_exporter(&material, &A, &B) });
+        rx.apply(&DataCommand::InstallSession { peer: 0, secrets: wire::split_exporter(&material, &B, &A) });
+        tx.apply(&DataCommand::SetEndpoint { peer: 0, endpoint: Some(PathEndpoint { remote: "192.0.2.2:7720".parse().unwrap(), local_ip: None }) });
+        // B exits to 203.0.113.0/24 and delivers to its own network; nothing else.
+        let (_, mut d, _) = send(&mut tx, Tun::Peer(0), &ip4("10.77.0.1", "203.0.113.5", 5));
+        assert_eq!(open(&mut rx, &mut d, 1).map(|x| x.tun), Ok(Tun::Peer(0)));
+        let (_, mut d, _) = send(&mut tx, Tun::Peer(0), &ip4("10.77.0.1", "192.168.2.7", 5));
+        assert!(open(&mut rx, &mut d, 2).is_ok());
+        let (_, mut d, _) = send(&mut tx, Tun::Peer(0), &ip4("10.77.0.1", "8.8.8.8", 5));
+        assert_eq!(open(&mut rx, &mut d, 3), Err(DropReason::EgressRefused));
+        assert_eq!(sb.peers[0].counters.drops.get(DropReason::EgressRefused), 1);
+        // The requester's side: replies from the outside host come from B only while B is
+        // its exit for them, and go to B's TUN.
+        let mut rx_a = RxState::new(&sa);
+        let mut tx_b = TxState::new(&sb);
+        tx_b.apply(&DataCommand::InstallSession { peer: 0, secrets: wire::split_exporter(&material, &B, &A) });
+        rx_a.apply(&DataCommand::InstallSession { peer: 0, secrets: wire::split_exporter(&material, &A, &B) });
+        tx_b.apply(&DataCommand::SetEndpoint { peer: 0, endpoint: Some(PathEndpoint { remote: "192.0.2.1:7720".parse().unwrap(), local_ip: None }) });
+        let (_, mut d, _) = send(&mut tx_b, Tun::Peer(0), &ip4("203.0.113.5", "10.77.0.1", 5));
+        let from_b = "192.0.2.2:7720".parse().unwrap();
+        assert!(matches!(rx_a.decapsulate(&mut d, from_b, 1), Err(DropReason::SourceNotAllowed)));
+        rx_a.apply(&DataCommand::SetExitSources { peer: 0, nets: vec!["203.0.113.5/32".parse().unwrap()] });
+        let (_, mut d, _) = send(&mut tx_b, Tun::Peer(0), &ip4("203.0.113.5", "10.77.0.1", 5));
+        assert!(matches!(rx_a.decapsulate(&mut d, from_b, 2), Ok(Rx::Deliver(Delivery { tun: Tun::Peer(0), .. }))));
     }
 
     #[test]

@@ -77,6 +77,13 @@ pub struct NodeRecord {
     pub relay: bool,
     /// Uptime class.
     pub uptime: Uptime,
+    /// Networks behind the node that are normally reached over the underlay (peers route
+    /// them into the overlay while their path to the node is down).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub networks: Vec<IpNet>,
+    /// Relay policy (absent in records of older nodes: see [`NodeRecord::policy`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy: Option<crate::policy::Policy>,
     /// Management neighbours (nodes it keeps sessions with).
     #[serde(default)]
     pub neighbours: Vec<NodeId>,
@@ -87,6 +94,19 @@ pub struct NodeRecord {
 }
 
 impl NodeRecord {
+    /// The node's relay policy: the published one, or for a record without one, commitment
+    /// `always` or `never` from `relay` and the lifespan from `uptime`.
+    pub fn policy(&self) -> crate::policy::Policy {
+        match &self.policy {
+            Some(p) => p.clone(),
+            None => crate::policy::Policy {
+                commitment: if self.relay { crate::policy::Commitment::Always } else { crate::policy::Commitment::Never },
+                lifespan: self.uptime,
+                ..crate::policy::Policy::default()
+            },
+        }
+    }
+
     /// The node's own name.
     pub fn name(&self) -> &str {
         self.names.first().map(|n| n.name.as_str()).unwrap_or("")
@@ -369,6 +389,8 @@ mod tests {
             prefixes: vec![],
             relay: true,
             uptime: Uptime::Stable,
+            networks: vec![],
+            policy: None,
             neighbours: vec![],
             seq,
             expires,

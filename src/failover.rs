@@ -25,6 +25,7 @@ use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
 use crate::identity::{NodeId, NODE_ID_LEN};
+use crate::policy::{Commitment, Purpose, RelayRank};
 
 /// A path to a peer: direct, or through one relay node.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -182,6 +183,8 @@ pub enum Action {
     },
     /// Ask relay `relay` (a peer index) to relay between this node and `peer`.
     RequestRelay {
+        /// Why (the relay checks it against its commitment class).
+        purpose: crate::policy::Purpose,
         /// Relay's peer index.
         relay: usize,
         /// The peer to reach through it.
@@ -441,6 +444,8 @@ struct Peer {
     check: Option<(Instant, Instant)>,
     last_candidates: Option<Instant>,
     changes: u64,
+    /// This node's policy rank as a relay for others (from its record).
+    rank: RelayRank,
 }
 
 impl Peer {
@@ -506,6 +511,7 @@ impl Failover {
             paths: Vec::new(),
             route: Route { path: PathId::Direct, protect: false, reason: Reason::Healthy, since: now },
             relays: HashMap::new(),
+            rank: RelayRank::default(),
             check: None,
             last_candidates: None,
             changes: 0,
@@ -880,6 +886,8 @@ impl Failover {
         self.decide(now, peer);
     }
 
+    /// The best relay path that is up: policy rank first (commitment class, priority,
+    /// lifespan), then cost.
     fn best_relay(&self, peer: usize) -> Option<PathId> {
         let p = &self.peers[peer];
         p.paths
@@ -889,12 +897,36 @@ impl Failover {
                 PathId::Relay(r) => self.by_id.get(&r).and_then(|ri| p.relays.get(ri)) == Some(&Candidate::Active),
                 PathId::Direct => false,
             })
-            .min_by_key(|x| x.cost(self.cfg.loss_penalty))
+            .min_by_key(|x| (self.rank_of(x.id), x.cost(self.cfg.loss_penalty)))
             .map(|x| x.id)
+    }
+
+    /// The policy rank of a path's relay (the direct path ranks first).
+    fn rank_of(&self, path: PathId) -> RelayRank {
+        match path {
+            PathId::Direct => RelayRank { commitment: Commitment::Always, inv_priority: 0, ephemeral: 0 },
+            PathId::Relay(r) => self.by_id.get(&r).map(|&i| self.peers[i].rank).unwrap_or_default(),
+        }
+    }
+
+    /// Sets the policy rank of peer `peer` as a relay (from its directory record). A peer
+    /// of commitment `never` is never asked; one of `last_resort` only when no other relay
+    /// works.
+    pub fn set_rank(&mut self, peer: usize, rank: RelayRank) {
+        if let Some(p) = self.peers.get_mut(peer) {
+            p.rank = rank;
+        }
+    }
+
+    /// Peer `peer`'s policy rank as a relay.
+    pub fn rank(&self, peer: usize) -> RelayRank {
+        self.peers.get(peer).map(|p| p.rank).unwrap_or_default()
     }
 
     fn decide(&mut self, now: Instant, peer: usize) {
         let best = self.best_relay(peer);
+        let best_rank = best.map(|b| self.rank_of(b)).unwrap_or_default();
+        let cur_rank = self.rank_of(self.peers[peer].route.path);
         let cfg = self.cfg;
         let p = &mut self.peers[peer];
         if !p.direct_known {
@@ -923,11 +955,11 @@ impl Failover {
                 _ => cur,
             }
         } else {
-            // Prefer a clearly cheaper relay.
+            // Prefer a relay of a better policy rank, or a clearly cheaper one of the same.
             match (best, p.path(cur.path)) {
                 (Some(b), Some(c)) if b != cur.path => {
                     let bc = p.path(b).expect("best exists").cost(cfg.loss_penalty);
-                    if bc.mul_f64(1.25) < c.cost(cfg.loss_penalty) {
+                    if best_rank < cur_rank || (best_rank == cur_rank && bc.mul_f64(1.25) < c.cost(cfg.loss_penalty)) {
                         Route { path: b, ..cur }
                     } else {
                         cur
@@ -981,7 +1013,18 @@ impl Failover {
             self.peers[peer].paths.retain(|x| x.id != PathId::Relay(rid));
         }
         let needs_relay = self.peers[peer].route.protect;
-        let working = self.best_relay(peer).is_some();
+        let best = self.best_relay(peer);
+        let working = best.is_some_and(|b| self.rank_of(b).commitment != Commitment::LastResort);
+        // Last-resort relays are released once another relay works again.
+        if working || !needs_relay {
+            let lr: Vec<usize> = self.peers[peer].relays.iter().filter(|(r, c)| self.peers[**r].rank.commitment == Commitment::LastResort && matches!(c, Candidate::Active | Candidate::Requested(_))).map(|(r, _)| *r).collect();
+            for r in lr {
+                let rid = self.peers[r].id;
+                self.peers[peer].relays.remove(&r);
+                self.peers[peer].paths.retain(|x| x.id != PathId::Relay(rid));
+                self.actions.push_back(Action::ReleaseRelay { relay: r, peer });
+            }
+        }
         let last = self.peers[peer].last_candidates;
         let urgent = needs_relay && !working;
         if !urgent && last.is_some_and(|t| now < t + Duration::from_secs(1)) {
@@ -992,10 +1035,16 @@ impl Failover {
         }
         self.peers[peer].last_candidates = Some(now);
         let target = self.peers[peer].id;
-        // Rank every other peer as a relay for `target`.
-        let mut ranked: Vec<(Duration, u64, usize)> = Vec::new();
+        // Rank every other peer as a relay for `target`: policy first (a peer that never
+        // relays is not asked, a last-resort one only when nothing else works), then the
+        // known cost, then at random.
+        let mut ranked: Vec<(RelayRank, Duration, u64, usize)> = Vec::new();
         for r in 0..n {
             if r == peer {
+                continue;
+            }
+            let rank = self.peers[r].rank;
+            if rank.commitment == Commitment::Never || (rank.commitment == Commitment::LastResort && !urgent) {
                 continue;
             }
             let Some(to_relay) = self.peers[r].path(PathId::Direct) else { continue };
@@ -1011,24 +1060,24 @@ impl Failover {
                 None => Duration::from_secs(3600),
             };
             let tiebreak = self.random();
-            ranked.push((cost, tiebreak, r));
+            ranked.push((rank, cost, tiebreak, r));
         }
         ranked.sort();
         let want = if urgent { self.cfg.relay_candidates + self.cfg.sosr_fanout } else { self.cfg.relay_candidates };
         let p = &self.peers[peer];
         let have = p.relays.values().filter(|c| matches!(c, Candidate::Active | Candidate::Requested(_))).count();
         let mut asks = Vec::new();
-        for (_, _, r) in ranked {
+        for (rank, _, _, r) in ranked {
             if have + asks.len() >= want {
                 break;
             }
             if !p.relays.contains_key(&r) {
-                asks.push(r);
+                asks.push((r, if rank.commitment == Commitment::LastResort { Purpose::LastResort } else { Purpose::Failover }));
             }
         }
-        for r in asks {
+        for (r, purpose) in asks {
             self.peers[peer].relays.insert(r, Candidate::Requested(now));
-            self.actions.push_back(Action::RequestRelay { relay: r, peer });
+            self.actions.push_back(Action::RequestRelay { relay: r, peer, purpose });
         }
     }
 
@@ -1059,6 +1108,10 @@ mod tests {
         relay_ok: Vec<bool>,
         in_flight: Vec<(Instant, usize, usize, PathId, Vec<u8>)>,
         latency: Duration,
+        /// Each node's relay policy (checked by the node when asked).
+        policies: Vec<crate::policy::Policy>,
+        /// Relay requests made: (requester, relay, purpose).
+        asked: Vec<(usize, usize, Purpose)>,
     }
 
     impl Net {
@@ -1075,7 +1128,24 @@ mod tests {
                     f
                 })
                 .collect();
-            Net { nodes, ids, now, cut: vec![], lossy: vec![], rng: 7, relay_ok: vec![true; n], in_flight: vec![], latency: MS }
+            Net { nodes, ids, now, cut: vec![], lossy: vec![], rng: 7, relay_ok: vec![true; n], in_flight: vec![], latency: MS, policies: vec![crate::policy::Policy::default(); n], asked: vec![] }
+        }
+        /// Node `r` publishes `policy`: every other node learns its rank.
+        fn set_policy(&mut self, r: usize, policy: crate::policy::Policy) {
+            for a in 0..self.nodes.len() {
+                if a != r {
+                    let pi = self.pidx(a, r);
+                    self.nodes[a].set_rank(pi, RelayRank::of(&policy, 0));
+                }
+            }
+            self.policies[r] = policy;
+        }
+        /// The node a route goes through (`None`: direct).
+        fn via(&self, a: usize, b: usize) -> Option<usize> {
+            match self.route(a, b).path {
+                PathId::Relay(r) => self.ids.iter().position(|x| *x == r),
+                PathId::Direct => None,
+            }
         }
         /// Peer index of node `b` at node `a`.
         fn pidx(&self, a: usize, b: usize) -> usize {
@@ -1139,9 +1209,10 @@ mod tests {
                             let b = self.node_of(a, peer);
                             self.deliver(a, b, path, payload);
                         }
-                        Action::RequestRelay { relay, peer } => {
+                        Action::RequestRelay { relay, peer, purpose } => {
                             let r = self.node_of(a, relay);
-                            let ok = self.relay_ok[r];
+                            self.asked.push((a, r, purpose));
+                            let ok = self.relay_ok[r] && self.policies[r].relay_check(purpose).is_ok();
                             self.nodes[a].handle_relay_response(now, relay, peer, ok);
                         }
                         _ => {}
@@ -1342,6 +1413,75 @@ mod tests {
         net.cut_both(0, 1);
         net.run(Duration::from_secs(1));
         assert_eq!(net.route(0, 1).path, PathId::Relay(net.ids[3]));
+    }
+
+    fn policy(c: Commitment, priority: u8, lifespan: crate::directory::Uptime) -> crate::policy::Policy {
+        crate::policy::Policy { commitment: c, priority, lifespan, ..crate::policy::Policy::default() }
+    }
+
+    #[test]
+    fn relays_are_chosen_by_class_and_priority_before_quality_and_never_relays_are_not_asked() {
+        use crate::directory::Uptime::*;
+        let mut net = Net::new(6);
+        net.nodes.iter_mut().for_each(|n| n.cfg.relay_candidates = 4);
+        net.set_policy(2, policy(Commitment::Always, 10, Stable));
+        net.set_policy(3, policy(Commitment::Always, 200, Stable));
+        net.set_policy(4, policy(Commitment::Never, 255, Stable));
+        net.set_policy(5, policy(Commitment::Failure, 255, Stable));
+        // The preferred relay reaches B worse than the others: policy comes first.
+        net.lossy.push((3, 1, 200));
+        net.run(Duration::from_secs(4));
+        net.cut_both(0, 1);
+        net.run(Duration::from_secs(2));
+        assert_eq!(net.via(0, 1), Some(3), "{:?}", net.route(0, 1));
+        assert!(!net.asked.iter().any(|&(_, r, _)| r == 4), "a node that never relays was asked: {:?}", net.asked);
+        // Without it, the next in class and priority order: always (10) before failure (255).
+        for o in 0..6 {
+            if o != 3 {
+                net.cut_both(3, o);
+            }
+        }
+        net.run(Duration::from_secs(2));
+        assert_eq!(net.via(0, 1), Some(2), "{:?}", net.route(0, 1));
+    }
+
+    #[test]
+    fn a_stable_relay_is_chosen_over_an_ephemeral_one_of_equal_quality() {
+        use crate::directory::Uptime::*;
+        for seed_order in [(2, 3), (3, 2)] {
+            let mut net = Net::new(4);
+            net.set_policy(seed_order.0, policy(Commitment::Always, 100, Ephemeral));
+            net.set_policy(seed_order.1, policy(Commitment::Always, 100, Stable));
+            net.run(Duration::from_secs(3));
+            net.cut_both(0, 1);
+            net.run(Duration::from_secs(2));
+            assert_eq!(net.via(0, 1), Some(seed_order.1));
+        }
+    }
+
+    #[test]
+    fn a_last_resort_relay_is_asked_and_used_only_while_no_other_relay_works() {
+        use crate::directory::Uptime::*;
+        let mut net = Net::new(4);
+        net.set_policy(2, policy(Commitment::Failure, 100, Stable));
+        net.set_policy(3, policy(Commitment::LastResort, 255, Stable));
+        net.run(Duration::from_secs(3));
+        assert!(!net.asked.iter().any(|&(_, r, _)| r == 3), "standby must not ask a last-resort relay");
+        net.cut_both(0, 1);
+        net.run(Duration::from_secs(2));
+        assert_eq!(net.via(0, 1), Some(2));
+        assert!(!net.asked.iter().any(|&(a, r, _)| a == 0 && r == 3));
+        // The failure-only relay dies: now the last resort, asked as such.
+        net.cut_both(0, 2);
+        net.cut_both(1, 2);
+        net.run(Duration::from_secs(3));
+        assert_eq!(net.via(0, 1), Some(3), "{:?}", net.route(0, 1));
+        assert!(net.asked.iter().any(|&(a, r, p)| a == 0 && r == 3 && p == Purpose::LastResort));
+        // It comes back: traffic leaves the last resort, whose session is released.
+        net.cut.retain(|&(x, y)| x != 2 && y != 2);
+        net.run(Duration::from_secs(15));
+        assert_eq!(net.via(0, 1), Some(2), "{:?}", net.route(0, 1));
+        assert!(!net.nodes[0].active_relays(0).contains(&net.pidx(0, 3)));
     }
 
     #[test]

@@ -19,10 +19,13 @@ use crate::routing::PrefixTable;
 /// What to do with a queued ICMP error.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Verdict {
-    /// Drop it and reroute the peer's protected destinations into the overlay.
+    /// Drop it and reroute the peer's protected destinations into the overlay (or, for
+    /// [`OUTSIDE`], send new connections to `dst` through an exit).
     Reroute {
-        /// Peer index.
+        /// Peer index, or [`OUTSIDE`] for a watched destination outside the overlay.
         peer: usize,
+        /// The quoted destination.
+        dst: IpAddr,
         /// The quoted TCP connection (local, remote), when the quoted packet is TCP; the
         /// shell checks that it exists.
         tcp: Option<(SocketAddr, SocketAddr)>,
@@ -70,7 +73,12 @@ pub struct Filter {
     pub protected: PrefixTable<usize>,
     /// This host's unicast addresses.
     pub local: HashSet<IpAddr>,
+    /// Watched destinations outside the overlay (`exit.watch`).
+    pub outside: PrefixTable<()>,
 }
+
+/// The "peer" of a [`Verdict::Reroute`] about a watched destination outside the overlay.
+pub const OUTSIDE: usize = usize::MAX;
 
 impl Filter {
     /// Classifies one queued packet (an IPv4 or IPv6 packet carrying ICMP). Never panics.
@@ -104,17 +112,21 @@ impl Filter {
             Some(LaxNetSlice::Ipv6(ip)) => (IpAddr::V6(ip.header().source_addr()), IpAddr::V6(ip.header().destination_addr())),
             _ => return Verdict::Accept(Ignored::Malformed),
         };
-        let Some(&peer) = self.protected.lookup(dst) else { return Verdict::Accept(Ignored::NotProtected) };
+        let peer = match self.protected.lookup(dst) {
+            Some(&peer) => peer,
+            None if self.outside.contains(dst) => OUTSIDE,
+            None => return Verdict::Accept(Ignored::NotProtected),
+        };
         if !self.local.contains(&src) || outer_dst != src {
             return Verdict::Accept(Ignored::NotOurs);
         }
         match &inner.transport {
             Some(TransportSlice::Tcp(tcp)) => {
-                Verdict::Reroute { peer, tcp: Some((SocketAddr::new(src, tcp.source_port()), SocketAddr::new(dst, tcp.destination_port()))) }
+                Verdict::Reroute { peer, dst, tcp: Some((SocketAddr::new(src, tcp.source_port()), SocketAddr::new(dst, tcp.destination_port()))) }
             }
-            Some(TransportSlice::Udp(_)) => Verdict::Reroute { peer, tcp: None },
-            Some(TransportSlice::Icmpv4(i)) if i.type_u8() == 8 => Verdict::Reroute { peer, tcp: None },
-            Some(TransportSlice::Icmpv6(i)) if i.type_u8() == 128 => Verdict::Reroute { peer, tcp: None },
+            Some(TransportSlice::Udp(_)) => Verdict::Reroute { peer, dst, tcp: None },
+            Some(TransportSlice::Icmpv4(i)) if i.type_u8() == 8 => Verdict::Reroute { peer, dst, tcp: None },
+            Some(TransportSlice::Icmpv6(i)) if i.type_u8() == 128 => Verdict::Reroute { peer, dst, tcp: None },
             None => {
                 // A TCP header truncated below 20 bytes still quotes its ports (8 bytes).
                 let proto = inner.net.as_ref().and_then(|n| n.ip_payload_ref()).map(|p| (p.ip_number, p.payload));
@@ -122,9 +134,9 @@ impl Filter {
                     Some((IpNumber::TCP, p)) if p.len() >= 8 => {
                         let sp = u16::from_be_bytes([p[0], p[1]]);
                         let dp = u16::from_be_bytes([p[2], p[3]]);
-                        Verdict::Reroute { peer, tcp: Some((SocketAddr::new(src, sp), SocketAddr::new(dst, dp))) }
+                        Verdict::Reroute { peer, dst, tcp: Some((SocketAddr::new(src, sp), SocketAddr::new(dst, dp))) }
                     }
-                    Some((IpNumber::UDP, p)) if p.len() >= 8 => Verdict::Reroute { peer, tcp: None },
+                    Some((IpNumber::UDP, p)) if p.len() >= 8 => Verdict::Reroute { peer, dst, tcp: None },
                     Some(_) => Verdict::Accept(Ignored::Protocol),
                     None => Verdict::Accept(Ignored::Malformed),
                 }
@@ -166,9 +178,21 @@ mod tests {
     fn host_unreachable_about_a_protected_peer_reroutes() {
         let q = tcp4([10, 0, 1, 2], [10, 0, 2, 2]);
         let v = filter().classify(&icmp4([10, 0, 1, 2], icmpv4::DestUnreachableHeader::Host, &q));
-        assert_eq!(v, Verdict::Reroute { peer: 0, tcp: Some(("10.0.1.2:40000".parse().unwrap(), "10.0.2.2:80".parse().unwrap())) });
+        assert_eq!(v, Verdict::Reroute { peer: 0, dst: "10.0.2.2".parse().unwrap(), tcp: Some(("10.0.1.2:40000".parse().unwrap(), "10.0.2.2:80".parse().unwrap())) });
         let q = tcp4([10, 0, 1, 2], [198, 51, 100, 7]);
         assert!(matches!(filter().classify(&icmp4([10, 0, 1, 2], icmpv4::DestUnreachableHeader::Network, &q)), Verdict::Reroute { peer: 1, .. }));
+    }
+
+    #[test]
+    fn unreachable_about_a_watched_outside_destination_names_it() {
+        let mut f = filter();
+        f.outside.insert("203.0.113.0/24".parse().unwrap(), ());
+        let q = tcp4([10, 0, 1, 2], [203, 0, 113, 5]);
+        let v = f.classify(&icmp4([10, 0, 1, 2], icmpv4::DestUnreachableHeader::Host, &q));
+        assert!(matches!(v, Verdict::Reroute { peer: OUTSIDE, dst, .. } if dst == "203.0.113.5".parse::<IpAddr>().unwrap()), "{v:?}");
+        // A forged one (quoted source not ours) still passes untouched.
+        let q = tcp4([10, 9, 9, 9], [203, 0, 113, 5]);
+        assert_eq!(f.classify(&icmp4([10, 0, 1, 2], icmpv4::DestUnreachableHeader::Host, &q)), Verdict::Accept(Ignored::NotOurs));
     }
 
     #[test]
@@ -203,7 +227,7 @@ mod tests {
                 .icmpv6(Icmpv6Type::DestinationUnreachable(code))
                 .write(&mut e, &q)
                 .unwrap();
-            assert_eq!(filter().classify(&e), Verdict::Reroute { peer: 0, tcp: None });
+            assert_eq!(filter().classify(&e), Verdict::Reroute { peer: 0, dst: "fd00:0:2::2".parse().unwrap(), tcp: None });
         }
         let mut e = Vec::new();
         PacketBuilder::ipv6("fd00:0:1::1".parse::<std::net::Ipv6Addr>().unwrap().octets(), "fd00:0:1::2".parse::<std::net::Ipv6Addr>().unwrap().octets(), 64)

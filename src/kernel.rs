@@ -50,10 +50,36 @@ pub struct RouteSpec {
     pub src: Option<IpAddr>,
     /// The nexthop object (a resilient group) the route uses instead of `dev`.
     pub nhid: Option<u32>,
-    /// In the pin table (`kernel.table + 1`), which only connections pinned to the overlay
-    /// look up (see [`PIN_OVERLAY`]), instead of detour's table.
-    pub pinned: bool,
+    /// Which of detour's tables, as an offset from `kernel.table`: [`TABLE_MAIN`],
+    /// [`TABLE_PIN`], [`TABLE_RETURN`] or [`TABLE_NEW`].
+    pub table: u32,
 }
+
+/// Detour's table (`kernel.table`): the overlay routes and protected destinations.
+pub const TABLE_MAIN: u32 = 0;
+/// The pin table (`kernel.table + 1`), which only connections REPLEX pinned to the overlay
+/// look up (see [`PIN_OVERLAY`]).
+pub const TABLE_PIN: u32 = 1;
+/// The return table (`kernel.table + 2`) of an egress node: replies of connections that
+/// entered from the overlay and left towards a host that does not run detour go back to
+/// the node they came from (see [`CLASS_EGRESS`]).
+pub const TABLE_RETURN: u32 = 2;
+/// The new-connections table (`kernel.table + 3`): routes that only connections started
+/// while they existed may use, the routes through a node that replaces the source address
+/// (seeds-digest items 70-73; see [`CLASS_NEW`]).
+pub const TABLE_NEW: u32 = 3;
+/// Tables detour uses: `kernel.table` .. `kernel.table + TABLES - 1`.
+pub const TABLES: u32 = 4;
+
+/// Packet-mark bit of the traffic class "new connection" (a connection's first packet, and
+/// every packet of a connection that took a route of the new-connections table: the bit
+/// is kept in its conntrack mark). Only packets with this bit look up [`TABLE_NEW`], so an
+/// established connection is never moved onto a relay that must replace its source.
+pub const CLASS_NEW: u32 = 0x40_0000;
+/// Packet- and connection-mark bit of connections that entered this node from the overlay
+/// and leave it towards a host that does not run detour: they are masqueraded where the
+/// policy says so, and their replies look up [`TABLE_RETURN`].
+pub const CLASS_EGRESS: u32 = 0x80_0000;
 
 /// Connection-mark bits with which REPLEX pins a connection to the path it started on
 /// (saved in conntrack after the first packet's routing, restored on every later packet):
@@ -253,7 +279,7 @@ mod tests {
     use super::*;
 
     fn route(dst: &str, dev: &str) -> RouteSpec {
-        RouteSpec { dst: dst.parse().unwrap(), dev: dev.into(), src: None, nhid: None, pinned: false }
+        RouteSpec { dst: dst.parse().unwrap(), dev: dev.into(), src: None, nhid: None, table: TABLE_MAIN }
     }
 
     fn group(id: u32, w: (u16, u16)) -> NexthopSpec {
@@ -277,7 +303,7 @@ mod tests {
             desired.nexthops.insert(m);
         }
         desired.nexthops.insert(group(3, (200, 54)));
-        let via = RouteSpec { dst: "198.51.100.2/32".parse().unwrap(), dev: String::new(), src: None, nhid: Some(3), pinned: false };
+        let via = RouteSpec { dst: "198.51.100.2/32".parse().unwrap(), dev: String::new(), src: None, nhid: Some(3), table: TABLE_MAIN };
         desired.routes.insert(via.clone());
         let ops = plan(&desired, &actual);
         let [m1, m2] = members();

@@ -41,6 +41,9 @@ pub enum Message {
         a: NodeId,
         /// The other end.
         b: NodeId,
+        /// Why the requester wants the relay (older nodes send none: failover).
+        #[serde(default)]
+        purpose: crate::policy::Purpose,
     },
     /// Answer to a relay request.
     RelayResponse {
@@ -196,7 +199,7 @@ mod tests {
     #[test]
     fn relay_and_link_messages_round_trip() {
         for message in [
-            Message::RelayRequest { a: NodeId([1; 16]), b: NodeId([2; 16]) },
+            Message::RelayRequest { a: NodeId([1; 16]), b: NodeId([2; 16]), purpose: crate::policy::Purpose::LastResort },
             Message::RelayResponse { b: NodeId([2; 16]), accepted: false, reason: Some("no path".into()), transient: true },
             Message::RelayRelease { a: NodeId([1; 16]), b: NodeId([2; 16]) },
             Message::LinkReport { links: vec![Link { node: NodeId([3; 16]), up: true, rtt_ms: Some(1.5), loss: 0.01 }] },

@@ -12,9 +12,9 @@ use ipnet::{IpNet, Ipv6Net};
 
 use crate::config::{derive_ifname, Config, Endpoint, PeerConfig};
 use crate::dataplane::{DataPlaneSpec, NodeCounters, PeerCounters, PeerSpec};
-use crate::directory::{NodeRecord, Uptime};
+use crate::directory::NodeRecord;
 use crate::identity::NodeId;
-use crate::kernel::{AddrSpec, DesiredState, LinkSpec, NexthopKind, NexthopSpec, RouteSpec, RuleSpec, PIN_DIRECT, PIN_MASK, PIN_OVERLAY};
+use crate::kernel::{AddrSpec, DesiredState, LinkSpec, NexthopKind, NexthopSpec, RouteSpec, RuleSpec, CLASS_EGRESS, CLASS_NEW, PIN_DIRECT, PIN_MASK, PIN_OVERLAY, TABLE_MAIN, TABLE_NEW, TABLE_PIN, TABLE_RETURN};
 use crate::links::{self, LinkAddrs};
 
 /// Protection of one peer's destinations, as the failover engine decided it.
@@ -54,10 +54,12 @@ pub struct PeerDef {
     pub tun: bool,
     /// Still in the directory (configured peers: always).
     pub present: bool,
-    /// Relays for others (from its record; configured peers: assumed).
-    pub relay: bool,
-    /// Uptime class (from its record; configured peers: stable).
-    pub uptime: Uptime,
+    /// Its relay policy (from its record; configured peers: the default, commitment
+    /// `always`, until their record arrives).
+    pub policy: crate::policy::Policy,
+    /// Networks behind it that are reached over the underlay (from its record): protected
+    /// like `cfg.protected`.
+    pub networks: Vec<IpNet>,
     /// Traffic counters, shared with the data path.
     pub counters: Arc<PeerCounters>,
 }
@@ -89,6 +91,8 @@ pub struct Model {
     pub node: Arc<NodeCounters>,
     /// Problems worth a warning at start (e.g. link address collisions).
     pub warnings: Vec<String>,
+    /// Routes to outside destinations through exit nodes (set by the engine).
+    pub exits: Vec<crate::exits::ExitRoute>,
     by_id: HashMap<NodeId, usize>,
     taken_v4: HashSet<Ipv4Addr>,
 }
@@ -118,13 +122,13 @@ impl Model {
                 configured: true,
                 tun: true,
                 present: true,
-                relay: true,
-                uptime: Uptime::Stable,
+                policy: crate::policy::Policy::default(),
+                networks: Vec::new(),
                 counters: Arc::new(PeerCounters::default()),
             })
             .collect();
         let by_id = peers.iter().enumerate().map(|(i, p)| (p.cfg.node_id, i)).collect();
-        Model { cfg, local, peers, node: Arc::new(NodeCounters::default()), warnings, by_id, taken_v4 }
+        Model { cfg, local, peers, node: Arc::new(NodeCounters::default()), warnings, exits: Vec::new(), by_id, taken_v4 }
     }
 
     /// Peer `i`'s settings.
@@ -151,14 +155,17 @@ impl Model {
             return Learned::Ignored;
         }
         let existing = self.index_of(&rec.node_id);
-        if existing.is_some_and(|i| self.peers[i].configured) {
-            if let Some(i) = existing {
-                self.peers[i].relay = rec.relay;
-                self.peers[i].uptime = rec.uptime;
+        let reserved = self.reserved(existing);
+        let networks: Vec<IpNet> = rec.networks.iter().copied().filter(|n| !reserved.1.iter().any(|r| r.contains(n) || n.contains(r))).collect();
+        if let Some(i) = existing.filter(|&i| self.peers[i].configured) {
+            let p = &mut self.peers[i];
+            p.policy = rec.policy();
+            if p.networks != networks {
+                p.networks = networks;
+                return Learned::Changed(i);
             }
             return Learned::Ignored;
         }
-        let reserved = self.reserved(existing);
         let ok_addr = |a: IpAddr| !reserved.0.contains(&a);
         let prefixes: Vec<IpNet> = rec.prefixes.iter().copied().filter(|n| !reserved.1.iter().any(|r| r.contains(n) || n.contains(r))).collect();
         let endpoints: Vec<Endpoint> = rec.endpoints.iter().map(|a| Endpoint::Addr(*a)).collect();
@@ -167,14 +174,14 @@ impl Model {
         match existing {
             Some(i) => {
                 let p = &mut self.peers[i];
-                let changed = !p.present || p.cfg.endpoints != endpoints || p.cfg.overlay_v4 != overlay_v4 || p.cfg.overlay_v6 != overlay_v6 || p.cfg.prefixes != prefixes;
+                let changed = !p.present || p.cfg.endpoints != endpoints || p.cfg.overlay_v4 != overlay_v4 || p.cfg.overlay_v6 != overlay_v6 || p.cfg.prefixes != prefixes || p.networks != networks;
+                p.networks = networks;
                 p.cfg.endpoints = endpoints;
                 p.cfg.overlay_v4 = overlay_v4;
                 p.cfg.overlay_v6 = overlay_v6;
                 p.cfg.prefixes = prefixes;
                 p.present = true;
-                p.relay = rec.relay;
-                p.uptime = rec.uptime;
+                p.policy = rec.policy();
                 if changed {
                     Learned::Changed(i)
                 } else {
@@ -210,8 +217,8 @@ impl Model {
                     configured: false,
                     tun: false,
                     present: true,
-                    relay: rec.relay,
-                    uptime: rec.uptime,
+                    policy: rec.policy(),
+                    networks,
                     counters: Arc::new(PeerCounters::default()),
                 });
                 self.by_id.insert(rec.node_id, i);
@@ -252,14 +259,14 @@ impl Model {
         let mut addrs: HashSet<IpAddr> = HashSet::new();
         addrs.extend(n.overlay_v4.map(|v| IpAddr::V4(v.addr())));
         addrs.extend(n.overlay_v6.map(|v| IpAddr::V6(v.addr())));
-        let mut nets: Vec<IpNet> = n.prefixes.clone();
+        let mut nets: Vec<IpNet> = n.prefixes.iter().chain(n.networks.iter()).copied().collect();
         for (i, p) in self.peers.iter().enumerate() {
             if Some(i) == except || !p.present {
                 continue;
             }
             addrs.extend(p.cfg.overlay_v4.map(IpAddr::V4));
             addrs.extend(p.cfg.overlay_v6.map(IpAddr::V6));
-            nets.extend(p.cfg.prefixes.iter().chain(p.cfg.protected.iter()).copied());
+            nets.extend(p.cfg.prefixes.iter().chain(p.cfg.protected.iter()).chain(p.networks.iter()).copied());
         }
         (addrs, nets)
     }
@@ -297,6 +304,17 @@ impl Model {
         v
     }
 
+    /// Whether this node lets overlay traffic leave towards hosts that do not run detour:
+    /// it offers exit, or delivers to networks behind it.
+    pub fn egress(&self) -> bool {
+        let p = &self.cfg.node.policy;
+        p.willing.internet || p.willing.internet_masquerade || (p.willing.local && !self.cfg.node.networks.is_empty())
+    }
+
+    fn peer_host_addrs_of(&self, def: &PeerDef) -> Vec<IpAddr> {
+        self.index_of(&def.cfg.node_id).map(|i| self.peer_host_addrs(i)).unwrap_or_default()
+    }
+
     /// The literal IP addresses among peer `i`'s endpoints.
     pub fn endpoint_ips(&self, i: usize) -> Vec<IpAddr> {
         let mut v: Vec<IpAddr> = Vec::new();
@@ -322,6 +340,7 @@ impl Model {
             }
         }
         v.extend(self.peers[i].cfg.protected.iter().copied());
+        v.extend(self.peers[i].networks.iter().copied());
         v
     }
 
@@ -331,7 +350,7 @@ impl Model {
         PeerSpec {
             node_id: p.cfg.node_id,
             host_addrs: if p.present { self.peer_host_addrs(i) } else { Vec::new() },
-            prefixes: if p.present { p.cfg.prefixes.iter().chain(p.cfg.protected.iter()).copied().collect() } else { Vec::new() },
+            prefixes: if p.present { p.cfg.prefixes.iter().chain(p.cfg.protected.iter()).chain(p.networks.iter()).copied().collect() } else { Vec::new() },
             link_local: p.links.local_v4.map(IpAddr::V4).into_iter().collect(),
             protected: if p.present { self.protected_destinations(i, &[]) } else { Vec::new() },
             inner_mtu: p.cfg.inner_mtu(),
@@ -348,7 +367,8 @@ impl Model {
         local_dsts.extend(n.prefixes.iter().copied());
         // This node's link-local address is the same on every link.
         local_dsts.push(IpNet::from(IpAddr::V6(links::link_local_v6(&self.local))));
-        DataPlaneSpec { local: self.local, local_dsts, peers: (0..self.peers.len()).map(|i| self.peer_spec(i)).collect(), node: self.node.clone() }
+        let egress = self.egress().then(|| (n.policy.clone(), n.networks.iter().chain(n.prefixes.iter()).copied().collect()));
+        DataPlaneSpec { local: self.local, local_dsts, peers: (0..self.peers.len()).map(|i| self.peer_spec(i)).collect(), node: self.node.clone(), egress }
     }
 
     /// The kernel state detour wants: its TUNs up with the right MTU, their addresses, the
@@ -371,6 +391,7 @@ impl Model {
             }
         }
         v.extend(self.peers[i].cfg.protected.iter().copied());
+        v.extend(self.peers[i].networks.iter().copied());
         v
     }
 
@@ -389,11 +410,11 @@ impl Model {
         s.links.insert(LinkSpec { name: agg.clone(), mtu: u32::from(cfg.aggregate_mtu()), up: true });
         if let Some(v4) = cfg.node.overlay_v4 {
             s.addrs.insert(AddrSpec { dev: agg.clone(), addr: IpAddr::V4(v4.addr()), prefix_len: v4.prefix_len() });
-            s.routes.insert(RouteSpec { dst: IpNet::V4(v4.trunc()), dev: agg.clone(), src: own_v4, nhid: None, pinned: false });
+            s.routes.insert(RouteSpec { dst: IpNet::V4(v4.trunc()), dev: agg.clone(), src: own_v4, nhid: None, table: TABLE_MAIN });
         }
         if let Some(v6) = cfg.node.overlay_v6 {
             s.addrs.insert(AddrSpec { dev: agg.clone(), addr: IpAddr::V6(v6.addr()), prefix_len: v6.prefix_len() });
-            s.routes.insert(RouteSpec { dst: IpNet::V6(v6.trunc()), dev: agg.clone(), src: own_v6, nhid: None, pinned: false });
+            s.routes.insert(RouteSpec { dst: IpNet::V6(v6.trunc()), dev: agg.clone(), src: own_v6, nhid: None, table: TABLE_MAIN });
         }
         let in_overlay = |a: &IpAddr| match a {
             IpAddr::V4(v) => cfg.node.overlay_v4.is_some_and(|n| n.contains(v)),
@@ -406,14 +427,14 @@ impl Model {
             let p = &def.cfg;
             let overlay = [p.overlay_v4.map(IpAddr::V4), p.overlay_v6.map(IpAddr::V6)];
             for net in &p.prefixes {
-                s.routes.insert(RouteSpec { dst: *net, dev: agg.clone(), src: src_for(net), nhid: None, pinned: false });
+                s.routes.insert(RouteSpec { dst: *net, dev: agg.clone(), src: src_for(net), nhid: None, table: TABLE_MAIN });
             }
             if !def.tun {
                 // Reached through the aggregate: its overlay addresses are inside the
                 // overlay prefix, or get a host route.
                 for a in overlay.into_iter().flatten().filter(|a| !in_overlay(a)) {
                     let dst = IpNet::from(a);
-                    s.routes.insert(RouteSpec { dst, dev: agg.clone(), src: src_for(&dst), nhid: None, pinned: false });
+                    s.routes.insert(RouteSpec { dst, dev: agg.clone(), src: src_for(&dst), nhid: None, table: TABLE_MAIN });
                 }
                 continue;
             }
@@ -426,15 +447,15 @@ impl Model {
                 dev: dev.clone(),
                 src: None,
                 nhid: None,
-                pinned: false,
+                table: TABLE_MAIN,
             });
             if let (Some(local), Some(remote)) = (l.local_v4, l.remote_v4) {
                 s.addrs.insert(AddrSpec { dev: dev.clone(), addr: IpAddr::V4(local), prefix_len: 32 });
-                s.routes.insert(RouteSpec { dst: IpNet::from(IpAddr::V4(remote)), dev: dev.clone(), src: Some(IpAddr::V4(local)), nhid: None, pinned: false });
+                s.routes.insert(RouteSpec { dst: IpNet::from(IpAddr::V4(remote)), dev: dev.clone(), src: Some(IpAddr::V4(local)), nhid: None, table: TABLE_MAIN });
             }
             for a in overlay.into_iter().flatten() {
                 let dst = IpNet::from(a);
-                s.routes.insert(RouteSpec { dst, dev: dev.clone(), src: src_for(&dst), nhid: None, pinned: false });
+                s.routes.insert(RouteSpec { dst, dev: dev.clone(), src: src_for(&dst), nhid: None, table: TABLE_MAIN });
             }
             if let Some(Some(pr)) = protect.get(i).filter(|p| p.as_ref().is_some_and(|p| p.split.is_some())) {
                 let (wd, wo) = pr.split.expect("checked");
@@ -465,29 +486,53 @@ impl Model {
                         v6,
                         kind: NexthopKind::Resilient { members: vec![(direct, wd), (tun, wo)], buckets: k.kernel_buckets, idle_timer_s: k.flow_idle.as_secs() as u32 },
                     });
-                    s.routes.insert(RouteSpec { dst, dev: String::new(), src: src_of(&dst), nhid: Some(group), pinned: false });
-                    s.routes.insert(RouteSpec { dst, dev: dev.clone(), src: src_of(&dst), nhid: None, pinned: true });
+                    s.routes.insert(RouteSpec { dst, dev: String::new(), src: src_of(&dst), nhid: Some(group), table: TABLE_MAIN });
+                    s.routes.insert(RouteSpec { dst, dev: dev.clone(), src: src_of(&dst), nhid: None, table: TABLE_PIN });
                 }
             } else if let Some(Some(pr)) = protect.get(i) {
                 let src_of = |net: &IpNet| pr.src.iter().copied().find(|a| a.is_ipv4() == net.addr().is_ipv4());
                 let mut underlay: Vec<IpNet> = self.endpoint_ips(i).into_iter().map(IpNet::from).collect();
                 underlay.extend(pr.underlay.iter().map(|a| IpNet::from(a.to_canonical())));
                 for dst in underlay {
-                    s.routes.insert(RouteSpec { dst, dev: dev.clone(), src: src_of(&dst), nhid: None, pinned: false });
+                    s.routes.insert(RouteSpec { dst, dev: dev.clone(), src: src_of(&dst), nhid: None, table: TABLE_MAIN });
                 }
                 for net in &p.protected {
-                    s.routes.insert(RouteSpec { dst: *net, dev: agg.clone(), src: src_of(net), nhid: None, pinned: false });
+                    s.routes.insert(RouteSpec { dst: *net, dev: agg.clone(), src: src_of(net), nhid: None, table: TABLE_MAIN });
+                }
+            }
+        }
+        // Exits: routes through exit nodes; those that masquerade in the new-connections
+        // table, which only new connections look up.
+        for e in &self.exits {
+            let Some(def) = self.peers.get(e.via).filter(|d| d.present && d.tun) else { continue };
+            let table = if e.masquerade { TABLE_NEW } else { TABLE_MAIN };
+            s.routes.insert(RouteSpec { dst: e.dst, dev: def.cfg.interface.clone(), src: e.src, nhid: None, table });
+        }
+        // An egress node: replies to connections that came in from the overlay go back into
+        // it, to the node whose address or network they are for.
+        let egress = self.egress();
+        if egress {
+            for def in self.peers.iter().filter(|d| d.present) {
+                let hosts = self.peer_host_addrs_of(def).into_iter().map(IpNet::from);
+                for dst in hosts.chain(def.cfg.prefixes.iter().copied()).chain(def.networks.iter().copied()) {
+                    s.routes.insert(RouteSpec { dst, dev: agg.clone(), src: None, nhid: None, table: TABLE_RETURN });
                 }
             }
         }
         for v6 in [false, true] {
             s.rules.insert(RuleSpec { v6, priority: k.rule_priority, table: k.table, fwmark: k.fwmark, mask: u32::MAX, invert: true });
+            if !cfg.exit.watch.is_empty() || !cfg.exit.always.is_empty() {
+                s.rules.insert(RuleSpec { v6, priority: k.rule_priority.saturating_sub(2), table: k.table + TABLE_NEW, fwmark: CLASS_NEW, mask: CLASS_NEW, invert: false });
+            }
+            if egress {
+                s.rules.insert(RuleSpec { v6, priority: k.rule_priority.saturating_sub(3), table: k.table + TABLE_RETURN, fwmark: CLASS_EGRESS, mask: CLASS_EGRESS, invert: false });
+            }
             if cfg.replex.enabled {
                 // Connections REPLEX pinned: to the direct path (main), to the overlay (the
                 // pin table), ahead of detour's table and its nexthop groups.
                 let p = k.rule_priority.saturating_sub(1);
                 s.rules.insert(RuleSpec { v6, priority: p, table: 254, fwmark: PIN_DIRECT, mask: PIN_MASK, invert: false });
-                s.rules.insert(RuleSpec { v6, priority: p, table: k.table + 1, fwmark: PIN_OVERLAY, mask: PIN_MASK, invert: false });
+                s.rules.insert(RuleSpec { v6, priority: p, table: k.table + TABLE_PIN, fwmark: PIN_OVERLAY, mask: PIN_MASK, invert: false });
             }
         }
         s

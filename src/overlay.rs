@@ -86,6 +86,10 @@ pub struct OwnInfo {
     pub relay: bool,
     /// Uptime class.
     pub uptime: Option<Uptime>,
+    /// Networks behind the node reached over the underlay (protected by peers).
+    pub networks: Vec<IpNet>,
+    /// Relay policy (`None`: only `relay` and `uptime` are published).
+    pub policy: Option<crate::policy::Policy>,
 }
 
 /// An instruction to the shell, or a report.
@@ -604,6 +608,8 @@ impl Overlay {
             prefixes: self.info.prefixes.clone(),
             relay: self.info.relay,
             uptime: self.info.uptime.unwrap_or(Uptime::Stable),
+            networks: self.info.networks.clone(),
+            policy: self.info.policy.clone(),
             neighbours: self.sessions.keys().copied().collect(),
             seq: self.seq,
             expires: unix + RECORD_TTL_S,
@@ -725,6 +731,8 @@ mod tests {
                 prefixes: vec![],
                 relay: true,
                 uptime: Some(Uptime::Stable),
+                networks: vec![],
+                policy: None,
             };
             let unix = self.unix_of(i);
             self.nodes[i] = Some(Overlay::new(ident(i), OverlayConfig::default(), info, self.now, unix, i as u64 + 1));

@@ -91,7 +91,8 @@ impl Shared {
 ///
 /// # Errors
 /// Start-up failures (key, sockets, TUNs, netlink); the host is cleaned before returning.
-pub async fn run(cfg: Config) -> Result<()> {
+pub async fn run(mut cfg: Config) -> Result<()> {
+    cfg.node.policy.up_since = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
     let identity = Identity::read(&cfg.node.private_key).map_err(|e| anyhow!("node.private_key: {e}"))?;
     if Identity::file_is_exposed(&cfg.node.private_key) {
         tracing::warn!("{} can be read by other users; run: chmod 600 {}", cfg.node.private_key.display(), cfg.node.private_key.display());
@@ -104,7 +105,7 @@ pub async fn run(cfg: Config) -> Result<()> {
     let listener = control::bind(&control_path)?;
     let nl = Netlink::connect()?;
     let qdisc = model.cfg.management.qdisc_interface.clone();
-    let mut resources = Resources { nl: nl.clone(), table: model.cfg.kernel.table, links: link_names(&model), datapath: None, control_path: control_path.clone(), netfilter: false, dscp: false, qdisc: None, acct: false, hash_policy: Vec::new() };
+    let mut resources = Resources { nl: nl.clone(), table: model.cfg.kernel.table, links: link_names(&model), datapath: None, control_path: control_path.clone(), netfilter: false, dscp: false, qdisc: None, acct: false, classes: false, hash_policy: Vec::new() };
     let result = run_inner(&identity, model, nl, listener, &mut resources, qdisc).await;
     resources.cleanup().await;
     result
@@ -121,6 +122,7 @@ struct Resources {
     dscp: bool,
     qdisc: Option<String>,
     acct: bool,
+    classes: bool,
     hash_policy: Vec<&'static str>,
 }
 
@@ -131,6 +133,9 @@ impl Resources {
         }
         if self.acct {
             acct::remove();
+        }
+        if self.classes {
+            crate::shell::classes::remove();
         }
         acct::restore_hash_policy(&std::mem::take(&mut self.hash_policy));
         if self.dscp {
@@ -252,6 +257,7 @@ async fn run_inner(identity: &Identity, model: Model, nl: Netlink, listener: tok
     }
     priority::remove_dscp_rules();
     acct::remove();
+    crate::shell::classes::remove();
     if let Some(dev) = &qdisc {
         priority::remove_qdisc(dev);
     }
@@ -301,6 +307,18 @@ async fn run_inner(identity: &Identity, model: Model, nl: Netlink, listener: tok
         if let Err(e) = accounting.install(cfg.kernel.fwmark) {
             tracing::warn!("REPLEX: no byte accounting of the kernel's direct share: {e:#}");
         }
+    }
+
+    // Traffic classes (exits that masquerade) and egress NAT (docs/policies.md).
+    let egress = model.egress();
+    res.classes = true;
+    match crate::shell::classes::install(&cfg, egress) {
+        Ok(true) => tracing::info!("traffic classes and egress rules installed (iptables DETOUR-CLASS, DETOUR-EGRESS, DETOUR-NAT, DETOUR-FWD)"),
+        Ok(false) => {}
+        Err(e) => tracing::warn!("exits and egress are off: {e:#}"),
+    }
+    if egress && std::fs::read_to_string("/proc/sys/net/ipv4/ip_forward").is_ok_and(|v| v.trim() == "0") {
+        tracing::warn!("this node offers exit or delivers to networks behind it, but IP forwarding is off: sysctl -w net.ipv4.ip_forward=1");
     }
 
     let start = Instant::now();
@@ -613,6 +631,15 @@ fn status(shared: &Shared) -> Status {
                 sessions: info.sessions,
                 link_addresses,
                 overlay_addresses: [p.overlay_v4.map(|a| a.to_string()), p.overlay_v6.map(|a| a.to_string())].into_iter().flatten().collect(),
+                relays: route
+                    .as_ref()
+                    .map(|r| {
+                        r.relays
+                            .iter()
+                            .map(|x| crate::ctl::RelayRow { name: x.name.clone(), policy: x.policy.clone(), failover: x.failover.clone().err(), performance: x.performance.clone().err(), state: x.state.clone() })
+                            .collect()
+                    })
+                    .unwrap_or_default(),
                 shares: route
                     .as_ref()
                     .map(|r| {
@@ -638,6 +665,14 @@ fn status(shared: &Shared) -> Status {
             overlay_ipv6: cfg.node.overlay_v6.map(|n| n.to_string()),
             aggregate_interface: cfg.kernel.aggregate_interface.clone(),
             uptime_s: shared.start.elapsed().as_secs(),
+            policy: describe_policy(&cfg.node.policy),
+            refusals: crate::policy::Refusal::ALL
+                .iter()
+                .zip(shared.engine.refusals.iter())
+                .map(|(r, c)| (r.as_str().to_string(), c.load(Relaxed)))
+                .filter(|(_, v)| *v > 0)
+                .collect(),
+            exits: shared.engine.exits.lock().expect("exits").clone(),
         },
         peers,
         drops: m.node.drops.snapshot().into_iter().map(|(k, v)| (k.to_string(), v)).collect(),
@@ -655,4 +690,30 @@ fn status(shared: &Shared) -> Status {
         relaying: shared.engine.relaying.lock().expect("relaying").iter().map(|(a, b)| format!("{a} <-> {b}")).collect(),
         management: shared.overlay_view.lock().expect("view").status.clone(),
     }
+}
+
+/// This node's policy in words, for status.
+fn describe_policy(p: &crate::policy::Policy) -> String {
+    let w = &p.willing;
+    let mut offers: Vec<&str> = Vec::new();
+    if w.overlay && p.commitment != crate::policy::Commitment::Never {
+        offers.push("relay");
+    }
+    if w.local {
+        offers.push("local delivery");
+    }
+    if w.internet {
+        offers.push("exit");
+    }
+    if w.internet_masquerade {
+        offers.push("masquerading exit");
+    }
+    format!(
+        "commitment {}, priority {}, {}, connectivity {}; offers {}",
+        p.commitment.as_str(),
+        p.priority,
+        if p.lifespan == crate::directory::Uptime::Stable { "stable" } else { "ephemeral" },
+        p.connectivity.as_str(),
+        if offers.is_empty() { "nothing".to_string() } else { offers.join(", ") }
+    )
 }

@@ -91,6 +91,24 @@ pub struct RouteStatus {
     pub paths: Vec<PathStatus>,
     /// REPLEX shares per route (empty when REPLEX is off or has not run).
     pub shares: Vec<ShareStatus>,
+    /// Every node that could relay to this peer, best first: which traffic classes may
+    /// use it and why not.
+    pub relays: Vec<RelayChoice>,
+}
+
+/// One possible relay towards a peer, for status (spec A§3.3 problem 1, A§3.6).
+#[derive(Debug, Clone)]
+pub struct RelayChoice {
+    /// The relay's name.
+    pub name: String,
+    /// Its published policy: commitment, priority, lifespan.
+    pub policy: String,
+    /// Failover traffic (the direct path is down): `Ok` or why not.
+    pub failover: Result<(), String>,
+    /// Performance traffic (REPLEX shares while the direct path works): `Ok` or why not.
+    pub performance: Result<(), String>,
+    /// `active`, `asked`, `refused: <its reason>` or `not asked`.
+    pub state: String,
 }
 
 /// One route of a peer's REPLEX split, for status and metrics.
@@ -139,6 +157,11 @@ pub struct EngineShared {
     /// Bytes to each peer's split destinations that took the direct path in the kernel
     /// (cumulative; read by the daemon from its accounting rules).
     pub direct_bytes: Mutex<Vec<u64>>,
+    /// Requests this node refused by its policy, per [`crate::policy::Refusal`] (in the
+    /// order of `Refusal::ALL`).
+    pub refusals: [std::sync::atomic::AtomicU64; 6],
+    /// Outside destinations on an exit, in words.
+    pub exits: Mutex<Vec<String>>,
 }
 
 /// REPLEX state of one peer.
@@ -206,6 +229,12 @@ pub struct Engine {
     replex: Vec<Option<ReplexPeer>>,
     next_round: Instant,
     rng: u64,
+    /// Refusals by relays: (peer, relay) → the relay's reason.
+    refused_by: HashMap<(usize, usize), String>,
+    /// Outside destinations and their exits.
+    exits: crate::exits::Exits,
+    /// The exit routes in place.
+    exit_routes: Vec<crate::exits::ExitRoute>,
 }
 
 impl Engine {
@@ -229,7 +258,18 @@ impl Engine {
             replex: Vec::new(),
             next_round: now,
             rng: seed | 1,
+            refused_by: HashMap::new(),
+            exits: crate::exits::Exits::default(),
+            exit_routes: Vec::new(),
         };
+        {
+            let m = e.model.read().expect("model");
+            e.exits = crate::exits::Exits::new(&m.cfg.exit);
+            let mut f = e.filter.write().expect("filter");
+            for net in &m.cfg.exit.watch {
+                f.outside.insert(*net, ());
+            }
+        }
         e.sync_peers(now);
         e
     }
@@ -300,6 +340,12 @@ impl Engine {
                         tracing::info!("TCP to {}'s destinations stalls: checking the path", self.name(peer));
                         self.core.handle_tcp_stall(Instant::now(), peer);
                     }
+                    Alarm::Outside { dst } => {
+                        if self.exits.handle_unreachable(Instant::now(), dst) {
+                            tracing::info!("{dst} (outside the overlay) is unreachable: new connections to it go through an exit");
+                            self.plan_exits();
+                        }
+                    }
                 },
                 _ = tick.tick() => {
                     let now = Instant::now();
@@ -307,6 +353,9 @@ impl Engine {
                     self.replex_tick(now);
                     if now >= self.last_report + LINK_REPORT_EVERY {
                         self.last_report = now;
+                        self.update_ranks();
+                        self.exits.expire(now);
+                        self.plan_exits();
                         self.send_link_reports();
                         self.release_relay_links(now);
                     }
@@ -439,7 +488,8 @@ impl Engine {
         let views = self.core.paths(peer);
         let measures: Vec<(PathId, crate::replex::Measure)> = views
             .iter()
-            .filter(|v| v.active)
+            // REPLEX spreads load only over relays that accept traffic for performance.
+            .filter(|v| v.active && (v.id == PathId::Direct || self.relay_commitment(v.id) == crate::policy::Commitment::Always))
             .map(|v| {
                 // While failover has moved the peer off the direct path, it is down here too.
                 let up = v.state == PathState::Up && !(v.id == PathId::Direct && route.protect);
@@ -567,8 +617,8 @@ impl Engine {
 
     fn on_message(&mut self, now: Instant, from: usize, message: Message) {
         match message {
-            Message::RelayRequest { a, b } => {
-                let answer = self.serve_relay(from, a, b);
+            Message::RelayRequest { a, b, purpose } => {
+                let answer = self.serve_relay(from, a, b, purpose);
                 match &answer {
                     Err((reason, false)) => tracing::info!("refused to relay between {} and {b}: {reason}", self.name(from)),
                     Err((reason, true)) => tracing::debug!("not relaying between {} and {b} yet: {reason}", self.name(from)),
@@ -580,8 +630,12 @@ impl Engine {
             }
             Message::RelayResponse { b, accepted, reason, transient } => {
                 let Some(&peer) = self.by_id.get(&b) else { return };
-                if !accepted {
-                    tracing::debug!("{} will not relay to {}: {}", self.name(from), self.name(peer), reason.unwrap_or_default());
+                if accepted {
+                    self.refused_by.remove(&(peer, from));
+                } else {
+                    let reason = reason.unwrap_or_default();
+                    tracing::debug!("{} will not relay to {}: {reason}", self.name(from), self.name(peer));
+                    self.refused_by.insert((peer, from), reason);
                 }
                 self.core.handle_relay_answer(now, from, peer, accepted, transient);
             }
@@ -611,9 +665,13 @@ impl Engine {
     /// Decides a relay request from peer `from`: relaying must be allowed here, the
     /// requester must be the end it names, and both ends need a known data address. An
     /// error says why, and whether it may pass soon (a missing session).
-    fn serve_relay(&mut self, from: usize, a: NodeId, b: NodeId) -> Result<(), (String, bool)> {
-        if !self.model.read().expect("model").cfg.node.relay {
-            return Err(("this node does not relay (node.relay = false)".into(), false));
+    fn serve_relay(&mut self, from: usize, a: NodeId, b: NodeId, purpose: crate::policy::Purpose) -> Result<(), (String, bool)> {
+        let check = self.model.read().expect("model").cfg.node.policy.relay_check(purpose);
+        if let Err(refusal) = check {
+            if let Some(i) = crate::policy::Refusal::ALL.iter().position(|r| *r == refusal) {
+                self.shared.refusals[i].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+            return Err((format!("{} (policy: {} relaying refused for {})", refusal.as_str(), self.model.read().expect("model").cfg.node.policy.commitment.as_str(), purpose.as_str()), false));
         }
         if a != self.peers[from].id {
             return Err(("a node may only ask for its own relay sessions".into(), false));
@@ -716,9 +774,9 @@ impl Engine {
                     }
                     self.refresh_protect(peer);
                 }
-                Action::RequestRelay { relay, peer } => {
+                Action::RequestRelay { relay, peer, purpose } => {
                     if self.peers[relay].conn.is_some() {
-                        self.send(relay, Message::RelayRequest { a: self.local(), b: self.peers[peer].id });
+                        self.send(relay, Message::RelayRequest { a: self.local(), b: self.peers[peer].id, purpose });
                     } else {
                         self.core.handle_relay_response(Instant::now(), relay, peer, false);
                     }
@@ -785,12 +843,150 @@ impl Engine {
                 changes: self.core.route_changes(i),
                 paths,
                 shares,
+                relays: self.relay_choices(i),
             });
         }
         drop(routes);
         let relaying: Vec<(String, String)> = self.serving.keys().map(|(a, b)| (self.name(*a), self.name(*b))).collect();
         *self.shared.relaying.lock().expect("relaying") = relaying;
     }
+}
+
+impl Engine {
+    /// Chooses the exit of every outside destination that needs one and hands changes to
+    /// the kernel (routes) and the data path (which replies to accept from which exit).
+    fn plan_exits(&mut self) {
+        if !self.exits.enabled() {
+            return;
+        }
+        let unix = unix_now();
+        let mut plan = {
+            let m = self.model.read().expect("model");
+            let cands: Vec<crate::exits::ExitCandidate> = m
+                .peers
+                .iter()
+                .enumerate()
+                .take(self.peers.len())
+                .filter(|(_, d)| d.present)
+                .map(|(i, d)| {
+                    let direct = self.core.paths(i).into_iter().find(|v| v.id == PathId::Direct);
+                    crate::exits::ExitCandidate {
+                        peer: i,
+                        policy: &d.policy,
+                        own: d.cfg.prefixes.iter().chain(d.networks.iter()).copied().collect(),
+                        usable: self.peers[i].data.is_some() && direct.as_ref().is_some_and(|v| v.state == PathState::Up),
+                        cost_ms: direct.and_then(|v| v.srtt).map(|d| d.as_secs_f64() * 1000.0).unwrap_or(1000.0),
+                    }
+                })
+                .collect();
+            let src = |v6: bool| self.peers.iter().filter_map(|p| p.local_ip).find(|a| a.is_ipv6() == v6);
+            self.exits.plan(&cands, src(false), src(true), unix)
+        };
+        for r in plan.iter_mut() {
+            r.src = self.peers[r.via].local_ip.filter(|a| a.is_ipv4() == r.dst.addr().is_ipv4());
+        }
+        if plan == self.exit_routes {
+            *self.shared.exits.lock().expect("exits") = self.exit_status();
+            return;
+        }
+        let mut touched: BTreeSet<usize> = self.exit_routes.iter().map(|r| r.via).collect();
+        touched.extend(plan.iter().map(|r| r.via));
+        for peer in touched {
+            let nets: Vec<IpNet> = plan.iter().filter(|r| r.via == peer).map(|r| r.dst).collect();
+            self.dp.command(DataCommand::SetExitSources { peer, nets });
+        }
+        for r in &plan {
+            if !self.exit_routes.iter().any(|o| o.dst == r.dst && o.via == r.via) {
+                tracing::info!("{} goes through exit {}{}", r.dst, self.name(r.via), if r.masquerade { " (masquerading: new connections only)" } else { "" });
+            }
+            let tun = self.model.read().expect("model").peers.get(r.via).is_some_and(|d| d.tun);
+            if !tun {
+                let _ = self.needs.send(Need::Data(r.via));
+            }
+        }
+        self.exit_routes = plan.clone();
+        self.model.write().expect("model").exits = plan;
+        *self.shared.exits.lock().expect("exits") = self.exit_status();
+        self.shared.kernel.notify_one();
+    }
+
+    fn exit_status(&self) -> Vec<String> {
+        let now = Instant::now();
+        let failed = self.exits.failed(now);
+        self.exit_routes
+            .iter()
+            .map(|r| {
+                let hold = failed.iter().find(|(a, _)| IpNet::from(*a) == r.dst).map(|(_, d)| format!(", unreachable directly, retried in {} s", d.as_secs())).unwrap_or_default();
+                let class = if r.masquerade { "new connections only (masquerades)" } else { "all traffic (keeps the source)" };
+                format!("{} via {}: {class}{hold}", r.dst, self.name(r.via))
+            })
+            .collect()
+    }
+
+    fn relay_commitment(&self, path: PathId) -> crate::policy::Commitment {
+        match path {
+            PathId::Relay(id) => self.by_id.get(&id).map(|&r| self.core.rank(r).commitment).unwrap_or(crate::policy::Commitment::Always),
+            PathId::Direct => crate::policy::Commitment::Always,
+        }
+    }
+
+    /// Hands the peers' published policies to the core as relay ranks.
+    fn update_ranks(&mut self) {
+        let unix = unix_now();
+        let m = self.model.read().expect("model");
+        for (i, p) in m.peers.iter().enumerate().take(self.peers.len()) {
+            self.core.set_rank(i, crate::policy::RelayRank::of(&p.policy, unix));
+        }
+    }
+
+    /// Every node that could relay towards `peer`, in the core's policy order, with what
+    /// each traffic class may do with it.
+    fn relay_choices(&self, peer: usize) -> Vec<RelayChoice> {
+        use crate::policy::{Commitment, Purpose};
+        let m = self.model.read().expect("model");
+        let unix = unix_now();
+        let active = self.core.active_relays(peer);
+        let mut v: Vec<(crate::policy::RelayRank, RelayChoice)> = Vec::new();
+        for (r, def) in m.peers.iter().enumerate().take(self.peers.len()) {
+            if r == peer || !def.present {
+                continue;
+            }
+            let pol = &def.policy;
+            let life = pol.lifespan_at(unix);
+            let why = |purpose: Purpose| -> Result<(), String> {
+                match pol.relay_check(purpose) {
+                    Ok(()) => Ok(()),
+                    Err(e) if pol.commitment == Commitment::LastResort && purpose == Purpose::Failover => Err(format!("{} (only when no other relay works)", e.as_str())),
+                    Err(e) => Err(e.as_str().to_string()),
+                }
+            };
+            let state = if active.contains(&r) {
+                "active".to_string()
+            } else if let Some(reason) = self.refused_by.get(&(peer, r)) {
+                format!("refused: {reason}")
+            } else if self.peers[r].conn.is_none() {
+                "no session".to_string()
+            } else {
+                "not asked".to_string()
+            };
+            v.push((
+                crate::policy::RelayRank::of(pol, unix),
+                RelayChoice {
+                    name: def.cfg.name.clone(),
+                    policy: format!("{} priority {} {}", pol.commitment.as_str(), pol.priority, if life == crate::directory::Uptime::Stable { "stable" } else { "ephemeral" }),
+                    failover: why(Purpose::Failover),
+                    performance: why(Purpose::Performance),
+                    state,
+                },
+            ));
+        }
+        v.sort_by(|a, b| a.0.cmp(&b.0).then_with(|| a.1.name.cmp(&b.1.name)));
+        v.into_iter().map(|(_, c)| c).collect()
+    }
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
 
 fn canonical(a: SocketAddr) -> SocketAddr {

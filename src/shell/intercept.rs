@@ -7,6 +7,7 @@
 //! The chains are removed on stop, and left-overs from a crash on the next start.
 
 use std::collections::HashMap;
+use std::net::IpAddr;
 use std::process::Command;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, RwLock};
@@ -35,6 +36,12 @@ pub enum Alarm {
     TcpStall {
         /// Peer index.
         peer: usize,
+    },
+    /// A watched destination outside the overlay is unreachable (an ICMP unreachable about
+    /// it, or a connection attempt that timed out).
+    Outside {
+        /// The destination.
+        dst: IpAddr,
     },
 }
 
@@ -141,10 +148,10 @@ pub fn start_queue(queue: u16, filter: Arc<RwLock<Filter>>, counters: Arc<IcmpCo
                 v => v,
             };
             match verdict {
-                Verdict::Reroute { peer, .. } => {
+                Verdict::Reroute { peer, dst, .. } => {
                     counters.rerouted.fetch_add(1, Relaxed);
                     msg.set_verdict(nfq::Verdict::Drop);
-                    let _ = alarms.send(Alarm::Icmp { peer, at });
+                    let _ = alarms.send(if peer == crate::icmp::OUTSIDE { Alarm::Outside { dst } } else { Alarm::Icmp { peer, at } });
                 }
                 Verdict::Accept(why) => {
                     counters.ignore(why);
@@ -170,6 +177,7 @@ pub fn start_tcp_monitor(every: Duration, filter: Arc<RwLock<Filter>>, counters:
         .name("detour-tcpmon".into())
         .spawn(move || {
             let mut last: HashMap<usize, Instant> = HashMap::new();
+            let mut outside_last: HashMap<IpAddr, Instant> = HashMap::new();
             loop {
                 std::thread::sleep(every);
                 if alarms.is_closed() {
@@ -186,7 +194,22 @@ pub fn start_tcp_monitor(every: Duration, filter: Arc<RwLock<Filter>>, counters:
                     if !stalled {
                         continue;
                     }
-                    let Some(&peer) = f.protected.lookup(c.remote.ip()) else { continue };
+                    let peer = match f.protected.lookup(c.remote.ip()) {
+                        Some(&peer) => peer,
+                        // A connection attempt to a watched outside destination: only new
+                        // connections may move to an exit that masquerades.
+                        None if c.state == sockdiag::TCP_SYN_SENT && f.outside.contains(c.remote.ip()) => {
+                            let now = Instant::now();
+                            if outside_last.get(&c.remote.ip()).is_some_and(|t| now < *t + Duration::from_secs(1)) {
+                                continue;
+                            }
+                            outside_last.insert(c.remote.ip(), now);
+                            counters.tcp_stalls.fetch_add(1, Relaxed);
+                            let _ = alarms.send(Alarm::Outside { dst: c.remote.ip() });
+                            continue;
+                        }
+                        None => continue,
+                    };
                     let now = Instant::now();
                     if last.get(&peer).is_some_and(|t| now < *t + Duration::from_secs(1)) {
                         continue;

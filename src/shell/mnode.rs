@@ -130,8 +130,10 @@ fn own_info(shared: &Shared) -> OwnInfo {
         overlay_v4: n.overlay_v4.map(|v| v.addr()),
         overlay_v6: n.overlay_v6.map(|v| v.addr()),
         prefixes: n.prefixes.clone(),
-        relay: n.relay,
-        uptime: Some(n.uptime),
+        relay: n.policy.commitment != crate::policy::Commitment::Never,
+        uptime: Some(n.policy.lifespan),
+        networks: n.networks.clone(),
+        policy: Some(n.policy.clone()),
     }
 }
 

@@ -15,4 +15,5 @@ pub mod peers;
 pub mod priority;
 pub mod nexthop;
 pub mod acct;
+pub mod classes;
 pub mod metrics;

@@ -197,7 +197,7 @@ impl Netlink {
                 s.addrs.insert(AddrSpec { dev: dev.clone(), addr, prefix_len: a.header.prefix_len });
             }
         }
-        for (tbl, pinned) in [(table, false), (table + 1, true)] {
+        for (tbl, offset) in (0..crate::kernel::TABLES).map(|o| (table + o, o)) {
             for v6 in [false, true] {
                 let mut msg = RouteMessage::default();
                 msg.header.address_family = family(v6);
@@ -207,7 +207,7 @@ impl Netlink {
                 for r in routes {
                     if let RouteNetlinkMessage::NewRoute(r) = r {
                         if let Some(mut spec) = route_spec(&r, tbl, &by_index) {
-                            spec.pinned = pinned;
+                            spec.table = offset;
                             s.routes.insert(spec);
                         }
                     }
@@ -296,7 +296,7 @@ impl Netlink {
             KernelOp::AddRoute(r) => {
                 let v6 = r.dst.addr().is_ipv6();
                 let oif = if r.nhid.is_some() { 0 } else { idx(&r.dev)? };
-                let msg = route_message(r, if r.pinned { table + 1 } else { table }, oif);
+                let msg = route_message(r, table + r.table, oif);
                 // IPv6 keeps device routes to the same prefix side by side (fe80::/64 on
                 // every per-peer link); IPv4 must not, so it asks for exclusivity.
                 let flags = NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | if v6 { 0 } else { NLM_F_EXCL };
@@ -304,7 +304,7 @@ impl Netlink {
             }
             KernelOp::DelRoute(r) => {
                 let oif = index.get(&r.dev).copied().unwrap_or(0);
-                let msg = route_message(r, if r.pinned { table + 1 } else { table }, oif);
+                let msg = route_message(r, table + r.table, oif);
                 self.request(RouteNetlinkMessage::DelRoute(msg), NLM_F_REQUEST | NLM_F_ACK).await.map(|_| ())
             }
             KernelOp::AddRule(r) => {
@@ -386,10 +386,10 @@ fn route_spec(r: &RouteMessage, table: u32, by_index: &HashMap<u32, String>) -> 
     // A route through an interface that is not ours (or gone) is stale: name it so that
     // the plan deletes it.
     if nhid.is_some() {
-        return Some(RouteSpec { dst, dev: String::new(), src, nhid, pinned: false });
+        return Some(RouteSpec { dst, dev: String::new(), src, nhid, table: crate::kernel::TABLE_MAIN });
     }
     let dev = oif.and_then(|i| by_index.get(&i).cloned()).unwrap_or_else(|| format!("#{}", oif.unwrap_or(0)));
-    Some(RouteSpec { dst, dev, src, nhid: None, pinned: false })
+    Some(RouteSpec { dst, dev, src, nhid: None, table: crate::kernel::TABLE_MAIN })
 }
 
 fn rule_message(r: &RuleSpec) -> RuleMessage {
