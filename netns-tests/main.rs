@@ -4,6 +4,7 @@
 mod failover;
 mod management;
 mod lab;
+mod policies;
 mod replex;
 
 use std::time::Duration;

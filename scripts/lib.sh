@@ -25,6 +25,7 @@ install_deps() {
   command -v ping >/dev/null || missing+=(iputils-ping)
   command -v python3 >/dev/null || missing+=(python3)
   command -v pgrep >/dev/null || missing+=(procps)
+  command -v curl >/dev/null || missing+=(curl)
   if [ ${#missing[@]} -gt 0 ]; then
     echo "installing: ${missing[*]}"
     DEBIAN_FRONTEND=noninteractive apt-get update -qq

@@ -1063,7 +1063,46 @@ impl Failover {
             ranked.push((rank, cost, tiebreak, r));
         }
         ranked.sort();
+        // A last-resort relay only once no other could still work: none asked and waiting,
+        // none ready whose path is not down, none not asked yet.
+        if urgent {
+            let p = &self.peers[peer];
+            let other_pending = p.relays.iter().any(|(r, c)| {
+                self.peers[*r].rank.commitment != Commitment::LastResort
+                    && match c {
+                        Candidate::Requested(_) => true,
+                        Candidate::Active => p.path(PathId::Relay(self.peers[*r].id)).is_none_or(|x| x.state != PathState::Down),
+                        Candidate::Refused(_) => false,
+                    }
+            });
+            let other_unasked = ranked.iter().any(|(rank, _, _, r)| rank.commitment != Commitment::LastResort && !p.relays.contains_key(r));
+            if other_pending || other_unasked {
+                ranked.retain(|(rank, _, _, _)| rank.commitment != Commitment::LastResort);
+            }
+        }
         let want = if urgent { self.cfg.relay_candidates + self.cfg.sosr_fanout } else { self.cfg.relay_candidates };
+        // A better-ranked relay than a standby one (its policy became known, or it came
+        // back): swap the worst standby for it, one per round.
+        {
+            let p = &self.peers[peer];
+            let in_use = p.route.path;
+            let worst = p
+                .relays
+                .iter()
+                .filter(|(r, c)| matches!(c, Candidate::Active | Candidate::Requested(_)) && PathId::Relay(self.peers[**r].id) != in_use)
+                .map(|(r, _)| (self.peers[*r].rank, *r))
+                .max();
+            let have = p.relays.values().filter(|c| matches!(c, Candidate::Active | Candidate::Requested(_))).count();
+            let better = ranked.iter().find(|(_, _, _, r)| !p.relays.contains_key(r)).map(|(rank, _, _, r)| (*rank, *r));
+            if let (Some((wr, w)), Some((br, _))) = (worst, better) {
+                if have >= want && br < wr {
+                    let wid = self.peers[w].id;
+                    self.peers[peer].relays.remove(&w);
+                    self.peers[peer].paths.retain(|x| x.id != PathId::Relay(wid));
+                    self.actions.push_back(Action::ReleaseRelay { relay: w, peer });
+                }
+            }
+        }
         let p = &self.peers[peer];
         let have = p.relays.values().filter(|c| matches!(c, Candidate::Active | Candidate::Requested(_))).count();
         let mut asks = Vec::new();
@@ -1443,6 +1482,22 @@ mod tests {
         }
         net.run(Duration::from_secs(2));
         assert_eq!(net.via(0, 1), Some(2), "{:?}", net.route(0, 1));
+    }
+
+    #[test]
+    fn a_better_relay_learned_later_replaces_a_standby_one() {
+        use crate::directory::Uptime::*;
+        let mut net = Net::new(5);
+        net.run(Duration::from_secs(3));
+        // Two standby relays are in place before any policy is known; then node 4 turns
+        // out to be the preferred one and 2 and 3 ordinary.
+        net.set_policy(2, policy(Commitment::Always, 10, Stable));
+        net.set_policy(3, policy(Commitment::Always, 10, Stable));
+        net.set_policy(4, policy(Commitment::Always, 250, Stable));
+        net.run(Duration::from_secs(4));
+        net.cut_both(0, 1);
+        net.run(Duration::from_secs(2));
+        assert_eq!(net.via(0, 1), Some(4), "{:?}", net.route(0, 1));
     }
 
     #[test]

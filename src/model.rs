@@ -60,6 +60,9 @@ pub struct PeerDef {
     /// Networks behind it that are reached over the underlay (from its record): protected
     /// like `cfg.protected`.
     pub networks: Vec<IpNet>,
+    /// Its record has been learned (until then its policy is unknown and it is not asked
+    /// to relay).
+    pub known: bool,
     /// Traffic counters, shared with the data path.
     pub counters: Arc<PeerCounters>,
 }
@@ -124,6 +127,7 @@ impl Model {
                 present: true,
                 policy: crate::policy::Policy::default(),
                 networks: Vec::new(),
+                known: false,
                 counters: Arc::new(PeerCounters::default()),
             })
             .collect();
@@ -160,6 +164,7 @@ impl Model {
         if let Some(i) = existing.filter(|&i| self.peers[i].configured) {
             let p = &mut self.peers[i];
             p.policy = rec.policy();
+            p.known = true;
             if p.networks != networks {
                 p.networks = networks;
                 return Learned::Changed(i);
@@ -181,6 +186,7 @@ impl Model {
                 p.cfg.overlay_v6 = overlay_v6;
                 p.cfg.prefixes = prefixes;
                 p.present = true;
+                p.known = true;
                 p.policy = rec.policy();
                 if changed {
                     Learned::Changed(i)
@@ -219,6 +225,7 @@ impl Model {
                     present: true,
                     policy: rec.policy(),
                     networks,
+                    known: true,
                     counters: Arc::new(PeerCounters::default()),
                 });
                 self.by_id.insert(rec.node_id, i);
@@ -496,7 +503,7 @@ impl Model {
                 for dst in underlay {
                     s.routes.insert(RouteSpec { dst, dev: dev.clone(), src: src_of(&dst), nhid: None, table: TABLE_MAIN });
                 }
-                for net in &p.protected {
+                for net in p.protected.iter().chain(def.networks.iter()) {
                     s.routes.insert(RouteSpec { dst: *net, dev: agg.clone(), src: src_of(net), nhid: None, table: TABLE_MAIN });
                 }
             }

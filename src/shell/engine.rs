@@ -271,6 +271,7 @@ impl Engine {
             }
         }
         e.sync_peers(now);
+        e.update_ranks();
         e
     }
 
@@ -320,6 +321,7 @@ impl Engine {
                     DataEvent::Control { peer, from, payload, at } => {
                         if peer >= self.peers.len() {
                             self.sync_peers(at);
+                            self.update_ranks();
                         }
                         match self.core.handle_probe(at, peer, &payload) {
                             Ok(Some(echo)) => self.dp.command(DataCommand::SendControl { peer, to: canonical(from), payload: echo }),
@@ -395,6 +397,7 @@ impl Engine {
         };
         if peer >= self.peers.len() {
             self.sync_peers(now);
+            self.update_ranks();
             if peer >= self.peers.len() {
                 return;
             }
@@ -935,7 +938,9 @@ impl Engine {
         let unix = unix_now();
         let m = self.model.read().expect("model");
         for (i, p) in m.peers.iter().enumerate().take(self.peers.len()) {
-            self.core.set_rank(i, crate::policy::RelayRank::of(&p.policy, unix));
+            // A node whose record has not arrived yet is not asked: its policy is unknown.
+            let rank = if p.known { crate::policy::RelayRank::of(&p.policy, unix) } else { crate::policy::RelayRank { commitment: crate::policy::Commitment::Never, ..Default::default() } };
+            self.core.set_rank(i, rank);
         }
     }
 
@@ -960,7 +965,9 @@ impl Engine {
                     Err(e) => Err(e.as_str().to_string()),
                 }
             };
-            let state = if active.contains(&r) {
+            let state = if !def.known {
+                "no record yet".to_string()
+            } else if active.contains(&r) {
                 "active".to_string()
             } else if let Some(reason) = self.refused_by.get(&(peer, r)) {
                 format!("refused: {reason}")
