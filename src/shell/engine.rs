@@ -235,6 +235,8 @@ pub struct Engine {
     exits: crate::exits::Exits,
     /// The exit routes in place.
     exit_routes: Vec<crate::exits::ExitRoute>,
+    /// Per peer, the nodes that could relay to it (status; refreshed every second).
+    relay_rows: Vec<Vec<RelayChoice>>,
 }
 
 impl Engine {
@@ -261,6 +263,7 @@ impl Engine {
             refused_by: HashMap::new(),
             exits: crate::exits::Exits::default(),
             exit_routes: Vec::new(),
+            relay_rows: Vec::new(),
         };
         {
             let m = e.model.read().expect("model");
@@ -358,6 +361,7 @@ impl Engine {
                         self.update_ranks();
                         self.exits.expire(now);
                         self.plan_exits();
+                        self.relay_rows = (0..self.peers.len()).map(|i| if self.core.route(i).is_some() { self.relay_choices(i) } else { Vec::new() }).collect();
                         self.send_link_reports();
                         self.release_relay_links(now);
                     }
@@ -846,7 +850,7 @@ impl Engine {
                 changes: self.core.route_changes(i),
                 paths,
                 shares,
-                relays: self.relay_choices(i),
+                relays: self.relay_rows.get(i).cloned().unwrap_or_default(),
             });
         }
         drop(routes);
@@ -863,7 +867,7 @@ impl Engine {
             return;
         }
         let unix = unix_now();
-        let mut plan = {
+        let plan = {
             let m = self.model.read().expect("model");
             let cands: Vec<crate::exits::ExitCandidate> = m
                 .peers
@@ -882,12 +886,21 @@ impl Engine {
                     }
                 })
                 .collect();
-            let src = |v6: bool| self.peers.iter().filter_map(|p| p.local_ip).find(|a| a.is_ipv6() == v6);
-            self.exits.plan(&cands, src(false), src(true), unix)
+            // The sources judged: this node's underlay address (as its sessions see it),
+            // else its overlay address.
+            let overlay = |v6: bool| if v6 { m.cfg.node.overlay_v6.map(|n| IpAddr::V6(n.addr())) } else { m.cfg.node.overlay_v4.map(|n| IpAddr::V4(n.addr())) };
+            let src = |v6: bool| self.peers.iter().filter_map(|p| p.local_ip).find(|a| a.is_ipv6() == v6).or(overlay(v6));
+            let mut plan = self.exits.plan(&cands, src(false), src(true), unix);
+            // New connections through an exit that masquerades use the overlay address (its
+            // replies reach this node through the exit's own overlay routes); through one
+            // that keeps the source, the underlay address the outside host can answer.
+            for r in plan.iter_mut() {
+                let v6 = r.dst.addr().is_ipv6();
+                let underlay = self.peers[r.via].local_ip.filter(|a| a.is_ipv6() == v6);
+                r.src = if r.masquerade { overlay(v6).or(underlay) } else { underlay };
+            }
+            plan
         };
-        for r in plan.iter_mut() {
-            r.src = self.peers[r.via].local_ip.filter(|a| a.is_ipv4() == r.dst.addr().is_ipv4());
-        }
         if plan == self.exit_routes {
             *self.shared.exits.lock().expect("exits") = self.exit_status();
             return;
@@ -933,10 +946,21 @@ impl Engine {
         }
     }
 
-    /// Hands the peers' published policies to the core as relay ranks.
+    /// Hands the peers' published policies to the core as relay ranks, and their networks
+    /// (learned from their records) to the ICMP filter and TCP monitor.
     fn update_ranks(&mut self) {
         let unix = unix_now();
         let m = self.model.read().expect("model");
+        {
+            let mut f = self.filter.write().expect("filter");
+            for (i, p) in m.peers.iter().enumerate().take(self.peers.len()) {
+                for net in p.networks.iter().filter(|_| p.present) {
+                    if f.protected.lookup(net.addr()) != Some(&i) {
+                        f.protected.insert(*net, i);
+                    }
+                }
+            }
+        }
         for (i, p) in m.peers.iter().enumerate().take(self.peers.len()) {
             // A node whose record has not arrived yet is not asked: its policy is unknown.
             let rank = if p.known { crate::policy::RelayRank::of(&p.policy, unix) } else { crate::policy::RelayRank { commitment: crate::policy::Commitment::Never, ..Default::default() } };
