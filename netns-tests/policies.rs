@@ -317,7 +317,21 @@ ip -n {r} route add 172.16.2.0/24 via {iu}
     }
     let o = lab.sh(&h1, "ping -c 2 -i 0.2 -W 2 172.16.2.2");
     assert!(o.ok, "h1 cannot reach i1 directly: {}", o.stderr);
+    // An ICMP host unreachable about i's network on its way to h1 is caught at h (which
+    // forwards it): h1's new connection goes through the overlay instead of failing.
+    // (h has learned i's network from i's record by now.)
     std::thread::sleep(Duration::from_secs(3));
+    let reject = "FORWARD -s 172.16.1.0/24 -d 172.16.2.0/24 -p tcp --dport 9101 -j REJECT --reject-with icmp-host-unreachable";
+    router(&lab, &format!("iptables -I {reject}"));
+    let mut srv = spawn(&lab, &i1, &["python3", TCPCHECK, "server", "9101"]);
+    std::thread::sleep(Duration::from_millis(300));
+    let o = lab.sh(&h1, &format!("python3 {TCPCHECK} client 172.16.2.2 9101 100000"));
+    let _ = srv.kill();
+    let _ = srv.wait();
+    assert!(o.ok && o.stdout.starts_with("ok"), "h1's connect did not survive the ICMP unreachable: {}{}", o.stdout, o.stderr);
+    assert!(lab.status("h")["icmp"]["rerouted"].as_u64().unwrap_or(0) >= 1, "h did not catch the forwarded ICMP error");
+    router(&lab, &format!("iptables -D {reject}"));
+    std::thread::sleep(Duration::from_secs(4));
     let mut srv = spawn(&lab, &i1, &["python3", TCPCHECK, "server", "9100"]);
     std::thread::sleep(Duration::from_millis(300));
     let client = spawn(&lab, &h1, &["python3", TCPCHECK, "client", "172.16.2.2", "9100", "8000000", "", "10"]);

@@ -75,6 +75,9 @@ pub struct Filter {
     pub local: HashSet<IpAddr>,
     /// Watched destinations outside the overlay (`exit.watch`).
     pub outside: PrefixTable<()>,
+    /// Networks behind this router (`node.networks`): errors about their hosts'
+    /// connections, which this node forwards, are acted on too.
+    pub behind: PrefixTable<()>,
 }
 
 /// The "peer" of a [`Verdict::Reroute`] about a watched destination outside the overlay.
@@ -117,8 +120,22 @@ impl Filter {
             None if self.outside.contains(dst) => OUTSIDE,
             None => return Verdict::Accept(Ignored::NotProtected),
         };
-        if !self.local.contains(&src) || outer_dst != src {
+        let forwarded = !self.local.contains(&src) && self.behind.contains(src);
+        if !(self.local.contains(&src) || forwarded) || outer_dst != src {
             return Verdict::Accept(Ignored::NotOurs);
+        }
+        if forwarded {
+            // A host behind this router: its connection is not a local socket, so there
+            // is nothing for sock_diag to check.
+            return match &inner.transport {
+                Some(TransportSlice::Tcp(_) | TransportSlice::Udp(_)) => Verdict::Reroute { peer, dst, tcp: None },
+                Some(TransportSlice::Icmpv4(i)) if i.type_u8() == 8 => Verdict::Reroute { peer, dst, tcp: None },
+                Some(TransportSlice::Icmpv6(i)) if i.type_u8() == 128 => Verdict::Reroute { peer, dst, tcp: None },
+                None if inner.net.as_ref().and_then(|n| n.ip_payload_ref()).is_some_and(|p| matches!(p.ip_number, IpNumber::TCP | IpNumber::UDP) && p.payload.len() >= 8) => {
+                    Verdict::Reroute { peer, dst, tcp: None }
+                }
+                _ => Verdict::Accept(Ignored::Protocol),
+            };
         }
         match &inner.transport {
             Some(TransportSlice::Tcp(tcp)) => {
@@ -181,6 +198,20 @@ mod tests {
         assert_eq!(v, Verdict::Reroute { peer: 0, dst: "10.0.2.2".parse().unwrap(), tcp: Some(("10.0.1.2:40000".parse().unwrap(), "10.0.2.2:80".parse().unwrap())) });
         let q = tcp4([10, 0, 1, 2], [198, 51, 100, 7]);
         assert!(matches!(filter().classify(&icmp4([10, 0, 1, 2], icmpv4::DestUnreachableHeader::Network, &q)), Verdict::Reroute { peer: 1, .. }));
+    }
+
+    #[test]
+    fn errors_for_hosts_behind_this_router_are_acted_on_without_a_socket_check() {
+        let mut f = filter();
+        f.behind.insert("172.16.1.0/24".parse().unwrap(), ());
+        // A host behind this router connects to a protected destination; the error is
+        // addressed to it (this node forwards it).
+        let q = tcp4([172, 16, 1, 2], [10, 0, 2, 2]);
+        assert_eq!(f.classify(&icmp4([172, 16, 1, 2], icmpv4::DestUnreachableHeader::Host, &q)), Verdict::Reroute { peer: 0, dst: "10.0.2.2".parse().unwrap(), tcp: None });
+        // Addressed to someone else than the quoted sender, or from a host not behind it.
+        assert_eq!(f.classify(&icmp4([172, 16, 1, 3], icmpv4::DestUnreachableHeader::Host, &q)), Verdict::Accept(Ignored::NotOurs));
+        let q = tcp4([172, 16, 9, 2], [10, 0, 2, 2]);
+        assert_eq!(f.classify(&icmp4([172, 16, 9, 2], icmpv4::DestUnreachableHeader::Host, &q)), Verdict::Accept(Ignored::NotOurs));
     }
 
     #[test]

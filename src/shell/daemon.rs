@@ -330,13 +330,16 @@ async fn run_inner(identity: &Identity, model: Model, nl: Netlink, listener: tok
 
     // Failure detection: the engine, ICMP interception and the TCP monitor.
     let filter = Arc::new(RwLock::new(Filter::default()));
+    for net in &cfg.node.networks {
+        filter.write().expect("filter").behind.insert(*net, ());
+    }
     let engine_shared = Arc::new(EngineShared::default());
     let icmp_counters = Arc::new(IcmpCounters::default());
     let (alarm_tx, alarm_rx) = mpsc::unbounded_channel();
     let mut icmp_active = false;
     if cfg.failover.icmp && !cfg.peers.is_empty() {
         res.netfilter = true;
-        match intercept::install_rules(cfg.failover.nfqueue).and_then(|_| intercept::start_queue(cfg.failover.nfqueue, filter.clone(), icmp_counters.clone(), alarm_tx.clone())) {
+        match intercept::install_rules(cfg.failover.nfqueue, !cfg.node.networks.is_empty()).and_then(|_| intercept::start_queue(cfg.failover.nfqueue, filter.clone(), icmp_counters.clone(), alarm_tx.clone())) {
             Ok(()) => icmp_active = true,
             Err(e) => {
                 intercept::remove_rules();

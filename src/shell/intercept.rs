@@ -81,10 +81,12 @@ fn iptables(v6: bool, args: &[&str]) -> Result<bool> {
 pub fn remove_rules() {
     for v6 in [false, true] {
         // Delete every jump, however many an earlier crash left.
-        for _ in 0..16 {
-            match iptables(v6, &["-D", "INPUT", "-j", CHAIN]) {
-                Ok(true) => continue,
-                _ => break,
+        for hook in ["INPUT", "FORWARD"] {
+            for _ in 0..16 {
+                match iptables(v6, &["-D", hook, "-j", CHAIN]) {
+                    Ok(true) => continue,
+                    _ => break,
+                }
             }
         }
         let _ = iptables(v6, &["-F", CHAIN]);
@@ -93,11 +95,13 @@ pub fn remove_rules() {
 }
 
 /// Installs the rules that queue ICMP net/host unreachable (ICMPv6 no route / address
-/// unreachable) to `queue`, after removing any left by an earlier run.
+/// unreachable) to `queue`, after removing any left by an earlier run: the errors this
+/// host receives (`INPUT`), and with `forward` (a router with networks behind it) the
+/// errors it forwards to their hosts (`FORWARD`).
 ///
 /// # Errors
 /// If iptables is missing or refuses a rule.
-pub fn install_rules(queue: u16) -> Result<()> {
+pub fn install_rules(queue: u16, forward: bool) -> Result<()> {
     remove_rules();
     let q = queue.to_string();
     let v4: [&[&str]; 2] = [&["-p", "icmp", "--icmp-type", "network-unreachable"], &["-p", "icmp", "--icmp-type", "host-unreachable"]];
@@ -114,8 +118,10 @@ pub fn install_rules(queue: u16) -> Result<()> {
                 bail!("cannot add an NFQUEUE rule (is the kernel's NFQUEUE target available?)");
             }
         }
-        if !iptables(is_v6, &["-I", "INPUT", "1", "-j", CHAIN])? {
-            bail!("cannot add the jump to {CHAIN}");
+        for hook in if forward { &["INPUT", "FORWARD"][..] } else { &["INPUT"][..] } {
+            if !iptables(is_v6, &["-I", hook, "1", "-j", CHAIN])? {
+                bail!("cannot add the jump to {CHAIN} in {hook}");
+            }
         }
     }
     Ok(())
