@@ -168,6 +168,10 @@ pub struct NodeRow {
     pub relay: bool,
     /// `stable` or `ephemeral`.
     pub uptime: String,
+    /// Relay policy: commitment and priority (`always/100`), and what it lets leave the
+    /// overlay (`exit`, `masq-exit`, `networks`).
+    #[serde(default)]
+    pub policy: String,
     /// Management neighbours it lists.
     pub neighbours: usize,
     /// Record sequence number.
@@ -513,6 +517,9 @@ pub fn render_nodes(nodes: &[NodeRow]) -> String {
         }
         if n.relay {
             flags.push("relay");
+        }
+        if !n.policy.is_empty() {
+            flags.push(&n.policy);
         }
         let _ = writeln!(
             o,

@@ -458,6 +458,20 @@ impl Node {
                         Uptime::Stable => "stable".into(),
                         Uptime::Ephemeral => "ephemeral".into(),
                     },
+                    policy: {
+                        let p = r.policy();
+                        let mut v = vec![format!("{}/{}", p.commitment.as_str(), p.priority)];
+                        if p.willing.internet {
+                            v.push("exit".into());
+                        }
+                        if p.willing.internet_masquerade {
+                            v.push("masq-exit".into());
+                        }
+                        if !r.networks.is_empty() {
+                            v.push(format!("networks {}", r.networks.iter().map(|n| n.to_string()).collect::<Vec<_>>().join(",")));
+                        }
+                        v.join(" ")
+                    },
                     neighbours: r.neighbours.len(),
                     seq: r.seq,
                     expires_in_s: r.expires as i64 - unix,
