@@ -319,9 +319,11 @@ pub struct RelayRank {
 }
 
 impl RelayRank {
-    /// The rank of a relay with `policy` at unix time `now_s`.
+    /// The rank of a relay with `policy` at unix time `now_s`; a node unwilling to relay
+    /// between overlay nodes ranks as `never`, so it is never asked.
     pub fn of(policy: &Policy, now_s: u64) -> RelayRank {
-        RelayRank { commitment: policy.commitment, inv_priority: 255 - policy.priority, ephemeral: u8::from(policy.lifespan_at(now_s) == Uptime::Ephemeral) }
+        let commitment = if policy.willing.overlay { policy.commitment } else { Commitment::Never };
+        RelayRank { commitment, inv_priority: 255 - policy.priority, ephemeral: u8::from(policy.lifespan_at(now_s) == Uptime::Ephemeral) }
     }
 }
 
@@ -370,6 +372,9 @@ mod tests {
         let old = Policy { lifespan: Uptime::Ephemeral, up_since: now - STABLE_AFTER_S, ..Policy::default() };
         assert_eq!(old.lifespan_at(now), Uptime::Stable);
         assert_eq!(Policy { up_since: now - 5, ..old }.lifespan_at(now), Uptime::Ephemeral);
+        // Unwilling to relay between overlay nodes: never asked, whatever its commitment.
+        let exit_only = Policy { willing: Willing { overlay: false, internet_masquerade: true, ..Willing::default() }, ..Policy::default() };
+        assert_eq!(RelayRank::of(&exit_only, now).commitment, Commitment::Never);
     }
 
     #[test]
