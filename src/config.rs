@@ -710,14 +710,7 @@ fn validate(raw: RawConfig, file: &str, errs: &mut Errors) -> Option<Config> {
         errs.push("node.log_level", format!("expected `error`, `warn`, `info`, `debug`, `trace` or a tracing directive, got `{log_level}`"));
     }
     let relay = n.relay.unwrap_or(true);
-    let uptime = match n.uptime.as_deref() {
-        None | Some("stable") => crate::directory::Uptime::Stable,
-        Some("ephemeral") => crate::directory::Uptime::Ephemeral,
-        Some(other) => {
-            errs.push("node.uptime", format!("expected `stable` (routers, servers) or `ephemeral` (laptops and the like), got `{other}`"));
-            crate::directory::Uptime::Stable
-        }
-    };
+    let uptime = n.uptime.as_deref().and_then(|u| parse_uptime(errs, "node.uptime", u)).unwrap_or(crate::directory::Uptime::Stable);
     let mut networks = Vec::new();
     for (i, p) in n.networks.iter().enumerate() {
         if let Some(net) = parse_prefix(errs, &format!("node.networks[{i}]"), p) {
@@ -1001,14 +994,7 @@ fn validate_policy(r: RawPolicy, relay: bool, relay_set: bool, uptime: crate::di
     let lifespan = match r.lifespan.as_deref() {
         None => uptime,
         Some(s) => {
-            let l = match s {
-                "stable" => crate::directory::Uptime::Stable,
-                "ephemeral" => crate::directory::Uptime::Ephemeral,
-                other => {
-                    errs.push("policy.lifespan", format!("expected \"stable\" (routers, servers) or \"ephemeral\" (laptops, phones), got {other:?}"));
-                    uptime
-                }
-            };
+            let l = parse_uptime(errs, "policy.lifespan", s).unwrap_or(uptime);
             if uptime_set && l != uptime {
                 errs.push("policy.lifespan", "contradicts node.uptime; set one of them");
             }
@@ -1032,6 +1018,18 @@ fn validate_policy(r: RawPolicy, relay: bool, relay_set: bool, uptime: crate::di
         }
     }
     Policy { commitment, priority, connectivity, source_prefixes, willing, lifespan, up_since: 0, exit_prefixes }
+}
+
+/// `stable` or `ephemeral` (`node.uptime`, `policy.lifespan`); an error names `key`.
+fn parse_uptime(errs: &mut Errors, key: &str, s: &str) -> Option<crate::directory::Uptime> {
+    match s {
+        "stable" => Some(crate::directory::Uptime::Stable),
+        "ephemeral" => Some(crate::directory::Uptime::Ephemeral),
+        other => {
+            errs.push(key, format!("expected `stable` (routers, servers) or `ephemeral` (laptops and the like), got `{other}`"));
+            None
+        }
+    }
 }
 
 fn validate_exit(r: RawExit, errs: &mut Errors) -> ExitConfig {

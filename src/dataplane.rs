@@ -538,7 +538,7 @@ impl TxState {
         TxPeer {
             id: p.node_id,
             routes: p.host_addrs.iter().map(|a| IpNet::from(*a)).chain(p.prefixes.iter().copied()).collect(),
-            protected: Self::table(&p.protected),
+            protected: prefix_set(&p.protected),
             protected_nets: p.protected.clone(),
             split: None,
             staged: Vec::new(),
@@ -547,14 +547,6 @@ impl TxState {
             inner_mtu: usize::from(p.inner_mtu),
             counters: p.counters.clone(),
         }
-    }
-
-    fn table(nets: &[IpNet]) -> PrefixTable<()> {
-        let mut t = PrefixTable::new();
-        for n in nets {
-            t.insert(*n, ());
-        }
-        t
     }
 
     fn add_peer(&mut self, i: usize, spec: &PeerSpec) {
@@ -622,7 +614,7 @@ impl TxState {
                 if let Some(p) = self.peers.get_mut(*peer) {
                     let mut nets = p.protected_nets.clone();
                     nets.extend(addrs.iter().map(|a| IpNet::from(a.to_canonical())));
-                    p.protected = Self::table(&nets);
+                    p.protected = prefix_set(&nets);
                 }
             }
             DataCommand::SetSplit { peer, routes, flow_idle_ms } => {
@@ -857,6 +849,15 @@ pub struct Delivery {
 /// How many receive keys a peer keeps (the current one and the one it replaced).
 const RX_SESSIONS: usize = 2;
 
+/// A set of prefixes, for longest-prefix membership tests.
+fn prefix_set(nets: &[IpNet]) -> PrefixTable<()> {
+    let mut t = PrefixTable::new();
+    for n in nets {
+        t.insert(*n, ());
+    }
+    t
+}
+
 /// Receive-side state: keys, replay windows and source checks (owned by the RX thread).
 pub struct RxState {
     local: NodeId,
@@ -958,11 +959,7 @@ impl RxState {
             }
             DataCommand::SetExitSources { peer, nets } => {
                 if let Some(p) = self.peers.get_mut(*peer) {
-                    let mut t = PrefixTable::new();
-                    for n in nets {
-                        t.insert(*n, ());
-                    }
-                    p.exits = t;
+                    p.exits = prefix_set(nets);
                 }
             }
             DataCommand::SetLocalAddresses(addrs) => self.local_addrs = addrs.iter().map(|a| a.to_canonical()).collect(),

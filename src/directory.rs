@@ -44,6 +44,16 @@ pub enum Uptime {
     Ephemeral,
 }
 
+impl Uptime {
+    /// Config and status spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Uptime::Stable => "stable",
+            Uptime::Ephemeral => "ephemeral",
+        }
+    }
+}
+
 /// A name and when its holder first registered it (unix seconds).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Name {

@@ -1019,10 +1019,7 @@ impl Failover {
         if working || !needs_relay {
             let lr: Vec<usize> = self.peers[peer].relays.iter().filter(|(r, c)| self.peers[**r].rank.commitment == Commitment::LastResort && matches!(c, Candidate::Active | Candidate::Requested(_))).map(|(r, _)| *r).collect();
             for r in lr {
-                let rid = self.peers[r].id;
-                self.peers[peer].relays.remove(&r);
-                self.peers[peer].paths.retain(|x| x.id != PathId::Relay(rid));
-                self.actions.push_back(Action::ReleaseRelay { relay: r, peer });
+                self.release_relay(peer, r);
             }
         }
         let last = self.peers[peer].last_candidates;
@@ -1096,10 +1093,7 @@ impl Failover {
             let better = ranked.iter().find(|(_, _, _, r)| !p.relays.contains_key(r)).map(|(rank, _, _, r)| (*rank, *r));
             if let (Some((wr, w)), Some((br, _))) = (worst, better) {
                 if have >= want && br < wr {
-                    let wid = self.peers[w].id;
-                    self.peers[peer].relays.remove(&w);
-                    self.peers[peer].paths.retain(|x| x.id != PathId::Relay(wid));
-                    self.actions.push_back(Action::ReleaseRelay { relay: w, peer });
+                    self.release_relay(peer, w);
                 }
             }
         }
@@ -1118,6 +1112,15 @@ impl Failover {
             self.peers[peer].relays.insert(r, Candidate::Requested(now));
             self.actions.push_back(Action::RequestRelay { relay: r, peer, purpose });
         }
+    }
+
+    /// Gives up relay `relay` for `peer`: its path is no longer monitored and the relay is
+    /// told (it may be asked again later).
+    fn release_relay(&mut self, peer: usize, relay: usize) {
+        let rid = self.peers[relay].id;
+        self.peers[peer].relays.remove(&relay);
+        self.peers[peer].paths.retain(|x| x.id != PathId::Relay(rid));
+        self.actions.push_back(Action::ReleaseRelay { relay, peer });
     }
 
     /// The node IDs of the relays currently active for a peer (to release on shutdown).

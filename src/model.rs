@@ -318,10 +318,6 @@ impl Model {
         p.willing.internet || p.willing.internet_masquerade || (p.willing.local && !self.cfg.node.networks.is_empty())
     }
 
-    fn peer_host_addrs_of(&self, def: &PeerDef) -> Vec<IpAddr> {
-        self.index_of(&def.cfg.node_id).map(|i| self.peer_host_addrs(i)).unwrap_or_default()
-    }
-
     /// The literal IP addresses among peer `i`'s endpoints.
     pub fn endpoint_ips(&self, i: usize) -> Vec<IpAddr> {
         let mut v: Vec<IpAddr> = Vec::new();
@@ -519,8 +515,8 @@ impl Model {
         // it, to the node whose address or network they are for.
         let egress = self.egress();
         if egress {
-            for def in self.peers.iter().filter(|d| d.present) {
-                let hosts = self.peer_host_addrs_of(def).into_iter().map(IpNet::from);
+            for (i, def) in self.peers.iter().enumerate().filter(|(_, d)| d.present) {
+                let hosts = self.peer_host_addrs(i).into_iter().map(IpNet::from);
                 for dst in hosts.chain(def.cfg.prefixes.iter().copied()).chain(def.networks.iter().copied()) {
                     s.routes.insert(RouteSpec { dst, dev: agg.clone(), src: None, nhid: None, table: TABLE_RETURN });
                 }

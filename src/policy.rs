@@ -241,13 +241,6 @@ impl Policy {
         })
     }
 
-    /// The best purpose this node accepts for a requester that needs `need`: what a
-    /// requester asks for, so that it never asks for what the node does not offer.
-    /// `None`: the node offers nothing for `need`.
-    pub fn offers(&self, need: Purpose) -> Option<Purpose> {
-        self.relay_check(need).ok().map(|_| need)
-    }
-
     /// Whether it is willing to exit at all (either way), and to `dst` (its exit prefixes).
     pub fn exits_to(&self, dst: IpAddr) -> bool {
         (self.willing.internet || self.willing.internet_masquerade) && self.commitment != Commitment::Never && (self.exit_prefixes.is_empty() || self.exit_prefixes.iter().any(|n| n.contains(&dst)))
@@ -291,6 +284,32 @@ impl Policy {
             return Ok(Egress::Masquerade);
         }
         Err(Refusal::NoExit)
+    }
+
+    /// The policy in words for status, at unix time `now_s`: commitment, priority,
+    /// effective lifespan, connectivity class and what it lets through.
+    pub fn describe(&self, now_s: u64) -> String {
+        let w = &self.willing;
+        let offers: Vec<&str> = [
+            (w.overlay && self.commitment != Commitment::Never, "relay"),
+            (w.local, "local delivery"),
+            (w.internet, "exit"),
+            (w.internet_masquerade, "masquerading exit"),
+        ]
+        .into_iter()
+        .filter_map(|(on, what)| on.then_some(what))
+        .collect();
+        format!(
+            "{}, connectivity {}; offers {}",
+            self.summary(now_s),
+            self.connectivity.as_str(),
+            if offers.is_empty() { "nothing".to_string() } else { offers.join(", ") }
+        )
+    }
+
+    /// What ranks it as a relay, in words: `always priority 100 stable`.
+    pub fn summary(&self, now_s: u64) -> String {
+        format!("{} priority {} {}", self.commitment.as_str(), self.priority, self.lifespan_at(now_s).as_str())
     }
 
     /// Effective lifespan at unix time `now_s`: the configured class, except that a node
@@ -356,8 +375,8 @@ mod tests {
         assert_eq!(p(Commitment::Never).relay_check(LastResort), Err(Refusal::NoRelay));
         let no_overlay = Policy { willing: Willing { overlay: false, ..Willing::default() }, ..Policy::default() };
         assert_eq!(no_overlay.relay_check(Failover), Err(Refusal::NoOverlay));
-        assert_eq!(p(Commitment::Failure).offers(Performance), None);
-        assert_eq!(p(Commitment::Failure).offers(Failover), Some(Failover));
+        assert!(p(Commitment::Failure).relay_check(Performance).is_err());
+        assert!(p(Commitment::Failure).relay_check(Failover).is_ok());
     }
 
     #[test]

@@ -14,9 +14,9 @@
 //! Detour's own packets (its firewall mark) are left alone. Both chains are removed at exit
 //! and after a crash on the next start.
 
-use std::process::Command;
 
-use anyhow::{bail, Context, Result};
+use crate::shell::netfilter;
+use anyhow::{bail, Result};
 use ipnet::IpNet;
 
 use crate::kernel::{PIN_DIRECT, PIN_MASK, PIN_OVERLAY};
@@ -37,25 +37,11 @@ pub struct Rule {
     pub tun: String,
 }
 
-fn iptables(v6: bool, args: &[&str]) -> Result<std::process::Output> {
-    let bin = if v6 { "ip6tables" } else { "iptables" };
-    Command::new(bin).arg("-w").args(args).output().with_context(|| format!("running {bin}"))
-}
-
 /// Removes the chains and the jumps to them; idempotent.
 pub fn remove() {
     for v6 in [false, true] {
         for (chain, hooks) in [(CHAIN, &["POSTROUTING"][..]), (PIN_CHAIN, &["OUTPUT", "PREROUTING"][..])] {
-            for hook in hooks {
-                for _ in 0..16 {
-                    match iptables(v6, &["-t", "mangle", "-D", hook, "-j", chain]) {
-                        Ok(o) if o.status.success() => continue,
-                        _ => break,
-                    }
-                }
-            }
-            let _ = iptables(v6, &["-t", "mangle", "-F", chain]);
-            let _ = iptables(v6, &["-t", "mangle", "-X", chain]);
+            netfilter::remove_chain(v6, "mangle", chain, hooks);
         }
     }
 }
@@ -78,11 +64,11 @@ impl Accounting {
         remove();
         self.fwmark = fwmark;
         for v6 in [false, true] {
-            let mut ok = iptables(v6, &["-t", "mangle", "-N", CHAIN])?.status.success()
-                && iptables(v6, &["-t", "mangle", "-A", "POSTROUTING", "-j", CHAIN])?.status.success()
-                && iptables(v6, &["-t", "mangle", "-N", PIN_CHAIN])?.status.success();
+            let mut ok = netfilter::ok(v6, &["-t", "mangle", "-N", CHAIN])?
+                && netfilter::ok(v6, &["-t", "mangle", "-A", "POSTROUTING", "-j", CHAIN])?
+                && netfilter::ok(v6, &["-t", "mangle", "-N", PIN_CHAIN])?;
             for hook in ["OUTPUT", "PREROUTING"] {
-                ok = ok && iptables(v6, &["-t", "mangle", "-A", hook, "-j", PIN_CHAIN])?.status.success();
+                ok = ok && netfilter::ok(v6, &["-t", "mangle", "-A", hook, "-j", PIN_CHAIN])?;
             }
             if !ok {
                 remove();
@@ -129,7 +115,7 @@ impl Accounting {
         let run = |v6: bool, op: &str, spec: &[String]| -> Result<()> {
             let mut a: Vec<&str> = vec!["-t", "mangle", op];
             a.extend(spec.iter().map(String::as_str));
-            let o = iptables(v6, &a)?;
+            let o = netfilter::run(v6, &a)?;
             if !o.status.success() {
                 bail!("iptables {}: {}", a.join(" "), String::from_utf8_lossy(&o.stderr).trim());
             }
@@ -172,7 +158,7 @@ impl Accounting {
             if rules.is_empty() {
                 continue;
             }
-            let o = iptables(v6, &["-t", "mangle", "-L", CHAIN, "-v", "-x", "-n"])?;
+            let o = netfilter::run(v6, &["-t", "mangle", "-L", CHAIN, "-v", "-x", "-n"])?;
             let text = String::from_utf8_lossy(&o.stdout);
             // Two header lines, then one line per rule in order: pkts bytes ...; the
             // counting rules are the ones without a target, in the order they were added.

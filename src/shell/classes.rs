@@ -19,9 +19,9 @@
 //! The rules follow from the configuration alone, so they are installed once at start.
 //! Everything is removed at exit, and after a crash on the next start.
 
-use std::process::Command;
 
-use anyhow::{bail, Context, Result};
+use crate::shell::netfilter;
+use anyhow::{bail, Result};
 use ipnet::IpNet;
 
 use crate::config::Config;
@@ -37,25 +37,11 @@ const CHAINS: [(&str, &str, &[&str]); 5] = [
     ("filter", "DETOUR-FWD", &["FORWARD"]),
 ];
 
-fn iptables(v6: bool, args: &[&str]) -> Result<std::process::Output> {
-    let bin = if v6 { "ip6tables" } else { "iptables" };
-    Command::new(bin).arg("-w").args(args).output().with_context(|| format!("running {bin}"))
-}
-
 /// Removes every chain of this module and the jumps to it; idempotent.
 pub fn remove() {
     for v6 in [false, true] {
         for (table, chain, hooks) in CHAINS {
-            for hook in hooks {
-                for _ in 0..16 {
-                    match iptables(v6, &["-t", table, "-D", hook, "-j", chain]) {
-                        Ok(o) if o.status.success() => continue,
-                        _ => break,
-                    }
-                }
-            }
-            let _ = iptables(v6, &["-t", table, "-F", chain]);
-            let _ = iptables(v6, &["-t", table, "-X", chain]);
+            netfilter::remove_chain(v6, table, chain, hooks);
         }
     }
 }
@@ -146,7 +132,7 @@ pub fn install(cfg: &Config, egress: bool) -> Result<bool> {
             }
             any = true;
             let run = |args: Vec<&str>| -> Result<()> {
-                let o = iptables(v6, &args)?;
+                let o = netfilter::run(v6, &args)?;
                 if !o.status.success() {
                     remove();
                     bail!("{} {}: {}", if v6 { "ip6tables" } else { "iptables" }, args.join(" "), String::from_utf8_lossy(&o.stderr).trim());

@@ -92,7 +92,7 @@ impl Shared {
 /// # Errors
 /// Start-up failures (key, sockets, TUNs, netlink); the host is cleaned before returning.
 pub async fn run(mut cfg: Config) -> Result<()> {
-    cfg.node.policy.up_since = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    cfg.node.policy.up_since = crate::shell::mnode::unix_now();
     let identity = Identity::read(&cfg.node.private_key).map_err(|e| anyhow!("node.private_key: {e}"))?;
     if Identity::file_is_exposed(&cfg.node.private_key) {
         tracing::warn!("{} can be read by other users; run: chmod 600 {}", cfg.node.private_key.display(), cfg.node.private_key.display());
@@ -668,7 +668,7 @@ fn status(shared: &Shared) -> Status {
             overlay_ipv6: cfg.node.overlay_v6.map(|n| n.to_string()),
             aggregate_interface: cfg.kernel.aggregate_interface.clone(),
             uptime_s: shared.start.elapsed().as_secs(),
-            policy: describe_policy(&cfg.node.policy),
+            policy: cfg.node.policy.describe(crate::shell::mnode::unix_now()),
             refusals: crate::policy::Refusal::ALL
                 .iter()
                 .zip(shared.engine.refusals.iter())
@@ -693,30 +693,4 @@ fn status(shared: &Shared) -> Status {
         relaying: shared.engine.relaying.lock().expect("relaying").iter().map(|(a, b)| format!("{a} <-> {b}")).collect(),
         management: shared.overlay_view.lock().expect("view").status.clone(),
     }
-}
-
-/// This node's policy in words, for status.
-fn describe_policy(p: &crate::policy::Policy) -> String {
-    let w = &p.willing;
-    let mut offers: Vec<&str> = Vec::new();
-    if w.overlay && p.commitment != crate::policy::Commitment::Never {
-        offers.push("relay");
-    }
-    if w.local {
-        offers.push("local delivery");
-    }
-    if w.internet {
-        offers.push("exit");
-    }
-    if w.internet_masquerade {
-        offers.push("masquerading exit");
-    }
-    format!(
-        "commitment {}, priority {}, {}, connectivity {}; offers {}",
-        p.commitment.as_str(),
-        p.priority,
-        if p.lifespan == crate::directory::Uptime::Stable { "stable" } else { "ephemeral" },
-        p.connectivity.as_str(),
-        if offers.is_empty() { "nothing".to_string() } else { offers.join(", ") }
-    )
 }

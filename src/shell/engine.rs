@@ -19,6 +19,7 @@ use crate::mgmt::{Frame, Link, Message};
 use crate::model::{Model, Protect};
 use crate::shell::datapath::{DataEvent, DataPath};
 use crate::shell::intercept::Alarm;
+use crate::shell::mnode::unix_now;
 use crate::shell::quic;
 
 /// A session the engine needs opened (or no longer needs).
@@ -157,9 +158,9 @@ pub struct EngineShared {
     /// Bytes to each peer's split destinations that took the direct path in the kernel
     /// (cumulative; read by the daemon from its accounting rules).
     pub direct_bytes: Mutex<Vec<u64>>,
-    /// Requests this node refused by its policy, per [`crate::policy::Refusal`] (in the
-    /// order of `Refusal::ALL`).
-    pub refusals: [std::sync::atomic::AtomicU64; 6],
+    /// Requests this node refused by its policy, indexed by [`crate::policy::Refusal`] (in
+    /// the order of `Refusal::ALL`, which is declaration order).
+    pub refusals: [std::sync::atomic::AtomicU64; crate::policy::Refusal::ALL.len()],
     /// Outside destinations on an exit, in words.
     pub exits: Mutex<Vec<String>>,
 }
@@ -675,9 +676,7 @@ impl Engine {
     fn serve_relay(&mut self, from: usize, a: NodeId, b: NodeId, purpose: crate::policy::Purpose) -> Result<(), (String, bool)> {
         let check = self.model.read().expect("model").cfg.node.policy.relay_check(purpose);
         if let Err(refusal) = check {
-            if let Some(i) = crate::policy::Refusal::ALL.iter().position(|r| *r == refusal) {
-                self.shared.refusals[i].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            }
+            self.shared.refusals[refusal as usize].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             return Err((format!("{} (policy: {} relaying refused for {})", refusal.as_str(), self.model.read().expect("model").cfg.node.policy.commitment.as_str(), purpose.as_str()), false));
         }
         if a != self.peers[from].id {
@@ -981,7 +980,6 @@ impl Engine {
                 continue;
             }
             let pol = &def.policy;
-            let life = pol.lifespan_at(unix);
             let why = |purpose: Purpose| -> Result<(), String> {
                 match pol.relay_check(purpose) {
                     Ok(()) => Ok(()),
@@ -1004,7 +1002,7 @@ impl Engine {
                 crate::policy::RelayRank::of(pol, unix),
                 RelayChoice {
                     name: def.cfg.name.clone(),
-                    policy: format!("{} priority {} {}", pol.commitment.as_str(), pol.priority, if life == crate::directory::Uptime::Stable { "stable" } else { "ephemeral" }),
+                    policy: pol.summary(unix),
                     failover: why(Purpose::Failover),
                     performance: why(Purpose::Performance),
                     state,
@@ -1014,10 +1012,6 @@ impl Engine {
         v.sort_by(|a, b| a.0.cmp(&b.0).then_with(|| a.1.name.cmp(&b.1.name)));
         v.into_iter().map(|(_, c)| c).collect()
     }
-}
-
-fn unix_now() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
 
 fn canonical(a: SocketAddr) -> SocketAddr {

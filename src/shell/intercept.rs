@@ -8,11 +8,11 @@
 
 use std::collections::HashMap;
 use std::net::IpAddr;
-use std::process::Command;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
+use crate::shell::netfilter;
 use anyhow::{bail, Context, Result};
 use tokio::sync::mpsc;
 
@@ -71,26 +71,10 @@ impl IcmpCounters {
     }
 }
 
-fn iptables(v6: bool, args: &[&str]) -> Result<bool> {
-    let bin = if v6 { "ip6tables" } else { "iptables" };
-    let out = Command::new(bin).arg("-w").args(args).output().with_context(|| format!("running {bin}"))?;
-    Ok(out.status.success())
-}
-
 /// Removes detour's chains (and the jumps to them) for both families; idempotent.
 pub fn remove_rules() {
     for v6 in [false, true] {
-        // Delete every jump, however many an earlier crash left.
-        for hook in ["INPUT", "FORWARD"] {
-            for _ in 0..16 {
-                match iptables(v6, &["-D", hook, "-j", CHAIN]) {
-                    Ok(true) => continue,
-                    _ => break,
-                }
-            }
-        }
-        let _ = iptables(v6, &["-F", CHAIN]);
-        let _ = iptables(v6, &["-X", CHAIN]);
+        netfilter::remove_chain(v6, "filter", CHAIN, &["INPUT", "FORWARD"]);
     }
 }
 
@@ -107,19 +91,19 @@ pub fn install_rules(queue: u16, forward: bool) -> Result<()> {
     let v4: [&[&str]; 2] = [&["-p", "icmp", "--icmp-type", "network-unreachable"], &["-p", "icmp", "--icmp-type", "host-unreachable"]];
     let v6: [&[&str]; 2] = [&["-p", "ipv6-icmp", "--icmpv6-type", "no-route"], &["-p", "ipv6-icmp", "--icmpv6-type", "address-unreachable"]];
     for (is_v6, matches) in [(false, v4), (true, v6)] {
-        if !iptables(is_v6, &["-N", CHAIN])? {
+        if !netfilter::ok(is_v6, &["-N", CHAIN])? {
             bail!("cannot create the {CHAIN} chain");
         }
         for m in matches {
             let mut args = vec!["-A", CHAIN];
             args.extend_from_slice(m);
             args.extend_from_slice(&["-j", "NFQUEUE", "--queue-num", &q, "--queue-bypass"]);
-            if !iptables(is_v6, &args)? {
+            if !netfilter::ok(is_v6, &args)? {
                 bail!("cannot add an NFQUEUE rule (is the kernel's NFQUEUE target available?)");
             }
         }
         for hook in if forward { &["INPUT", "FORWARD"][..] } else { &["INPUT"][..] } {
-            if !iptables(is_v6, &["-I", hook, "1", "-j", CHAIN])? {
+            if !netfilter::ok(is_v6, &["-I", hook, "1", "-j", CHAIN])? {
                 bail!("cannot add the jump to {CHAIN} in {hook}");
             }
         }

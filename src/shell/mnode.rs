@@ -13,7 +13,7 @@ use tokio::sync::mpsc;
 use crate::api::{self, flag, kind, op, Address, ErrorCode, RateLimiter, Reply, Request, RequestError, Subscriptions};
 use crate::ctl::{ApiStatus, NeighbourRow, NodeRow};
 use crate::dataplane::DataCommand;
-use crate::directory::{NodeRecord, Uptime};
+use crate::directory::NodeRecord;
 use crate::identity::{Identity, NodeId};
 use crate::mgmt::{Frame, Message};
 use crate::model::Learned;
@@ -77,7 +77,8 @@ struct Pending {
     report: bool,
 }
 
-fn unix_now() -> u64 {
+/// The wall clock in unix seconds (0 before 1970).
+pub(crate) fn unix_now() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
 
@@ -454,10 +455,7 @@ impl Node {
                     overlay_addresses: [r.overlay_v4.map(|a| a.to_string()), r.overlay_v6.map(|a| a.to_string())].into_iter().flatten().collect(),
                     prefixes: r.prefixes.iter().map(|p| p.to_string()).collect(),
                     relay: r.relay,
-                    uptime: match r.uptime {
-                        Uptime::Stable => "stable".into(),
-                        Uptime::Ephemeral => "ephemeral".into(),
-                    },
+                    uptime: r.uptime.as_str().into(),
                     policy: {
                         let p = r.policy();
                         let mut v = vec![format!("{}/{}", p.commitment.as_str(), p.priority)];

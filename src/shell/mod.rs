@@ -16,4 +16,5 @@ pub mod priority;
 pub mod nexthop;
 pub mod acct;
 pub mod classes;
+pub mod netfilter;
 pub mod metrics;

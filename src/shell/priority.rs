@@ -12,6 +12,7 @@ use std::net::UdpSocket;
 use std::os::fd::AsFd;
 use std::process::Command;
 
+use crate::shell::netfilter;
 use anyhow::{bail, Context, Result};
 
 /// The mangle chain detour owns.
@@ -36,23 +37,10 @@ pub fn set_socket_priority(sockets: &[UdpSocket], priority: u32) -> Result<()> {
     Ok(())
 }
 
-fn iptables(v6: bool, args: &[&str]) -> Result<bool> {
-    let bin = if v6 { "ip6tables" } else { "iptables" };
-    let out = Command::new(bin).arg("-w").args(args).output().with_context(|| format!("running {bin}"))?;
-    Ok(out.status.success())
-}
-
 /// Removes the DSCP chain and the jumps to it, for both families; idempotent.
 pub fn remove_dscp_rules() {
     for v6 in [false, true] {
-        for _ in 0..16 {
-            match iptables(v6, &["-t", "mangle", "-D", "OUTPUT", "-j", CHAIN]) {
-                Ok(true) => continue,
-                _ => break,
-            }
-        }
-        let _ = iptables(v6, &["-t", "mangle", "-F", CHAIN]);
-        let _ = iptables(v6, &["-t", "mangle", "-X", CHAIN]);
+        netfilter::remove_chain(v6, "mangle", CHAIN, &["OUTPUT"]);
     }
 }
 
@@ -65,9 +53,9 @@ pub fn install_dscp_rules(management_port: u16) -> Result<()> {
     remove_dscp_rules();
     let port = management_port.to_string();
     for v6 in [false, true] {
-        let ok = iptables(v6, &["-t", "mangle", "-N", CHAIN])?
-            && iptables(v6, &["-t", "mangle", "-A", CHAIN, "-p", "udp", "--sport", &port, "-j", "DSCP", "--set-dscp-class", "CS6"])?
-            && iptables(v6, &["-t", "mangle", "-I", "OUTPUT", "-j", CHAIN])?;
+        let ok = netfilter::ok(v6, &["-t", "mangle", "-N", CHAIN])?
+            && netfilter::ok(v6, &["-t", "mangle", "-A", CHAIN, "-p", "udp", "--sport", &port, "-j", "DSCP", "--set-dscp-class", "CS6"])?
+            && netfilter::ok(v6, &["-t", "mangle", "-I", "OUTPUT", "-j", CHAIN])?;
         if !ok {
             remove_dscp_rules();
             bail!("{} refused the DSCP rule", if v6 { "ip6tables" } else { "iptables" });
