@@ -6,6 +6,7 @@ mod management;
 mod lab;
 mod policies;
 mod replex;
+mod scale;
 
 use std::time::Duration;
 

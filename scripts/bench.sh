@@ -19,20 +19,28 @@
 #               path alone, the relay alone (direct path cut), an equal split, and REPLEX
 #               (lambda 0.1, rounds every 2 s; BENCH_REPLEX_LAMBDA, BENCH_REPLEX_PERIOD_MS);
 #               time to converge, final shares and costs, and throughput ratios.
+#   scale       N = 10, 30 and 100 detourd (BENCH_SCALE_NODES) in namespaces behind one
+#               router, each configured with one bootstrap peer (n1, which lists them all),
+#               no traffic: time until every directory lists every node, idle CPU, RSS,
+#               packets and bytes per node, ping and management messages between random
+#               pairs, then 10 % of the nodes killed: neighbour-set recovery time and
+#               delivery between live pairs (scripts/scale.py); then the management overlay
+#               of 1,000 and 10,000 nodes in simulation (the sans-IO core with a simulated
+#               clock and underlay: `cargo run --release --example scale_sim`).
 #
 # BENCH_SECONDS (default 10) sets the length of each iperf3 run. Run as root.
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 
 usage() {
-  echo "usage: $0 forwarding|failover|management|replex" >&2
+  echo "usage: $0 forwarding|failover|management|replex|scale" >&2
   exit 2
 }
 [ $# -eq 1 ] || usage
 NAME=$1
 SECS=${BENCH_SECONDS:-10}
 case "$NAME" in
-  forwarding | failover | management | replex) ;;
+  forwarding | failover | management | replex | scale) ;;
   *) usage ;;
 esac
 TRIALS=${BENCH_TRIALS:-10}
@@ -274,6 +282,49 @@ join() {
   python3 "$DIRWATCH" 60 "n$n" "${socks[@]}" | python3 -c 'import json,sys; print(json.load(sys.stdin)["all"])'
   topo_destroy "$P"
   rm -f "$DIR"/n*.sock
+}
+
+# star_configs N: keys and configurations for N hosts; n1 lists every other host, each
+# other host lists only n1 (its bootstrap contact) and learns the rest from the directory.
+star_configs() {
+  local n=$1 i peers=()
+  for i in $(seq 1 "$n"); do
+    "$BIN/detourctl" genkey "$DIR/n$i.key" >/dev/null 2>&1
+  done
+  for i in $(seq 2 "$n"); do
+    peers+=("n$i:$i")
+    write_config "$DIR" "n$i" "$i" "n1:1"
+  done
+  write_config "$DIR" n1 1 "${peers[@]}"
+}
+
+bench_scale() {
+  local n i start out=()
+  for n in ${BENCH_SCALE_NODES:-10 30 100}; do
+    echo "scale: $n nodes..." >&2
+    topo_create "$P" "$n"
+    star_configs "$n"
+    start=$(date +%s.%N)
+    for i in $(seq 1 "$n"); do
+      start_daemon "${P}h$i" "$DIR" "n$i"
+    done
+    out+=("$(python3 "$DETOUR_ROOT/scripts/scale.py" "$n" "$P" "$DIR" "$BIN" "$start")")
+    topo_destroy "$P"
+    rm -f "$DIR"/n*.sock "$DIR"/n*.toml "$DIR"/n*.key
+  done
+  if [ -n "${BENCH_SIM_NODES-1000 10000}" ]; then
+    echo "scale: management overlay in simulation..." >&2
+    out+=("$(cd "$DETOUR_ROOT" && cargo run --release --quiet --example scale_sim -- ${BENCH_SIM_NODES:-1000 10000})")
+  fi
+  python3 - "${out[@]}" <<'EOF'
+import json, sys
+r = {"bench": "scale"}
+for x in sys.argv[1:]:
+    r.update(json.loads(x.strip().splitlines()[-1]))
+for k, v in r.items():
+    print(f"{k:48} {v}", file=sys.stderr)
+print(json.dumps(r))
+EOF
 }
 
 bench_management() {
@@ -532,5 +583,6 @@ case "$NAME" in
   failover) bench_failover ;;
   management) bench_management ;;
   replex) bench_replex ;;
+  scale) bench_scale ;;
 esac
 

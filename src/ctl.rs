@@ -64,6 +64,18 @@ pub struct Status {
     /// Management connections that failed: TLS handshakes that did not complete (refused
     /// keys included) and sessions closed for a protocol error.
     pub management_errors: u64,
+    /// Management handshakes completed since start (sessions set up, both directions).
+    #[serde(default)]
+    pub management_handshakes: u64,
+    /// Management handshakes completed in the last minute: an idle overlay sets up
+    /// sessions only when neighbours or links change.
+    #[serde(default)]
+    pub management_handshakes_last_minute: u64,
+    /// Times the failover engine ran late (a tick or a probe more than two probe
+    /// intervals behind): probe loss is not judged for a moment then, so an overloaded
+    /// node does not reroute healthy paths.
+    #[serde(default)]
+    pub late_loops: u64,
     /// ICMP interception and TCP monitoring.
     pub icmp: IcmpStatus,
     /// Datagrams this node relayed for others.
@@ -83,6 +95,10 @@ pub struct ManagementStatus {
     pub directory_nodes: usize,
     /// Neighbours the reliability rule asks for now.
     pub target_neighbours: usize,
+    /// Neighbours this node chose that have no session yet (0 once its neighbour set is
+    /// complete).
+    #[serde(default)]
+    pub neighbours_missing: usize,
     /// Measured availability of neighbours (0..1).
     pub availability: f64,
     /// Management sessions: configured peers, chosen neighbours, nodes that chose this
@@ -403,6 +419,10 @@ pub fn render_status(s: &Status) -> String {
     if s.management_errors > 0 {
         let _ = writeln!(o, "  management errors: {}", s.management_errors);
     }
+    let _ = writeln!(o, "  management handshakes: {} ({} in the last minute)", s.management_handshakes, s.management_handshakes_last_minute);
+    if s.late_loops > 0 {
+        let _ = writeln!(o, "  late: {} times (probe loss not judged meanwhile)", s.late_loops);
+    }
     if s.icmp.active || s.icmp.tcp_stalls > 0 {
         let mut ign: Vec<String> = s.icmp.ignored.iter().map(|(k, v)| format!("{k}={v}")).collect();
         if ign.is_empty() {
@@ -577,6 +597,10 @@ pub fn render_metrics(status: &Status, paths: &[PeerPaths]) -> String {
     };
     family(&mut o, "uptime_seconds", "gauge", "Seconds since detourd started.");
     let _ = writeln!(o, "detour_uptime_seconds{{node=\"{}\"}} {}", label(&status.node.name), status.node.uptime_s);
+    family(&mut o, "management_handshakes_total", "counter", "Management sessions set up (QUIC handshakes completed, both directions).");
+    let _ = writeln!(o, "detour_management_handshakes_total {}", status.management_handshakes);
+    family(&mut o, "late_loops_total", "counter", "Times the failover engine ran late (probe loss not judged for a moment).");
+    let _ = writeln!(o, "detour_late_loops_total {}", status.late_loops);
     family(&mut o, "peer_up", "gauge", "1 while the session with the peer is up.");
     for p in &status.peers {
         let _ = writeln!(o, "detour_peer_up{{peer=\"{}\"}} {}", label(&p.name), u8::from(p.state == "up"));

@@ -16,23 +16,54 @@
 //! taken name is still accepted as a node record, without that name.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, OnceLock};
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use base64::Engine;
+use sha2::Digest as _;
 use ed25519_dalek::{Signature, Verifier, VerifyingKey};
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
 use crate::identity::{Identity, NodeId, PublicKey};
 
-/// How long a record is valid after it was signed (seconds).
-pub const RECORD_TTL_S: u64 = 120;
-/// How often a node re-signs its record (seconds).
+/// How often a node re-signs its record in a small overlay (seconds): the shortest
+/// refresh interval ([`refresh_s`]).
 pub const REFRESH_S: u64 = 30;
+/// Refresh interval per node in the directory (seconds): the refresh traffic a node
+/// receives, about one record every `REFRESH_PER_NODE_S` from each neighbour, does not
+/// grow with the overlay.
+pub const REFRESH_PER_NODE_S: u64 = 4;
+/// The longest refresh interval (seconds).
+pub const MAX_REFRESH_S: u64 = 6 * 3600;
+/// A record is valid for this many refresh intervals after it was signed.
+pub const TTL_REFRESHES: u64 = 4;
+/// How long a record of a small overlay is valid after it was signed (seconds): the
+/// shortest lifetime ([`record_ttl_s`]).
+pub const RECORD_TTL_S: u64 = TTL_REFRESHES * REFRESH_S;
+/// The longest lifetime a record may claim (seconds), plus [`CLOCK_SLACK_S`].
+pub const MAX_RECORD_TTL_S: u64 = TTL_REFRESHES * MAX_REFRESH_S;
+/// Clock differences tolerated when judging a record's expiry (seconds).
+pub const CLOCK_SLACK_S: u64 = 600;
 /// How long the sequence number of a forgotten node is remembered (seconds).
 pub const TOMBSTONE_S: u64 = 3600;
 /// Largest signed record accepted, in bytes.
 pub const MAX_RECORD: usize = 16 * 1024;
+
+/// How often a node re-signs its record when its directory holds `nodes` records
+/// (seconds): [`REFRESH_PER_NODE_S`] per node, between [`REFRESH_S`] and
+/// [`MAX_REFRESH_S`]. Records change, and are flooded, at once when their content changes;
+/// the refresh only keeps them from expiring, so it can be slow in a large overlay. Nodes
+/// that fail are noticed from their neighbours' records (mutual links go, see
+/// [`Directory::linked`]), not from expiry.
+pub fn refresh_s(nodes: usize) -> u64 {
+    (nodes as u64).saturating_mul(REFRESH_PER_NODE_S).clamp(REFRESH_S, MAX_REFRESH_S)
+}
+
+/// The lifetime of a record signed with `nodes` records in the directory (seconds).
+pub fn record_ttl_s(nodes: usize) -> u64 {
+    TTL_REFRESHES * refresh_s(nodes)
+}
 
 /// How long a node has been up: stable hosts are preferred as neighbours and relays.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -123,13 +154,93 @@ impl NodeRecord {
     }
 }
 
-/// A record as it travels: the exact signed bytes and the signature.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct SignedRecord {
+/// A record as it travels: the exact signed bytes and the signature. Cloning shares them
+/// (a record flooded to every neighbour is held once), and what [`SignedRecord::peek`]
+/// decodes is remembered.
+#[derive(Clone)]
+pub struct SignedRecord(Arc<SignedInner>);
+
+struct SignedInner {
     /// JSON of the [`NodeRecord`], base64.
-    pub body: String,
+    body: String,
     /// Ed25519 signature over the body bytes, base64.
-    pub sig: String,
+    sig: String,
+    /// What `peek` found, once computed.
+    claim: OnceLock<Option<(NodeId, u64)>>,
+}
+
+/// The wire form of a [`SignedRecord`].
+#[derive(Serialize, Deserialize)]
+struct SignedWire {
+    body: String,
+    sig: String,
+}
+
+impl Serialize for SignedRecord {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        #[derive(Serialize)]
+        struct Ref<'a> {
+            body: &'a str,
+            sig: &'a str,
+        }
+        Ref { body: &self.0.body, sig: &self.0.sig }.serialize(s)
+    }
+}
+
+impl<'de> Deserialize<'de> for SignedRecord {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<SignedRecord, D::Error> {
+        let w = SignedWire::deserialize(d)?;
+        Ok(SignedRecord::from_parts(w.body, w.sig))
+    }
+}
+
+impl PartialEq for SignedRecord {
+    fn eq(&self, other: &SignedRecord) -> bool {
+        self.0.body == other.0.body && self.0.sig == other.0.sig
+    }
+}
+
+impl Eq for SignedRecord {}
+
+impl std::fmt::Debug for SignedRecord {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SignedRecord").field("body", &self.0.body).field("sig", &self.0.sig).finish()
+    }
+}
+
+/// Checks the signature of records before they enter a directory. [`Ed25519`] checks each
+/// record it is given; a simulation of thousands of nodes in one process shares one that
+/// remembers what it checked (the same bytes give the same answer), so that every record is
+/// verified once instead of once per node.
+pub trait RecordVerifier: Send + Sync {
+    /// The decoded record if the signature and key are valid.
+    ///
+    /// # Errors
+    /// As [`SignedRecord::verify`].
+    fn verify(&self, signed: &SignedRecord) -> Result<Arc<NodeRecord>, Reject>;
+}
+
+/// The plain verifier: [`SignedRecord::verify`] every time.
+pub struct Ed25519;
+
+impl RecordVerifier for Ed25519 {
+    fn verify(&self, signed: &SignedRecord) -> Result<Arc<NodeRecord>, Reject> {
+        signed.verify().map(Arc::new)
+    }
+}
+
+/// Number of digest buckets: node IDs fall into one by their first byte.
+pub const BUCKETS: usize = 64;
+
+/// The digest bucket of a node ID.
+pub fn bucket_of(id: &NodeId) -> usize {
+    usize::from(id.0[0]) * BUCKETS / 256
+}
+
+/// What a (node ID, sequence number) adds to its bucket's hash (XOR of all entries).
+fn entry_hash(id: &NodeId, seq: u64) -> u64 {
+    let d = sha2::Sha256::new().chain_update(id.0).chain_update(seq.to_be_bytes()).finalize();
+    u64::from_be_bytes(d[..8].try_into().expect("8 bytes"))
 }
 
 /// Why a record was rejected.
@@ -182,22 +293,40 @@ impl SignedRecord {
     pub fn sign(record: &NodeRecord, identity: &Identity) -> SignedRecord {
         let body = serde_json::to_vec(record).expect("records serialize");
         let sig = identity.sign(&body);
-        SignedRecord { body: b64().encode(&body), sig: b64().encode(sig) }
+        SignedRecord::from_parts(b64().encode(&body), b64().encode(sig))
     }
 
-    /// The node ID and sequence number the record claims, without checking anything.
+    /// A record from its two base64 parts as received (nothing is checked yet).
+    pub fn from_parts(body: String, sig: String) -> SignedRecord {
+        SignedRecord(Arc::new(SignedInner { body, sig, claim: OnceLock::new() }))
+    }
+
+    /// The body: JSON of the [`NodeRecord`], base64.
+    pub fn body(&self) -> &str {
+        &self.0.body
+    }
+
+    /// The Ed25519 signature over the body bytes, base64.
+    pub fn sig(&self) -> &str {
+        &self.0.sig
+    }
+
+    /// The node ID and sequence number the record claims, without checking anything
+    /// (decoded once per received copy; copies made by cloning share it).
     pub fn peek(&self) -> Option<(NodeId, u64)> {
-        #[derive(Deserialize)]
-        struct Claim {
-            node_id: NodeId,
-            seq: u64,
-        }
-        if self.body.len() > MAX_RECORD * 2 {
-            return None;
-        }
-        let body = b64().decode(&self.body).ok()?;
-        let c: Claim = serde_json::from_slice(&body).ok()?;
-        Some((c.node_id, c.seq))
+        *self.0.claim.get_or_init(|| {
+            #[derive(Deserialize)]
+            struct Claim {
+                node_id: NodeId,
+                seq: u64,
+            }
+            if self.0.body.len() > MAX_RECORD * 2 {
+                return None;
+            }
+            let body = b64().decode(&self.0.body).ok()?;
+            let c: Claim = serde_json::from_slice(&body).ok()?;
+            Some((c.node_id, c.seq))
+        })
     }
 
     /// Checks the signature and that the node ID belongs to the key, and decodes.
@@ -205,11 +334,11 @@ impl SignedRecord {
     /// # Errors
     /// [`Reject::Malformed`], [`Reject::BadSignature`] or [`Reject::KeyMismatch`].
     pub fn verify(&self) -> Result<NodeRecord, Reject> {
-        if self.body.len() > MAX_RECORD * 2 {
+        if self.0.body.len() > MAX_RECORD * 2 {
             return Err(Reject::Malformed);
         }
-        let body = b64().decode(&self.body).map_err(|_| Reject::Malformed)?;
-        let sig = b64().decode(&self.sig).map_err(|_| Reject::Malformed)?;
+        let body = b64().decode(&self.0.body).map_err(|_| Reject::Malformed)?;
+        let sig = b64().decode(&self.0.sig).map_err(|_| Reject::Malformed)?;
         let rec: NodeRecord = serde_json::from_slice(&body).map_err(|_| Reject::Malformed)?;
         let key: PublicKey = rec.public_key.parse().map_err(|_| Reject::Malformed)?;
         if key.node_id() != rec.node_id {
@@ -226,7 +355,7 @@ impl SignedRecord {
 #[derive(Debug, Clone)]
 pub struct Entry {
     /// The decoded record.
-    pub record: NodeRecord,
+    pub record: Arc<NodeRecord>,
     /// The signed form, to pass on.
     pub signed: SignedRecord,
 }
@@ -241,17 +370,40 @@ pub enum Accepted {
 }
 
 /// The directory of one node.
-#[derive(Debug, Default)]
+///
+/// Work per record offered is O(1) in the directory's size (a hash lookup, the signature
+/// check for a new one, and an update of its digest bucket); memory per record is the
+/// entry (node ID, two shared pointers) plus the record itself.
 pub struct Directory {
     entries: HashMap<NodeId, Entry>,
     tombstones: HashMap<NodeId, (u64, u64)>,
-    rejected: BTreeMap<&'static str, u64>,
+    rejected: [u64; Reject::ALL.len()],
+    /// Per digest bucket, the XOR of [`entry_hash`] over its entries.
+    buckets: [u64; BUCKETS],
+    verifier: Option<Arc<dyn RecordVerifier>>,
+}
+
+impl Default for Directory {
+    fn default() -> Directory {
+        Directory { entries: HashMap::new(), tombstones: HashMap::new(), rejected: [0; Reject::ALL.len()], buckets: [0; BUCKETS], verifier: None }
+    }
+}
+
+impl std::fmt::Debug for Directory {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Directory").field("entries", &self.entries.len()).field("tombstones", &self.tombstones.len()).finish()
+    }
 }
 
 impl Directory {
     /// An empty directory.
     pub fn new() -> Directory {
         Directory::default()
+    }
+
+    /// Checks signatures with `v` instead of [`Ed25519`].
+    pub fn set_verifier(&mut self, v: Arc<dyn RecordVerifier>) {
+        self.verifier = Some(v);
     }
 
     /// Offers a signed record received at `now` (unix seconds).
@@ -262,19 +414,24 @@ impl Directory {
         let r = self.check(&signed, now);
         match r {
             Ok(rec) => {
-                let new = !self.entries.contains_key(&rec.node_id);
-                self.tombstones.remove(&rec.node_id);
-                self.entries.insert(rec.node_id, Entry { record: rec, signed });
-                Ok(if new { Accepted::New } else { Accepted::Updated })
+                let id = rec.node_id;
+                self.tombstones.remove(&id);
+                let b = bucket_of(&id);
+                self.buckets[b] ^= entry_hash(&id, rec.seq);
+                let old = self.entries.insert(id, Entry { record: rec, signed });
+                if let Some(old) = &old {
+                    self.buckets[b] ^= entry_hash(&id, old.record.seq);
+                }
+                Ok(if old.is_none() { Accepted::New } else { Accepted::Updated })
             }
             Err(e) => {
-                *self.rejected.entry(e.as_str()).or_default() += 1;
+                self.rejected[e as usize] += 1;
                 Err(e)
             }
         }
     }
 
-    fn check(&self, signed: &SignedRecord, now: u64) -> Result<NodeRecord, Reject> {
+    fn check(&self, signed: &SignedRecord, now: u64) -> Result<Arc<NodeRecord>, Reject> {
         // Most records arrive more than once (flooding): compare the sequence number before
         // paying for the signature check.
         if let Some((id, seq)) = signed.peek() {
@@ -284,8 +441,11 @@ impl Directory {
                 _ => {}
             }
         }
-        let rec = signed.verify()?;
-        if rec.expires <= now || rec.expires > now + 10 * RECORD_TTL_S {
+        let rec = match &self.verifier {
+            Some(v) => v.verify(signed)?,
+            None => Arc::new(signed.verify()?),
+        };
+        if rec.expires <= now || rec.expires > now + MAX_RECORD_TTL_S + CLOCK_SLACK_S {
             return Err(Reject::Expired);
         }
         let known = self.entries.get(&rec.node_id).map(|e| e.record.seq).or_else(|| self.tombstones.get(&rec.node_id).map(|t| t.0));
@@ -303,6 +463,7 @@ impl Directory {
         let gone: Vec<NodeId> = self.entries.iter().filter(|(_, e)| e.record.expires <= now).map(|(id, _)| *id).collect();
         for id in &gone {
             if let Some(e) = self.entries.remove(id) {
+                self.buckets[bucket_of(id)] ^= entry_hash(id, e.record.seq);
                 self.tombstones.insert(*id, (e.record.seq, now + TOMBSTONE_S));
             }
         }
@@ -332,18 +493,56 @@ impl Directory {
 
     /// (node ID, sequence number) of every record: what anti-entropy exchanges.
     pub fn digest(&self) -> Vec<(NodeId, u64)> {
-        let mut d: Vec<(NodeId, u64)> = self.entries.iter().map(|(id, e)| (*id, e.record.seq)).collect();
+        self.digest_of(None)
+    }
+
+    /// (node ID, sequence number) of the records in the given digest buckets (all with
+    /// `None`), sorted.
+    pub fn digest_of(&self, buckets: Option<&[u8]>) -> Vec<(NodeId, u64)> {
+        let mut d: Vec<(NodeId, u64)> = self.entries.iter().filter(|(id, _)| in_buckets(id, buckets)).map(|(id, e)| (*id, e.record.seq)).collect();
         d.sort();
         d
+    }
+
+    /// The hash of every digest bucket ([`BUCKETS`] of them): two directories whose bucket
+    /// hashes agree hold the same (node ID, sequence number) pairs in it. Kept up to date
+    /// on every change, so a summary costs nothing to make and its size does not grow
+    /// with the directory.
+    pub fn bucket_hashes(&self) -> [u64; BUCKETS] {
+        self.buckets
     }
 
     /// Compares with a neighbour's digest: the records this directory has that are newer
     /// (or missing there), and the node IDs it should ask for.
     pub fn diff(&self, theirs: &[(NodeId, u64)]) -> (Vec<SignedRecord>, Vec<NodeId>) {
+        self.diff_in(theirs, None)
+    }
+
+    /// [`Directory::diff`] for a digest that covers only the given buckets (all with
+    /// `None`).
+    pub fn diff_in(&self, theirs: &[(NodeId, u64)], buckets: Option<&[u8]>) -> (Vec<SignedRecord>, Vec<NodeId>) {
         let their: HashMap<NodeId, u64> = theirs.iter().copied().collect();
-        let give = self.entries.iter().filter(|(id, e)| their.get(id).is_none_or(|s| *s < e.record.seq)).map(|(_, e)| e.signed.clone()).collect();
+        let give = self
+            .entries
+            .iter()
+            .filter(|(id, e)| in_buckets(id, buckets) && their.get(id).is_none_or(|s| *s < e.record.seq))
+            .map(|(_, e)| e.signed.clone())
+            .collect();
         let want = theirs.iter().filter(|(id, s)| self.entries.get(id).is_none_or(|e| e.record.seq < *s)).map(|(id, _)| *id).collect();
         (give, want)
+    }
+
+    /// Whether `a` and `b` each list the other as a management neighbour: the links the
+    /// management overlay routes over. A node that failed loses them as soon as its
+    /// neighbours publish their new neighbour sets.
+    pub fn linked(&self, a: &NodeId, b: &NodeId) -> bool {
+        let lists = |x: &NodeId, y: &NodeId| self.entries.get(x).is_some_and(|e| e.record.neighbours.contains(y));
+        lists(a, b) && lists(b, a)
+    }
+
+    /// The nodes `a` has a mutual link with ([`Directory::linked`]).
+    pub fn links_of<'a>(&'a self, a: &'a NodeId) -> impl Iterator<Item = NodeId> + 'a {
+        self.entries.get(a).into_iter().flat_map(move |e| e.record.neighbours.iter().copied().filter(move |b| b != a && self.linked(b, a)))
     }
 
     /// Who holds a name: the earliest registration wins, then the lowest node ID.
@@ -357,7 +556,7 @@ impl Directory {
 
     /// P2PNS resolve: the node holding `name`.
     pub fn resolve(&self, name: &str) -> Option<&NodeRecord> {
-        self.holder(name).map(|e| &e.record)
+        self.holder(name).map(|e| &*e.record)
     }
 
     /// Whether `node` may register `name` registered at `since`: it is free, or held by
@@ -373,15 +572,19 @@ impl Directory {
         }
     }
 
-    /// Rejections so far, by reason.
-    pub fn rejected(&self) -> &BTreeMap<&'static str, u64> {
-        &self.rejected
+    /// Rejections so far, by reason (reasons never seen are left out).
+    pub fn rejected(&self) -> BTreeMap<&'static str, u64> {
+        Reject::ALL.iter().filter(|r| self.rejected[**r as usize] > 0).map(|r| (r.as_str(), self.rejected[*r as usize])).collect()
     }
 
     /// The highest sequence number known or remembered for a node.
     pub fn known_seq(&self, id: &NodeId) -> Option<u64> {
         self.entries.get(id).map(|e| e.record.seq).or_else(|| self.tombstones.get(id).map(|t| t.0))
     }
+}
+
+fn in_buckets(id: &NodeId, buckets: Option<&[u8]>) -> bool {
+    buckets.is_none_or(|b| b.contains(&(bucket_of(id) as u8)))
 }
 
 #[cfg(test)]
@@ -431,12 +634,12 @@ mod tests {
         assert_eq!(d.insert(SignedRecord::sign(&r, &m), 100), Err(Reject::KeyMismatch));
         // a valid record with its body changed after signing
         let good = SignedRecord::sign(&record(&a, "alice", 10, 5, 200), &a);
-        let mut body = b64().decode(&good.body).unwrap();
+        let mut body = b64().decode(good.body()).unwrap();
         let text = String::from_utf8(body.clone()).unwrap().replace("192.0.2.1", "192.0.2.9");
         body = text.into_bytes();
-        let tampered = SignedRecord { body: b64().encode(body), sig: good.sig.clone() };
+        let tampered = SignedRecord::from_parts(b64().encode(body), good.sig().to_string());
         assert_eq!(d.insert(tampered, 100), Err(Reject::BadSignature));
-        assert_eq!(d.insert(SignedRecord { body: "!!".into(), sig: "".into() }, 100), Err(Reject::Malformed));
+        assert_eq!(d.insert(SignedRecord::from_parts("!!".into(), "".into()), 100), Err(Reject::Malformed));
         assert_eq!(d.insert(SignedRecord::sign(&record(&a, "alice", 10, 5, 90), &a), 100), Err(Reject::Expired));
         assert!(d.is_empty());
     }

@@ -488,13 +488,32 @@ pub struct Failover {
     rng: u64,
     epoch: Instant,
     actions: VecDeque<Action>,
+    /// The previous [`Failover::handle_tick`].
+    last_tick: Option<Instant>,
+    /// Until then silence and unanswered probes are not held against any path: this node
+    /// itself was late (see [`Failover::handle_late`]).
+    grace_until: Option<Instant>,
+    /// Times this node found itself late.
+    late: u64,
 }
 
 impl Failover {
     /// Creates the state for `peers` (node IDs, in config order). `seed` drives the random
     /// relay choice; `now` is the clock origin for probe timestamps.
     pub fn new(local: NodeId, peers: &[NodeId], cfg: FailoverConfig, seed: u64, now: Instant) -> Failover {
-        let mut f = Failover { local, cfg, peers: Vec::new(), by_id: HashMap::new(), links: HashMap::new(), rng: seed | 1, epoch: now, actions: VecDeque::new() };
+        let mut f = Failover {
+            local,
+            cfg,
+            peers: Vec::new(),
+            by_id: HashMap::new(),
+            links: HashMap::new(),
+            rng: seed | 1,
+            epoch: now,
+            actions: VecDeque::new(),
+            last_tick: None,
+            grace_until: None,
+            late: 0,
+        };
         for id in peers {
             f.add_peer(*id, now);
         }
@@ -794,10 +813,39 @@ impl Failover {
         self.actions.push_back(Action::Send { peer, path, payload });
     }
 
+    /// This node was late by `lag`: its loop ran a tick that long after it was due, or it
+    /// took a probe out of its queue that long after the probe arrived. Probe loss is
+    /// judged against the node's own lateness: for [`FailoverConfig::down_after`] from now
+    /// no path goes down for silence and no unanswered probe counts as lost, so an
+    /// overloaded node slows down instead of rerouting healthy paths. Lags of up to two
+    /// probe intervals are normal scheduling noise and ignored.
+    pub fn handle_late(&mut self, now: Instant, lag: Duration) {
+        if lag <= self.cfg.probe_interval * 2 {
+            return;
+        }
+        self.late += 1;
+        let until = now + self.cfg.down_after.max(lag);
+        self.grace_until = Some(self.grace_until.map_or(until, |g| g.max(until)));
+    }
+
+    /// How many times this node found itself late ([`Failover::handle_late`]).
+    pub fn late_count(&self) -> u64 {
+        self.late
+    }
+
     /// Advances time: sends due probes, judges paths, chooses routes and relays. Call it
-    /// often (every 10 ms or so).
+    /// often (every 10 ms or so); a tick that comes much later than that counts as this
+    /// node's own lateness ([`Failover::handle_late`]). Only monitored peers (and paths
+    /// that only receive) cost anything here.
     pub fn handle_tick(&mut self, now: Instant) {
+        if let Some(prev) = self.last_tick {
+            self.handle_late(now, now.saturating_duration_since(prev));
+        }
+        self.last_tick = Some(now);
         for peer in 0..self.peers.len() {
+            if !self.peers[peer].direct_known && self.peers[peer].paths.is_empty() {
+                continue;
+            }
             let due: Vec<PathId> = {
                 let p = &self.peers[peer];
                 p.paths
@@ -826,21 +874,23 @@ impl Failover {
     /// Judges every path of a peer and then its route.
     fn evaluate(&mut self, now: Instant, peer: usize) {
         let cfg = self.cfg;
+        let excused = self.grace_until.is_some_and(|g| now < g);
         let p = &mut self.peers[peer];
         for x in p.paths.iter_mut() {
             if x.last_sent.is_none() {
                 continue;
             }
             let allowance = x.allowance();
-            // Unanswered probes old enough count as lost.
-            for s in x.sent.iter_mut() {
+            // Unanswered probes old enough count as lost (not while this node is late: their
+            // echoes may wait in its own queue).
+            for s in x.sent.iter_mut().filter(|_| !excused) {
                 if !s.resolved && now >= s.at + allowance + cfg.probe_interval * 4 {
                     s.resolved = true;
                     x.loss += LOSS_ALPHA * (1.0 - x.loss);
                 }
             }
             let evidence = x.last_delivered_sent_at.unwrap_or(x.started).max(x.started);
-            let silent = now.saturating_duration_since(evidence) > cfg.down_after + allowance;
+            let silent = !excused && now.saturating_duration_since(evidence) > cfg.down_after + allowance;
             let recovered_probes = x.last_delivered_sent_at.is_some_and(|t| t >= x.state_since);
             let new = match x.state {
                 _ if silent => PathState::Down,
@@ -1149,6 +1199,9 @@ mod tests {
         /// Relay sessions each node accepts.
         relay_ok: Vec<bool>,
         in_flight: Vec<(Instant, usize, usize, PathId, Vec<u8>)>,
+        /// Nodes whose loop is stalled: they neither tick nor take packets out of their
+        /// queue (packets to them wait in flight).
+        stalled: Vec<usize>,
         latency: Duration,
         /// Each node's relay policy (checked by the node when asked).
         policies: Vec<crate::policy::Policy>,
@@ -1170,7 +1223,7 @@ mod tests {
                     f
                 })
                 .collect();
-            Net { nodes, ids, now, cut: vec![], lossy: vec![], rng: 7, relay_ok: vec![true; n], in_flight: vec![], latency: MS, policies: vec![crate::policy::Policy::default(); n], asked: vec![] }
+            Net { nodes, ids, now, cut: vec![], lossy: vec![], rng: 7, relay_ok: vec![true; n], in_flight: vec![], stalled: vec![], latency: MS, policies: vec![crate::policy::Policy::default(); n], asked: vec![] }
         }
         /// Node `r` publishes `policy`: every other node learns its rank.
         fn set_policy(&mut self, r: usize, policy: crate::policy::Policy) {
@@ -1233,7 +1286,8 @@ mod tests {
             self.now += 10 * MS;
             let now = self.now;
             let due: Vec<_> = {
-                let (d, rest): (Vec<_>, Vec<_>) = self.in_flight.drain(..).partition(|x| x.0 <= now);
+                let stalled = self.stalled.clone();
+                let (d, rest): (Vec<_>, Vec<_>) = self.in_flight.drain(..).partition(|x| x.0 <= now && !stalled.contains(&x.2));
                 self.in_flight = rest;
                 d
             };
@@ -1244,6 +1298,9 @@ mod tests {
                 }
             }
             for a in 0..self.nodes.len() {
+                if self.stalled.contains(&a) {
+                    continue;
+                }
                 self.nodes[a].handle_tick(now);
                 while let Some(act) = self.nodes[a].poll_action() {
                     match act {
@@ -1376,6 +1433,30 @@ mod tests {
         net.run(Duration::from_secs(10));
         assert!(net.route(0, 1).protect);
         assert_eq!(net.route(0, 1).reason, Reason::Degraded);
+    }
+
+    #[test]
+    fn a_node_that_was_late_does_not_blame_its_paths_but_a_real_cut_still_counts() {
+        let mut net = Net::new(3);
+        net.run(Duration::from_secs(3));
+        // Node 0's loop stalls for 800 ms (longer than down_after + allowance) while the
+        // network is fine: the echoes wait in its queue.
+        net.stalled = vec![0];
+        net.run(Duration::from_millis(800));
+        net.stalled.clear();
+        net.run(Duration::from_secs(2));
+        assert_eq!(net.route(0, 1).path, PathId::Direct);
+        assert!(!net.route(0, 1).protect, "a late loop was taken for a path failure");
+        assert_eq!(net.nodes[0].route_changes(0), 0);
+        assert!(net.nodes[0].late_count() >= 1);
+        // Negative control: the same stall with the path really cut is still detected once
+        // the node runs again.
+        net.stalled = vec![0];
+        net.cut_both(0, 1);
+        net.run(Duration::from_millis(800));
+        net.stalled.clear();
+        net.run(Duration::from_millis(1500));
+        assert!(net.route(0, 1).protect, "a real cut during a stall was missed");
     }
 
     #[test]

@@ -65,10 +65,16 @@ pub enum Message {
         /// The other end.
         b: NodeId,
     },
-    /// The sender's direct links to its peers, for relay choice (RON-style link state).
+    /// The sender's direct links, for relay choice (RON-style link state, but only what
+    /// the receiver asked for: its cost does not grow with the overlay).
     LinkReport {
-        /// One entry per peer of the sender.
+        /// The sender's links to the nodes the receiver wants reports about.
         links: Vec<Link>,
+        /// The nodes the sender picks relays for (its monitored peers): the receiver
+        /// reports its links to these from now on. Sent when it changes and now and then;
+        /// absent: unchanged.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        want: Option<Vec<NodeId>>,
     },
     /// Signed node records (directory gossip: new and updated records are flooded to every
     /// neighbour but the one they came from, and sent when a digest shows they are missing).
@@ -78,8 +84,20 @@ pub enum Message {
     },
     /// The sender's directory as (node ID, sequence number) pairs (anti-entropy).
     Digest {
-        /// Every record the sender holds.
+        /// Every record the sender holds (in `buckets`, when given).
         entries: Vec<(NodeId, u64)>,
+        /// The digest buckets ([`crate::directory::bucket_of`]) this digest covers, in
+        /// answer to a [`Message::Summary`]; absent: the whole directory.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        buckets: Option<Vec<u8>>,
+    },
+    /// A summary of the sender's directory: one hash per digest bucket
+    /// ([`crate::directory::Directory::bucket_hashes`]), hex, 16 digits each. The receiver
+    /// answers with a [`Message::Digest`] of the buckets that differ: anti-entropy costs
+    /// the same whatever the directory's size while the two agree.
+    Summary {
+        /// [`crate::directory::BUCKETS`] hashes.
+        hashes: String,
     },
     /// Asks for the records of these nodes.
     Want {
@@ -202,7 +220,7 @@ mod tests {
             Message::RelayRequest { a: NodeId([1; 16]), b: NodeId([2; 16]), purpose: crate::policy::Purpose::LastResort },
             Message::RelayResponse { b: NodeId([2; 16]), accepted: false, reason: Some("no path".into()), transient: true },
             Message::RelayRelease { a: NodeId([1; 16]), b: NodeId([2; 16]) },
-            Message::LinkReport { links: vec![Link { node: NodeId([3; 16]), up: true, rtt_ms: Some(1.5), loss: 0.01 }] },
+            Message::LinkReport { links: vec![Link { node: NodeId([3; 16]), up: true, rtt_ms: Some(1.5), loss: 0.01 }], want: Some(vec![NodeId([4; 16])]) },
         ] {
             let f = Frame { src: NodeId([1; 16]), dst: NodeId([9; 16]), hop_limit: 0, message };
             assert_eq!(decode(&encode(&f)[4..]).unwrap(), f);

@@ -12,7 +12,6 @@
 //! hop limit; a node whose next hop is gone repairs the route from where it stands.
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use base64::Engine;
@@ -182,78 +181,84 @@ impl Topology {
     }
 }
 
-/// A graph search view: the topology's nodes plus, when the local node is not in it, one
-/// extra slot for it; the local node's links are its live sessions, not what it published.
-struct View<'a> {
-    topo: &'a Topology,
-    local: u32,
-    /// Live neighbours of the local node that the topology knows.
-    local_adj: Vec<u32>,
-    /// Per node: linked to the local node by a live session.
-    to_local: Vec<bool>,
+/// The management topology a router searches: which nodes exist and the links each has.
+/// [`Topology`] is one (built from a list), the node directory another
+/// ([`crate::directory::Directory`], whose records list their neighbours): a router needs
+/// no copy of the graph, so a directory change costs the router nothing.
+pub trait Graph {
+    /// Whether the graph knows `id`.
+    fn contains(&self, id: &NodeId) -> bool;
+    /// Calls `f` for every node `id` has a (mutual) link with.
+    fn each_link(&self, id: &NodeId, f: &mut dyn FnMut(NodeId));
 }
 
-impl<'a> View<'a> {
-    fn new(topo: &'a Topology, local: &NodeId, neighbours: &BTreeSet<NodeId>) -> View<'a> {
-        let n = topo.len();
-        let local_idx = topo.index.get(local).copied().unwrap_or(n as u32);
-        let local_adj: Vec<u32> = neighbours.iter().filter_map(|b| topo.index.get(b).copied()).filter(|b| *b != local_idx).collect();
-        let mut to_local = vec![false; n + 1];
-        for b in &local_adj {
-            to_local[*b as usize] = true;
+impl Graph for Topology {
+    fn contains(&self, id: &NodeId) -> bool {
+        self.index.contains_key(id)
+    }
+
+    fn each_link(&self, id: &NodeId, f: &mut dyn FnMut(NodeId)) {
+        if let Some(&i) = self.index.get(id) {
+            for &v in &self.adj[i as usize] {
+                f(self.ids[v as usize]);
+            }
         }
-        View { topo, local: local_idx, local_adj, to_local }
+    }
+}
+
+impl Graph for crate::directory::Directory {
+    fn contains(&self, id: &NodeId) -> bool {
+        self.get(id).is_some()
     }
 
-    fn size(&self) -> usize {
-        self.topo.len() + 1
+    fn each_link(&self, id: &NodeId, f: &mut dyn FnMut(NodeId)) {
+        for v in self.links_of(id) {
+            f(v);
+        }
     }
+}
 
-    fn idx(&self, id: &NodeId) -> Option<u32> {
-        self.topo.index.get(id).copied()
-    }
+/// A graph search view: the local node's links are its live sessions, not what it
+/// published; another node's link to it counts only while a session backs it.
+struct View<'a> {
+    graph: &'a dyn Graph,
+    local: NodeId,
+    neighbours: &'a BTreeSet<NodeId>,
+}
 
-    fn id(&self, i: u32) -> Option<NodeId> {
-        self.topo.ids.get(i as usize).copied()
-    }
-
+impl View<'_> {
     /// Calls `f` for every usable link out of `u`.
-    fn each(&self, u: u32, mut f: impl FnMut(u32)) {
-        if u == self.local {
-            self.local_adj.iter().for_each(|v| f(*v));
-        } else if let Some(l) = self.topo.adj.get(u as usize) {
-            for &v in l {
-                if v != self.local || self.to_local[u as usize] {
-                    f(v);
+    fn each(&self, u: &NodeId, mut f: impl FnMut(NodeId)) {
+        if *u == self.local {
+            for v in self.neighbours.iter().filter(|v| **v != self.local && self.graph.contains(v)) {
+                f(*v);
+            }
+        } else {
+            let back = self.neighbours.contains(u);
+            self.graph.each_link(u, &mut |v| {
+                if v != self.local || back {
+                    f(v)
                 }
-            }
+            });
         }
-    }
-
-    fn mask(&self, set: &BTreeSet<NodeId>) -> Vec<bool> {
-        let mut m = vec![false; self.size()];
-        for n in set {
-            if let Some(i) = self.idx(n) {
-                m[i as usize] = true;
-            }
-        }
-        m
     }
 
     /// Walks `prev` back from `dst` to `from`: the path without `from`, ending with `dst`.
-    fn unwind(&self, prev: &[u32], from: u32, dst: u32) -> Option<Vec<NodeId>> {
-        let mut p = vec![self.id(dst)?];
+    fn unwind(prev: &HashMap<NodeId, NodeId>, from: NodeId, dst: NodeId) -> Option<Vec<NodeId>> {
+        let mut p = vec![dst];
         let mut x = dst;
-        while prev[x as usize] != from {
-            x = prev[x as usize];
-            p.push(self.id(x)?);
+        while *prev.get(&x)? != from {
+            x = prev[&x];
+            p.push(x);
+            if p.len() > prev.len() {
+                return None;
+            }
         }
         p.reverse();
         Some(p)
     }
 }
 
-const NONE: u32 = u32::MAX;
 
 struct Pending {
     dst: NodeId,
@@ -273,7 +278,6 @@ pub struct Router {
     local: NodeId,
     cfg: MrouteConfig,
     neighbours: BTreeSet<NodeId>,
-    topo: Arc<Topology>,
     pending: HashMap<u64, Pending>,
     seen: HashMap<(NodeId, u64), Instant>,
     rng: u64,
@@ -293,7 +297,6 @@ impl Router {
             local,
             cfg,
             neighbours: BTreeSet::new(),
-            topo: Arc::new(Topology::default()),
             pending: HashMap::new(),
             seen: HashMap::new(),
             rng: seed | 1,
@@ -313,11 +316,6 @@ impl Router {
     /// The live management sessions of this node.
     pub fn set_neighbours(&mut self, n: impl IntoIterator<Item = NodeId>) {
         self.neighbours = n.into_iter().collect();
-    }
-
-    /// The topology from the directory.
-    pub fn set_topology(&mut self, t: Arc<Topology>) {
-        self.topo = t;
     }
 
     /// Next output.
@@ -340,43 +338,44 @@ impl Router {
         self.pending.len()
     }
 
-    /// Shortest path from `from` to `dst` (excluding `from`, ending with `dst`) that avoids
-    /// the nodes in `avoid` (never `dst`) and, as first hop, those in `avoid_first`.
-    pub fn path(&self, from: NodeId, dst: NodeId, avoid: &BTreeSet<NodeId>, avoid_first: &BTreeSet<NodeId>) -> Option<Vec<NodeId>> {
+    /// Shortest path in `graph` from `from` to `dst` (excluding `from`, ending with `dst`)
+    /// that avoids the nodes in `avoid` (never `dst`) and, as first hop, those in
+    /// `avoid_first`. Breadth-first: O(nodes + links) of the graph, per message.
+    pub fn path(&self, graph: &dyn Graph, from: NodeId, dst: NodeId, avoid: &BTreeSet<NodeId>, avoid_first: &BTreeSet<NodeId>) -> Option<Vec<NodeId>> {
         if from == dst {
             return Some(vec![]);
         }
         if from == self.local && self.neighbours.contains(&dst) && !avoid_first.contains(&dst) {
             return Some(vec![dst]);
         }
-        let view = View::new(&self.topo, &self.local, &self.neighbours);
-        let (from, dst) = (if from == self.local { view.local } else { view.idx(&from)? }, view.idx(&dst)?);
-        let (avoid, avoid_first) = (view.mask(avoid), view.mask(avoid_first));
-        let mut prev = vec![NONE; view.size()];
-        prev[from as usize] = from;
+        if (from != self.local && !graph.contains(&from)) || !graph.contains(&dst) {
+            return None;
+        }
+        let view = View { graph, local: self.local, neighbours: &self.neighbours };
+        let mut prev: HashMap<NodeId, NodeId> = HashMap::new();
+        prev.insert(from, from);
         let mut queue = VecDeque::from([from]);
         while let Some(u) = queue.pop_front() {
             let mut found = false;
-            view.each(u, |v| {
-                let vi = v as usize;
-                if found || prev[vi] != NONE || (v != dst && avoid[vi]) || (u == from && avoid_first[vi]) {
+            view.each(&u, |v| {
+                if found || prev.contains_key(&v) || (v != dst && avoid.contains(&v)) || (u == from && avoid_first.contains(&v)) {
                     return;
                 }
-                prev[vi] = u;
+                prev.insert(v, u);
                 found = v == dst;
                 queue.push_back(v);
             });
             if found {
-                return view.unwind(&prev, from, dst);
+                return View::unwind(&prev, from, dst);
             }
         }
         None
     }
 
-    /// The cheapest path for a retry: each hop costs 1, plus `SUSPICION` for every earlier
-    /// failed path the node was on; `salt` breaks ties differently on each retry, so that
-    /// retries spread over the graph.
-    fn cheapest(&self, dst: NodeId, suspect: &HashMap<NodeId, u32>, salt: u64, avoid: &BTreeSet<NodeId>, avoid_first: &BTreeSet<NodeId>) -> Option<Vec<NodeId>> {
+    /// The cheapest path in `graph` for a retry: each hop costs 1, plus `SUSPICION` for
+    /// every earlier failed path the node was on; `salt` breaks ties differently on each
+    /// retry, so that retries spread over the graph.
+    fn cheapest(&self, graph: &dyn Graph, dst: NodeId, suspect: &HashMap<NodeId, u32>, salt: u64, avoid: &BTreeSet<NodeId>, avoid_first: &BTreeSet<NodeId>) -> Option<Vec<NodeId>> {
         use std::cmp::Reverse;
         use std::collections::BinaryHeap;
         const SUSPICION: u64 = 4 * 1024;
@@ -387,45 +386,33 @@ impl Router {
             h ^= h >> 33;
             h % 512
         };
-        let view = View::new(&self.topo, &self.local, &self.neighbours);
-        let local = view.local;
+        let local = self.local;
         // A neighbour the topology does not know yet can only be reached directly.
-        let Some(d) = view.idx(&dst) else {
+        if !graph.contains(&dst) {
             return (self.neighbours.contains(&dst) && !avoid_first.contains(&dst)).then(|| vec![dst]);
-        };
-        let (avoid, avoid_first) = (view.mask(avoid), view.mask(avoid_first));
-        let suspicion: Vec<u64> = {
-            let mut s = vec![0u64; view.size()];
-            for (n, c) in suspect {
-                if let Some(i) = view.idx(n) {
-                    s[i as usize] = u64::from(*c);
-                }
-            }
-            s
-        };
-        let mut dist = vec![u64::MAX; view.size()];
-        let mut prev = vec![NONE; view.size()];
-        dist[local as usize] = 0;
+        }
+        let view = View { graph, local, neighbours: &self.neighbours };
+        let mut dist: HashMap<NodeId, u64> = HashMap::from([(local, 0)]);
+        let mut prev: HashMap<NodeId, NodeId> = HashMap::new();
         let mut heap = BinaryHeap::from([Reverse((0u64, local))]);
         while let Some(Reverse((du, u))) = heap.pop() {
-            if u == d {
-                return view.unwind(&prev, local, d);
+            if u == dst {
+                return View::unwind(&prev, local, dst);
             }
-            if du > dist[u as usize] {
+            if dist.get(&u).is_some_and(|d| du > *d) {
                 continue;
             }
-            view.each(u, |v| {
-                let vi = v as usize;
-                if (v != d && avoid[vi]) || (u == local && avoid_first[vi]) {
+            view.each(&u, |v| {
+                if (v != dst && avoid.contains(&v)) || (u == local && avoid_first.contains(&v)) || v == local {
                     return;
                 }
                 // A suspect destination stands for a suspect direct link.
-                let s = suspicion[vi];
-                let cost = if v == d && u != local { 1024 } else { 1024 + SUSPICION * s } + view.id(v).map(|n| jitter(&n)).unwrap_or(0);
+                let s = u64::from(suspect.get(&v).copied().unwrap_or(0));
+                let cost = if v == dst && u != local { 1024 } else { 1024 + SUSPICION * s } + jitter(&v);
                 let nd = du + cost;
-                if nd < dist[vi] {
-                    dist[vi] = nd;
-                    prev[vi] = u;
+                if dist.get(&v).is_none_or(|d| nd < *d) {
+                    dist.insert(v, nd);
+                    prev.insert(v, u);
                     heap.push(Reverse((nd, v)));
                 }
             });
@@ -435,7 +422,7 @@ impl Router {
 
     /// Sends `payload` to `dst` on `channel`; returns the message ID. Its fate is reported
     /// later as [`Out::Delivered`] or [`Out::Failed`].
-    pub fn send(&mut self, now: Instant, dst: NodeId, channel: u16, payload: &[u8], critical: bool) -> u64 {
+    pub fn send(&mut self, now: Instant, graph: &dyn Graph, dst: NodeId, channel: u16, payload: &[u8], critical: bool) -> u64 {
         let id = self.next_id();
         let payload = b64().encode(payload);
         if dst == self.local {
@@ -457,21 +444,21 @@ impl Router {
                 last_paths: Vec::new(),
             },
         );
-        self.attempt(now, id);
+        self.attempt(now, graph, id);
         id
     }
 
-    fn attempt(&mut self, now: Instant, id: u64) {
+    fn attempt(&mut self, now: Instant, graph: &dyn Graph, id: u64) {
         let Some(p) = self.pending.get(&id) else { return };
         let (dst, critical, first) = (p.dst, p.critical, p.attempts == 0);
         let mut paths = Vec::new();
         let suspect = p.suspect.clone();
         let none = BTreeSet::new();
         let primary = if first {
-            self.path(self.local, dst, &none, &none)
+            self.path(graph, self.local, dst, &none, &none)
         } else {
             let salt = self.next_id();
-            self.cheapest(dst, &suspect, salt, &none, &none)
+            self.cheapest(graph, dst, &suspect, salt, &none, &none)
         };
         if let Some(p1) = primary {
             if critical || !first {
@@ -480,7 +467,7 @@ impl Router {
                 let inner: BTreeSet<NodeId> = p1[..p1.len() - 1].iter().copied().collect();
                 let first_hop: BTreeSet<NodeId> = p1.first().copied().into_iter().collect();
                 let salt = self.next_id();
-                if let Some(p2) = self.cheapest(dst, &suspect, salt, &inner, &first_hop) {
+                if let Some(p2) = self.cheapest(graph, dst, &suspect, salt, &inner, &first_hop) {
                     paths.push(p2);
                 }
             }
@@ -499,7 +486,7 @@ impl Router {
     }
 
     /// A message arrived from neighbour `from`.
-    pub fn handle(&mut self, now: Instant, from: NodeId, mut env: Envelope) {
+    pub fn handle(&mut self, now: Instant, graph: &dyn Graph, from: NodeId, mut env: Envelope) {
         let _ = from;
         if env.dst == self.local {
             match env.body {
@@ -524,7 +511,7 @@ impl Router {
                     }
                     // Acknowledge every copy, back along the way it came: an earlier
                     // acknowledgement may have been lost.
-                    self.reply_ack(env.src, env.id, &env.trail);
+                    self.reply_ack(graph, env.src, env.id, &env.trail);
                 }
             }
             return;
@@ -545,7 +532,7 @@ impl Router {
                 // Local repair: the planned next hop is gone (or the route ran out); do
                 // not go back through nodes already visited.
                 let visited: BTreeSet<NodeId> = env.trail.iter().copied().collect();
-                match self.path(self.local, env.dst, &visited, &BTreeSet::new()).or_else(|| self.path(self.local, env.dst, &BTreeSet::new(), &BTreeSet::new())) {
+                match self.path(graph, self.local, env.dst, &visited, &BTreeSet::new()).or_else(|| self.path(graph, self.local, env.dst, &BTreeSet::new(), &BTreeSet::new())) {
                     Some(p) => {
                         env.route = p[1..].to_vec();
                         self.out.push_back(Out::Forward { to: p[0], env });
@@ -556,7 +543,7 @@ impl Router {
         }
     }
 
-    fn reply_ack(&mut self, to: NodeId, of: u64, trail: &[NodeId]) {
+    fn reply_ack(&mut self, graph: &dyn Graph, to: NodeId, of: u64, trail: &[NodeId]) {
         let id = self.next_id();
         // The reverse of the trail, when it starts at `to` and its last hop is still a
         // neighbour; otherwise a fresh shortest path.
@@ -564,7 +551,7 @@ impl Router {
         let path = if trail.first() == Some(&to) && back.first().is_some_and(|n| self.neighbours.contains(n)) {
             Some(back)
         } else {
-            self.path(self.local, to, &BTreeSet::new(), &BTreeSet::new())
+            self.path(graph, self.local, to, &BTreeSet::new(), &BTreeSet::new())
         };
         match path {
             Some(p) if !p.is_empty() => {
@@ -576,7 +563,7 @@ impl Router {
     }
 
     /// Retries messages whose acknowledgement is late, and forgets old duplicates.
-    pub fn handle_tick(&mut self, now: Instant) {
+    pub fn handle_tick(&mut self, now: Instant, graph: &dyn Graph) {
         let due: Vec<u64> = self.pending.iter().filter(|(_, p)| now >= p.deadline).map(|(id, _)| *id).collect();
         for id in due {
             let p = self.pending.get_mut(&id).expect("listed");
@@ -596,7 +583,7 @@ impl Router {
             }
             p.timeout *= 2;
             self.retries += 1;
-            self.attempt(now, id);
+            self.attempt(now, graph, id);
         }
         let keep = self.cfg.dedupe_for;
         self.seen.retain(|_, t| now.saturating_duration_since(*t) < keep);
@@ -607,6 +594,7 @@ impl Router {
 mod tests {
     use super::*;
     use std::collections::{BinaryHeap, HashSet};
+    use std::sync::Arc;
 
     fn id(i: u32) -> NodeId {
         let mut b = [0u8; 16];
@@ -619,6 +607,7 @@ mod tests {
     /// nodes swallow everything.
     struct Sim {
         routers: Vec<Router>,
+        topo: Arc<Topology>,
         dead: HashSet<usize>,
         index: HashMap<NodeId, usize>,
         now: Instant,
@@ -666,12 +655,12 @@ mod tests {
                     // think the link works (the topology everyone routes on is stale too).
                     let live: Vec<NodeId> = links[a].iter().filter(|b| !dead.contains(*b) || rand() % 2 == 0).map(|b| id(*b as u32)).collect();
                     r.set_neighbours(live);
-                    r.set_topology(topo.clone());
                     r
                 })
                 .collect();
             Sim {
                 routers,
+                topo,
                 dead,
                 index: (0..n).map(|a| (id(a as u32), a)).collect(),
                 now: Instant::now(),
@@ -712,14 +701,14 @@ mod tests {
                     self.now = t;
                     let env = self.msgs.remove(&seq).unwrap();
                     if !self.dead.contains(&to) {
-                        self.routers[to].handle(t, id(from as u32), env);
+                        self.routers[to].handle(t, &*self.topo, id(from as u32), env);
                         self.pump(to);
                     }
                 } else {
                     self.now = next_tick;
                     for a in 0..self.routers.len() {
                         if !self.dead.contains(&a) && self.routers[a].pending() > 0 {
-                            self.routers[a].handle_tick(self.now);
+                            self.routers[a].handle_tick(self.now, &*self.topo);
                             self.pump(a);
                         }
                     }
@@ -733,7 +722,7 @@ mod tests {
     fn delivers_and_acknowledges_on_the_shortest_path() {
         let mut s = Sim::new(30, 3, 0.0, 7);
         let now = s.now;
-        let m = s.routers[0].send(now, id(17), 5, b"hello", false);
+        let m = s.routers[0].send(now, &*s.topo.clone(), id(17), 5, b"hello", false);
         s.pump(0);
         s.run_until(now + Duration::from_secs(2));
         assert_eq!(s.outcome.get(&(0, m)), Some(&true));
@@ -746,15 +735,14 @@ mod tests {
         let topo = Arc::new(Topology::new([(id(0), vec![id(1), id(2)]), (id(1), vec![id(0), id(2)]), (id(2), vec![id(0), id(1)])]));
         let mut routers: Vec<Router> = (0..3).map(|i| Router::new(id(i), MrouteConfig::default(), i as u64 + 1)).collect();
         for (i, r) in routers.iter_mut().enumerate() {
-            r.set_topology(topo.clone());
             r.set_neighbours((0..3).filter(|j| *j != i as u32).map(id));
         }
         let t0 = Instant::now();
-        let m = routers[0].send(t0, id(1), 1, b"x", false);
+        let m = routers[0].send(t0, &*topo, id(1), 1, b"x", false);
         let first = routers[0].poll().unwrap();
         assert!(matches!(&first, Out::Forward { to, .. } if *to == id(1)), "{first:?}");
         // lost. After the timeout the retry goes through node 2 as well.
-        routers[0].handle_tick(t0 + Duration::from_millis(600));
+        routers[0].handle_tick(t0 + Duration::from_millis(600), &*topo);
         let mut via2 = None;
         while let Some(o) = routers[0].poll() {
             if let Out::Forward { to, env } = o {
@@ -764,27 +752,27 @@ mod tests {
             }
         }
         let env = via2.expect("a retry through node 2");
-        routers[2].handle(t0, id(0), env);
+        routers[2].handle(t0, &*topo, id(0), env);
         let Some(Out::Forward { to, env }) = routers[2].poll() else { panic!() };
         assert_eq!(to, id(1));
-        routers[1].handle(t0, id(2), env.clone());
+        routers[1].handle(t0, &*topo, id(2), env.clone());
         assert!(matches!(routers[1].poll(), Some(Out::Deliver { .. })));
         // a duplicate is acknowledged but not delivered twice
         let Some(Out::Forward { env: ack, .. }) = routers[1].poll() else { panic!() };
-        routers[1].handle(t0, id(2), env);
+        routers[1].handle(t0, &*topo, id(2), env);
         assert!(matches!(routers[1].poll(), Some(Out::Forward { .. })));
         assert!(routers[1].poll().is_none());
         // the ack (through 2 or direct) completes the message
-        routers[0].handle(t0, id(2), ack);
+        routers[0].handle(t0, &*topo, id(2), ack);
         assert_eq!(routers[0].poll(), Some(Out::Delivered { id: m }));
     }
 
     #[test]
     fn critical_messages_take_two_disjoint_paths() {
         let s = Sim::new(50, 3, 0.0, 11);
-        let mut r = s.routers;
+        let (mut r, topo) = (s.routers, s.topo);
         let now = Instant::now();
-        r[0].send(now, id(33), 1, b"!", true);
+        r[0].send(now, &*topo, id(33), 1, b"!", true);
         let outs: Vec<Out> = std::iter::from_fn(|| r[0].poll()).collect();
         let paths: Vec<Vec<NodeId>> = outs
             .iter()
@@ -811,7 +799,7 @@ mod tests {
     fn the_hop_limit_stops_loops() {
         let mut r = Router::new(id(0), MrouteConfig::default(), 1);
         let env = Envelope { id: 1, src: id(5), dst: id(9), hops: 0, route: vec![id(9)], trail: vec![id(5)], body: Body::Ack { of: 3 } };
-        r.handle(Instant::now(), id(5), env);
+        r.handle(Instant::now(), &Topology::default(), id(5), env);
         assert!(r.poll().is_none());
         assert_eq!(r.drops()[&Drop::HopLimit], 1);
     }
@@ -840,7 +828,7 @@ mod tests {
                 continue;
             }
             let now = s.now;
-            let m = s.routers[a].send(now, id(b as u32), 1, &(i as u32).to_be_bytes(), i % 10 == 0);
+            let m = s.routers[a].send(now, &*s.topo.clone(), id(b as u32), 1, &(i as u32).to_be_bytes(), i % 10 == 0);
             s.pump(a);
             sent.push((a, m, b, i as u32));
             if i % 100 == 0 {

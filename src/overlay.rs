@@ -9,19 +9,27 @@
 //!
 //! * **Record.** The node signs a [`NodeRecord`] (sequence number = unix time in ms, never
 //!   lower than one it published before) and floods it to every session when it changes
-//!   (debounced) and every [`REFRESH_S`]. A record of its own that is newer than the one it
+//!   (debounced) and every [`directory::refresh_s`] (slower as the directory grows: the
+//!   refresh traffic a node sees stays the same). A record of its own that is newer than the one it
 //!   holds — left in the network by an earlier run — is adopted: the node continues above
 //!   its sequence number and keeps its names' registration times.
 //! * **Gossip.** A record that is new to the directory is flooded to every session but the
 //!   one it came from; on every new session, and every [`ANTI_ENTROPY`] with one random
 //!   neighbour, the two sides exchange digests and then the records the other lacks
-//!   (push-pull anti-entropy), so partitions that heal merge their directories.
+//!   (push-pull anti-entropy), so partitions that heal merge their directories. A large
+//!   directory is compared by a summary of bucket hashes first, and only the buckets that
+//!   differ are listed.
 //! * **Neighbours.** The node keeps sessions with `k` neighbours: `k` follows the
 //!   reliability rule ([`neighbours_for`]) with the measured availability of neighbours,
 //!   between the configured bounds; stable nodes first, then diverse underlay groups, then
 //!   a per-node pseudo-random order (rendezvous hashing) so that the graph is random and
 //!   stays connected. Configured peers count towards `k`. A neighbour that cannot be
-//!   reached is replaced.
+//!   reached is replaced; only nodes with a mutual link to some other node (alive, as far
+//!   as their neighbours' records tell) are chosen.
+//! * **Cost.** A record that arrives costs O(1) in the directory's size: a lookup, a
+//!   signature check when it is new, a bucket hash, and an update of the ranked
+//!   candidates. Nothing is recomputed over the whole directory per change; message routes
+//!   are searched in the directory itself when a message is sent.
 //! * **Delivery.** [`crate::mroute::Router`] on the topology the records describe.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
@@ -32,10 +40,10 @@ use std::time::{Duration, Instant};
 use ipnet::IpNet;
 use sha2::{Digest as _, Sha256};
 
-use crate::directory::{Accepted, Directory, Name, NodeRecord, Reject, SignedRecord, Uptime, RECORD_TTL_S, REFRESH_S};
+use crate::directory::{self, Accepted, Directory, Name, NodeRecord, Reject, SignedRecord, Uptime, BUCKETS};
 use crate::identity::{Identity, NodeId};
 use crate::mgmt::Message;
-use crate::mroute::{self, MrouteConfig, Router, Topology};
+use crate::mroute::{self, MrouteConfig, Router};
 
 /// How often a node exchanges digests with one random neighbour.
 pub const ANTI_ENTROPY: Duration = Duration::from_secs(5);
@@ -49,6 +57,17 @@ pub const SHUN_FOR: Duration = Duration::from_secs(60);
 pub const RECORDS_PER_MESSAGE: usize = 16;
 /// Largest digest or record list taken from one message.
 pub const MAX_ENTRIES: usize = 100_000;
+/// Most (node ID, sequence number) pairs or node IDs sent in one digest or want message
+/// (a frame stays well below [`crate::mgmt::MAX_FRAME`]).
+pub const ENTRIES_PER_MESSAGE: usize = 2_000;
+/// Directories up to this size are compared with a full digest; larger ones with a
+/// [`Message::Summary`] first.
+pub const SUMMARY_ABOVE: usize = 32;
+/// How often expired records are looked for.
+pub const EXPIRE_EVERY: Duration = Duration::from_secs(10);
+/// Candidates for neighbour choice kept in rank order (the rest of the directory is
+/// scanned only when these run out).
+pub const RANKED: usize = 64;
 
 /// Tunables (from `[management]`).
 #[derive(Debug, Clone, Copy)]
@@ -124,7 +143,7 @@ pub enum Out {
         id: u64,
     },
     /// A record of another node is new or changed.
-    Learned(NodeRecord),
+    Learned(Arc<NodeRecord>),
     /// A node's record expired.
     Forgotten(NodeId),
     /// The neighbours this node wants sessions with (sent when the set changes).
@@ -258,11 +277,16 @@ pub struct Overlay {
     chosen: BTreeMap<NodeId, Instant>,
     shunned: HashMap<NodeId, Instant>,
     announced: BTreeSet<NodeId>,
+    /// The best-ranked candidates for neighbour choice: (ephemeral, rendezvous weight,
+    /// node ID) → underlay group; at most [`RANKED`].
+    ranked: BTreeMap<(bool, u64, NodeId), u64>,
+    /// Whether `ranked` holds every candidate (false once one was left out).
+    ranked_all: bool,
     availability: f64,
     dirty: bool,
     last_publish: Option<Instant>,
     last_publish_unix: u64,
-    topo_dirty: bool,
+    last_expire: Instant,
     last_anti_entropy: Instant,
     last_sample: Instant,
     rng: u64,
@@ -289,11 +313,13 @@ impl Overlay {
             chosen: BTreeMap::new(),
             shunned: HashMap::new(),
             announced: BTreeSet::new(),
+            ranked: BTreeMap::new(),
+            ranked_all: true,
             availability: 0.9,
             dirty: true,
             last_publish: None,
             last_publish_unix: 0,
-            topo_dirty: true,
+            last_expire: now,
             last_anti_entropy: now,
             last_sample: now,
             rng: seed | 1,
@@ -317,6 +343,12 @@ impl Overlay {
     /// The directory.
     pub fn directory(&self) -> &Directory {
         &self.dir
+    }
+
+    /// Checks record signatures with `v` (a simulation shares one that remembers what it
+    /// checked; see [`directory::RecordVerifier`]).
+    pub fn set_verifier(&mut self, v: Arc<dyn directory::RecordVerifier>) {
+        self.dir.set_verifier(v);
     }
 
     /// Counters.
@@ -408,9 +440,38 @@ impl Overlay {
         self.router.set_neighbours(self.sessions.iter().filter(|(_, s)| s.usable).map(|(id, _)| *id));
     }
 
+    /// Starts anti-entropy with `to`: the whole digest of a small directory, else a
+    /// summary of bucket hashes.
     fn send_digest(&mut self, _now: Instant, to: NodeId) {
         self.stats.digests_sent += 1;
-        self.out.push_back(Out::Send { to, message: Message::Digest { entries: self.dir.digest() }, urgent: false });
+        let message = if self.dir.len() <= SUMMARY_ABOVE {
+            Message::Digest { entries: self.dir.digest(), buckets: None }
+        } else {
+            Message::Summary { hashes: self.dir.bucket_hashes().iter().map(|h| format!("{h:016x}")).collect() }
+        };
+        self.out.push_back(Out::Send { to, message, urgent: false });
+    }
+
+    /// Digests of the given buckets, several buckets per message up to
+    /// [`ENTRIES_PER_MESSAGE`] entries.
+    fn send_bucket_digests(&mut self, to: NodeId, buckets: &[u8]) {
+        let mut by_bucket: Vec<Vec<(NodeId, u64)>> = vec![Vec::new(); BUCKETS];
+        for (id, seq) in self.dir.digest_of(Some(buckets)) {
+            by_bucket[directory::bucket_of(&id)].push((id, seq));
+        }
+        let mut group: Vec<u8> = Vec::new();
+        let mut entries: Vec<(NodeId, u64)> = Vec::new();
+        for &b in buckets {
+            let more = std::mem::take(&mut by_bucket[usize::from(b) % BUCKETS]);
+            if !group.is_empty() && entries.len() + more.len() > ENTRIES_PER_MESSAGE {
+                self.out.push_back(Out::Send { to, message: Message::Digest { entries: std::mem::take(&mut entries), buckets: Some(std::mem::take(&mut group)) }, urgent: false });
+            }
+            group.push(b);
+            entries.extend(more);
+        }
+        if !group.is_empty() {
+            self.out.push_back(Out::Send { to, message: Message::Digest { entries, buckets: Some(group) }, urgent: false });
+        }
     }
 
     fn send_records(&mut self, to: NodeId, records: Vec<SignedRecord>) {
@@ -422,7 +483,7 @@ impl Overlay {
     /// Sends `payload` to node `dst` on `channel`; returns the message ID, whose fate is
     /// reported as [`Out::Delivered`] or [`Out::Failed`].
     pub fn send(&mut self, now: Instant, dst: NodeId, channel: u16, payload: &[u8], critical: bool) -> u64 {
-        let id = self.router.send(now, dst, channel, payload, critical);
+        let id = self.router.send(now, &self.dir, dst, channel, payload, critical);
         self.pump_router();
         id
     }
@@ -471,12 +532,20 @@ impl Overlay {
                     }
                 }
             }
-            Message::Digest { mut entries } => {
+            Message::Digest { mut entries, buckets } => {
                 entries.truncate(MAX_ENTRIES);
-                let (give, want) = self.dir.diff(&entries);
+                let (give, want) = self.dir.diff_in(&entries, buckets.as_deref());
                 self.send_records(from, give);
-                if !want.is_empty() {
-                    self.out.push_back(Out::Send { to: from, message: Message::Want { nodes: want }, urgent: false });
+                for chunk in want.chunks(ENTRIES_PER_MESSAGE) {
+                    self.out.push_back(Out::Send { to: from, message: Message::Want { nodes: chunk.to_vec() }, urgent: false });
+                }
+            }
+            Message::Summary { hashes } => {
+                let ours = self.dir.bucket_hashes();
+                let theirs: Vec<u64> = (0..BUCKETS).map(|i| hashes.get(i * 16..i * 16 + 16).and_then(|h| u64::from_str_radix(h, 16).ok()).unwrap_or(0)).collect();
+                let differ: Vec<u8> = (0..BUCKETS).filter(|&i| ours[i] != theirs[i]).map(|i| i as u8).collect();
+                if !differ.is_empty() {
+                    self.send_bucket_digests(from, &differ);
                 }
             }
             Message::Want { mut nodes } => {
@@ -485,7 +554,7 @@ impl Overlay {
                 self.send_records(from, records);
             }
             Message::Routed { envelope } => {
-                self.router.handle(now, from, envelope);
+                self.router.handle(now, &self.dir, from, envelope);
                 self.pump_router();
             }
             _ => {}
@@ -515,8 +584,8 @@ impl Overlay {
         match self.dir.insert(signed.clone(), unix) {
             Ok(a) => {
                 self.stats.records_accepted += 1;
-                self.topo_dirty = true;
                 let rec = self.dir.get(&signed.peek()?.0)?.record.clone();
+                self.rank(&rec);
                 if a == Accepted::New || a == Accepted::Updated {
                     self.out.push_back(Out::Learned(rec));
                 }
@@ -546,14 +615,17 @@ impl Overlay {
     /// Advances time: retries, expiry, publication, anti-entropy and neighbour choice. Call
     /// it every 100 ms or so.
     pub fn tick(&mut self, now: Instant, unix: u64) {
-        self.router.handle_tick(now);
+        self.router.handle_tick(now, &self.dir);
         self.pump_router();
-        for id in self.dir.expire(unix) {
-            self.topo_dirty = true;
-            self.out.push_back(Out::Forgotten(id));
+        if now >= self.last_expire + EXPIRE_EVERY {
+            self.last_expire = now;
+            for id in self.dir.expire(unix) {
+                self.unrank(&id);
+                self.out.push_back(Out::Forgotten(id));
+            }
         }
         self.check_names(unix);
-        let due_refresh = unix >= self.last_publish_unix + REFRESH_S;
+        let due_refresh = unix >= self.last_publish_unix + directory::refresh_s(self.dir.len());
         let debounced = self.last_publish.is_none_or(|t| now >= t + PUBLISH_DEBOUNCE);
         if (self.dirty && debounced) || due_refresh {
             self.publish(now, unix);
@@ -570,11 +642,6 @@ impl Overlay {
             self.last_sample = now;
             self.sample_availability(now);
             self.choose(now);
-        }
-        if self.topo_dirty {
-            self.topo_dirty = false;
-            let topo = Topology::new(self.dir.entries().map(|e| (e.record.node_id, e.record.neighbours.clone())));
-            self.router.set_topology(Arc::new(topo));
         }
     }
 
@@ -612,7 +679,7 @@ impl Overlay {
             policy: self.info.policy.clone(),
             neighbours: self.sessions.keys().copied().collect(),
             seq: self.seq,
-            expires: unix + RECORD_TTL_S,
+            expires: unix + directory::record_ttl_s(self.dir.len()),
         };
         let signed = SignedRecord::sign(&rec, &self.identity);
         let _ = self.dir.insert(signed.clone(), unix);
@@ -620,7 +687,6 @@ impl Overlay {
         self.dirty = false;
         self.last_publish = Some(now);
         self.last_publish_unix = unix;
-        self.topo_dirty = true;
         let to: Vec<NodeId> = self.sessions.keys().copied().collect();
         for t in to {
             self.send_records(t, vec![signed.clone()]);
@@ -636,25 +702,87 @@ impl Overlay {
         self.availability = self.availability.clamp(0.5, 0.999);
     }
 
+    /// Whether `rec`'s node can be a neighbour: it publishes endpoints, and it has a
+    /// mutual link with some node (its neighbours still list it; a node that failed loses
+    /// them as they publish).
+    fn choosable(&self, rec: &NodeRecord) -> bool {
+        rec.node_id != self.local && !rec.endpoints.is_empty() && !self.shunned.contains_key(&rec.node_id) && self.dir.links_of(&rec.node_id).next().is_some()
+    }
+
+    /// Puts a node's record into the ranked candidates (O(log RANKED)).
+    fn rank(&mut self, rec: &NodeRecord) {
+        if rec.node_id == self.local {
+            return;
+        }
+        self.unrank(&rec.node_id);
+        if rec.endpoints.is_empty() {
+            return;
+        }
+        let key = (rec.uptime != Uptime::Stable, rendezvous(&self.local, &rec.node_id), rec.node_id);
+        self.ranked.insert(key, underlay_group(rec));
+        if self.ranked.len() > RANKED {
+            self.ranked.pop_last();
+            self.ranked_all = false;
+        }
+    }
+
+    /// Takes a node out of the ranked candidates (O(RANKED)); refills them from the
+    /// directory when they ran low.
+    fn unrank(&mut self, id: &NodeId) {
+        let before = self.ranked.len();
+        self.ranked.retain(|k, _| k.2 != *id);
+        if self.ranked.len() < before && !self.ranked_all && self.ranked.len() < RANKED / 2 {
+            self.rerank();
+        }
+    }
+
+    /// Ranks the whole directory again (only when the ranked candidates ran low: O(n)).
+    fn rerank(&mut self) {
+        let mut all: Vec<((bool, u64, NodeId), u64)> = self
+            .dir
+            .entries()
+            .map(|e| &e.record)
+            .filter(|r| r.node_id != self.local && !r.endpoints.is_empty())
+            .map(|r| ((r.uptime != Uptime::Stable, rendezvous(&self.local, &r.node_id), r.node_id), underlay_group(r)))
+            .collect();
+        all.sort();
+        self.ranked_all = all.len() <= RANKED;
+        self.ranked = all.into_iter().take(RANKED).collect();
+    }
+
     fn choose(&mut self, now: Instant) {
         self.shunned.retain(|_, until| now < *until);
-        // Neighbours that never connected are replaced.
+        // Neighbours that never connected (or lost their session) are replaced.
         let stale: Vec<NodeId> = self.chosen.iter().filter(|(id, since)| !self.sessions.contains_key(id) && now.saturating_duration_since(**since) > NEIGHBOUR_PATIENCE).map(|(id, _)| *id).collect();
         for id in stale {
             self.chosen.remove(&id);
             self.shunned.insert(id, now + SHUN_FOR);
         }
         let configured: Vec<NodeId> = self.sessions.iter().filter(|(_, s)| s.configured).map(|(id, _)| *id).collect();
-        let candidates: Vec<Candidate> = self
-            .dir
-            .entries()
-            .map(|e| &e.record)
-            .filter(|r| r.node_id != self.local && !r.endpoints.is_empty() && !self.shunned.contains_key(&r.node_id) && !configured.contains(&r.node_id))
-            .map(|r| Candidate { id: r.node_id, stable: r.uptime == Uptime::Stable, group: underlay_group(r) })
-            .collect();
+        let usable = |o: &Overlay, id: &NodeId| !configured.contains(id) && o.dir.get(id).is_some_and(|e| o.choosable(&e.record));
+        let mut candidates: Vec<Candidate> = self.ranked.iter().filter(|(k, _)| usable(self, &k.2)).map(|(k, g)| Candidate { id: k.2, stable: !k.0, group: *g }).collect();
+        let k = self.target_neighbours();
+        let need = k.saturating_sub(configured.len());
+        // Kept neighbours that fell out of the ranked set still count.
+        for id in self.chosen.keys() {
+            if !candidates.iter().any(|c| c.id == *id) && usable(self, id) {
+                if let Some(e) = self.dir.get(id) {
+                    candidates.push(Candidate { id: *id, stable: e.record.uptime == Uptime::Stable, group: underlay_group(&e.record) });
+                }
+            }
+        }
+        if candidates.len() < need && !self.ranked_all {
+            // Too few of the best-ranked are usable now: look at the whole directory (O(n),
+            // only while this node lacks neighbours).
+            candidates = self
+                .dir
+                .entries()
+                .filter(|e| usable(self, &e.record.node_id))
+                .map(|e| Candidate { id: e.record.node_id, stable: e.record.uptime == Uptime::Stable, group: underlay_group(&e.record) })
+                .collect();
+        }
         let fixed_groups: Vec<u64> = configured.iter().filter_map(|id| self.dir.get(id)).map(|e| underlay_group(&e.record)).collect();
         let keep: BTreeSet<NodeId> = self.chosen.keys().copied().collect();
-        let k = self.target_neighbours();
         let set = choose_neighbours(&self.local, &candidates, &keep, &fixed_groups, configured.len(), k);
         self.chosen.retain(|id, _| set.contains(id));
         for id in &set {
@@ -928,7 +1056,7 @@ mod tests {
         s.run(Duration::from_secs(10));
         // Cut the overlay in two halves for longer than a record lives.
         s.blocked = Box::new(|a, b| (a < 20) != (b < 20));
-        s.run(Duration::from_secs(RECORD_TTL_S + 30));
+        s.run(Duration::from_secs(directory::record_ttl_s(41) + 30));
         let d0 = s.nodes[0].as_ref().unwrap().directory();
         assert!(d0.get(&s.ids[30]).is_none(), "the other half's records expired");
         // A node joins the first half during the partition.

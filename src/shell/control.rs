@@ -16,7 +16,7 @@ use tokio::net::{UnixListener, UnixStream};
 use crate::ctl::{Request, Response, MAX_REQUEST};
 
 /// Answers one request.
-pub type Handler = Arc<dyn Fn(Request) -> Response + Send + Sync>;
+pub type Handler = Arc<dyn Fn(Request) -> futures::future::BoxFuture<'static, Response> + Send + Sync>;
 
 /// Binds the control socket. Refuses to start when another daemon answers on it; removes a
 /// stale socket file left by a crash.
@@ -65,7 +65,7 @@ async fn one(stream: UnixStream, handler: Handler) -> std::io::Result<()> {
             Response::Error { message: format!("request longer than {MAX_REQUEST} bytes") }
         } else {
             match serde_json::from_slice::<Request>(&line) {
-                Ok(req) => handler(req),
+                Ok(req) => handler(req).await,
                 Err(e) => Response::Error { message: format!("bad request: {e}") },
             }
         }

@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Context, Result};
-use tokio::sync::{mpsc, watch, Notify};
+use tokio::sync::{mpsc, oneshot, watch, Notify};
 use tun_rs::{DeviceBuilder, SyncDevice};
 
 use crate::config::Config;
@@ -72,12 +72,52 @@ pub struct Shared {
     pub overlay: mpsc::UnboundedSender<OverlayEvent>,
     /// Woken when the model changed: the kernel is reconciled at once.
     pub kernel: Notify,
-    /// What status output shows of the management overlay.
+    /// What status output shows of the management overlay (filled on request).
     pub overlay_view: Mutex<OverlayView>,
+    /// Asks the failover engine to fill [`EngineShared::routes`] (answered when done).
+    pub engine_refresh: mpsc::UnboundedSender<oneshot::Sender<()>>,
+    /// Asks the management overlay task to fill `overlay_view` (answered when done).
+    pub overlay_refresh: mpsc::UnboundedSender<oneshot::Sender<()>>,
+    /// Management sessions established (QUIC handshakes completed, both directions).
+    pub handshakes: Mutex<Handshakes>,
     /// This host's addresses (refreshed by the reconcile loop).
     pub local_addrs: Mutex<HashSet<IpAddr>>,
     /// Becomes true at shutdown.
     pub shutdown: watch::Receiver<bool>,
+}
+
+/// Completed management handshakes: the total and those of the last minute (a node
+/// whose sessions are set up and torn down in a loop shows it here).
+#[derive(Debug, Default)]
+pub struct Handshakes {
+    /// Since start.
+    pub total: u64,
+    recent: std::collections::VecDeque<Instant>,
+}
+
+impl Handshakes {
+    /// Counts one handshake at `now`.
+    pub fn count(&mut self, now: Instant) {
+        self.total += 1;
+        self.recent.push_back(now);
+        self.trim(now);
+    }
+
+    /// Handshakes in the minute before `now`.
+    pub fn last_minute(&mut self, now: Instant) -> u64 {
+        self.trim(now);
+        self.recent.len() as u64
+    }
+
+    fn trim(&mut self, now: Instant) {
+        while self.recent.front().is_some_and(|t| now.saturating_duration_since(*t) > Duration::from_secs(60)) {
+            self.recent.pop_front();
+        }
+        // Bounded even under a handshake flood.
+        while self.recent.len() > 100_000 {
+            self.recent.pop_front();
+        }
+    }
 }
 
 impl Shared {
@@ -357,6 +397,8 @@ async fn run_inner(identity: &Identity, model: Model, nl: Netlink, listener: tok
     let (session_tx, session_rx) = mpsc::unbounded_channel();
     let (overlay_tx, overlay_rx) = mpsc::unbounded_channel();
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let (engine_refresh, engine_refresh_rx) = mpsc::unbounded_channel();
+    let (overlay_refresh, overlay_refresh_rx) = mpsc::unbounded_channel();
     let model = Arc::new(RwLock::new(model));
     let shared = Arc::new(Shared {
         model: model.clone(),
@@ -375,6 +417,9 @@ async fn run_inner(identity: &Identity, model: Model, nl: Netlink, listener: tok
         overlay: overlay_tx,
         kernel: Notify::new(),
         overlay_view: Mutex::new(OverlayView::default()),
+        engine_refresh,
+        overlay_refresh,
+        handshakes: Mutex::new(Handshakes::default()),
         local_addrs: Mutex::new(local_addrs),
         shutdown: shutdown_rx.clone(),
     });
@@ -382,11 +427,11 @@ async fn run_inner(identity: &Identity, model: Model, nl: Netlink, listener: tok
 
     let mut tasks = Vec::new();
     let (needs_tx, mut needs_rx) = mpsc::unbounded_channel();
-    let engine = Engine::new(shared.model.clone(), dp.clone(), filter.clone(), engine_shared.clone(), needs_tx, rand::random(), Instant::now());
-    let engine_task = tokio::spawn(engine.run(session_rx, data_rx, alarm_rx, shutdown_rx.clone()));
+    let engine = Engine::new(shared.model.clone(), dp.clone(), filter.clone(), engine_shared.clone(), needs_tx, shared.overlay.clone(), rand::random(), Instant::now());
+    let engine_task = tokio::spawn(engine.run(session_rx, data_rx, alarm_rx, engine_refresh_rx, shutdown_rx.clone()));
     drop(alarm_tx);
     let node = mnode::Node::new(shared.clone(), identity.clone(), api_socks);
-    tasks.push(tokio::spawn(node.run(overlay_rx)));
+    tasks.push(tokio::spawn(node.run(overlay_rx, overlay_refresh_rx)));
     peers::grow(&shared);
     for i in 0..cfg.peers.len() {
         peers::set_want(&shared, i, want::CONFIGURED, true);
@@ -395,11 +440,29 @@ async fn run_inner(identity: &Identity, model: Model, nl: Netlink, listener: tok
         tasks.push(tokio::spawn(peers::accept_loop(shared.clone(), ep.clone())));
     }
     let handler_shared = shared.clone();
-    tasks.push(tokio::spawn(control::serve(listener, Arc::new(move |req| handle(&handler_shared, req)))));
+    tasks.push(tokio::spawn(control::serve(
+        listener,
+        Arc::new(move |req| {
+            let shared = handler_shared.clone();
+            Box::pin(async move {
+                refresh(&shared).await;
+                handle(&shared, req)
+            })
+        }),
+    )));
     if let Some(addr) = cfg.node.metrics_listen {
         let metrics_shared = shared.clone();
         let l = crate::shell::metrics::bind(addr).await?;
-        tasks.push(tokio::spawn(crate::shell::metrics::serve(l, Arc::new(move || crate::ctl::render_metrics(&status(&metrics_shared), &paths(&metrics_shared))))));
+        tasks.push(tokio::spawn(crate::shell::metrics::serve(
+            l,
+            Arc::new(move || {
+                let shared = metrics_shared.clone();
+                Box::pin(async move {
+                    refresh(&shared).await;
+                    crate::ctl::render_metrics(&status(&shared), &paths(&shared))
+                })
+            }),
+        )));
     }
 
     tracing::info!(
@@ -420,6 +483,7 @@ async fn run_inner(identity: &Identity, model: Model, nl: Netlink, listener: tok
     let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
     let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
     let mut tick = tokio::time::interval(RECONCILE_INTERVAL);
+    let mut last_links = link_names(&shared.model.read().expect("model"));
     let mut activity = tokio::time::interval(Duration::from_secs(1));
     loop {
         tokio::select! {
@@ -429,7 +493,12 @@ async fn run_inner(identity: &Identity, model: Model, nl: Netlink, listener: tok
             _ = tick.tick() => {
                 let protect = engine_shared.protect.lock().expect("protect").clone();
                 let m = shared.model.read().expect("model").clone();
-                if let Err(e) = reconcile(&nl, &m, &protect, false).await {
+                // Drift is only reported for links that were there at the last check: an
+                // interface that just came or went (an on-demand link) is still settling.
+                let links = link_names(&m);
+                let settled = links == last_links;
+                last_links = links;
+                if let Err(e) = reconcile(&nl, &m, &protect, !settled).await {
                     tracing::warn!("reconcile: {e:#}");
                 }
                 let old = shared.local_addrs.lock().expect("addrs").clone();
@@ -538,6 +607,21 @@ async fn refresh_local_addresses(nl: &Netlink, dp: &DataPath, filter: &RwLock<Fi
 
 fn secs(i: Option<Instant>) -> Option<f64> {
     i.map(|t| t.elapsed().as_secs_f64())
+}
+
+/// Has the failover engine and the management overlay task fill in what status shows
+/// (each answers between two events; a task that does not answer within a second leaves
+/// the last view).
+async fn refresh(shared: &Shared) {
+    let (e_tx, e_rx) = oneshot::channel();
+    let (o_tx, o_rx) = oneshot::channel();
+    let _ = shared.engine_refresh.send(e_tx);
+    let _ = shared.overlay_refresh.send(o_tx);
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        let _ = e_rx.await;
+        let _ = o_rx.await;
+    })
+    .await;
 }
 
 fn handle(shared: &Shared, req: Request) -> Response {
@@ -657,6 +741,10 @@ fn status(shared: &Shared) -> Status {
         .collect();
     drop(infos);
     let (refused, last_key) = shared.refused.snapshot();
+    let (management_handshakes, management_handshakes_last_minute) = {
+        let mut h = shared.handshakes.lock().expect("handshakes");
+        (h.total, h.last_minute(Instant::now()))
+    };
     Status {
         node: NodeStatus {
             name: cfg.node.name.clone(),
@@ -682,6 +770,9 @@ fn status(shared: &Shared) -> Status {
         refused_handshakes: refused,
         last_refused_key: last_key,
         management_errors: shared.mgmt_errors.load(Relaxed),
+        late_loops: shared.engine.late.load(Relaxed),
+        management_handshakes,
+        management_handshakes_last_minute,
         icmp: crate::ctl::IcmpStatus {
             active: shared.icmp_active,
             rerouted: shared.icmp.rerouted.load(Relaxed),

@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use ipnet::IpNet;
-use tokio::sync::{mpsc, watch, Notify};
+use tokio::sync::{mpsc, oneshot, watch, Notify};
 
 use crate::dataplane::{DataCommand, PathEndpoint, SplitRoute, MAX_SPLIT};
 use crate::failover::{Action, Failover, LinkInfo, PathId, PathState};
@@ -19,7 +19,7 @@ use crate::mgmt::{Frame, Link, Message};
 use crate::model::{Model, Protect};
 use crate::shell::datapath::{DataEvent, DataPath};
 use crate::shell::intercept::Alarm;
-use crate::shell::mnode::unix_now;
+use crate::shell::mnode::{unix_now, OverlayEvent};
 use crate::shell::quic;
 
 /// A session the engine needs opened (or no longer needs).
@@ -34,8 +34,40 @@ pub enum Need {
 
 /// How often the core is ticked.
 const TICK: Duration = Duration::from_millis(10);
-/// How often link reports go to the peers.
+/// How often link reports are considered (sent only when they changed, see
+/// [`Engine::send_link_reports`]).
 const LINK_REPORT_EVERY: Duration = Duration::from_secs(1);
+/// A link report unchanged for this long is sent again.
+const LINK_REFRESH: Duration = Duration::from_secs(10);
+/// The list of nodes this node wants link reports about is repeated this often.
+const INTEREST_REFRESH: Duration = Duration::from_secs(30);
+
+/// Link-report exchange with one peer.
+#[derive(Default)]
+struct ReportState {
+    /// The nodes the peer picks relays for: what it wants reports about.
+    interest: BTreeSet<NodeId>,
+    /// What was last reported to it, and when.
+    sent: Vec<Link>,
+    sent_at: Option<Instant>,
+    /// The list of wanted nodes last sent to it, and when.
+    want_sent: Option<Vec<NodeId>>,
+    want_at: Option<Instant>,
+}
+
+/// Whether two link reports say the same: states equal, RTTs within 20 % (or 1 ms), loss
+/// within 5 points.
+fn same_links(a: &[Link], b: &[Link]) -> bool {
+    a.len() == b.len()
+        && a.iter().zip(b).all(|(x, y)| {
+            let rtt = match (x.rtt_ms, y.rtt_ms) {
+                (Some(p), Some(q)) => (p - q).abs() <= (0.2 * p.max(q)).max(1.0),
+                (None, None) => true,
+                _ => false,
+            };
+            x.node == y.node && x.up == y.up && rtt && (x.loss - y.loss).abs() <= 0.05
+        })
+}
 
 /// Events for the engine from the management sessions.
 #[derive(Debug)]
@@ -147,7 +179,7 @@ pub struct PathStatus {
 /// What the engine shares with the rest of the daemon.
 #[derive(Default)]
 pub struct EngineShared {
-    /// Routes per peer (updated every tick).
+    /// Routes per peer (filled when status is asked for).
     pub routes: Mutex<Vec<Option<RouteStatus>>>,
     /// Protection per peer, read by the kernel reconcile.
     pub protect: Mutex<Vec<Option<Protect>>>,
@@ -163,6 +195,8 @@ pub struct EngineShared {
     pub refusals: [std::sync::atomic::AtomicU64; crate::policy::Refusal::ALL.len()],
     /// Outside destinations on an exit, in words.
     pub exits: Mutex<Vec<String>>,
+    /// Times the engine found itself late (probe loss not judged meanwhile).
+    pub late: std::sync::atomic::AtomicU64,
 }
 
 /// REPLEX state of one peer.
@@ -236,14 +270,29 @@ pub struct Engine {
     exits: crate::exits::Exits,
     /// The exit routes in place.
     exit_routes: Vec<crate::exits::ExitRoute>,
-    /// Per peer, the nodes that could relay to it (status; refreshed every second).
-    relay_rows: Vec<Vec<RelayChoice>>,
+    /// To the management overlay: which sessions carry routed messages.
+    overlay: mpsc::UnboundedSender<OverlayEvent>,
+    /// Nodes reported to the overlay as unusable (their monitored direct path is down).
+    unusable: BTreeSet<usize>,
+    /// Link-report exchange per peer.
+    reports: Vec<ReportState>,
 }
 
 impl Engine {
     /// Creates the engine; `seed` drives random relay choice. Requests for sessions to
     /// peers without one (traffic waiting) go to `needs`.
-    pub fn new(model: Arc<RwLock<Model>>, dp: Arc<DataPath>, filter: Arc<RwLock<Filter>>, shared: Arc<EngineShared>, needs: mpsc::UnboundedSender<Need>, seed: u64, now: Instant) -> Engine {
+    /// Changes in which management sessions may carry routed messages go to `overlay`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        model: Arc<RwLock<Model>>,
+        dp: Arc<DataPath>,
+        filter: Arc<RwLock<Filter>>,
+        shared: Arc<EngineShared>,
+        needs: mpsc::UnboundedSender<Need>,
+        overlay: mpsc::UnboundedSender<OverlayEvent>,
+        seed: u64,
+        now: Instant,
+    ) -> Engine {
         let local = model.read().expect("model").local;
         let cfg = model.read().expect("model").cfg.failover.core();
         let mut e = Engine {
@@ -264,7 +313,9 @@ impl Engine {
             refused_by: HashMap::new(),
             exits: crate::exits::Exits::default(),
             exit_routes: Vec::new(),
-            relay_rows: Vec::new(),
+            overlay,
+            unusable: BTreeSet::new(),
+            reports: Vec::new(),
         };
         {
             let m = e.model.read().expect("model");
@@ -302,6 +353,7 @@ impl Engine {
         self.shared.protect.lock().expect("protect").resize(n, None);
         self.shared.direct_bytes.lock().expect("direct bytes").resize(n, 0);
         self.replex.resize_with(n, || None);
+        self.reports.resize_with(n, ReportState::default);
     }
 
     /// Runs until `shutdown` changes.
@@ -310,6 +362,7 @@ impl Engine {
         mut sessions: mpsc::UnboundedReceiver<SessionEvent>,
         mut data: mpsc::Receiver<DataEvent>,
         mut alarms: mpsc::UnboundedReceiver<Alarm>,
+        mut refresh: mpsc::UnboundedReceiver<oneshot::Sender<()>>,
         mut shutdown: watch::Receiver<bool>,
     ) {
         let mut tick = tokio::time::interval(TICK);
@@ -321,8 +374,17 @@ impl Engine {
                     return;
                 }
                 Some(ev) = sessions.recv() => self.on_session(ev),
+                Some(done) = refresh.recv() => {
+                    // Status is built when someone asks (detourctl, a metrics scrape), never
+                    // on a timer: an idle node does no work for status.
+                    self.publish();
+                    let _ = done.send(());
+                }
                 Some(ev) = data.recv() => match ev {
                     DataEvent::Control { peer, from, payload, at } => {
+                        // A probe that waited long in the queue: this node is late, not the path.
+                        let now = Instant::now();
+                        self.core.handle_late(now, now.saturating_duration_since(at));
                         if peer >= self.peers.len() {
                             self.sync_peers(at);
                             self.update_ranks();
@@ -362,14 +424,34 @@ impl Engine {
                         self.update_ranks();
                         self.exits.expire(now);
                         self.plan_exits();
-                        self.relay_rows = (0..self.peers.len()).map(|i| if self.core.route(i).is_some() { self.relay_choices(i) } else { Vec::new() }).collect();
-                        self.send_link_reports();
+                        self.send_link_reports(now);
                         self.release_relay_links(now);
+                        self.report_usable();
+                        self.shared.late.store(self.core.late_count(), std::sync::atomic::Ordering::Relaxed);
                     }
-                    self.publish();
                 }
             }
             self.drain_actions();
+        }
+    }
+
+    /// Tells the management overlay which sessions must not carry routed messages: those
+    /// whose monitored direct path is down (the session itself only times out after
+    /// several seconds).
+    fn report_usable(&mut self) {
+        for i in 0..self.peers.len() {
+            let down = self.peers[i].monitored && self.core.paths(i).iter().any(|v| v.id == PathId::Direct && v.state == PathState::Down);
+            // Unusable ones are repeated (a session that came up again meanwhile starts
+            // usable in the overlay); a return to usable is sent once.
+            let changed = if down {
+                self.unusable.insert(i);
+                true
+            } else {
+                self.unusable.remove(&i)
+            };
+            if changed {
+                let _ = self.overlay.send(OverlayEvent::Usable { node: self.peers[i].id, usable: !down });
+            }
         }
     }
 
@@ -662,7 +744,10 @@ impl Engine {
                     }
                 }
             }
-            Message::LinkReport { links } => {
+            Message::LinkReport { links, want } => {
+                if let Some(want) = want {
+                    self.reports[from].interest = want.into_iter().collect();
+                }
                 let infos: Vec<LinkInfo> = links.iter().map(|l| LinkInfo { node: l.node, up: l.up, rtt_ms: l.rtt_ms, loss: l.loss }).collect();
                 self.core.handle_link_report(now, from, &infos);
             }
@@ -725,12 +810,35 @@ impl Engine {
         });
     }
 
-    fn send_link_reports(&self) {
-        let links: Vec<Link> = self.core.link_report().into_iter().map(|l| Link { node: l.node, up: l.up, rtt_ms: l.rtt_ms, loss: l.loss }).collect();
+    /// Link state for relay choice, exchanged with monitored peers only: each side says
+    /// which nodes it picks relays for (`want`, when that changes and every
+    /// [`INTEREST_REFRESH`]) and gets the other's links to those, when they change
+    /// noticeably and every [`LINK_REFRESH`]. An idle overlay exchanges almost nothing, and
+    /// nothing here grows with the number of nodes in the directory.
+    fn send_link_reports(&mut self, now: Instant) {
+        let all = self.core.link_report();
+        let monitored: Vec<NodeId> = self.peers.iter().filter(|p| p.monitored).map(|p| p.id).collect();
         for i in 0..self.peers.len() {
-            if self.peers[i].conn.is_some() {
-                self.send(i, Message::LinkReport { links: links.clone() });
+            if !self.peers[i].monitored || self.peers[i].conn.is_none() {
+                continue;
             }
+            let id = self.peers[i].id;
+            let st = &mut self.reports[i];
+            let links: Vec<Link> =
+                all.iter().filter(|l| st.interest.contains(&l.node)).map(|l| Link { node: l.node, up: l.up, rtt_ms: l.rtt_ms.map(|r| (r * 10.0).round() / 10.0), loss: (l.loss * 100.0).round() / 100.0 }).collect();
+            let want: Vec<NodeId> = monitored.iter().copied().filter(|n| *n != id).collect();
+            let want_due = st.want_sent.as_ref() != Some(&want) || st.want_at.is_none_or(|t| now >= t + INTEREST_REFRESH);
+            let links_due = !same_links(&st.sent, &links) || st.sent_at.is_none_or(|t| now >= t + LINK_REFRESH);
+            if !want_due && !links_due {
+                continue;
+            }
+            if want_due {
+                st.want_at = Some(now);
+                st.want_sent = Some(want.clone());
+            }
+            st.sent_at = Some(now);
+            st.sent = links.clone();
+            self.send(i, Message::LinkReport { links, want: want_due.then_some(want) });
         }
     }
 
@@ -849,7 +957,7 @@ impl Engine {
                 changes: self.core.route_changes(i),
                 paths,
                 shares,
-                relays: self.relay_rows.get(i).cloned().unwrap_or_default(),
+                relays: if self.peers[i].monitored { self.relay_choices(i) } else { Vec::new() },
             });
         }
         drop(routes);

@@ -168,13 +168,26 @@ pub fn start_tcp_monitor(every: Duration, filter: Arc<RwLock<Filter>>, counters:
         .spawn(move || {
             let mut last: HashMap<usize, Instant> = HashMap::new();
             let mut outside_last: HashMap<IpAddr, Instant> = HashMap::new();
+            let mut retrans_seen = None;
+            let mut watching = false;
             loop {
                 std::thread::sleep(every);
                 if alarms.is_closed() {
                     return;
                 }
+                // A connection only stalls by retransmitting: the kernel's retransmission
+                // counter (a cheap read) gates the socket dump, whose cost grows with the
+                // host's connection tables. While a stalled connection is seen, every poll
+                // dumps.
+                let retrans = retransmitted_segments();
+                let moved = retrans.is_none() || retrans != retrans_seen;
+                retrans_seen = retrans;
+                if !moved && !watching {
+                    continue;
+                }
                 let Ok(conns) = sockdiag::tcp_connections() else { continue };
                 let Ok(f) = filter.read() else { continue };
+                watching = false;
                 for c in conns {
                     let stalled = match c.state {
                         sockdiag::TCP_ESTABLISHED => c.retransmits >= 2,
@@ -184,6 +197,7 @@ pub fn start_tcp_monitor(every: Duration, filter: Arc<RwLock<Filter>>, counters:
                     if !stalled {
                         continue;
                     }
+                    watching = true;
                     let peer = match f.protected.lookup(c.remote.ip()) {
                         Some(&peer) => peer,
                         // A connection attempt to a watched outside destination: only new
@@ -212,4 +226,14 @@ pub fn start_tcp_monitor(every: Duration, filter: Arc<RwLock<Filter>>, counters:
         })
         .context("starting the TCP monitor")?;
     Ok(())
+}
+
+/// The namespace's count of retransmitted TCP segments (`RetransSegs` in /proc/net/snmp,
+/// IPv4 and IPv6 together, SYNs included); `None` if it cannot be read.
+fn retransmitted_segments() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/net/snmp").ok()?;
+    let mut tcp = text.lines().filter(|l| l.starts_with("Tcp:"));
+    let (head, values) = (tcp.next()?, tcp.next()?);
+    let i = head.split_whitespace().position(|h| h == "RetransSegs")?;
+    values.split_whitespace().nth(i)?.parse().ok()
 }

@@ -11,7 +11,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 /// Produces the metrics text on each scrape.
-pub type Render = Arc<dyn Fn() -> String + Send + Sync>;
+pub type Render = Arc<dyn Fn() -> futures::future::BoxFuture<'static, String> + Send + Sync>;
 
 /// Binds the listener.
 ///
@@ -50,7 +50,7 @@ async fn answer(mut conn: TcpStream, render: Render) -> Result<()> {
     let mut parts = line.split_whitespace();
     let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
     let (status, body) = match (method, path.split('?').next().unwrap_or("")) {
-        ("GET", "/metrics") | ("GET", "/") => ("200 OK", render()),
+        ("GET", "/metrics") | ("GET", "/") => ("200 OK", render().await),
         ("GET", _) => ("404 Not Found", "only /metrics is served here\n".to_string()),
         _ => ("405 Method Not Allowed", String::new()),
     };

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use tokio::net::UdpSocket;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 
 use crate::api::{self, flag, kind, op, Address, ErrorCode, RateLimiter, Reply, Request, RequestError, Subscriptions};
 use crate::ctl::{ApiStatus, NeighbourRow, NodeRow};
@@ -39,6 +39,14 @@ pub enum OverlayEvent {
     SessionDown {
         /// The node.
         node: NodeId,
+    },
+    /// Whether the session with a node may carry routed messages (from the failover
+    /// engine: not while its monitored direct path is down).
+    Usable {
+        /// The node.
+        node: NodeId,
+        /// False while the direct path is down.
+        usable: bool,
     },
     /// A management message for the overlay.
     Message {
@@ -162,7 +170,9 @@ impl Node {
     }
 
     /// Runs until shutdown.
-    pub async fn run(mut self, mut events: mpsc::UnboundedReceiver<OverlayEvent>) {
+    /// Status (`detourctl nodes`, the management section of `status`) is built only when
+    /// asked for on `refresh`.
+    pub async fn run(mut self, mut events: mpsc::UnboundedReceiver<OverlayEvent>, mut refresh: mpsc::UnboundedReceiver<oneshot::Sender<()>>) {
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
         let mut shutdown = self.shared.shutdown.clone();
@@ -185,11 +195,14 @@ impl Node {
             });
         }
         drop(api_tx);
-        let mut last_view = Instant::now() - Duration::from_secs(1);
         loop {
             tokio::select! {
                 _ = shutdown.changed() => return,
                 Some(ev) = events.recv() => self.on_event(ev),
+                Some(done) = refresh.recv() => {
+                    self.publish_view(Instant::now());
+                    let _ = done.send(());
+                }
                 Some((sock, from, data)) = api_rx.recv() => self.on_api(sock, from, &data).await,
                 _ = tick.tick() => {
                     let now = Instant::now();
@@ -197,11 +210,6 @@ impl Node {
                     if now >= self.last_info + Duration::from_secs(2) {
                         self.last_info = now;
                         self.core.set_info(own_info(&self.shared));
-                        self.update_usable();
-                    }
-                    if now >= last_view + Duration::from_millis(100) {
-                        last_view = now;
-                        self.publish_view(now);
                     }
                 }
             }
@@ -220,23 +228,8 @@ impl Node {
                 self.since.remove(&node);
                 self.core.session_down(node);
             }
+            OverlayEvent::Usable { node, usable } => self.core.set_usable(node, usable),
             OverlayEvent::Message { from, message } => self.core.handle(now, unix_now(), from, message),
-        }
-    }
-
-    /// Sessions whose monitored direct path is down carry no routed messages until it
-    /// recovers (the session itself only times out after several seconds).
-    fn update_usable(&mut self) {
-        let routes = self.shared.engine.routes.lock().expect("routes").clone();
-        let m = self.shared.model.read().expect("model");
-        let sessions: Vec<NodeId> = self.core.sessions().map(|(id, _, _)| *id).collect();
-        for id in sessions {
-            let usable = m
-                .index_of(&id)
-                .and_then(|i| routes.get(i).cloned().flatten())
-                .map(|r| r.paths.iter().find(|p| p.path == "direct").is_none_or(|p| p.state != "down"))
-                .unwrap_or(true);
-            self.core.set_usable(id, usable);
         }
     }
 
@@ -385,7 +378,7 @@ impl Node {
 
     fn lookup(&self, a: &Address) -> Result<NodeRecord, (ErrorCode, String)> {
         let rec = match a {
-            Address::Node(id) => self.core.directory().get(id).map(|e| e.record.clone()),
+            Address::Node(id) => self.core.directory().get(id).map(|e| NodeRecord::clone(&e.record)),
             Address::Name(n) => self.core.resolve(n).cloned(),
             Address::None => None,
         };
@@ -511,6 +504,7 @@ impl Node {
         let status = crate::ctl::ManagementStatus {
             directory_nodes: self.core.directory().len(),
             target_neighbours: self.core.target_neighbours(),
+            neighbours_missing: chosen.iter().filter(|id| !sessions.contains(*id)).count(),
             availability: self.core.availability(),
             neighbours,
             rejected_records: self.core.rejected().into_iter().filter(|(k, _)| *k != "duplicate").map(|(k, v)| (k.to_string(), v)).collect(),

@@ -146,6 +146,7 @@ pub async fn accept_loop(shared: Arc<Shared>, ep: quinn::Endpoint) {
             let remote = inc.remote_address();
             match inc.await {
                 Ok(conn) => {
+                    shared.handshakes.lock().expect("handshakes").count(Instant::now());
                     let index = quic::peer_key(&conn).and_then(|k| shared.model.read().expect("model").index_of(&k.node_id()));
                     match index {
                         Some(i) => incoming(&shared, i, conn),
@@ -192,6 +193,7 @@ async fn supervise(i: usize, shared: Arc<Shared>, mut events: mpsc::UnboundedRec
     let mut conns: std::collections::HashMap<u64, quinn::Connection> = std::collections::HashMap::new();
     let mut ready: Option<u64> = None;
     let mut shutdown = shared.shutdown.clone();
+    let mut pending: Option<PeerEvent> = None;
     loop {
         let now = Instant::now();
         let want = *wanted.borrow();
@@ -202,14 +204,19 @@ async fn supervise(i: usize, shared: Arc<Shared>, mut events: mpsc::UnboundedRec
                 (p.public_key, p.endpoints.clone(), p.name.clone())
             };
             let mgmt = shared.mgmt.clone();
+            let shared2 = shared.clone();
             let tx = events_tx.clone();
             tokio::spawn(async move {
+                let handshakes = &shared2.handshakes;
                 let addrs = resolve(&endpoints).await;
                 let conn = if addrs.is_empty() {
                     None
                 } else {
                     match mgmt.dial(key, &addrs).await {
-                        Ok(c) => Some(c),
+                        Ok(c) => {
+                            handshakes.lock().expect("handshakes").count(Instant::now());
+                            Some(c)
+                        }
                         Err(e) => {
                             tracing::debug!("dialling {name}: {e:#}");
                             None
@@ -228,11 +235,20 @@ async fn supervise(i: usize, shared: Arc<Shared>, mut events: mpsc::UnboundedRec
                 }
             }
             if conns.is_empty() {
-                // Exit unless someone wanted the peer again meanwhile (checked under the
-                // lock that set_want takes).
+                // Exit unless someone wanted the peer again meanwhile, or the other side's
+                // connection waits in the queue (both checked under the lock that
+                // set_want and incoming take): a session the other side opened lives
+                // while it holds it, also when this side does not want the peer.
                 let mut peers = shared.peers.lock().expect("peers");
-                let p = &mut peers[i];
-                if p.want == 0 {
+                let queued = match events.try_recv() {
+                    Ok(ev) => Some(ev),
+                    Err(_) => None,
+                };
+                if let Some(ev) = queued {
+                    drop(peers);
+                    pending = Some(ev);
+                } else if peers[i].want == 0 {
+                    let p = &mut peers[i];
                     p.supervisor = None;
                     p.state = "down";
                     drop(peers);
@@ -240,14 +256,18 @@ async fn supervise(i: usize, shared: Arc<Shared>, mut events: mpsc::UnboundedRec
                         let _ = shared.sessions.send(SessionEvent::Forget { peer: i });
                     }
                     return;
+                } else {
+                    drop(peers);
+                    continue;
                 }
-                drop(peers);
-                continue;
             }
         }
         set_state(&shared, i, sess.state_name());
         let wake = sess.next_timeout().filter(|_| want);
-        let event = tokio::select! {
+        let event = if let Some(ev) = pending.take() {
+            ev
+        } else {
+            tokio::select! {
             ev = events.recv() => match ev { Some(ev) => ev, None => return },
             _ = async { match wake { Some(t) => tokio::time::sleep_until(t.into()).await, None => std::future::pending().await } } => continue,
             r = wanted.changed() => { if r.is_err() { return; } continue; }
@@ -256,6 +276,7 @@ async fn supervise(i: usize, shared: Arc<Shared>, mut events: mpsc::UnboundedRec
                     c.close(quic::close::SHUTDOWN.into(), b"shutdown");
                 }
                 return;
+            }
             }
         };
         let now = Instant::now();
@@ -363,7 +384,7 @@ async fn read_messages(peer: usize, conn: quinn::Connection, local: NodeId, peer
         tokio::spawn(async move {
             match tokio::time::timeout(quic::HELLO_TIMEOUT, quic::read_frame(&mut recv)).await {
                 Ok(Ok(f)) if f.src == peer_id && f.dst == local => match f.message {
-                    m @ (Message::Records { .. } | Message::Digest { .. } | Message::Want { .. } | Message::Routed { .. }) => {
+                    m @ (Message::Records { .. } | Message::Digest { .. } | Message::Summary { .. } | Message::Want { .. } | Message::Routed { .. }) => {
                         let _ = shared.overlay.send(OverlayEvent::Message { from: peer_id, message: m });
                     }
                     m => {
