@@ -54,7 +54,7 @@ pub const NEIGHBOUR_PATIENCE: Duration = Duration::from_secs(10);
 /// How long a replaced neighbour is not chosen again.
 pub const SHUN_FOR: Duration = Duration::from_secs(60);
 /// Records per [`Message::Records`].
-pub const RECORDS_PER_MESSAGE: usize = 16;
+pub const RECORDS_PER_MESSAGE: usize = 64;
 /// Largest digest or record list taken from one message.
 pub const MAX_ENTRIES: usize = 100_000;
 /// Most (node ID, sequence number) pairs or node IDs sent in one digest or want message
@@ -231,12 +231,17 @@ pub struct Candidate {
 /// graph does not churn), then stable nodes before ephemeral ones, nodes in underlay groups
 /// not yet covered before others, and otherwise the rendezvous order of `local`.
 pub fn choose_neighbours(local: &NodeId, candidates: &[Candidate], keep: &BTreeSet<NodeId>, fixed_groups: &[u64], fixed: usize, k: usize) -> BTreeSet<NodeId> {
+    // Each candidate's rendezvous weight, computed once.
+    let ranked: Vec<(bool, u64, Candidate)> = candidates.iter().map(|c| (!c.stable, rendezvous(local, &c.id), *c)).collect();
+    choose_ranked(ranked, keep, fixed_groups, fixed, k)
+}
+
+/// [`choose_neighbours`] for candidates whose rank (ephemeral, rendezvous weight) is known.
+fn choose_ranked(mut ranked: Vec<(bool, u64, Candidate)>, keep: &BTreeSet<NodeId>, fixed_groups: &[u64], fixed: usize, k: usize) -> BTreeSet<NodeId> {
     let need = k.saturating_sub(fixed);
     let mut chosen = BTreeSet::new();
     let mut groups: Vec<u64> = fixed_groups.to_vec();
-    // Each candidate's rendezvous weight, computed once.
-    let mut ranked: Vec<(bool, u64, &Candidate)> = candidates.iter().map(|c| (!c.stable, rendezvous(local, &c.id), c)).collect();
-    ranked.sort_by_key(|(eph, w, _)| (*eph, *w));
+    ranked.sort_by_key(|(eph, w, c)| (*eph, *w, c.id));
     for (_, _, c) in ranked.iter().filter(|(_, _, c)| keep.contains(&c.id)).take(need) {
         chosen.insert(c.id);
         groups.push(c.group);
@@ -277,6 +282,11 @@ pub struct Overlay {
     chosen: BTreeMap<NodeId, Instant>,
     shunned: HashMap<NodeId, Instant>,
     announced: BTreeSet<NodeId>,
+    /// Records to flood on, per session, sent at the next tick.
+    gossip: BTreeMap<NodeId, Vec<SignedRecord>>,
+    /// Other nodes' claims on the names this node holds: name → node → registration time.
+    /// Kept as records arrive, so checking this node's names costs nothing per record.
+    rivals: HashMap<String, HashMap<NodeId, u64>>,
     /// The best-ranked candidates for neighbour choice: (ephemeral, rendezvous weight,
     /// node ID) → underlay group; at most [`RANKED`].
     ranked: BTreeMap<(bool, u64, NodeId), u64>,
@@ -300,6 +310,7 @@ impl Overlay {
     pub fn new(identity: Identity, cfg: OverlayConfig, info: OwnInfo, now: Instant, unix: u64, seed: u64) -> Overlay {
         let local = identity.node_id();
         let names = vec![Name { name: info.name.clone(), since: unix }];
+        let own_name = info.name.clone();
         Overlay {
             router: Router::new(local, cfg.mroute, seed),
             identity,
@@ -313,6 +324,8 @@ impl Overlay {
             chosen: BTreeMap::new(),
             shunned: HashMap::new(),
             announced: BTreeSet::new(),
+            gossip: BTreeMap::new(),
+            rivals: HashMap::from([(own_name, HashMap::new())]),
             ranked: BTreeMap::new(),
             ranked_all: true,
             availability: 0.9,
@@ -396,7 +409,9 @@ impl Overlay {
         if info != self.info {
             if info.name != self.info.name {
                 self.names.retain(|n| n.name != self.info.name);
+                self.rivals.remove(&self.info.name);
                 self.names.insert(0, Name { name: info.name.clone(), since: self.last_publish_unix.max(1) });
+                self.find_rivals(&info.name);
             }
             self.info = info;
             self.dirty = true;
@@ -415,6 +430,7 @@ impl Overlay {
 
     /// The session with `id` closed.
     pub fn session_down(&mut self, id: NodeId) {
+        self.gossip.remove(&id);
         if self.sessions.remove(&id).is_some() {
             self.neighbours_changed();
         }
@@ -502,12 +518,51 @@ impl Overlay {
         }
         // A name another node holds is refused (the earliest-registration rule only settles
         // claims that raced, e.g. in a partition).
-        if let Some(holder) = self.dir.holder(name).map(|e| e.record.node_id).filter(|h| *h != self.local) {
+        self.find_rivals(name);
+        if let Some(holder) = self.rival(name) {
+            self.rivals.remove(name);
             return Err(RegisterError::Taken(holder));
         }
         self.names.push(Name { name: name.to_string(), since: unix });
         self.dirty = true;
         Ok(())
+    }
+
+    /// Collects the other nodes' claims on `name` from the whole directory (once, when this
+    /// node takes a name; O(n)).
+    fn find_rivals(&mut self, name: &str) {
+        let claims: HashMap<NodeId, u64> = self
+            .dir
+            .entries()
+            .filter(|e| e.record.node_id != self.local)
+            .filter_map(|e| e.record.names.iter().find(|n| n.name == name).map(|n| (e.record.node_id, n.since)))
+            .collect();
+        self.rivals.insert(name.to_string(), claims);
+    }
+
+    /// Notes the name claims of a record that arrived (`old`: the record it replaces).
+    fn note_claims(&mut self, rec: &NodeRecord, old: Option<&NodeRecord>) {
+        for n in old.into_iter().flat_map(|o| o.names.iter()) {
+            if let Some(c) = self.rivals.get_mut(&n.name) {
+                c.remove(&old.map(|o| o.node_id).unwrap_or_default());
+            }
+        }
+        for n in &rec.names {
+            if let Some(c) = self.rivals.get_mut(&n.name) {
+                c.insert(rec.node_id, n.since);
+            }
+        }
+    }
+
+    /// The earliest other claim on `name` (registration time, then node ID).
+    fn rival(&self, name: &str) -> Option<NodeId> {
+        self.rivals.get(name)?.iter().min_by_key(|(id, since)| (**since, **id)).map(|(id, _)| *id)
+    }
+
+    /// Whether this node still holds `name`, registered at `since`: no other node claimed it
+    /// earlier.
+    fn holds(&self, name: &str, since: u64) -> bool {
+        self.rivals.get(name).is_none_or(|c| c.iter().all(|(id, s)| (since, self.local) < (*s, *id)))
     }
 
     /// P2PNS resolve: the record of the node holding `name` (this node's own included).
@@ -526,9 +581,16 @@ impl Overlay {
                     }
                 }
                 if !fresh.is_empty() {
+                    // Flooded on, gathered per session until the next tick (or a full
+                    // message): a burst of records travels in a few messages.
                     let others: Vec<NodeId> = self.sessions.keys().copied().filter(|s| *s != from).collect();
                     for to in others {
-                        self.send_records(to, fresh.clone());
+                        let q = self.gossip.entry(to).or_default();
+                        q.extend(fresh.iter().cloned());
+                        if q.len() >= RECORDS_PER_MESSAGE {
+                            let batch = std::mem::take(q);
+                            self.send_records(to, batch);
+                        }
                     }
                 }
             }
@@ -581,11 +643,13 @@ impl Overlay {
         if signed.peek().is_some_and(|(id, _)| id == self.local) {
             return None;
         }
+        let old = signed.peek().and_then(|(id, _)| self.dir.get(&id)).map(|e| e.record.clone());
         match self.dir.insert(signed.clone(), unix) {
             Ok(a) => {
                 self.stats.records_accepted += 1;
                 let rec = self.dir.get(&signed.peek()?.0)?.record.clone();
                 self.rank(&rec);
+                self.note_claims(&rec, old.as_deref());
                 if a == Accepted::New || a == Accepted::Updated {
                     self.out.push_back(Out::Learned(rec));
                 }
@@ -617,10 +681,18 @@ impl Overlay {
     pub fn tick(&mut self, now: Instant, unix: u64) {
         self.router.handle_tick(now, &self.dir);
         self.pump_router();
+        for (to, batch) in std::mem::take(&mut self.gossip) {
+            if self.sessions.contains_key(&to) && !batch.is_empty() {
+                self.send_records(to, batch);
+            }
+        }
         if now >= self.last_expire + EXPIRE_EVERY {
             self.last_expire = now;
             for id in self.dir.expire(unix) {
                 self.unrank(&id);
+                for c in self.rivals.values_mut() {
+                    c.remove(&id);
+                }
                 self.out.push_back(Out::Forgotten(id));
             }
         }
@@ -650,11 +722,12 @@ impl Overlay {
             .names
             .iter()
             .skip(1)
-            .filter(|n| !self.dir.may_register(&self.local, &n.name, n.since))
-            .map(|n| (n.name.clone(), self.dir.holder(&n.name).map(|e| e.record.node_id).unwrap_or_default()))
+            .filter(|n| !self.holds(&n.name, n.since))
+            .map(|n| (n.name.clone(), self.rival(&n.name).unwrap_or_default()))
             .collect();
         for (name, holder) in lost {
             self.names.retain(|n| n.name != name);
+            self.rivals.remove(&name);
             self.dirty = true;
             self.out.push_back(Out::NameLost { name, holder });
         }
@@ -664,7 +737,7 @@ impl Overlay {
     fn publish(&mut self, now: Instant, unix: u64) {
         self.seq = (unix * 1000).max(self.seq + 1);
         // The node's own name is published only while nobody registered it earlier.
-        let names: Vec<Name> = self.names.iter().filter(|n| self.dir.may_register(&self.local, &n.name, n.since)).cloned().collect();
+        let names: Vec<Name> = self.names.iter().filter(|n| self.holds(&n.name, n.since)).cloned().collect();
         let rec = NodeRecord {
             node_id: self.local,
             public_key: self.identity.public_key().to_string(),
@@ -707,6 +780,12 @@ impl Overlay {
     /// them as they publish).
     fn choosable(&self, rec: &NodeRecord) -> bool {
         rec.node_id != self.local && !rec.endpoints.is_empty() && !self.shunned.contains_key(&rec.node_id) && self.dir.links_of(&rec.node_id).next().is_some()
+    }
+
+    /// A record as a ranked candidate.
+    fn candidate(&self, rec: &NodeRecord) -> (bool, u64, Candidate) {
+        let stable = rec.uptime == Uptime::Stable;
+        (!stable, rendezvous(&self.local, &rec.node_id), Candidate { id: rec.node_id, stable, group: underlay_group(rec) })
     }
 
     /// Puts a node's record into the ranked candidates (O(log RANKED)).
@@ -760,14 +839,14 @@ impl Overlay {
         }
         let configured: Vec<NodeId> = self.sessions.iter().filter(|(_, s)| s.configured).map(|(id, _)| *id).collect();
         let usable = |o: &Overlay, id: &NodeId| !configured.contains(id) && o.dir.get(id).is_some_and(|e| o.choosable(&e.record));
-        let mut candidates: Vec<Candidate> = self.ranked.iter().filter(|(k, _)| usable(self, &k.2)).map(|(k, g)| Candidate { id: k.2, stable: !k.0, group: *g }).collect();
+        let mut candidates: Vec<(bool, u64, Candidate)> = self.ranked.iter().filter(|(k, _)| usable(self, &k.2)).map(|(k, g)| (k.0, k.1, Candidate { id: k.2, stable: !k.0, group: *g })).collect();
         let k = self.target_neighbours();
         let need = k.saturating_sub(configured.len());
         // Kept neighbours that fell out of the ranked set still count.
         for id in self.chosen.keys() {
-            if !candidates.iter().any(|c| c.id == *id) && usable(self, id) {
+            if !candidates.iter().any(|c| c.2.id == *id) && usable(self, id) {
                 if let Some(e) = self.dir.get(id) {
-                    candidates.push(Candidate { id: *id, stable: e.record.uptime == Uptime::Stable, group: underlay_group(&e.record) });
+                    candidates.push(self.candidate(&e.record));
                 }
             }
         }
@@ -778,12 +857,12 @@ impl Overlay {
                 .dir
                 .entries()
                 .filter(|e| usable(self, &e.record.node_id))
-                .map(|e| Candidate { id: e.record.node_id, stable: e.record.uptime == Uptime::Stable, group: underlay_group(&e.record) })
+                .map(|e| self.candidate(&e.record))
                 .collect();
         }
         let fixed_groups: Vec<u64> = configured.iter().filter_map(|id| self.dir.get(id)).map(|e| underlay_group(&e.record)).collect();
         let keep: BTreeSet<NodeId> = self.chosen.keys().copied().collect();
-        let set = choose_neighbours(&self.local, &candidates, &keep, &fixed_groups, configured.len(), k);
+        let set = choose_ranked(candidates, &keep, &fixed_groups, configured.len(), k);
         self.chosen.retain(|id, _| set.contains(id));
         for id in &set {
             self.chosen.entry(*id).or_insert(now);
