@@ -495,6 +495,8 @@ pub struct Failover {
     grace_until: Option<Instant>,
     /// Times this node found itself late.
     late: u64,
+    /// When the last [`Failover::handle_tick`] asked to be called next.
+    due: Option<Instant>,
 }
 
 impl Failover {
@@ -513,6 +515,7 @@ impl Failover {
             last_tick: None,
             grace_until: None,
             late: 0,
+            due: None,
         };
         for id in peers {
             f.add_peer(*id, now);
@@ -833,13 +836,82 @@ impl Failover {
         self.late
     }
 
+    /// When [`Failover::handle_tick`] must run next: the next probe due on a monitored
+    /// path, the moment a path's silence or an unanswered probe would count, the end of a
+    /// hold-down, a TCP-stall check or a relay request, and the periodic relay upkeep of
+    /// each monitored peer (once a second). `None` without monitored peers. Between
+    /// these, nothing changes unless an event comes in (a probe, an ICMP, a relay answer),
+    /// so an idle node wakes only for its probes.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        let cfg = &self.cfg;
+        let grace = self.grace_until;
+        let mut next: Option<Instant> = grace;
+        let mut at = |t: Instant| next = Some(next.map_or(t, |n| n.min(t)));
+        // Silence and loss are not judged while this node is late: not before that ends.
+        let judged = |t: Instant| grace.map_or(t, |g| t.max(g));
+        for p in &self.peers {
+            if !p.direct_known && p.paths.is_empty() {
+                continue;
+            }
+            for x in &p.paths {
+                let active = match x.id {
+                    PathId::Direct => p.direct_known,
+                    PathId::Relay(r) => self.by_id.get(&r).and_then(|ri| p.relays.get(ri)) == Some(&Candidate::Active),
+                };
+                if active {
+                    let fast = x.id == PathId::Direct || x.id == p.route.path || p.busy.contains(&x.id);
+                    let every = if fast { cfg.probe_interval } else { cfg.standby_interval };
+                    match x.last_sent {
+                        Some(t) => at(t + every),
+                        None => at(self.epoch.min(x.started)),
+                    }
+                }
+                if x.last_sent.is_some() {
+                    let allowance = x.allowance();
+                    if x.state != PathState::Down {
+                        let evidence = x.last_delivered_sent_at.unwrap_or(x.started).max(x.started);
+                        at(judged(evidence + cfg.down_after + allowance + Duration::from_millis(1)));
+                    }
+                    if let Some(s) = x.sent.iter().find(|s| !s.resolved) {
+                        at(judged(s.at + allowance + cfg.probe_interval * 4));
+                    }
+                }
+            }
+            if let Some((_, deadline)) = p.check {
+                at(deadline);
+            }
+            if p.route.protect {
+                if let Some(d) = p.path(PathId::Direct).filter(|d| d.state == PathState::Up) {
+                    at(d.state_since + cfg.hold_down);
+                }
+            }
+            if p.direct_known {
+                let urgent = p.route.protect;
+                let every = if urgent { Duration::from_millis(500) } else { Duration::from_secs(1) };
+                match p.last_candidates {
+                    Some(t) => at(t + every),
+                    None => at(self.epoch),
+                }
+                for c in p.relays.values() {
+                    match *c {
+                        Candidate::Requested(t) => at(t + Duration::from_secs(2)),
+                        Candidate::Refused(until) => at(until),
+                        Candidate::Active => {}
+                    }
+                }
+            }
+        }
+        next
+    }
+
     /// Advances time: sends due probes, judges paths, chooses routes and relays. Call it
-    /// often (every 10 ms or so); a tick that comes much later than that counts as this
-    /// node's own lateness ([`Failover::handle_late`]). Only monitored peers (and paths
-    /// that only receive) cost anything here.
+    /// at [`Failover::poll_timeout`] (or more often); a tick that comes much later than it
+    /// asked counts as this node's own lateness ([`Failover::handle_late`]). Only monitored
+    /// peers (and paths that only receive) cost anything here.
     pub fn handle_tick(&mut self, now: Instant) {
-        if let Some(prev) = self.last_tick {
-            self.handle_late(now, now.saturating_duration_since(prev));
+        if let Some(due) = self.due {
+            let base = self.last_tick.map_or(due, |t| due.max(t));
+            self.handle_late(now, now.saturating_duration_since(base));
         }
         self.last_tick = Some(now);
         for peer in 0..self.peers.len() {
@@ -869,6 +941,7 @@ impl Failover {
             self.evaluate(now, peer);
             self.manage_relays(now, peer);
         }
+        self.due = self.poll_timeout();
     }
 
     /// Judges every path of a peer and then its route.
@@ -1202,6 +1275,10 @@ mod tests {
         /// Nodes whose loop is stalled: they neither tick nor take packets out of their
         /// queue (packets to them wait in flight).
         stalled: Vec<usize>,
+        /// Nodes ticked only when their `poll_timeout` is due (the daemon's way), and how
+        /// often each node was ticked.
+        lazy: Vec<usize>,
+        ticks: Vec<u64>,
         latency: Duration,
         /// Each node's relay policy (checked by the node when asked).
         policies: Vec<crate::policy::Policy>,
@@ -1223,7 +1300,7 @@ mod tests {
                     f
                 })
                 .collect();
-            Net { nodes, ids, now, cut: vec![], lossy: vec![], rng: 7, relay_ok: vec![true; n], in_flight: vec![], stalled: vec![], latency: MS, policies: vec![crate::policy::Policy::default(); n], asked: vec![] }
+            Net { nodes, ids, now, cut: vec![], lossy: vec![], rng: 7, relay_ok: vec![true; n], in_flight: vec![], stalled: vec![], lazy: vec![], ticks: vec![0; n], latency: MS, policies: vec![crate::policy::Policy::default(); n], asked: vec![] }
         }
         /// Node `r` publishes `policy`: every other node learns its rank.
         fn set_policy(&mut self, r: usize, policy: crate::policy::Policy) {
@@ -1298,9 +1375,10 @@ mod tests {
                 }
             }
             for a in 0..self.nodes.len() {
-                if self.stalled.contains(&a) {
+                if self.stalled.contains(&a) || (self.lazy.contains(&a) && self.nodes[a].poll_timeout().is_some_and(|t| t > now)) {
                     continue;
                 }
+                self.ticks[a] += 1;
                 self.nodes[a].handle_tick(now);
                 while let Some(act) = self.nodes[a].poll_action() {
                     match act {
@@ -1396,6 +1474,32 @@ mod tests {
         }
         assert!(net.now - t1 >= FailoverConfig::default().hold_down);
         assert!(!net.route(0, 1).protect);
+    }
+
+    #[test]
+    fn ticking_only_when_poll_timeout_asks_detects_and_recovers_the_same() {
+        let mut net = Net::new(3);
+        net.lazy = vec![0, 1, 2];
+        net.run(Duration::from_secs(3));
+        let steps = 300;
+        assert!(net.ticks[0] < steps / 2 + 10, "an idle node ticked {} times in {steps} steps", net.ticks[0]);
+        let t0 = net.now;
+        net.cut_both(0, 1);
+        while net.route(0, 1).path == PathId::Direct {
+            net.step();
+            assert!(net.now - t0 < Duration::from_secs(1), "no failover within 1 s");
+        }
+        assert_eq!(net.route(0, 1).path, PathId::Relay(net.ids[2]));
+        assert!(net.route(1, 0).protect);
+        net.cut.clear();
+        let t1 = net.now;
+        while net.route(0, 1).path != PathId::Direct {
+            net.step();
+            assert!(net.now - t1 < FailoverConfig::default().hold_down + Duration::from_millis(300), "slow return");
+        }
+        assert!(!net.route(0, 1).protect);
+        // No false lateness: a node ticked when it asked is never late.
+        assert_eq!(net.nodes[0].late_count(), 0);
     }
 
     #[test]

@@ -32,7 +32,8 @@ pub enum Need {
     Relay(usize, bool),
 }
 
-/// How often the core is ticked.
+/// How often REPLEX is driven while it runs (the failover core says itself when it wants
+/// to be woken: [`Failover::poll_timeout`]).
 const TICK: Duration = Duration::from_millis(10);
 /// How often link reports are considered (sent only when they changed, see
 /// [`Engine::send_link_reports`]).
@@ -365,9 +366,16 @@ impl Engine {
         mut refresh: mpsc::UnboundedReceiver<oneshot::Sender<()>>,
         mut shutdown: watch::Receiver<bool>,
     ) {
-        let mut tick = tokio::time::interval(TICK);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        let replex = self.model.read().expect("model").cfg.replex.enabled;
+        let mut last_tick = Instant::now();
         loop {
+            // Woken when the core asks (its next probe, deadline or upkeep), for the link
+            // reports once a second, and every TICK while REPLEX runs; never in a busy loop.
+            let mut wake = self.core.poll_timeout().unwrap_or(last_tick + LINK_REPORT_EVERY).min(self.last_report + LINK_REPORT_EVERY);
+            if replex {
+                wake = wake.min(last_tick + TICK);
+            }
+            let wake = wake.max(last_tick + Duration::from_millis(1));
             tokio::select! {
                 _ = shutdown.changed() => {
                     self.release_all();
@@ -415,8 +423,9 @@ impl Engine {
                         }
                     }
                 },
-                _ = tick.tick() => {
+                _ = tokio::time::sleep_until(wake.into()) => {
                     let now = Instant::now();
+                    last_tick = now;
                     self.core.handle_tick(now);
                     self.replex_tick(now);
                     if now >= self.last_report + LINK_REPORT_EVERY {
