@@ -190,13 +190,16 @@ def send_messages(pairs, count):
     return sent, delivered, lat
 
 
-def neighbour_sets_full(live):
+def neighbour_sets_full(live, dead):
+    """Every live node has sessions with all the neighbours it chose, as many as it wants,
+    and none with a dead node any more."""
+    gone = {f"n{i}" for i in dead}
     for i in live:
         s = ctl(i, "status")
         if not s or s.get("result") != "status":
             return False
-        m = s["status"]["management"] if "status" in s else s["management"]
-        if m.get("neighbours_missing", 0) > 0:
+        m = s["management"]
+        if m.get("neighbours_missing", 0) > 0 or any(r["name"] in gone for r in m["neighbours"]):
             return False
         up = sum(1 for r in m["neighbours"] if r["role"] in ("configured", "neighbour") and r["state"] == "up")
         if up < min(m["target_neighbours"], len(live) - 1):
@@ -242,7 +245,7 @@ def main():
     log(f"killed {dead}; waiting for every live node's neighbour set")
     recover = None
     while time.time() - t_kill < 120:
-        if neighbour_sets_full(live):
+        if neighbour_sets_full(live, dead):
             recover = time.time() - t_kill
             break
         time.sleep(0.5)

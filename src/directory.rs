@@ -375,7 +375,8 @@ pub enum Accepted {
 /// check for a new one, and an update of its digest bucket); memory per record is the
 /// entry (node ID, two shared pointers) plus the record itself.
 pub struct Directory {
-    entries: HashMap<NodeId, Entry>,
+    /// By node ID (a keyed fast hash: lookups are on every edge of a route search).
+    entries: HashMap<NodeId, Entry, ahash::RandomState>,
     tombstones: HashMap<NodeId, (u64, u64)>,
     rejected: [u64; Reject::ALL.len()],
     /// Per digest bucket, the XOR of [`entry_hash`] over its entries.
@@ -385,7 +386,7 @@ pub struct Directory {
 
 impl Default for Directory {
     fn default() -> Directory {
-        Directory { entries: HashMap::new(), tombstones: HashMap::new(), rejected: [0; Reject::ALL.len()], buckets: [0; BUCKETS], verifier: None }
+        Directory { entries: HashMap::default(), tombstones: HashMap::new(), rejected: [0; Reject::ALL.len()], buckets: [0; BUCKETS], verifier: None }
     }
 }
 
@@ -542,7 +543,8 @@ impl Directory {
 
     /// The nodes `a` has a mutual link with ([`Directory::linked`]).
     pub fn links_of<'a>(&'a self, a: &'a NodeId) -> impl Iterator<Item = NodeId> + 'a {
-        self.entries.get(a).into_iter().flat_map(move |e| e.record.neighbours.iter().copied().filter(move |b| b != a && self.linked(b, a)))
+        // `a` lists each of these: only the other direction needs a lookup.
+        self.entries.get(a).into_iter().flat_map(move |e| e.record.neighbours.iter().copied().filter(move |b| b != a && self.entries.get(b).is_some_and(|x| x.record.neighbours.contains(a))))
     }
 
     /// Who holds a name: the earliest registration wins, then the lowest node ID.

@@ -181,6 +181,9 @@ impl Topology {
     }
 }
 
+/// Maps of the route searches (a keyed fast hash).
+type FastMap<K, V> = HashMap<K, V, ahash::RandomState>;
+
 /// The management topology a router searches: which nodes exist and the links each has.
 /// [`Topology`] is one (built from a list), the node directory another
 /// ([`crate::directory::Directory`], whose records list their neighbours): a router needs
@@ -244,7 +247,7 @@ impl View<'_> {
     }
 
     /// Walks `prev` back from `dst` to `from`: the path without `from`, ending with `dst`.
-    fn unwind(prev: &HashMap<NodeId, NodeId>, from: NodeId, dst: NodeId) -> Option<Vec<NodeId>> {
+    fn unwind(prev: &FastMap<NodeId, NodeId>, from: NodeId, dst: NodeId) -> Option<Vec<NodeId>> {
         let mut p = vec![dst];
         let mut x = dst;
         while *prev.get(&x)? != from {
@@ -352,7 +355,7 @@ impl Router {
             return None;
         }
         let view = View { graph, local: self.local, neighbours: &self.neighbours };
-        let mut prev: HashMap<NodeId, NodeId> = HashMap::new();
+        let mut prev: FastMap<NodeId, NodeId> = FastMap::default();
         prev.insert(from, from);
         let mut queue = VecDeque::from([from]);
         while let Some(u) = queue.pop_front() {
@@ -392,8 +395,9 @@ impl Router {
             return (self.neighbours.contains(&dst) && !avoid_first.contains(&dst)).then(|| vec![dst]);
         }
         let view = View { graph, local, neighbours: &self.neighbours };
-        let mut dist: HashMap<NodeId, u64> = HashMap::from([(local, 0)]);
-        let mut prev: HashMap<NodeId, NodeId> = HashMap::new();
+        let mut dist: FastMap<NodeId, u64> = FastMap::default();
+        dist.insert(local, 0);
+        let mut prev: FastMap<NodeId, NodeId> = FastMap::default();
         let mut heap = BinaryHeap::from([Reverse((0u64, local))]);
         while let Some(Reverse((du, u))) = heap.pop() {
             if u == dst {

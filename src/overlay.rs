@@ -49,6 +49,11 @@ use crate::mroute::{self, MrouteConfig, Router};
 pub const ANTI_ENTROPY: Duration = Duration::from_secs(5);
 /// Shortest time between two publications of the node's record.
 pub const PUBLISH_DEBOUNCE: Duration = Duration::from_millis(300);
+/// Shortest time between two publications when only the node's sessions changed: while
+/// an overlay forms, a node's neighbour set changes several times in a few seconds, and
+/// each publication is flooded to every node (a session is used at once either way; only
+/// others' routes through it wait for the record).
+pub const NEIGHBOUR_DEBOUNCE: Duration = Duration::from_secs(2);
 /// A chosen neighbour without a session for this long is replaced.
 pub const NEIGHBOUR_PATIENCE: Duration = Duration::from_secs(10);
 /// How long a replaced neighbour is not chosen again.
@@ -290,10 +295,14 @@ pub struct Overlay {
     /// The best-ranked candidates for neighbour choice: (ephemeral, rendezvous weight,
     /// node ID) → underlay group; at most [`RANKED`].
     ranked: BTreeMap<(bool, u64, NodeId), u64>,
+    /// The key of each node in `ranked`.
+    ranked_keys: HashMap<NodeId, (bool, u64, NodeId)>,
     /// Whether `ranked` holds every candidate (false once one was left out).
     ranked_all: bool,
     availability: f64,
     dirty: bool,
+    /// Only the sessions changed since the last publication.
+    dirty_sessions: bool,
     last_publish: Option<Instant>,
     last_publish_unix: u64,
     last_expire: Instant,
@@ -327,9 +336,11 @@ impl Overlay {
             gossip: BTreeMap::new(),
             rivals: HashMap::from([(own_name, HashMap::new())]),
             ranked: BTreeMap::new(),
+            ranked_keys: HashMap::new(),
             ranked_all: true,
             availability: 0.9,
             dirty: true,
+            dirty_sessions: false,
             last_publish: None,
             last_publish_unix: 0,
             last_expire: now,
@@ -449,7 +460,7 @@ impl Overlay {
 
     fn neighbours_changed(&mut self) {
         self.push_router_neighbours();
-        self.dirty = true;
+        self.dirty_sessions = true;
     }
 
     fn push_router_neighbours(&mut self) {
@@ -699,7 +710,8 @@ impl Overlay {
         self.check_names(unix);
         let due_refresh = unix >= self.last_publish_unix + directory::refresh_s(self.dir.len());
         let debounced = self.last_publish.is_none_or(|t| now >= t + PUBLISH_DEBOUNCE);
-        if (self.dirty && debounced) || due_refresh {
+        let sessions_debounced = self.last_publish.is_none_or(|t| now >= t + NEIGHBOUR_DEBOUNCE);
+        if (self.dirty && debounced) || (self.dirty_sessions && sessions_debounced) || due_refresh {
             self.publish(now, unix);
         }
         if now >= self.last_anti_entropy + ANTI_ENTROPY {
@@ -758,6 +770,7 @@ impl Overlay {
         let _ = self.dir.insert(signed.clone(), unix);
         self.stats.records_published += 1;
         self.dirty = false;
+        self.dirty_sessions = false;
         self.last_publish = Some(now);
         self.last_publish_unix = unix;
         let to: Vec<NodeId> = self.sessions.keys().copied().collect();
@@ -798,9 +811,16 @@ impl Overlay {
             return;
         }
         let key = (rec.uptime != Uptime::Stable, rendezvous(&self.local, &rec.node_id), rec.node_id);
+        if self.ranked.len() >= RANKED && self.ranked.last_key_value().is_some_and(|(last, _)| key > *last) {
+            self.ranked_all = false;
+            return;
+        }
         self.ranked.insert(key, underlay_group(rec));
+        self.ranked_keys.insert(rec.node_id, key);
         if self.ranked.len() > RANKED {
-            self.ranked.pop_last();
+            if let Some((last, _)) = self.ranked.pop_last() {
+                self.ranked_keys.remove(&last.2);
+            }
             self.ranked_all = false;
         }
     }
@@ -808,9 +828,9 @@ impl Overlay {
     /// Takes a node out of the ranked candidates (O(RANKED)); refills them from the
     /// directory when they ran low.
     fn unrank(&mut self, id: &NodeId) {
-        let before = self.ranked.len();
-        self.ranked.retain(|k, _| k.2 != *id);
-        if self.ranked.len() < before && !self.ranked_all && self.ranked.len() < RANKED / 2 {
+        let Some(key) = self.ranked_keys.remove(id) else { return };
+        self.ranked.remove(&key);
+        if !self.ranked_all && self.ranked.len() < RANKED / 2 {
             self.rerank();
         }
     }
@@ -827,6 +847,7 @@ impl Overlay {
         all.sort();
         self.ranked_all = all.len() <= RANKED;
         self.ranked = all.into_iter().take(RANKED).collect();
+        self.ranked_keys = self.ranked.keys().map(|k| (k.2, *k)).collect();
     }
 
     fn choose(&mut self, now: Instant) {
