@@ -32,10 +32,13 @@ const SESSION_TIMEOUT: Duration = Duration::from_secs(6);
 /// The overlay's tick.
 const TICK: Duration = Duration::from_millis(100);
 
+/// A record and what checking it gave.
+type Checked = (SignedRecord, Result<Arc<NodeRecord>, Reject>);
+
 /// Verifies each distinct signed record once for all simulated nodes.
 #[derive(Default)]
 struct SharedVerifier {
-    seen: Mutex<HashMap<usize, (SignedRecord, Result<Arc<NodeRecord>, Reject>)>>,
+    seen: Mutex<HashMap<usize, Checked>>,
 }
 
 impl RecordVerifier for SharedVerifier {

@@ -240,10 +240,7 @@ async fn supervise(i: usize, shared: Arc<Shared>, mut events: mpsc::UnboundedRec
                 // set_want and incoming take): a session the other side opened lives
                 // while it holds it, also when this side does not want the peer.
                 let mut peers = shared.peers.lock().expect("peers");
-                let queued = match events.try_recv() {
-                    Ok(ev) => Some(ev),
-                    Err(_) => None,
-                };
+                let queued = events.try_recv().ok();
                 if let Some(ev) = queued {
                     drop(peers);
                     pending = Some(ev);
