@@ -22,7 +22,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use detour::directory::{NodeRecord, Reject, RecordVerifier, SignedRecord, Uptime};
+use detour::directory::{NodeRecord, RecordVerifier, Reject, SignedRecord, Uptime};
 use detour::identity::{Identity, NodeId};
 use detour::mgmt::Message;
 use detour::overlay::{Out, Overlay, OverlayConfig, OwnInfo};

@@ -48,13 +48,7 @@ fn cut(lab: &Lab, a: &str, b: &str, both: bool) {
 }
 
 fn spawn(lab: &Lab, host: &str, args: &[&str]) -> Child {
-    Command::new("ip")
-        .args(["netns", "exec", &lab.host(host).ns])
-        .args(args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawning a helper")
+    Command::new("ip").args(["netns", "exec", &lab.host(host).ns]).args(args).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("spawning a helper")
 }
 
 fn finish(child: Child) -> (bool, String) {
@@ -72,7 +66,12 @@ fn wait_relays_ready(lab: &Lab, a: &str, b: &str) {
     let ready = |x: &str, y: &str| {
         let out = lab.ok(x, &format!("{} paths --json -s {}", bin("detourctl"), lab.host(x).socket.display()));
         let v: Value = serde_json::from_str(&out).unwrap_or(Value::Null);
-        v.as_array().into_iter().flatten().filter(|p| p["name"] == y).flat_map(|p| p["paths"].as_array().cloned().unwrap_or_default()).any(|r| r["path"].as_str().is_some_and(|s| s.starts_with("via ")) && r["state"] == "up")
+        v.as_array()
+            .into_iter()
+            .flatten()
+            .filter(|p| p["name"] == y)
+            .flat_map(|p| p["paths"].as_array().cloned().unwrap_or_default())
+            .any(|r| r["path"].as_str().is_some_and(|s| s.starts_with("via ")) && r["state"] == "up")
     };
     wait_until("standby relay paths", Duration::from_secs(10), || ready(a, b) && ready(b, a));
 }

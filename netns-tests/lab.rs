@@ -90,9 +90,7 @@ impl Lab {
         let dir = tempfile::Builder::new().prefix("detour-test").tempdir().expect("tempdir");
         let router = format!("{prefix}-r");
         let mut lab = Lab { prefix: prefix.clone(), router: router.clone(), dir, hosts: Vec::new(), daemons: Vec::new() };
-        let mut script = format!(
-            "set -e\nip netns add {router}\nip -n {router} link set lo up\nip netns exec {router} sysctl -qw net.ipv4.ip_forward=1 net.ipv6.conf.all.forwarding=1\n"
-        );
+        let mut script = format!("set -e\nip netns add {router}\nip -n {router} link set lo up\nip netns exec {router} sysctl -qw net.ipv4.ip_forward=1 net.ipv6.conf.all.forwarding=1\n");
         for (k, name) in names.iter().enumerate() {
             let i = k + 1;
             let ns = format!("{prefix}-{name}");

@@ -2,8 +2,8 @@
 //! namespaces it creates and removes. Run as root (scripts/test.sh does).
 
 mod failover;
-mod management;
 mod lab;
+mod management;
 mod policies;
 mod replex;
 mod scale;
@@ -164,13 +164,8 @@ c, addr = s.accept(); c.sendall(addr[0].encode()); c.close()
     std::thread::sleep(Duration::from_millis(500));
     let agg_before = lab.tx_packets("alice", "detour0");
     let peer_before = lab.tx_packets("alice", "dt-bob");
-    let seen = lab.ok(
-        "alice",
-        &format!(
-            "python3 -c 'import socket; s=socket.socket(); s.bind((\"{link4}\", 0)); s.connect((\"{}\", 9000)); print(s.recv(100).decode())'",
-            lab.host("bob").overlay_v4()
-        ),
-    );
+    let seen =
+        lab.ok("alice", &format!("python3 -c 'import socket; s=socket.socket(); s.bind((\"{link4}\", 0)); s.connect((\"{}\", 9000)); print(s.recv(100).decode())'", lab.host("bob").overlay_v4()));
     let mut srv = srv;
     let _ = srv.wait();
     assert_eq!(seen.trim(), link4, "bob saw the connection from {seen}");
@@ -218,20 +213,11 @@ fn corrupted_replayed_and_forged_packets_are_dropped_and_counted() {
     let sessions = Lab::peer(&st, "alice")["sessions"].as_u64().unwrap();
     lab.ok(
         "alice",
-        &format!(
-            "python3 -c 'import os,socket; s=socket.socket(socket.AF_INET,socket.SOCK_DGRAM); [s.sendto(os.urandom(n),(\"{}\",7721)) for n in (1,20,1200,1500)]'",
-            lab.host("bob").underlay_v4()
-        ),
+        &format!("python3 -c 'import os,socket; s=socket.socket(socket.AF_INET,socket.SOCK_DGRAM); [s.sendto(os.urandom(n),(\"{}\",7721)) for n in (1,20,1200,1500)]'", lab.host("bob").underlay_v4()),
     );
     let bob_sock = lab.host("bob").socket.clone();
     for junk in ["garbage\\n", "{\\\"cmd\\\":\\\"reboot\\\"}\\n", "\\x00\\xff\\n"] {
-        let reply = lab.ok(
-            "bob",
-            &format!(
-                "python3 -c 'import socket; s=socket.socket(socket.AF_UNIX); s.connect(\"{}\"); s.sendall(b\"{junk}\"); print(s.recv(4096).decode())'",
-                bob_sock.display()
-            ),
-        );
+        let reply = lab.ok("bob", &format!("python3 -c 'import socket; s=socket.socket(socket.AF_UNIX); s.connect(\"{}\"); s.sendall(b\"{junk}\"); print(s.recv(4096).decode())'", bob_sock.display()));
         assert!(reply.contains("\"error\""), "control socket answered {reply}");
     }
 
@@ -373,12 +359,7 @@ while True:
     if "STOPPING=1" in m:
         break
 "#;
-    let listener = std::process::Command::new("python3")
-        .args(["-c", listen])
-        .arg(&sock)
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let listener = std::process::Command::new("python3").args(["-c", listen]).arg(&sock).stdout(std::process::Stdio::piped()).spawn().unwrap();
     for _ in 0..100 {
         if sock.exists() {
             break;

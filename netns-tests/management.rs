@@ -90,12 +90,7 @@ fn cut(lab: &Lab, a: &str, b: &str) {
 }
 
 fn spawn(lab: &Lab, host: &str, script: &str) -> Child {
-    Command::new("ip")
-        .args(["netns", "exec", &lab.host(host).ns, "bash", "-c", script])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn")
+    Command::new("ip").args(["netns", "exec", &lab.host(host).ns, "bash", "-c", script]).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("spawn")
 }
 
 fn finish(c: Child) -> (bool, String, String) {
@@ -341,13 +336,8 @@ fn management_traffic_is_marked_and_shaped_first_and_the_setup_is_removed() {
     assert!(counted.trim().parse::<u64>().unwrap_or(0) > 0, "no management packet was marked: {counted}");
     let tc = lab.ok("alice", "tc -s class show dev eth0");
     assert!(tc.contains("class htb d7:10"), "{tc}");
-    let mgmt_bytes: u64 = tc
-        .split("class htb ")
-        .find(|c| c.starts_with("d7:10"))
-        .and_then(|c| c.split("Sent ").nth(1))
-        .and_then(|s| s.split_whitespace().next())
-        .and_then(|n| n.parse().ok())
-        .unwrap_or(0);
+    let mgmt_bytes: u64 =
+        tc.split("class htb ").find(|c| c.starts_with("d7:10")).and_then(|c| c.split("Sent ").nth(1)).and_then(|s| s.split_whitespace().next()).and_then(|n| n.parse().ok()).unwrap_or(0);
     assert!(mgmt_bytes > 0, "nothing went through the management class:\n{tc}");
     let st = lab.status("alice");
     assert!(st["management"]["neighbours"].as_array().unwrap().iter().any(|n| n["name"] == "bob" && n["rtt_ms"].as_f64().is_some()));
@@ -440,13 +430,7 @@ fn forged_replayed_and_stale_records_are_rejected_and_counted() {
             expired.seq += 2000;
             expired.expires = now - 10;
             evil(&mut expired);
-            let records = vec![
-                SignedRecord::sign(&forged, &mallory),
-                SignedRecord::sign(&badsig, &mallory),
-                SignedRecord::sign(&stale, &bob),
-                SignedRecord::sign(&expired, &bob),
-                current.clone(),
-            ];
+            let records = vec![SignedRecord::sign(&forged, &mallory), SignedRecord::sign(&badsig, &mallory), SignedRecord::sign(&stale, &bob), SignedRecord::sign(&expired, &bob), current.clone()];
             quic::send_frame(&conn, &frame(Message::Records { records })).await.unwrap();
             tokio::time::sleep(Duration::from_millis(500)).await;
             conn.close(0u32.into(), b"done");

@@ -39,10 +39,8 @@ ip netns exec {a} tc qdisc add dev ac0 root tbf rate 10mbit burst 32kb latency 5
     );
     let o = crate::lab::host_sh(&links);
     assert!(o.ok, "relay links: {}", o.stderr);
-    let alice = lab.node_section("alice", "metrics_listen = \"127.0.0.1:9772\"")
-        + &lab.peer_section("bob", None, "")
-        + &lab.peer_section("carol", Some("10.9.1.2"), "")
-        + "\n[replex]\nenabled = true\n";
+    let alice =
+        lab.node_section("alice", "metrics_listen = \"127.0.0.1:9772\"") + &lab.peer_section("bob", None, "") + &lab.peer_section("carol", Some("10.9.1.2"), "") + "\n[replex]\nenabled = true\n";
     let bob = lab.node_section("bob", "") + &lab.peer_section("alice", None, "") + &lab.peer_section("carol", Some("10.9.2.1"), "");
     let carol = lab.node_section("carol", "") + &lab.peer_section("alice", Some("10.9.1.1"), "") + &lab.peer_section("bob", Some("10.9.2.2"), "");
     lab.write_config("alice", &alice);
@@ -161,9 +159,7 @@ iptables -t mangle -A PREROUTING -p tcp --dport 9200 -m connmark --mark 0x3/0x3"
 
     // The metrics show each route's target share, realized share and cost.
     let metrics = lab.ok("alice", "python3 -c 'import urllib.request; print(urllib.request.urlopen(\"http://127.0.0.1:9772/metrics\").read().decode())'");
-    let value = |name: &str, path: &str| -> Option<f64> {
-        metrics.lines().find(|l| l.starts_with(&format!("detour_{name}{{peer=\"bob\",path=\"{path}\"")))?.rsplit(' ').next()?.parse().ok()
-    };
+    let value = |name: &str, path: &str| -> Option<f64> { metrics.lines().find(|l| l.starts_with(&format!("detour_{name}{{peer=\"bob\",path=\"{path}\"")))?.rsplit(' ').next()?.parse().ok() };
     for path in ["direct", "via carol"] {
         for name in ["route_target_share", "route_realized_share", "route_cost_seconds"] {
             assert!(value(name, path).is_some_and(|v| v >= 0.0), "no {name} for {path} in the metrics:\n{metrics}");

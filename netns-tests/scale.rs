@@ -39,12 +39,7 @@ fn ping_all(lab: &Lab, names: &[String]) -> Vec<(String, String, Option<u32>, bo
                 secs = SETUP.as_secs()
             );
         }
-        let c = Command::new("ip")
-            .args(["netns", "exec", &lab.host(a).ns, "bash", "-c", &script])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn ping script");
+        let c = Command::new("ip").args(["netns", "exec", &lab.host(a).ns, "bash", "-c", &script]).stdout(Stdio::piped()).stderr(Stdio::null()).spawn().expect("spawn ping script");
         children.push((a.clone(), c));
     }
     let mut out = Vec::new();

@@ -488,27 +488,17 @@ struct Errors<'a> {
 
 impl Errors<'_> {
     fn push(&mut self, key: impl Into<String>, message: impl Into<String>) {
-        self.list.push(ConfigError {
-            file: self.file.to_string(),
-            key: key.into(),
-            message: message.into(),
-        });
+        self.list.push(ConfigError { file: self.file.to_string(), key: key.into(), message: message.into() });
     }
 }
 
 fn valid_name(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 32
-        && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
+    !s.is_empty() && s.len() <= 32 && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
 }
 
 /// True when `s` is usable as a Linux interface name (1–15 bytes, no `/`, `:` or space).
 pub fn valid_ifname(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 15
-        && s != "."
-        && s != ".."
-        && s.bytes().all(|b| b.is_ascii_graphic() && b != b'/' && b != b':')
+    !s.is_empty() && s.len() <= 15 && s != "." && s != ".." && s.bytes().all(|b| b.is_ascii_graphic() && b != b'/' && b != b':')
 }
 
 /// The per-peer interface name for `peer_name`: `prefix + name` when that fits in 15 bytes,
@@ -529,10 +519,7 @@ pub fn derive_ifname(prefix: &str, peer_name: &str) -> String {
 fn parse_prefix(errs: &mut Errors, key: &str, s: &str) -> Option<IpNet> {
     match s.parse::<IpNet>() {
         Ok(net) if net.trunc() != net => {
-            errs.push(
-                key,
-                format!("`{s}` has host bits set; expected a network prefix such as `{}`", net.trunc()),
-            );
+            errs.push(key, format!("`{s}` has host bits set; expected a network prefix such as `{}`", net.trunc()));
             None
         }
         Ok(net) => Some(net),
@@ -564,15 +551,9 @@ pub fn parse_endpoint(s: &str) -> Result<Endpoint, String> {
         }
         None => (s, DEFAULT_DATA_PORT),
     };
-    let host_ok = !host.is_empty()
-        && host.len() <= 253
-        && host.split('.').all(|l| {
-            !l.is_empty() && l.len() <= 63 && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
-        });
+    let host_ok = !host.is_empty() && host.len() <= 253 && host.split('.').all(|l| !l.is_empty() && l.len() <= 63 && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-'));
     if !host_ok {
-        return Err(format!(
-            "expected `address`, `address:port`, `[ipv6]:port` or `hostname[:port]`, got `{s}`"
-        ));
+        return Err(format!("expected `address`, `address:port`, `[ipv6]:port` or `hostname[:port]`, got `{s}`"));
     }
     Ok(Endpoint::Host(host.to_string(), port))
 }
@@ -592,9 +573,7 @@ impl Config {
     /// Every problem found, each naming the file and key.
     pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
         let file = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|e| {
-            ConfigErrors(vec![ConfigError { file: file.clone(), key: "(file)".into(), message: format!("cannot read: {e}") }])
-        })?;
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigErrors(vec![ConfigError { file: file.clone(), key: "(file)".into(), message: format!("cannot read: {e}") }]))?;
         Config::parse(&text, &file)
     }
 
@@ -621,11 +600,7 @@ impl Config {
     /// MTU of the aggregate interface: the largest inner MTU over all peers (or of the node
     /// when there are none); packets too big for a particular peer are answered with ICMP.
     pub fn aggregate_mtu(&self) -> u16 {
-        self.peers
-            .iter()
-            .map(|p| p.inner_mtu())
-            .max()
-            .unwrap_or_else(|| inner_mtu(self.node.underlay_mtu))
+        self.peers.iter().map(|p| p.inner_mtu()).max().unwrap_or_else(|| inner_mtu(self.node.underlay_mtu))
     }
 }
 
@@ -671,10 +646,7 @@ fn validate(raw: RawConfig, file: &str, errs: &mut Errors) -> Option<Config> {
     }
     let management_port = n.management_port.unwrap_or(data_port.wrapping_add(1));
     if Some(management_port) != data_port.checked_add(1) {
-        errs.push(
-            "node.management_port",
-            format!("expected data_port + 1 = {} (the two ports are adjacent), got {management_port}", data_port.wrapping_add(1)),
-        );
+        errs.push("node.management_port", format!("expected data_port + 1 = {} (the two ports are adjacent), got {management_port}", data_port.wrapping_add(1)));
     }
     let overlay_v4 = n.overlay_ipv4.as_ref().and_then(|s| match s.parse::<Ipv4Net>() {
         Ok(net) if net.prefix_len() < 31 && (net.addr() == net.network() || net.addr() == net.broadcast()) => {
@@ -953,7 +925,10 @@ fn validate_policy(r: RawPolicy, relay: bool, relay_set: bool, uptime: crate::di
                 "last_resort" => Commitment::LastResort,
                 "never" => Commitment::Never,
                 other => {
-                    errs.push("policy.commitment", format!("expected \"always\" (relays any traffic), \"failure\" (only while a path has failed), \"last_resort\" (only when no other relay works) or \"never\", got {other:?}"));
+                    errs.push(
+                        "policy.commitment",
+                        format!("expected \"always\" (relays any traffic), \"failure\" (only while a path has failed), \"last_resort\" (only when no other relay works) or \"never\", got {other:?}"),
+                    );
                     Commitment::Always
                 }
             };
@@ -1009,7 +984,10 @@ fn validate_policy(r: RawPolicy, relay: bool, relay_set: bool, uptime: crate::di
         internet_masquerade: r.internet_masquerade.unwrap_or(dw.internet_masquerade),
     };
     if willing.internet && !matches!(connectivity, Connectivity::Unrestricted | Connectivity::Partial) {
-        errs.push("policy.internet", format!("a node of connectivity class {:?} cannot send other nodes' traffic to the Internet with their source address; use internet_masquerade", connectivity.as_str()));
+        errs.push(
+            "policy.internet",
+            format!("a node of connectivity class {:?} cannot send other nodes' traffic to the Internet with their source address; use internet_masquerade", connectivity.as_str()),
+        );
     }
     let mut exit_prefixes = Vec::new();
     for (i, p) in r.exit_prefixes.iter().enumerate() {
@@ -1250,10 +1228,7 @@ fn check_mtu(errs: &mut Errors, key: &str, mtu: u16, ipv6: bool) {
     if mtu < 576 + (40 + 8 + wire::OVERHEAD) as u16 {
         errs.push(key, format!("underlay MTU {mtu} leaves an overlay MTU of {inner} bytes; expected at least {}", 576 + 40 + 8 + wire::OVERHEAD));
     } else if ipv6 && inner < 1280 {
-        errs.push(
-            key,
-            format!("underlay MTU {mtu} leaves an overlay MTU of {inner} bytes, below IPv6's minimum of 1280; expected at least {}", 1280 + 40 + 8 + wire::OVERHEAD),
-        );
+        errs.push(key, format!("underlay MTU {mtu} leaves an overlay MTU of {inner} bytes, below IPv6's minimum of 1280; expected at least {}", 1280 + 40 + 8 + wire::OVERHEAD));
     }
 }
 

@@ -374,7 +374,11 @@ fn bytes(n: u64) -> String {
         v /= 1024.0;
         u += 1;
     }
-    if u == 0 { format!("{n} B") } else { format!("{v:.1} {}", UNITS[u]) }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
 }
 
 fn ago(s: Option<f64>) -> String {
@@ -434,12 +438,7 @@ pub fn render_status(s: &Status) -> String {
         let _ = writeln!(o, "  relaying: {} ({} pkts, {})", s.relaying.join(", "), s.relayed_packets, bytes(s.relayed_bytes));
     }
     if s.refused_handshakes > 0 {
-        let _ = writeln!(
-            o,
-            "  refused handshakes: {} (last key {})",
-            s.refused_handshakes,
-            s.last_refused_key.as_deref().unwrap_or("?")
-        );
+        let _ = writeln!(o, "  refused handshakes: {} (last key {})", s.refused_handshakes, s.last_refused_key.as_deref().unwrap_or("?"));
     }
     let m = &s.management;
     let _ = writeln!(o);
@@ -490,15 +489,7 @@ pub fn render_status(s: &Status) -> String {
                 let _ = writeln!(o, "  rtt: -");
             }
         }
-        let _ = writeln!(
-            o,
-            "  transfer: {} received ({} pkts), {} sent ({} pkts); last received {}",
-            bytes(p.rx_bytes),
-            p.rx_packets,
-            bytes(p.tx_bytes),
-            p.tx_packets,
-            ago(p.last_rx_s)
-        );
+        let _ = writeln!(o, "  transfer: {} received ({} pkts), {} sent ({} pkts); last received {}", bytes(p.rx_bytes), p.rx_packets, bytes(p.tx_bytes), p.tx_packets, ago(p.last_rx_s));
         let _ = writeln!(o, "  drops: {}", drops(&p.drops));
         if !p.shares.is_empty() {
             let parts: Vec<String> = p
@@ -564,17 +555,7 @@ pub fn render_paths(peers: &[PeerPaths]) -> String {
     for p in peers {
         for r in &p.paths {
             let rtt = r.rtt_ms.map(|v| format!("{v:.2} ms")).unwrap_or_else(|| "-".into());
-            let _ = writeln!(
-                o,
-                "{:<16} {:<20} {:<9} {:>9.1}s {:>9} {:>6.1}%  {}",
-                p.name,
-                r.path,
-                r.state,
-                r.since_s,
-                rtt,
-                r.loss_pct,
-                if r.in_use { "*" } else { "" }
-            );
+            let _ = writeln!(o, "{:<16} {:<20} {:<9} {:>9.1}s {:>9} {:>6.1}%  {}", p.name, r.path, r.state, r.since_s, rtt, r.loss_pct, if r.in_use { "*" } else { "" });
         }
     }
     o

@@ -670,15 +670,7 @@ impl TxState {
             p.counters.drops.add(DropReason::NoSession);
             return Err(DropReason::NoSession);
         };
-        let header = Header {
-            traffic: TrafficType::Probe,
-            flags: 0,
-            hop_limit: wire::DEFAULT_HOP_LIMIT,
-            src: local,
-            dst: p.id,
-            key_id: session.key_id,
-            counter: session.next_counter,
-        };
+        let header = Header { traffic: TrafficType::Probe, flags: 0, hop_limit: wire::DEFAULT_HOP_LIMIT, src: local, dst: p.id, key_id: session.key_id, counter: session.next_counter };
         session.next_counter += 1;
         out[HEADER_LEN..HEADER_LEN + payload.len()].copy_from_slice(payload);
         let n = session.key.seal(&header, out, payload.len());
@@ -760,15 +752,7 @@ impl TxState {
                 }
             }
         }
-        let header = Header {
-            traffic: TrafficType::Data,
-            flags: 0,
-            hop_limit: wire::DEFAULT_HOP_LIMIT,
-            src: self.local,
-            dst: p.id,
-            key_id: session.key_id,
-            counter: session.next_counter,
-        };
+        let header = Header { traffic: TrafficType::Data, flags: 0, hop_limit: wire::DEFAULT_HOP_LIMIT, src: self.local, dst: p.id, key_id: session.key_id, counter: session.next_counter };
         session.next_counter += 1;
         let n = session.key.seal(&header, buf, len);
         p.counters.tx_packets.fetch_add(1, Relaxed);
@@ -877,16 +861,8 @@ impl RxState {
         for net in &spec.local_dsts {
             local_dsts.insert(*net, ());
         }
-        let mut r = RxState {
-            local: spec.local,
-            peers: Vec::new(),
-            by_id: HashMap::new(),
-            local_dsts,
-            local_addrs: Vec::new(),
-            relays: HashMap::new(),
-            node: spec.node.clone(),
-            egress: spec.egress.clone(),
-        };
+        let mut r =
+            RxState { local: spec.local, peers: Vec::new(), by_id: HashMap::new(), local_dsts, local_addrs: Vec::new(), relays: HashMap::new(), node: spec.node.clone(), egress: spec.egress.clone() };
         for (i, p) in spec.peers.iter().enumerate() {
             r.add_peer(i, p);
         }
@@ -915,7 +891,16 @@ impl RxState {
             old.prefixes = prefixes;
             old.counters = spec.counters.clone();
         } else if i == self.peers.len() {
-            self.peers.push(RxPeer { id: spec.node_id, link_local: spec.link_local.clone(), sessions: Vec::new(), hosts, underlay: Vec::new(), prefixes, exits: PrefixTable::new(), counters: spec.counters.clone() });
+            self.peers.push(RxPeer {
+                id: spec.node_id,
+                link_local: spec.link_local.clone(),
+                sessions: Vec::new(),
+                hosts,
+                underlay: Vec::new(),
+                prefixes,
+                exits: PrefixTable::new(),
+                counters: spec.counters.clone(),
+            });
         } else {
             return;
         }
@@ -939,10 +924,7 @@ impl RxState {
             DataCommand::InstallSession { peer, secrets } => {
                 if let Some(p) = self.peers.get_mut(*peer) {
                     p.sessions.retain(|s| s.key_id != secrets.rx_key_id);
-                    p.sessions.insert(
-                        0,
-                        RxSession { key_id: secrets.rx_key_id, key: PacketKey::new(&secrets.rx_key), replay: ReplayWindow::default() },
-                    );
+                    p.sessions.insert(0, RxSession { key_id: secrets.rx_key_id, key: PacketKey::new(&secrets.rx_key), replay: ReplayWindow::default() });
                     p.sessions.truncate(RX_SESSIONS);
                 }
             }
@@ -1338,7 +1320,15 @@ mod tests {
         let (mut tx, mut rx, _, _) = pair();
         let to_c = ip4("10.77.0.1", "10.77.0.3", 5);
         assert_eq!(send(&mut tx, Tun::Aggregate, &to_c).0, TxAction::Reply(DropReason::NoRoute));
-        let c = PeerSpec { node_id: C, host_addrs: vec!["10.77.0.3".parse().unwrap()], prefixes: vec!["10.3.0.0/24".parse().unwrap()], link_local: vec![], protected: vec![], inner_mtu: 1388, counters: Arc::default() };
+        let c = PeerSpec {
+            node_id: C,
+            host_addrs: vec!["10.77.0.3".parse().unwrap()],
+            prefixes: vec!["10.3.0.0/24".parse().unwrap()],
+            link_local: vec![],
+            protected: vec![],
+            inner_mtu: 1388,
+            counters: Arc::default(),
+        };
         tx.apply(&DataCommand::AddPeer { peer: 1, spec: c.clone() });
         rx.apply(&DataCommand::AddPeer { peer: 1, spec: c.clone() });
         assert_eq!(tx.route("10.3.0.9".parse().unwrap()), Some(1));

@@ -16,14 +16,14 @@
 //! taken name is still accepted as a node record, without that name.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::{Arc, OnceLock};
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::{Arc, OnceLock};
 
 use base64::Engine;
-use sha2::Digest as _;
 use ed25519_dalek::{Signature, Verifier, VerifyingKey};
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
+use sha2::Digest as _;
 
 use crate::identity::{Identity, NodeId, PublicKey};
 
@@ -523,12 +523,7 @@ impl Directory {
     /// `None`).
     pub fn diff_in(&self, theirs: &[(NodeId, u64)], buckets: Option<&[u8]>) -> (Vec<SignedRecord>, Vec<NodeId>) {
         let their: HashMap<NodeId, u64> = theirs.iter().copied().collect();
-        let give = self
-            .entries
-            .iter()
-            .filter(|(id, e)| in_buckets(id, buckets) && their.get(id).is_none_or(|s| *s < e.record.seq))
-            .map(|(_, e)| e.signed.clone())
-            .collect();
+        let give = self.entries.iter().filter(|(id, e)| in_buckets(id, buckets) && their.get(id).is_none_or(|s| *s < e.record.seq)).map(|(_, e)| e.signed.clone()).collect();
         let want = theirs.iter().filter(|(id, s)| self.entries.get(id).is_none_or(|e| e.record.seq < *s)).map(|(id, _)| *id).collect();
         (give, want)
     }
@@ -549,11 +544,7 @@ impl Directory {
 
     /// Who holds a name: the earliest registration wins, then the lowest node ID.
     pub fn holder(&self, name: &str) -> Option<&Entry> {
-        self.entries
-            .values()
-            .filter_map(|e| e.record.names.iter().find(|n| n.name == name).map(|n| (n.since, e.record.node_id, e)))
-            .min_by_key(|(since, id, _)| (*since, *id))
-            .map(|(_, _, e)| e)
+        self.entries.values().filter_map(|e| e.record.names.iter().find(|n| n.name == name).map(|n| (n.since, e.record.node_id, e))).min_by_key(|(since, id, _)| (*since, *id)).map(|(_, _, e)| e)
     }
 
     /// P2PNS resolve: the node holding `name`.

@@ -1126,7 +1126,9 @@ impl Failover {
             let p = &self.peers[peer];
             p.relays
                 .iter()
-                .filter(|(r, c)| **c == Candidate::Active && p.path(PathId::Relay(self.peers[**r].id)).is_some_and(|x| x.state == PathState::Down && now.saturating_duration_since(x.state_since) > retry))
+                .filter(|(r, c)| {
+                    **c == Candidate::Active && p.path(PathId::Relay(self.peers[**r].id)).is_some_and(|x| x.state == PathState::Down && now.saturating_duration_since(x.state_since) > retry)
+                })
                 .map(|(r, _)| *r)
                 .collect()
         };
@@ -1140,7 +1142,12 @@ impl Failover {
         let working = best.is_some_and(|b| self.rank_of(b).commitment != Commitment::LastResort);
         // Last-resort relays are released once another relay works again.
         if working || !needs_relay {
-            let lr: Vec<usize> = self.peers[peer].relays.iter().filter(|(r, c)| self.peers[**r].rank.commitment == Commitment::LastResort && matches!(c, Candidate::Active | Candidate::Requested(_))).map(|(r, _)| *r).collect();
+            let lr: Vec<usize> = self.peers[peer]
+                .relays
+                .iter()
+                .filter(|(r, c)| self.peers[**r].rank.commitment == Commitment::LastResort && matches!(c, Candidate::Active | Candidate::Requested(_)))
+                .map(|(r, _)| *r)
+                .collect();
             for r in lr {
                 self.release_relay(peer, r);
             }
@@ -1206,12 +1213,8 @@ impl Failover {
         {
             let p = &self.peers[peer];
             let in_use = p.route.path;
-            let worst = p
-                .relays
-                .iter()
-                .filter(|(r, c)| matches!(c, Candidate::Active | Candidate::Requested(_)) && PathId::Relay(self.peers[**r].id) != in_use)
-                .map(|(r, _)| (self.peers[*r].rank, *r))
-                .max();
+            let worst =
+                p.relays.iter().filter(|(r, c)| matches!(c, Candidate::Active | Candidate::Requested(_)) && PathId::Relay(self.peers[**r].id) != in_use).map(|(r, _)| (self.peers[*r].rank, *r)).max();
             let have = p.relays.values().filter(|c| matches!(c, Candidate::Active | Candidate::Requested(_))).count();
             let better = ranked.iter().find(|(_, _, _, r)| !p.relays.contains_key(r)).map(|(rank, _, _, r)| (*rank, *r));
             if let (Some((wr, w)), Some((br, _))) = (worst, better) {
@@ -1300,7 +1303,22 @@ mod tests {
                     f
                 })
                 .collect();
-            Net { nodes, ids, now, cut: vec![], lossy: vec![], rng: 7, relay_ok: vec![true; n], in_flight: vec![], stalled: vec![], lazy: vec![], ticks: vec![0; n], latency: MS, policies: vec![crate::policy::Policy::default(); n], asked: vec![] }
+            Net {
+                nodes,
+                ids,
+                now,
+                cut: vec![],
+                lossy: vec![],
+                rng: 7,
+                relay_ok: vec![true; n],
+                in_flight: vec![],
+                stalled: vec![],
+                lazy: vec![],
+                ticks: vec![0; n],
+                latency: MS,
+                policies: vec![crate::policy::Policy::default(); n],
+                asked: vec![],
+            }
         }
         /// Node `r` publishes `policy`: every other node learns its rank.
         fn set_policy(&mut self, r: usize, policy: crate::policy::Policy) {

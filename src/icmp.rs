@@ -138,9 +138,7 @@ impl Filter {
             };
         }
         match &inner.transport {
-            Some(TransportSlice::Tcp(tcp)) => {
-                Verdict::Reroute { peer, dst, tcp: Some((SocketAddr::new(src, tcp.source_port()), SocketAddr::new(dst, tcp.destination_port()))) }
-            }
+            Some(TransportSlice::Tcp(tcp)) => Verdict::Reroute { peer, dst, tcp: Some((SocketAddr::new(src, tcp.source_port()), SocketAddr::new(dst, tcp.destination_port()))) },
             Some(TransportSlice::Udp(_)) => Verdict::Reroute { peer, dst, tcp: None },
             Some(TransportSlice::Icmpv4(i)) if i.type_u8() == 8 => Verdict::Reroute { peer, dst, tcp: None },
             Some(TransportSlice::Icmpv6(i)) if i.type_u8() == 128 => Verdict::Reroute { peer, dst, tcp: None },

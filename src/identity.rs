@@ -103,8 +103,7 @@ impl FromStr for NodeId {
         }
         let mut id = [0u8; NODE_ID_LEN];
         for (i, byte) in id.iter_mut().enumerate() {
-            *byte = u8::from_str_radix(&s[2 * i..2 * i + 2], 16)
-                .map_err(|_| ParseError::NodeIdFormat)?;
+            *byte = u8::from_str_radix(&s[2 * i..2 * i + 2], 16).map_err(|_| ParseError::NodeIdFormat)?;
         }
         Ok(NodeId(id))
     }
@@ -123,18 +122,14 @@ impl PublicKey {
     /// The DER SubjectPublicKeyInfo of this key (RFC 8410), as it appears in certificates.
     pub fn spki_der(&self) -> Vec<u8> {
         // SEQUENCE { SEQUENCE { OID 1.3.101.112 } BIT STRING { 0x00, key } }
-        let mut der = vec![
-            0x30, 0x2a, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x03, 0x21, 0x00,
-        ];
+        let mut der = vec![0x30, 0x2a, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x03, 0x21, 0x00];
         der.extend_from_slice(&self.0);
         der
     }
 
     /// Extracts the key from a DER Ed25519 SubjectPublicKeyInfo; `None` for any other shape.
     pub fn from_spki_der(der: &[u8]) -> Option<PublicKey> {
-        const PREFIX: [u8; 12] = [
-            0x30, 0x2a, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x03, 0x21, 0x00,
-        ];
+        const PREFIX: [u8; 12] = [0x30, 0x2a, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x03, 0x21, 0x00];
         if der.len() != PREFIX.len() + 32 || der[..PREFIX.len()] != PREFIX {
             return None;
         }
@@ -159,9 +154,7 @@ impl fmt::Debug for PublicKey {
 impl FromStr for PublicKey {
     type Err = ParseError;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let bytes = base64::engine::general_purpose::STANDARD
-            .decode(s.trim())
-            .map_err(|_| ParseError::KeyFormat)?;
+        let bytes = base64::engine::general_purpose::STANDARD.decode(s.trim()).map_err(|_| ParseError::KeyFormat)?;
         let key: [u8; 32] = bytes.try_into().map_err(|_| ParseError::KeyFormat)?;
         VerifyingKey::from_bytes(&key).map_err(|_| ParseError::KeyInvalid)?;
         Ok(PublicKey(key))
@@ -218,19 +211,12 @@ impl Identity {
 
     /// The PKCS#8 PEM text of the private key.
     pub fn to_pem(&self) -> String {
-        self.signing
-            .to_pkcs8_pem(Default::default())
-            .expect("encoding an Ed25519 key as PKCS#8 cannot fail")
-            .to_string()
+        self.signing.to_pkcs8_pem(Default::default()).expect("encoding an Ed25519 key as PKCS#8 cannot fail").to_string()
     }
 
     /// The PKCS#8 DER of the private key (what rustls and rcgen consume).
     pub fn pkcs8_der(&self) -> Vec<u8> {
-        self.signing
-            .to_pkcs8_der()
-            .expect("encoding an Ed25519 key as PKCS#8 cannot fail")
-            .as_bytes()
-            .to_vec()
+        self.signing.to_pkcs8_der().expect("encoding an Ed25519 key as PKCS#8 cannot fail").as_bytes().to_vec()
     }
 
     /// The public key.
@@ -256,16 +242,13 @@ impl Identity {
     /// an Ed25519 PKCS#8 PEM key.
     pub fn read(path: &Path) -> Result<Identity, KeyFileError> {
         let p = path.display().to_string();
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| KeyFileError::Io { path: p.clone(), source })?;
+        let text = std::fs::read_to_string(path).map_err(|source| KeyFileError::Io { path: p.clone(), source })?;
         Identity::from_pem(&text).ok_or(KeyFileError::Format { path: p })
     }
 
     /// True when the key file can be read by group or others (mode & 0o077 != 0).
     pub fn file_is_exposed(path: &Path) -> bool {
-        std::fs::metadata(path)
-            .map(|m| m.permissions().mode() & 0o077 != 0)
-            .unwrap_or(false)
+        std::fs::metadata(path).map(|m| m.permissions().mode() & 0o077 != 0).unwrap_or(false)
     }
 
     /// Writes a new key file with mode 0600; never replaces an existing file.
@@ -274,21 +257,14 @@ impl Identity {
     /// [`KeyFileError::Exists`] if the path exists, [`KeyFileError::Io`] otherwise.
     pub fn write_new(&self, path: &Path) -> Result<(), KeyFileError> {
         let p = path.display().to_string();
-        let mut file = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(path)
-            .map_err(|source| {
-                if source.kind() == std::io::ErrorKind::AlreadyExists {
-                    KeyFileError::Exists { path: p.clone() }
-                } else {
-                    KeyFileError::Io { path: p.clone(), source }
-                }
-            })?;
-        file.write_all(self.to_pem().as_bytes())
-            .and_then(|_| file.sync_all())
-            .map_err(|source| KeyFileError::Io { path: p, source })
+        let mut file = OpenOptions::new().write(true).create_new(true).mode(0o600).open(path).map_err(|source| {
+            if source.kind() == std::io::ErrorKind::AlreadyExists {
+                KeyFileError::Exists { path: p.clone() }
+            } else {
+                KeyFileError::Io { path: p.clone(), source }
+            }
+        })?;
+        file.write_all(self.to_pem().as_bytes()).and_then(|_| file.sync_all()).map_err(|source| KeyFileError::Io { path: p, source })
     }
 }
 

@@ -60,7 +60,13 @@ pub struct LinkAddrs {
 /// taken on this host by detour (overlay addresses). Returns one entry per peer and the
 /// warnings for peers that got no IPv4 link address.
 pub fn plan(local: &NodeId, peers: &[(String, NodeId)], pool: Ipv4Net, in_use: &[IpAddr]) -> (Vec<LinkAddrs>, Vec<String>) {
-    let mut taken: HashSet<Ipv4Addr> = in_use.iter().filter_map(|a| match a { IpAddr::V4(v) => Some(*v), _ => None }).collect();
+    let mut taken: HashSet<Ipv4Addr> = in_use
+        .iter()
+        .filter_map(|a| match a {
+            IpAddr::V4(v) => Some(*v),
+            _ => None,
+        })
+        .collect();
     let mut order: Vec<usize> = (0..peers.len()).collect();
     order.sort_by_key(|&i| peers[i].1);
     let mut out = vec![None; peers.len()];

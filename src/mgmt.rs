@@ -202,12 +202,7 @@ mod tests {
 
     #[test]
     fn round_trip() {
-        let f = Frame {
-            src: NodeId([1; 16]),
-            dst: NodeId([2; 16]),
-            hop_limit: 3,
-            message: Message::Hello { version: 1, name: "alice".into(), data_port: 7720 },
-        };
+        let f = Frame { src: NodeId([1; 16]), dst: NodeId([2; 16]), hop_limit: 3, message: Message::Hello { version: 1, name: "alice".into(), data_port: 7720 } };
         let bytes = encode(&f);
         let len = u32::from_be_bytes(bytes[..4].try_into().unwrap()) as usize;
         assert_eq!(len, bytes.len() - 4);

@@ -14,7 +14,9 @@ use crate::config::{derive_ifname, Config, Endpoint, PeerConfig};
 use crate::dataplane::{DataPlaneSpec, NodeCounters, PeerCounters, PeerSpec};
 use crate::directory::NodeRecord;
 use crate::identity::NodeId;
-use crate::kernel::{AddrSpec, DesiredState, LinkSpec, NexthopKind, NexthopSpec, RouteSpec, RuleSpec, CLASS_EGRESS, CLASS_NEW, PIN_DIRECT, PIN_MASK, PIN_OVERLAY, TABLE_MAIN, TABLE_NEW, TABLE_PIN, TABLE_RETURN};
+use crate::kernel::{
+    AddrSpec, DesiredState, LinkSpec, NexthopKind, NexthopSpec, RouteSpec, RuleSpec, CLASS_EGRESS, CLASS_NEW, PIN_DIRECT, PIN_MASK, PIN_OVERLAY, TABLE_MAIN, TABLE_NEW, TABLE_PIN, TABLE_RETURN,
+};
 use crate::links::{self, LinkAddrs};
 
 /// Protection of one peer's destinations, as the failover engine decided it.
@@ -110,7 +112,13 @@ impl Model {
         in_use.extend(cfg.peers.iter().filter_map(|p| p.overlay_v4.map(IpAddr::V4)));
         let ids: Vec<(String, NodeId)> = cfg.peers.iter().map(|p| (p.name.clone(), p.node_id)).collect();
         let (links, warnings) = links::plan(&local, &ids, cfg.kernel.link_pool_v4, &in_use);
-        let mut taken_v4: HashSet<Ipv4Addr> = in_use.iter().filter_map(|a| match a { IpAddr::V4(v) => Some(*v), _ => None }).collect();
+        let mut taken_v4: HashSet<Ipv4Addr> = in_use
+            .iter()
+            .filter_map(|a| match a {
+                IpAddr::V4(v) => Some(*v),
+                _ => None,
+            })
+            .collect();
         for l in &links {
             taken_v4.extend(l.local_v4);
             taken_v4.extend(l.remote_v4);
@@ -207,18 +215,7 @@ impl Model {
                 };
                 let i = self.peers.len();
                 self.peers.push(PeerDef {
-                    cfg: PeerConfig {
-                        name,
-                        public_key,
-                        node_id: rec.node_id,
-                        endpoints,
-                        overlay_v4,
-                        overlay_v6,
-                        prefixes,
-                        interface,
-                        underlay_mtu: self.cfg.node.underlay_mtu,
-                        protected: Vec::new(),
-                    },
+                    cfg: PeerConfig { name, public_key, node_id: rec.node_id, endpoints, overlay_v4, overlay_v6, prefixes, interface, underlay_mtu: self.cfg.node.underlay_mtu, protected: Vec::new() },
                     links,
                     configured: false,
                     tun: false,
@@ -445,13 +442,7 @@ impl Model {
             let l = &def.links;
             s.links.insert(LinkSpec { name: dev.clone(), mtu: u32::from(p.inner_mtu()), up: true });
             s.addrs.insert(AddrSpec { dev: dev.clone(), addr: IpAddr::V6(l.local_v6), prefix_len: 64 });
-            s.routes.insert(RouteSpec {
-                dst: IpNet::V6(Ipv6Net::new("fe80::".parse().expect("literal"), 64).expect("64")),
-                dev: dev.clone(),
-                src: None,
-                nhid: None,
-                table: TABLE_MAIN,
-            });
+            s.routes.insert(RouteSpec { dst: IpNet::V6(Ipv6Net::new("fe80::".parse().expect("literal"), 64).expect("64")), dev: dev.clone(), src: None, nhid: None, table: TABLE_MAIN });
             if let (Some(local), Some(remote)) = (l.local_v4, l.remote_v4) {
                 s.addrs.insert(AddrSpec { dev: dev.clone(), addr: IpAddr::V4(local), prefix_len: 32 });
                 s.routes.insert(RouteSpec { dst: IpNet::from(IpAddr::V4(remote)), dev: dev.clone(), src: Some(IpAddr::V4(local)), nhid: None, table: TABLE_MAIN });

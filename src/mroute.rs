@@ -149,16 +149,7 @@ impl Topology {
         let mut ids: Vec<NodeId> = listed.keys().copied().collect();
         ids.sort();
         let index: HashMap<NodeId, u32> = ids.iter().enumerate().map(|(i, n)| (*n, i as u32)).collect();
-        let adj = ids
-            .iter()
-            .map(|a| {
-                listed[a]
-                    .iter()
-                    .filter(|b| listed.get(*b).is_some_and(|l| l.contains(a)))
-                    .filter_map(|b| index.get(b).copied())
-                    .collect()
-            })
-            .collect();
+        let adj = ids.iter().map(|a| listed[a].iter().filter(|b| listed.get(*b).is_some_and(|l| l.contains(a))).filter_map(|b| index.get(b).copied()).collect()).collect();
         Topology { ids, index, adj }
     }
 
@@ -262,7 +253,6 @@ impl View<'_> {
     }
 }
 
-
 struct Pending {
     dst: NodeId,
     channel: u16,
@@ -296,17 +286,7 @@ fn b64() -> base64::engine::GeneralPurpose {
 impl Router {
     /// A router for `local`; `seed` makes message IDs unique and unpredictable.
     pub fn new(local: NodeId, cfg: MrouteConfig, seed: u64) -> Router {
-        Router {
-            local,
-            cfg,
-            neighbours: BTreeSet::new(),
-            pending: HashMap::new(),
-            seen: HashMap::new(),
-            rng: seed | 1,
-            out: VecDeque::new(),
-            drops: HashMap::new(),
-            retries: 0,
-        }
+        Router { local, cfg, neighbours: BTreeSet::new(), pending: HashMap::new(), seen: HashMap::new(), rng: seed | 1, out: VecDeque::new(), drops: HashMap::new(), retries: 0 }
     }
 
     fn next_id(&mut self) -> u64 {
@@ -434,20 +414,7 @@ impl Router {
             self.out.push_back(Out::Delivered { id });
             return id;
         }
-        self.pending.insert(
-            id,
-            Pending {
-                dst,
-                channel,
-                payload,
-                critical,
-                attempts: 0,
-                timeout: self.cfg.first_timeout,
-                deadline: now,
-                suspect: HashMap::new(),
-                last_paths: Vec::new(),
-            },
-        );
+        self.pending.insert(id, Pending { dst, channel, payload, critical, attempts: 0, timeout: self.cfg.first_timeout, deadline: now, suspect: HashMap::new(), last_paths: Vec::new() });
         self.attempt(now, graph, id);
         id
     }
@@ -552,11 +519,8 @@ impl Router {
         // The reverse of the trail, when it starts at `to` and its last hop is still a
         // neighbour; otherwise a fresh shortest path.
         let back: Vec<NodeId> = trail.iter().rev().copied().collect();
-        let path = if trail.first() == Some(&to) && back.first().is_some_and(|n| self.neighbours.contains(n)) {
-            Some(back)
-        } else {
-            self.path(graph, self.local, to, &BTreeSet::new(), &BTreeSet::new())
-        };
+        let path =
+            if trail.first() == Some(&to) && back.first().is_some_and(|n| self.neighbours.contains(n)) { Some(back) } else { self.path(graph, self.local, to, &BTreeSet::new(), &BTreeSet::new()) };
         match path {
             Some(p) if !p.is_empty() => {
                 let env = Envelope { id, src: self.local, dst: to, hops: self.cfg.hop_limit, route: p[1..].to_vec(), trail: vec![self.local], body: Body::Ack { of } };
@@ -842,10 +806,7 @@ mod tests {
         }
         s.run_until(t0 + Duration::from_secs(30));
         let acked = sent.iter().filter(|(a, m, _, _)| s.outcome.get(&(*a, *m)) == Some(&true)).count();
-        let arrived = sent
-            .iter()
-            .filter(|(a, _, b, i)| s.delivered.get(b).is_some_and(|d| d.iter().any(|(src, p)| *src == id(*a as u32) && p == &i.to_be_bytes().to_vec())))
-            .count();
+        let arrived = sent.iter().filter(|(a, _, b, i)| s.delivered.get(b).is_some_and(|d| d.iter().any(|(src, p)| *src == id(*a as u32) && p == &i.to_be_bytes().to_vec()))).count();
         let ratio = arrived as f64 / sent.len() as f64;
         println!("{} messages, {} delivered ({:.4}), {} acknowledged", sent.len(), arrived, ratio, acked);
         assert!(ratio >= 0.999, "delivery ratio {ratio}");

@@ -542,12 +542,8 @@ impl Overlay {
     /// Collects the other nodes' claims on `name` from the whole directory (once, when this
     /// node takes a name; O(n)).
     fn find_rivals(&mut self, name: &str) {
-        let claims: HashMap<NodeId, u64> = self
-            .dir
-            .entries()
-            .filter(|e| e.record.node_id != self.local)
-            .filter_map(|e| e.record.names.iter().find(|n| n.name == name).map(|n| (e.record.node_id, n.since)))
-            .collect();
+        let claims: HashMap<NodeId, u64> =
+            self.dir.entries().filter(|e| e.record.node_id != self.local).filter_map(|e| e.record.names.iter().find(|n| n.name == name).map(|n| (e.record.node_id, n.since))).collect();
         self.rivals.insert(name.to_string(), claims);
     }
 
@@ -730,13 +726,7 @@ impl Overlay {
     }
 
     fn check_names(&mut self, _unix: u64) {
-        let lost: Vec<(String, NodeId)> = self
-            .names
-            .iter()
-            .skip(1)
-            .filter(|n| !self.holds(&n.name, n.since))
-            .map(|n| (n.name.clone(), self.rival(&n.name).unwrap_or_default()))
-            .collect();
+        let lost: Vec<(String, NodeId)> = self.names.iter().skip(1).filter(|n| !self.holds(&n.name, n.since)).map(|n| (n.name.clone(), self.rival(&n.name).unwrap_or_default())).collect();
         for (name, holder) in lost {
             self.names.retain(|n| n.name != name);
             self.rivals.remove(&name);
@@ -874,12 +864,7 @@ impl Overlay {
         if candidates.len() < need && !self.ranked_all {
             // Too few of the best-ranked are usable now: look at the whole directory (O(n),
             // only while this node lacks neighbours).
-            candidates = self
-                .dir
-                .entries()
-                .filter(|e| usable(self, &e.record.node_id))
-                .map(|e| self.candidate(&e.record))
-                .collect();
+            candidates = self.dir.entries().filter(|e| usable(self, &e.record.node_id)).map(|e| self.candidate(&e.record)).collect();
         }
         let fixed_groups: Vec<u64> = configured.iter().filter_map(|id| self.dir.get(id)).map(|e| underlay_group(&e.record)).collect();
         let keep: BTreeSet<NodeId> = self.chosen.keys().copied().collect();
@@ -1072,7 +1057,6 @@ mod tests {
                 next_tick += Duration::from_millis(100);
             }
         }
-
     }
 
     impl Sim {

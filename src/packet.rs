@@ -178,10 +178,7 @@ fn build_error(pkt: &[u8], to: IpAddr, from: IpAddr, kind: IcmpKind) -> Option<V
             };
             // RFC 1812 §4.3.2.3: quote as much as fits in 576 bytes.
             let payload = icmp_payload(pkt, 576, 20 + 8);
-            PacketBuilder::ipv4(from.octets(), to.octets(), 64)
-                .icmpv4(Icmpv4Type::DestinationUnreachable(t))
-                .write(&mut out, payload)
-                .ok()?;
+            PacketBuilder::ipv4(from.octets(), to.octets(), 64).icmpv4(Icmpv4Type::DestinationUnreachable(t)).write(&mut out, payload).ok()?;
         }
         (IpAddr::V6(to), IpAddr::V6(from)) => {
             let t = match kind {
@@ -190,10 +187,7 @@ fn build_error(pkt: &[u8], to: IpAddr, from: IpAddr, kind: IcmpKind) -> Option<V
             };
             // RFC 4443 §2.4(c): the error must not exceed the minimum IPv6 MTU.
             let payload = icmp_payload(pkt, 1280, 40 + 8);
-            PacketBuilder::ipv6(from.octets(), to.octets(), 64)
-                .icmpv6(t)
-                .write(&mut out, payload)
-                .ok()?;
+            PacketBuilder::ipv6(from.octets(), to.octets(), 64).icmpv6(t).write(&mut out, payload).ok()?;
         }
         _ => return None,
     }
@@ -207,10 +201,7 @@ mod tests {
 
     fn udp4(df: bool, len: usize) -> Vec<u8> {
         let mut out = Vec::new();
-        PacketBuilder::ipv4([10, 0, 0, 1], [10, 0, 0, 2], 64)
-            .udp(1000, 2000)
-            .write(&mut out, &vec![7u8; len])
-            .unwrap();
+        PacketBuilder::ipv4([10, 0, 0, 1], [10, 0, 0, 2], 64).udp(1000, 2000).write(&mut out, &vec![7u8; len]).unwrap();
         // etherparse sets DF; clear it when asked (the header checksum is not checked here).
         if !df {
             out[6] &= !0x40;
@@ -241,10 +232,7 @@ mod tests {
             _ => panic!("not ipv4"),
         }
         match s.transport {
-            Some(TransportSlice::Icmpv4(i)) => assert_eq!(
-                i.icmp_type(),
-                Icmpv4Type::DestinationUnreachable(icmpv4::DestUnreachableHeader::FragmentationNeeded { next_hop_mtu: 1300 })
-            ),
+            Some(TransportSlice::Icmpv4(i)) => assert_eq!(i.icmp_type(), Icmpv4Type::DestinationUnreachable(icmpv4::DestUnreachableHeader::FragmentationNeeded { next_hop_mtu: 1300 })),
             _ => panic!("not icmp"),
         }
     }
@@ -252,10 +240,7 @@ mod tests {
     #[test]
     fn too_big_v6() {
         let mut p = Vec::new();
-        PacketBuilder::ipv6([0xfd, 0x77, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1], [0xfd, 0x77, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2], 64)
-            .udp(1, 2)
-            .write(&mut p, &[0u8; 1400])
-            .unwrap();
+        PacketBuilder::ipv6([0xfd, 0x77, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1], [0xfd, 0x77, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2], 64).udp(1, 2).write(&mut p, &[0u8; 1400]).unwrap();
         let e = too_big(&p, 1280, "fd77::9".parse().unwrap()).unwrap();
         assert!(e.len() <= 1280);
         let s = SlicedPacket::from_ip(&e).unwrap();

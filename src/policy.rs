@@ -290,21 +290,11 @@ impl Policy {
     /// effective lifespan, connectivity class and what it lets through.
     pub fn describe(&self, now_s: u64) -> String {
         let w = &self.willing;
-        let offers: Vec<&str> = [
-            (w.overlay && self.commitment != Commitment::Never, "relay"),
-            (w.local, "local delivery"),
-            (w.internet, "exit"),
-            (w.internet_masquerade, "masquerading exit"),
-        ]
-        .into_iter()
-        .filter_map(|(on, what)| on.then_some(what))
-        .collect();
-        format!(
-            "{}, connectivity {}; offers {}",
-            self.summary(now_s),
-            self.connectivity.as_str(),
-            if offers.is_empty() { "nothing".to_string() } else { offers.join(", ") }
-        )
+        let offers: Vec<&str> = [(w.overlay && self.commitment != Commitment::Never, "relay"), (w.local, "local delivery"), (w.internet, "exit"), (w.internet_masquerade, "masquerading exit")]
+            .into_iter()
+            .filter_map(|(on, what)| on.then_some(what))
+            .collect();
+        format!("{}, connectivity {}; offers {}", self.summary(now_s), self.connectivity.as_str(), if offers.is_empty() { "nothing".to_string() } else { offers.join(", ") })
     }
 
     /// What ranks it as a relay, in words: `always priority 100 stable`.

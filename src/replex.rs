@@ -493,11 +493,7 @@ mod tests {
     #[test]
     fn scenarios_converge_within_the_round_budgets() {
         // Table A of §3.9: (scenario, budgets to 1e-2 and 1e-3 for equal, pure-first, pure-last).
-        let table: [(Scenario, [(usize, usize); 3]); 3] = [
-            (s2(), [(130, 230), (180, 270), (200, 300)]),
-            (s3(), [(80, 160), (130, 180), (160, 240)]),
-            (s4(), [(240, 440), (160, 360), (340, 540)]),
-        ];
+        let table: [(Scenario, [(usize, usize); 3]); 3] = [(s2(), [(130, 230), (180, 270), (200, 300)]), (s3(), [(80, 160), (130, 180), (160, 240)]), (s4(), [(240, 440), (160, 360), (340, 540)])];
         for (sc, budgets) in table {
             for (start, (b2, b3)) in starts(sc.a.len()).iter().zip(budgets) {
                 let h = run(&sc, start, &reference(), 0, 4000);

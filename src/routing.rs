@@ -24,11 +24,19 @@ impl<V> Default for PrefixTable<V> {
 }
 
 fn mask4(len: u8) -> u32 {
-    if len == 0 { 0 } else { u32::MAX << (32 - u32::from(len)) }
+    if len == 0 {
+        0
+    } else {
+        u32::MAX << (32 - u32::from(len))
+    }
 }
 
 fn mask6(len: u8) -> u128 {
-    if len == 0 { 0 } else { u128::MAX << (128 - u32::from(len)) }
+    if len == 0 {
+        0
+    } else {
+        u128::MAX << (128 - u32::from(len))
+    }
 }
 
 fn slot<K, V>(levels: &mut Vec<(u8, HashMap<K, V>)>, len: u8) -> &mut HashMap<K, V> {
@@ -100,12 +108,8 @@ impl<V> PrefixTable<V> {
 
     /// Every (prefix, value) pair, longest prefixes first.
     pub fn iter(&self) -> impl Iterator<Item = (IpNet, &V)> {
-        let v4 = self.v4.iter().flat_map(|(l, m)| {
-            m.iter().map(move |(k, v)| (IpNet::V4(Ipv4Net::new(Ipv4Addr::from(*k), *l).expect("len ≤ 32")), v))
-        });
-        let v6 = self.v6.iter().flat_map(|(l, m)| {
-            m.iter().map(move |(k, v)| (IpNet::V6(Ipv6Net::new(Ipv6Addr::from(*k), *l).expect("len ≤ 128")), v))
-        });
+        let v4 = self.v4.iter().flat_map(|(l, m)| m.iter().map(move |(k, v)| (IpNet::V4(Ipv4Net::new(Ipv4Addr::from(*k), *l).expect("len ≤ 32")), v)));
+        let v6 = self.v6.iter().flat_map(|(l, m)| m.iter().map(move |(k, v)| (IpNet::V6(Ipv6Net::new(Ipv6Addr::from(*k), *l).expect("len ≤ 128")), v)));
         v4.chain(v6)
     }
 

@@ -191,10 +191,7 @@ impl PacketKey {
         let (head, rest) = buf.split_at_mut(HEADER_LEN);
         let _ = head;
         let (payload, tail) = rest.split_at_mut(payload_len);
-        let tag = self
-            .key
-            .seal_in_place_separate_tag(nonce_of(header.counter), Aad::from(aad), payload)
-            .expect("ChaCha20-Poly1305 seal of a packet below 256 GiB cannot fail");
+        let tag = self.key.seal_in_place_separate_tag(nonce_of(header.counter), Aad::from(aad), payload).expect("ChaCha20-Poly1305 seal of a packet below 256 GiB cannot fail");
         tail[..TAG_LEN].copy_from_slice(tag.as_ref());
         payload_len + OVERHEAD
     }
@@ -214,9 +211,7 @@ impl PacketKey {
         let (_, rest) = buf.split_at_mut(HEADER_LEN);
         let (payload, tag) = rest.split_at_mut(payload_len);
         let tag: [u8; TAG_LEN] = tag[..TAG_LEN].try_into().map_err(|_| WireError::TooShort)?;
-        self.key
-            .open_in_place_separate_tag(nonce_of(header.counter), Aad::from(aad), Tag::from(tag), payload, 0..)
-            .map_err(|_| WireError::AuthFailed)?;
+        self.key.open_in_place_separate_tag(nonce_of(header.counter), Aad::from(aad), Tag::from(tag), payload, 0..).map_err(|_| WireError::AuthFailed)?;
         Ok(payload_len)
     }
 }
@@ -269,15 +264,7 @@ mod tests {
     use proptest::prelude::*;
 
     fn hdr(counter: u64) -> Header {
-        Header {
-            traffic: TrafficType::Data,
-            flags: 0,
-            hop_limit: DEFAULT_HOP_LIMIT,
-            src: NodeId([1; 16]),
-            dst: NodeId([2; 16]),
-            key_id: 0xdead_beef,
-            counter,
-        }
+        Header { traffic: TrafficType::Data, flags: 0, hop_limit: DEFAULT_HOP_LIMIT, src: NodeId([1; 16]), dst: NodeId([2; 16]), key_id: 0xdead_beef, counter }
     }
 
     #[test]

@@ -14,7 +14,6 @@
 //! Detour's own packets (its firewall mark) are left alone. Both chains are removed at exit
 //! and after a crash on the next start.
 
-
 use crate::shell::netfilter;
 use anyhow::{bail, Result};
 use ipnet::IpNet;
@@ -64,9 +63,8 @@ impl Accounting {
         remove();
         self.fwmark = fwmark;
         for v6 in [false, true] {
-            let mut ok = netfilter::ok(v6, &["-t", "mangle", "-N", CHAIN])?
-                && netfilter::ok(v6, &["-t", "mangle", "-A", "POSTROUTING", "-j", CHAIN])?
-                && netfilter::ok(v6, &["-t", "mangle", "-N", PIN_CHAIN])?;
+            let mut ok =
+                netfilter::ok(v6, &["-t", "mangle", "-N", CHAIN])? && netfilter::ok(v6, &["-t", "mangle", "-A", "POSTROUTING", "-j", CHAIN])? && netfilter::ok(v6, &["-t", "mangle", "-N", PIN_CHAIN])?;
             for hook in ["OUTPUT", "PREROUTING"] {
                 ok = ok && netfilter::ok(v6, &["-t", "mangle", "-A", hook, "-j", PIN_CHAIN])?;
             }

@@ -19,7 +19,6 @@
 //! The rules follow from the configuration alone, so they are installed once at start.
 //! Everything is removed at exit, and after a crash on the next start.
 
-
 use crate::shell::netfilter;
 use anyhow::{bail, Result};
 use ipnet::IpNet;
@@ -159,9 +158,7 @@ mod tests {
     use super::*;
 
     fn cfg(extra: &str) -> Config {
-        let text = format!(
-            "[node]\nname = \"c\"\nprivate_key = \"/k\"\noverlay_ipv4 = \"10.77.0.3/24\"\nnetworks = [\"192.168.3.0/24\"]\n{extra}\n"
-        );
+        let text = format!("[node]\nname = \"c\"\nprivate_key = \"/k\"\noverlay_ipv4 = \"10.77.0.3/24\"\nnetworks = [\"192.168.3.0/24\"]\n{extra}\n");
         Config::parse(&text, "t").unwrap_or_else(|e| panic!("{e}"))
     }
 

@@ -145,7 +145,19 @@ pub async fn run(mut cfg: Config) -> Result<()> {
     let listener = control::bind(&control_path)?;
     let nl = Netlink::connect()?;
     let qdisc = model.cfg.management.qdisc_interface.clone();
-    let mut resources = Resources { nl: nl.clone(), table: model.cfg.kernel.table, links: link_names(&model), datapath: None, control_path: control_path.clone(), netfilter: false, dscp: false, qdisc: None, acct: false, classes: false, hash_policy: Vec::new() };
+    let mut resources = Resources {
+        nl: nl.clone(),
+        table: model.cfg.kernel.table,
+        links: link_names(&model),
+        datapath: None,
+        control_path: control_path.clone(),
+        netfilter: false,
+        dscp: false,
+        qdisc: None,
+        acct: false,
+        classes: false,
+        hash_policy: Vec::new(),
+    };
     let result = run_inner(&identity, model, nl, listener, &mut resources, qdisc).await;
     resources.cleanup().await;
     result
@@ -379,7 +391,9 @@ async fn run_inner(identity: &Identity, model: Model, nl: Netlink, listener: tok
     let mut icmp_active = false;
     if cfg.failover.icmp && !cfg.peers.is_empty() {
         res.netfilter = true;
-        match intercept::install_rules(cfg.failover.nfqueue, !cfg.node.networks.is_empty()).and_then(|_| intercept::start_queue(cfg.failover.nfqueue, filter.clone(), icmp_counters.clone(), alarm_tx.clone())) {
+        match intercept::install_rules(cfg.failover.nfqueue, !cfg.node.networks.is_empty())
+            .and_then(|_| intercept::start_queue(cfg.failover.nfqueue, filter.clone(), icmp_counters.clone(), alarm_tx.clone()))
+        {
             Ok(()) => icmp_active = true,
             Err(e) => {
                 intercept::remove_rules();
@@ -723,7 +737,13 @@ fn status(shared: &Shared) -> Status {
                     .map(|r| {
                         r.relays
                             .iter()
-                            .map(|x| crate::ctl::RelayRow { name: x.name.clone(), policy: x.policy.clone(), failover: x.failover.clone().err(), performance: x.performance.clone().err(), state: x.state.clone() })
+                            .map(|x| crate::ctl::RelayRow {
+                                name: x.name.clone(),
+                                policy: x.policy.clone(),
+                                failover: x.failover.clone().err(),
+                                performance: x.performance.clone().err(),
+                                state: x.state.clone(),
+                            })
                             .collect()
                     })
                     .unwrap_or_default(),
@@ -757,12 +777,7 @@ fn status(shared: &Shared) -> Status {
             aggregate_interface: cfg.kernel.aggregate_interface.clone(),
             uptime_s: shared.start.elapsed().as_secs(),
             policy: cfg.node.policy.describe(crate::shell::mnode::unix_now()),
-            refusals: crate::policy::Refusal::ALL
-                .iter()
-                .zip(shared.engine.refusals.iter())
-                .map(|(r, c)| (r.as_str().to_string(), c.load(Relaxed)))
-                .filter(|(_, v)| *v > 0)
-                .collect(),
+            refusals: crate::policy::Refusal::ALL.iter().zip(shared.engine.refusals.iter()).map(|(r, c)| (r.as_str().to_string(), c.load(Relaxed))).filter(|(_, v)| *v > 0).collect(),
             exits: shared.engine.exits.lock().expect("exits").clone(),
         },
         peers,

@@ -121,10 +121,7 @@ impl DataPath {
         }
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let (cmd, cmds) = mpsc::unbounded_channel();
-        let thread = std::thread::Builder::new()
-            .name("detour-data".into())
-            .spawn(move || data_thread(spec, tuns, mtus, sockets, cmds, ready_tx, start, events))
-            .context("starting the data thread")?;
+        let thread = std::thread::Builder::new().name("detour-data".into()).spawn(move || data_thread(spec, tuns, mtus, sockets, cmds, ready_tx, start, events)).context("starting the data thread")?;
         match ready_rx.recv() {
             Ok(Ok(())) => Ok(DataPath { cmds: cmd, thread }),
             Ok(Err(e)) => Err(anyhow!(e)),
@@ -164,10 +161,7 @@ fn pick(socks: &[Socket], to: SocketAddr) -> Option<(usize, SocketAddr)> {
             if let Some(i) = socks.iter().position(|s| s.v4 && !s.v6) {
                 return Some((i, to));
             }
-            socks
-                .iter()
-                .position(|s| s.v4 && s.v6)
-                .map(|i| (i, SocketAddr::new(IpAddr::V6(v4.ip().to_ipv6_mapped()), v4.port())))
+            socks.iter().position(|s| s.v4 && s.v6).map(|i| (i, SocketAddr::new(IpAddr::V6(v4.ip().to_ipv6_mapped()), v4.port())))
         }
         SocketAddr::V6(_) => socks.iter().position(|s| s.v6).map(|i| (i, to)),
     }
@@ -376,12 +370,7 @@ impl Batch {
             self.dest = Some(dest);
             self.seg = data.len();
             self.closed = false;
-        } else if self.dest != Some(dest)
-            || self.closed
-            || self.count >= max_segs
-            || data.len() > self.seg
-            || self.buf.len() + data.len() > GSO_MAX_BYTES
-        {
+        } else if self.dest != Some(dest) || self.closed || self.count >= max_segs || data.len() > self.seg || self.buf.len() + data.len() > GSO_MAX_BYTES {
             return false;
         } else if data.len() < self.seg {
             self.closed = true;
@@ -425,13 +414,7 @@ impl Out {
             return;
         }
         let s = &self.socks[sock_i];
-        let transmit = Transmit {
-            destination: to,
-            ecn: None,
-            contents: &self.batch.buf,
-            segment_size: if self.batch.count > 1 { Some(self.batch.seg) } else { None },
-            src_ip,
-        };
+        let transmit = Transmit { destination: to, ecn: None, contents: &self.batch.buf, segment_size: if self.batch.count > 1 { Some(self.batch.seg) } else { None }, src_ip };
         loop {
             if s.sock.writable().await.is_err() {
                 break;

@@ -213,15 +213,7 @@ struct ReplexPeer {
 
 impl ReplexPeer {
     fn new() -> ReplexPeer {
-        ReplexPeer {
-            dest: crate::replex::Dest::default(),
-            slots: HashMap::new(),
-            sent: Vec::new(),
-            weights: None,
-            last_route_bytes: [0; MAX_SPLIT],
-            last_direct_bytes: 0,
-            realized: HashMap::new(),
-        }
+        ReplexPeer { dest: crate::replex::Dest::default(), slots: HashMap::new(), sent: Vec::new(), weights: None, last_route_bytes: [0; MAX_SPLIT], last_direct_bytes: 0, realized: HashMap::new() }
     }
 
     /// A stable counter slot for a route.
@@ -833,8 +825,11 @@ impl Engine {
             }
             let id = self.peers[i].id;
             let st = &mut self.reports[i];
-            let links: Vec<Link> =
-                all.iter().filter(|l| st.interest.contains(&l.node)).map(|l| Link { node: l.node, up: l.up, rtt_ms: l.rtt_ms.map(|r| (r * 10.0).round() / 10.0), loss: (l.loss * 100.0).round() / 100.0 }).collect();
+            let links: Vec<Link> = all
+                .iter()
+                .filter(|l| st.interest.contains(&l.node))
+                .map(|l| Link { node: l.node, up: l.up, rtt_ms: l.rtt_ms.map(|r| (r * 10.0).round() / 10.0), loss: (l.loss * 100.0).round() / 100.0 })
+                .collect();
             let want: Vec<NodeId> = monitored.iter().copied().filter(|n| *n != id).collect();
             let want_due = st.want_sent.as_ref() != Some(&want) || st.want_at.is_none_or(|t| now >= t + INTEREST_REFRESH);
             let links_due = !same_links(&st.sent, &links) || st.sent_at.is_none_or(|t| now >= t + LINK_REFRESH);
@@ -863,11 +858,8 @@ impl Engine {
         let on = self.core.route(peer).is_some_and(|r| r.protect);
         let split = self.replex.get(peer).and_then(|r| r.as_ref()).and_then(|r| r.weights);
         let p = &self.peers[peer];
-        let value = (on || split.is_some()).then(|| Protect {
-            underlay: p.data.map(|d| vec![d.ip()]).unwrap_or_default(),
-            src: p.local_ip.into_iter().collect(),
-            split: if on { None } else { split },
-        });
+        let value =
+            (on || split.is_some()).then(|| Protect { underlay: p.data.map(|d| vec![d.ip()]).unwrap_or_default(), src: p.local_ip.into_iter().collect(), split: if on { None } else { split } });
         let mut protect = self.shared.protect.lock().expect("protect");
         if protect[peer] != value {
             protect[peer] = value;
@@ -927,14 +919,7 @@ impl Engine {
                 .paths(i)
                 .into_iter()
                 .filter(|v| v.id == PathId::Direct || v.state != PathState::Down || v.in_use || self.core.active_relays(i).iter().any(|&ri| v.id == PathId::Relay(self.peers[ri].id)))
-                .map(|v| PathStatus {
-                    path: self.path_name(v.id),
-                    state: v.state.as_str().into(),
-                    since: v.since,
-                    rtt_ms: v.srtt.map(|d| d.as_secs_f64() * 1000.0),
-                    loss: v.loss,
-                    in_use: v.in_use,
-                })
+                .map(|v| PathStatus { path: self.path_name(v.id), state: v.state.as_str().into(), since: v.since, rtt_ms: v.srtt.map(|d| d.as_secs_f64() * 1000.0), loss: v.loss, in_use: v.in_use })
                 .collect();
             let shares = self
                 .replex
@@ -1117,13 +1102,7 @@ impl Engine {
             };
             v.push((
                 crate::policy::RelayRank::of(pol, unix),
-                RelayChoice {
-                    name: def.cfg.name.clone(),
-                    policy: pol.summary(unix),
-                    failover: why(Purpose::Failover),
-                    performance: why(Purpose::Performance),
-                    state,
-                },
+                RelayChoice { name: def.cfg.name.clone(), policy: pol.summary(unix), failover: why(Purpose::Failover), performance: why(Purpose::Performance), state },
             ));
         }
         v.sort_by(|a, b| a.0.cmp(&b.0).then_with(|| a.1.name.cmp(&b.1.name)));

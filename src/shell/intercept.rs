@@ -132,9 +132,7 @@ pub fn start_queue(queue: u16, filter: Arc<RwLock<Filter>>, counters: Arc<IcmpCo
             let verdict = filter.read().map(|f| f.classify(msg.get_payload())).unwrap_or(Verdict::Accept(Ignored::Malformed));
             let verdict = match verdict {
                 // One more plausibility check: the quoted TCP connection must exist.
-                Verdict::Reroute { tcp: Some((local, remote)), .. } if !sockdiag::tcp_exists(local, remote).unwrap_or(true) => {
-                    Verdict::Accept(Ignored::NoConnection)
-                }
+                Verdict::Reroute { tcp: Some((local, remote)), .. } if !sockdiag::tcp_exists(local, remote).unwrap_or(true) => Verdict::Accept(Ignored::NoConnection),
                 v => v,
             };
             match verdict {

@@ -307,9 +307,7 @@ impl Netlink {
                 let msg = route_message(r, table + r.table, oif);
                 self.request(RouteNetlinkMessage::DelRoute(msg), NLM_F_REQUEST | NLM_F_ACK).await.map(|_| ())
             }
-            KernelOp::AddRule(r) => {
-                self.request(RouteNetlinkMessage::NewRule(rule_message(r)), NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL).await.map(|_| ())
-            }
+            KernelOp::AddRule(r) => self.request(RouteNetlinkMessage::NewRule(rule_message(r)), NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL).await.map(|_| ()),
             KernelOp::DelRule(r) => self.request(RouteNetlinkMessage::DelRule(rule_message(r)), NLM_F_REQUEST | NLM_F_ACK).await.map(|_| ()),
             KernelOp::SetNexthop(n) => return self.with_nexthops(|nh| nh.set(n, index)),
             KernelOp::DelNexthop(n) => return self.with_nexthops(|nh| nh.delete(n.id)),
@@ -377,11 +375,7 @@ fn route_spec(r: &RouteMessage, table: u32, by_index: &HashMap<u32, String>) -> 
     if tbl != table || u8::from(r.header.protocol) != RTPROT_DETOUR {
         return None;
     }
-    let dst = dst.unwrap_or(if r.header.address_family == AddressFamily::Inet6 {
-        IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED)
-    } else {
-        IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED)
-    });
+    let dst = dst.unwrap_or(if r.header.address_family == AddressFamily::Inet6 { IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED) } else { IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED) });
     let dst = IpNet::new(dst, r.header.destination_prefix_length).ok()?;
     // A route through an interface that is not ours (or gone) is stale: name it so that
     // the plan deletes it.

@@ -12,8 +12,8 @@ use std::os::fd::AsRawFd;
 
 use anyhow::{anyhow, bail, Context, Result};
 use netlink_packet_core::{
-    DefaultNla, Emitable, Nla, NetlinkDeserializable, NetlinkHeader, NetlinkMessage, NetlinkPayload, NetlinkSerializable, NlaBuffer, NlasIterator, Parseable, NLM_F_ACK, NLM_F_CREATE,
-    NLM_F_DUMP, NLM_F_REPLACE, NLM_F_REQUEST,
+    DefaultNla, Emitable, NetlinkDeserializable, NetlinkHeader, NetlinkMessage, NetlinkPayload, NetlinkSerializable, Nla, NlaBuffer, NlasIterator, Parseable, NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP,
+    NLM_F_REPLACE, NLM_F_REQUEST,
 };
 use netlink_sys::{protocols::NETLINK_ROUTE, Socket, SocketAddr};
 
@@ -93,14 +93,7 @@ impl NetlinkDeserializable for NexthopMessage {
             let nla = nla.map_err(|e| NexthopDecodeError(e.to_string()))?;
             nlas.push(DefaultNla::parse(&nla).map_err(|e| NexthopDecodeError(e.to_string()))?);
         }
-        Ok(NexthopMessage {
-            kind: header.message_type,
-            family: payload[0],
-            scope: payload[1],
-            protocol: payload[2],
-            flags: u32::from_ne_bytes(payload[4..8].try_into().expect("4 bytes")),
-            nlas,
-        })
+        Ok(NexthopMessage { kind: header.message_type, family: payload[0], scope: payload[1], protocol: payload[2], flags: u32::from_ne_bytes(payload[4..8].try_into().expect("4 bytes")), nlas })
     }
 }
 
@@ -144,10 +137,7 @@ pub fn new_message(spec: &NexthopSpec, index: &HashMap<String, u32>) -> Result<N
             }
             m.nlas.push(nla(NHA_GROUP, group));
             m.nlas.push(nla(NHA_GROUP_TYPE, NEXTHOP_GRP_TYPE_RES.to_ne_bytes().to_vec()));
-            m.nlas.push(nested(
-                NHA_RES_GROUP,
-                &[nla(NHA_RES_GROUP_BUCKETS, buckets.to_ne_bytes().to_vec()), nla(NHA_RES_GROUP_IDLE_TIMER, (idle_timer_s * USER_HZ).to_ne_bytes().to_vec())],
-            ));
+            m.nlas.push(nested(NHA_RES_GROUP, &[nla(NHA_RES_GROUP_BUCKETS, buckets.to_ne_bytes().to_vec()), nla(NHA_RES_GROUP_IDLE_TIMER, (idle_timer_s * USER_HZ).to_ne_bytes().to_vec())]));
         }
     }
     Ok(m)
@@ -168,17 +158,16 @@ pub fn parse(m: &NexthopMessage, names: &HashMap<u32, String>) -> Option<Nexthop
     if m.protocol != RTPROT_DETOUR {
         return None;
     }
-    let get = |k: u16| m.nlas.iter().find(|n| n.kind() & !NLA_F_NESTED == k).map(|n| {
-        let mut v = vec![0u8; n.value_len()];
-        n.emit_value(&mut v);
-        v
-    });
+    let get = |k: u16| {
+        m.nlas.iter().find(|n| n.kind() & !NLA_F_NESTED == k).map(|n| {
+            let mut v = vec![0u8; n.value_len()];
+            n.emit_value(&mut v);
+            v
+        })
+    };
     let id = u32_of(&get(NHA_ID)?)?;
     if let Some(group) = get(NHA_GROUP) {
-        let members: Vec<(u32, u16)> = group
-            .chunks_exact(8)
-            .filter_map(|c| Some((u32_of(&c[..4])?, (u16::from(c[4]) | (u16::from(c[5]) << 8)) + 1)))
-            .collect();
+        let members: Vec<(u32, u16)> = group.chunks_exact(8).filter_map(|c| Some((u32_of(&c[..4])?, (u16::from(c[4]) | (u16::from(c[5]) << 8)) + 1))).collect();
         let (mut buckets, mut idle) = (0u16, 0u32);
         if let Some(res) = get(NHA_RES_GROUP) {
             for inner in NlasIterator::new(&res[..]).flatten() {

@@ -74,11 +74,7 @@ fn tc(args: &[&str]) -> Result<()> {
 
 /// Whether `dev`'s root qdisc is the HTB detour installs.
 fn ours(dev: &str) -> bool {
-    Command::new("tc")
-        .args(["qdisc", "show", "dev", dev, "root"])
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).contains(&format!("htb {QDISC_HANDLE} root")))
-        .unwrap_or(false)
+    Command::new("tc").args(["qdisc", "show", "dev", dev, "root"]).output().map(|o| String::from_utf8_lossy(&o.stdout).contains(&format!("htb {QDISC_HANDLE} root"))).unwrap_or(false)
 }
 
 /// Removes detour's HTB from `dev` (the kernel's default qdisc returns); leaves any other

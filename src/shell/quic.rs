@@ -139,12 +139,7 @@ impl Management {
     pub async fn hello(&self, conn: &quinn::Connection, peer: NodeId, dialled: bool) -> Result<(SessionSecrets, u16, String)> {
         let run = async {
             let (mut send, mut recv) = if dialled { conn.open_bi().await? } else { conn.accept_bi().await? };
-            let ours = mgmt::encode(&Frame {
-                src: self.local,
-                dst: peer,
-                hop_limit: 0,
-                message: Message::Hello { version: 1, name: self.name.clone(), data_port: self.data_port },
-            });
+            let ours = mgmt::encode(&Frame { src: self.local, dst: peer, hop_limit: 0, message: Message::Hello { version: 1, name: self.name.clone(), data_port: self.data_port } });
             if dialled {
                 send.write_all(&ours).await?;
             }
@@ -167,8 +162,7 @@ impl Management {
             bail!("unsupported hello (version {version}, data port {data_port})");
         }
         let mut material = [0u8; wire::EXPORTER_LEN];
-        conn.export_keying_material(&mut material, wire::EXPORTER_LABEL, b"")
-            .map_err(|e| anyhow!("TLS exporter: {e:?}"))?;
+        conn.export_keying_material(&mut material, wire::EXPORTER_LABEL, b"").map_err(|e| anyhow!("TLS exporter: {e:?}"))?;
         Ok((wire::split_exporter(&material, &self.local, &peer), data_port, name))
     }
 }

@@ -97,13 +97,7 @@ pub fn tcp_connections() -> io::Result<Vec<TcpConn>> {
     let sock = open()?;
     let mut all = Vec::new();
     for (family, id) in [(AF_INET, SocketId::new_v4()), (AF_INET6, SocketId::new_v6())] {
-        let req = InetRequest {
-            family,
-            protocol: IPPROTO_TCP,
-            extensions: ExtensionFlags::INFO,
-            states: StateFlags::ESTABLISHED | StateFlags::SYN_SENT,
-            socket_id: id,
-        };
+        let req = InetRequest { family, protocol: IPPROTO_TCP, extensions: ExtensionFlags::INFO, states: StateFlags::ESTABLISHED | StateFlags::SYN_SENT, socket_id: id };
         all.extend(request(&sock, req, true)?);
     }
     Ok(all)

@@ -33,9 +33,7 @@ pub fn bind_all(listen: &[IpAddr], port: u16, fwmark: u32, buffer: Option<usize>
     if listen.is_empty() {
         return match bind_one(IpAddr::V6(Ipv6Addr::UNSPECIFIED), port, fwmark, buffer) {
             Ok(b) => Ok(vec![b]),
-            Err(e) if e.downcast_ref::<std::io::Error>().and_then(|e| e.raw_os_error()) == Some(libc::EAFNOSUPPORT) => {
-                Ok(vec![bind_one(IpAddr::V4(Ipv4Addr::UNSPECIFIED), port, fwmark, buffer)?])
-            }
+            Err(e) if e.downcast_ref::<std::io::Error>().and_then(|e| e.raw_os_error()) == Some(libc::EAFNOSUPPORT) => Ok(vec![bind_one(IpAddr::V4(Ipv4Addr::UNSPECIFIED), port, fwmark, buffer)?]),
             Err(e) => Err(e),
         };
     }
@@ -60,9 +58,7 @@ fn bind_one(addr: IpAddr, port: u16, fwmark: u32, buffer: Option<usize>) -> Resu
         }
     }
     sock.set_nonblocking(true)?;
-    sock.bind(&SocketAddr::new(addr, port).into())
-        .map_err(anyhow::Error::from)
-        .with_context(|| format!("binding UDP {}", SocketAddr::new(addr, port)))?;
+    sock.bind(&SocketAddr::new(addr, port).into()).map_err(anyhow::Error::from).with_context(|| format!("binding UDP {}", SocketAddr::new(addr, port)))?;
     Ok(Bound { socket: sock.into(), v4: addr.is_ipv4() || dual, v6: addr.is_ipv6() })
 }
 
