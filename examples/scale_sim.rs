@@ -466,3 +466,21 @@ fn main() {
     }
     println!("{}", serde_json::Value::Object(all));
 }
+
+#[cfg(test)]
+mod tests {
+    /// The same run as the benchmark, small enough for the test suite: every directory
+    /// complete, a join everywhere within a second, every message between live pairs
+    /// acknowledged after 10 % of the nodes failed, and idle anti-entropy of a few hundred
+    /// bytes per second per node.
+    #[test]
+    fn two_hundred_nodes_converge_recover_and_deliver() {
+        let r = super::run(200);
+        let f = |k: &str| r[format!("sim_200_{k}")].as_f64().unwrap_or_else(|| panic!("{k} missing in {r}"));
+        assert!(f("converge_s") < 10.0, "{r}");
+        assert!(f("join_s") < 1.0, "{r}");
+        assert_eq!(f("failed_nodes"), 20.0);
+        assert!(f("msg_delivery_ratio") >= 0.999, "{r}");
+        assert!(f("idle_bytes_per_node_per_s") < 1000.0, "{r}");
+    }
+}

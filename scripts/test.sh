@@ -17,6 +17,8 @@ done
 echo "== unit and property tests"
 cargo test --lib --bins
 cargo test --doc
+# The management overlay simulation of the scale benchmark, at 200 nodes.
+cargo test --example scale_sim
 echo "== end-to-end tests in network namespaces"
 # One at a time: several overlays on two cores at once would make timings meaningless.
 cargo test --test netns -- --test-threads=1

@@ -948,7 +948,9 @@ mod tests {
                 policy: None,
             };
             let unix = self.unix_of(i);
-            self.nodes[i] = Some(Overlay::new(ident(i), OverlayConfig::default(), info, self.now, unix, i as u64 + 1));
+            // A restarted node draws new message IDs, as the daemon does (its seed is random).
+            let seed = (i as u64 + 1) ^ ((self.now - self.t0).as_millis() as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+            self.nodes[i] = Some(Overlay::new(ident(i), OverlayConfig::default(), info, self.now, unix, seed));
         }
 
         fn stop(&mut self, i: usize) {
