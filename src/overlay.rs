@@ -49,11 +49,18 @@ use crate::mroute::{self, MrouteConfig, Router};
 pub const ANTI_ENTROPY: Duration = Duration::from_secs(5);
 /// Shortest time between two publications of the node's record.
 pub const PUBLISH_DEBOUNCE: Duration = Duration::from_millis(300);
-/// Shortest time between two publications when only the node's sessions changed: while
-/// an overlay forms, a node's neighbour set changes several times in a few seconds, and
-/// each publication is flooded to every node (a session is used at once either way; only
-/// others' routes through it wait for the record).
+/// Longest time between a change of the node's sessions and its next publication: while
+/// a large overlay forms, a node's neighbour set changes several times in a few seconds,
+/// and each publication is flooded to every node (a session is used at once either way;
+/// only others' routes through it wait for the record). See [`neighbour_debounce`].
 pub const NEIGHBOUR_DEBOUNCE: Duration = Duration::from_secs(2);
+
+/// How long a node waits to publish a change of its sessions with `nodes` records in its
+/// directory: 20 ms per node, between [`PUBLISH_DEBOUNCE`] and [`NEIGHBOUR_DEBOUNCE`] (a
+/// small overlay learns new links at once, a large one is not flooded by every step).
+pub fn neighbour_debounce(nodes: usize) -> Duration {
+    (Duration::from_millis(20) * nodes.min(1000) as u32).clamp(PUBLISH_DEBOUNCE, NEIGHBOUR_DEBOUNCE)
+}
 /// A chosen neighbour without a session for this long is replaced.
 pub const NEIGHBOUR_PATIENCE: Duration = Duration::from_secs(10);
 /// How long a replaced neighbour is not chosen again.
@@ -706,7 +713,7 @@ impl Overlay {
         self.check_names(unix);
         let due_refresh = unix >= self.last_publish_unix + directory::refresh_s(self.dir.len());
         let debounced = self.last_publish.is_none_or(|t| now >= t + PUBLISH_DEBOUNCE);
-        let sessions_debounced = self.last_publish.is_none_or(|t| now >= t + NEIGHBOUR_DEBOUNCE);
+        let sessions_debounced = self.last_publish.is_none_or(|t| now >= t + neighbour_debounce(self.dir.len()));
         if (self.dirty && debounced) || (self.dirty_sessions && sessions_debounced) || due_refresh {
             self.publish(now, unix);
         }
