@@ -321,6 +321,12 @@ impl Router {
         self.pending.len()
     }
 
+    /// When [`Router::handle_tick`] has a retransmission or a failure to report: the
+    /// earliest deadline of a message waiting for its acknowledgement.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        self.pending.values().map(|p| p.deadline).min()
+    }
+
     /// Shortest path in `graph` from `from` to `dst` (excluding `from`, ending with `dst`)
     /// that avoids the nodes in `avoid` (never `dst`) and, as first hop, those in
     /// `avoid_first`. Breadth-first: O(nodes + links) of the graph, per message.

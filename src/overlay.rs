@@ -75,6 +75,8 @@ pub const ENTRIES_PER_MESSAGE: usize = 2_000;
 /// Directories up to this size are compared with a full digest; larger ones with a
 /// [`Message::Summary`] first.
 pub const SUMMARY_ABOVE: usize = 32;
+/// Longest time records to pass on wait to travel together.
+pub const GOSSIP_DELAY: Duration = Duration::from_millis(100);
 /// How often expired records are looked for.
 pub const EXPIRE_EVERY: Duration = Duration::from_secs(10);
 /// Candidates for neighbour choice kept in rank order (the rest of the directory is
@@ -313,6 +315,7 @@ pub struct Overlay {
     last_publish: Option<Instant>,
     last_publish_unix: u64,
     last_expire: Instant,
+    last_tick: Instant,
     last_anti_entropy: Instant,
     last_sample: Instant,
     rng: u64,
@@ -351,6 +354,7 @@ impl Overlay {
             last_publish: None,
             last_publish_unix: 0,
             last_expire: now,
+            last_tick: now,
             last_anti_entropy: now,
             last_sample: now,
             rng: seed | 1,
@@ -690,9 +694,40 @@ impl Overlay {
         }
     }
 
+    /// When [`Overlay::tick`] has something to do: records to pass on (within 100 ms), a
+    /// message's retransmission, a publication that waits for its debounce or its refresh,
+    /// anti-entropy (every 5 s), neighbour choice (every second) and expiry (every 10 s).
+    /// An idle node is woken about once a second.
+    pub fn poll_timeout(&self) -> Instant {
+        let mut next = self.last_sample + Duration::from_secs(1);
+        let mut at = |t: Instant| next = next.min(t);
+        if !self.gossip.is_empty() {
+            at(self.last_tick + GOSSIP_DELAY);
+        }
+        if let Some(t) = self.router.next_deadline() {
+            at(t);
+        }
+        match self.last_publish {
+            None => at(self.last_tick),
+            Some(p) => {
+                if self.dirty {
+                    at(p + PUBLISH_DEBOUNCE);
+                }
+                if self.dirty_sessions {
+                    at(p + neighbour_debounce(self.dir.len()));
+                }
+                at(p + Duration::from_secs(directory::refresh_s(self.dir.len())));
+            }
+        }
+        at(self.last_anti_entropy + ANTI_ENTROPY);
+        at(self.last_expire + EXPIRE_EVERY);
+        next
+    }
+
     /// Advances time: retries, expiry, publication, anti-entropy and neighbour choice. Call
-    /// it every 100 ms or so.
+    /// it at [`Overlay::poll_timeout`] (or more often, e.g. every 100 ms).
     pub fn tick(&mut self, now: Instant, unix: u64) {
+        self.last_tick = now;
         self.router.handle_tick(now, &self.dir);
         self.pump_router();
         for (to, batch) in std::mem::take(&mut self.gossip) {

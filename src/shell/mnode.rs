@@ -22,8 +22,8 @@ use crate::shell::daemon::Shared;
 use crate::shell::peers::{self, want};
 use crate::shell::quic;
 
-/// How often the core is ticked.
-const TICK: Duration = Duration::from_millis(100);
+/// Shortest sleep between two ticks of the core.
+const MIN_WAKE: Duration = Duration::from_millis(5);
 
 /// Events for the management overlay task.
 #[derive(Debug)]
@@ -173,8 +173,6 @@ impl Node {
     /// Status (`detourctl nodes`, the management section of `status`) is built only when
     /// asked for on `refresh`.
     pub async fn run(mut self, mut events: mpsc::UnboundedReceiver<OverlayEvent>, mut refresh: mpsc::UnboundedReceiver<oneshot::Sender<()>>) {
-        let mut tick = tokio::time::interval(TICK);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
         let mut shutdown = self.shared.shutdown.clone();
         let (api_tx, mut api_rx) = mpsc::channel::<(usize, SocketAddr, Vec<u8>)>(1024);
         for (i, s) in self.api.iter().enumerate() {
@@ -196,6 +194,10 @@ impl Node {
         }
         drop(api_tx);
         loop {
+            // Woken when the core asks (about once a second while idle; within 100 ms for
+            // records to pass on and retransmissions), and every 2 s to refresh what this
+            // node publishes about itself.
+            let wake = self.core.poll_timeout().min(self.last_info + Duration::from_secs(2)).max(Instant::now() + MIN_WAKE);
             tokio::select! {
                 _ = shutdown.changed() => return,
                 Some(ev) = events.recv() => self.on_event(ev),
@@ -204,7 +206,7 @@ impl Node {
                     let _ = done.send(());
                 }
                 Some((sock, from, data)) = api_rx.recv() => self.on_api(sock, from, &data).await,
-                _ = tick.tick() => {
+                _ = tokio::time::sleep_until(wake.into()) => {
                     let now = Instant::now();
                     self.core.tick(now, unix_now());
                     if now >= self.last_info + Duration::from_secs(2) {
