@@ -135,16 +135,16 @@ def converge(live):
 def idle(pids):
     log(f"idle for {SETTLE:.0f} s, then measuring {IDLE:.0f} s")
     time.sleep(SETTLE)
-    c0 = {i: cpu_ticks(p) for i, p in pids.items()}
-    n0 = {i: net_counters(i) for i in pids}
-    t0 = time.time()
+    # Each counter is read with its own clock: reading a hundred namespaces' counters
+    # takes seconds on a loaded box.
+    n0 = {i: (time.time(), net_counters(i)) for i in pids}
+    c0 = {i: (time.time(), cpu_ticks(p)) for i, p in pids.items()}
     time.sleep(IDLE)
-    dt = time.time() - t0
-    c1 = {i: cpu_ticks(p) for i, p in pids.items()}
-    n1 = {i: net_counters(i) for i in pids}
-    cores = {i: (c1[i] - c0[i]) / HZ / dt for i in pids if c0[i] is not None and c1[i] is not None}
-    pkts = {i: (n1[i][0] - n0[i][0]) / dt for i in pids}
-    byts = {i: (n1[i][1] - n0[i][1]) / dt for i in pids}
+    c1 = {i: (time.time(), cpu_ticks(p)) for i, p in pids.items()}
+    n1 = {i: (time.time(), net_counters(i)) for i in pids}
+    cores = {i: (c1[i][1] - c0[i][1]) / HZ / (c1[i][0] - c0[i][0]) for i in pids if c0[i][1] is not None and c1[i][1] is not None}
+    pkts = {i: (n1[i][1][0] - n0[i][1][0]) / (n1[i][0] - n0[i][0]) for i in pids}
+    byts = {i: (n1[i][1][1] - n0[i][1][1]) / (n1[i][0] - n0[i][0]) for i in pids}
     rss = {i: rss_kb(p) for i, p in pids.items()}
     return cores, pkts, byts, rss
 
