@@ -67,7 +67,7 @@ pub mod kind {
     pub const MESSAGE: u8 = 0x84;
     /// The request succeeded (subscribe, unsubscribe, register).
     pub const OK: u8 = 0x85;
-    /// The request failed; byte 3 is the [`ErrorCode`], the body explains.
+    /// The request failed; byte 3 is the [`ErrorCode`](super::ErrorCode), the body explains.
     pub const ERROR: u8 = 0x86;
     /// The node found by a resolve; the body is its record as JSON.
     pub const RESOLVED: u8 = 0x87;

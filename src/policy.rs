@@ -3,7 +3,7 @@
 //! items 20–27, 62a, 70–73).
 //!
 //! A node publishes its [`Policy`] in its directory record. Requesters read it to decide
-//! whom to ask ([`Policy::offers`], [`RelayRank`]); the node itself checks every request
+//! whom to ask ([`Policy::relay_check`], [`RelayRank`]); the node itself checks every request
 //! against it and refuses, with a counted [`Refusal`], what it does not offer. The egress
 //! of a packet that leaves the overlay for a host that is not a participant (an exit, or a
 //! network behind a router) decides with [`Policy::egress`] whether the packet keeps its

@@ -5,7 +5,7 @@
 //!   with [`CLASS_NEW`], and every packet of a connection whose conntrack mark carries it;
 //!   chain `DETOUR-CLASS-SAVE` (mangle `POSTROUTING`) sets that conntrack mark when such a
 //!   packet leaves through one of detour's interfaces. The rule `fwmark CLASS_NEW lookup
-//!   <table + 3>` lets only these packets use the routes through exits that masquerade, so
+//!   table+3` lets only these packets use the routes through exits that masquerade, so
 //!   an established connection is never moved onto them, and a connection that started on
 //!   them stays.
 //! * **Egress** (this node offers exit or delivers to networks behind it): chain
