@@ -560,7 +560,7 @@ impl Directory {
             Some(e) if e.record.node_id == *node => true,
             Some(e) => {
                 let theirs = e.record.names.iter().find(|n| n.name == name).map(|n| n.since).unwrap_or(u64::MAX);
-                (since, *node) < (theirs, e.record.node_id)
+                claim_wins((since, *node), (theirs, e.record.node_id))
             }
         }
     }
@@ -574,6 +574,12 @@ impl Directory {
     pub fn known_seq(&self, id: &NodeId) -> Option<u64> {
         self.entries.get(id).map(|e| e.record.seq).or_else(|| self.tombstones.get(id).map(|t| t.0))
     }
+}
+
+/// Whether a claim on a name, (registration time, node ID), beats another: the earliest
+/// registration wins, then the lowest node ID.
+pub fn claim_wins(ours: (u64, NodeId), theirs: (u64, NodeId)) -> bool {
+    ours < theirs
 }
 
 fn in_buckets(id: &NodeId, buckets: Option<&[u8]>) -> bool {

@@ -40,7 +40,7 @@ use std::time::{Duration, Instant};
 use ipnet::IpNet;
 use sha2::{Digest as _, Sha256};
 
-use crate::directory::{self, Accepted, Directory, Name, NodeRecord, Reject, SignedRecord, Uptime, BUCKETS};
+use crate::directory::{self, Accepted, Directory, Name, NodeRecord, SignedRecord, Uptime, BUCKETS};
 use crate::identity::{Identity, NodeId};
 use crate::mgmt::Message;
 use crate::mroute::{self, MrouteConfig, Router};
@@ -580,7 +580,7 @@ impl Overlay {
     /// Whether this node still holds `name`, registered at `since`: no other node claimed it
     /// earlier.
     fn holds(&self, name: &str, since: u64) -> bool {
-        self.rivals.get(name).is_none_or(|c| c.iter().all(|(id, s)| (since, self.local) < (*s, *id)))
+        self.rivals.get(name).is_none_or(|c| c.iter().all(|(id, s)| directory::claim_wins((since, self.local), (*s, *id))))
     }
 
     /// P2PNS resolve: the record of the node holding `name` (this node's own included).
@@ -679,7 +679,7 @@ impl Overlay {
 
     /// Rejections so far, by reason.
     pub fn rejected(&self) -> Vec<(&'static str, u64)> {
-        Reject::ALL.iter().map(|r| (r.as_str(), self.dir.rejected().get(r.as_str()).copied().unwrap_or(0))).filter(|(_, n)| *n > 0).collect()
+        self.dir.rejected().into_iter().collect()
     }
 
     fn pump_router(&mut self) {
