@@ -318,3 +318,58 @@ fn stalled_tcp_connections_trigger_a_confirmed_reroute() {
     assert_eq!(Lab::peer(&st, "bob")["reason"], "tcp_stall", "{st}");
     assert!(st["icmp"]["tcp_stalls"].as_u64().unwrap() >= 1);
 }
+
+/// Bytes of probes `name` has sent to `peer`, and whether it counts the peer as carrying
+/// traffic.
+fn probing(lab: &Lab, name: &str, peer: &str) -> (u64, bool) {
+    let r = route(lab, name, peer);
+    (r["probe_tx_bytes"].as_u64().unwrap(), r["traffic"].as_bool().unwrap())
+}
+
+#[test]
+fn idle_peers_are_probed_slowly_and_traffic_on_either_path_makes_them_fast() {
+    let mut lab = Lab::new(&["alice", "bob", "carol"]);
+    for h in ["alice", "bob", "carol"] {
+        let mut text = lab.node_section(h, "\n[failover]\ntraffic_hold_ms = 2000\n");
+        for p in ["alice", "bob", "carol"].iter().filter(|p| **p != h) {
+            text += &lab.peer_section(p, None, "");
+        }
+        lab.write_config(h, &text);
+    }
+    lab.start_all();
+    for n in ["alice", "bob", "carol"] {
+        let others: Vec<&str> = ["alice", "bob", "carol"].into_iter().filter(|x| *x != n).collect();
+        lab.wait_up(n, &others, UP);
+    }
+    assert!(lab.log("alice").contains("traffic detection on"), "{}", lab.log("alice"));
+    wait_until("bob idle at alice", Duration::from_secs(15), || !probing(&lab, "alice", "bob").1);
+    let rate = |secs: f64| {
+        let (b0, _) = probing(&lab, "alice", "bob");
+        std::thread::sleep(Duration::from_secs_f64(secs));
+        (probing(&lab, "alice", "bob").0 - b0) as f64 / secs
+    };
+    let idle = rate(4.0);
+    // Traffic on the kernel's direct path, to one of bob's protected destinations (his
+    // underlay address): seen by the netfilter log rule.
+    let bob = lab.host("bob").underlay_v4();
+    let mut ping = spawn(&lab, "alice", &["ping", "-q", "-i", "0.01", "-c", "600", &bob]);
+    wait_until("bob busy at alice", Duration::from_secs(2), || probing(&lab, "alice", "bob").1);
+    std::thread::sleep(Duration::from_millis(300));
+    let busy = rate(3.0);
+    assert!(!probing(&lab, "alice", "carol").1, "carol carries no traffic");
+    let _ = ping.kill();
+    let _ = ping.wait();
+    println!("probe bytes/s alice → bob: idle {idle:.0}, with traffic {busy:.0}");
+    assert!(idle > 0.0 && idle < 1500.0, "idle probing {idle:.0} B/s");
+    assert!(busy > 4.0 * idle, "traffic did not speed up probing: idle {idle:.0} B/s, busy {busy:.0} B/s");
+    // Back to idle after the hold, then traffic through the overlay (bob's overlay
+    // address, through the data path): reported by the data path.
+    wait_until("bob idle again", Duration::from_secs(10), || !probing(&lab, "alice", "bob").1);
+    let mut ping = spawn(&lab, "alice", &["ping", "-q", "-i", "0.05", "-c", "100", &lab.host("bob").overlay_v4()]);
+    wait_until("bob busy through the overlay", Duration::from_secs(3), || probing(&lab, "alice", "bob").1);
+    let _ = ping.kill();
+    let _ = ping.wait();
+    let st = lab.status("alice");
+    assert_eq!(Lab::peer(&st, "bob")["path"], "direct", "{st}");
+    assert_eq!(Lab::peer(&st, "bob")["route_changes"], 0, "changing the probe rate moved no traffic");
+}

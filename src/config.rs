@@ -237,6 +237,12 @@ pub struct FailoverSettings {
     pub probe_interval: Duration,
     /// Probes on standby relay paths.
     pub standby_probe_interval: Duration,
+    /// Probes on every path of a peer that carries no traffic (equal to `probe_interval`:
+    /// every peer is probed fast).
+    pub idle_probe_interval: Duration,
+    /// A peer carries traffic for this long after the last packet to its protected
+    /// destinations or through the overlay.
+    pub traffic_hold: Duration,
     /// A path is down when no probe sent this long ago arrived.
     pub down_after: Duration,
     /// A repaired direct path must be healthy this long before traffic returns to it.
@@ -442,6 +448,8 @@ struct RawManagement {
 struct RawFailover {
     probe_interval_ms: Option<u64>,
     standby_probe_interval_ms: Option<u64>,
+    idle_probe_interval_ms: Option<u64>,
+    traffic_hold_ms: Option<u64>,
     down_after_ms: Option<u64>,
     hold_down_ms: Option<u64>,
     degraded_loss: Option<f64>,
@@ -1167,11 +1175,16 @@ fn validate_failover(f: RawFailover, errs: &mut Errors) -> FailoverSettings {
     };
     let probe_interval = ms("probe_interval_ms", f.probe_interval_ms, d.probe_interval, 10, 10_000);
     let standby_probe_interval = ms("standby_probe_interval_ms", f.standby_probe_interval_ms, d.standby_interval, 10, 60_000);
+    let idle_probe_interval = ms("idle_probe_interval_ms", f.idle_probe_interval_ms, d.idle_interval, 10, 60_000);
+    let traffic_hold = ms("traffic_hold_ms", f.traffic_hold_ms, d.traffic_hold, 0, 3_600_000);
     let down_after = ms("down_after_ms", f.down_after_ms, d.down_after, 50, 60_000);
     let hold_down = ms("hold_down_ms", f.hold_down_ms, d.hold_down, 0, 600_000);
     let tcp_poll = ms("tcp_poll_ms", f.tcp_poll_ms, Duration::from_millis(250), 50, 60_000);
     if down_after < probe_interval * 3 {
         errs.push("failover.down_after_ms", format!("expected at least 3 probe intervals ({} ms)", (probe_interval * 3).as_millis()));
+    }
+    if idle_probe_interval < probe_interval {
+        errs.push("failover.idle_probe_interval_ms", format!("expected at least probe_interval_ms ({} ms), got {}", probe_interval.as_millis(), idle_probe_interval.as_millis()));
     }
     let mut frac = |key: &str, v: Option<f64>, default: f64| -> f64 {
         match v {
@@ -1195,6 +1208,8 @@ fn validate_failover(f: RawFailover, errs: &mut Errors) -> FailoverSettings {
     FailoverSettings {
         probe_interval,
         standby_probe_interval,
+        idle_probe_interval,
+        traffic_hold,
         down_after,
         hold_down,
         degraded_loss,
@@ -1218,6 +1233,8 @@ impl FailoverSettings {
             degraded_loss: self.degraded_loss,
             recover_loss: self.recover_loss,
             relay_candidates: self.relay_candidates,
+            idle_interval: self.idle_probe_interval,
+            traffic_hold: self.traffic_hold,
             ..Default::default()
         }
     }

@@ -300,6 +300,10 @@ pub struct PeerStatus {
     pub protected: bool,
     /// Route changes since start.
     pub route_changes: u64,
+    /// Whether traffic to the peer flows (its paths are probed at the fast rate) or the
+    /// peer is idle (probed every `idle_probe_interval_ms`).
+    #[serde(default)]
+    pub traffic: bool,
     /// Probe bytes sent to the peer (whole datagrams).
     pub probe_tx_bytes: u64,
     /// Probe bytes received from the peer.
@@ -480,6 +484,7 @@ pub fn render_status(s: &Status) -> String {
         let since = p.path_since_s.map(|s| format!(" since {}", ago(Some(s)))).unwrap_or_default();
         let protected = if p.protected { "; protected destinations through the overlay" } else { "" };
         let _ = writeln!(o, "  path: {}{why}{since}{protected}", p.path);
+        let _ = writeln!(o, "  probing: {}", if p.traffic { "fast (traffic flows)" } else { "idle" });
         let _ = writeln!(o, "  latest handshake: {}", ago(p.last_handshake_s));
         match p.rtt_ms {
             Some(r) => {
@@ -589,6 +594,10 @@ pub fn render_metrics(status: &Status, paths: &[PeerPaths]) -> String {
     family(&mut o, "peer_rerouted", "gauge", "1 while the peer's protected destinations are routed into the overlay (failover).");
     for p in &status.peers {
         let _ = writeln!(o, "detour_peer_rerouted{{peer=\"{}\"}} {}", label(&p.name), u8::from(p.protected));
+    }
+    family(&mut o, "peer_traffic", "gauge", "1 while traffic to the peer flows and its paths are probed at the fast rate.");
+    for p in &status.peers {
+        let _ = writeln!(o, "detour_peer_traffic{{peer=\"{}\"}} {}", label(&p.name), u8::from(p.traffic));
     }
     family(&mut o, "peer_rtt_seconds", "gauge", "Smoothed RTT of the path in use to the peer.");
     for p in &status.peers {

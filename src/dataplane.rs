@@ -475,6 +475,9 @@ pub enum TxAction {
         src_ip: Option<IpAddr>,
         /// Datagram length in bytes.
         len: usize,
+        /// The first packet to the peer in [`TRAFFIC_NOTE_MS`]: tell the control plane that
+        /// the peer carries traffic ([`crate::failover::Failover::handle_traffic`]).
+        traffic: bool,
     },
     /// Write the ICMP error left in the reply buffer back to the TUN the packet came from.
     Reply(DropReason),
@@ -507,7 +510,12 @@ struct TxPeer {
     endpoint: Option<PathEndpoint>,
     inner_mtu: usize,
     counters: Arc<PeerCounters>,
+    /// `now_ms` when traffic to the peer was last reported in a [`TxAction::Send`].
+    traffic_noted_ms: Option<u64>,
 }
+
+/// Traffic to a peer is reported at most this often (ms).
+pub const TRAFFIC_NOTE_MS: u64 = 1000;
 
 /// Packets kept per peer while its first session is set up.
 pub const STAGED_MAX: usize = 16;
@@ -546,6 +554,7 @@ impl TxState {
             endpoint: None,
             inner_mtu: usize::from(p.inner_mtu),
             counters: p.counters.clone(),
+            traffic_noted_ms: None,
         }
     }
 
@@ -691,6 +700,7 @@ impl TxState {
     /// (destination unreachable for the aggregate without a route, or packet too big).
     pub fn encapsulate(&mut self, ingress: Tun, buf: &mut [u8], len: usize, reply: &mut Vec<u8>) -> TxAction {
         reply.clear();
+        let now_ms = self.now_ms;
         if buf.len() < len + OVERHEAD {
             self.node.drops.add(DropReason::TooBig);
             return TxAction::Drop(DropReason::TooBig);
@@ -757,7 +767,11 @@ impl TxState {
         let n = session.key.seal(&header, buf, len);
         p.counters.tx_packets.fetch_add(1, Relaxed);
         p.counters.tx_bytes.fetch_add(len as u64, Relaxed);
-        TxAction::Send { peer, to: endpoint.remote, src_ip: endpoint.local_ip, len: n }
+        let traffic = p.traffic_noted_ms.is_none_or(|t| now_ms >= t + TRAFFIC_NOTE_MS);
+        if traffic {
+            p.traffic_noted_ms = Some(now_ms);
+        }
+        TxAction::Send { peer, to: endpoint.remote, src_ip: endpoint.local_ip, len: n, traffic }
     }
 
     /// Builds an ICMP error about `pkt`. Its source is the packet's destination: the kernel
@@ -1154,6 +1168,23 @@ mod tests {
         assert_eq!(open(&mut rx, &mut dgram, 6).unwrap().tun, Tun::Aggregate);
         assert_eq!(sb.peers[0].counters.rx_packets.load(Relaxed), 2);
         assert_eq!(sb.peers[0].counters.last_rx_ms.load(Relaxed), 6);
+    }
+
+    #[test]
+    fn traffic_to_a_peer_is_reported_once_a_second() {
+        let (mut tx, _, _, _) = pair();
+        let pkt = ip4("10.77.0.1", "10.77.0.2", 100);
+        let traffic = |tx: &mut TxState| match send(tx, Tun::Peer(0), &pkt).0 {
+            TxAction::Send { traffic, .. } => traffic,
+            other => panic!("{other:?}"),
+        };
+        tx.set_now(5_000);
+        assert!(traffic(&mut tx), "the first packet is reported");
+        assert!(!traffic(&mut tx));
+        tx.set_now(5_000 + TRAFFIC_NOTE_MS - 1);
+        assert!(!traffic(&mut tx));
+        tx.set_now(5_000 + TRAFFIC_NOTE_MS);
+        assert!(traffic(&mut tx), "and again a second later");
     }
 
     #[test]

@@ -83,6 +83,14 @@ pub struct FailoverConfig {
     pub check_timeout: Duration,
     /// Loss penalty in the path cost: cost = srtt + loss × this.
     pub loss_penalty: Duration,
+    /// Probe interval on every path of a peer that carries no traffic (see
+    /// [`Failover::handle_traffic`]). A probe of such a path that is not answered in time is
+    /// confirmed at the fast rate (`probe_interval`, `standby_interval`), and silence is
+    /// judged after `idle_interval + down_after`. Equal to `probe_interval`: every peer is
+    /// probed fast, traffic or not.
+    pub idle_interval: Duration,
+    /// How long a peer counts as carrying traffic after the last sign of it.
+    pub traffic_hold: Duration,
 }
 
 impl Default for FailoverConfig {
@@ -99,6 +107,8 @@ impl Default for FailoverConfig {
             relay_retry: Duration::from_secs(10),
             check_timeout: Duration::from_millis(300),
             loss_penalty: Duration::from_millis(500),
+            idle_interval: Duration::from_secs(1),
+            traffic_hold: Duration::from_secs(10),
         }
     }
 }
@@ -412,6 +422,60 @@ impl Path {
     }
 }
 
+/// When path `x` of peer `p` is probed next. Paths that carry the peer's traffic are
+/// probed every `probe_interval`, standby relay paths every `standby_interval`, while the
+/// peer carries traffic; otherwise every `idle_interval`, except that an idle probe not yet
+/// answered when its answer was due is confirmed at the fast rate (a path already down
+/// stays at the idle rate).
+fn next_probe(cfg: &FailoverConfig, epoch: Instant, p: &Peer, x: &Path) -> Instant {
+    let primary = x.id == PathId::Direct || x.id == p.route.path || p.busy.contains(&x.id);
+    let fast = if primary { cfg.probe_interval } else { cfg.standby_interval };
+    let Some(last) = x.last_sent else { return epoch.min(x.started) };
+    if cfg.idle_interval <= fast || p.active_until.is_some_and(|u| last + fast <= u) {
+        return last + fast;
+    }
+    if x.state != PathState::Down && x.sent.back().is_some_and(|s| !s.delivered) {
+        return last + fast.max(x.allowance());
+    }
+    // Idle probes go out on the node's idle grid: all of them share one wake-up per
+    // interval, and a path leaving the fast rate joins the grid within 0.5–1.5 intervals.
+    on_grid(epoch, cfg.idle_interval, last + cfg.idle_interval / 2)
+}
+
+/// The first instant `epoch + k × every` (k ≥ 0) at or after `t`.
+fn on_grid(epoch: Instant, every: Duration, t: Instant) -> Instant {
+    let step = every.as_nanos().max(1);
+    let k = t.saturating_duration_since(epoch).as_nanos().div_ceil(step);
+    epoch + Duration::from_nanos(u64::try_from(k * step).unwrap_or(u64::MAX))
+}
+
+/// The moment after which path `x` counts as silent (down): `down_after` plus the path's
+/// allowance after the send time of its last answered probe (or its fresh start), and one
+/// `idle_interval` more when that moment falls after the peer stopped carrying traffic
+/// (`active_until`), since idle probes are that far apart.
+fn silence_limit(cfg: &FailoverConfig, active_until: Option<Instant>, x: &Path) -> Instant {
+    let evidence = x.last_delivered_sent_at.unwrap_or(x.started).max(x.started);
+    let fast = evidence + cfg.down_after + x.allowance();
+    if cfg.idle_interval <= cfg.probe_interval || active_until.is_some_and(|u| fast < u) {
+        fast
+    } else {
+        fast + cfg.idle_interval
+    }
+}
+
+/// When the relay upkeep of peer `p` runs next after it last ran at `last`: 500 ms later
+/// while its traffic is in the overlay, a second later while it carries traffic, and about
+/// five seconds later (on the idle probe grid, sharing their wake-up) while idle.
+fn next_upkeep(cfg: &FailoverConfig, epoch: Instant, p: &Peer, last: Instant) -> Instant {
+    if p.route.protect {
+        last + Duration::from_millis(500)
+    } else if cfg.idle_interval <= cfg.probe_interval || p.active_until.is_some_and(|u| last + Duration::from_secs(1) <= u) {
+        last + Duration::from_secs(1)
+    } else {
+        on_grid(epoch, cfg.idle_interval, last + Duration::from_secs(5) - cfg.idle_interval / 2)
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Candidate {
     Requested(Instant),
@@ -446,6 +510,8 @@ struct Peer {
     changes: u64,
     /// This node's policy rank as a relay for others (from its record).
     rank: RelayRank,
+    /// Until then the peer carries traffic: its paths are probed at the fast rates.
+    active_until: Option<Instant>,
 }
 
 impl Peer {
@@ -537,6 +603,7 @@ impl Failover {
             check: None,
             last_candidates: None,
             changes: 0,
+            active_until: None,
         });
         self.by_id.insert(id, i);
         i
@@ -548,6 +615,36 @@ impl Failover {
         if let Some(p) = self.peers.get_mut(peer) {
             p.busy = paths;
         }
+    }
+
+    /// Traffic for `peer` was seen at `now`: a packet to one of its protected destinations
+    /// on the kernel's direct path, a packet through the overlay to it, or a connection to
+    /// it that stalls. Its paths are probed at the fast rates until `traffic_hold` after the
+    /// last such sign, the rest of the time at `idle_interval` (issue 11: idle cost that
+    /// does not grow with the overlay; BFD's demand mode, RFC 5880 §6.6, has the same aim).
+    /// A peer that was idle starts afresh: silence on its paths is judged from `now` at the
+    /// fast rate's `down_after`, not from its last idle probe. Unknown peers are ignored.
+    pub fn handle_traffic(&mut self, now: Instant, peer: usize) {
+        let hold = self.cfg.traffic_hold;
+        let idle_mode = self.idle_mode();
+        let Some(p) = self.peers.get_mut(peer) else { return };
+        let was = p.active_until.is_some_and(|u| now < u);
+        p.active_until = Some(p.active_until.map_or(now + hold, |u| u.max(now + hold)));
+        if !was && idle_mode {
+            for x in p.paths.iter_mut().filter(|x| x.state != PathState::Down) {
+                x.started = x.started.max(now);
+            }
+        }
+    }
+
+    /// Whether `peer` counts as carrying traffic at `now` ([`Failover::handle_traffic`]).
+    pub fn is_active(&self, now: Instant, peer: usize) -> bool {
+        self.peers.get(peer).is_some_and(|p| p.active_until.is_some_and(|u| now < u))
+    }
+
+    /// True when idle peers are probed more slowly than busy ones.
+    fn idle_mode(&self) -> bool {
+        self.cfg.idle_interval > self.cfg.probe_interval
     }
 
     /// Number of peers.
@@ -714,6 +811,7 @@ impl Failover {
     /// ICMP net/host unreachable about one of the peer's protected destinations: the
     /// direct path is down now.
     pub fn handle_icmp(&mut self, now: Instant, peer: usize) {
+        self.handle_traffic(now, peer);
         if let Some(d) = self.peers.get_mut(peer).and_then(|p| p.path_mut(PathId::Direct)) {
             if d.state != PathState::Down {
                 d.state = PathState::Down;
@@ -730,6 +828,8 @@ impl Failover {
     /// TCP connections to the peer's destinations keep timing out: check the direct path
     /// with a burst of probes and take it down if none arrives within `check_timeout`.
     pub fn handle_tcp_stall(&mut self, now: Instant, peer: usize) {
+        // A stalling connection is traffic: the peer is probed fast from now on.
+        self.handle_traffic(now, peer);
         let timeout = self.cfg.check_timeout;
         let Some(p) = self.peers.get_mut(peer) else { return };
         if p.check.is_some() || p.path(PathId::Direct).is_none_or(|d| d.state == PathState::Down) {
@@ -859,18 +959,12 @@ impl Failover {
                     PathId::Relay(r) => self.by_id.get(&r).and_then(|ri| p.relays.get(ri)) == Some(&Candidate::Active),
                 };
                 if active {
-                    let fast = x.id == PathId::Direct || x.id == p.route.path || p.busy.contains(&x.id);
-                    let every = if fast { cfg.probe_interval } else { cfg.standby_interval };
-                    match x.last_sent {
-                        Some(t) => at(t + every),
-                        None => at(self.epoch.min(x.started)),
-                    }
+                    at(next_probe(cfg, self.epoch, p, x));
                 }
                 if x.last_sent.is_some() {
                     let allowance = x.allowance();
                     if x.state != PathState::Down {
-                        let evidence = x.last_delivered_sent_at.unwrap_or(x.started).max(x.started);
-                        at(judged(evidence + cfg.down_after + allowance + Duration::from_millis(1)));
+                        at(judged(silence_limit(cfg, p.active_until, x) + Duration::from_millis(1)));
                     }
                     if let Some(s) = x.sent.iter().find(|s| !s.resolved) {
                         at(judged(s.at + allowance + cfg.probe_interval * 4));
@@ -886,10 +980,8 @@ impl Failover {
                 }
             }
             if p.direct_known {
-                let urgent = p.route.protect;
-                let every = if urgent { Duration::from_millis(500) } else { Duration::from_secs(1) };
                 match p.last_candidates {
-                    Some(t) => at(t + every),
+                    Some(t) => at(next_upkeep(cfg, self.epoch, p, t)),
                     None => at(self.epoch),
                 }
                 for c in p.relays.values() {
@@ -910,10 +1002,18 @@ impl Failover {
     /// peers (and paths that only receive) cost anything here.
     pub fn handle_tick(&mut self, now: Instant) {
         if let Some(due) = self.due {
-            let base = self.last_tick.map_or(due, |t| due.max(t));
+            // Late against the later of what the last tick asked for and what the state asks
+            // for now: an event since (an echo that arrived, traffic that started) may have
+            // moved the wake-up either way, and neither is this node's lateness.
+            let asked = self.poll_timeout().map_or(due, |t| t.max(due));
+            let base = self.last_tick.map_or(asked, |t| asked.max(t));
             self.handle_late(now, now.saturating_duration_since(base));
         }
         self.last_tick = Some(now);
+        if self.grace_until.is_some_and(|g| now >= g) {
+            // Over: poll_timeout must not keep returning it.
+            self.grace_until = None;
+        }
         for peer in 0..self.peers.len() {
             if !self.peers[peer].direct_known && self.peers[peer].paths.is_empty() {
                 continue;
@@ -924,13 +1024,11 @@ impl Failover {
                     .iter()
                     .filter(|x| x.id != PathId::Direct || p.direct_known)
                     .filter(|x| {
-                        let fast = x.id == PathId::Direct || x.id == p.route.path || p.busy.contains(&x.id);
-                        let every = if fast { self.cfg.probe_interval } else { self.cfg.standby_interval };
                         let active = match x.id {
                             PathId::Direct => true,
                             PathId::Relay(r) => self.by_id.get(&r).and_then(|ri| p.relays.get(ri)) == Some(&Candidate::Active),
                         };
-                        active && x.last_sent.is_none_or(|t| now >= t + every)
+                        active && now >= next_probe(&self.cfg, self.epoch, p, x)
                     })
                     .map(|x| x.id)
                     .collect()
@@ -949,6 +1047,7 @@ impl Failover {
         let cfg = self.cfg;
         let excused = self.grace_until.is_some_and(|g| now < g);
         let p = &mut self.peers[peer];
+        let active_until = p.active_until;
         for x in p.paths.iter_mut() {
             if x.last_sent.is_none() {
                 continue;
@@ -962,8 +1061,7 @@ impl Failover {
                     x.loss += LOSS_ALPHA * (1.0 - x.loss);
                 }
             }
-            let evidence = x.last_delivered_sent_at.unwrap_or(x.started).max(x.started);
-            let silent = !excused && now.saturating_duration_since(evidence) > cfg.down_after + allowance;
+            let silent = !excused && now > silence_limit(&cfg, active_until, x);
             let recovered_probes = x.last_delivered_sent_at.is_some_and(|t| t >= x.state_since);
             let new = match x.state {
                 _ if silent => PathState::Down,
@@ -1154,7 +1252,7 @@ impl Failover {
         }
         let last = self.peers[peer].last_candidates;
         let urgent = needs_relay && !working;
-        if !urgent && last.is_some_and(|t| now < t + Duration::from_secs(1)) {
+        if !urgent && last.is_some_and(|t| now < next_upkeep(&self.cfg, self.epoch, &self.peers[peer], t)) {
             return;
         }
         if urgent && last.is_some_and(|t| now < t + Duration::from_millis(500)) {
@@ -1287,6 +1385,11 @@ mod tests {
         policies: Vec<crate::policy::Policy>,
         /// Relay requests made: (requester, relay, purpose).
         asked: Vec<(usize, usize, Purpose)>,
+        /// Traffic flows between every pair (each node sees it every step); off, every
+        /// peer is idle and probed at the idle rate.
+        traffic: bool,
+        /// Probes (not echoes) sent by each node.
+        probes: Vec<u64>,
     }
 
     impl Net {
@@ -1318,6 +1421,8 @@ mod tests {
                 latency: MS,
                 policies: vec![crate::policy::Policy::default(); n],
                 asked: vec![],
+                traffic: true,
+                probes: vec![0; n],
             }
         }
         /// Node `r` publishes `policy`: every other node learns its rank.
@@ -1393,6 +1498,11 @@ mod tests {
                 }
             }
             for a in 0..self.nodes.len() {
+                if self.traffic && !self.stalled.contains(&a) {
+                    for p in 0..self.nodes.len() - 1 {
+                        self.nodes[a].handle_traffic(now, p);
+                    }
+                }
                 if self.stalled.contains(&a) || (self.lazy.contains(&a) && self.nodes[a].poll_timeout().is_some_and(|t| t > now)) {
                     continue;
                 }
@@ -1402,6 +1512,7 @@ mod tests {
                     match act {
                         Action::Send { peer, path, payload } => {
                             let b = self.node_of(a, peer);
+                            self.probes[a] += 1;
                             self.deliver(a, b, path, payload);
                         }
                         Action::RequestRelay { relay, peer, purpose } => {
@@ -1754,5 +1865,101 @@ mod tests {
         assert!(net.nodes[0].handle_probe(now, 9, &Probe { echo: false, path: PathId::Direct, seq: 1, sent_us: 0, hold_us: 0, reports: vec![] }.encode()).is_err());
         net.run(Duration::from_secs(1));
         assert_eq!(net.route(0, 1).path, PathId::Direct);
+    }
+
+    #[test]
+    fn idle_peers_are_probed_at_the_idle_rate_and_woken_about_once_an_interval() {
+        let mut net = Net::new(4);
+        net.traffic = false;
+        net.lazy = vec![0, 1, 2, 3];
+        net.run(Duration::from_secs(10));
+        let (p0, t0) = (net.probes[0], net.ticks[0]);
+        net.run(Duration::from_secs(20));
+        let cfg = FailoverConfig::default();
+        // 3 peers, each a direct path and at most `relay_candidates` standby relay paths.
+        let per_s = (net.probes[0] - p0) as f64 / 20.0;
+        let most = 3.0 * (1 + cfg.relay_candidates) as f64 / cfg.idle_interval.as_secs_f64();
+        assert!(per_s <= most * 1.1, "{per_s} probes/s from an idle node, expected at most {most}");
+        assert!(per_s >= 3.0 * 0.9, "{per_s} probes/s: the direct paths must still be probed");
+        // Idle probes share wake-ups: a few per idle interval, not one per path.
+        let wakes = (net.ticks[0] - t0) as f64 / 20.0;
+        assert!(wakes <= 4.0, "{wakes} wake-ups/s on an idle node");
+        for b in 1..4 {
+            assert_eq!(net.route(0, b).path, PathId::Direct);
+            let d = net.nodes[0].paths(net.pidx(0, b)).into_iter().find(|v| v.id == PathId::Direct).unwrap();
+            assert_eq!(d.state, PathState::Up);
+            assert_eq!(d.loss, 0.0, "idle probing is not loss");
+        }
+        assert_eq!(net.nodes[0].late_count(), 0);
+    }
+
+    #[test]
+    fn traffic_switches_a_peer_to_fast_probing_and_back_after_the_hold() {
+        let mut net = Net::new(3);
+        net.traffic = false;
+        net.run(Duration::from_secs(5));
+        let before = net.probes[0];
+        net.run(Duration::from_secs(2));
+        let idle = net.probes[0] - before;
+        let now = net.now;
+        assert!(!net.nodes[0].is_active(now, 0));
+        net.nodes[0].handle_traffic(now, 0);
+        assert!(net.nodes[0].is_active(now, 0));
+        let before = net.probes[0];
+        net.run(Duration::from_secs(2));
+        let busy = net.probes[0] - before;
+        // 2 s at 50 ms on the direct path alone is 40 probes.
+        assert!(busy >= idle + 35, "{busy} probes in 2 s with traffic, {idle} idle");
+        net.run(FailoverConfig::default().traffic_hold);
+        assert!(!net.nodes[0].is_active(net.now, 0));
+        let before = net.probes[0];
+        net.run(Duration::from_secs(2));
+        assert!(net.probes[0] - before <= idle + 2, "back to the idle rate: {} vs {idle}", net.probes[0] - before);
+        assert_eq!(net.route(0, 1).path, PathId::Direct, "no path judged down by the change of rate");
+    }
+
+    #[test]
+    fn an_idle_silent_cut_is_confirmed_fast_and_rerouted_within_two_seconds() {
+        let mut net = Net::new(3);
+        net.traffic = false;
+        net.run(Duration::from_secs(5));
+        let t0 = net.now;
+        net.cut_both(0, 1);
+        while net.route(0, 1).path == PathId::Direct {
+            net.step();
+            let cfg = FailoverConfig::default();
+            assert!(net.now - t0 < cfg.idle_interval + cfg.down_after + Duration::from_millis(500), "no failover of an idle peer in time");
+        }
+        assert_eq!(net.route(0, 1).path, PathId::Relay(net.ids[2]));
+        assert!(net.route(1, 0).protect);
+        // A dead path of an idle peer is probed at the idle rate, not in a fast loop.
+        let before = net.probes[0];
+        net.run(Duration::from_secs(4));
+        assert!(net.probes[0] - before <= 30, "{} probes in 4 s with one path down", net.probes[0] - before);
+        net.cut.clear();
+        let t1 = net.now;
+        while net.route(0, 1).path != PathId::Direct {
+            net.step();
+            let cfg = FailoverConfig::default();
+            assert!(net.now - t1 < cfg.hold_down + cfg.idle_interval + Duration::from_millis(500), "slow return");
+        }
+    }
+
+    #[test]
+    fn traffic_onto_an_idle_path_that_just_died_fails_over_at_the_fast_rate() {
+        let mut net = Net::new(3);
+        net.traffic = false;
+        net.run(Duration::from_secs(5));
+        // Cut right after an idle probe was answered, then traffic starts.
+        net.cut_both(0, 1);
+        net.run(Duration::from_millis(50));
+        let t0 = net.now;
+        net.nodes[0].handle_traffic(t0, 0);
+        while net.route(0, 1).path == PathId::Direct {
+            net.step();
+            let cfg = FailoverConfig::default();
+            assert!(net.now - t0 < cfg.down_after + Duration::from_millis(400), "traffic on an idle peer waited for the idle rate");
+        }
+        assert_eq!(net.route(0, 1).path, PathId::Relay(net.ids[2]));
     }
 }

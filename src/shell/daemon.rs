@@ -36,6 +36,7 @@ use crate::shell::priority;
 use crate::shell::quic::{self, Management};
 use crate::shell::sockets;
 use crate::shell::tls::{AllowedKeys, RefusedKeys};
+use crate::shell::traffic;
 
 /// How often the kernel state is checked and repaired.
 pub const RECONCILE_INTERVAL: Duration = Duration::from_secs(2);
@@ -155,6 +156,7 @@ pub async fn run(mut cfg: Config) -> Result<()> {
         dscp: false,
         qdisc: None,
         acct: false,
+        traffic: false,
         classes: false,
         hash_policy: Vec::new(),
     };
@@ -174,6 +176,7 @@ struct Resources {
     dscp: bool,
     qdisc: Option<String>,
     acct: bool,
+    traffic: bool,
     classes: bool,
     hash_policy: Vec<&'static str>,
 }
@@ -185,6 +188,9 @@ impl Resources {
         }
         if self.acct {
             acct::remove();
+        }
+        if self.traffic {
+            traffic::remove();
         }
         if self.classes {
             crate::shell::classes::remove();
@@ -309,6 +315,7 @@ async fn run_inner(identity: &Identity, model: Model, nl: Netlink, listener: tok
     }
     priority::remove_dscp_rules();
     acct::remove();
+    traffic::remove();
     crate::shell::classes::remove();
     if let Some(dev) = &qdisc {
         priority::remove_qdisc(dev);
@@ -398,6 +405,23 @@ async fn run_inner(identity: &Identity, model: Model, nl: Netlink, listener: tok
             Err(e) => {
                 intercept::remove_rules();
                 tracing::warn!("ICMP interception is off: {e:#} (install iptables, or set failover.icmp = false)");
+            }
+        }
+    }
+    // Idle probing needs to know where traffic flows: on the direct path (netfilter log
+    // rules, crate::shell::traffic) and through the overlay (the data path reports it).
+    // Without the rules every peer is probed at the fast rate.
+    let mut model = model;
+    if !cfg.peers.is_empty() && cfg.failover.idle_probe_interval > cfg.failover.probe_interval {
+        res.traffic = true;
+        let dsts: Vec<ipnet::IpNet> = (0..cfg.peers.len()).flat_map(|i| model.protected_destinations(i, &[])).collect();
+        let group = cfg.failover.nfqueue;
+        match traffic::install(&dsts, group, cfg.kernel.fwmark).and_then(|_| traffic::start(group, filter.clone(), Arc::new(traffic::TrafficCounters::default()), alarm_tx.clone())) {
+            Ok(()) => tracing::info!("traffic detection on {} destinations (nflog group {group}): idle peers are probed every {} ms", dsts.len(), cfg.failover.idle_probe_interval.as_millis()),
+            Err(e) => {
+                traffic::remove();
+                model.cfg.failover.idle_probe_interval = cfg.failover.probe_interval;
+                tracing::warn!("no traffic detection ({e:#}): every peer is probed every {} ms", cfg.failover.probe_interval.as_millis());
             }
         }
     }
@@ -719,6 +743,7 @@ fn status(shared: &Shared) -> Status {
                 path_since_s: route.as_ref().filter(|_| info.endpoint.is_some()).map(|r| r.since.elapsed().as_secs_f64()),
                 protected: route.as_ref().is_some_and(|r| r.protected),
                 route_changes: route.as_ref().map(|r| r.changes).unwrap_or(0),
+                traffic: route.as_ref().is_some_and(|r| r.traffic),
                 probe_tx_bytes: c.probe_tx_bytes.load(Relaxed),
                 probe_rx_bytes: c.probe_rx_bytes.load(Relaxed),
                 last_handshake_s: secs(info.since),

@@ -77,6 +77,12 @@ pub enum DataEvent {
         /// When it was received.
         at: Instant,
     },
+    /// Inner packets went out to a peer through the overlay (sent at most once a second
+    /// per peer while packets keep going): its paths are probed at the fast rate.
+    Traffic {
+        /// Peer index.
+        peer: usize,
+    },
     /// Traffic for a peer that has no session: open one (sent at most once a second per
     /// peer while packets keep coming).
     NeedSession {
@@ -516,7 +522,12 @@ impl TxTask {
                 st.encapsulate(self.ingress, &mut self.bufs[i], self.sizes[i], &mut self.reply)
             };
             match action {
-                TxAction::Send { to, src_ip, len, .. } => self.out.push(to, src_ip, &self.bufs[i][..len]).await,
+                TxAction::Send { peer, to, src_ip, len, traffic } => {
+                    if traffic {
+                        let _ = self.events.try_send(DataEvent::Traffic { peer });
+                    }
+                    self.out.push(to, src_ip, &self.bufs[i][..len]).await
+                }
                 TxAction::Reply(_) => {
                     let mut out = vec![0u8; VIRTIO_NET_HDR_LEN];
                     out.extend_from_slice(&self.reply);

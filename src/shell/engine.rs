@@ -121,6 +121,8 @@ pub struct RouteStatus {
     pub protected: bool,
     /// Route changes so far.
     pub changes: u64,
+    /// Traffic flows to the peer: its paths are probed at the fast rate.
+    pub traffic: bool,
     /// Every monitored path.
     pub paths: Vec<PathStatus>,
     /// REPLEX shares per route (empty when REPLEX is off or has not run).
@@ -395,6 +397,13 @@ impl Engine {
                             Err(e) => tracing::debug!("probe from peer {peer}: {e}"),
                         }
                     }
+                    DataEvent::Traffic { peer } => {
+                        if peer >= self.peers.len() {
+                            self.sync_peers(Instant::now());
+                            self.update_ranks();
+                        }
+                        self.core.handle_traffic(Instant::now(), peer);
+                    }
                     DataEvent::NeedSession { peer } => {
                         let _ = self.needs.send(Need::Data(peer));
                     }
@@ -407,6 +416,11 @@ impl Engine {
                     Alarm::TcpStall { peer } => {
                         tracing::info!("TCP to {}'s destinations stalls: checking the path", self.name(peer));
                         self.core.handle_tcp_stall(Instant::now(), peer);
+                    }
+                    Alarm::Traffic { peer } => {
+                        if peer < self.peers.len() {
+                            self.core.handle_traffic(Instant::now(), peer);
+                        }
                     }
                     Alarm::Outside { dst } => {
                         if self.exits.handle_unreachable(Instant::now(), dst) {
@@ -910,6 +924,7 @@ impl Engine {
     }
 
     fn publish(&self) {
+        let now = Instant::now();
         let mut routes = self.shared.routes.lock().expect("routes");
         routes.resize(self.peers.len(), None);
         for (i, slot) in routes.iter_mut().enumerate() {
@@ -949,6 +964,7 @@ impl Engine {
                 since: r.since,
                 protected: r.protect,
                 changes: self.core.route_changes(i),
+                traffic: self.core.is_active(now, i),
                 paths,
                 shares,
                 relays: if self.peers[i].monitored { self.relay_choices(i) } else { Vec::new() },

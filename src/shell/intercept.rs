@@ -37,6 +37,12 @@ pub enum Alarm {
         /// Peer index.
         peer: usize,
     },
+    /// Traffic to one of the peer's protected destinations left on the kernel's direct
+    /// path (a rate-limited copy, see [`crate::shell::traffic`]).
+    Traffic {
+        /// Peer index.
+        peer: usize,
+    },
     /// A watched destination outside the overlay is unreachable (an ICMP unreachable about
     /// it, or a connection attempt that timed out).
     Outside {

@@ -18,3 +18,4 @@ pub mod quic;
 pub mod sockdiag;
 pub mod sockets;
 pub mod tls;
+pub mod traffic;
