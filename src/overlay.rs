@@ -294,6 +294,8 @@ pub struct Overlay {
     router: Router,
     sessions: BTreeMap<NodeId, Session>,
     chosen: BTreeMap<NodeId, Instant>,
+    /// The neighbours listed in the last published record.
+    published: BTreeSet<NodeId>,
     shunned: HashMap<NodeId, Instant>,
     announced: BTreeSet<NodeId>,
     /// Records to flood on, per session, sent at the next tick.
@@ -341,6 +343,7 @@ impl Overlay {
             dir: Directory::new(),
             sessions: BTreeMap::new(),
             chosen: BTreeMap::new(),
+            published: BTreeSet::new(),
             shunned: HashMap::new(),
             announced: BTreeSet::new(),
             gossip: BTreeMap::new(),
@@ -471,7 +474,24 @@ impl Overlay {
 
     fn neighbours_changed(&mut self) {
         self.push_router_neighbours();
-        self.dirty_sessions = true;
+        self.check_published();
+    }
+
+    /// The links this node publishes: sessions with configured peers, with the neighbours
+    /// it chose, and with nodes whose record lists it (they chose it). Sessions opened for
+    /// a relay or for traffic to a node learned from the directory are not links: they come
+    /// and go with traffic and failover, and publishing them would flood a new record
+    /// through the whole overlay at every change (issue 11: each node's record changed
+    /// every few seconds at N = 30, 70 KB/s per idle node).
+    fn published_neighbours(&self) -> BTreeSet<NodeId> {
+        self.sessions.iter().filter(|(id, s)| s.configured || self.chosen.contains_key(*id) || self.dir.get(id).is_some_and(|e| e.record.neighbours.contains(&self.local))).map(|(id, _)| *id).collect()
+    }
+
+    /// Republishes (after the neighbour debounce) when the published links changed.
+    fn check_published(&mut self) {
+        if self.published_neighbours() != self.published {
+            self.dirty_sessions = true;
+        }
     }
 
     fn push_router_neighbours(&mut self) {
@@ -668,6 +688,10 @@ impl Overlay {
                 let rec = self.dir.get(&signed.peek()?.0)?.record.clone();
                 self.rank(&rec);
                 self.note_claims(&rec, old.as_deref());
+                // A node this node has a session with listed it, or stopped listing it.
+                if self.sessions.contains_key(&rec.node_id) && old.as_ref().is_none_or(|o| o.neighbours.contains(&self.local) != rec.neighbours.contains(&self.local)) {
+                    self.check_published();
+                }
                 if a == Accepted::New || a == Accepted::Updated {
                     self.out.push_back(Out::Learned(rec));
                 }
@@ -794,10 +818,11 @@ impl Overlay {
             uptime: self.info.uptime.unwrap_or(Uptime::Stable),
             networks: self.info.networks.clone(),
             policy: self.info.policy.clone(),
-            neighbours: self.sessions.keys().copied().collect(),
+            neighbours: self.published_neighbours().into_iter().collect(),
             seq: self.seq,
             expires: unix + directory::record_ttl_s(self.dir.len()),
         };
+        self.published = rec.neighbours.iter().copied().collect();
         let signed = SignedRecord::sign(&rec, &self.identity);
         let _ = self.dir.insert(signed.clone(), unix);
         self.stats.records_published += 1;
@@ -915,6 +940,7 @@ impl Overlay {
         for id in &set {
             self.chosen.entry(*id).or_insert(now);
         }
+        self.check_published();
         if set != self.announced {
             self.announced = set.clone();
             self.out.push_back(Out::Neighbours(set));
@@ -946,6 +972,9 @@ mod tests {
         unix: u64,
         delivered: Vec<Vec<(NodeId, Vec<u8>)>>,
         acked: BTreeSet<(usize, u64)>,
+        /// Sessions opened for something else than management (a relay, traffic to a
+        /// directory node): (dialler, other).
+        extra: BTreeSet<(usize, usize)>,
     }
 
     fn ident(i: usize) -> Identity {
@@ -974,6 +1003,7 @@ mod tests {
                 unix: 1_000_000,
                 delivered: vec![Vec::new(); n],
                 acked: BTreeSet::new(),
+                extra: BTreeSet::new(),
             }
         }
 
@@ -1046,6 +1076,11 @@ mod tests {
                     if self.nodes[b].is_some() && !(self.blocked)(a, b) {
                         want.insert((a.min(b), a.max(b)));
                     }
+                }
+            }
+            for &(a, b) in &self.extra {
+                if self.nodes[a].is_some() && self.nodes[b].is_some() {
+                    want.insert((a.min(b), a.max(b)));
                 }
             }
             let gone: Vec<(usize, usize)> = self.links.difference(&want).copied().collect();
@@ -1176,6 +1211,40 @@ mod tests {
         s.run(Duration::from_secs(2));
         let all: Vec<usize> = (0..51).collect();
         assert!(s.knows_all(&all), "the join reached every node within 2 s");
+    }
+
+    #[test]
+    fn relay_and_traffic_sessions_are_not_published_and_cause_no_flood() {
+        let mut s = ring(12);
+        s.run(Duration::from_secs(10));
+        let published = |s: &Sim| -> u64 { s.nodes.iter().flatten().map(|n| n.stats().records_published).sum() };
+        let before = published(&s);
+        // Sessions between nodes that are not each other's neighbours come and go every
+        // second, as relay sessions and on-demand links do.
+        let pairs: Vec<(usize, usize)> = (0..12).flat_map(|a| (0..12).map(move |b| (a, b))).filter(|&(a, b)| a < b && !s.links.contains(&(a, b))).take(6).collect();
+        assert!(!pairs.is_empty());
+        for round in 0..20 {
+            if round % 2 == 0 {
+                s.extra.extend(pairs.iter().copied());
+            } else {
+                s.extra.clear();
+            }
+            s.run(Duration::from_secs(1));
+        }
+        let flooded = published(&s) - before;
+        assert!(flooded <= 12, "{flooded} records published in 20 s by 12 idle nodes");
+        // None of those sessions is a published link.
+        s.extra.extend(pairs.iter().copied());
+        s.run(Duration::from_secs(3));
+        for &(a, b) in &pairs {
+            let rec = s.nodes[a].as_ref().unwrap().directory().get(&s.ids[a]).unwrap().record.clone();
+            if !s.nodes[a].as_ref().unwrap().chosen().any(|c| *c == s.ids[b]) {
+                let linked = s.nodes[a].as_ref().unwrap().directory().linked(&s.ids[a], &s.ids[b]);
+                assert!(!rec.neighbours.contains(&s.ids[b]) || linked, "n{a} published its extra session with n{b}");
+            }
+        }
+        let live: Vec<usize> = (0..12).collect();
+        assert!(s.knows_all(&live));
     }
 
     #[test]
