@@ -62,7 +62,10 @@ pub fn neighbour_debounce(nodes: usize) -> Duration {
     (Duration::from_millis(20) * nodes.min(1000) as u32).clamp(PUBLISH_DEBOUNCE, NEIGHBOUR_DEBOUNCE)
 }
 /// A chosen neighbour without a session for this long is replaced.
-pub const NEIGHBOUR_PATIENCE: Duration = Duration::from_secs(10);
+pub const NEIGHBOUR_PATIENCE: Duration = Duration::from_secs(5);
+/// A chosen neighbour whose session is unusable (its direct path down) for this long is
+/// replaced.
+pub const UNUSABLE_PATIENCE: Duration = Duration::from_secs(2);
 /// How long a replaced neighbour is not chosen again.
 pub const SHUN_FOR: Duration = Duration::from_secs(60);
 /// Records per [`Message::Records`].
@@ -197,6 +200,8 @@ pub struct Stats {
 struct Session {
     configured: bool,
     usable: bool,
+    /// Since when the session has been unusable (its direct path is down).
+    unusable_since: Option<Instant>,
 }
 
 /// Underlay diversity group of a record: its first endpoint's IPv4 /24 or IPv6 /48.
@@ -448,7 +453,7 @@ impl Overlay {
         if id == self.local {
             return;
         }
-        self.sessions.insert(id, Session { configured, usable: true });
+        self.sessions.insert(id, Session { configured, usable: true, unusable_since: None });
         self.neighbours_changed();
         self.send_digest(now, id);
     }
@@ -463,11 +468,15 @@ impl Overlay {
 
     /// Whether the session with `id` carries messages (the failover engine may know its
     /// path is down before the session times out).
-    pub fn set_usable(&mut self, id: NodeId, usable: bool) {
+    /// An unusable session is no published link, and a chosen neighbour whose session
+    /// stays unusable for [`UNUSABLE_PATIENCE`] is replaced.
+    pub fn set_usable(&mut self, now: Instant, id: NodeId, usable: bool) {
         if let Some(s) = self.sessions.get_mut(&id) {
             if s.usable != usable {
                 s.usable = usable;
+                s.unusable_since = (!usable).then_some(now);
                 self.push_router_neighbours();
+                self.check_published();
             }
         }
     }
@@ -484,7 +493,12 @@ impl Overlay {
     /// through the whole overlay at every change (issue 11: each node's record changed
     /// every few seconds at N = 30, 70 KB/s per idle node).
     fn published_neighbours(&self) -> BTreeSet<NodeId> {
-        self.sessions.iter().filter(|(id, s)| s.configured || self.chosen.contains_key(*id) || self.dir.get(id).is_some_and(|e| e.record.neighbours.contains(&self.local))).map(|(id, _)| *id).collect()
+        self.sessions
+            .iter()
+            .filter(|(_, s)| s.usable)
+            .filter(|(id, s)| s.configured || self.chosen.contains_key(*id) || self.dir.get(id).is_some_and(|e| e.record.neighbours.contains(&self.local)))
+            .map(|(id, _)| *id)
+            .collect()
     }
 
     /// Republishes (after the neighbour debounce) when the published links changed.
@@ -910,13 +924,16 @@ impl Overlay {
     fn choose(&mut self, now: Instant) {
         self.shunned.retain(|_, until| now < *until);
         // Neighbours that never connected (or lost their session) are replaced.
-        let stale: Vec<NodeId> = self.chosen.iter().filter(|(id, since)| !self.sessions.contains_key(id) && now.saturating_duration_since(**since) > NEIGHBOUR_PATIENCE).map(|(id, _)| *id).collect();
+        // So are those whose session stays unusable (its path is down: the node failed, or
+        // the path did) before the session itself times out.
+        let working = |o: &Overlay, id: &NodeId| o.sessions.get(id).is_some_and(|s| s.unusable_since.is_none_or(|t| now.saturating_duration_since(t) <= UNUSABLE_PATIENCE));
+        let stale: Vec<NodeId> = self.chosen.iter().filter(|(id, since)| !working(self, id) && now.saturating_duration_since(**since) > NEIGHBOUR_PATIENCE).map(|(id, _)| *id).collect();
         for id in stale {
             self.chosen.remove(&id);
             self.shunned.insert(id, now + SHUN_FOR);
         }
         let configured: Vec<NodeId> = self.sessions.iter().filter(|(_, s)| s.configured).map(|(id, _)| *id).collect();
-        let usable = |o: &Overlay, id: &NodeId| !configured.contains(id) && o.dir.get(id).is_some_and(|e| o.choosable(&e.record));
+        let usable = |o: &Overlay, id: &NodeId| !configured.contains(id) && (!o.sessions.contains_key(id) || working(o, id)) && o.dir.get(id).is_some_and(|e| o.choosable(&e.record));
         let mut candidates: Vec<(bool, u64, Candidate)> = self.ranked.iter().filter(|(k, _)| usable(self, &k.2)).map(|(k, g)| (k.0, k.1, Candidate { id: k.2, stable: !k.0, group: *g })).collect();
         let k = self.target_neighbours();
         let need = k.saturating_sub(configured.len());
@@ -1245,6 +1262,22 @@ mod tests {
         }
         let live: Vec<usize> = (0..12).collect();
         assert!(s.knows_all(&live));
+    }
+
+    #[test]
+    fn a_neighbour_whose_path_is_down_is_replaced_before_its_session_times_out() {
+        let mut s = ring(12);
+        s.run(Duration::from_secs(10));
+        let c = *s.nodes[0].as_ref().unwrap().chosen().next().expect("node 0 chose a neighbour");
+        let now = s.now;
+        s.nodes[0].as_mut().unwrap().set_usable(now, c, false);
+        s.run(UNUSABLE_PATIENCE + Duration::from_secs(3));
+        let n = s.nodes[0].as_ref().unwrap();
+        assert!(!n.chosen().any(|x| *x == c), "the neighbour behind a dead path is still chosen");
+        let rec = n.directory().get(&s.ids[0]).unwrap().record.clone();
+        assert!(!rec.neighbours.contains(&c), "a session whose path is down is still published as a link");
+        let up = n.chosen().filter(|x| n.sessions().any(|(id, _, usable)| id == *x && usable)).count() + n.sessions().filter(|(_, conf, _)| *conf).count();
+        assert!(up >= n.target_neighbours().min(11), "{up} working neighbours, want {}", n.target_neighbours());
     }
 
     #[test]

@@ -38,12 +38,11 @@ pub struct Rule {
 
 /// Removes the chains and the jumps to them; idempotent.
 pub fn remove() {
-    for v6 in [false, true] {
-        for (chain, hooks) in [(CHAIN, &["POSTROUTING"][..]), (PIN_CHAIN, &["OUTPUT", "PREROUTING"][..])] {
-            netfilter::remove_chain(v6, "mangle", chain, hooks);
-        }
-    }
+    netfilter::remove_chains(&CHAINS);
 }
+
+/// (table, chain) of every chain of this module.
+pub const CHAINS: [(&str, &str); 2] = [("mangle", CHAIN), ("mangle", PIN_CHAIN)];
 
 /// The accounting rules in the kernel.
 #[derive(Debug, Default)]
@@ -60,17 +59,12 @@ impl Accounting {
     /// # Errors
     /// If iptables is missing or refuses.
     pub fn install(&mut self, fwmark: u32) -> Result<()> {
-        remove();
         self.fwmark = fwmark;
+        let input = format!("*mangle\n:{CHAIN} - [0:0]\n:{PIN_CHAIN} - [0:0]\n-A POSTROUTING -j {CHAIN}\n-A OUTPUT -j {PIN_CHAIN}\n-A PREROUTING -j {PIN_CHAIN}\nCOMMIT\n");
         for v6 in [false, true] {
-            let mut ok =
-                netfilter::ok(v6, &["-t", "mangle", "-N", CHAIN])? && netfilter::ok(v6, &["-t", "mangle", "-A", "POSTROUTING", "-j", CHAIN])? && netfilter::ok(v6, &["-t", "mangle", "-N", PIN_CHAIN])?;
-            for hook in ["OUTPUT", "PREROUTING"] {
-                ok = ok && netfilter::ok(v6, &["-t", "mangle", "-A", hook, "-j", PIN_CHAIN])?;
-            }
-            if !ok {
+            if let Err(e) = netfilter::restore(v6, &input) {
                 remove();
-                bail!("{} refused the accounting and pin chains", if v6 { "ip6tables" } else { "iptables" });
+                bail!("the accounting and pin chains were refused: {e:#}");
             }
         }
         self.installed = true;

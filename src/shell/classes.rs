@@ -28,7 +28,7 @@ use crate::kernel::{CLASS_EGRESS, CLASS_NEW};
 use crate::policy::Connectivity;
 
 /// (table, chain, hooks) of every chain of this module.
-const CHAINS: [(&str, &str, &[&str]); 5] = [
+const CHAIN_HOOKS: [(&str, &str, &[&str]); 5] = [
     ("mangle", "DETOUR-CLASS", &["OUTPUT", "PREROUTING"]),
     ("mangle", "DETOUR-CLASS-SAVE", &["POSTROUTING"]),
     ("mangle", "DETOUR-EGRESS", &["PREROUTING"]),
@@ -36,13 +36,12 @@ const CHAINS: [(&str, &str, &[&str]); 5] = [
     ("filter", "DETOUR-FWD", &["FORWARD"]),
 ];
 
+/// (table, chain) of every chain of this module.
+pub const CHAINS: [(&str, &str); 5] = [("mangle", "DETOUR-CLASS"), ("mangle", "DETOUR-CLASS-SAVE"), ("mangle", "DETOUR-EGRESS"), ("nat", "DETOUR-NAT"), ("filter", "DETOUR-FWD")];
+
 /// Removes every chain of this module and the jumps to it; idempotent.
 pub fn remove() {
-    for v6 in [false, true] {
-        for (table, chain, hooks) in CHAINS {
-            netfilter::remove_chain(v6, table, chain, hooks);
-        }
-    }
+    netfilter::remove_chains(&CHAINS);
 }
 
 /// The rules of one address family, as (table, chain, arguments after the chain name).
@@ -120,34 +119,38 @@ pub fn rules(cfg: &Config, egress: bool, v6: bool) -> Vec<(&'static str, &'stati
 /// # Errors
 /// If iptables is missing or refuses; what was installed is removed again.
 pub fn install(cfg: &Config, egress: bool) -> Result<bool> {
-    remove();
     let mut any = false;
     for v6 in [false, true] {
         let rules = rules(cfg, egress, v6);
-        for (table, chain, hooks) in CHAINS {
-            let mine: Vec<&Vec<String>> = rules.iter().filter(|(t, c, _)| *t == table && *c == chain).map(|(_, _, a)| a).collect();
-            if mine.is_empty() {
-                continue;
-            }
-            any = true;
-            let run = |args: Vec<&str>| -> Result<()> {
-                let o = netfilter::run(v6, &args)?;
-                if !o.status.success() {
-                    remove();
-                    bail!("{} {}: {}", if v6 { "ip6tables" } else { "iptables" }, args.join(" "), String::from_utf8_lossy(&o.stderr).trim());
+        // One iptables-restore per family, every table in it.
+        let mut input = String::new();
+        for table in ["mangle", "nat", "filter"] {
+            let mut section = String::new();
+            for (t, chain, hooks) in CHAIN_HOOKS.iter().filter(|(t, _, _)| *t == table) {
+                let mine: Vec<&Vec<String>> = rules.iter().filter(|(rt, c, _)| rt == t && c == chain).map(|(_, _, a)| a).collect();
+                if mine.is_empty() {
+                    continue;
                 }
-                Ok(())
-            };
-            run(vec!["-t", table, "-N", chain])?;
-            for a in mine {
-                let mut args = vec!["-t", table, "-A", chain];
-                args.extend(a.iter().map(String::as_str));
-                run(args)?;
+                section += &format!(":{chain} - [0:0]\n");
+                for a in mine {
+                    section += &format!("-A {chain} {}\n", a.join(" "));
+                }
+                for hook in *hooks {
+                    // First in the hook, so that the marks are set before other rules look.
+                    section += &format!("-I {hook} 1 -j {chain}\n");
+                }
             }
-            for hook in hooks {
-                // First in the hook, so that the marks are set before other rules look.
-                run(vec!["-t", table, "-I", hook, "1", "-j", chain])?;
+            if !section.is_empty() {
+                input += &format!("*{table}\n{section}COMMIT\n");
             }
+        }
+        if input.is_empty() {
+            continue;
+        }
+        any = true;
+        if let Err(e) = netfilter::restore(v6, &input) {
+            remove();
+            bail!("{e:#}");
         }
     }
     Ok(any)

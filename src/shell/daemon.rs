@@ -313,10 +313,9 @@ async fn run_inner(identity: &Identity, model: Model, nl: Netlink, listener: tok
             nl.apply(op, table, &index).await?;
         }
     }
-    priority::remove_dscp_rules();
-    acct::remove();
-    traffic::remove();
-    crate::shell::classes::remove();
+    // Every netfilter chain an earlier run may have left, in one look per family.
+    let chains: Vec<(&str, &str)> = [&intercept::CHAINS[..], &priority::CHAINS, &acct::CHAINS, &traffic::CHAINS, &crate::shell::classes::CHAINS].concat();
+    crate::shell::netfilter::remove_chains(&chains);
     if let Some(dev) = &qdisc {
         priority::remove_qdisc(dev);
     }

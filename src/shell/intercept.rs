@@ -79,39 +79,33 @@ impl IcmpCounters {
 
 /// Removes detour's chains (and the jumps to them) for both families; idempotent.
 pub fn remove_rules() {
-    for v6 in [false, true] {
-        netfilter::remove_chain(v6, "filter", CHAIN, &["INPUT", "FORWARD"]);
-    }
+    netfilter::remove_chains(&CHAINS);
 }
 
+/// (table, chain) of every chain of this module.
+pub const CHAINS: [(&str, &str); 1] = [("filter", CHAIN)];
+
 /// Installs the rules that queue ICMP net/host unreachable (ICMPv6 no route / address
-/// unreachable) to `queue`, after removing any left by an earlier run: the errors this
+/// unreachable) to `queue` (left-overs of an earlier run are removed at start): the errors this
 /// host receives (`INPUT`), and with `forward` (a router with networks behind it) the
 /// errors it forwards to their hosts (`FORWARD`).
 ///
 /// # Errors
 /// If iptables is missing or refuses a rule.
 pub fn install_rules(queue: u16, forward: bool) -> Result<()> {
-    remove_rules();
-    let q = queue.to_string();
-    let v4: [&[&str]; 2] = [&["-p", "icmp", "--icmp-type", "network-unreachable"], &["-p", "icmp", "--icmp-type", "host-unreachable"]];
-    let v6: [&[&str]; 2] = [&["-p", "ipv6-icmp", "--icmpv6-type", "no-route"], &["-p", "ipv6-icmp", "--icmpv6-type", "address-unreachable"]];
+    let v4 = ["-p icmp --icmp-type network-unreachable", "-p icmp --icmp-type host-unreachable"];
+    let v6 = ["-p ipv6-icmp --icmpv6-type no-route", "-p ipv6-icmp --icmpv6-type address-unreachable"];
     for (is_v6, matches) in [(false, v4), (true, v6)] {
-        if !netfilter::ok(is_v6, &["-N", CHAIN])? {
-            bail!("cannot create the {CHAIN} chain");
-        }
+        let mut input = format!("*filter\n:{CHAIN} - [0:0]\n");
         for m in matches {
-            let mut args = vec!["-A", CHAIN];
-            args.extend_from_slice(m);
-            args.extend_from_slice(&["-j", "NFQUEUE", "--queue-num", &q, "--queue-bypass"]);
-            if !netfilter::ok(is_v6, &args)? {
-                bail!("cannot add an NFQUEUE rule (is the kernel's NFQUEUE target available?)");
-            }
+            input += &format!("-A {CHAIN} {m} -j NFQUEUE --queue-num {queue} --queue-bypass\n");
         }
         for hook in if forward { &["INPUT", "FORWARD"][..] } else { &["INPUT"][..] } {
-            if !netfilter::ok(is_v6, &["-I", hook, "1", "-j", CHAIN])? {
-                bail!("cannot add the jump to {CHAIN} in {hook}");
-            }
+            input += &format!("-I {hook} 1 -j {CHAIN}\n");
+        }
+        input += "COMMIT\n";
+        if let Err(e) = netfilter::restore(is_v6, &input) {
+            bail!("cannot add the NFQUEUE rules (is the kernel's NFQUEUE target available?): {e:#}");
         }
     }
     Ok(())

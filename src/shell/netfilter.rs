@@ -23,17 +23,116 @@ pub fn ok(v6: bool, args: &[&str]) -> Result<bool> {
     Ok(run(v6, args)?.status.success())
 }
 
-/// Removes chain `chain` of `table` for one family: every jump to it from `hooks` (however
-/// many an earlier crash left), then its rules and the chain. Idempotent; errors are
-/// ignored (the chain may not exist).
-pub fn remove_chain(v6: bool, table: &str, chain: &str, hooks: &[&str]) {
-    for hook in hooks {
-        for _ in 0..16 {
-            if !ok(v6, &["-t", table, "-D", hook, "-j", chain]).unwrap_or(false) {
-                break;
+/// Removes the chains `chains` ((table, chain) pairs) that exist, for both families, with
+/// every rule elsewhere that jumps to them (however many an earlier crash left): one
+/// `iptables-save` per family, and one `iptables-restore --noflush` only when something is
+/// there to remove. Idempotent; errors are ignored. A clean host costs two program runs,
+/// not one per chain and hook: `iptables` serializes on one lock for every namespace of
+/// the host, so at 100 nodes on one machine the per-rule runs of each start added up to
+/// tens of seconds (issue 11).
+pub fn remove_chains(chains: &[(&str, &str)]) {
+    for v6 in [false, true] {
+        let save = if v6 { "ip6tables-save" } else { "iptables-save" };
+        let Ok(out) = Command::new(save).output() else { continue };
+        if let Some(script) = removal_script(&String::from_utf8_lossy(&out.stdout), chains) {
+            if let Err(e) = restore(v6, &script) {
+                tracing::warn!("removing detour's netfilter chains: {e:#}");
             }
         }
     }
-    let _ = run(v6, &["-t", table, "-F", chain]);
-    let _ = run(v6, &["-t", table, "-X", chain]);
+}
+
+/// The `iptables-restore --noflush` input that removes those of `chains` present in the
+/// `iptables-save` output `save`: per table, the jumps to them from other chains (`-D` with
+/// the saved rule), then their rules (`-F`), then the chains (`-X`). `None` when none is
+/// present.
+pub fn removal_script(save: &str, chains: &[(&str, &str)]) -> Option<String> {
+    let ours = |table: &str, chain: &str| chains.iter().any(|(t, c)| *t == table && *c == chain);
+    // table -> (jump rules to delete, chains present)
+    let mut tables: Vec<(String, Vec<String>, Vec<String>)> = Vec::new();
+    let mut table = String::new();
+    for line in save.lines() {
+        if let Some(t) = line.strip_prefix('*') {
+            table = t.trim().to_string();
+        } else if let Some(decl) = line.strip_prefix(':') {
+            let chain = decl.split_whitespace().next().unwrap_or("");
+            if ours(&table, chain) {
+                entry(&mut tables, &table).2.push(chain.to_string());
+            }
+        } else if let Some(rule) = line.strip_prefix("-A ") {
+            let mut words = rule.split_whitespace();
+            let from = words.next().unwrap_or("");
+            let words: Vec<&str> = words.collect();
+            let jumps = words.windows(2).any(|w| (w[0] == "-j" || w[0] == "-g") && ours(&table, w[1]));
+            if jumps && !ours(&table, from) {
+                entry(&mut tables, &table).1.push(format!("-D {rule}"));
+            }
+        }
+    }
+    if tables.is_empty() {
+        return None;
+    }
+    let mut s = String::new();
+    for (t, jumps, present) in tables {
+        s += &format!("*{t}\n");
+        for j in jumps {
+            s += &j;
+            s.push('\n');
+        }
+        for c in &present {
+            s += &format!("-F {c}\n");
+        }
+        for c in &present {
+            s += &format!("-X {c}\n");
+        }
+        s += "COMMIT\n";
+    }
+    Some(s)
+}
+
+fn entry<'a>(tables: &'a mut Vec<(String, Vec<String>, Vec<String>)>, table: &str) -> &'a mut (String, Vec<String>, Vec<String>) {
+    if let Some(i) = tables.iter().position(|(t, _, _)| t == table) {
+        &mut tables[i]
+    } else {
+        tables.push((table.to_string(), Vec::new(), Vec::new()));
+        tables.last_mut().expect("just pushed")
+    }
+}
+
+/// Runs `iptables-restore -w --noflush` (`ip6tables-restore` when `v6`) with `input`.
+///
+/// # Errors
+/// If the program cannot be started or refuses the input (its message is in the error).
+pub fn restore(v6: bool, input: &str) -> Result<()> {
+    use std::io::Write;
+    let bin = if v6 { "ip6tables-restore" } else { "iptables-restore" };
+    let mut child = Command::new(bin)
+        .args(["-w", "--noflush"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .with_context(|| format!("running {bin}"))?;
+    child.stdin.take().context("stdin")?.write_all(input.as_bytes())?;
+    let out = child.wait_with_output()?;
+    if !out.status.success() {
+        anyhow::bail!("{bin}: {}", String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn removal_script_deletes_the_jumps_then_the_chains_that_exist() {
+        let save = "# Generated\n*mangle\n:PREROUTING ACCEPT [0:0]\n:POSTROUTING ACCEPT [0:0]\n:DETOUR-SEEN - [0:0]\n:OTHER - [0:0]\n\
+-A POSTROUTING -m mark ! --mark 0x1234 -j DETOUR-SEEN\n-A POSTROUTING -m mark ! --mark 0x1234 -j DETOUR-SEEN\n-A POSTROUTING -j OTHER\n\
+-A DETOUR-SEEN -d 10.0.0.0/24 -j RETURN\nCOMMIT\n*filter\n:INPUT ACCEPT [0:0]\n-A INPUT -j ACCEPT\nCOMMIT\n";
+        let s = removal_script(save, &[("mangle", "DETOUR-SEEN"), ("filter", "DETOUR-ICMP")]).unwrap();
+        assert_eq!(s, "*mangle\n-D POSTROUTING -m mark ! --mark 0x1234 -j DETOUR-SEEN\n-D POSTROUTING -m mark ! --mark 0x1234 -j DETOUR-SEEN\n-F DETOUR-SEEN\n-X DETOUR-SEEN\nCOMMIT\n");
+        assert!(removal_script(save, &[("filter", "DETOUR-ICMP"), ("nat", "DETOUR-SEEN")]).is_none());
+        assert!(removal_script("", &[("mangle", "DETOUR-SEEN")]).is_none());
+    }
 }

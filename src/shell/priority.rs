@@ -39,9 +39,7 @@ pub fn set_socket_priority(sockets: &[UdpSocket], priority: u32) -> Result<()> {
 
 /// Removes the DSCP chain and the jumps to it, for both families; idempotent.
 pub fn remove_dscp_rules() {
-    for v6 in [false, true] {
-        netfilter::remove_chain(v6, "mangle", CHAIN, &["OUTPUT"]);
-    }
+    netfilter::remove_chains(&CHAINS);
 }
 
 /// Marks UDP packets from the management port with DSCP CS6 (network control, RFC 4594),
@@ -50,19 +48,18 @@ pub fn remove_dscp_rules() {
 /// # Errors
 /// If iptables is missing or refuses (for example without the DSCP target).
 pub fn install_dscp_rules(management_port: u16) -> Result<()> {
-    remove_dscp_rules();
-    let port = management_port.to_string();
+    let input = format!("*mangle\n:{CHAIN} - [0:0]\n-A {CHAIN} -p udp --sport {management_port} -j DSCP --set-dscp-class CS6\n-I OUTPUT 1 -j {CHAIN}\nCOMMIT\n");
     for v6 in [false, true] {
-        let ok = netfilter::ok(v6, &["-t", "mangle", "-N", CHAIN])?
-            && netfilter::ok(v6, &["-t", "mangle", "-A", CHAIN, "-p", "udp", "--sport", &port, "-j", "DSCP", "--set-dscp-class", "CS6"])?
-            && netfilter::ok(v6, &["-t", "mangle", "-I", "OUTPUT", "-j", CHAIN])?;
-        if !ok {
+        if let Err(e) = netfilter::restore(v6, &input) {
             remove_dscp_rules();
-            bail!("{} refused the DSCP rule", if v6 { "ip6tables" } else { "iptables" });
+            bail!("the DSCP rule was refused: {e:#}");
         }
     }
     Ok(())
 }
+
+/// (table, chain) of every chain of this module.
+pub const CHAINS: [(&str, &str); 1] = [("mangle", CHAIN)];
 
 fn tc(args: &[&str]) -> Result<()> {
     let out = Command::new("tc").args(args).output().context("running tc")?;

@@ -19,8 +19,6 @@
 //! path itself. The chain is removed at exit and after a crash on the next start.
 
 use std::collections::HashMap;
-use std::io::Write;
-use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
@@ -48,10 +46,11 @@ const REPORT_EVERY: Duration = Duration::from_millis(250);
 
 /// Removes the chain and its jump for both families; idempotent.
 pub fn remove() {
-    for v6 in [false, true] {
-        netfilter::remove_chain(v6, "mangle", CHAIN, &["POSTROUTING"]);
-    }
+    netfilter::remove_chains(&CHAINS);
 }
+
+/// (table, chain) of every chain of this module.
+pub const CHAINS: [(&str, &str); 1] = [("mangle", CHAIN)];
 
 /// The `iptables-restore --noflush` input for one family: the chain, two rules per
 /// destination of that family (log at most [`PER_SECOND`], then return), and the jump
@@ -71,22 +70,17 @@ pub fn restore_input(dsts: &[IpNet], group: u16, fwmark: u32, v6: bool) -> Optio
     Some(s)
 }
 
-/// Installs the rules for `dsts` (the protected destinations of configured peers), after
-/// removing any left by an earlier run: one `iptables-restore` per family.
+/// Installs the rules for `dsts` (the protected destinations of configured peers): one
+/// `iptables-restore` per family (left-overs of an earlier run are removed at start).
 ///
 /// # Errors
 /// If iptables-restore is missing or refuses (the kernel lacks `NFLOG` or `limit`).
 pub fn install(dsts: &[IpNet], group: u16, fwmark: u32) -> Result<()> {
-    remove();
     for v6 in [false, true] {
         let Some(input) = restore_input(dsts, group, fwmark, v6) else { continue };
-        let bin = if v6 { "ip6tables-restore" } else { "iptables-restore" };
-        let mut child = Command::new(bin).args(["-w", "--noflush"]).stdin(Stdio::piped()).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().with_context(|| format!("running {bin}"))?;
-        child.stdin.take().context("stdin")?.write_all(input.as_bytes())?;
-        let out = child.wait_with_output()?;
-        if !out.status.success() {
+        if let Err(e) = netfilter::restore(v6, &input) {
             remove();
-            bail!("{bin} refused the {CHAIN} rules: {}", String::from_utf8_lossy(&out.stderr).trim());
+            bail!("the {CHAIN} rules were refused: {e:#}");
         }
     }
     Ok(())
