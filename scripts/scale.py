@@ -28,7 +28,7 @@ import sys
 import time
 
 N, P, DIR, BIN, START = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4], float(sys.argv[5])
-SETTLE = float(os.environ.get("BENCH_SCALE_SETTLE", "10"))
+SETTLE = float(os.environ.get("BENCH_SCALE_SETTLE", "30"))
 IDLE = float(os.environ.get("BENCH_SCALE_IDLE", "20"))
 PAIRS = int(os.environ.get("BENCH_SCALE_PAIRS", "20"))
 MESSAGES = int(os.environ.get("BENCH_SCALE_MESSAGES", "10"))
@@ -118,14 +118,20 @@ def pct(v, q):
 
 
 def converge(live):
+    """Seconds from START until every node's directory lists every node. A node whose
+    directory is complete is not asked again (a directory only grows while nobody fails):
+    asking all of them five times a second for their whole directory loaded the box being
+    measured (at N = 100, 500 requests of 100 rows a second)."""
     t_done = None
+    waiting = list(live)
     while time.time() - START < CONVERGE_TIMEOUT:
-        complete = 0
-        for i in live:
+        still = []
+        for i in waiting:
             r = ctl(i, "nodes")
-            if r and len(r.get("nodes", [])) >= len(live):
-                complete += 1
-        if complete == len(live):
+            if not (r and len(r.get("nodes", [])) >= len(live)):
+                still.append(i)
+        waiting = still
+        if not waiting:
             t_done = time.time() - START
             break
         time.sleep(0.2)

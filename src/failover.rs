@@ -1002,12 +1002,14 @@ impl Failover {
     /// peers (and paths that only receive) cost anything here.
     pub fn handle_tick(&mut self, now: Instant) {
         if let Some(due) = self.due {
-            // Late against the later of what the last tick asked for and what the state asks
-            // for now: an event since (an echo that arrived, traffic that started) may have
-            // moved the wake-up either way, and neither is this node's lateness.
-            let asked = self.poll_timeout().map_or(due, |t| t.max(due));
-            let base = self.last_tick.map_or(asked, |t| asked.max(t));
-            self.handle_late(now, now.saturating_duration_since(base));
+            let base = self.last_tick.map_or(due, |t| due.max(t));
+            if now.saturating_duration_since(base) > self.cfg.probe_interval * 2 {
+                // Late against the later of what the last tick asked for and what the state
+                // asks for now: an event since (an echo that arrived, traffic that started)
+                // may have moved the wake-up either way, and neither is this node's lateness.
+                let asked = self.poll_timeout().map_or(base, |t| t.max(base));
+                self.handle_late(now, now.saturating_duration_since(asked));
+            }
         }
         self.last_tick = Some(now);
         if self.grace_until.is_some_and(|g| now >= g) {

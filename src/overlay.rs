@@ -61,11 +61,15 @@ pub const NEIGHBOUR_DEBOUNCE: Duration = Duration::from_secs(2);
 pub fn neighbour_debounce(nodes: usize) -> Duration {
     (Duration::from_millis(20) * nodes.min(1000) as u32).clamp(PUBLISH_DEBOUNCE, NEIGHBOUR_DEBOUNCE)
 }
+/// Publications of link changes remembered for damping ([`Overlay::links_debounce`]).
+const DAMPING_WINDOW: Duration = Duration::from_secs(60);
+/// The longest a change of links waits to be published while they churn.
+const MAX_LINKS_DEBOUNCE: Duration = Duration::from_secs(30);
 /// A chosen neighbour without a session for this long is replaced.
-pub const NEIGHBOUR_PATIENCE: Duration = Duration::from_secs(5);
+pub const NEIGHBOUR_PATIENCE: Duration = Duration::from_secs(10);
 /// A chosen neighbour whose session is unusable (its direct path down) for this long is
 /// replaced.
-pub const UNUSABLE_PATIENCE: Duration = Duration::from_secs(2);
+pub const UNUSABLE_PATIENCE: Duration = Duration::from_secs(3);
 /// How long a replaced neighbour is not chosen again.
 pub const SHUN_FOR: Duration = Duration::from_secs(60);
 /// Records per [`Message::Records`].
@@ -319,6 +323,8 @@ pub struct Overlay {
     dirty: bool,
     /// Only the sessions changed since the last publication.
     dirty_sessions: bool,
+    /// When this node published a change of its links, over the last [`DAMPING_WINDOW`].
+    link_publications: VecDeque<Instant>,
     last_publish: Option<Instant>,
     last_publish_unix: u64,
     last_expire: Instant,
@@ -359,6 +365,7 @@ impl Overlay {
             availability: 0.9,
             dirty: true,
             dirty_sessions: false,
+            link_publications: VecDeque::new(),
             last_publish: None,
             last_publish_unix: 0,
             last_expire: now,
@@ -468,15 +475,15 @@ impl Overlay {
 
     /// Whether the session with `id` carries messages (the failover engine may know its
     /// path is down before the session times out).
-    /// An unusable session is no published link, and a chosen neighbour whose session
-    /// stays unusable for [`UNUSABLE_PATIENCE`] is replaced.
+    /// A chosen neighbour whose session stays unusable for [`UNUSABLE_PATIENCE`] is
+    /// replaced. The session stays a published link until it closes: a path that flaps
+    /// (an overloaded peer) must not flood a new record through the overlay at each flap.
     pub fn set_usable(&mut self, now: Instant, id: NodeId, usable: bool) {
         if let Some(s) = self.sessions.get_mut(&id) {
             if s.usable != usable {
                 s.usable = usable;
                 s.unusable_since = (!usable).then_some(now);
                 self.push_router_neighbours();
-                self.check_published();
             }
         }
     }
@@ -493,12 +500,18 @@ impl Overlay {
     /// through the whole overlay at every change (issue 11: each node's record changed
     /// every few seconds at N = 30, 70 KB/s per idle node).
     fn published_neighbours(&self) -> BTreeSet<NodeId> {
-        self.sessions
-            .iter()
-            .filter(|(_, s)| s.usable)
-            .filter(|(id, s)| s.configured || self.chosen.contains_key(*id) || self.dir.get(id).is_some_and(|e| e.record.neighbours.contains(&self.local)))
-            .map(|(id, _)| *id)
-            .collect()
+        self.sessions.iter().filter(|(id, s)| s.configured || self.chosen.contains_key(*id) || self.dir.get(id).is_some_and(|e| e.record.neighbours.contains(&self.local))).map(|(id, _)| *id).collect()
+    }
+
+    /// How long a change of links waits after the last publication: the
+    /// [`neighbour_debounce`] of the directory's size, doubled for each link change
+    /// published in the last minute beyond the first two, at most 30 s. Sessions that churn
+    /// (an overloaded node whose sessions time out and come back) would otherwise flood a
+    /// new record through the whole overlay at each step, and the flood feeds the overload;
+    /// BGP damps its updates the same way (MRAI, RFC 4271 §9.2.1.1; RFC 2439).
+    fn links_debounce(&self) -> Duration {
+        let extra = self.link_publications.len().saturating_sub(2).min(8) as u32;
+        (neighbour_debounce(self.dir.len()) * (1u32 << extra)).min(MAX_LINKS_DEBOUNCE)
     }
 
     /// Republishes (after the neighbour debounce) when the published links changed.
@@ -752,7 +765,7 @@ impl Overlay {
                     at(p + PUBLISH_DEBOUNCE);
                 }
                 if self.dirty_sessions {
-                    at(p + neighbour_debounce(self.dir.len()));
+                    at(p + self.links_debounce());
                 }
                 at(p + Duration::from_secs(directory::refresh_s(self.dir.len())));
             }
@@ -786,8 +799,14 @@ impl Overlay {
         self.check_names(unix);
         let due_refresh = unix >= self.last_publish_unix + directory::refresh_s(self.dir.len());
         let debounced = self.last_publish.is_none_or(|t| now >= t + PUBLISH_DEBOUNCE);
-        let sessions_debounced = self.last_publish.is_none_or(|t| now >= t + neighbour_debounce(self.dir.len()));
+        let sessions_debounced = self.last_publish.is_none_or(|t| now >= t + self.links_debounce());
         if (self.dirty && debounced) || (self.dirty_sessions && sessions_debounced) || due_refresh {
+            if self.dirty_sessions {
+                self.link_publications.push_back(now);
+            }
+            while self.link_publications.front().is_some_and(|t| now.saturating_duration_since(*t) > DAMPING_WINDOW) {
+                self.link_publications.pop_front();
+            }
             self.publish(now, unix);
         }
         if now >= self.last_anti_entropy + ANTI_ENTROPY {
@@ -1274,10 +1293,27 @@ mod tests {
         s.run(UNUSABLE_PATIENCE + Duration::from_secs(3));
         let n = s.nodes[0].as_ref().unwrap();
         assert!(!n.chosen().any(|x| *x == c), "the neighbour behind a dead path is still chosen");
-        let rec = n.directory().get(&s.ids[0]).unwrap().record.clone();
-        assert!(!rec.neighbours.contains(&c), "a session whose path is down is still published as a link");
         let up = n.chosen().filter(|x| n.sessions().any(|(id, _, usable)| id == *x && usable)).count() + n.sessions().filter(|(_, conf, _)| *conf).count();
         assert!(up >= n.target_neighbours().min(11), "{up} working neighbours, want {}", n.target_neighbours());
+    }
+
+    #[test]
+    fn a_link_that_flaps_is_published_at_a_damped_rate_and_the_last_state_gets_out() {
+        let mut s = ring(12);
+        s.run(Duration::from_secs(10));
+        let before = s.nodes[0].as_ref().unwrap().stats().records_published;
+        // The session 0-1 (configured) goes down and up every second for a minute.
+        for round in 0..60 {
+            s.blocked = if round % 2 == 0 { Box::new(|a, b| (a, b) == (0, 1) || (a, b) == (1, 0)) } else { Box::new(|_, _| false) };
+            s.run(Duration::from_secs(1));
+        }
+        let flaps = s.nodes[0].as_ref().unwrap().stats().records_published - before;
+        assert!(flaps <= 12, "{flaps} records for 60 link changes");
+        // Once it holds still, the last state is published within the longest debounce.
+        s.blocked = Box::new(|_, _| false);
+        s.run(MAX_LINKS_DEBOUNCE + Duration::from_secs(2));
+        let d = s.nodes[5].as_ref().unwrap().directory();
+        assert!(d.linked(&s.ids[0], &s.ids[1]), "the link that came back is known at other nodes");
     }
 
     #[test]

@@ -38,6 +38,8 @@ const TICK: Duration = Duration::from_millis(10);
 /// How often link reports are considered (sent only when they changed, see
 /// [`Engine::send_link_reports`]).
 const LINK_REPORT_EVERY: Duration = Duration::from_secs(1);
+/// Data-path events taken at once after the first, before the core is asked when to wake.
+const DATA_BATCH: usize = 64;
 /// A link report unchanged for this long is sent again.
 const LINK_REFRESH: Duration = Duration::from_secs(10);
 /// The list of nodes this node wants link reports about is repeated this often.
@@ -382,32 +384,17 @@ impl Engine {
                     self.publish();
                     let _ = done.send(());
                 }
-                Some(ev) = data.recv() => match ev {
-                    DataEvent::Control { peer, from, payload, at } => {
-                        // A probe that waited long in the queue: this node is late, not the path.
-                        let now = Instant::now();
-                        self.core.handle_late(now, now.saturating_duration_since(at));
-                        if peer >= self.peers.len() {
-                            self.sync_peers(at);
-                            self.update_ranks();
-                        }
-                        match self.core.handle_probe(at, peer, &payload) {
-                            Ok(Some(echo)) => self.dp.command(DataCommand::SendControl { peer, to: canonical(from), payload: echo }),
-                            Ok(None) => {}
-                            Err(e) => tracing::debug!("probe from peer {peer}: {e}"),
+                Some(ev) = data.recv() => {
+                    // A burst of probes is taken in one go: the core's next wake-up is worked
+                    // out once for all of them, not once per probe.
+                    self.on_data(ev);
+                    for _ in 0..DATA_BATCH {
+                        match data.try_recv() {
+                            Ok(ev) => self.on_data(ev),
+                            Err(_) => break,
                         }
                     }
-                    DataEvent::Traffic { peer } => {
-                        if peer >= self.peers.len() {
-                            self.sync_peers(Instant::now());
-                            self.update_ranks();
-                        }
-                        self.core.handle_traffic(Instant::now(), peer);
-                    }
-                    DataEvent::NeedSession { peer } => {
-                        let _ = self.needs.send(Need::Data(peer));
-                    }
-                },
+                }
                 Some(alarm) = alarms.recv() => match alarm {
                     Alarm::Icmp { peer, at } => {
                         tracing::info!("ICMP unreachable about {}'s destinations: rerouting", self.name(peer));
@@ -447,6 +434,36 @@ impl Engine {
                 }
             }
             self.drain_actions();
+        }
+    }
+
+    /// One event from the data path.
+    fn on_data(&mut self, ev: DataEvent) {
+        match ev {
+            DataEvent::Control { peer, from, payload, at } => {
+                // A probe that waited long in the queue: this node is late, not the path.
+                let now = Instant::now();
+                self.core.handle_late(now, now.saturating_duration_since(at));
+                if peer >= self.peers.len() {
+                    self.sync_peers(at);
+                    self.update_ranks();
+                }
+                match self.core.handle_probe(at, peer, &payload) {
+                    Ok(Some(echo)) => self.dp.command(DataCommand::SendControl { peer, to: canonical(from), payload: echo }),
+                    Ok(None) => {}
+                    Err(e) => tracing::debug!("probe from peer {peer}: {e}"),
+                }
+            }
+            DataEvent::Traffic { peer } => {
+                if peer >= self.peers.len() {
+                    self.sync_peers(Instant::now());
+                    self.update_ranks();
+                }
+                self.core.handle_traffic(Instant::now(), peer);
+            }
+            DataEvent::NeedSession { peer } => {
+                let _ = self.needs.send(Need::Data(peer));
+            }
         }
     }
 
