@@ -66,7 +66,7 @@ const DAMPING_WINDOW: Duration = Duration::from_secs(60);
 /// The longest a change of links waits to be published while they churn.
 const MAX_LINKS_DEBOUNCE: Duration = Duration::from_secs(30);
 /// A chosen neighbour without a session for this long is replaced.
-pub const NEIGHBOUR_PATIENCE: Duration = Duration::from_secs(10);
+pub const NEIGHBOUR_PATIENCE: Duration = Duration::from_secs(5);
 /// A chosen neighbour whose session is unusable (its direct path down) for this long is
 /// replaced.
 pub const UNUSABLE_PATIENCE: Duration = Duration::from_secs(3);
