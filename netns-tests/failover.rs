@@ -357,6 +357,7 @@ fn idle_peers_are_probed_slowly_and_traffic_on_either_path_makes_them_fast() {
     std::thread::sleep(Duration::from_millis(300));
     let busy = rate(3.0);
     assert!(!probing(&lab, "alice", "carol").1, "carol carries no traffic");
+    assert!(lab.status("alice")["icmp"]["traffic_reports"].as_u64().unwrap() >= 1, "the direct-path traffic was counted");
     let _ = ping.kill();
     let _ = ping.wait();
     println!("probe bytes/s alice → bob: idle {idle:.0}, with traffic {busy:.0}");

@@ -211,6 +211,12 @@ pub struct IcmpStatus {
     pub ignored: BTreeMap<String, u64>,
     /// TCP stalls reported by the connection monitor.
     pub tcp_stalls: u64,
+    /// Traffic on the kernel's direct path seen for a peer (its paths probed fast).
+    #[serde(default)]
+    pub traffic_reports: u64,
+    /// Copies from the traffic rules that matched no protected destination (ignored).
+    #[serde(default)]
+    pub traffic_ignored: u64,
 }
 
 /// `detourctl paths`: the monitored paths of one peer.
@@ -436,7 +442,7 @@ pub fn render_status(s: &Status) -> String {
         if ign.is_empty() {
             ign.push("none".into());
         }
-        let _ = writeln!(o, "  icmp unreachable: {} rerouted, ignored: {}; tcp stalls: {}", s.icmp.rerouted, ign.join(" "), s.icmp.tcp_stalls);
+        let _ = writeln!(o, "  icmp unreachable: {} rerouted, ignored: {}; tcp stalls: {}; direct-path traffic seen: {}", s.icmp.rerouted, ign.join(" "), s.icmp.tcp_stalls, s.icmp.traffic_reports);
     }
     if !s.relaying.is_empty() || s.relayed_packets > 0 {
         let _ = writeln!(o, "  relaying: {} ({} pkts, {})", s.relaying.join(", "), s.relayed_packets, bytes(s.relayed_bytes));
@@ -672,6 +678,8 @@ pub fn render_metrics(status: &Status, paths: &[PeerPaths]) -> String {
     let _ = writeln!(o, "detour_icmp_rerouted_total {}", status.icmp.rerouted);
     family(&mut o, "tcp_stalls_total", "counter", "Stalled TCP connections towards protected destinations.");
     let _ = writeln!(o, "detour_tcp_stalls_total {}", status.icmp.tcp_stalls);
+    family(&mut o, "traffic_reports_total", "counter", "Traffic on the kernel's direct path seen for a peer (its paths are then probed fast).");
+    let _ = writeln!(o, "detour_traffic_reports_total {}", status.icmp.traffic_reports);
     family(&mut o, "refused_handshakes_total", "counter", "Management handshakes refused for an unknown key.");
     let _ = writeln!(o, "detour_refused_handshakes_total {}", status.refused_handshakes);
     family(&mut o, "directory_nodes", "gauge", "Nodes in the directory (this one included).");

@@ -415,7 +415,7 @@ async fn run_inner(identity: &Identity, model: Model, nl: Netlink, listener: tok
         res.traffic = true;
         let dsts: Vec<ipnet::IpNet> = (0..cfg.peers.len()).flat_map(|i| model.protected_destinations(i, &[])).collect();
         let group = cfg.failover.nfqueue;
-        match traffic::install(&dsts, group, cfg.kernel.fwmark).and_then(|_| traffic::start(group, filter.clone(), Arc::new(traffic::TrafficCounters::default()), alarm_tx.clone())) {
+        match traffic::install(&dsts, group, cfg.kernel.fwmark).and_then(|_| traffic::start(group, filter.clone(), icmp_counters.clone(), alarm_tx.clone())) {
             Ok(()) => tracing::info!("traffic detection on {} destinations (nflog group {group}): idle peers are probed every {} ms", dsts.len(), cfg.failover.idle_probe_interval.as_millis()),
             Err(e) => {
                 traffic::remove();
@@ -817,6 +817,8 @@ fn status(shared: &Shared) -> Status {
             rerouted: shared.icmp.rerouted.load(Relaxed),
             ignored: shared.icmp.ignored_snapshot().into_iter().map(|(k, v)| (k.to_string(), v)).collect(),
             tcp_stalls: shared.icmp.tcp_stalls.load(Relaxed),
+            traffic_reports: shared.icmp.traffic_reports.load(Relaxed),
+            traffic_ignored: shared.icmp.traffic_ignored.load(Relaxed),
         },
         relayed_packets: m.node.relayed_packets.load(Relaxed),
         relayed_bytes: m.node.relayed_bytes.load(Relaxed),

@@ -60,6 +60,10 @@ pub struct IcmpCounters {
     pub ignored: [AtomicU64; 6],
     /// TCP stalls reported.
     pub tcp_stalls: AtomicU64,
+    /// Traffic on the direct path reported for a peer ([`crate::shell::traffic`]).
+    pub traffic_reports: AtomicU64,
+    /// Packet copies from the traffic rules that matched no protected destination.
+    pub traffic_ignored: AtomicU64,
 }
 
 impl IcmpCounters {

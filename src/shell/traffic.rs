@@ -19,7 +19,7 @@
 //! path itself. The chain is removed at exit and after a crash on the next start.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
@@ -32,7 +32,7 @@ use netlink_sys::{protocols::NETLINK_NETFILTER, Socket};
 use tokio::sync::mpsc;
 
 use crate::icmp::Filter;
-use crate::shell::intercept::Alarm;
+use crate::shell::intercept::{Alarm, IcmpCounters};
 use crate::shell::netfilter;
 
 /// The chain detour owns, in `mangle`.
@@ -86,17 +86,6 @@ pub fn install(dsts: &[IpNet], group: u16, fwmark: u32) -> Result<()> {
     Ok(())
 }
 
-/// Counters of the detection, for status output.
-#[derive(Debug, Default)]
-pub struct TrafficCounters {
-    /// Packet copies read.
-    pub copies: AtomicU64,
-    /// Reports sent to the engine (traffic seen for a peer).
-    pub reports: AtomicU64,
-    /// Copies that were not an IP packet to a protected destination (counted, ignored).
-    pub ignored: AtomicU64,
-}
-
 /// The peer whose protected destination the IP packet `pkt` is sent to.
 pub fn classify(filter: &Filter, pkt: &[u8]) -> Option<usize> {
     let (_, dst) = crate::packet::addresses(pkt)?;
@@ -126,7 +115,7 @@ fn send_config(sock: &Socket, group: u16, nlas: Vec<ConfigNla>) -> Result<()> {
 /// # Errors
 /// If the netlink socket cannot be opened or the group cannot be bound (another program
 /// holds it).
-pub fn start(group: u16, filter: Arc<RwLock<Filter>>, counters: Arc<TrafficCounters>, alarms: mpsc::UnboundedSender<Alarm>) -> Result<()> {
+pub fn start(group: u16, filter: Arc<RwLock<Filter>>, counters: Arc<IcmpCounters>, alarms: mpsc::UnboundedSender<Alarm>) -> Result<()> {
     let mut sock = Socket::new(NETLINK_NETFILTER).context("opening a netfilter netlink socket")?;
     sock.bind_auto().context("binding the netlink socket")?;
     // Copy the first bytes of each packet and pass each copy on at once (no batching).
@@ -153,7 +142,6 @@ pub fn start(group: u16, filter: Arc<RwLock<Filter>>, counters: Arc<TrafficCount
                     let Ok(msg) = NetlinkMessage::<NetfilterMessage>::deserialize(&buf[off..n]) else { break };
                     let len = msg.header.length as usize;
                     if let NetlinkPayload::InnerMessage(NetfilterMessage { inner: NetfilterMessageInner::ULog(ULogMessage::Packet(nlas)), .. }) = &msg.payload {
-                        counters.copies.fetch_add(1, Relaxed);
                         let peer = nlas.iter().find_map(|a| match a {
                             PacketNla::Payload(p) => filter.read().ok().and_then(|f| classify(&f, p)),
                             _ => None,
@@ -163,12 +151,12 @@ pub fn start(group: u16, filter: Arc<RwLock<Filter>>, counters: Arc<TrafficCount
                                 let now = Instant::now();
                                 if last.get(&peer).is_none_or(|t| now >= *t + REPORT_EVERY) {
                                     last.insert(peer, now);
-                                    counters.reports.fetch_add(1, Relaxed);
+                                    counters.traffic_reports.fetch_add(1, Relaxed);
                                     let _ = alarms.send(Alarm::Traffic { peer });
                                 }
                             }
                             None => {
-                                counters.ignored.fetch_add(1, Relaxed);
+                                counters.traffic_ignored.fetch_add(1, Relaxed);
                             }
                         }
                     }
