@@ -58,7 +58,8 @@ impl std::fmt::Display for PathId {
     }
 }
 
-/// Tunables; the defaults detect a silent failure in well under a second.
+/// Tunables; with the defaults a silent failure of a peer that carries traffic is detected
+/// in well under a second, of an idle one in about 1.5 s.
 #[derive(Debug, Clone, Copy)]
 pub struct FailoverConfig {
     /// Probe interval on the direct path and on the relay path in use.
