@@ -475,6 +475,7 @@ impl Overlay {
 
     /// Whether the session with `id` carries messages (the failover engine may know its
     /// path is down before the session times out).
+    ///
     /// A chosen neighbour whose session stays unusable for [`UNUSABLE_PATIENCE`] is
     /// replaced. The session stays a published link until it closes: a path that flaps
     /// (an overloaded peer) must not flood a new record through the overlay at each flap.
@@ -510,7 +511,8 @@ impl Overlay {
     /// new record through the whole overlay at each step, and the flood feeds the overload;
     /// BGP damps its updates the same way (MRAI, RFC 4271 §9.2.1.1; RFC 2439).
     fn links_debounce(&self) -> Duration {
-        let extra = self.link_publications.len().saturating_sub(2).min(8) as u32;
+        let recent = self.link_publications.iter().filter(|t| self.last_tick.saturating_duration_since(**t) <= DAMPING_WINDOW).count();
+        let extra = recent.saturating_sub(2).min(8) as u32;
         (neighbour_debounce(self.dir.len()) * (1u32 << extra)).min(MAX_LINKS_DEBOUNCE)
     }
 
@@ -1247,6 +1249,19 @@ mod tests {
         s.run(Duration::from_secs(2));
         let all: Vec<usize> = (0..51).collect();
         assert!(s.knows_all(&all), "the join reached every node within 2 s");
+    }
+
+    #[test]
+    fn link_damping_counts_only_the_publications_of_its_window() {
+        let t0 = Instant::now();
+        let mut o = Overlay::new(ident(0), OverlayConfig::default(), OwnInfo { name: "n0".into(), ..Default::default() }, t0, 1_000_000, 1);
+        o.link_publications.extend([t0, t0 + Duration::from_secs(1), t0 + Duration::from_secs(2), t0 + Duration::from_secs(3)]);
+        o.last_tick = t0 + Duration::from_secs(10);
+        assert_eq!(o.links_debounce(), neighbour_debounce(1) * 4, "four changes in the last minute: doubled twice");
+        // A minute later they no longer count, whether or not a publication pruned them
+        // (a large overlay refreshes its record only every few minutes).
+        o.last_tick = t0 + Duration::from_secs(70);
+        assert_eq!(o.links_debounce(), neighbour_debounce(1));
     }
 
     #[test]

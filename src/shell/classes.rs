@@ -37,7 +37,15 @@ const CHAIN_HOOKS: [(&str, &str, &[&str]); 5] = [
 ];
 
 /// (table, chain) of every chain of this module.
-pub const CHAINS: [(&str, &str); 5] = [("mangle", "DETOUR-CLASS"), ("mangle", "DETOUR-CLASS-SAVE"), ("mangle", "DETOUR-EGRESS"), ("nat", "DETOUR-NAT"), ("filter", "DETOUR-FWD")];
+pub const CHAINS: [(&str, &str); CHAIN_HOOKS.len()] = {
+    let mut out = [("", ""); CHAIN_HOOKS.len()];
+    let mut i = 0;
+    while i < out.len() {
+        out[i] = (CHAIN_HOOKS[i].0, CHAIN_HOOKS[i].1);
+        i += 1;
+    }
+    out
+};
 
 /// Removes every chain of this module and the jumps to it; idempotent.
 pub fn remove() {

@@ -439,28 +439,25 @@ impl Engine {
 
     /// One event from the data path.
     fn on_data(&mut self, ev: DataEvent) {
+        let now = Instant::now();
+        // A peer learned from the directory since the core last heard of its peers.
+        if let DataEvent::Control { peer, .. } | DataEvent::Traffic { peer } = ev {
+            if peer >= self.peers.len() {
+                self.sync_peers(now);
+                self.update_ranks();
+            }
+        }
         match ev {
             DataEvent::Control { peer, from, payload, at } => {
                 // A probe that waited long in the queue: this node is late, not the path.
-                let now = Instant::now();
                 self.core.handle_late(now, now.saturating_duration_since(at));
-                if peer >= self.peers.len() {
-                    self.sync_peers(at);
-                    self.update_ranks();
-                }
                 match self.core.handle_probe(at, peer, &payload) {
                     Ok(Some(echo)) => self.dp.command(DataCommand::SendControl { peer, to: canonical(from), payload: echo }),
                     Ok(None) => {}
                     Err(e) => tracing::debug!("probe from peer {peer}: {e}"),
                 }
             }
-            DataEvent::Traffic { peer } => {
-                if peer >= self.peers.len() {
-                    self.sync_peers(Instant::now());
-                    self.update_ranks();
-                }
-                self.core.handle_traffic(Instant::now(), peer);
-            }
+            DataEvent::Traffic { peer } => self.core.handle_traffic(now, peer),
             DataEvent::NeedSession { peer } => {
                 let _ = self.needs.send(Need::Data(peer));
             }

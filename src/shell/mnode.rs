@@ -230,7 +230,7 @@ impl Node {
                 self.since.remove(&node);
                 self.core.session_down(node);
             }
-            OverlayEvent::Usable { node, usable } => self.core.set_usable(Instant::now(), node, usable),
+            OverlayEvent::Usable { node, usable } => self.core.set_usable(now, node, usable),
             OverlayEvent::Message { from, message } => self.core.handle(now, unix_now(), from, message),
         }
     }
