@@ -400,7 +400,7 @@ fn forged_replayed_and_stale_records_are_rejected_and_counted() {
                 loop {
                     let mut r = conn.accept_uni().await.unwrap();
                     if let Ok(f) = quic::read_frame(&mut r).await {
-                        if let Message::Records { records } = f.message {
+                        if let Message::Records { records, .. } = f.message {
                             if let Some(r) = records.into_iter().find(|r| r.peek().is_some_and(|(id, _)| id == bob.node_id())) {
                                 return r;
                             }
@@ -431,7 +431,7 @@ fn forged_replayed_and_stale_records_are_rejected_and_counted() {
             expired.expires = now - 10;
             evil(&mut expired);
             let records = vec![SignedRecord::sign(&forged, &mallory), SignedRecord::sign(&badsig, &mallory), SignedRecord::sign(&stale, &bob), SignedRecord::sign(&expired, &bob), current.clone()];
-            quic::send_frame(&conn, &frame(Message::Records { records })).await.unwrap();
+            quic::send_frame(&conn, &frame(Message::Records { records, push: true })).await.unwrap();
             tokio::time::sleep(Duration::from_millis(500)).await;
             conn.close(0u32.into(), b"done");
             5
