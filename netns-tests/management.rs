@@ -173,6 +173,12 @@ fn messages_reach_a_node_whose_direct_path_is_cut_and_critical_ones_survive_a_pa
         lab.wait_up(h, &others, UP);
     }
     wait_directory(&lab, &["alice", "bob", "carol", "dave"], 4, Duration::from_secs(10));
+    // The second path needs the links of the others: a record can reach alice only by an
+    // announcement while the flood tree forms (it asks for it 500 ms later).
+    wait_until("every link in alice's directory", Duration::from_secs(10), || {
+        let n = nodes(&lab, "alice");
+        n.len() == 4 && n.iter().all(|r| r["neighbours"] == 3)
+    });
     let l = listen(&lab, "bob", 7, 3, 30);
     // A silent cut: the sessions between alice and bob still look alive.
     cut(&lab, "alice", "bob");
