@@ -132,7 +132,7 @@ fn rss_kb() -> u64 {
 fn wire_size(m: &Message) -> u64 {
     let frame = 4 + 36;
     match m {
-        Message::Records { records } => frame + 16 + records.iter().map(|r| (r.body().len() + r.sig().len() + 20) as u64).sum::<u64>(),
+        Message::Records { records, .. } => frame + 16 + records.iter().map(|r| (r.body().len() + r.sig().len() + 20) as u64).sum::<u64>(),
         other => frame + serde_json::to_vec(other).map(|v| v.len() as u64).unwrap_or(0),
     }
 }
@@ -219,7 +219,7 @@ impl Sim {
                     let j = self.index[&to];
                     if std::env::var_os("SIM_COUNT").is_some() {
                         let kind = match &message {
-                            Message::Records { records } => {
+                            Message::Records { records, .. } => {
                                 *self.kinds.entry("record copies").or_default() += records.len() as u64;
                                 "records"
                             }
@@ -228,6 +228,11 @@ impl Sim {
                                 "digest"
                             }
                             Message::Want { .. } => "want",
+                            Message::IHave { entries } => {
+                                *self.kinds.entry("announced entries").or_default() += entries.len() as u64;
+                                "ihave"
+                            }
+                            Message::Prune => "prune",
                             Message::Summary { .. } => "summary",
                             Message::Routed { .. } => "routed",
                             _ => "other",

@@ -173,6 +173,12 @@ fn messages_reach_a_node_whose_direct_path_is_cut_and_critical_ones_survive_a_pa
         lab.wait_up(h, &others, UP);
     }
     wait_directory(&lab, &["alice", "bob", "carol", "dave"], 4, Duration::from_secs(10));
+    // The second path needs the links of the others: a record can reach alice only by an
+    // announcement while the flood tree forms (it asks for it 500 ms later).
+    wait_until("every link in alice's directory", Duration::from_secs(10), || {
+        let n = nodes(&lab, "alice");
+        n.len() == 4 && n.iter().all(|r| r["neighbours"] == 3)
+    });
     let l = listen(&lab, "bob", 7, 3, 30);
     // A silent cut: the sessions between alice and bob still look alive.
     cut(&lab, "alice", "bob");
@@ -400,7 +406,7 @@ fn forged_replayed_and_stale_records_are_rejected_and_counted() {
                 loop {
                     let mut r = conn.accept_uni().await.unwrap();
                     if let Ok(f) = quic::read_frame(&mut r).await {
-                        if let Message::Records { records } = f.message {
+                        if let Message::Records { records, .. } = f.message {
                             if let Some(r) = records.into_iter().find(|r| r.peek().is_some_and(|(id, _)| id == bob.node_id())) {
                                 return r;
                             }
@@ -431,7 +437,7 @@ fn forged_replayed_and_stale_records_are_rejected_and_counted() {
             expired.expires = now - 10;
             evil(&mut expired);
             let records = vec![SignedRecord::sign(&forged, &mallory), SignedRecord::sign(&badsig, &mallory), SignedRecord::sign(&stale, &bob), SignedRecord::sign(&expired, &bob), current.clone()];
-            quic::send_frame(&conn, &frame(Message::Records { records })).await.unwrap();
+            quic::send_frame(&conn, &frame(Message::Records { records, push: true })).await.unwrap();
             tokio::time::sleep(Duration::from_millis(500)).await;
             conn.close(0u32.into(), b"done");
             5

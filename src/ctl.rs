@@ -110,6 +110,14 @@ pub struct ManagementStatus {
     /// Records received again (flooding delivers most records more than once; a replayed
     /// current record counts here too).
     pub duplicate_records: u64,
+    /// Links of the flood tree made lazy at this node's request (it sent a prune: their
+    /// pushes brought only records it had), and made eager again (it asked for a record
+    /// they announced that no other link brought in time).
+    #[serde(default)]
+    pub flood_prunes: u64,
+    /// See `flood_prunes`.
+    #[serde(default)]
+    pub flood_grafts: u64,
     /// Records this node published.
     pub records_published: u64,
     /// Records accepted from others.

@@ -76,11 +76,30 @@ pub enum Message {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         want: Option<Vec<NodeId>>,
     },
-    /// Signed node records (directory gossip: new and updated records are flooded to every
-    /// neighbour but the one they came from, and sent when a digest shows they are missing).
+    /// Signed node records (directory gossip: new and updated records are pushed along
+    /// the eager links of the flood tree and announced on the lazy ones, see
+    /// [`Message::IHave`]; and sent when a digest or a [`Message::Want`] shows they are
+    /// missing).
     Records {
         /// The records, as signed by their nodes.
         records: Vec<crate::directory::SignedRecord>,
+        /// Pushed by the flood (an eager push of Plumtree, Leitão et al., "Epidemic
+        /// Broadcast Trees", SRDS 2007): a receiver that had every record already answers
+        /// with [`Message::Prune`]. Absent (false): sent on request. Older nodes send none.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        push: bool,
+    },
+    /// The sender received only records it already had from the receiver's pushes: the
+    /// receiver announces new records to it ([`Message::IHave`]) instead of pushing them
+    /// (the link becomes lazy in that direction; the sender still pushes to the receiver
+    /// until the receiver prunes too).
+    Prune,
+    /// Records the sender holds, announced instead of pushed on a lazy link: a receiver
+    /// that lacks one and does not get it pushed by another neighbour soon asks for it
+    /// ([`Message::Want`]), which makes the link eager again (a graft).
+    IHave {
+        /// (node ID, sequence number) of each record.
+        entries: Vec<(NodeId, u64)>,
     },
     /// The sender's directory as (node ID, sequence number) pairs (anti-entropy).
     Digest {

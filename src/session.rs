@@ -57,9 +57,9 @@ pub struct PeerSession {
 }
 
 impl PeerSession {
-    /// A new session that will dial at once.
-    pub fn new(local: NodeId, timers: SessionTimers, now: Instant) -> PeerSession {
-        PeerSession { local, timers, state: State::Idle { next_dial: now }, backoff: timers.initial_backoff, dialing: false, established: 0 }
+    /// A new session that will dial at `first_dial` (at once when that is now or past).
+    pub fn new(local: NodeId, timers: SessionTimers, first_dial: Instant) -> PeerSession {
+        PeerSession { local, timers, state: State::Idle { next_dial: first_dial }, backoff: timers.initial_backoff, dialing: false, established: 0 }
     }
 
     /// Returns true when the shell should start a dial now (at most one at a time).

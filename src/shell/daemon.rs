@@ -330,7 +330,7 @@ async fn run_inner(identity: &Identity, model: Model, nl: Netlink, listener: tok
     mtus.push(usize::from(cfg.aggregate_mtu()));
 
     let data_socks = sockets::data_sockets(sockets::bind_all(&cfg.node.listen, cfg.node.data_port, cfg.kernel.fwmark, Some(sockets::DATA_BUFFER))?)?;
-    let mgmt_socks: Vec<_> = sockets::bind_all(&cfg.node.listen, cfg.node.management_port, cfg.kernel.fwmark, None)?.into_iter().map(|b| b.socket).collect();
+    let mgmt_socks: Vec<_> = sockets::bind_all(&cfg.node.listen, cfg.node.management_port, cfg.kernel.fwmark, Some(sockets::MGMT_BUFFER))?.into_iter().map(|b| b.socket).collect();
     let api_socks = match cfg.management.api_port {
         Some(p) => bind_api(p)?,
         None => Vec::new(),

@@ -511,6 +511,8 @@ impl Node {
             neighbours,
             rejected_records: self.core.rejected().into_iter().filter(|(k, _)| *k != "duplicate").map(|(k, v)| (k.to_string(), v)).collect(),
             duplicate_records: self.core.rejected().into_iter().find(|(k, _)| *k == "duplicate").map(|(_, v)| v).unwrap_or(0),
+            flood_prunes: self.core.stats().prunes_sent,
+            flood_grafts: self.core.stats().grafts_sent,
             records_published: self.core.stats().records_published,
             records_accepted: self.core.stats().records_accepted,
             pending_messages: self.core.router().pending(),

@@ -40,6 +40,12 @@ pub mod want {
     pub const RELAY: u8 = 8;
 }
 
+/// How far a node spreads the first dials to its configured peers, per configured peer
+/// (ms): a node with 99 peers spreads them over about a second.
+pub const FIRST_DIAL_SPREAD_PER_PEER_MS: u64 = 10;
+/// The most a first dial waits (ms).
+pub const FIRST_DIAL_SPREAD_MAX_MS: u64 = 2_000;
+
 /// The QUIC close code for a session closed because neither side needs it any more.
 pub const CLOSE_IDLE: u32 = 5;
 
@@ -185,11 +191,15 @@ fn set_state(shared: &Shared, i: usize, state: &'static str) {
 /// Runs the sessions of peer `i` while it is wanted or a session the other side opened
 /// lives.
 async fn supervise(i: usize, shared: Arc<Shared>, mut events: mpsc::UnboundedReceiver<PeerEvent>, events_tx: mpsc::UnboundedSender<PeerEvent>, mut wanted: watch::Receiver<bool>) {
-    let (local, peer_id, configured) = {
+    let (local, peer_id, configured, spread) = {
         let m = shared.model.read().expect("model");
-        (m.local, m.peers[i].cfg.node_id, m.peers[i].configured)
+        let configured_peers = m.peers.iter().filter(|p| p.configured).count() as u64;
+        (m.local, m.peers[i].cfg.node_id, m.peers[i].configured, (configured_peers * FIRST_DIAL_SPREAD_PER_PEER_MS).min(FIRST_DIAL_SPREAD_MAX_MS))
     };
-    let mut sess = PeerSession::new(local, SessionTimers::default(), Instant::now());
+    // A node with many configured peers spreads its first dials: when they all start at
+    // once, most of them dial it first, and its own handshakes do not come in one burst.
+    let first_dial = Instant::now() + if configured && spread > 0 { std::time::Duration::from_millis(rand::random::<u64>() % spread) } else { std::time::Duration::ZERO };
+    let mut sess = PeerSession::new(local, SessionTimers::default(), first_dial);
     let mut conns: std::collections::HashMap<u64, quinn::Connection> = std::collections::HashMap::new();
     let mut ready: Option<u64> = None;
     let mut shutdown = shared.shutdown.clone();
@@ -381,7 +391,7 @@ async fn read_messages(peer: usize, conn: quinn::Connection, local: NodeId, peer
         tokio::spawn(async move {
             match tokio::time::timeout(quic::HELLO_TIMEOUT, quic::read_frame(&mut recv)).await {
                 Ok(Ok(f)) if f.src == peer_id && f.dst == local => match f.message {
-                    m @ (Message::Records { .. } | Message::Digest { .. } | Message::Summary { .. } | Message::Want { .. } | Message::Routed { .. }) => {
+                    m @ (Message::Records { .. } | Message::Digest { .. } | Message::Summary { .. } | Message::Want { .. } | Message::IHave { .. } | Message::Prune | Message::Routed { .. }) => {
                         let _ = shared.overlay.send(OverlayEvent::Message { from: peer_id, message: m });
                     }
                     m => {

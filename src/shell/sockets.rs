@@ -14,6 +14,12 @@ use crate::shell::datapath::DataSocket;
 /// Socket buffer size requested for data sockets (bytes; forced past `rmem_max` as root).
 pub const DATA_BUFFER: usize = 8 << 20;
 
+/// Socket buffer size requested for management sockets (bytes). The default (208 KiB
+/// here) overflowed at a node with 99 configured peers when they all started at once: 3,930
+/// datagrams dropped in its first 40 s (`RcvbufErrors`), QUIC handshakes and Hellos timed
+/// out and were retried, feeding the overload (issue 11).
+pub const MGMT_BUFFER: usize = 4 << 20;
+
 /// A bound underlay UDP socket with its family capabilities.
 pub struct Bound {
     /// The socket.
