@@ -353,6 +353,9 @@ pub struct Overlay {
     last_tick: Instant,
     last_anti_entropy: Instant,
     last_sample: Instant,
+    /// Neighbour choice runs at the next tick, not at the next second: a chosen neighbour
+    /// was lost, could not be reached, or lost its links.
+    choose_soon: bool,
     rng: u64,
     stats: Stats,
     out: VecDeque<Out>,
@@ -399,6 +402,7 @@ impl Overlay {
             last_tick: now,
             last_anti_entropy: now,
             last_sample: now,
+            choose_soon: false,
             rng: seed | 1,
             stats: Stats::default(),
             out: VecDeque::new(),
@@ -501,7 +505,22 @@ impl Overlay {
         self.lazy.remove(&id);
         self.last_push.remove(&id);
         if self.sessions.remove(&id).is_some() {
+            self.choose_soon |= self.chosen.contains_key(&id);
             self.neighbours_changed();
+        }
+    }
+
+    /// A dial to `id` failed (no endpoint answered, or the handshake did not complete). A
+    /// chosen neighbour that has no session is replaced at the next tick and not chosen
+    /// again for [`SHUN_FOR`], instead of after [`NEIGHBOUR_PATIENCE`]: a node that failed
+    /// keeps its record (and its links, while its own neighbours have not noticed yet), and
+    /// a replacement chosen among the failed nodes must not cost the whole patience again
+    /// (issue 11: recovery after 10 % of 100 nodes failed).
+    pub fn unreachable(&mut self, now: Instant, id: NodeId) {
+        if self.chosen.contains_key(&id) && !self.sessions.contains_key(&id) {
+            self.chosen.remove(&id);
+            self.shunned.insert(id, now + SHUN_FOR);
+            self.choose_soon = true;
         }
     }
 
@@ -834,6 +853,11 @@ impl Overlay {
                 let rec = self.dir.get(&signed.peek()?.0)?.record.clone();
                 self.rank(&rec);
                 self.note_claims(&rec, old.as_deref());
+                // A chosen neighbour without a session lost links: it may have failed (its
+                // neighbours publish that as they notice); choose again now.
+                if let Some(o) = &old {
+                    self.choose_soon |= o.neighbours.iter().any(|n| !rec.neighbours.contains(n) && self.chosen.contains_key(n) && !self.sessions.contains_key(n));
+                }
                 // A node this node has a session with listed it, or stopped listing it.
                 if self.sessions.contains_key(&rec.node_id) && old.as_ref().is_none_or(|o| o.neighbours.contains(&self.local) != rec.neighbours.contains(&self.local)) {
                     self.check_published();
@@ -866,10 +890,11 @@ impl Overlay {
 
     /// When [`Overlay::tick`] has something to do: records to pass on (within 100 ms), a
     /// message's retransmission, a publication that waits for its debounce or its refresh,
-    /// anti-entropy (every 5 s), neighbour choice (every second) and expiry (every 10 s).
+    /// anti-entropy (every 5 s), neighbour choice (every second, and at the next tick after
+    /// a chosen neighbour was lost) and expiry (every 10 s).
     /// An idle node is woken about once a second.
     pub fn poll_timeout(&self) -> Instant {
-        let mut next = self.last_sample + Duration::from_secs(1);
+        let mut next = if self.choose_soon { self.last_tick } else { self.last_sample + Duration::from_secs(1) };
         let mut at = |t: Instant| next = next.min(t);
         if !self.gossip.is_empty() || !self.announce.is_empty() {
             at(self.last_tick + GOSSIP_DELAY);
@@ -951,6 +976,8 @@ impl Overlay {
         if now >= self.last_sample + Duration::from_secs(1) {
             self.last_sample = now;
             self.sample_availability(now);
+            self.choose(now);
+        } else if self.choose_soon {
             self.choose(now);
         }
     }
@@ -1099,6 +1126,7 @@ impl Overlay {
     }
 
     fn choose(&mut self, now: Instant) {
+        self.choose_soon = false;
         self.shunned.retain(|_, until| now < *until);
         // Neighbours that never connected (or lost their session) are replaced.
         // So are those whose session stays unusable (its path is down: the node failed, or
@@ -1275,6 +1303,16 @@ mod tests {
             for &(a, b) in &self.extra {
                 if self.nodes[a].is_some() && self.nodes[b].is_some() {
                     want.insert((a.min(b), a.max(b)));
+                }
+            }
+            // Dials to chosen neighbours that are down or cut off fail, as the shell reports.
+            for a in 0..n {
+                let failed: Vec<usize> = self.wants[a].iter().copied().filter(|&b| self.nodes[b].is_none() || (self.blocked)(a, b)).collect();
+                let now = self.now;
+                if let Some(x) = self.nodes[a].as_mut() {
+                    for b in failed {
+                        x.unreachable(now, self.ids[b]);
+                    }
                 }
             }
             let gone: Vec<(usize, usize)> = self.links.difference(&want).copied().collect();
@@ -1553,6 +1591,34 @@ mod tests {
         assert!(!n.chosen().any(|x| *x == c), "the neighbour behind a dead path is still chosen");
         let up = n.chosen().filter(|x| n.sessions().any(|(id, _, usable)| id == *x && usable)).count() + n.sessions().filter(|(_, conf, _)| *conf).count();
         assert!(up >= n.target_neighbours().min(11), "{up} working neighbours, want {}", n.target_neighbours());
+    }
+
+    #[test]
+    fn a_chosen_neighbour_that_cannot_be_reached_is_replaced_at_once() {
+        // The three nodes node 0 ranks first (not its ring neighbours) are alive and
+        // linked with everyone else, but node 0 cannot reach them: its dials fail.
+        let n = 16;
+        let mut s = ring(n);
+        let local = s.ids[0];
+        let mut order: Vec<usize> = (2..n - 1).collect();
+        order.sort_by_key(|&j| rendezvous(&local, &s.ids[j]));
+        let cut: Vec<usize> = order[..3].to_vec();
+        let c2 = cut.clone();
+        s.blocked = Box::new(move |a, b| (a == 0 && c2.contains(&b)) || (b == 0 && c2.contains(&a)));
+        let all: Vec<usize> = (0..n).collect();
+        let mut waited = Duration::ZERO;
+        while !s.knows_all(&all) {
+            s.run(Duration::from_millis(100));
+            waited += Duration::from_millis(100);
+            assert!(waited < Duration::from_secs(10), "directories did not converge");
+        }
+        // Well within the patience a neighbour that never connects gets otherwise.
+        s.run(NEIGHBOUR_PATIENCE / 2);
+        let node = s.nodes[0].as_ref().unwrap();
+        let chosen: Vec<usize> = node.chosen().map(|id| s.index[id]).collect();
+        assert!(chosen.iter().all(|j| !cut.contains(j)), "node 0 still waits for {chosen:?} (cut off: {cut:?})");
+        let up = node.chosen().filter(|x| node.sessions().any(|(id, _, _)| id == *x)).count() + node.sessions().filter(|(_, conf, _)| *conf).count();
+        assert!(up >= node.target_neighbours(), "{up} neighbours up, want {}", node.target_neighbours());
     }
 
     #[test]

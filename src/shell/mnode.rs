@@ -40,6 +40,12 @@ pub enum OverlayEvent {
         /// The node.
         node: NodeId,
     },
+    /// A dial to a node that is not a configured peer failed (no endpoint answered within
+    /// the dial timeout, or the handshake failed).
+    Unreachable {
+        /// The node.
+        node: NodeId,
+    },
     /// Whether the session with a node may carry routed messages (from the failover
     /// engine: not while its monitored direct path is down).
     Usable {
@@ -230,6 +236,7 @@ impl Node {
                 self.since.remove(&node);
                 self.core.session_down(node);
             }
+            OverlayEvent::Unreachable { node } => self.core.unreachable(now, node),
             OverlayEvent::Usable { node, usable } => self.core.set_usable(now, node, usable),
             OverlayEvent::Message { from, message } => self.core.handle(now, unix_now(), from, message),
         }

@@ -336,7 +336,13 @@ async fn supervise(i: usize, shared: Arc<Shared>, mut events: mpsc::UnboundedRec
                 }
             }
             PeerEvent::Incoming(_) => {}
-            PeerEvent::Dialed(_) => sess.on_dial_failed(now, rand::random()),
+            PeerEvent::Dialed(_) => {
+                sess.on_dial_failed(now, rand::random());
+                if !configured {
+                    // A chosen neighbour that cannot be reached is replaced at once.
+                    let _ = shared.overlay.send(OverlayEvent::Unreachable { node: peer_id });
+                }
+            }
             PeerEvent::Ready { conn, secrets, data_port, remote } => {
                 if sess.current().map(|c| c.0) != Some(conn) {
                     continue;
