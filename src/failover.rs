@@ -21,7 +21,7 @@
 //! Everything is driven by [`Failover::handle_tick`] and the `handle_*` events, with `now`
 //! passed in and randomness from a seed; outputs are [`Action`]s.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
 use crate::identity::{NodeId, NODE_ID_LEN};
@@ -84,8 +84,9 @@ pub struct FailoverConfig {
     pub check_timeout: Duration,
     /// Loss penalty in the path cost: cost = srtt + loss × this.
     pub loss_penalty: Duration,
-    /// Probe interval on every path of a peer that carries no traffic (see
-    /// [`Failover::handle_traffic`]). A probe of such a path that is not answered in time is
+    /// Probe interval on the direct path (and the path in use) of a peer that carries no
+    /// traffic (see [`Failover::handle_traffic`]); its standby relay paths are probed
+    /// [`STANDBY_IDLE_FACTOR`] times less often. A probe of such a path that is not answered in time is
     /// confirmed at the fast rate (`probe_interval`, `standby_interval`), and silence is
     /// judged after `idle_interval + down_after`. Equal to `probe_interval`: every peer is
     /// probed fast, traffic or not.
@@ -429,7 +430,7 @@ impl Path {
 /// answered when its answer was due is confirmed at the fast rate (a path already down
 /// stays at the idle rate).
 fn next_probe(cfg: &FailoverConfig, epoch: Instant, p: &Peer, x: &Path) -> Instant {
-    let primary = x.id == PathId::Direct || x.id == p.route.path || p.busy.contains(&x.id);
+    let primary = is_primary(p, x.id);
     let fast = if primary { cfg.probe_interval } else { cfg.standby_interval };
     let Some(last) = x.last_sent else { return epoch.min(x.started) };
     if cfg.idle_interval <= fast || p.active_until.is_some_and(|u| last + fast <= u) {
@@ -440,7 +441,29 @@ fn next_probe(cfg: &FailoverConfig, epoch: Instant, p: &Peer, x: &Path) -> Insta
     }
     // Idle probes go out on the node's idle grid: all of them share one wake-up per
     // interval, and a path leaving the fast rate joins the grid within 0.5–1.5 intervals.
-    on_grid(epoch, cfg.idle_interval, last + cfg.idle_interval / 2)
+    on_grid(epoch, cfg.idle_interval, last + idle_every(cfg, primary) - cfg.idle_interval / 2)
+}
+
+/// Standby relay paths of an idle peer are probed this many idle intervals apart (3 s by
+/// default). They only have to be known good when the direct path fails, and a failover
+/// that finds one down takes the next; probing them as often as the direct path made
+/// relayed probes most of an idle overlay's packets (issue 11: a hub with 99 peers and two
+/// standby relays each sent 300 probes per second, and every leaf relayed some of them).
+pub const STANDBY_IDLE_FACTOR: u32 = 3;
+
+/// The idle probe interval of a primary (direct or in use) or standby path.
+fn idle_every(cfg: &FailoverConfig, primary: bool) -> Duration {
+    if primary {
+        cfg.idle_interval
+    } else {
+        cfg.idle_interval * STANDBY_IDLE_FACTOR
+    }
+}
+
+/// The direct path, the path in use and those carrying a share are primary; the other
+/// relay paths are standby.
+fn is_primary(p: &Peer, id: PathId) -> bool {
+    id == PathId::Direct || id == p.route.path || p.busy.contains(&id)
 }
 
 /// The first instant `epoch + k × every` (k ≥ 0) at or after `t`.
@@ -452,15 +475,15 @@ fn on_grid(epoch: Instant, every: Duration, t: Instant) -> Instant {
 
 /// The moment after which path `x` counts as silent (down): `down_after` plus the path's
 /// allowance after the send time of its last answered probe (or its fresh start), and one
-/// `idle_interval` more when that moment falls after the peer stopped carrying traffic
-/// (`active_until`), since idle probes are that far apart.
-fn silence_limit(cfg: &FailoverConfig, active_until: Option<Instant>, x: &Path) -> Instant {
+/// idle probe interval more ([`idle_every`]) when that moment falls after the peer stopped
+/// carrying traffic (`active_until`), since idle probes are that far apart.
+fn silence_limit(cfg: &FailoverConfig, active_until: Option<Instant>, primary: bool, x: &Path) -> Instant {
     let evidence = x.last_delivered_sent_at.unwrap_or(x.started).max(x.started);
     let fast = evidence + cfg.down_after + x.allowance();
     if cfg.idle_interval <= cfg.probe_interval || active_until.is_some_and(|u| fast < u) {
         fast
     } else {
-        fast + cfg.idle_interval
+        fast + idle_every(cfg, primary)
     }
 }
 
@@ -480,6 +503,12 @@ fn next_upkeep(cfg: &FailoverConfig, epoch: Instant, p: &Peer, last: Instant) ->
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Candidate {
     Requested(Instant),
+    /// Refused for a moment (the relay has no session with the peer yet and is opening
+    /// one): the same relay is asked again at this instant, once, and no other is asked
+    /// meanwhile. Asking the next candidate instead made every relay asked open a session
+    /// that nobody used (issue 11: a hub with 99 peers had leaves open 20 relay sessions
+    /// each in their first two minutes, and serve two).
+    Retry(Instant),
     Active,
     Refused(Instant),
 }
@@ -506,6 +535,9 @@ struct Peer {
     paths: Vec<Path>,
     route: Route,
     relays: HashMap<usize, Candidate>,
+    /// Relays asked again after a transient refusal ([`Candidate::Retry`]): a second one
+    /// counts as a refusal.
+    reasked: BTreeSet<usize>,
     check: Option<(Instant, Instant)>,
     last_candidates: Option<Instant>,
     changes: u64,
@@ -600,6 +632,7 @@ impl Failover {
             paths: Vec::new(),
             route: Route { path: PathId::Direct, protect: false, reason: Reason::Healthy, since: now },
             relays: HashMap::new(),
+            reasked: BTreeSet::new(),
             rank: RelayRank::default(),
             check: None,
             last_candidates: None,
@@ -794,6 +827,7 @@ impl Failover {
         let Some(relay_id) = self.peers.get(relay).map(|r| r.id) else { return };
         let Some(p) = self.peers.get_mut(peer) else { return };
         if accepted {
+            p.reasked.remove(&relay);
             p.relays.insert(relay, Candidate::Active);
             let id = PathId::Relay(relay_id);
             if p.path(id).is_none() {
@@ -804,7 +838,12 @@ impl Failover {
             }
         } else {
             let retry = if transient { self.cfg.relay_retry.min(Duration::from_secs(1)) } else { self.cfg.relay_retry };
-            p.relays.insert(relay, Candidate::Refused(now + retry));
+            if transient && matches!(p.relays.get(&relay), Some(Candidate::Requested(_))) && p.reasked.insert(relay) {
+                p.relays.insert(relay, Candidate::Retry(now + retry));
+            } else {
+                p.reasked.remove(&relay);
+                p.relays.insert(relay, Candidate::Refused(now + retry));
+            }
             p.paths.retain(|x| x.id != PathId::Relay(relay_id));
         }
     }
@@ -965,7 +1004,7 @@ impl Failover {
                 if x.last_sent.is_some() {
                     let allowance = x.allowance();
                     if x.state != PathState::Down {
-                        at(judged(silence_limit(cfg, p.active_until, x) + Duration::from_millis(1)));
+                        at(judged(silence_limit(cfg, p.active_until, is_primary(p, x.id), x) + Duration::from_millis(1)));
                     }
                     if let Some(s) = x.sent.iter().find(|s| !s.resolved) {
                         at(judged(s.at + allowance + cfg.probe_interval * 4));
@@ -988,7 +1027,7 @@ impl Failover {
                 for c in p.relays.values() {
                     match *c {
                         Candidate::Requested(t) => at(t + Duration::from_secs(2)),
-                        Candidate::Refused(until) => at(until),
+                        Candidate::Refused(until) | Candidate::Retry(until) => at(until),
                         Candidate::Active => {}
                     }
                 }
@@ -1051,7 +1090,8 @@ impl Failover {
         let excused = self.grace_until.is_some_and(|g| now < g);
         let p = &mut self.peers[peer];
         let active_until = p.active_until;
-        for x in p.paths.iter_mut() {
+        let primary: Vec<bool> = p.paths.iter().map(|x| is_primary(p, x.id)).collect();
+        for (x, primary) in p.paths.iter_mut().zip(primary) {
             if x.last_sent.is_none() {
                 continue;
             }
@@ -1064,7 +1104,7 @@ impl Failover {
                     x.loss += LOSS_ALPHA * (1.0 - x.loss);
                 }
             }
-            let silent = !excused && now > silence_limit(&cfg, active_until, x);
+            let silent = !excused && now > silence_limit(&cfg, active_until, primary, x);
             let recovered_probes = x.last_delivered_sent_at.is_some_and(|t| t >= x.state_since);
             let new = match x.state {
                 _ if silent => PathState::Down,
@@ -1215,11 +1255,20 @@ impl Failover {
         }
         // Expire refusals and requests that got no answer.
         let retry = self.cfg.relay_retry;
-        for c in self.peers[peer].relays.values_mut() {
+        let mut again = Vec::new();
+        for (r, c) in self.peers[peer].relays.iter_mut() {
             match *c {
                 Candidate::Requested(at) if now >= at + Duration::from_secs(2) => *c = Candidate::Refused(now + retry),
+                Candidate::Retry(at) if now >= at => {
+                    *c = Candidate::Requested(now);
+                    again.push(*r);
+                }
                 _ => {}
             }
+        }
+        for r in again {
+            let purpose = if self.peers[r].rank.commitment == Commitment::LastResort { Purpose::LastResort } else { Purpose::Failover };
+            self.actions.push_back(Action::RequestRelay { relay: r, peer, purpose });
         }
         self.peers[peer].relays.retain(|_, c| !matches!(c, Candidate::Refused(until) if now >= *until));
         // Relay paths that died lose their session; it is asked for again later.
@@ -1246,7 +1295,7 @@ impl Failover {
             let lr: Vec<usize> = self.peers[peer]
                 .relays
                 .iter()
-                .filter(|(r, c)| self.peers[**r].rank.commitment == Commitment::LastResort && matches!(c, Candidate::Active | Candidate::Requested(_)))
+                .filter(|(r, c)| self.peers[**r].rank.commitment == Commitment::LastResort && matches!(c, Candidate::Active | Candidate::Requested(_) | Candidate::Retry(_)))
                 .map(|(r, _)| *r)
                 .collect();
             for r in lr {
@@ -1298,7 +1347,7 @@ impl Failover {
             let other_pending = p.relays.iter().any(|(r, c)| {
                 self.peers[*r].rank.commitment != Commitment::LastResort
                     && match c {
-                        Candidate::Requested(_) => true,
+                        Candidate::Requested(_) | Candidate::Retry(_) => true,
                         Candidate::Active => p.path(PathId::Relay(self.peers[*r].id)).is_none_or(|x| x.state != PathState::Down),
                         Candidate::Refused(_) => false,
                     }
@@ -1314,9 +1363,13 @@ impl Failover {
         {
             let p = &self.peers[peer];
             let in_use = p.route.path;
-            let worst =
-                p.relays.iter().filter(|(r, c)| matches!(c, Candidate::Active | Candidate::Requested(_)) && PathId::Relay(self.peers[**r].id) != in_use).map(|(r, _)| (self.peers[*r].rank, *r)).max();
-            let have = p.relays.values().filter(|c| matches!(c, Candidate::Active | Candidate::Requested(_))).count();
+            let worst = p
+                .relays
+                .iter()
+                .filter(|(r, c)| matches!(c, Candidate::Active | Candidate::Requested(_) | Candidate::Retry(_)) && PathId::Relay(self.peers[**r].id) != in_use)
+                .map(|(r, _)| (self.peers[*r].rank, *r))
+                .max();
+            let have = p.relays.values().filter(|c| matches!(c, Candidate::Active | Candidate::Requested(_) | Candidate::Retry(_))).count();
             let better = ranked.iter().find(|(_, _, _, r)| !p.relays.contains_key(r)).map(|(rank, _, _, r)| (*rank, *r));
             if let (Some((wr, w)), Some((br, _))) = (worst, better) {
                 if have >= want && br < wr {
@@ -1325,7 +1378,7 @@ impl Failover {
             }
         }
         let p = &self.peers[peer];
-        let have = p.relays.values().filter(|c| matches!(c, Candidate::Active | Candidate::Requested(_))).count();
+        let have = p.relays.values().filter(|c| matches!(c, Candidate::Active | Candidate::Requested(_) | Candidate::Retry(_))).count();
         let mut asks = Vec::new();
         for (rank, _, _, r) in ranked {
             if have + asks.len() >= want {
@@ -1346,6 +1399,7 @@ impl Failover {
     fn release_relay(&mut self, peer: usize, relay: usize) {
         let rid = self.peers[relay].id;
         self.peers[peer].relays.remove(&relay);
+        self.peers[peer].reasked.remove(&relay);
         self.peers[peer].paths.retain(|x| x.id != PathId::Relay(rid));
         self.actions.push_back(Action::ReleaseRelay { relay, peer });
     }
@@ -1393,6 +1447,11 @@ mod tests {
         traffic: bool,
         /// Probes (not echoes) sent by each node.
         probes: Vec<u64>,
+        /// Relays answer a node's first request for a peer with a transient refusal (they
+        /// open a session to the peer first), as a relay learned from the directory does.
+        opening: bool,
+        /// (requester, relay, peer node) requests answered so far.
+        answered: Vec<(usize, usize, usize)>,
     }
 
     impl Net {
@@ -1426,6 +1485,8 @@ mod tests {
                 asked: vec![],
                 traffic: true,
                 probes: vec![0; n],
+                opening: false,
+                answered: vec![],
             }
         }
         /// Node `r` publishes `policy`: every other node learns its rank.
@@ -1522,7 +1583,14 @@ mod tests {
                             let r = self.node_of(a, relay);
                             self.asked.push((a, r, purpose));
                             let ok = self.relay_ok[r] && self.policies[r].relay_check(purpose).is_ok();
-                            self.nodes[a].handle_relay_response(now, relay, peer, ok);
+                            let b = self.node_of(a, peer);
+                            let first = !self.answered.contains(&(a, r, b));
+                            self.answered.push((a, r, b));
+                            if self.opening && first {
+                                self.nodes[a].handle_relay_answer(now, relay, peer, false, true);
+                            } else {
+                                self.nodes[a].handle_relay_response(now, relay, peer, ok);
+                            }
                         }
                         _ => {}
                     }
@@ -1821,6 +1889,23 @@ mod tests {
     }
 
     #[test]
+    fn a_relay_that_is_still_opening_its_session_is_asked_again_and_no_other_meanwhile() {
+        let mut net = Net::new(8);
+        net.opening = true;
+        net.run(Duration::from_secs(6));
+        let want = FailoverConfig::default().relay_candidates;
+        let mut asked: Vec<usize> = net.answered.iter().filter(|(a, _, b)| *a == 0 && *b == 1).map(|(_, r, _)| *r).collect();
+        let requests = asked.len();
+        asked.sort();
+        asked.dedup();
+        // Each relay asked opens a session to the peer: asking others while the first ones
+        // open theirs would leave sessions nobody uses.
+        assert_eq!(asked.len(), want, "node 0 asked relays {asked:?} for peer 1 ({requests} requests)");
+        assert_eq!(requests, 2 * want, "each asked twice: refused for a moment, then accepted");
+        assert_eq!(net.nodes[0].active_relays(net.pidx(0, 1)).len(), want);
+    }
+
+    #[test]
     fn a_stable_relay_is_chosen_over_an_ephemeral_one_of_equal_quality() {
         use crate::directory::Uptime::*;
         for seed_order in [(2, 3), (3, 2)] {
@@ -1879,9 +1964,10 @@ mod tests {
         let (p0, t0) = (net.probes[0], net.ticks[0]);
         net.run(Duration::from_secs(20));
         let cfg = FailoverConfig::default();
-        // 3 peers, each a direct path and at most `relay_candidates` standby relay paths.
+        // 3 peers, each a direct path and at most `relay_candidates` standby relay paths,
+        // probed STANDBY_IDLE_FACTOR times less often.
         let per_s = (net.probes[0] - p0) as f64 / 20.0;
-        let most = 3.0 * (1 + cfg.relay_candidates) as f64 / cfg.idle_interval.as_secs_f64();
+        let most = 3.0 * (1.0 + cfg.relay_candidates as f64 / f64::from(STANDBY_IDLE_FACTOR)) / cfg.idle_interval.as_secs_f64();
         assert!(per_s <= most * 1.1, "{per_s} probes/s from an idle node, expected at most {most}");
         assert!(per_s >= 3.0 * 0.9, "{per_s} probes/s: the direct paths must still be probed");
         // Idle probes share wake-ups: a few per idle interval, not one per path.
@@ -1892,6 +1978,10 @@ mod tests {
             let d = net.nodes[0].paths(net.pidx(0, b)).into_iter().find(|v| v.id == PathId::Direct).unwrap();
             assert_eq!(d.state, PathState::Up);
             assert_eq!(d.loss, 0.0, "idle probing is not loss");
+            // Standby relay paths probed 3 s apart are not judged silent between probes.
+            let relays: Vec<PathView> = net.nodes[0].paths(net.pidx(0, b)).into_iter().filter(|v| v.id != PathId::Direct).collect();
+            assert!(!relays.is_empty(), "standby relays are in place");
+            assert!(relays.iter().all(|v| v.state == PathState::Up), "{relays:?}");
         }
         assert_eq!(net.nodes[0].late_count(), 0);
     }
