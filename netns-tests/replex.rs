@@ -134,8 +134,9 @@ iptables -t mangle -A PREROUTING -p tcp --dport 9200 -m connmark --mark 0x3/0x3"
     let relay_realized = mean(tail.iter().map(|s| relay(s, |r| r.2)));
     assert!(relay_target > 0.15 && relay_target < 0.85, "relay target share {relay_target:.3} at the end\n{trace}");
     assert!(relay_realized > 0.1, "relay realized share {relay_realized:.3} at the end\n{trace}");
-    // The measured costs came close: from a factor of more than 10 in the first seconds
-    // (an empty relay path against a filled direct queue) to within a factor of 2 on the
+    // The measured costs came close: from a factor of more than 5 in the first seconds
+    // (an empty relay path against a filling direct queue; 9.3 and more than 10 in runs
+    // on this box) to within a factor of 2 on the
     // last 40-second means. The costs are RTTs of nearly full queues (28 Mbit/s offered to
     // 30 Mbit/s of paths): they swing second by second, and how close they get in 80 s
     // varies (spreads of 0.39 and 0.51 in two runs of the same commit on a 2-core box). The benchmark, longer, checks
@@ -147,7 +148,7 @@ iptables -t mangle -A PREROUTING -p tcp --dport 9200 -m connmark --mark 0x3/0x3"
     };
     let (cd, cr, spread) = spread_of(tail);
     let (_, _, first) = spread_of(&samples[..5]);
-    assert!(first > 9.0, "costs were already close before any share moved (spread {first:.2}): the test's paths are not what it assumes\n{trace}");
+    assert!(first > 4.0, "costs were already close before any share moved (spread {first:.2}): the test's paths are not what it assumes\n{trace}");
     assert!(spread < 1.0, "costs {cd:.1} ms direct, {cr:.1} ms via the relay (spread {spread:.2}, {first:.1} at the start)\n{trace}");
     // More got through than the direct path alone can carry: bob's goodput over the last
     // 30 s.
