@@ -259,7 +259,8 @@ pub struct FailoverSettings {
     pub nfqueue: u16,
     /// Watch TCP connections to protected destinations for stalls.
     pub tcp_monitor: bool,
-    /// How often TCP connections are read.
+    /// How often TCP connections are read while a peer carries traffic (every
+    /// [`crate::shell::intercept::TCP_IDLE_POLL`] while none does).
     pub tcp_poll: Duration,
 }
 

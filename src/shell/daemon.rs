@@ -425,7 +425,7 @@ async fn run_inner(identity: &Identity, model: Model, nl: Netlink, listener: tok
         }
     }
     if cfg.failover.tcp_monitor && !cfg.peers.is_empty() {
-        intercept::start_tcp_monitor(cfg.failover.tcp_poll, filter.clone(), icmp_counters.clone(), alarm_tx.clone())?;
+        intercept::start_tcp_monitor(cfg.failover.tcp_poll, engine_shared.clone(), filter.clone(), icmp_counters.clone(), alarm_tx.clone())?;
     }
     let local_addrs = refresh_local_addresses(&nl, &dp, &filter, &HashSet::new()).await;
 

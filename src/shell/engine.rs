@@ -202,6 +202,9 @@ pub struct EngineShared {
     pub exits: Mutex<Vec<String>>,
     /// Times the engine found itself late (probe loss not judged meanwhile).
     pub late: std::sync::atomic::AtomicU64,
+    /// Some peer carries traffic (set at the first sign of it, recomputed every second):
+    /// the TCP monitor polls at its fast rate only then.
+    pub traffic: std::sync::atomic::AtomicBool,
 }
 
 /// REPLEX state of one peer.
@@ -407,6 +410,7 @@ impl Engine {
                     Alarm::Traffic { peer } => {
                         if peer < self.peers.len() {
                             self.core.handle_traffic(Instant::now(), peer);
+                            self.shared.traffic.store(true, std::sync::atomic::Ordering::Relaxed);
                         }
                     }
                     Alarm::Outside { dst } => {
@@ -430,6 +434,10 @@ impl Engine {
                         self.release_relay_links(now);
                         self.report_usable();
                         self.shared.late.store(self.core.late_count(), std::sync::atomic::Ordering::Relaxed);
+                        // Without idle probing (no traffic detection) every peer counts as busy.
+                        let cfg = self.core.config();
+                        let traffic = cfg.idle_interval <= cfg.probe_interval || (0..self.peers.len()).any(|i| self.core.is_active(now, i));
+                        self.shared.traffic.store(traffic, std::sync::atomic::Ordering::Relaxed);
                     }
                 }
             }
@@ -457,7 +465,10 @@ impl Engine {
                     Err(e) => tracing::debug!("probe from peer {peer}: {e}"),
                 }
             }
-            DataEvent::Traffic { peer } => self.core.handle_traffic(now, peer),
+            DataEvent::Traffic { peer } => {
+                self.core.handle_traffic(now, peer);
+                self.shared.traffic.store(true, std::sync::atomic::Ordering::Relaxed);
+            }
             DataEvent::NeedSession { peer } => {
                 let _ = self.needs.send(Need::Data(peer));
             }

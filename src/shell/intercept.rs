@@ -158,13 +158,25 @@ pub fn start_queue(queue: u16, filter: Arc<RwLock<Filter>>, counters: Arc<IcmpCo
     Ok(())
 }
 
-/// Starts the TCP monitor thread: every `every` it reads the host's TCP connections and
-/// reports peers whose protected destinations have a connection that timed out twice in a
-/// row (a SYN once), at most once a second per peer.
+/// How often the TCP monitor looks while no peer carries traffic (it looks every `every`
+/// while one does, or while a stalled connection is seen): a stall needs traffic, and
+/// reading `/proc/net/snmp` four times a second was a tenth of an idle node's CPU (issue 11).
+pub const TCP_IDLE_POLL: Duration = Duration::from_secs(1);
+
+/// Starts the TCP monitor thread: every `every` (every [`TCP_IDLE_POLL`] while no peer
+/// carries traffic, [`crate::shell::engine::EngineShared::traffic`]) it reads the host's
+/// TCP connections and reports peers whose protected destinations have a connection that
+/// timed out twice in a row (a SYN once), at most once a second per peer.
 ///
 /// # Errors
 /// If the thread cannot be started.
-pub fn start_tcp_monitor(every: Duration, filter: Arc<RwLock<Filter>>, counters: Arc<IcmpCounters>, alarms: mpsc::UnboundedSender<Alarm>) -> Result<()> {
+pub fn start_tcp_monitor(
+    every: Duration,
+    engine: Arc<crate::shell::engine::EngineShared>,
+    filter: Arc<RwLock<Filter>>,
+    counters: Arc<IcmpCounters>,
+    alarms: mpsc::UnboundedSender<Alarm>,
+) -> Result<()> {
     std::thread::Builder::new()
         .name("detour-tcpmon".into())
         .spawn(move || {
@@ -173,7 +185,8 @@ pub fn start_tcp_monitor(every: Duration, filter: Arc<RwLock<Filter>>, counters:
             let mut retrans_seen = None;
             let mut watching = false;
             loop {
-                std::thread::sleep(every);
+                let fast = watching || engine.traffic.load(Relaxed);
+                std::thread::sleep(if fast { every } else { every.max(TCP_IDLE_POLL) });
                 if alarms.is_closed() {
                     return;
                 }
