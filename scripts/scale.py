@@ -219,7 +219,7 @@ def neighbour_sets_full(live, dead, pool):
         if not s or s.get("result") != "status":
             return False
         m = s["management"]
-        # A session with a dead node may linger until QUIC gives up on it (4.5 s), marked
+        # A session with a dead node may linger until QUIC gives up on it (6 s), marked
         # unusable once the failover finds its path down: it carries nothing and is not
         # part of the working neighbour set.
         if m.get("neighbours_missing", 0) > 0 or any(r["name"] in gone and r["state"] == "up" for r in m["neighbours"]):

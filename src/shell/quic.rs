@@ -23,12 +23,12 @@ use crate::wire::{self, SessionSecrets};
 /// dialled sends them: the other side's acknowledgements keep the dialler's idle timer
 /// running, and its pings keep the other side's. With both sides pinging, a node with 17
 /// sessions at N = 100 sent 17 keepalive datagrams and acknowledgements per second, nearly
-/// all it sent while idle. Halving them paid for pinging every 1.5 s instead of 2 s, so
-/// that a management neighbour that failed is noticed within 4.5 to 6 s instead of 6 to 8 s
-/// (it has no path monitoring; issue 11's recovery goal is 10 s).
-pub const KEEPALIVE: Duration = Duration::from_millis(1500);
+/// all it sent while idle. Pinging every 1.5 s with a 4.5 s idle timeout noticed a failed
+/// management neighbour 1.5 s sooner, but a one-way cut then ended the session (and moved
+/// the working direction to a relay too) before the failover had repaired the broken one.
+pub const KEEPALIVE: Duration = Duration::from_secs(2);
 /// A session with no traffic (keepalives included) for this long is dead.
-pub const IDLE_TIMEOUT: Duration = Duration::from_millis(4500);
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(6);
 /// Time allowed for one dial, handshake included, over all the peer's endpoints.
 pub const DIAL_TIMEOUT: Duration = Duration::from_secs(3);
 /// A dial tries the peer's next endpoint when the current one has not answered for this
