@@ -84,9 +84,8 @@ pub struct FailoverConfig {
     pub check_timeout: Duration,
     /// Loss penalty in the path cost: cost = srtt + loss × this.
     pub loss_penalty: Duration,
-    /// Probe interval on the direct path (and the path in use) of a peer that carries no
-    /// traffic (see [`Failover::handle_traffic`]); its standby relay paths are probed
-    /// [`STANDBY_IDLE_FACTOR`] times less often. A probe of such a path that is not answered in time is
+    /// Probe interval on every path of a peer that carries no traffic (see
+    /// [`Failover::handle_traffic`]). A probe of such a path that is not answered in time is
     /// confirmed at the fast rate (`probe_interval`, `standby_interval`), and silence is
     /// judged after `idle_interval + down_after`. Equal to `probe_interval`: every peer is
     /// probed fast, traffic or not.
@@ -441,23 +440,7 @@ fn next_probe(cfg: &FailoverConfig, epoch: Instant, p: &Peer, x: &Path) -> Insta
     }
     // Idle probes go out on the node's idle grid: all of them share one wake-up per
     // interval, and a path leaving the fast rate joins the grid within 0.5–1.5 intervals.
-    on_grid(epoch, cfg.idle_interval, last + idle_every(cfg, primary) - cfg.idle_interval / 2)
-}
-
-/// Standby relay paths of an idle peer are probed this many idle intervals apart (3 s by
-/// default). They only have to be known good when the direct path fails, and a failover
-/// that finds one down takes the next; probing them as often as the direct path made
-/// relayed probes most of an idle overlay's packets (issue 11: a hub with 99 peers and two
-/// standby relays each sent 300 probes per second, and every leaf relayed some of them).
-pub const STANDBY_IDLE_FACTOR: u32 = 3;
-
-/// The idle probe interval of a primary (direct or in use) or standby path.
-fn idle_every(cfg: &FailoverConfig, primary: bool) -> Duration {
-    if primary {
-        cfg.idle_interval
-    } else {
-        cfg.idle_interval * STANDBY_IDLE_FACTOR
-    }
+    on_grid(epoch, cfg.idle_interval, last + cfg.idle_interval / 2)
 }
 
 /// The direct path, the path in use and those carrying a share are primary; the other
@@ -475,15 +458,19 @@ fn on_grid(epoch: Instant, every: Duration, t: Instant) -> Instant {
 
 /// The moment after which path `x` counts as silent (down): `down_after` plus the path's
 /// allowance after the send time of its last answered probe (or its fresh start), and one
-/// idle probe interval more ([`idle_every`]) when that moment falls after the peer stopped
-/// carrying traffic (`active_until`), since idle probes are that far apart.
-fn silence_limit(cfg: &FailoverConfig, active_until: Option<Instant>, primary: bool, x: &Path) -> Instant {
+/// `idle_interval` more when that moment falls after the peer stopped carrying traffic
+/// (`active_until`), since idle probes are that far apart. Standby relay paths are probed
+/// at the same idle rate as the direct path: under a one-way cut from the peer, the peer's
+/// reception reports reach this node only through them, and probing them every 3 s let the
+/// working direction be judged silent (unit test
+/// `a_one_way_failure_of_an_idle_peer_reroutes_only_the_broken_direction`).
+fn silence_limit(cfg: &FailoverConfig, active_until: Option<Instant>, x: &Path) -> Instant {
     let evidence = x.last_delivered_sent_at.unwrap_or(x.started).max(x.started);
     let fast = evidence + cfg.down_after + x.allowance();
     if cfg.idle_interval <= cfg.probe_interval || active_until.is_some_and(|u| fast < u) {
         fast
     } else {
-        fast + idle_every(cfg, primary)
+        fast + cfg.idle_interval
     }
 }
 
@@ -1004,7 +991,7 @@ impl Failover {
                 if x.last_sent.is_some() {
                     let allowance = x.allowance();
                     if x.state != PathState::Down {
-                        at(judged(silence_limit(cfg, p.active_until, is_primary(p, x.id), x) + Duration::from_millis(1)));
+                        at(judged(silence_limit(cfg, p.active_until, x) + Duration::from_millis(1)));
                     }
                     if let Some(s) = x.sent.iter().find(|s| !s.resolved) {
                         at(judged(s.at + allowance + cfg.probe_interval * 4));
@@ -1090,8 +1077,7 @@ impl Failover {
         let excused = self.grace_until.is_some_and(|g| now < g);
         let p = &mut self.peers[peer];
         let active_until = p.active_until;
-        let primary: Vec<bool> = p.paths.iter().map(|x| is_primary(p, x.id)).collect();
-        for (x, primary) in p.paths.iter_mut().zip(primary) {
+        for x in p.paths.iter_mut() {
             if x.last_sent.is_none() {
                 continue;
             }
@@ -1104,7 +1090,7 @@ impl Failover {
                     x.loss += LOSS_ALPHA * (1.0 - x.loss);
                 }
             }
-            let silent = !excused && now > silence_limit(&cfg, active_until, primary, x);
+            let silent = !excused && now > silence_limit(&cfg, active_until, x);
             let recovered_probes = x.last_delivered_sent_at.is_some_and(|t| t >= x.state_since);
             let new = match x.state {
                 _ if silent => PathState::Down,
@@ -1722,6 +1708,23 @@ mod tests {
     }
 
     #[test]
+    fn a_one_way_failure_of_an_idle_peer_reroutes_only_the_broken_direction() {
+        // The reports that keep B's working direction come only through the relay; they
+        // must come in time whenever the cut falls between idle probes.
+        for offset_ms in [0u64, 250, 500, 750, 1_000, 1_500, 2_000, 2_500] {
+            let mut net = Net::new(3);
+            net.traffic = false;
+            net.run(Duration::from_secs(10) + Duration::from_millis(offset_ms));
+            net.cut.push((0, 1)); // only A -> B
+            for _ in 0..60 {
+                net.run(Duration::from_millis(100));
+                assert!(!net.route(1, 0).protect, "B->A works, cut at +{offset_ms} ms: {:?}", net.route(1, 0));
+            }
+            assert!(net.route(0, 1).protect, "A must reroute A->B (cut at +{offset_ms} ms)");
+        }
+    }
+
+    #[test]
     fn twenty_percent_loss_does_not_flap() {
         let mut net = Net::new(3);
         net.run(Duration::from_secs(3));
@@ -1964,10 +1967,9 @@ mod tests {
         let (p0, t0) = (net.probes[0], net.ticks[0]);
         net.run(Duration::from_secs(20));
         let cfg = FailoverConfig::default();
-        // 3 peers, each a direct path and at most `relay_candidates` standby relay paths,
-        // probed STANDBY_IDLE_FACTOR times less often.
+        // 3 peers, each a direct path and at most `relay_candidates` standby relay paths.
         let per_s = (net.probes[0] - p0) as f64 / 20.0;
-        let most = 3.0 * (1.0 + cfg.relay_candidates as f64 / f64::from(STANDBY_IDLE_FACTOR)) / cfg.idle_interval.as_secs_f64();
+        let most = 3.0 * (1 + cfg.relay_candidates) as f64 / cfg.idle_interval.as_secs_f64();
         assert!(per_s <= most * 1.1, "{per_s} probes/s from an idle node, expected at most {most}");
         assert!(per_s >= 3.0 * 0.9, "{per_s} probes/s: the direct paths must still be probed");
         // Idle probes share wake-ups: a few per idle interval, not one per path.
@@ -1978,7 +1980,7 @@ mod tests {
             let d = net.nodes[0].paths(net.pidx(0, b)).into_iter().find(|v| v.id == PathId::Direct).unwrap();
             assert_eq!(d.state, PathState::Up);
             assert_eq!(d.loss, 0.0, "idle probing is not loss");
-            // Standby relay paths probed 3 s apart are not judged silent between probes.
+            // Standby relay paths stay proven while idle.
             let relays: Vec<PathView> = net.nodes[0].paths(net.pidx(0, b)).into_iter().filter(|v| v.id != PathId::Direct).collect();
             assert!(!relays.is_empty(), "standby relays are in place");
             assert!(relays.iter().all(|v| v.state == PathState::Up), "{relays:?}");
