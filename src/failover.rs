@@ -429,7 +429,7 @@ impl Path {
 /// answered when its answer was due is confirmed at the fast rate (a path already down
 /// stays at the idle rate).
 fn next_probe(cfg: &FailoverConfig, epoch: Instant, p: &Peer, x: &Path) -> Instant {
-    let primary = is_primary(p, x.id);
+    let primary = x.id == PathId::Direct || x.id == p.route.path || p.busy.contains(&x.id);
     let fast = if primary { cfg.probe_interval } else { cfg.standby_interval };
     let Some(last) = x.last_sent else { return epoch.min(x.started) };
     if cfg.idle_interval <= fast || p.active_until.is_some_and(|u| last + fast <= u) {
@@ -441,12 +441,6 @@ fn next_probe(cfg: &FailoverConfig, epoch: Instant, p: &Peer, x: &Path) -> Insta
     // Idle probes go out on the node's idle grid: all of them share one wake-up per
     // interval, and a path leaving the fast rate joins the grid within 0.5–1.5 intervals.
     on_grid(epoch, cfg.idle_interval, last + cfg.idle_interval / 2)
-}
-
-/// The direct path, the path in use and those carrying a share are primary; the other
-/// relay paths are standby.
-fn is_primary(p: &Peer, id: PathId) -> bool {
-    id == PathId::Direct || id == p.route.path || p.busy.contains(&id)
 }
 
 /// The first instant `epoch + k × every` (k ≥ 0) at or after `t`.
@@ -1242,15 +1236,22 @@ impl Failover {
         // Expire refusals and requests that got no answer.
         let retry = self.cfg.relay_retry;
         let mut again = Vec::new();
+        let mut unanswered = Vec::new();
         for (r, c) in self.peers[peer].relays.iter_mut() {
             match *c {
-                Candidate::Requested(at) if now >= at + Duration::from_secs(2) => *c = Candidate::Refused(now + retry),
+                Candidate::Requested(at) if now >= at + Duration::from_secs(2) => {
+                    *c = Candidate::Refused(now + retry);
+                    unanswered.push(*r);
+                }
                 Candidate::Retry(at) if now >= at => {
                     *c = Candidate::Requested(now);
                     again.push(*r);
                 }
                 _ => {}
             }
+        }
+        for r in unanswered {
+            self.peers[peer].reasked.remove(&r);
         }
         for r in again {
             let purpose = if self.peers[r].rank.commitment == Commitment::LastResort { Purpose::LastResort } else { Purpose::Failover };
