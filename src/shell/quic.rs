@@ -29,14 +29,23 @@ use crate::wire::{self, SessionSecrets};
 pub const KEEPALIVE: Duration = Duration::from_secs(2);
 /// A session with no traffic (keepalives included) for this long is dead.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(6);
-/// Time allowed for one dial, handshake included, over all the peer's endpoints.
+/// Time an endpoint has to answer a dial (its first handshake flight to arrive), over all
+/// the peer's endpoints: a dial that no endpoint answered in this long has failed.
 pub const DIAL_TIMEOUT: Duration = Duration::from_secs(3);
+/// Time an endpoint that answered has to complete the handshake. A peer that answers is
+/// alive; on a loaded host (100 daemons starting on 2 cores, issue 11) its handshake took
+/// longer than [`DIAL_TIMEOUT`], and giving up at 3 s threw away the work both sides had
+/// done and started it again, on both sides, at every retry. QUIC's idle timeout still
+/// ends a handshake whose peer went silent.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// A dial tries the peer's next endpoint when the current one has not answered for this
 /// long, and keeps the earlier attempts running (RFC 8305 happy eyeballs): a peer whose
 /// first endpoint is dead costs one dial timeout, not one per endpoint.
 pub const DIAL_STAGGER: Duration = Duration::from_millis(1000);
-/// Time allowed for the Hello exchange.
-pub const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
+/// Time allowed for the Hello exchange after the handshake (and for reading one
+/// management frame). As long as [`HANDSHAKE_TIMEOUT`] for the same reason: a loaded peer
+/// is slow, not gone.
+pub const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// QUIC application close codes.
 pub mod close {
@@ -62,7 +71,7 @@ fn transport(dialler: bool) -> Arc<quinn::TransportConfig> {
 }
 
 /// A connection attempt to one endpoint.
-type Dialing = std::pin::Pin<Box<dyn std::future::Future<Output = (SocketAddr, Result<quinn::Connection, quinn::ConnectionError>)> + Send>>;
+type Dialing = std::pin::Pin<Box<dyn std::future::Future<Output = (SocketAddr, Result<quinn::Connection>)> + Send>>;
 
 /// The management endpoint(s) and what dialling needs.
 pub struct Management {
@@ -117,7 +126,8 @@ impl Management {
 
     /// Dials the peer with key `peer` at its management addresses: the next one joins the
     /// race each [`DIAL_STAGGER`] the earlier ones go unanswered, the first handshake that
-    /// completes wins, all within [`DIAL_TIMEOUT`].
+    /// completes wins. An endpoint must answer within [`DIAL_TIMEOUT`] of the dial's start,
+    /// and then complete the handshake within [`HANDSHAKE_TIMEOUT`].
     ///
     /// # Errors
     /// The last failure when no address worked, or none answered in time.
@@ -125,13 +135,13 @@ impl Management {
         let client = tls::client_config(&self.cert, peer, self.refused.clone())?;
         let mut client = quinn::ClientConfig::new(Arc::new(QuicClientConfig::try_from(client).context("QUIC client TLS")?));
         client.transport_config(transport(true));
-        let deadline = tokio::time::Instant::now() + DIAL_TIMEOUT;
+        let answer_by = tokio::time::Instant::now() + DIAL_TIMEOUT;
         let mut last = anyhow!("no endpoint configured");
         let mut next = addrs.iter();
         let mut racing = FuturesUnordered::new();
         loop {
             if racing.is_empty() {
-                match self.connect(&client, &mut next, &mut last) {
+                match self.connect(&client, answer_by, &mut next, &mut last) {
                     Some(f) => racing.push(f),
                     None => return Err(last),
                 }
@@ -139,22 +149,22 @@ impl Management {
             tokio::select! {
                 r = racing.next() => match r {
                     Some((_, Ok(conn))) => return Ok(conn),
-                    Some((addr, Err(e))) => last = anyhow!("{addr}: {e}"),
+                    Some((addr, Err(e))) => last = anyhow!("{addr}: {e:#}"),
                     None => {}
                 },
-                _ = tokio::time::sleep(DIAL_STAGGER) => {
-                    if let Some(f) = self.connect(&client, &mut next, &mut last) {
+                _ = tokio::time::sleep(DIAL_STAGGER), if tokio::time::Instant::now() < answer_by => {
+                    if let Some(f) = self.connect(&client, answer_by, &mut next, &mut last) {
                         racing.push(f);
                     }
                 }
-                _ = tokio::time::sleep_until(deadline) => return Err(anyhow!("no endpoint of {addrs:?} answered within {DIAL_TIMEOUT:?} ({last})")),
             }
         }
     }
 
     /// Starts a connection to the next endpoint of `addrs` that a local socket can reach;
-    /// the ones skipped leave their reason in `last`.
-    fn connect<'a>(&self, client: &quinn::ClientConfig, addrs: &mut impl Iterator<Item = &'a SocketAddr>, last: &mut anyhow::Error) -> Option<Dialing> {
+    /// the ones skipped leave their reason in `last`. The attempt fails when the endpoint
+    /// has not answered by `answer_by`.
+    fn connect<'a>(&self, client: &quinn::ClientConfig, answer_by: tokio::time::Instant, addrs: &mut impl Iterator<Item = &'a SocketAddr>, last: &mut anyhow::Error) -> Option<Dialing> {
         for addr in addrs {
             let Some(ep) = self.endpoint_for(addr) else {
                 *last = anyhow!("no local socket can reach {addr}");
@@ -165,9 +175,20 @@ impl Management {
                 _ => *addr,
             };
             match ep.connect_with(client.clone(), target, "detour") {
-                Ok(c) => {
+                Ok(mut c) => {
                     let addr = *addr;
-                    return Some(Box::pin(async move { (addr, c.await) }));
+                    return Some(Box::pin(async move {
+                        // The server's first flight (its TLS handshake data) is its answer.
+                        match tokio::time::timeout_at(answer_by, c.handshake_data()).await {
+                            Err(_) => return (addr, Err(anyhow!("no answer within {DIAL_TIMEOUT:?}"))),
+                            Ok(Err(e)) => return (addr, Err(e.into())),
+                            Ok(Ok(_)) => {}
+                        }
+                        match tokio::time::timeout(HANDSHAKE_TIMEOUT, c).await {
+                            Err(_) => (addr, Err(anyhow!("answered, but the handshake did not complete within {HANDSHAKE_TIMEOUT:?}"))),
+                            Ok(r) => (addr, r.map_err(Into::into)),
+                        }
+                    }));
                 }
                 Err(e) => *last = anyhow!("{addr}: {e}"),
             }
