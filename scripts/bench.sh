@@ -28,7 +28,8 @@
 #               of 1,000 and 10,000 nodes in simulation (the sans-IO core with a simulated
 #               clock and underlay: `cargo run --release --example scale_sim`).
 #
-# BENCH_SECONDS (default 10) sets the length of each iperf3 run. Run as root.
+# BENCH_SECONDS (default 10) sets the length of each iperf3 run; BENCH_KEEP_LOGS=DIR keeps
+# the daemons' logs of the scale runs in DIR/N/. Run as root.
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 
@@ -309,6 +310,9 @@ bench_scale() {
       start_daemon "${P}h$i" "$DIR" "n$i"
     done
     out+=("$(python3 "$DETOUR_ROOT/scripts/scale.py" "$n" "$P" "$DIR" "$BIN" "$start")")
+    if [ -n "${BENCH_KEEP_LOGS-}" ]; then
+      mkdir -p "$BENCH_KEEP_LOGS/$n" && cp "$DIR"/n*.log "$BENCH_KEEP_LOGS/$n/"
+    fi
     topo_destroy "$P"
     rm -f "$DIR"/n*.sock "$DIR"/n*.toml "$DIR"/n*.key
   done

@@ -132,16 +132,20 @@ def converge(live):
     fails)."""
     from concurrent.futures import ThreadPoolExecutor
 
-    def complete(i):
+    def known(i):
         r = ctl(i, "nodes")
-        return bool(r and len(r.get("nodes", [])) >= len(live))
+        return len(r.get("nodes", [])) if r else 0
 
     t_done = None
     waiting = list(live)
+    next_report = 5
     with ThreadPoolExecutor(max_workers=16) as pool:
         while time.time() - START < CONVERGE_TIMEOUT:
-            done = list(pool.map(complete, waiting))
-            waiting = [i for i, ok in zip(waiting, done) if not ok]
+            counts = dict(zip(waiting, pool.map(known, waiting)))
+            waiting = [i for i in waiting if counts[i] < len(live)]
+            if time.time() - START >= next_report and waiting:
+                log(f"after {time.time() - START:.0f} s, {len(waiting)} directories incomplete: " + ", ".join(f"n{i} ({counts[i]})" for i in waiting[:10]))
+                next_report += 10
             if not waiting:
                 t_done = time.time() - START
                 break
@@ -207,27 +211,40 @@ def send_messages(pairs, count):
     return sent, delivered, lat
 
 
-def neighbour_sets_full(live, dead, pool):
-    """Every live node has sessions with all the neighbours it chose, as many as it wants
-    up, and no usable session with a dead node any more. The nodes are asked concurrently
-    (one after the other, a round took seconds, and its length was measured instead of the
-    overlay)."""
+def neighbour_state(i, gone):
+    """(full, why) for node i: full when it has sessions with all the neighbours it chose,
+    as many as it wants up, and no usable session with a dead node any more."""
+    s = ctl(i, "status")
+    if not s or s.get("result") != "status":
+        return False, "no status"
+    m = s["management"]
+    # A session with a dead node may linger until QUIC gives up on it (6 s), marked
+    # unusable once the failover finds its path down: it carries nothing and is not
+    # part of the working neighbour set.
+    stale = [r["name"] for r in m["neighbours"] if r["name"] in gone and r["state"] == "up"]
+    up = sum(1 for r in m["neighbours"] if r["role"] in ("configured", "neighbour") and r["state"] == "up")
+    want = m["target_neighbours"]
+    if m.get("neighbours_missing", 0) > 0 or stale or up < want:
+        return False, f"up {up}/{want}, missing {m.get('neighbours_missing', 0)}, dead still up {stale}"
+    return True, ""
+
+
+def neighbour_sets_full(live, dead, pool, since=None):
+    """Every live node's neighbour set is full (see neighbour_state). The nodes are asked
+    concurrently (one after the other, a round took seconds, and its length was measured
+    instead of the overlay). `since`, when given, maps node → seconds after the kill at
+    which it was first seen full, and the reasons of the others."""
     gone = {f"n{i}" for i in dead}
-
-    def full(i):
-        s = ctl(i, "status")
-        if not s or s.get("result") != "status":
-            return False
-        m = s["management"]
-        # A session with a dead node may linger until QUIC gives up on it (6 s), marked
-        # unusable once the failover finds its path down: it carries nothing and is not
-        # part of the working neighbour set.
-        if m.get("neighbours_missing", 0) > 0 or any(r["name"] in gone and r["state"] == "up" for r in m["neighbours"]):
-            return False
-        up = sum(1 for r in m["neighbours"] if r["role"] in ("configured", "neighbour") and r["state"] == "up")
-        return up >= min(m["target_neighbours"], len(live) - 1)
-
-    return all(pool.map(full, live))
+    states = list(pool.map(lambda i: neighbour_state(i, gone), live))
+    if since is not None:
+        t = time.time() - since["t0"]
+        for i, (ok, why) in zip(live, states):
+            if ok:
+                since["full"].setdefault(i, round(t, 1))
+            else:
+                since["full"].pop(i, None)
+                since["why"][i] = (round(t, 1), why)
+    return all(ok for ok, _ in states)
 
 
 def random_pairs(nodes, k):
@@ -244,6 +261,9 @@ def main():
     conv = converge(nodes)
     log(f"converged in {conv} s" if conv is not None else "did not converge")
     pids = pids_of(nodes)
+    start_cpu = sorted((cpu_ticks(p) or 0) / HZ for p in pids.values() if p)
+    if start_cpu:
+        log(f"CPU used so far: {sum(start_cpu):.1f} s by all daemons, median {statistics.median(start_cpu):.2f} s, max {start_cpu[-1]:.2f} s")
     missing = [i for i, p in pids.items() if p is None]
     if missing:
         log(f"detourd not running on {missing}")
@@ -269,13 +289,24 @@ def main():
     recover = None
     from concurrent.futures import ThreadPoolExecutor
 
+    seen = {"t0": t_kill, "full": {}, "why": {}}
     with ThreadPoolExecutor(max_workers=16) as pool:
         while time.time() - t_kill < 120:
-            if neighbour_sets_full(live, dead, pool):
+            if neighbour_sets_full(live, dead, pool, seen):
                 recover = time.time() - t_kill
                 break
             time.sleep(0.2)
     log(f"neighbour sets full again after {recover} s")
+    last = sorted(seen["full"].items(), key=lambda kv: -kv[1])[:5]
+    if os.environ.get("BENCH_SCALE_DEBUG"):
+        for i, _ in last[:2]:
+            try:
+                with open(f"{DIR}/n{i}.log") as f:
+                    tail = f.read().splitlines()[-40:]
+            except OSError:
+                tail = []
+            log(f"n{i}'s log, last lines:\n" + "\n".join(tail))
+    log("last to be full: " + ", ".join(f"n{i} at {t} s (before: {seen['why'].get(i, ('-', ''))[1]} at {seen['why'].get(i, ('-', ''))[0]} s)" for i, t in last))
     after_pairs = random_pairs(live, PAIRS)
     a_sent, a_delivered, a_lat = send_messages(after_pairs, MESSAGES)
     log(f"messages after the failures: {a_delivered}/{a_sent}, p99 {pct(a_lat, 0.99)} ms")
