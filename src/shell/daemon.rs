@@ -22,7 +22,7 @@ use crate::ctl::{NodeStatus, PeerStatus, Request, Response, Status};
 use crate::dataplane::DataCommand;
 use crate::icmp::Filter;
 use crate::identity::{Identity, PublicKey};
-use crate::kernel;
+use crate::kernel::{self, DesiredState};
 use crate::model::{Model, Protect, UnderlayHops};
 use crate::shell::acct::{self, Accounting};
 use crate::shell::control;
@@ -248,9 +248,17 @@ async fn underlay_hops(nl: &Netlink, model: &Model, protect: &[Option<Protect>])
     hops
 }
 
-async fn reconcile(nl: &Netlink, model: &Model, protect: &[Option<Protect>], quiet: bool) -> Result<usize> {
+/// Makes the kernel match the model. `last` is the state desired at the previous call:
+/// what differs from it is a change of the model being applied, not drift, and is logged
+/// at debug level like everything when `quiet`; only a difference the kernel grew while
+/// the desired state stayed the same is reported as drift. (A route for a node just
+/// learned from the directory was reported as repaired drift when the reconcile tick came
+/// before the notification of the change.)
+async fn reconcile(nl: &Netlink, model: &Model, protect: &[Option<Protect>], quiet: bool, last: &mut Option<DesiredState>) -> Result<usize> {
     let hops = underlay_hops(nl, model, protect).await;
     let desired = model.desired_kernel_with(protect, &hops);
+    let quiet = quiet || last.as_ref() != Some(&desired);
+    *last = Some(desired.clone());
     let names: BTreeSet<String> = desired.links.iter().map(|l| l.name.clone()).collect();
     let (actual, index) = nl.observe(&names, model.cfg.kernel.table).await?;
     let ops = kernel::plan(&desired, &actual);
@@ -384,7 +392,8 @@ async fn run_inner(identity: &Identity, model: Model, nl: Netlink, listener: tok
     let (data_tx, data_rx) = mpsc::channel(EVENT_QUEUE);
     let dp = Arc::new(DataPath::start(DataPathSetup { spec, tuns, mtus, sockets: data_socks, start, events: data_tx })?);
     res.datapath = Some(dp.clone());
-    reconcile(&nl, &model, &[], true).await?;
+    let mut last_desired: Option<DesiredState> = None;
+    reconcile(&nl, &model, &[], true, &mut last_desired).await?;
 
     // Failure detection: the engine, ICMP interception and the TCP monitor.
     let filter = Arc::new(RwLock::new(Filter::default()));
@@ -535,7 +544,7 @@ async fn run_inner(identity: &Identity, model: Model, nl: Netlink, listener: tok
                 let links = link_names(&m);
                 let settled = links == last_links;
                 last_links = links;
-                if let Err(e) = reconcile(&nl, &m, &protect, !settled).await {
+                if let Err(e) = reconcile(&nl, &m, &protect, !settled, &mut last_desired).await {
                     tracing::warn!("reconcile: {e:#}");
                 }
                 let old = shared.local_addrs.lock().expect("addrs").clone();
@@ -556,7 +565,7 @@ async fn run_inner(identity: &Identity, model: Model, nl: Netlink, listener: tok
                 // Protection changed: move the routes now, not at the next tick.
                 let protect = engine_shared.protect.lock().expect("protect").clone();
                 let m = shared.model.read().expect("model").clone();
-                if let Err(e) = reconcile(&nl, &m, &protect, true).await {
+                if let Err(e) = reconcile(&nl, &m, &protect, true, &mut last_desired).await {
                     tracing::warn!("reconcile: {e:#}");
                 }
             }
@@ -565,7 +574,7 @@ async fn run_inner(identity: &Identity, model: Model, nl: Netlink, listener: tok
                 let protect = engine_shared.protect.lock().expect("protect").clone();
                 let m = shared.model.read().expect("model").clone();
                 res.links = res.links.union(&link_names(&m)).cloned().collect();
-                if let Err(e) = reconcile(&nl, &m, &protect, true).await {
+                if let Err(e) = reconcile(&nl, &m, &protect, true, &mut last_desired).await {
                     tracing::warn!("reconcile: {e:#}");
                 }
             }
