@@ -247,6 +247,23 @@ def neighbour_sets_full(live, dead, pool, since=None):
     return all(ok for ok, _ in states)
 
 
+def totals(nodes):
+    """Sums over the nodes of the counters that tell what the start cost: sessions set up,
+    failed and refused handshakes, late loops, records published, flood grafts and prunes,
+    relay sessions served."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        st = [s for s in pool.map(lambda i: ctl(i, "status"), nodes) if s and s.get("result") == "status"]
+    keys = ["management_handshakes", "management_errors", "refused_handshakes", "late_loops"]
+    t = {k: sum(s.get(k, 0) for s in st) for k in keys}
+    for k in ["records_published", "flood_grafts", "flood_prunes"]:
+        t[k] = sum(s["management"].get(k, 0) for s in st)
+    t["relaying"] = sum(len(s.get("relaying", [])) for s in st)
+    t["sessions"] = sum(len(s["management"]["neighbours"]) for s in st)
+    return t
+
+
 def random_pairs(nodes, k):
     pairs = set()
     while len(pairs) < min(k, len(nodes) * (len(nodes) - 1)):
@@ -264,6 +281,7 @@ def main():
     start_cpu = sorted((cpu_ticks(p) or 0) / HZ for p in pids.values() if p)
     if start_cpu:
         log(f"CPU used so far: {sum(start_cpu):.1f} s by all daemons, median {statistics.median(start_cpu):.2f} s, max {start_cpu[-1]:.2f} s")
+    log("at convergence, summed over the nodes: " + ", ".join(f"{k} {v}" for k, v in totals(nodes).items()))
     missing = [i for i, p in pids.items() if p is None]
     if missing:
         log(f"detourd not running on {missing}")

@@ -347,6 +347,7 @@ async fn supervise(i: usize, shared: Arc<Shared>, mut events: mpsc::UnboundedRec
                 if sess.current().map(|c| c.0) != Some(conn) {
                     continue;
                 }
+                sess.on_ready(conn);
                 let data = SocketAddr::new(remote.ip().to_canonical(), data_port);
                 shared.dp.command(DataCommand::InstallSession { peer: i, secrets });
                 ready = Some(conn);
@@ -367,7 +368,12 @@ async fn supervise(i: usize, shared: Arc<Shared>, mut events: mpsc::UnboundedRec
             }
             PeerEvent::Closed { conn, reason } => {
                 conns.remove(&conn);
-                sess.on_closed(now, conn, rand::random());
+                let failed = sess.on_closed(now, conn, rand::random());
+                if failed && !configured {
+                    // Refused after the handshake (the peer does not know this node yet) or
+                    // the Hello failed: a chosen neighbour is replaced, as after a failed dial.
+                    let _ = shared.overlay.send(OverlayEvent::Unreachable { node: peer_id });
+                }
                 if ready == Some(conn) {
                     ready = None;
                     let _ = shared.sessions.send(SessionEvent::Down { peer: i });
