@@ -78,13 +78,6 @@ pub const SHUN_FOR: Duration = Duration::from_secs(60);
 /// starting on 2 cores grafted and pruned links in a loop (4,700 grafts in 10 s) and
 /// published ten times as many records.
 pub const GRAFT_AFTER: Duration = Duration::from_millis(500);
-/// How long a record received in answer to a digest or a graft is remembered with the
-/// session it came from (a push of it on the same session in this time is not a cycle).
-pub const PULL_MEMORY: Duration = Duration::from_secs(10);
-/// At most this many pulled records are remembered (a node that joins a large overlay
-/// pulls the whole directory; beyond this, a duplicate push may prune a link needlessly,
-/// which grafts repair).
-pub const PULLED_MAX: usize = 1024;
 /// Records per [`Message::Records`].
 pub const RECORDS_PER_MESSAGE: usize = 64;
 /// Largest digest or record list taken from one message.
@@ -333,10 +326,6 @@ pub struct Overlay {
     last_push: HashMap<NodeId, Instant>,
     /// Announcements to send, per lazy session, at the next tick.
     announce: BTreeMap<NodeId, Vec<(NodeId, u64)>>,
-    /// Records received in answer to a digest or a graft in the last [`PULL_MEMORY`]:
-    /// node → (sequence number, session it came from, when). A push of the same record on
-    /// the same session is no sign of a cycle.
-    pulled: HashMap<NodeId, (u64, NodeId, Instant)>,
     /// Records announced to this node and not received yet: node → (sequence number,
     /// announcer, when to ask the announcer for it).
     missing: BTreeMap<NodeId, (u64, NodeId, Instant)>,
@@ -398,7 +387,6 @@ impl Overlay {
             last_push: HashMap::new(),
             announce: BTreeMap::new(),
             missing: BTreeMap::new(),
-            pulled: HashMap::new(),
             rivals: HashMap::from([(own_name, HashMap::new())]),
             ranked: BTreeMap::new(),
             ranked_keys: HashMap::new(),
@@ -760,22 +748,12 @@ impl Overlay {
     pub fn handle(&mut self, now: Instant, unix: u64, from: NodeId, message: Message) {
         match message {
             Message::Records { records, push } => {
+                let mut offered = 0;
                 let mut fresh = Vec::new();
-                // Pushed records this node held already, and not because the same session
-                // answered a digest or a graft with them a moment ago.
-                let mut cycle = false;
                 for r in records.into_iter().take(MAX_ENTRIES) {
-                    let peeked = r.peek();
-                    match self.take_record(unix, r) {
-                        Some(r) => {
-                            if let (false, Some((id, seq))) = (push, peeked) {
-                                if self.pulled.len() < PULLED_MAX {
-                                    self.pulled.insert(id, (seq, from, now));
-                                }
-                            }
-                            fresh.push(r);
-                        }
-                        None => cycle |= push && !peeked.is_some_and(|(id, seq)| self.pulled.get(&id).is_some_and(|p| p.0 == seq && p.1 == from)),
+                    offered += 1;
+                    if let Some(r) = self.take_record(unix, r) {
+                        fresh.push(r);
                     }
                 }
                 for r in &fresh {
@@ -785,14 +763,11 @@ impl Overlay {
                         }
                     }
                 }
-                // A push that brought a record this node had from elsewhere: this link
-                // closes a cycle of the flood tree (Plumtree's prune), it becomes lazy both
-                // ways. Records still reach this node by the tree's links, and by
-                // announcements on this one. A record the same session sent in answer to
-                // a digest and then pushed is no cycle: pruning on it made a leaf's only
-                // link lazy, and at N = 100 every record then waited for a graft
-                // (issue 11: directories complete after 17–128 s).
-                if cycle && self.sessions.contains_key(&from) && self.lazy.insert(from) {
+                // A push that brought a record this node had: this link closes a cycle of
+                // the flood tree (Plumtree's prune), it becomes lazy both ways. Records
+                // still reach this node by the tree's links, and by announcements on
+                // this one.
+                if push && fresh.len() < offered && self.sessions.contains_key(&from) && self.lazy.insert(from) {
                     self.stats.prunes_sent += 1;
                     self.out.push_back(Out::Send { to: from, message: Message::Prune, urgent: false });
                 }
@@ -967,9 +942,6 @@ impl Overlay {
             }
         }
         self.ask_missing(now);
-        if !self.pulled.is_empty() {
-            self.pulled.retain(|_, p| now.saturating_duration_since(p.2) < PULL_MEMORY);
-        }
         if now >= self.last_expire + EXPIRE_EVERY {
             self.last_expire = now;
             for id in self.dir.expire(unix) {
@@ -1476,46 +1448,6 @@ mod tests {
         // 2.2 s: ten seconds after the start the flood tree is still forming, and parts of
         // it are reached through announcements (asked for after GRAFT_AFTER).
         assert!(s.now - t0 <= Duration::from_secs(3), "the join reached every node after {:?}", s.now - t0);
-    }
-
-    #[test]
-    fn a_record_pulled_and_then_pushed_on_the_same_session_does_not_prune_it() {
-        // Node 0 is a leaf whose only session is node 1 (its bootstrap hub); node 3's
-        // record reaches it first in the hub's answer to its digest, then in the hub's
-        // flood. The same session delivered both copies: no cycle, the link stays eager.
-        let mut s = Sim::new(4);
-        for i in 0..4 {
-            s.start(i);
-        }
-        s.run(Duration::from_millis(100));
-        let rec = |s: &Sim| s.nodes[3].as_ref().unwrap().directory().get(&s.ids[3]).unwrap().signed.clone();
-        let (hub, other) = (s.ids[1], s.ids[2]);
-        let now = s.now;
-        let unix = s.unix;
-        let r = rec(&s);
-        let leaf = s.nodes[0].as_mut().unwrap();
-        leaf.session_up(now, hub, true);
-        leaf.handle(now, unix, hub, Message::Records { records: vec![r.clone()], push: false });
-        leaf.handle(now + Duration::from_millis(300), unix, hub, Message::Records { records: vec![r], push: true });
-        assert_eq!(leaf.stats().prunes_sent, 0, "a pull and a push on the same session are no cycle");
-        assert!(!leaf.lazy.contains(&hub));
-        // A newer record of node 3 pulled from another session, then pushed by the hub:
-        // that is a cycle, and the hub's link is pruned.
-        s.run(Duration::from_secs(2));
-        let node3 = s.nodes[3].as_mut().unwrap();
-        let mut info = node3.info.clone();
-        info.endpoints = vec![SocketAddr::from(([10, 0, 3, 9], 7720))];
-        node3.set_info(info);
-        s.run(Duration::from_secs(1));
-        let r2 = rec(&s);
-        let now = s.now;
-        let unix = s.unix;
-        let leaf = s.nodes[0].as_mut().unwrap();
-        leaf.session_up(now, other, false);
-        leaf.handle(now, unix, other, Message::Records { records: vec![r2.clone()], push: false });
-        leaf.handle(now, unix, hub, Message::Records { records: vec![r2], push: true });
-        assert_eq!(leaf.stats().prunes_sent, 1, "a copy through another session is a cycle");
-        assert!(leaf.lazy.contains(&hub));
     }
 
     #[test]
