@@ -72,6 +72,12 @@ pub const NEIGHBOUR_PATIENCE: Duration = Duration::from_secs(5);
 pub const UNUSABLE_PATIENCE: Duration = Duration::from_secs(3);
 /// How long a replaced neighbour is not chosen again.
 pub const SHUN_FOR: Duration = Duration::from_secs(60);
+/// A node lowers its neighbour count (its neighbours' measured availability rose) after a
+/// random delay of up to this long; it raises it at once. Nodes that started together
+/// measure the same availability: at N = 100 every node went from 5 to 4 neighbours in the
+/// same second about 70 s after the start, republished its record, and the burst stalled
+/// the hub long enough for its peers to reroute it (issue 11).
+pub const K_LOWER_SPREAD: Duration = Duration::from_secs(60);
 /// How long a record announced on a lazy link ([`Message::IHave`]) may take to arrive
 /// pushed from another neighbour before this node asks the announcer for it (and grafts
 /// the link). A push through a busy node takes a few hundred ms: at 150 ms, 100 nodes
@@ -340,6 +346,10 @@ pub struct Overlay {
     /// Whether `ranked` holds every candidate (false once one was left out).
     ranked_all: bool,
     availability: f64,
+    /// The neighbour count kept (see [`Overlay::target_neighbours`]).
+    k: usize,
+    /// When a lower neighbour count takes effect.
+    k_lower_at: Option<Instant>,
     dirty: bool,
     /// Only the sessions changed since the last publication.
     dirty_sessions: bool,
@@ -392,6 +402,8 @@ impl Overlay {
             ranked_keys: HashMap::new(),
             ranked_all: true,
             availability: 0.9,
+            k: 0,
+            k_lower_at: None,
             dirty: true,
             dirty_sessions: false,
             lost_link: false,
@@ -447,9 +459,37 @@ impl Overlay {
         self.availability
     }
 
-    /// The neighbour count the reliability rule asks for now.
+    /// The neighbour count this node keeps: what the reliability rule asks for now, or
+    /// more while a lower count waits for its turn (see [`K_LOWER_SPREAD`]).
     pub fn target_neighbours(&self) -> usize {
+        self.k.max(self.rule_neighbours())
+    }
+
+    /// The neighbour count the reliability rule asks for now.
+    fn rule_neighbours(&self) -> usize {
         neighbours_for(self.availability, self.cfg.target_delivery, self.dir.len().max(2)).clamp(self.cfg.min_neighbours, self.cfg.max_neighbours)
+    }
+
+    /// Follows the reliability rule: a higher count at once, a lower one after a random
+    /// delay of up to [`K_LOWER_SPREAD`].
+    fn update_k(&mut self, now: Instant) {
+        let rule = self.rule_neighbours();
+        if rule >= self.k {
+            self.k = rule;
+            self.k_lower_at = None;
+            return;
+        }
+        match self.k_lower_at {
+            None => {
+                let spread = K_LOWER_SPREAD.as_millis() as u64;
+                self.k_lower_at = Some(now + Duration::from_millis(self.random() % spread.max(1)));
+            }
+            Some(t) if now >= t => {
+                self.k = rule;
+                self.k_lower_at = None;
+            }
+            Some(_) => {}
+        }
     }
 
     /// The neighbours chosen by this node (configured peers aside).
@@ -976,6 +1016,7 @@ impl Overlay {
         if now >= self.last_sample + Duration::from_secs(1) {
             self.last_sample = now;
             self.sample_availability(now);
+            self.update_k(now);
             self.choose(now);
         } else if self.choose_soon {
             self.choose(now);
@@ -1448,6 +1489,40 @@ mod tests {
         // 2.2 s: ten seconds after the start the flood tree is still forming, and parts of
         // it are reached through announcements (asked for after GRAFT_AFTER).
         assert!(s.now - t0 <= Duration::from_secs(3), "the join reached every node after {:?}", s.now - t0);
+    }
+
+    #[test]
+    fn nodes_that_started_together_lower_their_neighbour_count_at_different_times_and_raise_it_at_once() {
+        // Ten nodes alone (a directory of one: the rule asks for 4 neighbours at 90 %
+        // availability, the minimum of 3 at 99 %).
+        let mut s = Sim::new(10);
+        for i in 0..10 {
+            s.start(i);
+        }
+        s.run(Duration::from_secs(2));
+        assert!(s.nodes.iter().flatten().all(|n| n.target_neighbours() == 4));
+        for n in s.nodes.iter_mut().flatten() {
+            n.availability = 0.99;
+        }
+        let t0 = s.now;
+        let mut lowered: Vec<Option<Duration>> = vec![None; 10];
+        while s.now < t0 + K_LOWER_SPREAD + Duration::from_secs(2) {
+            s.run(Duration::from_secs(1));
+            for (i, n) in s.nodes.iter().enumerate() {
+                let n = n.as_ref().unwrap();
+                if n.target_neighbours() == 3 && lowered[i].is_none() {
+                    lowered[i] = Some(s.now - t0);
+                }
+            }
+        }
+        let at: BTreeSet<u64> = lowered.iter().map(|t| t.expect("every node lowered its count within the spread").as_secs()).collect();
+        assert!(at.len() >= 5, "the nodes lowered their counts at {at:?} s: not spread");
+        // Back to 90 %: 4 neighbours again at the next sample, without a wait.
+        for n in s.nodes.iter_mut().flatten() {
+            n.availability = 0.9;
+        }
+        s.run(Duration::from_millis(1100));
+        assert!(s.nodes.iter().flatten().all(|n| n.target_neighbours() == 4));
     }
 
     #[test]
