@@ -553,6 +553,7 @@ async fn run_inner(identity: &Identity, model: Model, nl: Netlink, listener: tok
             }
             _ = activity.tick() => {
                 peers::check_activity(&shared, Instant::now());
+                peers::check_silence(&shared, Instant::now());
                 if cfg.replex.enabled {
                     account(&shared, &engine_shared, &mut accounting);
                 }

@@ -21,7 +21,7 @@ use crate::config::Endpoint;
 use crate::dataplane::{DataCommand, TunHandle};
 use crate::identity::NodeId;
 use crate::mgmt::Message;
-use crate::session::{PeerSession, SessionTimers, Verdict};
+use crate::session::{PeerSession, SessionTimers, Silence, Verdict};
 use crate::shell::daemon::{open_tun, Shared};
 use crate::shell::engine::SessionEvent;
 use crate::shell::mnode::OverlayEvent;
@@ -48,6 +48,8 @@ pub const FIRST_DIAL_SPREAD_MAX_MS: u64 = 2_000;
 
 /// The QUIC close code for a session closed because neither side needs it any more.
 pub const CLOSE_IDLE: u32 = 5;
+/// Silence checks ([`check_silence`]) further apart than this mean this node was late.
+pub const SILENCE_LATE: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Live state of one peer, for the daemon and status output.
 #[derive(Default)]
@@ -70,6 +72,8 @@ pub struct PeerInfo {
     pub bytes_seen: u64,
     /// The supervisor task, if one runs.
     supervisor: Option<Supervisor>,
+    /// Receive silence of the current session ([`check_silence`]).
+    silence: Option<Silence>,
 }
 
 struct Supervisor {
@@ -504,6 +508,30 @@ pub fn check_activity(shared: &Arc<Shared>, now: Instant) {
         } else if active && last.is_none_or(|t| now.saturating_duration_since(t) >= idle) {
             deactivate(shared, i);
         }
+    }
+}
+
+/// Ends sessions that received nothing for [`quic::IDLE_TIMEOUT`] (the peer is dead; QUIC's
+/// own idle timer can take twice as long, see [`Silence`]). Called about once a second;
+/// checks more than [`SILENCE_LATE`] apart blame nobody.
+pub fn check_silence(shared: &Arc<Shared>, now: Instant) {
+    let mut silent = Vec::new();
+    for (i, p) in shared.peers.lock().expect("peers").iter_mut().enumerate() {
+        let Some(c) = &p.conn else {
+            if let Some(w) = &mut p.silence {
+                w.reset();
+            }
+            continue;
+        };
+        let w = p.silence.get_or_insert_with(|| Silence::new(quic::IDLE_TIMEOUT, SILENCE_LATE));
+        if w.check(now, c.stable_id() as u64, c.stats().udp_rx.datagrams) {
+            w.reset();
+            silent.push((i, c.clone()));
+        }
+    }
+    for (i, c) in silent {
+        tracing::info!("session with {} silent for {} s: closing it", shared.peer_name(i), quic::IDLE_TIMEOUT.as_secs());
+        c.close(quic::close::SILENT.into(), b"silent");
     }
 }
 

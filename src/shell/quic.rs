@@ -57,6 +57,9 @@ pub mod close {
     pub const PROTOCOL: u32 = 3;
     /// The daemon is stopping.
     pub const SHUTDOWN: u32 = 4;
+    /// Nothing was received on the session for [`super::IDLE_TIMEOUT`]
+    /// ([`crate::session::Silence`]); 5 is `peers::CLOSE_IDLE`.
+    pub const SILENT: u32 = 6;
 }
 
 /// QUIC transport settings; `dialler` sends the keepalives ([`KEEPALIVE`]).
