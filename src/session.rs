@@ -215,13 +215,15 @@ impl Silence {
     pub fn check(&mut self, now: Instant, conn: u64, count: u64) -> bool {
         let late = self.checked.is_some_and(|t| now.saturating_duration_since(t) > self.late_after);
         self.checked = Some(now);
-        if self.conn != Some(conn) || count != self.count || late || self.since.is_none() {
-            self.conn = Some(conn);
-            self.count = count;
-            self.since = Some(now);
-            return false;
+        match self.since {
+            Some(since) if self.conn == Some(conn) && count == self.count && !late => now.saturating_duration_since(since) >= self.timeout,
+            _ => {
+                self.conn = Some(conn);
+                self.count = count;
+                self.since = Some(now);
+                false
+            }
         }
-        self.since.is_some_and(|t| now.saturating_duration_since(t) >= self.timeout)
     }
 
     /// The session ended: the next check starts over.
