@@ -182,7 +182,10 @@ pub fn start_tcp_monitor(
         .spawn(move || {
             let mut last: HashMap<usize, Instant> = HashMap::new();
             let mut outside_last: HashMap<IpAddr, Instant> = HashMap::new();
-            let mut retrans_seen = None;
+            // The counter as it stands at start: a first poll that found "moved" would dump
+            // every socket of the host (sock_diag walks the kernel's whole connection hash,
+            // shared by all namespaces: 2-4 ms of CPU), at every start of every daemon.
+            let mut retrans_seen = retransmitted_segments();
             let mut watching = false;
             loop {
                 let fast = watching || engine.traffic.load(Relaxed);
