@@ -577,6 +577,18 @@ pub struct Failover {
     late: u64,
     /// When the last [`Failover::handle_tick`] asked to be called next.
     due: Option<Instant>,
+    /// Each peer's next wake-up ([`Failover::peer_deadline`]), kept between calls of
+    /// [`Failover::poll_timeout`]: an event about one peer recomputes only that peer's
+    /// (issue 11: recomputing every path of every peer after each probe was half of the
+    /// CPU of a hub with 99 idle peers).
+    deadlines: Vec<Option<Instant>>,
+    /// Peers whose deadline must be recomputed.
+    stale: Vec<usize>,
+    /// Every deadline must be recomputed (a tick, a change that concerns all peers).
+    all_stale: bool,
+    /// Calls of [`Failover::poll_timeout`] and peer deadlines they recomputed.
+    polls: u64,
+    deadline_evals: u64,
 }
 
 impl Failover {
@@ -596,6 +608,11 @@ impl Failover {
             grace_until: None,
             late: 0,
             due: None,
+            deadlines: Vec::new(),
+            stale: Vec::new(),
+            all_stale: true,
+            polls: 0,
+            deadline_evals: 0,
         };
         for id in peers {
             f.add_peer(*id, now);
@@ -621,7 +638,20 @@ impl Failover {
             active_until: None,
         });
         self.by_id.insert(id, i);
+        // A new node may be a relay on other peers' paths.
+        self.all_stale = true;
         i
+    }
+
+    /// Peer `peer`'s next wake-up may have moved.
+    fn touch(&mut self, peer: usize) {
+        if self.stale.len() >= self.peers.len() {
+            self.all_stale = true;
+            self.stale.clear();
+        }
+        if !self.all_stale {
+            self.stale.push(peer);
+        }
     }
 
     /// The paths that carry a traffic share of `peer` besides its route (REPLEX): they are
@@ -629,6 +659,7 @@ impl Failover {
     pub fn set_busy(&mut self, peer: usize, paths: Vec<PathId>) {
         if let Some(p) = self.peers.get_mut(peer) {
             p.busy = paths;
+            self.touch(peer);
         }
     }
 
@@ -642,6 +673,7 @@ impl Failover {
     pub fn handle_traffic(&mut self, now: Instant, peer: usize) {
         let hold = self.cfg.traffic_hold;
         let idle_mode = self.idle_mode();
+        self.touch(peer);
         let Some(p) = self.peers.get_mut(peer) else { return };
         let was = p.active_until.is_some_and(|u| now < u);
         p.active_until = Some(p.active_until.map_or(now + hold, |u| u.max(now + hold)));
@@ -677,6 +709,8 @@ impl Failover {
     /// protection, and it no longer serves as a relay for others. It is monitored again
     /// after the next [`Failover::handle_direct_known`].
     pub fn forget(&mut self, now: Instant, peer: usize) {
+        // Other peers lose it as a relay.
+        self.all_stale = true;
         let Some(p) = self.peers.get_mut(peer) else { return };
         if !p.direct_known {
             return;
@@ -732,6 +766,7 @@ impl Failover {
     /// The peer now has an underlay endpoint and keys (a management session came up): the
     /// direct path is monitored from now on, assumed healthy until probes say otherwise.
     pub fn handle_direct_known(&mut self, now: Instant, peer: usize) {
+        self.touch(peer);
         let Some(p) = self.peers.get_mut(peer) else { return };
         if !p.direct_known {
             p.direct_known = true;
@@ -789,6 +824,7 @@ impl Failover {
 
     /// A relay (peer index) reports its direct links.
     pub fn handle_link_report(&mut self, now: Instant, relay: usize, links: &[LinkInfo]) {
+        self.all_stale = true;
         self.links.retain(|(r, _), _| *r != relay);
         for l in links {
             if l.node != self.local {
@@ -806,6 +842,7 @@ impl Failover {
     /// session to the peer yet) is retried after a second instead of `relay_retry`.
     pub fn handle_relay_answer(&mut self, now: Instant, relay: usize, peer: usize, accepted: bool, transient: bool) {
         let Some(relay_id) = self.peers.get(relay).map(|r| r.id) else { return };
+        self.touch(peer);
         let Some(p) = self.peers.get_mut(peer) else { return };
         if accepted {
             p.reasked.remove(&relay);
@@ -833,6 +870,7 @@ impl Failover {
     /// direct path is down now.
     pub fn handle_icmp(&mut self, now: Instant, peer: usize) {
         self.handle_traffic(now, peer);
+        self.touch(peer);
         if let Some(d) = self.peers.get_mut(peer).and_then(|p| p.path_mut(PathId::Direct)) {
             if d.state != PathState::Down {
                 d.state = PathState::Down;
@@ -852,6 +890,7 @@ impl Failover {
         // A stalling connection is traffic: the peer is probed fast from now on.
         self.handle_traffic(now, peer);
         let timeout = self.cfg.check_timeout;
+        self.touch(peer);
         let Some(p) = self.peers.get_mut(peer) else { return };
         if p.check.is_some() || p.path(PathId::Direct).is_none_or(|d| d.state == PathState::Down) {
             return;
@@ -872,6 +911,7 @@ impl Failover {
         if peer >= self.peers.len() {
             return Err(ProbeError::Malformed);
         }
+        self.touch(peer);
         if probe.echo {
             // The RTT sample first: the echo's own reports also cover this probe.
             let rtt_us = self.micros(now).saturating_sub(probe.sent_us).saturating_sub(u64::from(probe.hold_us));
@@ -950,6 +990,8 @@ impl Failover {
         self.late += 1;
         let until = now + self.cfg.down_after.max(lag);
         self.grace_until = Some(self.grace_until.map_or(until, |g| g.max(until)));
+        // Every judgement waits for the grace to end.
+        self.all_stale = true;
     }
 
     /// How many times this node found itself late ([`Failover::handle_late`]).
@@ -963,54 +1005,76 @@ impl Failover {
     /// each monitored peer (once a second). `None` without monitored peers. Between
     /// these, nothing changes unless an event comes in (a probe, an ICMP, a relay answer),
     /// so an idle node wakes only for its probes.
-    pub fn poll_timeout(&self) -> Option<Instant> {
+    pub fn poll_timeout(&mut self) -> Option<Instant> {
+        let n = self.peers.len();
+        self.polls += 1;
+        if self.all_stale || self.deadlines.len() != n {
+            self.deadlines = (0..n).map(|i| self.peer_deadline(i)).collect();
+            self.deadline_evals += n as u64;
+            self.all_stale = false;
+            self.stale.clear();
+        } else {
+            for i in std::mem::take(&mut self.stale) {
+                if i < n {
+                    self.deadlines[i] = self.peer_deadline(i);
+                    self.deadline_evals += 1;
+                }
+            }
+        }
+        let next = self.deadlines.iter().flatten().copied().chain(self.grace_until).min();
+        debug_assert_eq!(next, self.grace_until.into_iter().chain((0..n).filter_map(|i| self.peer_deadline(i))).min(), "a cached deadline went stale");
+        next
+    }
+
+    /// When peer `i` needs [`Failover::handle_tick`] next (see [`Failover::poll_timeout`]);
+    /// `None` for a peer that is not monitored.
+    fn peer_deadline(&self, i: usize) -> Option<Instant> {
         let cfg = &self.cfg;
         let grace = self.grace_until;
-        let mut next: Option<Instant> = grace;
+        let mut next: Option<Instant> = None;
         let mut at = |t: Instant| next = Some(next.map_or(t, |n| n.min(t)));
         // Silence and loss are not judged while this node is late: not before that ends.
         let judged = |t: Instant| grace.map_or(t, |g| t.max(g));
-        for p in &self.peers {
-            if !p.direct_known && p.paths.is_empty() {
-                continue;
+        let p = &self.peers[i];
+        if !p.direct_known && p.paths.is_empty() {
+            return None;
+        }
+        for x in &p.paths {
+            let active = match x.id {
+                PathId::Direct => p.direct_known,
+                PathId::Relay(r) => self.by_id.get(&r).and_then(|ri| p.relays.get(ri)) == Some(&Candidate::Active),
+            };
+            if active {
+                at(next_probe(cfg, self.epoch, p, x));
             }
-            for x in &p.paths {
-                let active = match x.id {
-                    PathId::Direct => p.direct_known,
-                    PathId::Relay(r) => self.by_id.get(&r).and_then(|ri| p.relays.get(ri)) == Some(&Candidate::Active),
-                };
-                if active {
-                    at(next_probe(cfg, self.epoch, p, x));
+            if x.last_sent.is_some() {
+                let allowance = x.allowance();
+                if x.state != PathState::Down {
+                    at(judged(silence_limit(cfg, p.active_until, x) + Duration::from_millis(1)));
                 }
-                if x.last_sent.is_some() {
-                    let allowance = x.allowance();
-                    if x.state != PathState::Down {
-                        at(judged(silence_limit(cfg, p.active_until, x) + Duration::from_millis(1)));
-                    }
-                    if let Some(s) = x.sent.iter().find(|s| !s.resolved) {
-                        at(judged(s.at + allowance + cfg.probe_interval * 4));
-                    }
-                }
-            }
-            if let Some((_, deadline)) = p.check {
-                at(deadline);
-            }
-            if p.route.protect {
-                if let Some(d) = p.path(PathId::Direct).filter(|d| d.state == PathState::Up) {
-                    at(d.state_since + cfg.hold_down);
+                if let Some(s) = x.sent.iter().find(|s| !s.resolved) {
+                    at(judged(s.at + allowance + cfg.probe_interval * 4));
                 }
             }
-            if p.direct_known {
-                match p.last_candidates {
-                    Some(t) => at(next_upkeep(cfg, self.epoch, p, t)),
-                    None => at(self.epoch),
-                }
-                for c in p.relays.values() {
-                    match *c {
-                        Candidate::Requested(t) => at(t + Duration::from_secs(2)),
-                        Candidate::Refused(until) | Candidate::Retry(until) => at(until),
-                        Candidate::Active => {}
-                    }
+        }
+        if let Some((_, deadline)) = p.check {
+            at(deadline);
+        }
+        if p.route.protect {
+            if let Some(d) = p.path(PathId::Direct).filter(|d| d.state == PathState::Up) {
+                at(d.state_since + cfg.hold_down);
+            }
+        }
+        if p.direct_known {
+            match p.last_candidates {
+                Some(t) => at(next_upkeep(cfg, self.epoch, p, t)),
+                None => at(self.epoch),
+            }
+            for c in p.relays.values() {
+                match *c {
+                    Candidate::Requested(t) => at(t + Duration::from_secs(2)),
+                    Candidate::Refused(until) | Candidate::Retry(until) => at(until),
+                    Candidate::Active => {}
                 }
             }
         }
@@ -1033,6 +1097,8 @@ impl Failover {
             }
         }
         self.last_tick = Some(now);
+        // A tick may change any peer.
+        self.all_stale = true;
         if self.grace_until.is_some_and(|g| now >= g) {
             // Over: poll_timeout must not keep returning it.
             self.grace_until = None;
@@ -1987,6 +2053,34 @@ mod tests {
             assert!(relays.iter().all(|v| v.state == PathState::Up), "{relays:?}");
         }
         assert_eq!(net.nodes[0].late_count(), 0);
+    }
+
+    #[test]
+    fn an_event_about_one_peer_recomputes_only_that_peers_wake_up() {
+        // Twenty idle nodes, each ticked only when its poll_timeout asks (the daemon's way);
+        // every 10 ms step asks every node for its next wake-up, after whatever probes and
+        // echoes reached it. The answer comes from the cached deadlines (checked against a
+        // full recomputation in debug builds at every call): only peers an event touched are
+        // recomputed between ticks. Recomputing all was half of an idle hub's CPU with 99
+        // peers (issue 11).
+        let n = 20;
+        let mut net = Net::new(n);
+        net.traffic = false;
+        net.lazy = (0..n).collect();
+        net.run(Duration::from_secs(5));
+        let (polls, evals, ticks) = (net.nodes[0].polls, net.nodes[0].deadline_evals, net.ticks[0]);
+        net.run(Duration::from_secs(10));
+        let polls = net.nodes[0].polls - polls;
+        let evals = net.nodes[0].deadline_evals - evals;
+        let ticks = net.ticks[0] - ticks;
+        let per_poll = evals as f64 / polls as f64;
+        eprintln!("{polls} polls, {ticks} ticks, {evals} peer deadlines recomputed ({per_poll:.2} per poll; all {} peers each time before)", n - 1);
+        // A tick recomputes all peers once; everything else only the peer it concerns.
+        assert!(evals <= ticks * (n as u64 - 1) + polls, "{evals} recomputed over {polls} polls and {ticks} ticks");
+        assert!(per_poll < 3.0, "{per_poll}");
+        for b in 1..n {
+            assert_eq!(net.route(0, b).path, PathId::Direct);
+        }
     }
 
     #[test]
