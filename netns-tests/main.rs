@@ -8,7 +8,7 @@ mod policies;
 mod replex;
 mod scale;
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use lab::{bin, Lab};
 
@@ -260,6 +260,34 @@ fn kill_9_and_restart_leave_no_stale_or_duplicate_kernel_state() {
     ping(&lab, "alice", &lab.host("bob").overlay_v4());
     ping(&lab, "bob", &lab.host("alice").overlay_v6());
     assert!(lab.log("alice").contains("left by an earlier run"));
+}
+
+#[test]
+fn routes_and_rules_removed_by_hand_are_restored_within_seconds() {
+    // The kernel is reconciled when it reports a change (netlink notifications), not on a
+    // timer: an idle daemon does no periodic dumps, and what someone removes comes back
+    // within the 2 s a pass may wait for the previous one (RECONCILE_INTERVAL), long before
+    // the 30 s safety pass.
+    let mut lab = Lab::new(&["alice", "bob"]);
+    lab.write_mesh();
+    lab.start_all();
+    lab.wait_up("alice", &["bob"], UP);
+    std::thread::sleep(Duration::from_secs(3));
+    let before = kernel_state(&lab, "alice");
+    assert!(before.contains("lookup 7720"), "{before}");
+    let routes = lab.ok("alice", "ip route show table 7720");
+    let first = routes.lines().next().expect("a route in detour's table").to_string();
+    lab.ok("alice", &format!("ip route del {first} table 7720; ip rule del lookup 7720; ip -6 rule del lookup 7720"));
+    let gone = kernel_state(&lab, "alice");
+    assert!(!gone.contains("lookup 7720"), "{gone}");
+    let t0 = Instant::now();
+    while kernel_state(&lab, "alice") != before {
+        assert!(t0.elapsed() < Duration::from_secs(5), "not restored after 5 s:\n{}\nwanted:\n{before}", kernel_state(&lab, "alice"));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    eprintln!("restored after {:?}", t0.elapsed());
+    assert!(lab.log("alice").contains("kernel state drifted, repairing"), "{}", lab.log("alice"));
+    ping(&lab, "alice", &lab.host("bob").overlay_v4());
 }
 
 #[test]

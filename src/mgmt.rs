@@ -94,6 +94,11 @@ pub enum Message {
     /// (the link becomes lazy in that direction; the sender still pushes to the receiver
     /// until the receiver prunes too).
     Prune,
+    /// Asks for nothing: sent on a session that has been silent for a while, so that the
+    /// receiver's QUIC acknowledgement (sent within its `max_ack_delay`, RFC 9000 §13.2.1)
+    /// shows the sender that the receiver is alive ([`crate::session::Silence`]). The
+    /// receiver ignores it; older nodes count it as an undecodable frame.
+    Ping,
     /// Records the sender holds, announced instead of pushed on a lazy link: a receiver
     /// that lacks one and does not get it pushed by another neighbour soon asks for it
     /// ([`Message::Want`]), which makes the link eager again (a graft).
@@ -234,6 +239,7 @@ mod tests {
             Message::RelayRequest { a: NodeId([1; 16]), b: NodeId([2; 16]), purpose: crate::policy::Purpose::LastResort },
             Message::RelayResponse { b: NodeId([2; 16]), accepted: false, reason: Some("no path".into()), transient: true },
             Message::RelayRelease { a: NodeId([1; 16]), b: NodeId([2; 16]) },
+            Message::Ping,
             Message::LinkReport { links: vec![Link { node: NodeId([3; 16]), up: true, rtt_ms: Some(1.5), loss: 0.01 }], want: Some(vec![NodeId([4; 16])]) },
         ] {
             let f = Frame { src: NodeId([1; 16]), dst: NodeId([9; 16]), hop_limit: 0, message };

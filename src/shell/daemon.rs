@@ -38,8 +38,17 @@ use crate::shell::sockets;
 use crate::shell::tls::{AllowedKeys, RefusedKeys};
 use crate::shell::traffic;
 
-/// How often the kernel state is checked and repaired.
+/// Shortest time between two reconcile passes started by the kernel's change
+/// notifications ([`Netlink::watch`]): a host whose routes churn (a router with a full BGP
+/// table) costs at most one pass per interval. Without notifications, the kernel is
+/// reconciled this often.
 pub const RECONCILE_INTERVAL: Duration = Duration::from_secs(2);
+/// A pass runs this long after the first notification of a burst, so that one pass covers
+/// the burst.
+pub const RECONCILE_SETTLE: Duration = Duration::from_millis(50);
+/// The kernel is reconciled at least this often even when it reported no change (a lost
+/// notification: the socket's buffer overran).
+pub const RECONCILE_SAFETY: Duration = Duration::from_secs(30);
 
 /// What the daemon's tasks share.
 pub struct Shared {
@@ -246,6 +255,28 @@ async fn underlay_hops(nl: &Netlink, model: &Model, protect: &[Option<Protect>])
         }
     }
     hops
+}
+
+/// Waits for the next notification of a kernel change (and takes the rest of its burst);
+/// `None` when the notifications ended. Never returns without notifications.
+async fn next_change(
+    watch: &mut Option<futures::channel::mpsc::UnboundedReceiver<(netlink_packet_core::NetlinkMessage<netlink_packet_route::RouteNetlinkMessage>, netlink_sys::SocketAddr)>>,
+) -> Option<()> {
+    use futures::StreamExt;
+    let Some(w) = watch else { return std::future::pending().await };
+    w.next().await?;
+    while w.try_recv().is_ok() {}
+    Some(())
+}
+
+/// When the next reconcile pass runs: [`RECONCILE_SETTLE`] after the first change the
+/// kernel reported since the last pass, but not sooner than [`RECONCILE_INTERVAL`] after
+/// it; [`RECONCILE_SAFETY`] after it without a change.
+fn next_pass(last: Instant, changed: Option<Instant>) -> Instant {
+    match changed {
+        Some(t) => (t + RECONCILE_SETTLE).max(last + RECONCILE_INTERVAL),
+        None => last + RECONCILE_SAFETY,
+    }
 }
 
 /// Makes the kernel match the model. `last` is the state desired at the previous call:
@@ -528,15 +559,37 @@ async fn run_inner(identity: &Identity, model: Model, nl: Netlink, listener: tok
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
     let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
-    let mut tick = tokio::time::interval(RECONCILE_INTERVAL);
+    // Reconciled when the kernel reports a change, at most every RECONCILE_INTERVAL; at once
+    // when the model or the protection changes; every RECONCILE_SAFETY in any case. Without
+    // notifications, every RECONCILE_INTERVAL as before.
+    let mut watch = match Netlink::watch() {
+        Ok(w) => Some(w),
+        Err(e) => {
+            tracing::warn!("{e:#}: reconciling the kernel every {} s instead", RECONCILE_INTERVAL.as_secs());
+            None
+        }
+    };
+    let mut last_pass = Instant::now();
+    let mut changed: Option<Instant> = watch.is_none().then_some(last_pass);
     let mut last_links = link_names(&shared.model.read().expect("model"));
     let mut activity = tokio::time::interval(Duration::from_secs(1));
+    let mut silence = tokio::time::interval(peers::SILENCE_CHECK);
+    silence.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             _ = term.recv() => { tracing::info!("SIGTERM: stopping"); break; }
             _ = int.recv() => { tracing::info!("SIGINT: stopping"); break; }
             _ = hup.recv() => tracing::warn!("SIGHUP: configuration reload is not supported; restart detourd to apply changes"),
-            _ = tick.tick() => {
+            ev = next_change(&mut watch) => {
+                if ev.is_none() {
+                    tracing::warn!("kernel change notifications ended: reconciling the kernel every {} s", RECONCILE_INTERVAL.as_secs());
+                    watch = None;
+                }
+                changed.get_or_insert_with(Instant::now);
+            }
+            _ = tokio::time::sleep_until(next_pass(last_pass, changed).into()) => {
+                last_pass = Instant::now();
+                changed = watch.is_none().then_some(last_pass);
                 let protect = engine_shared.protect.lock().expect("protect").clone();
                 let m = shared.model.read().expect("model").clone();
                 // Drift is only reported for links that were there at the last check: an
@@ -551,9 +604,9 @@ async fn run_inner(identity: &Identity, model: Model, nl: Netlink, listener: tok
                 let now = refresh_local_addresses(&nl, &dp, &filter, &old).await;
                 *shared.local_addrs.lock().expect("addrs") = now;
             }
+            _ = silence.tick() => peers::check_silence(&shared, Instant::now()),
             _ = activity.tick() => {
                 peers::check_activity(&shared, Instant::now());
-                peers::check_silence(&shared, Instant::now());
                 if cfg.replex.enabled {
                     account(&shared, &engine_shared, &mut accounting);
                 }

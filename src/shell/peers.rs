@@ -21,7 +21,7 @@ use crate::config::Endpoint;
 use crate::dataplane::{DataCommand, TunHandle};
 use crate::identity::NodeId;
 use crate::mgmt::Message;
-use crate::session::{PeerSession, SessionTimers, Silence, Verdict};
+use crate::session::{Heard, PeerSession, SessionTimers, Silence, Verdict};
 use crate::shell::daemon::{open_tun, Shared};
 use crate::shell::engine::SessionEvent;
 use crate::shell::mnode::OverlayEvent;
@@ -48,6 +48,9 @@ pub const FIRST_DIAL_SPREAD_MAX_MS: u64 = 2_000;
 
 /// The QUIC close code for a session closed because neither side needs it any more.
 pub const CLOSE_IDLE: u32 = 5;
+/// How often [`check_silence`] runs: a poll goes out within this long of the silence
+/// that calls for it, and a dead session is closed within this long of its timeout.
+pub const SILENCE_CHECK: std::time::Duration = std::time::Duration::from_millis(500);
 /// Silence checks ([`check_silence`]) further apart than this mean this node was late.
 pub const SILENCE_LATE: std::time::Duration = std::time::Duration::from_secs(2);
 
@@ -407,6 +410,8 @@ async fn read_messages(peer: usize, conn: quinn::Connection, local: NodeId, peer
         tokio::spawn(async move {
             match tokio::time::timeout(quic::HELLO_TIMEOUT, quic::read_frame(&mut recv)).await {
                 Ok(Ok(f)) if f.src == peer_id && f.dst == local => match f.message {
+                    // Its acknowledgement was the answer.
+                    Message::Ping => {}
                     m @ (Message::Records { .. } | Message::Digest { .. } | Message::Summary { .. } | Message::Want { .. } | Message::IHave { .. } | Message::Prune | Message::Routed { .. }) => {
                         let _ = shared.overlay.send(OverlayEvent::Message { from: peer_id, message: m });
                     }
@@ -511,11 +516,15 @@ pub fn check_activity(shared: &Arc<Shared>, now: Instant) {
     }
 }
 
-/// Ends sessions that received nothing for [`quic::IDLE_TIMEOUT`] (the peer is dead; QUIC's
-/// own idle timer can take twice as long, see [`Silence`]). Called about once a second;
-/// checks more than [`SILENCE_LATE`] apart blame nobody.
+/// Watches every session's receive silence ([`Silence`]): a session whose path the
+/// failover monitors (a configured peer, a link with traffic) is closed after
+/// [`crate::session::WATCHED`]'s timeout; any other is polled with a [`Message::Ping`] when
+/// it falls silent and closed after [`crate::session::UNWATCHED`]'s shorter timeout. QUIC's
+/// own idle timer can take twice as long (see [`Silence`]). Called every
+/// [`SILENCE_CHECK`].
 pub fn check_silence(shared: &Arc<Shared>, now: Instant) {
     let mut silent = Vec::new();
+    let mut poll = Vec::new();
     for (i, p) in shared.peers.lock().expect("peers").iter_mut().enumerate() {
         let Some(c) = &p.conn else {
             if let Some(w) = &mut p.silence {
@@ -523,14 +532,26 @@ pub fn check_silence(shared: &Arc<Shared>, now: Instant) {
             }
             continue;
         };
-        let w = p.silence.get_or_insert_with(|| Silence::new(quic::IDLE_TIMEOUT, SILENCE_LATE));
-        if w.check(now, c.stable_id() as u64, c.stats().udp_rx.datagrams) {
-            w.reset();
-            silent.push((i, c.clone()));
+        let limits = if p.want & (want::CONFIGURED | want::DATA) != 0 { crate::session::WATCHED } else { crate::session::UNWATCHED };
+        let w = p.silence.get_or_insert_with(|| Silence::new(SILENCE_LATE));
+        match w.check(now, c.stable_id() as u64, c.stats().udp_rx.datagrams, limits) {
+            Heard::Recently => {}
+            Heard::Poll => poll.push(c.clone()),
+            Heard::Dead => {
+                w.reset();
+                silent.push((i, c.clone(), limits.timeout));
+            }
         }
     }
-    for (i, c) in silent {
-        tracing::info!("session with {} silent for {} s: closing it", shared.peer_name(i), quic::IDLE_TIMEOUT.as_secs());
+    for c in poll {
+        let Some(peer) = quic::peer_key(&c).map(|k| k.node_id()) else { continue };
+        let frame = crate::mgmt::Frame { src: shared.model.read().expect("model").local, dst: peer, hop_limit: 0, message: Message::Ping };
+        tokio::spawn(async move {
+            let _ = quic::send_frame(&c, &frame).await;
+        });
+    }
+    for (i, c, timeout) in silent {
+        tracing::info!("session with {} silent for {} s: closing it", shared.peer_name(i), timeout.as_secs_f64());
         c.close(quic::close::SILENT.into(), b"silent");
     }
 }

@@ -29,6 +29,8 @@ use crate::wire::{self, SessionSecrets};
 pub const KEEPALIVE: Duration = Duration::from_secs(2);
 /// A session with no traffic (keepalives included) for this long is dead.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(6);
+// The receive-silence watch of a watched session ends it at the same moment.
+const _: () = assert!(IDLE_TIMEOUT.as_millis() == crate::session::WATCHED.timeout.as_millis());
 /// Time an endpoint has to answer a dial (its first handshake flight to arrive), over all
 /// the peer's endpoints: a dial that no endpoint answered in this long has failed.
 pub const DIAL_TIMEOUT: Duration = Duration::from_secs(3);
