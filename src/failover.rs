@@ -494,6 +494,16 @@ enum Candidate {
     Refused(Instant),
 }
 
+/// Standby relay requests (for a path that works: protection set up in advance) a node
+/// makes at once; see [`STANDBY_REQUESTS_PER_S`].
+pub const STANDBY_BURST: f64 = 10.0;
+/// Standby relay requests a node makes per second after its burst. Each request makes the
+/// relay open a session to the peer it does not know yet: a hub with 99 peers asked 198
+/// relays within its first second, 198 handshakes among nodes that were still starting
+/// (issue 11: in the slow starts of 100 nodes, 150-180 relay sessions were set up before
+/// the directories were complete). Requests for a path that failed are never held back.
+pub const STANDBY_REQUESTS_PER_S: f64 = 10.0;
+
 /// The route chosen for a peer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Route {
@@ -526,6 +536,9 @@ struct Peer {
     rank: RelayRank,
     /// Until then the peer carries traffic: its paths are probed at the fast rates.
     active_until: Option<Instant>,
+    /// The peer lacks standby relays and waits for the pace ([`STANDBY_REQUESTS_PER_S`]):
+    /// its relay upkeep runs again then.
+    standby_wait: Option<Instant>,
 }
 
 impl Peer {
@@ -586,6 +599,10 @@ pub struct Failover {
     stale: Vec<usize>,
     /// Every deadline must be recomputed (a tick, a change that concerns all peers).
     all_stale: bool,
+    /// Standby relay requests this node may make now, and when that was last topped up
+    /// ([`STANDBY_REQUESTS_PER_S`]).
+    standby_tokens: f64,
+    standby_at: Instant,
     /// Calls of [`Failover::poll_timeout`] and peer deadlines they recomputed.
     polls: u64,
     deadline_evals: u64,
@@ -611,6 +628,8 @@ impl Failover {
             deadlines: Vec::new(),
             stale: Vec::new(),
             all_stale: true,
+            standby_tokens: STANDBY_BURST,
+            standby_at: now,
             polls: 0,
             deadline_evals: 0,
         };
@@ -636,6 +655,7 @@ impl Failover {
             last_candidates: None,
             changes: 0,
             active_until: None,
+            standby_wait: None,
         });
         self.by_id.insert(id, i);
         // A new node may be a relay on other peers' paths.
@@ -1070,6 +1090,9 @@ impl Failover {
                 Some(t) => at(next_upkeep(cfg, self.epoch, p, t)),
                 None => at(self.epoch),
             }
+            if let Some(w) = p.standby_wait {
+                at(w);
+            }
             for c in p.relays.values() {
                 match *c {
                     Candidate::Requested(t) => at(t + Duration::from_secs(2)),
@@ -1357,9 +1380,11 @@ impl Failover {
         }
         let last = self.peers[peer].last_candidates;
         let urgent = needs_relay && !working;
-        if !urgent && last.is_some_and(|t| now < next_upkeep(&self.cfg, self.epoch, &self.peers[peer], t)) {
+        let waited = self.peers[peer].standby_wait.is_some_and(|w| now >= w);
+        if !urgent && !waited && last.is_some_and(|t| now < next_upkeep(&self.cfg, self.epoch, &self.peers[peer], t)) {
             return;
         }
+        self.peers[peer].standby_wait = None;
         if urgent && last.is_some_and(|t| now < t + Duration::from_millis(500)) {
             return;
         }
@@ -1430,15 +1455,28 @@ impl Failover {
                 }
             }
         }
+        if !urgent {
+            self.standby_tokens = (self.standby_tokens + now.saturating_duration_since(self.standby_at).as_secs_f64() * STANDBY_REQUESTS_PER_S).min(STANDBY_BURST);
+            self.standby_at = now;
+        }
         let p = &self.peers[peer];
         let have = p.relays.values().filter(|c| matches!(c, Candidate::Active | Candidate::Requested(_) | Candidate::Retry(_))).count();
         let mut asks = Vec::new();
+        let ranked_len = ranked.iter().filter(|(_, _, _, r)| !p.relays.contains_key(r)).count();
         for (rank, _, _, r) in ranked {
-            if have + asks.len() >= want {
+            if have + asks.len() >= want || (!urgent && self.standby_tokens < 1.0 + asks.len() as f64) {
                 break;
             }
             if !p.relays.contains_key(&r) {
                 asks.push((r, if rank.commitment == Commitment::LastResort { Purpose::LastResort } else { Purpose::Failover }));
+            }
+        }
+        if !urgent {
+            self.standby_tokens -= asks.len() as f64;
+            if have + asks.len() < want && asks.len() < ranked_len {
+                // Out of requests for now: again when the next one is due.
+                let deficit = (1.0 - self.standby_tokens).max(0.0);
+                self.peers[peer].standby_wait = Some(now + Duration::from_secs_f64(deficit / STANDBY_REQUESTS_PER_S));
             }
         }
         for (r, purpose) in asks {
@@ -2081,6 +2119,36 @@ mod tests {
         for b in 1..n {
             assert_eq!(net.route(0, b).path, PathId::Direct);
         }
+    }
+
+    #[test]
+    fn a_node_with_many_peers_sets_up_standby_relays_gradually_and_a_failed_path_at_once() {
+        // Node 0 monitors 17 idle peers and wants two standby relays for each: 34 requests,
+        // each making a relay open a session to a peer it may not know yet. They go out at
+        // STANDBY_REQUESTS_PER_S after a burst, not in the first second.
+        let n = 18;
+        let mut net = Net::new(n);
+        net.traffic = false;
+        let asked = |net: &Net| net.asked.iter().filter(|(a, _, _)| *a == 0).count();
+        net.run(Duration::from_secs(1));
+        let first = asked(&net);
+        assert!(first as f64 <= STANDBY_BURST + STANDBY_REQUESTS_PER_S * 1.1, "{first} requests in the first second");
+        assert!(first < 2 * (n - 1), "{first} requests in the first second");
+        net.run(Duration::from_secs(4));
+        let all = asked(&net);
+        assert!(all >= 2 * (n - 1), "{all} requests after 5 s: every peer has its standby relays");
+        for b in 1..n {
+            let relays = net.nodes[0].paths(net.pidx(0, b)).into_iter().filter(|v| v.id != PathId::Direct && v.active).count();
+            assert_eq!(relays, 2, "standby relays for node {b}");
+        }
+        // A path that fails asks its relays without waiting for the pace.
+        net.nodes[0].standby_tokens = 0.0;
+        let before = asked(&net);
+        net.cut_both(0, 5);
+        net.run(Duration::from_secs(3));
+        assert!(net.via(0, 5).is_some(), "rerouted through a relay");
+        assert!(asked(&net) >= before, "failover is never held back");
+        eprintln!("{first} standby requests in the first second, {all} after 5 s");
     }
 
     #[test]

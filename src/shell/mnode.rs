@@ -221,6 +221,9 @@ impl Node {
                     }
                 }
             }
+            for id in self.shared.refused.take_recent() {
+                self.core.seek(Instant::now(), id);
+            }
             self.drain().await;
         }
     }

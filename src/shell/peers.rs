@@ -92,8 +92,9 @@ enum PeerEvent {
     Dialed(Option<quinn::Connection>),
     /// The Hello exchange on a connection finished: its keys and the peer's data port.
     Ready { conn: u64, secrets: SessionSecrets, data_port: u16, remote: SocketAddr },
-    /// A connection closed.
-    Closed { conn: u64, reason: String },
+    /// A connection closed; `refused`: the peer refused this node's key (it does not know
+    /// this node yet).
+    Closed { conn: u64, reason: String, refused: bool },
 }
 
 /// Makes room for the peers the model gained.
@@ -336,7 +337,7 @@ async fn supervise(i: usize, shared: Arc<Shared>, mut events: mpsc::UnboundedRec
                                 }
                             }
                             let reason = conn.closed().await;
-                            let _ = tx.send(PeerEvent::Closed { conn: id, reason: reason.to_string() });
+                            let _ = tx.send(PeerEvent::Closed { conn: id, reason: reason.to_string(), refused: quic::refused_by_peer(&reason) });
                         });
                     }
                     Verdict::Refuse => conn.close(quic::close::DUPLICATE.into(), b"duplicate"),
@@ -373,12 +374,18 @@ async fn supervise(i: usize, shared: Arc<Shared>, mut events: mpsc::UnboundedRec
                 tokio::spawn(read_messages(i, c, local, peer_id, shared.clone()));
                 tracing::info!("session with {} up (data endpoint {data})", shared.peer_name(i));
             }
-            PeerEvent::Closed { conn, reason } => {
+            PeerEvent::Closed { conn, reason, refused } => {
                 conns.remove(&conn);
                 let failed = sess.on_closed(now, conn, rand::random());
-                if failed && !configured {
-                    // Refused after the handshake (the peer does not know this node yet) or
-                    // the Hello failed: a chosen neighbour is replaced, as after a failed dial.
+                if failed && refused && !configured {
+                    // The peer does not know this node yet (it chose the peer from a
+                    // directory that reached it first); the peer asks for this node's
+                    // record now (Overlay::seek). Dialled again after the backoff, which
+                    // grows at each refusal; replaced only if it never connects within the
+                    // overlay's patience.
+                    tracing::debug!("{} does not know this node yet: trying again", shared.peer_name(i));
+                } else if failed && !configured {
+                    // The Hello failed: a chosen neighbour is replaced, as after a failed dial.
                     let _ = shared.overlay.send(OverlayEvent::Unreachable { node: peer_id });
                 }
                 if ready == Some(conn) {

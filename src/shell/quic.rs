@@ -271,6 +271,16 @@ pub async fn send_frame_prio(conn: &quinn::Connection, frame: &Frame, urgent: bo
     Ok(())
 }
 
+/// Whether the peer closed the connection because it refused this node's certificate
+/// (TLS alert `access_denied`, which rustls sends for a key the verifier does not admit:
+/// [`crate::shell::tls`]; QUIC carries it as CRYPTO_ERROR 0x100 + alert, RFC 9001 §4.8).
+/// A TLS 1.3 client finishes its handshake before the server checks the client's
+/// certificate, so the refusal arrives as a close of an established connection.
+pub fn refused_by_peer(e: &quinn::ConnectionError) -> bool {
+    const ACCESS_DENIED: u8 = 49;
+    matches!(e, quinn::ConnectionError::ConnectionClosed(c) if c.error_code == quinn_proto::TransportErrorCode::crypto(ACCESS_DENIED))
+}
+
 /// The pinned key the peer presented on an authenticated connection.
 pub fn peer_key(conn: &quinn::Connection) -> Option<PublicKey> {
     let id = conn.peer_identity()?;
@@ -327,12 +337,20 @@ mod tests {
         assert!(refused);
         // The client may see the handshake complete before the server's refusal arrives;
         // either way no session forms on a, which counted the refusal with mallory's key.
+        // When it did, the close says the key was refused (the dialler tries the same peer
+        // again instead of giving up on it).
         if let Ok(conn) = dialled {
-            let _ = conn.closed().await;
+            let reason = conn.closed().await;
+            assert!(refused_by_peer(&reason), "{reason:?}");
         }
         let (n, key) = ma.refused.snapshot();
         assert_eq!(n, 1);
         assert!(key.unwrap().contains(&mallory.public_key().to_string()));
+        // a's overlay is told which dialler to look up, once.
+        assert_eq!(ma.refused.take_recent(), vec![mallory.node_id()]);
+        assert!(ma.refused.take_recent().is_empty());
+        // A connection that timed out or was closed by the application was not refused.
+        assert!(!refused_by_peer(&quinn::ConnectionError::TimedOut));
 
         // a dials mallory while expecting b's key: a refuses the server certificate
         let m_addr = mm.endpoints[0].local_addr().unwrap();
@@ -345,5 +363,7 @@ mod tests {
         let (res, _) = tokio::join!(ma.dial(b.public_key(), &m_addrs), accept_m);
         assert!(res.is_err());
         assert_eq!(ma.refused.snapshot().0, 2);
+        // A server this node refused is not a dialler to look up.
+        assert!(ma.refused.take_recent().is_empty());
     }
 }

@@ -16,7 +16,7 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, Serve
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::{CertificateError, DigitallySignedStruct, DistinguishedName, SignatureScheme};
 
-use crate::identity::{Identity, PublicKey};
+use crate::identity::{Identity, NodeId, PublicKey};
 
 /// ALPN protocol of the management session.
 pub const ALPN: &[u8] = b"detour-mgmt/1";
@@ -25,17 +25,35 @@ pub const ALPN: &[u8] = b"detour-mgmt/1";
 #[derive(Default, Debug)]
 pub struct RefusedKeys {
     inner: Mutex<(u64, Option<String>)>,
+    /// Node IDs of refused keys not yet handed to the overlay ([`RefusedKeys::take_recent`]).
+    recent: Mutex<Vec<NodeId>>,
 }
 
+/// Refused node IDs kept for [`RefusedKeys::take_recent`] at most (a flood of handshakes
+/// with made-up keys cannot grow it).
+const RECENT_REFUSED: usize = 64;
+
 impl RefusedKeys {
-    fn record(&self, key: &str) {
+    fn record(&self, key: &str, node: Option<NodeId>) {
         let mut g = self.inner.lock().expect("refused-keys lock");
         g.0 += 1;
         g.1 = Some(key.to_string());
+        drop(g);
+        if let Some(id) = node {
+            let mut r = self.recent.lock().expect("refused-keys lock");
+            if r.len() < RECENT_REFUSED && !r.contains(&id) {
+                r.push(id);
+            }
+        }
     }
     /// (count, last key presented).
     pub fn snapshot(&self) -> (u64, Option<String>) {
         self.inner.lock().expect("refused-keys lock").clone()
+    }
+    /// The node IDs refused since the last call (at most [`RECENT_REFUSED`]): nodes that
+    /// dialled this one before their record reached it.
+    pub fn take_recent(&self) -> Vec<NodeId> {
+        std::mem::take(&mut *self.recent.lock().expect("refused-keys lock"))
     }
 }
 
@@ -107,7 +125,9 @@ impl Pinned {
             _ => {
                 let who = describe(cert);
                 tracing::warn!("refused management {} presenting key {who}: neither a configured peer nor a node in the directory", self.role);
-                self.refused.record(&who);
+                // A dialler this node does not know yet: the overlay asks for its record.
+                let dialler = if self.role == "client" { cert_key(cert).map(|k| k.node_id()) } else { None };
+                self.refused.record(&who, dialler);
                 Err(rustls::Error::InvalidCertificate(CertificateError::ApplicationVerificationFailure))
             }
         }
