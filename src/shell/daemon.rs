@@ -46,6 +46,10 @@ pub const RECONCILE_INTERVAL: Duration = Duration::from_secs(2);
 /// A pass runs this long after the first notification of a burst, so that one pass covers
 /// the burst.
 pub const RECONCILE_SETTLE: Duration = Duration::from_millis(50);
+/// A change of the model waits this long for others to come with it ([`model_pass_at`]).
+pub const MODEL_SETTLE: Duration = Duration::from_millis(100);
+/// Shortest time between two passes for changes of the model ([`model_pass_at`]).
+pub const MODEL_SPACING: Duration = Duration::from_millis(500);
 /// The kernel is reconciled at least this often even when it reported no change (a lost
 /// notification: the socket's buffer overran).
 pub const RECONCILE_SAFETY: Duration = Duration::from_secs(30);
@@ -277,6 +281,17 @@ fn next_pass(last: Instant, changed: Option<Instant>) -> Instant {
         Some(t) => (t + RECONCILE_SETTLE).max(last + RECONCILE_INTERVAL),
         None => last + RECONCILE_SAFETY,
     }
+}
+
+/// When a change of the model (peers learned from the directory, their interfaces) is
+/// applied to the kernel: [`MODEL_SETTLE`] after the first change, and not sooner than
+/// [`MODEL_SPACING`] after the last such pass. A node learns a hundred nodes in a few
+/// bursts while an overlay starts, and each pass reads the kernel's links, addresses,
+/// routes and rules (about 15 dumps) and clones the model: one pass per record made the
+/// start of 100 nodes on two cores slower for all of them (issue 11). Protection changes
+/// (the failover moving routes) are applied at once.
+fn model_pass_at(last: Instant, changed: Option<Instant>) -> Instant {
+    changed.map_or(last, |t| (t + MODEL_SETTLE).max(last + MODEL_SPACING))
 }
 
 /// Makes the kernel match the model. `last` is the state desired at the previous call:
@@ -571,6 +586,9 @@ async fn run_inner(identity: &Identity, model: Model, nl: Netlink, listener: tok
     };
     let mut last_pass = Instant::now();
     let mut changed: Option<Instant> = watch.is_none().then_some(last_pass);
+    // Changes of the model (nodes learned, links opened) are applied together.
+    let mut model_changed: Option<Instant> = None;
+    let mut last_model_pass = last_pass;
     let mut last_links = link_names(&shared.model.read().expect("model"));
     let mut activity = tokio::time::interval(Duration::from_secs(1));
     let mut silence = tokio::time::interval(peers::SILENCE_CHECK);
@@ -624,7 +642,12 @@ async fn run_inner(identity: &Identity, model: Model, nl: Netlink, listener: tok
                 }
             }
             _ = shared.kernel.notified() => {
+                model_changed.get_or_insert_with(Instant::now);
+            }
+            _ = tokio::time::sleep_until(model_pass_at(last_model_pass, model_changed).into()), if model_changed.is_some() => {
                 // Peers or their interfaces changed.
+                model_changed = None;
+                last_model_pass = Instant::now();
                 let protect = engine_shared.protect.lock().expect("protect").clone();
                 let m = shared.model.read().expect("model").clone();
                 res.links = res.links.union(&link_names(&m)).cloned().collect();
