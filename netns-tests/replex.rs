@@ -134,21 +134,24 @@ iptables -t mangle -A PREROUTING -p tcp --dport 9200 -m connmark --mark 0x3/0x3"
     let relay_realized = mean(tail.iter().map(|s| relay(s, |r| r.2)));
     assert!(relay_target > 0.15 && relay_target < 0.85, "relay target share {relay_target:.3} at the end\n{trace}");
     assert!(relay_realized > 0.1, "relay realized share {relay_realized:.3} at the end\n{trace}");
-    // The measured costs came close: from a factor of more than 5 in the first seconds
-    // (an empty relay path against a filling direct queue; 9.3 and more than 10 in runs
-    // on this box) to within a factor of 2 on the
-    // last 40-second means. The costs are RTTs of nearly full queues (28 Mbit/s offered to
-    // 30 Mbit/s of paths): they swing second by second, and how close they get in 80 s
-    // varies (spreads of 0.39 and 0.51 in two runs of the same commit on a 2-core box). The benchmark, longer, checks
-    // 20 % on 60-second means.
+    // The measured costs came close: from a factor of more than 4 at some second of the
+    // first five (an empty relay path against a filling direct queue) to within a factor
+    // of 2 on the last 40-second means. The start is judged second by second: the kernel
+    // group sends a few flows into the overlay from the first round (weight 2 of 256), and
+    // one 1 MB upload that lands on the relay fills its 10 Mbit/s queue for a second, so
+    // 5-second means of the start were close in some runs (spreads 1.5 and 2.5 against 9
+    // and more than 30 in their first second). The costs are RTTs of nearly full queues
+    // (28 Mbit/s offered to 30 Mbit/s of paths): they swing second by second, and how close
+    // they get in 80 s varies (spreads of 0.39 and 0.51 in two runs of the same commit on a
+    // 2-core box). The benchmark, longer, checks 20 % on 60-second means.
     let cost = |samples: &[Sample], path: &str| mean(samples.iter().flat_map(|s| s.iter().filter(|r| (r.0 == "direct") == (path == "direct")).filter_map(|r| r.3)));
     let spread_of = |samples: &[Sample]| {
         let (d, r) = (cost(samples, "direct"), cost(samples, "relay"));
         (d, r, d.max(r) / d.min(r) - 1.0)
     };
     let (cd, cr, spread) = spread_of(tail);
-    let (_, _, first) = spread_of(&samples[..5]);
-    assert!(first > 4.0, "costs were already close before any share moved (spread {first:.2}): the test's paths are not what it assumes\n{trace}");
+    let first = samples[..5].iter().map(|s| spread_of(std::slice::from_ref(s)).2).fold(0.0, f64::max);
+    assert!(first > 4.0, "costs were close in each of the first five seconds (largest spread {first:.2}): the test's paths are not what it assumes\n{trace}");
     assert!(spread < 1.0, "costs {cd:.1} ms direct, {cr:.1} ms via the relay (spread {spread:.2}, {first:.1} at the start)\n{trace}");
     // More got through than the direct path alone can carry: bob's goodput over the last
     // 30 s.
