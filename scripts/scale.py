@@ -191,12 +191,16 @@ def ping_pairs(pairs):
 
 
 def send_messages(pairs, count):
-    """Each pair sends COUNT messages 50 ms apart through the sender's local API."""
+    """Each pair sends COUNT messages 50 ms apart through the sender's local API. The
+    probes start 2 s after they are launched, all at once: the first messages of the first
+    probes went out while the others were still starting their interpreters (20 Python
+    start-ups on two cores), and the slowest of them set the p99."""
     procs = []
     probe = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "netns-tests", "helpers", "mgmtprobe.py")
+    env = dict(os.environ, PROBE_START=str(time.time() + 2.0))
     for a, b in pairs:
         cmd = ["ip", "netns", "exec", ns(a), "python3", probe, "7722", f"n{b}", str(count), "0.05"]
-        procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True))
+        procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env))
     sent, delivered, lat = 0, 0, []
     for p in procs:
         out, _ = p.communicate()

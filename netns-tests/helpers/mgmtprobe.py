@@ -4,7 +4,11 @@ apart, and reports each message's delivery time (from the send to the end-to-end
 acknowledgement) as JSON: {"sent", "delivered", "failed", "latencies_ms"}.
 
 usage: mgmtprobe.py PORT DEST COUNT INTERVAL [CRITICAL]
+
+With PROBE_START (unix seconds) in the environment, the first message goes out then: probes
+started together (scripts/scale.py starts 20 at once) do not measure each other's start.
 """
+import os
 import json
 import select
 import socket
@@ -19,6 +23,9 @@ kind = 1 if len(dest) == 16 else 2
 s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
 s.connect(("127.0.0.1", port))
 sent_at, lat, failed = {}, {}, 0
+start = float(os.environ.get("PROBE_START", "0"))
+if start > time.time():
+    time.sleep(start - time.time())
 t_next = time.monotonic()
 deadline = None
 tag = 0
