@@ -91,7 +91,7 @@ pub const GRAFT_AFTER: Duration = Duration::from_millis(500);
 /// contact, turning links eager and lazy in a loop: 100 nodes starting together on two
 /// cores converged in 3.2-4.6 s in 12 of 18 runs and in 5.7-8.7 s in the rest (700-1,070
 /// handshakes and 1,100-3,000 grafts until then, against about 230 and 100); with the
-/// wait, 3.4-4.3 s in 6 of 6 (issue 11).
+/// wait, 3.4-4.3 s in 10 of 10 (issue 11).
 pub const FIRST_CHOICE_SETTLE: Duration = Duration::from_millis(500);
 /// The longest a first neighbour choice waits after the node's first session.
 pub const FIRST_CHOICE_MAX: Duration = Duration::from_secs(4);
