@@ -556,10 +556,10 @@ impl Overlay {
 
     /// A management session with `id` is up.
     pub fn session_up(&mut self, now: Instant, id: NodeId, configured: bool) {
-        self.first_session.get_or_insert(now);
         if id == self.local {
             return;
         }
+        self.first_session.get_or_insert(now);
         // A new link starts eager (it is pruned when its pushes bring nothing new).
         self.lazy.remove(&id);
         self.sessions.insert(id, Session { configured, usable: true, unusable_since: None });
@@ -976,8 +976,9 @@ impl Overlay {
 
     /// When [`Overlay::tick`] has something to do: records to pass on (within 100 ms), a
     /// message's retransmission, a publication that waits for its debounce or its refresh,
-    /// anti-entropy (every 5 s), neighbour choice (every second, and at the next tick after
-    /// a chosen neighbour was lost) and expiry (every 10 s).
+    /// anti-entropy (every 5 s), neighbour choice (every second, at the next tick after a
+    /// chosen neighbour was lost, and when a first choice deferred by
+    /// [`FIRST_CHOICE_SETTLE`] is due) and expiry (every 10 s).
     /// An idle node is woken about once a second.
     pub fn poll_timeout(&self) -> Instant {
         let mut next = if self.choose_soon { self.last_tick } else { self.last_sample + Duration::from_secs(1) };
