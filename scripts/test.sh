@@ -14,6 +14,14 @@ for ns in $(ip netns list 2>/dev/null | awk '{print $1}' | grep '^dtt' || true);
   ip netns del "$ns" 2>/dev/null || true
 done
 
+echo "== code checks: format, lints, documentation links"
+if ! cargo fmt --version >/dev/null 2>&1 || ! cargo clippy --version >/dev/null 2>&1; then
+  command -v rustup >/dev/null && rustup component add rustfmt clippy
+fi
+cargo fmt --all --check
+cargo clippy --all-targets --quiet -- -D warnings
+RUSTDOCFLAGS="-D warnings -D rustdoc::broken_intra_doc_links" cargo doc --no-deps --quiet
+
 echo "== unit and property tests"
 cargo test --lib --bins
 cargo test --doc

@@ -290,7 +290,7 @@ fn next_pass(last: Instant, changed: Option<Instant>) -> Instant {
 /// routes and rules (about 15 dumps) and clones the model: one pass per record made the
 /// start of 100 nodes on two cores slower for all of them (issue 11). Protection changes
 /// (the failover moving routes) are applied at once.
-fn model_pass_at(last: Instant, changed: Option<Instant>) -> Instant {
+pub fn model_pass_at(last: Instant, changed: Option<Instant>) -> Instant {
     changed.map_or(last, |t| (t + MODEL_SETTLE).max(last + MODEL_SPACING))
 }
 

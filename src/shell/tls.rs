@@ -31,7 +31,7 @@ pub struct RefusedKeys {
 
 /// Refused node IDs kept for [`RefusedKeys::take_recent`] at most (a flood of handshakes
 /// with made-up keys cannot grow it).
-const RECENT_REFUSED: usize = 64;
+pub const RECENT_REFUSED: usize = 64;
 
 impl RefusedKeys {
     fn record(&self, key: &str, node: Option<NodeId>) {
