@@ -248,6 +248,23 @@ ip -n {ns} link set lan0 up
         }
     }
 
+    /// Waits (at most `timeout`) for detourd on `name` to exit by itself; its exit status.
+    pub fn wait_exit(&mut self, name: &str, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let i = self.idx(name);
+        let deadline = Instant::now() + timeout;
+        let child = self.daemons[i].as_mut()?;
+        loop {
+            if let Ok(Some(st)) = child.try_wait() {
+                self.daemons[i] = None;
+                return Some(st);
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     pub fn kill9(&mut self, name: &str) {
         let i = self.idx(name);
         if let Some(mut child) = self.daemons[i].take() {

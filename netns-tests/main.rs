@@ -311,6 +311,42 @@ fn stop_removes_every_interface_route_rule_and_netfilter_rule() {
     assert!(!o.ok && o.stderr.contains("not running"), "{}", o.stderr);
 }
 
+/// What detour leaves on a host after it stopped (empty when it cleaned up).
+fn leftovers(lab: &Lab, name: &str) -> String {
+    lab.ok(
+        name,
+        "ip -o link show type tun; ip rule | grep -E '7720|proto 157' || true; ip -6 rule | grep -E '7720|proto 157' || true; \
+         ip route show table 7720; ip -6 route show table 7720; ip route show proto 157; ip -6 route show proto 157; \
+         (iptables-save; ip6tables-save) 2>/dev/null | grep -i detour || true",
+    )
+}
+
+#[test]
+fn a_panic_in_the_data_thread_or_a_task_stops_detourd_non_zero_with_the_reason() {
+    // Supervision: a part that panics takes the daemon down (so that systemd's
+    // Restart=on-failure restarts it) instead of leaving a node that looks healthy; the
+    // host is cleaned as at a normal stop. The panics come from the test-only hook
+    // DETOURD_TEST_PANIC.
+    let mut lab = Lab::new(&["alice", "bob"]);
+    lab.write_mesh();
+    lab.start("bob");
+    for (part, words) in [("data", "the data thread panics on purpose"), ("engine", "the failover engine panics on purpose"), ("overlay", "the management overlay panics on purpose")] {
+        let before = lab.log("alice").len();
+        lab.start_with_env("alice", &[("DETOURD_TEST_PANIC", &format!("{part}:2500"))]);
+        lab.wait_up("alice", &["bob"], UP);
+        let st = lab.wait_exit("alice", Duration::from_secs(15)).unwrap_or_else(|| panic!("{part}: detourd still runs after the panic:\n{}", lab.log("alice")));
+        let log = lab.log("alice")[before..].to_string();
+        assert!(!st.success(), "{part}: detourd exited with success after a panic:\n{log}");
+        assert!(log.contains(words) && log.contains("panicked") && log.contains("stopping:"), "{part}: the reason is not in the log:\n{log}");
+        let left = leftovers(&lab, "alice");
+        assert_eq!(left.trim(), "", "{part}: left behind after the panic:\n{left}");
+    }
+    // A normal start afterwards works.
+    lab.start("alice");
+    lab.wait_up("alice", &["bob"], UP);
+    ping(&lab, "alice", &lab.host("bob").overlay_v4());
+}
+
 #[test]
 fn path_mtu_discovery_works_through_the_overlay() {
     let mut lab = Lab::new(&["alice", "bob", "carol"]);

@@ -35,6 +35,7 @@ use crate::shell::peers::{self, want, PeerInfo};
 use crate::shell::priority;
 use crate::shell::quic::{self, Management};
 use crate::shell::sockets;
+use crate::shell::supervise::{self, Health};
 use crate::shell::tls::{AllowedKeys, RefusedKeys};
 use crate::shell::traffic;
 
@@ -98,6 +99,8 @@ pub struct Shared {
     pub local_addrs: Mutex<HashSet<IpAddr>>,
     /// Becomes true at shutdown.
     pub shutdown: watch::Receiver<bool>,
+    /// Progress and fatal failures of the daemon's parts.
+    pub health: Arc<Health>,
 }
 
 /// Completed management handshakes: the total and those of the last minute (a node
@@ -434,9 +437,13 @@ async fn run_inner(identity: &Identity, model: Model, nl: Netlink, listener: tok
     }
 
     let start = Instant::now();
+    // From here on, a panic anywhere (a task, the data thread, the ICMP threads) stops the
+    // daemon with a non-zero exit after the usual clean-up.
+    let health = Arc::new(Health::new(start));
+    supervise::install_panic_hook(health.clone());
     let spec = model.dataplane_spec();
     let (data_tx, data_rx) = mpsc::channel(EVENT_QUEUE);
-    let dp = Arc::new(DataPath::start(DataPathSetup { spec, tuns, mtus, sockets: data_socks, start, events: data_tx })?);
+    let dp = Arc::new(DataPath::start(DataPathSetup { spec, tuns, mtus, sockets: data_socks, start, events: data_tx, health: health.clone() })?);
     res.datapath = Some(dp.clone());
     let mut last_desired: Option<DesiredState> = None;
     reconcile(&nl, &model, &[], true, &mut last_desired).await?;
@@ -446,7 +453,7 @@ async fn run_inner(identity: &Identity, model: Model, nl: Netlink, listener: tok
     for net in &cfg.node.networks {
         filter.write().expect("filter").behind.insert(*net, ());
     }
-    let engine_shared = Arc::new(EngineShared::default());
+    let engine_shared = Arc::new(EngineShared { health: health.clone(), ..Default::default() });
     let icmp_counters = Arc::new(IcmpCounters::default());
     let (alarm_tx, alarm_rx) = mpsc::unbounded_channel();
     let mut icmp_active = false;
@@ -514,25 +521,34 @@ async fn run_inner(identity: &Identity, model: Model, nl: Netlink, listener: tok
         handshakes: Mutex::new(Handshakes::default()),
         local_addrs: Mutex::new(local_addrs),
         shutdown: shutdown_rx.clone(),
+        health: health.clone(),
     });
     drop(model);
 
-    let mut tasks = Vec::new();
+    // The long-running tasks: one that ends before shutdown (or panics) stops the daemon.
+    let mut tasks: tokio::task::JoinSet<&'static str> = tokio::task::JoinSet::new();
     let (needs_tx, mut needs_rx) = mpsc::unbounded_channel();
     let engine = Engine::new(shared.model.clone(), dp.clone(), filter.clone(), engine_shared.clone(), needs_tx, shared.overlay.clone(), rand::random(), Instant::now());
-    let engine_task = tokio::spawn(engine.run(session_rx, data_rx, alarm_rx, engine_refresh_rx, shutdown_rx.clone()));
+    let mut engine_task = tokio::spawn(engine.run(session_rx, data_rx, alarm_rx, engine_refresh_rx, shutdown_rx.clone()));
     drop(alarm_tx);
     let node = mnode::Node::new(shared.clone(), identity.clone(), api_socks);
-    tasks.push(tokio::spawn(node.run(overlay_rx, overlay_refresh_rx)));
+    tasks.spawn(async move {
+        node.run(overlay_rx, overlay_refresh_rx).await;
+        "the management overlay task"
+    });
     peers::grow(&shared);
     for i in 0..cfg.peers.len() {
         peers::set_want(&shared, i, want::CONFIGURED, true);
     }
     for ep in &mgmt.endpoints {
-        tasks.push(tokio::spawn(peers::accept_loop(shared.clone(), ep.clone())));
+        let accept = peers::accept_loop(shared.clone(), ep.clone());
+        tasks.spawn(async move {
+            accept.await;
+            "a management accept loop"
+        });
     }
     let handler_shared = shared.clone();
-    tasks.push(tokio::spawn(control::serve(
+    let serve = control::serve(
         listener,
         Arc::new(move |req| {
             let shared = handler_shared.clone();
@@ -541,11 +557,15 @@ async fn run_inner(identity: &Identity, model: Model, nl: Netlink, listener: tok
                 handle(&shared, req)
             })
         }),
-    )));
+    );
+    tasks.spawn(async move {
+        serve.await;
+        "the control socket server"
+    });
     if let Some(addr) = cfg.node.metrics_listen {
         let metrics_shared = shared.clone();
         let l = crate::shell::metrics::bind(addr).await?;
-        tasks.push(tokio::spawn(crate::shell::metrics::serve(
+        let serve = crate::shell::metrics::serve(
             l,
             Arc::new(move || {
                 let shared = metrics_shared.clone();
@@ -554,7 +574,11 @@ async fn run_inner(identity: &Identity, model: Model, nl: Netlink, listener: tok
                     crate::ctl::render_metrics(&status(&shared), &paths(&shared))
                 })
             }),
-        )));
+        );
+        tasks.spawn(async move {
+            serve.await;
+            "the metrics server"
+        });
     }
 
     tracing::info!(
@@ -593,9 +617,26 @@ async fn run_inner(identity: &Identity, model: Model, nl: Netlink, listener: tok
     let mut activity = tokio::time::interval(Duration::from_secs(1));
     let mut silence = tokio::time::interval(peers::SILENCE_CHECK);
     silence.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut fatal: Option<String> = None;
+    let mut stalled_logged = false;
     loop {
         tokio::select! {
             _ = term.recv() => { tracing::info!("SIGTERM: stopping"); break; }
+            reason = health.failed() => { fatal = Some(reason); break; }
+            r = &mut engine_task => {
+                fatal = Some(match r {
+                    Ok(()) => "the failover engine stopped".to_string(),
+                    Err(e) => format!("the failover engine failed: {e}"),
+                });
+                break;
+            }
+            Some(r) = tasks.join_next() => {
+                fatal = Some(match r {
+                    Ok(name) => format!("{name} stopped"),
+                    Err(e) => format!("a task failed: {e}"),
+                });
+                break;
+            }
             _ = int.recv() => { tracing::info!("SIGINT: stopping"); break; }
             _ = hup.recv() => tracing::warn!("SIGHUP: configuration reload is not supported; restart detourd to apply changes"),
             ev = next_change(&mut watch) => {
@@ -655,26 +696,44 @@ async fn run_inner(identity: &Identity, model: Model, nl: Netlink, listener: tok
                     tracing::warn!("reconcile: {e:#}");
                 }
             }
-            _ = wd.tick(), if watchdog => { let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Watchdog]); }
+            _ = wd.tick(), if watchdog => {
+                // Fed only while every part makes progress: a hung engine or data thread
+                // lets systemd's watchdog restart the daemon.
+                let stalled = health.stalled(Instant::now());
+                if stalled.is_empty() {
+                    stalled_logged = false;
+                    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Watchdog]);
+                } else if !stalled_logged {
+                    stalled_logged = true;
+                    let names: Vec<&str> = stalled.iter().map(|p| p.as_str()).collect();
+                    tracing::error!("no progress for {} s in: {}; the watchdog is not fed", supervise::STALL.as_secs(), names.join(", "));
+                }
+            }
         }
     }
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
     let _ = shutdown_tx.send(true);
+    if let Some(reason) = &fatal {
+        tracing::error!("stopping: {reason}");
+    }
     // Let the engine release its relay sessions before the sessions close.
-    let _ = tokio::time::timeout(Duration::from_millis(200), engine_task).await;
+    if !engine_task.is_finished() {
+        let _ = tokio::time::timeout(Duration::from_millis(200), engine_task).await;
+    }
     for ep in &mgmt.endpoints {
         ep.close(quic::close::SHUTDOWN.into(), b"shutdown");
     }
     for ep in &mgmt.endpoints {
         let _ = tokio::time::timeout(Duration::from_millis(500), ep.wait_idle()).await;
     }
-    for t in tasks {
-        t.abort();
-    }
+    tasks.abort_all();
     res.links = link_names(&shared.model.read().expect("model"));
     drop(shared);
     drop(mgmt);
-    Ok(())
+    match fatal {
+        Some(reason) => Err(anyhow!("{reason}")),
+        None => Ok(()),
+    }
 }
 
 /// Keeps the accounting rules in step with the REPLEX splits and hands the kernel's direct

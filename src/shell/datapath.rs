@@ -19,7 +19,7 @@ use std::net::{IpAddr, SocketAddr, UdpSocket as StdUdpSocket};
 use std::rc::Rc;
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Context, Result};
 use quinn_udp::{RecvMeta, Transmit, UdpSocketState};
@@ -29,6 +29,7 @@ use tokio::sync::mpsc;
 use tun_rs::{AsyncDevice, GROTable, SyncDevice, VIRTIO_NET_HDR_LEN};
 
 use crate::dataplane::{DataCommand, DataPlaneSpec, DropReason, NodeCounters, Rx, RxState, Tun, TxAction, TxState};
+use crate::shell::supervise::{self, Health, Part};
 use crate::wire::{HEADER_LEN, OVERHEAD, TAG_LEN};
 
 /// Largest UDP payload in one GSO send (bytes), below the 64 KiB IP limit.
@@ -106,6 +107,8 @@ pub struct DataPathSetup {
     pub start: Instant,
     /// Where probe packets and session requests go.
     pub events: mpsc::Sender<DataEvent>,
+    /// Where the data thread reports its progress (at least once a second).
+    pub health: Arc<Health>,
 }
 
 /// Handle to the running data path.
@@ -121,13 +124,14 @@ impl DataPath {
     /// # Errors
     /// If the runtime cannot be built or a device or socket cannot be registered.
     pub fn start(setup: DataPathSetup) -> Result<DataPath> {
-        let DataPathSetup { spec, tuns, mtus, sockets, start, events } = setup;
+        let DataPathSetup { spec, tuns, mtus, sockets, start, events, health } = setup;
         if tuns.is_empty() || tuns.len() > spec.peers.len() + 1 || mtus.len() != tuns.len() {
             return Err(anyhow!("internal: {} TUNs for {} peers", tuns.len(), spec.peers.len()));
         }
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let (cmd, cmds) = mpsc::unbounded_channel();
-        let thread = std::thread::Builder::new().name("detour-data".into()).spawn(move || data_thread(spec, tuns, mtus, sockets, cmds, ready_tx, start, events)).context("starting the data thread")?;
+        let thread =
+            std::thread::Builder::new().name("detour-data".into()).spawn(move || data_thread(spec, tuns, mtus, sockets, cmds, ready_tx, start, events, health)).context("starting the data thread")?;
         match ready_rx.recv() {
             Ok(Ok(())) => Ok(DataPath { cmds: cmd, thread }),
             Ok(Err(e)) => Err(anyhow!(e)),
@@ -260,6 +264,7 @@ fn data_thread(
     ready: std::sync::mpsc::Sender<Result<(), String>>,
     start: Instant,
     events: mpsc::Sender<DataEvent>,
+    health: Arc<Health>,
 ) {
     let rt = match runtime() {
         Ok(rt) => rt,
@@ -310,7 +315,21 @@ fn data_thread(
         let _ = ready.send(Ok(()));
         let mut out = Out::new(socks, spec.node.clone());
         let mut buf = vec![0u8; 2048];
-        while let Some(cmd) = cmds.recv().await {
+        let mut beat = tokio::time::interval(Duration::from_secs(1));
+        let test_panic = supervise::panic_after(Part::Data, supervise::test_panic_after(Part::Data));
+        tokio::pin!(test_panic);
+        loop {
+            let cmd = tokio::select! {
+                cmd = cmds.recv() => match cmd {
+                    Some(cmd) => cmd,
+                    None => break,
+                },
+                _ = beat.tick() => {
+                    health.beat(Part::Data);
+                    continue;
+                }
+                _ = &mut test_panic => continue,
+            };
             match &cmd {
                 DataCommand::SendControl { peer, to, payload } => {
                     if buf.len() < payload.len() + OVERHEAD {

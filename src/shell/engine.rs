@@ -21,6 +21,7 @@ use crate::shell::datapath::{DataEvent, DataPath};
 use crate::shell::intercept::Alarm;
 use crate::shell::mnode::{unix_now, OverlayEvent};
 use crate::shell::quic;
+use crate::shell::supervise::{self, Part};
 
 /// A session the engine needs opened (or no longer needs).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -205,6 +206,8 @@ pub struct EngineShared {
     /// Some peer carries traffic (set at the first sign of it, recomputed every second):
     /// the TCP monitor polls at its fast rate only then.
     pub traffic: std::sync::atomic::AtomicBool,
+    /// Progress and fatal failures of the daemon's parts (the engine reports its own).
+    pub health: Arc<crate::shell::supervise::Health>,
 }
 
 /// REPLEX state of one peer.
@@ -367,7 +370,10 @@ impl Engine {
     ) {
         let replex = self.model.read().expect("model").cfg.replex.enabled;
         let mut last_tick = Instant::now();
+        let test_panic = supervise::panic_after(Part::Engine, supervise::test_panic_after(Part::Engine));
+        tokio::pin!(test_panic);
         loop {
+            self.shared.health.beat(Part::Engine);
             // Woken when the core asks (its next probe, deadline or upkeep), for the link
             // reports once a second, and every TICK while REPLEX runs; never in a busy loop.
             let mut wake = self.core.poll_timeout().unwrap_or(last_tick + LINK_REPORT_EVERY).min(self.last_report + LINK_REPORT_EVERY);
@@ -380,6 +386,7 @@ impl Engine {
                     self.release_all();
                     return;
                 }
+                _ = &mut test_panic => {}
                 Some(ev) = sessions.recv() => self.on_session(ev),
                 Some(done) = refresh.recv() => {
                     // Status is built when someone asks (detourctl, a metrics scrape), never

@@ -21,6 +21,7 @@ use crate::overlay::{Out, Overlay, OverlayConfig, OwnInfo, RegisterError};
 use crate::shell::daemon::Shared;
 use crate::shell::peers::{self, want};
 use crate::shell::quic;
+use crate::shell::supervise::{self, Part};
 
 /// Shortest sleep between two ticks of the core.
 const MIN_WAKE: Duration = Duration::from_millis(5);
@@ -199,13 +200,17 @@ impl Node {
             });
         }
         drop(api_tx);
+        let test_panic = supervise::panic_after(Part::Overlay, supervise::test_panic_after(Part::Overlay));
+        tokio::pin!(test_panic);
         loop {
+            self.shared.health.beat(Part::Overlay);
             // Woken when the core asks (about once a second while idle; within 100 ms for
             // records to pass on and retransmissions), and every 2 s to refresh what this
             // node publishes about itself.
             let wake = self.core.poll_timeout().min(self.last_info + Duration::from_secs(2)).max(Instant::now() + MIN_WAKE);
             tokio::select! {
                 _ = shutdown.changed() => return,
+                _ = &mut test_panic => {}
                 Some(ev) = events.recv() => self.on_event(ev),
                 Some(done) = refresh.recv() => {
                     self.publish_view(Instant::now());

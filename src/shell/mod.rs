@@ -17,5 +17,6 @@ pub mod priority;
 pub mod quic;
 pub mod sockdiag;
 pub mod sockets;
+pub mod supervise;
 pub mod tls;
 pub mod traffic;
