@@ -374,3 +374,82 @@ fn idle_peers_are_probed_slowly_and_traffic_on_either_path_makes_them_fast() {
     assert_eq!(Lab::peer(&st, "bob")["path"], "direct", "{st}");
     assert_eq!(Lab::peer(&st, "bob")["route_changes"], 0, "changing the probe rate moved no traffic");
 }
+
+/// A directory whose `iptables*` programs are the legacy (xtables) backend, which
+/// serializes every change on `/run/xtables.lock` (the nft backend this machine defaults
+/// to ignores that lock), for `PATH`.
+fn legacy_iptables(lab: &Lab) -> String {
+    let dir = lab.dir.path().join("legacy-bin");
+    std::fs::create_dir_all(&dir).unwrap();
+    for (name, target) in [
+        ("iptables", "iptables-legacy"),
+        ("ip6tables", "ip6tables-legacy"),
+        ("iptables-save", "iptables-legacy-save"),
+        ("ip6tables-save", "ip6tables-legacy-save"),
+        ("iptables-restore", "iptables-legacy-restore"),
+        ("ip6tables-restore", "ip6tables-legacy-restore"),
+    ] {
+        let link = dir.join(name);
+        let _ = std::fs::remove_file(&link);
+        std::os::unix::fs::symlink(format!("/usr/sbin/{target}"), &link).unwrap();
+    }
+    format!("{}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", dir.display())
+}
+
+#[test]
+fn a_held_xtables_lock_stalls_no_session_probe_or_failover() {
+    // Another program (docker, kube-proxy, firewalld) holds the xtables lock for 10 s while
+    // REPLEX's accounting wants to run iptables every second: the control loop must not
+    // wait for it. Management sessions stay up (no new handshake), probes keep flowing,
+    // and a silent cut made during it is repaired through the relay.
+    let mut lab = Lab::new(&["alice", "bob", "carol"]);
+    let path = legacy_iptables(&lab);
+    let names = ["alice", "bob", "carol"];
+    for h in names {
+        let mut text = lab.node_section(h, "");
+        for p in names.iter().filter(|p| **p != h) {
+            text += &lab.peer_section(p, None, "");
+        }
+        if h == "alice" {
+            text += "\n[replex]\nenabled = true\n";
+        }
+        lab.write_config(h, &text);
+    }
+    for h in names {
+        lab.start_with_env(h, &[("PATH", &path)]);
+    }
+    for n in names {
+        let others: Vec<&str> = names.iter().copied().filter(|x| *x != n).collect();
+        lab.wait_up(n, &others, UP);
+    }
+    wait_relays_ready(&lab, "alice", "bob");
+    // Premise: alice's REPLEX accounting rules are in the legacy tables (it reads and
+    // changes them there), and the lock really stops a legacy iptables.
+    wait_until("accounting rules for bob", Duration::from_secs(10), || lab.sh(&lab.host("alice").ns, &format!("PATH={path} iptables-save -t mangle")).stdout.contains("-A DETOUR-ACCT -d"));
+    let mut lock = Command::new("flock").args(["/run/xtables.lock", "sleep", "10"]).spawn().expect("flock");
+    let t_lock = Instant::now();
+    std::thread::sleep(Duration::from_millis(200));
+    let blocked = lab.sh(&lab.host("alice").ns, &format!("PATH={path} iptables -w 1 -t mangle -L DETOUR-ACCT -n"));
+    assert!(!blocked.ok && blocked.stderr.contains("xtables lock"), "the lock does not stop iptables: {}{}", blocked.stdout, blocked.stderr);
+    let handshakes = lab.status("alice")["management_handshakes"].as_u64().unwrap();
+    let (probes0, _) = probing(&lab, "alice", "bob");
+    std::thread::sleep(Duration::from_secs(2));
+    let (probes1, _) = probing(&lab, "alice", "bob");
+    assert!(probes1 > probes0, "no probes to bob while the lock is held");
+    // A silent cut while the lock is still held: rerouted through carol.
+    cut(&lab, "alice", "bob", true);
+    let took = wait_until("alice reroutes bob through carol", Duration::from_secs(4), || route(&lab, "alice", "bob")["path"] == "via carol");
+    let bob = lab.host("bob").underlay_v4();
+    lab.ok("alice", &format!("ping -c 3 -i 0.1 -W 2 {bob}"));
+    let st = lab.status("alice");
+    for p in ["bob", "carol"] {
+        assert_eq!(Lab::peer(&st, p)["state"], "up", "{p}: {st}");
+    }
+    assert!(t_lock.elapsed() < Duration::from_secs(10), "the checks outlasted the lock ({:?})", t_lock.elapsed());
+    println!("xtables lock held: probes {probes0} -> {probes1} bytes in 2 s, reroute after {took:?}");
+    let _ = lock.wait();
+    std::thread::sleep(Duration::from_secs(1));
+    let st = lab.status("alice");
+    assert_eq!(st["management_handshakes"].as_u64().unwrap(), handshakes, "management sessions were set up again: {st}");
+    assert!(!lab.log("alice").contains("panicked"), "{}", lab.log("alice"));
+}

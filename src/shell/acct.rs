@@ -94,72 +94,141 @@ impl Accounting {
         ]
     }
 
+    /// The `iptables-restore --noflush` input that turns the rules of family `v6` from
+    /// `old` into `new`: `-D` for the destinations gone, `-A` for the new ones; `None`
+    /// when nothing changes in that family. The destinations kept keep their counters and
+    /// their pins without a gap.
+    pub fn diff_script(&self, old: &[Rule], new: &[Rule], v6: bool) -> Option<String> {
+        let mut lines = Vec::new();
+        for r in old.iter().filter(|r| r.dst.addr().is_ipv6() == v6 && !new.contains(r)) {
+            lines.extend(self.specs(r).into_iter().map(|(_, spec)| format!("-D {}", spec.join(" "))));
+        }
+        for r in new.iter().filter(|r| r.dst.addr().is_ipv6() == v6 && !old.contains(r)) {
+            lines.extend(self.specs(r).into_iter().map(|(_, spec)| format!("-A {}", spec.join(" "))));
+        }
+        (!lines.is_empty()).then(|| format!("*mangle\n{}\nCOMMIT\n", lines.join("\n")))
+    }
+
+    /// The input that rebuilds both chains of family `v6` with exactly `rules` (after
+    /// someone changed them by hand, so that a `-D` no longer matched).
+    pub fn rebuild_script(&self, rules: &[Rule], v6: bool) -> String {
+        let mut s = format!("*mangle\n-F {CHAIN}\n-F {PIN_CHAIN}\n");
+        for r in rules.iter().filter(|r| r.dst.addr().is_ipv6() == v6) {
+            for (_, spec) in self.specs(r) {
+                s += &format!("-A {}\n", spec.join(" "));
+            }
+        }
+        s + "COMMIT\n"
+    }
+
     /// Makes the chains hold exactly the rules of `rules`, changing only the destinations
-    /// that changed: the others keep their counters, and their pins are restored without
-    /// a gap.
+    /// that changed, in one atomic `iptables-restore` per family (rebuilding the chains
+    /// when the change does not apply). Blocks for as long as iptables waits for its lock:
+    /// run it on the accounting thread ([`Worker`]), never on the control loop.
     ///
     /// # Errors
-    /// iptables failures (what failed is retried at the next call).
+    /// iptables failures (the change is tried again at the next call).
     pub fn set(&mut self, rules: Vec<Rule>) -> Result<()> {
         if !self.installed || rules == self.rules {
             return Ok(());
         }
-        let run = |v6: bool, op: &str, spec: &[String]| -> Result<()> {
-            let mut a: Vec<&str> = vec!["-t", "mangle", op];
-            a.extend(spec.iter().map(String::as_str));
-            let o = netfilter::run(v6, &a)?;
-            if !o.status.success() {
-                bail!("iptables {}: {}", a.join(" "), String::from_utf8_lossy(&o.stderr).trim());
+        for v6 in [false, true] {
+            let Some(script) = self.diff_script(&self.rules, &rules, v6) else { continue };
+            if let Err(e) = netfilter::restore(v6, &script) {
+                tracing::debug!("accounting: {e:#}; rebuilding the chains");
+                netfilter::restore(v6, &self.rebuild_script(&rules, v6))?;
             }
-            Ok(())
-        };
-        let gone: Vec<Rule> = self.rules.iter().filter(|r| !rules.contains(r)).cloned().collect();
-        for r in gone {
-            for (v6, spec) in self.specs(&r) {
-                let _ = run(v6, "-D", &spec);
-            }
-            self.rules.retain(|x| *x != r);
         }
-        for r in rules {
-            if self.rules.contains(&r) {
-                continue;
-            }
-            let specs = self.specs(&r);
-            for (k, (v6, spec)) in specs.iter().enumerate() {
-                if let Err(e) = run(*v6, "-A", spec) {
-                    for (v6, spec) in &specs[..k] {
-                        let _ = run(*v6, "-D", spec);
-                    }
-                    return Err(e);
-                }
-            }
-            self.rules.push(r);
-        }
+        self.rules = rules;
         Ok(())
     }
 
     /// Bytes counted per peer (cumulative since the rules were last rebuilt), as
-    /// (peer, bytes) per rule.
+    /// (peer, bytes) per rule, from `iptables-save -c` (no lock needed).
     ///
     /// # Errors
     /// iptables failures.
     pub fn read(&self) -> Result<Vec<(usize, u64)>> {
         let mut out = Vec::new();
         for v6 in [false, true] {
-            let rules: Vec<&Rule> = self.rules.iter().filter(|r| r.dst.addr().is_ipv6() == v6).collect();
+            let rules: Vec<Rule> = self.rules.iter().filter(|r| r.dst.addr().is_ipv6() == v6).cloned().collect();
             if rules.is_empty() {
                 continue;
             }
-            let o = netfilter::run(v6, &["-t", "mangle", "-L", CHAIN, "-v", "-x", "-n"])?;
-            let text = String::from_utf8_lossy(&o.stdout);
-            // Two header lines, then one line per rule in order: pkts bytes ...; the
-            // counting rules are the ones without a target, in the order they were added.
-            let counts: Vec<u64> = text.lines().skip(2).filter(|l| !l.contains("CONNMARK")).filter_map(|l| l.split_whitespace().nth(1)?.parse().ok()).collect();
-            for (r, b) in rules.iter().zip(counts) {
-                out.push((r.peer, b));
-            }
+            out.extend(counts(&netfilter::save_counters(v6, "mangle")?, &rules));
         }
         Ok(out)
+    }
+}
+
+/// The byte counts of the counting rules of `rules` in `iptables-save -c` output `save`,
+/// as (peer, bytes): a counting rule is `[packets:bytes] -A DETOUR-ACCT -d DST ! -o TUN`
+/// with no target. Rules someone else added to the chain, and the pin-saving rules, are
+/// not counted; a rule missing from `save` counts nothing.
+pub fn counts(save: &str, rules: &[Rule]) -> Vec<(usize, u64)> {
+    let mut found: Vec<(String, u64)> = Vec::new();
+    for line in save.lines() {
+        let Some(rest) = line.strip_prefix('[') else { continue };
+        let Some((ctr, rule)) = rest.split_once("] ") else { continue };
+        let Some(bytes) = ctr.split_once(':').and_then(|(_, b)| b.parse::<u64>().ok()) else { continue };
+        if rule.starts_with(&format!("-A {CHAIN} ")) && !rule.contains(" -j ") {
+            found.push((rule.to_string(), bytes));
+        }
+    }
+    rules
+        .iter()
+        .filter_map(|r| {
+            let want = format!("-A {CHAIN} -d {} ! -o {}", r.dst, r.tun);
+            found.iter().find(|(rule, _)| *rule == want).map(|(_, b)| (r.peer, *b))
+        })
+        .collect()
+}
+
+/// The accounting thread: keeps the rules in step with the REPLEX splits and reads the
+/// counters, off the control loop (iptables may wait for its lock for
+/// [`netfilter::XTABLES_WAIT_S`]). The control loop hands it the rules it wants and takes
+/// the counts when they come; neither side ever waits for the other.
+pub struct Worker {
+    want: std::sync::mpsc::Sender<Vec<Rule>>,
+}
+
+impl Worker {
+    /// Starts the thread with `accounting` (installed). Each set of rules handed to
+    /// [`Worker::update`] is applied (only the newest of those waiting), then the counts
+    /// are read and sent to `counts`.
+    ///
+    /// # Errors
+    /// If the thread cannot be started.
+    pub fn start(mut accounting: Accounting, counts: tokio::sync::mpsc::UnboundedSender<Vec<(usize, u64)>>) -> Result<Worker> {
+        let (want, rx) = std::sync::mpsc::channel::<Vec<Rule>>();
+        std::thread::Builder::new()
+            .name("detour-acct".into())
+            .spawn(move || {
+                while let Ok(mut rules) = rx.recv() {
+                    while let Ok(newer) = rx.try_recv() {
+                        rules = newer;
+                    }
+                    if let Err(e) = accounting.set(rules) {
+                        tracing::debug!("accounting: {e:#}");
+                        continue;
+                    }
+                    match accounting.read() {
+                        Ok(c) => {
+                            if counts.send(c).is_err() {
+                                return;
+                            }
+                        }
+                        Err(e) => tracing::debug!("accounting: {e:#}"),
+                    }
+                }
+            })
+            .map_err(|e| anyhow::anyhow!("starting the accounting thread: {e}"))?;
+        Ok(Worker { want })
+    }
+
+    /// Hands the rules wanted now to the thread; never blocks.
+    pub fn update(&self, rules: Vec<Rule>) {
+        let _ = self.want.send(rules);
     }
 }
 
@@ -192,5 +261,48 @@ pub fn restore_hash_policy(changed: &[&str]) {
         if let Err(e) = std::fs::write(p, "0") {
             tracing::warn!("cleanup: restoring {p}: {e}");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rule(peer: usize, dst: &str, tun: &str) -> Rule {
+        Rule { peer, dst: dst.parse().unwrap(), tun: tun.into() }
+    }
+
+    #[test]
+    fn counters_come_from_the_saved_rules_of_the_chain_whatever_else_is_in_it() {
+        let save = "*mangle\n:DETOUR-ACCT - [0:0]\n\
+[3:300] -A DETOUR-ACCT -d 10.1.0.0/24 ! -o dt-bob\n\
+[1:60] -A DETOUR-ACCT -d 10.1.0.0/24 -o dt-bob -m mark ! --mark 0x5 -j CONNMARK --set-xmark 0x1/0x3\n\
+[9:999] -A DETOUR-ACCT -s 1.2.3.4/32\n\
+[7:7000] -A DETOUR-ACCT -d 10.2.0.0/24 ! -o dt-carol\n\
+[5:500] -A OTHER -d 10.1.0.0/24 ! -o dt-bob\nCOMMIT\n";
+        let rules = [rule(0, "10.2.0.0/24", "dt-carol"), rule(1, "10.1.0.0/24", "dt-bob"), rule(2, "10.3.0.0/24", "dt-dave")];
+        assert_eq!(counts(save, &rules), vec![(0, 7000), (1, 300)]);
+        assert!(counts("garbage\n[x:y] -A DETOUR-ACCT\n[1:] -A\n", &rules).is_empty());
+    }
+
+    #[test]
+    fn a_change_of_the_splits_touches_only_the_destinations_that_changed() {
+        let a = Accounting { rules: Vec::new(), installed: true, fwmark: 7 };
+        let old = [rule(0, "10.1.0.0/24", "dt-bob"), rule(1, "fd10:2::/64", "dt-carol")];
+        let new = [rule(0, "10.1.0.0/24", "dt-bob"), rule(2, "10.3.0.0/24", "dt-dave")];
+        let v4 = a.diff_script(&old, &new, false).unwrap();
+        assert!(v4.starts_with("*mangle\n") && v4.ends_with("COMMIT\n"), "{v4}");
+        assert_eq!(v4.lines().filter(|l| l.starts_with("-A ")).count(), 4, "four rules for the new destination: {v4}");
+        assert!(v4.lines().filter(|l| l.starts_with("-A ")).all(|l| l.contains("10.3.0.0/24")), "{v4}");
+        assert!(!v4.contains("-D "), "{v4}");
+        let v6 = a.diff_script(&old, &new, true).unwrap();
+        assert_eq!(v6.lines().filter(|l| l.starts_with("-D ")).count(), 4, "{v6}");
+        assert!(!v6.contains("-A "), "{v6}");
+        assert_eq!(a.diff_script(&new, &new, false), None);
+        let rebuilt = a.rebuild_script(&new, false);
+        assert!(rebuilt.contains(&format!("-F {CHAIN}\n-F {PIN_CHAIN}\n")), "{rebuilt}");
+        assert_eq!(rebuilt.lines().filter(|l| l.starts_with("-A ")).count(), 8, "{rebuilt}");
+        // the counting rule is written as iptables-save shows it, so counts() finds it
+        assert!(rebuilt.contains("-A DETOUR-ACCT -d 10.3.0.0/24 ! -o dt-dave\n"), "{rebuilt}");
     }
 }

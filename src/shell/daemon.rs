@@ -415,12 +415,16 @@ async fn run_inner(identity: &Identity, model: Model, nl: Netlink, listener: tok
         }
     }
 
-    let mut accounting = Accounting::default();
+    // REPLEX's byte accounting runs iptables on its own thread, never on this loop.
+    let (acct_tx, mut acct_rx) = mpsc::unbounded_channel();
+    let mut acct_worker = None;
     if cfg.replex.enabled {
         res.acct = true;
         res.hash_policy = acct::set_hash_policy();
-        if let Err(e) = accounting.install(cfg.kernel.fwmark) {
-            tracing::warn!("REPLEX: no byte accounting of the kernel's direct share: {e:#}");
+        let mut accounting = Accounting::default();
+        match accounting.install(cfg.kernel.fwmark) {
+            Ok(()) => acct_worker = Some(acct::Worker::start(accounting, acct_tx)?),
+            Err(e) => tracing::warn!("REPLEX: no byte accounting of the kernel's direct share: {e:#}"),
         }
     }
 
@@ -666,9 +670,19 @@ async fn run_inner(identity: &Identity, model: Model, nl: Netlink, listener: tok
             _ = silence.tick() => peers::check_silence(&shared, Instant::now()),
             _ = activity.tick() => {
                 peers::check_activity(&shared, Instant::now());
-                if cfg.replex.enabled {
-                    account(&shared, &engine_shared, &mut accounting);
+                if let Some(w) = &acct_worker {
+                    w.update(accounting_rules(&shared, &engine_shared));
                 }
+            }
+            Some(counts) = acct_rx.recv() => {
+                let mut direct = engine_shared.direct_bytes.lock().expect("direct bytes");
+                let mut sums = vec![0u64; direct.len()];
+                for (peer, bytes) in counts {
+                    if let Some(s) = sums.get_mut(peer) {
+                        *s += bytes;
+                    }
+                }
+                *direct = sums;
             }
             Some(need) = needs_rx.recv() => match need {
                 Need::Data(peer) => peers::need_session(&shared, peer),
@@ -736,38 +750,18 @@ async fn run_inner(identity: &Identity, model: Model, nl: Netlink, listener: tok
     }
 }
 
-/// Keeps the accounting rules in step with the REPLEX splits and hands the kernel's direct
-/// byte counts to the engine.
-fn account(shared: &Shared, engine: &EngineShared, accounting: &mut Accounting) {
+/// The accounting rules the REPLEX splits need now: one per split destination.
+fn accounting_rules(shared: &Shared, engine: &EngineShared) -> Vec<acct::Rule> {
     let protect = engine.protect.lock().expect("protect").clone();
-    let rules: Vec<acct::Rule> = {
-        let m = shared.model.read().expect("model");
-        protect
-            .iter()
-            .enumerate()
-            .filter_map(|(i, p)| p.as_ref().filter(|p| p.split.is_some()).map(|p| (i, p)))
-            .filter(|(i, _)| *i < m.peers.len())
-            .flat_map(|(i, p)| m.split_destinations(i, p).into_iter().map(move |dst| (i, dst)))
-            .map(|(i, dst)| acct::Rule { peer: i, dst, tun: m.peers[i].cfg.interface.clone() })
-            .collect()
-    };
-    if let Err(e) = accounting.set(rules) {
-        tracing::debug!("accounting: {e:#}");
-        return;
-    }
-    match accounting.read() {
-        Ok(counts) => {
-            let mut direct = engine.direct_bytes.lock().expect("direct bytes");
-            let mut sums = vec![0u64; direct.len()];
-            for (peer, bytes) in counts {
-                if let Some(s) = sums.get_mut(peer) {
-                    *s += bytes;
-                }
-            }
-            *direct = sums;
-        }
-        Err(e) => tracing::debug!("accounting: {e:#}"),
-    }
+    let m = shared.model.read().expect("model");
+    protect
+        .iter()
+        .enumerate()
+        .filter_map(|(i, p)| p.as_ref().filter(|p| p.split.is_some()).map(|p| (i, p)))
+        .filter(|(i, _)| *i < m.peers.len())
+        .flat_map(|(i, p)| m.split_destinations(i, p).into_iter().map(move |dst| (i, dst)))
+        .map(|(i, dst)| acct::Rule { peer: i, dst, tun: m.peers[i].cfg.interface.clone() })
+        .collect()
 }
 
 /// Reads this host's addresses; when they changed, tells the data path (protected traffic to

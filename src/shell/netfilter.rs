@@ -6,13 +6,36 @@ use std::process::{Command, Output};
 
 use anyhow::{Context, Result};
 
-/// Runs `iptables -w ARGS` (`ip6tables` when `v6`).
+/// How long (s) an iptables program waits for the xtables lock that another program
+/// (docker, kube-proxy, firewalld) holds before it gives up (`-w`). The legacy backend
+/// serializes every change on that lock; without a bound, a program that held it stalled
+/// detour. Only the start, the stop and the accounting thread run iptables: never the
+/// control loop.
+pub const XTABLES_WAIT_S: u32 = 20;
+
+/// Runs `iptables -w XTABLES_WAIT_S ARGS` (`ip6tables` when `v6`).
 ///
 /// # Errors
-/// If the program cannot be started; a refused rule is a non-zero exit in the output.
+/// If the program cannot be started; a refused rule (or the lock not got in time) is a
+/// non-zero exit in the output.
 pub fn run(v6: bool, args: &[&str]) -> Result<Output> {
     let bin = if v6 { "ip6tables" } else { "iptables" };
-    Command::new(bin).arg("-w").args(args).output().with_context(|| format!("running {bin}"))
+    Command::new(bin).args(["-w", &XTABLES_WAIT_S.to_string()]).args(args).output().with_context(|| format!("running {bin}"))
+}
+
+/// The rules of `table` with their counters (`iptables-save -c -t TABLE`), the
+/// machine-readable listing (`[packets:bytes] -A CHAIN …`): it needs no lock and does not
+/// depend on the column layout of `iptables -L`.
+///
+/// # Errors
+/// If the program cannot be started or fails.
+pub fn save_counters(v6: bool, table: &str) -> Result<String> {
+    let bin = if v6 { "ip6tables-save" } else { "iptables-save" };
+    let out = Command::new(bin).args(["-c", "-t", table]).output().with_context(|| format!("running {bin}"))?;
+    if !out.status.success() {
+        anyhow::bail!("{bin}: {}", String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 /// [`run`], reduced to whether iptables accepted the command.
@@ -99,7 +122,8 @@ fn entry<'a>(tables: &'a mut Vec<(String, Vec<String>, Vec<String>)>, table: &st
     }
 }
 
-/// Runs `iptables-restore -w --noflush` (`ip6tables-restore` when `v6`) with `input`.
+/// Runs `iptables-restore -w XTABLES_WAIT_S --noflush` (`ip6tables-restore` when `v6`) with
+/// `input`: every change in it is applied at once, or none.
 ///
 /// # Errors
 /// If the program cannot be started or refuses the input (its message is in the error).
@@ -107,7 +131,7 @@ pub fn restore(v6: bool, input: &str) -> Result<()> {
     use std::io::Write;
     let bin = if v6 { "ip6tables-restore" } else { "iptables-restore" };
     let mut child = Command::new(bin)
-        .args(["-w", "--noflush"])
+        .args(["-w", &XTABLES_WAIT_S.to_string(), "--noflush"])
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
