@@ -24,10 +24,10 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use detour::directory::{NodeRecord, RecordVerifier, Reject, SignedRecord, Uptime};
 use detour::identity::{Identity, NodeId};
-use detour::mgmt::Message;
+use detour::overlay::directory::{NodeRecord, RecordVerifier, Reject, SignedRecord, Uptime};
 use detour::overlay::{Out, Overlay, OverlayConfig, OwnInfo};
+use detour::wire::mgmt::Message;
 
 /// How long a failed node's sessions look alive to the other end.
 const SESSION_TIMEOUT: Duration = Duration::from_secs(6);

@@ -366,11 +366,10 @@ fn in_netns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static)
 
 #[test]
 fn forged_replayed_and_stale_records_are_rejected_and_counted() {
-    use detour::directory::SignedRecord;
-    use detour::identity::Identity;
-    use detour::mgmt::{Frame, Message};
+    use detour::overlay::directory::SignedRecord;
     use detour::shell::quic::{self, Management};
     use detour::shell::tls::AllowedKeys;
+    use detour::wire::mgmt::{Frame, Message};
     use std::sync::Arc;
 
     let mut lab = Lab::new(&["alice", "bob", "mallory"]);
@@ -387,9 +386,9 @@ fn forged_replayed_and_stale_records_are_rejected_and_counted() {
     wait_directory(&lab, &["alice", "bob"], 2, Duration::from_secs(10));
     let bob_before = nodes(&lab, "alice").into_iter().find(|n| n["name"] == "bob").unwrap();
 
-    let mallory = Identity::read(&lab.host("mallory").key).unwrap();
-    let bob = Identity::read(&lab.host("bob").key).unwrap();
-    let alice = Identity::read(&lab.host("alice").key).unwrap();
+    let mallory = detour::shell::files::read_key(&lab.host("mallory").key).unwrap();
+    let bob = detour::shell::files::read_key(&lab.host("bob").key).unwrap();
+    let alice = detour::shell::files::read_key(&lab.host("alice").key).unwrap();
     let alice_addr: std::net::SocketAddr = format!("{}:7721", lab.host("alice").underlay_v4()).parse().unwrap();
     let ns = lab.host("mallory").ns.clone();
     let sent = in_netns(&ns, move || {
@@ -418,7 +417,7 @@ fn forged_replayed_and_stale_records_are_rejected_and_counted() {
             .expect("bob's record");
             let rec = current.verify().unwrap();
             let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
-            let evil = |r: &mut detour::directory::NodeRecord| r.endpoints = vec!["192.0.2.66:7720".parse().unwrap()];
+            let evil = |r: &mut detour::overlay::directory::NodeRecord| r.endpoints = vec!["192.0.2.66:7720".parse().unwrap()];
             // bob's node ID with mallory's key: the ID is not the hash of the key
             let mut forged = rec.clone();
             forged.public_key = mallory.public_key().to_string();

@@ -19,12 +19,13 @@ if ! cargo fmt --version >/dev/null 2>&1 || ! cargo clippy --version >/dev/null 
   command -v rustup >/dev/null && rustup component add rustfmt clippy
 fi
 cargo fmt --all --check
-cargo clippy --all-targets --quiet -- -D warnings
-RUSTDOCFLAGS="-D warnings -D rustdoc::broken_intra_doc_links" cargo doc --no-deps --quiet
+cargo clippy --workspace --all-targets --quiet -- -D warnings
+RUSTDOCFLAGS="-D warnings -D rustdoc::broken_intra_doc_links" cargo doc --workspace --no-deps --quiet
 
 echo "== unit and property tests"
-cargo test --lib --bins
-cargo test --doc
+# The core crate (detour-core, no I/O crates) and the shell.
+cargo test --workspace --lib --bins
+cargo test --workspace --doc
 # The management overlay simulation of the scale benchmark, at 200 nodes.
 cargo test --example scale_sim
 echo "== end-to-end tests in network namespaces"

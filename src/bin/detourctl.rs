@@ -8,10 +8,10 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand};
-use detour::api::{self, flag, kind, op, Address, Reply};
-use detour::config::{Config, DEFAULT_CONFIG_PATH, DEFAULT_CONTROL_SOCKET, DEFAULT_DATA_PORT};
+use detour::config::{DEFAULT_CONFIG_PATH, DEFAULT_CONTROL_SOCKET, DEFAULT_DATA_PORT};
 use detour::ctl::{render_nodes, render_paths, render_status, Request, Response};
 use detour::identity::{Identity, NodeId, PublicKey};
+use detour::overlay::api::{self, flag, kind, op, Address, Reply};
 
 /// Control and inspect detour.
 #[derive(Parser, Debug)]
@@ -130,7 +130,7 @@ struct Query {
 
 fn read_identity(file: Option<PathBuf>) -> Result<Identity, String> {
     match file {
-        Some(p) if p.as_os_str() != "-" => Identity::read(&p).map_err(|e| e.to_string()),
+        Some(p) if p.as_os_str() != "-" => detour::shell::files::read_key(&p).map_err(|e| e.to_string()),
         _ => {
             let mut s = String::new();
             std::io::stdin().read_to_string(&mut s).map_err(|e| format!("reading standard input: {e}"))?;
@@ -145,7 +145,7 @@ fn socket_path(socket: Option<PathBuf>, config: Option<PathBuf>) -> Result<PathB
     }
     let explicit = config.is_some();
     let path = config.unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG_PATH));
-    match Config::load(&path) {
+    match detour::shell::files::load_config(&path) {
         Ok(c) => Ok(c.node.control_socket),
         Err(e) if explicit => Err(e.to_string()),
         Err(_) => Ok(PathBuf::from(DEFAULT_CONTROL_SOCKET)),
@@ -171,7 +171,7 @@ fn api_addr(a: &ApiArgs) -> Result<SocketAddr, String> {
     }
     let explicit = a.config.is_some();
     let path = a.config.clone().unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG_PATH));
-    match Config::load(&path) {
+    match detour::shell::files::load_config(&path) {
         Ok(c) => match c.management.api_port {
             Some(p) => Ok(SocketAddr::from(([127, 0, 0, 1], p))),
             None => Err(format!("{}: the local API is off (management.api_port = 0)", path.display())),
@@ -265,8 +265,8 @@ fn read_message(m: Option<String>) -> Result<Vec<u8>, String> {
 fn run(args: Args) -> Result<(), String> {
     match args.cmd {
         Cmd::Genkey { file } => {
-            let id = Identity::generate();
-            id.write_new(&file).map_err(|e| e.to_string())?;
+            let id = detour::shell::files::generate_identity();
+            detour::shell::files::write_key(&id, &file).map_err(|e| e.to_string())?;
             eprintln!("wrote {} (node id {})", file.display(), id.node_id());
             println!("{}", id.public_key());
         }

@@ -5,7 +5,6 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use detour::config::{Config, DEFAULT_CONFIG_PATH};
-use detour::identity::Identity;
 
 /// Resilient overlay daemon: per-peer and aggregate TUN interfaces, an encrypted UDP data
 /// plane and QUIC management sessions.
@@ -21,9 +20,9 @@ struct Args {
 }
 
 fn load(path: &Path) -> Result<Config, String> {
-    let cfg = Config::load(path).map_err(|e| e.to_string())?;
+    let cfg = detour::shell::files::load_config(path).map_err(|e| e.to_string())?;
     let file = path.display();
-    let id = Identity::read(&cfg.node.private_key).map_err(|e| format!("{file}: node.private_key: {e}"))?;
+    let id = detour::shell::files::read_key(&cfg.node.private_key).map_err(|e| format!("{file}: node.private_key: {e}"))?;
     if let Some((i, _)) = cfg.peer_by_id(&id.node_id()) {
         return Err(format!("{file}: peer[{i}].public_key: this is the node's own key; a node cannot be its own peer"));
     }
@@ -49,7 +48,7 @@ fn main() -> ExitCode {
     if let Some(path) = args.check_config {
         return match load(&path) {
             Ok(cfg) => {
-                let id = Identity::read(&cfg.node.private_key).expect("checked above");
+                let id = detour::shell::files::read_key(&cfg.node.private_key).expect("checked above");
                 println!("{}: OK: node {} (node id {}), {} peers", path.display(), cfg.node.name, id.node_id(), cfg.peers.len());
                 ExitCode::SUCCESS
             }

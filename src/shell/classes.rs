@@ -25,7 +25,7 @@ use ipnet::IpNet;
 
 use crate::config::Config;
 use crate::kernel::{CLASS_EGRESS, CLASS_NEW};
-use crate::policy::Connectivity;
+use crate::node::policy::Connectivity;
 
 /// (table, chain, hooks) of every chain of this module.
 const CHAIN_HOOKS: [(&str, &str, &[&str]); 5] = [

@@ -20,10 +20,10 @@ use tun_rs::{DeviceBuilder, SyncDevice};
 use crate::config::Config;
 use crate::ctl::{NodeStatus, PeerStatus, Request, Response, Status};
 use crate::dataplane::DataCommand;
-use crate::icmp::Filter;
 use crate::identity::{Identity, PublicKey};
 use crate::kernel::{self, DesiredState};
-use crate::model::{Model, Protect, UnderlayHops};
+use crate::node::model::{Model, Protect, UnderlayHops};
+use crate::path::icmp::Filter;
 use crate::shell::acct::{self, Accounting};
 use crate::shell::control;
 use crate::shell::datapath::{DataPath, DataPathSetup, EVENT_QUEUE};
@@ -150,8 +150,8 @@ impl Shared {
 /// Start-up failures (key, sockets, TUNs, netlink); the host is cleaned before returning.
 pub async fn run(mut cfg: Config) -> Result<()> {
     cfg.node.policy.up_since = crate::shell::mnode::unix_now();
-    let identity = Identity::read(&cfg.node.private_key).map_err(|e| anyhow!("node.private_key: {e}"))?;
-    if Identity::file_is_exposed(&cfg.node.private_key) {
+    let identity = crate::shell::files::read_key(&cfg.node.private_key).map_err(|e| anyhow!("node.private_key: {e}"))?;
+    if crate::shell::files::key_is_exposed(&cfg.node.private_key) {
         tracing::warn!("{} can be read by other users; run: chmod 600 {}", cfg.node.private_key.display(), cfg.node.private_key.display());
     }
     let model = Model::new(cfg, identity.node_id());
@@ -940,7 +940,7 @@ fn status(shared: &Shared) -> Status {
             aggregate_interface: cfg.kernel.aggregate_interface.clone(),
             uptime_s: shared.start.elapsed().as_secs(),
             policy: cfg.node.policy.describe(crate::shell::mnode::unix_now()),
-            refusals: crate::policy::Refusal::ALL.iter().zip(shared.engine.refusals.iter()).map(|(r, c)| (r.as_str().to_string(), c.load(Relaxed))).filter(|(_, v)| *v > 0).collect(),
+            refusals: crate::node::policy::Refusal::ALL.iter().zip(shared.engine.refusals.iter()).map(|(r, c)| (r.as_str().to_string(), c.load(Relaxed))).filter(|(_, v)| *v > 0).collect(),
             exits: shared.engine.exits.lock().expect("exits").clone(),
         },
         peers,

@@ -111,9 +111,16 @@ pub struct DataPathSetup {
     pub health: Arc<Health>,
 }
 
+/// What the data thread is told: the core's commands, and devices (which the core never
+/// holds).
+enum Cmd {
+    Core(DataCommand),
+    AttachTun { peer: usize, dev: SyncDevice, mtu: usize },
+}
+
 /// Handle to the running data path.
 pub struct DataPath {
-    cmds: mpsc::UnboundedSender<DataCommand>,
+    cmds: mpsc::UnboundedSender<Cmd>,
     thread: JoinHandle<()>,
 }
 
@@ -141,7 +148,13 @@ impl DataPath {
 
     /// Sends a command to the data thread (applied in order).
     pub fn command(&self, cmd: DataCommand) {
-        let _ = self.cmds.send(cmd);
+        let _ = self.cmds.send(Cmd::Core(cmd));
+    }
+
+    /// Gives peer `peer` its own TUN `dev` (MTU `mtu` bytes): packets from its host
+    /// addresses are written there, and everything read from it goes to the peer.
+    pub fn attach_tun(&self, peer: usize, dev: SyncDevice, mtu: usize) {
+        let _ = self.cmds.send(Cmd::AttachTun { peer, dev, mtu });
     }
 
     /// Stops the thread and closes the TUNs (which removes the interfaces).
@@ -260,7 +273,7 @@ fn data_thread(
     tuns: Vec<SyncDevice>,
     mtus: Vec<usize>,
     sockets: Vec<DataSocket>,
-    mut cmds: mpsc::UnboundedReceiver<DataCommand>,
+    mut cmds: mpsc::UnboundedReceiver<Cmd>,
     ready: std::sync::mpsc::Sender<Result<(), String>>,
     start: Instant,
     events: mpsc::Sender<DataEvent>,
@@ -321,7 +334,11 @@ fn data_thread(
         loop {
             let cmd = tokio::select! {
                 cmd = cmds.recv() => match cmd {
-                    Some(cmd) => cmd,
+                    Some(Cmd::Core(cmd)) => cmd,
+                    Some(Cmd::AttachTun { peer, dev, mtu }) => {
+                        th.attach(peer, dev, mtu);
+                        continue;
+                    }
                     None => break,
                 },
                 _ = beat.tick() => {
@@ -341,11 +358,6 @@ fn data_thread(
                         out.flush().await;
                     }
                     continue;
-                }
-                DataCommand::AttachTun { peer, tun, mtu } => {
-                    if let Some(dev) = tun.take() {
-                        th.attach(*peer, dev, *mtu);
-                    }
                 }
                 DataCommand::DetachTun { peer } => th.detach(*peer),
                 DataCommand::RemovePeer { peer } => {

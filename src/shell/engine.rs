@@ -12,16 +12,16 @@ use ipnet::IpNet;
 use tokio::sync::{mpsc, oneshot, watch, Notify};
 
 use crate::dataplane::{DataCommand, PathEndpoint, SplitRoute, MAX_SPLIT};
-use crate::failover::{Action, Failover, LinkInfo, PathId, PathState};
-use crate::icmp::Filter;
 use crate::identity::NodeId;
-use crate::mgmt::{Frame, Link, Message};
-use crate::model::{Model, Protect};
+use crate::node::model::{Model, Protect};
+use crate::path::failover::{Action, Failover, LinkInfo, PathId, PathState};
+use crate::path::icmp::Filter;
 use crate::shell::datapath::{DataEvent, DataPath};
 use crate::shell::intercept::Alarm;
 use crate::shell::mnode::{unix_now, OverlayEvent};
 use crate::shell::quic;
 use crate::shell::supervise::{self, Part};
+use crate::wire::mgmt::{Frame, Link, Message};
 
 /// A session the engine needs opened (or no longer needs).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -196,9 +196,9 @@ pub struct EngineShared {
     /// Bytes to each peer's split destinations that took the direct path in the kernel
     /// (cumulative; read by the daemon from its accounting rules).
     pub direct_bytes: Mutex<Vec<u64>>,
-    /// Requests this node refused by its policy, indexed by [`crate::policy::Refusal`] (in
+    /// Requests this node refused by its policy, indexed by [`crate::node::policy::Refusal`] (in
     /// the order of `Refusal::ALL`, which is declaration order).
-    pub refusals: [std::sync::atomic::AtomicU64; crate::policy::Refusal::ALL.len()],
+    pub refusals: [std::sync::atomic::AtomicU64; crate::node::policy::Refusal::ALL.len()],
     /// Outside destinations on an exit, in words.
     pub exits: Mutex<Vec<String>>,
     /// Times the engine found itself late (probe loss not judged meanwhile).
@@ -212,7 +212,7 @@ pub struct EngineShared {
 
 /// REPLEX state of one peer.
 struct ReplexPeer {
-    dest: crate::replex::Dest<PathId>,
+    dest: crate::path::replex::Dest<PathId>,
     slots: HashMap<PathId, usize>,
     sent: Vec<(PathId, f64)>,
     weights: Option<(u16, u16)>,
@@ -223,7 +223,15 @@ struct ReplexPeer {
 
 impl ReplexPeer {
     fn new() -> ReplexPeer {
-        ReplexPeer { dest: crate::replex::Dest::default(), slots: HashMap::new(), sent: Vec::new(), weights: None, last_route_bytes: [0; MAX_SPLIT], last_direct_bytes: 0, realized: HashMap::new() }
+        ReplexPeer {
+            dest: crate::path::replex::Dest::default(),
+            slots: HashMap::new(),
+            sent: Vec::new(),
+            weights: None,
+            last_route_bytes: [0; MAX_SPLIT],
+            last_direct_bytes: 0,
+            realized: HashMap::new(),
+        }
     }
 
     /// A stable counter slot for a route.
@@ -266,13 +274,13 @@ pub struct Engine {
     /// REPLEX state per peer (when `[replex] enabled`).
     replex: Vec<Option<ReplexPeer>>,
     next_round: Instant,
-    rng: u64,
+    rng: crate::rng::Rng,
     /// Refusals by relays: (peer, relay) → the relay's reason.
     refused_by: HashMap<(usize, usize), String>,
     /// Outside destinations and their exits.
-    exits: crate::exits::Exits,
+    exits: crate::node::exits::Exits,
     /// The exit routes in place.
-    exit_routes: Vec<crate::exits::ExitRoute>,
+    exit_routes: Vec<crate::node::exits::ExitRoute>,
     /// To the management overlay: which sessions carry routed messages.
     overlay: mpsc::UnboundedSender<OverlayEvent>,
     /// Nodes reported to the overlay as unusable (their monitored direct path is down).
@@ -312,9 +320,9 @@ impl Engine {
             last_report: now,
             replex: Vec::new(),
             next_round: now,
-            rng: seed | 1,
+            rng: crate::rng::Rng::new(seed),
             refused_by: HashMap::new(),
-            exits: crate::exits::Exits::default(),
+            exits: crate::node::exits::Exits::default(),
             exit_routes: Vec::new(),
             overlay,
             unusable: BTreeSet::new(),
@@ -322,7 +330,7 @@ impl Engine {
         };
         {
             let m = e.model.read().expect("model");
-            e.exits = crate::exits::Exits::new(&m.cfg.exit);
+            e.exits = crate::node::exits::Exits::new(&m.cfg.exit);
             let mut f = e.filter.write().expect("filter");
             for net in &m.cfg.exit.watch {
                 f.outside.insert(*net, ());
@@ -587,10 +595,7 @@ impl Engine {
     }
 
     fn jitter(&mut self) -> f64 {
-        self.rng ^= self.rng << 13;
-        self.rng ^= self.rng >> 7;
-        self.rng ^= self.rng << 17;
-        0.9 + 0.2 * (self.rng % 10_000) as f64 / 10_000.0
+        0.9 + 0.2 * self.rng.unit()
     }
 
     /// REPLEX (`replex-spec.md` §3): every tick the routes' liveness (a route that went
@@ -623,19 +628,19 @@ impl Engine {
         let p = cfg.params;
         let Some(route) = self.core.route(peer) else { return };
         let views = self.core.paths(peer);
-        let measures: Vec<(PathId, crate::replex::Measure)> = views
+        let measures: Vec<(PathId, crate::path::replex::Measure)> = views
             .iter()
             // REPLEX spreads load only over relays that accept traffic for performance.
-            .filter(|v| v.active && (v.id == PathId::Direct || self.relay_commitment(v.id) == crate::policy::Commitment::Always))
+            .filter(|v| v.active && (v.id == PathId::Direct || self.relay_commitment(v.id) == crate::node::policy::Commitment::Always))
             .map(|v| {
                 // While failover has moved the peer off the direct path, it is down here too.
                 let up = v.state == PathState::Up && !(v.id == PathId::Direct && route.protect);
                 let cost = v.srtt.map(|d| p.cost(d.as_secs_f64() * 1000.0, v.loss));
-                (v.id, crate::replex::Measure { cost, up, samples: v.samples })
+                (v.id, crate::path::replex::Measure { cost, up, samples: v.samples })
             })
             .collect();
         let state = self.replex[peer].get_or_insert_with(ReplexPeer::new);
-        let before: Vec<(PathId, f64)> = state.dest.routes.iter().filter(|r| r.status == crate::replex::Status::Live).map(|r| (r.id, r.share)).collect();
+        let before: Vec<(PathId, f64)> = state.dest.routes.iter().filter(|r| r.status == crate::path::replex::Status::Live).map(|r| (r.id, r.share)).collect();
         state.dest.update(&measures, p.min_samples, Some(PathId::Direct));
         if round {
             match cfg.mode {
@@ -645,7 +650,7 @@ impl Engine {
                 crate::config::ReplexMode::Equal => state.dest.equalize(),
             }
         }
-        let live: Vec<(PathId, f64)> = state.dest.routes.iter().filter(|r| r.status == crate::replex::Status::Live).map(|r| (r.id, r.share)).collect();
+        let live: Vec<(PathId, f64)> = state.dest.routes.iter().filter(|r| r.status == crate::path::replex::Status::Live).map(|r| (r.id, r.share)).collect();
         let liveness_changed = before.iter().map(|x| x.0).ne(live.iter().map(|x| x.0));
         if round {
             self.measure_realized(peer);
@@ -805,7 +810,7 @@ impl Engine {
     /// Decides a relay request from peer `from`: relaying must be allowed here, the
     /// requester must be the end it names, and both ends need a known data address. An
     /// error says why, and whether it may pass soon (a missing session).
-    fn serve_relay(&mut self, from: usize, a: NodeId, b: NodeId, purpose: crate::policy::Purpose) -> Result<(), (String, bool)> {
+    fn serve_relay(&mut self, from: usize, a: NodeId, b: NodeId, purpose: crate::node::policy::Purpose) -> Result<(), (String, bool)> {
         let check = self.model.read().expect("model").cfg.node.policy.relay_check(purpose);
         if let Err(refusal) = check {
             self.shared.refusals[refusal as usize].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -979,9 +984,9 @@ impl Engine {
                         .map(|rt| ShareStatus {
                             path: self.path_name(rt.id),
                             status: match rt.status {
-                                crate::replex::Status::Live => "live".into(),
-                                crate::replex::Status::Warming => "warming".into(),
-                                crate::replex::Status::Down => "down".into(),
+                                crate::path::replex::Status::Live => "live".into(),
+                                crate::path::replex::Status::Warming => "warming".into(),
+                                crate::path::replex::Status::Down => "down".into(),
                             },
                             target: rt.share,
                             realized: st.realized.get(&rt.id).copied().unwrap_or(0.0),
@@ -1018,7 +1023,7 @@ impl Engine {
         let unix = unix_now();
         let plan = {
             let m = self.model.read().expect("model");
-            let cands: Vec<crate::exits::ExitCandidate> = m
+            let cands: Vec<crate::node::exits::ExitCandidate> = m
                 .peers
                 .iter()
                 .enumerate()
@@ -1026,7 +1031,7 @@ impl Engine {
                 .filter(|(_, d)| d.present)
                 .map(|(i, d)| {
                     let direct = self.core.paths(i).into_iter().find(|v| v.id == PathId::Direct);
-                    crate::exits::ExitCandidate {
+                    crate::node::exits::ExitCandidate {
                         peer: i,
                         policy: &d.policy,
                         own: d.cfg.prefixes.iter().chain(d.networks.iter()).copied().collect(),
@@ -1088,10 +1093,10 @@ impl Engine {
             .collect()
     }
 
-    fn relay_commitment(&self, path: PathId) -> crate::policy::Commitment {
+    fn relay_commitment(&self, path: PathId) -> crate::node::policy::Commitment {
         match path {
-            PathId::Relay(id) => self.by_id.get(&id).map(|&r| self.core.rank(r).commitment).unwrap_or(crate::policy::Commitment::Always),
-            PathId::Direct => crate::policy::Commitment::Always,
+            PathId::Relay(id) => self.by_id.get(&id).map(|&r| self.core.rank(r).commitment).unwrap_or(crate::node::policy::Commitment::Always),
+            PathId::Direct => crate::node::policy::Commitment::Always,
         }
     }
 
@@ -1112,7 +1117,8 @@ impl Engine {
         }
         for (i, p) in m.peers.iter().enumerate().take(self.peers.len()) {
             // A node whose record has not arrived yet is not asked: its policy is unknown.
-            let rank = if p.known { crate::policy::RelayRank::of(&p.policy, unix) } else { crate::policy::RelayRank { commitment: crate::policy::Commitment::Never, ..Default::default() } };
+            let rank =
+                if p.known { crate::node::policy::RelayRank::of(&p.policy, unix) } else { crate::node::policy::RelayRank { commitment: crate::node::policy::Commitment::Never, ..Default::default() } };
             self.core.set_rank(i, rank);
         }
     }
@@ -1120,11 +1126,11 @@ impl Engine {
     /// Every node that could relay towards `peer`, in the core's policy order, with what
     /// each traffic class may do with it.
     fn relay_choices(&self, peer: usize) -> Vec<RelayChoice> {
-        use crate::policy::{Commitment, Purpose};
+        use crate::node::policy::{Commitment, Purpose};
         let m = self.model.read().expect("model");
         let unix = unix_now();
         let active = self.core.active_relays(peer);
-        let mut v: Vec<(crate::policy::RelayRank, RelayChoice)> = Vec::new();
+        let mut v: Vec<(crate::node::policy::RelayRank, RelayChoice)> = Vec::new();
         for (r, def) in m.peers.iter().enumerate().take(self.peers.len()) {
             if r == peer || !def.present {
                 continue;
@@ -1149,7 +1155,7 @@ impl Engine {
                 "not asked".to_string()
             };
             v.push((
-                crate::policy::RelayRank::of(pol, unix),
+                crate::node::policy::RelayRank::of(pol, unix),
                 RelayChoice { name: def.cfg.name.clone(), policy: pol.summary(unix), failover: why(Purpose::Failover), performance: why(Purpose::Performance), state },
             ));
         }

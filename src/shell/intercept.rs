@@ -1,5 +1,5 @@
 //! ICMP interception (NFQUEUE) and TCP-stall monitoring: the I/O around
-//! [`crate::icmp::Filter`].
+//! [`crate::path::icmp::Filter`].
 //!
 //! On this kernel NFQUEUE exists only through iptables (`NFT_QUEUE` is off), so detour puts
 //! its rules in chains of its own, `DETOUR-ICMP` in `filter`/`INPUT` for IPv4 and IPv6, with
@@ -16,7 +16,7 @@ use crate::shell::netfilter;
 use anyhow::{bail, Context, Result};
 use tokio::sync::mpsc;
 
-use crate::icmp::{Filter, Ignored, Verdict};
+use crate::path::icmp::{Filter, Ignored, Verdict};
 use crate::shell::sockdiag;
 
 /// The iptables chain detour owns.
@@ -143,7 +143,7 @@ pub fn start_queue(queue: u16, filter: Arc<RwLock<Filter>>, counters: Arc<IcmpCo
                 Verdict::Reroute { peer, dst, .. } => {
                     counters.rerouted.fetch_add(1, Relaxed);
                     msg.set_verdict(nfq::Verdict::Drop);
-                    let _ = alarms.send(if peer == crate::icmp::OUTSIDE { Alarm::Outside { dst } } else { Alarm::Icmp { peer, at } });
+                    let _ = alarms.send(if peer == crate::path::icmp::OUTSIDE { Alarm::Outside { dst } } else { Alarm::Icmp { peer, at } });
                 }
                 Verdict::Accept(why) => {
                     counters.ignore(why);

@@ -1,6 +1,6 @@
 //! The management overlay task: drives the [`Overlay`] core with session events, messages
 //! and ticks, carries out what it asks (frames on sessions, new peers for the data plane,
-//! neighbour sessions), and serves the local UDP API ([`crate::api`]).
+//! neighbour sessions), and serves the local UDP API ([`crate::overlay::api`]).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
@@ -10,18 +10,18 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::net::UdpSocket;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::api::{self, flag, kind, op, Address, ErrorCode, RateLimiter, Reply, Request, RequestError, Subscriptions};
 use crate::ctl::{ApiStatus, NeighbourRow, NodeRow};
 use crate::dataplane::DataCommand;
-use crate::directory::NodeRecord;
 use crate::identity::{Identity, NodeId};
-use crate::mgmt::{Frame, Message};
-use crate::model::Learned;
+use crate::node::model::Learned;
+use crate::overlay::api::{self, flag, kind, op, Address, ErrorCode, RateLimiter, Reply, Request, RequestError, Subscriptions};
+use crate::overlay::directory::NodeRecord;
 use crate::overlay::{Out, Overlay, OverlayConfig, OwnInfo, RegisterError};
 use crate::shell::daemon::Shared;
 use crate::shell::peers::{self, want};
 use crate::shell::quic;
 use crate::shell::supervise::{self, Part};
+use crate::wire::mgmt::{Frame, Message};
 
 /// Shortest sleep between two ticks of the core.
 const MIN_WAKE: Duration = Duration::from_millis(5);
@@ -146,7 +146,7 @@ fn own_info(shared: &Shared) -> OwnInfo {
         overlay_v4: n.overlay_v4.map(|v| v.addr()),
         overlay_v6: n.overlay_v6.map(|v| v.addr()),
         prefixes: n.prefixes.clone(),
-        relay: n.policy.commitment != crate::policy::Commitment::Never,
+        relay: n.policy.commitment != crate::node::policy::Commitment::Never,
         uptime: Some(n.policy.lifespan),
         networks: n.networks.clone(),
         policy: Some(n.policy.clone()),

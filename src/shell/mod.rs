@@ -6,6 +6,7 @@ pub mod control;
 pub mod daemon;
 pub mod datapath;
 pub mod engine;
+pub mod files;
 pub mod intercept;
 pub mod metrics;
 pub mod mnode;

@@ -18,14 +18,14 @@ use std::time::Instant;
 use tokio::sync::{mpsc, watch};
 
 use crate::config::Endpoint;
-use crate::dataplane::{DataCommand, TunHandle};
+use crate::dataplane::DataCommand;
 use crate::identity::NodeId;
-use crate::mgmt::Message;
-use crate::session::{Heard, PeerSession, SessionTimers, Silence, Verdict};
+use crate::overlay::session::{Heard, PeerSession, SessionTimers, Silence, Verdict};
 use crate::shell::daemon::{open_tun, Shared};
 use crate::shell::engine::SessionEvent;
 use crate::shell::mnode::OverlayEvent;
 use crate::shell::quic;
+use crate::wire::mgmt::Message;
 use crate::wire::SessionSecrets;
 
 /// Reasons a peer is wanted (bits of [`PeerInfo::want`]).
@@ -472,7 +472,7 @@ fn activate(shared: &Arc<Shared>, i: usize, now: Instant) {
     if !configured {
         match open_tun(&name) {
             Ok(dev) => {
-                shared.dp.command(DataCommand::AttachTun { peer: i, tun: TunHandle::new(dev), mtu });
+                shared.dp.attach_tun(i, dev, mtu);
                 shared.model.write().expect("model").set_tun(i, true);
                 shared.kernel.notify_one();
                 tracing::info!("link to {} in use: interface {name}", shared.peer_name(i));
@@ -525,8 +525,8 @@ pub fn check_activity(shared: &Arc<Shared>, now: Instant) {
 
 /// Watches every session's receive silence ([`Silence`]): a session whose path the
 /// failover monitors (a configured peer, a link with traffic) is closed after
-/// [`crate::session::WATCHED`]'s timeout; any other is polled with a [`Message::Ping`] when
-/// it falls silent and closed after [`crate::session::UNWATCHED`]'s shorter timeout. QUIC's
+/// [`crate::overlay::session::WATCHED`]'s timeout; any other is polled with a [`Message::Ping`] when
+/// it falls silent and closed after [`crate::overlay::session::UNWATCHED`]'s shorter timeout. QUIC's
 /// own idle timer can take twice as long (see [`Silence`]). Called every
 /// [`SILENCE_CHECK`].
 pub fn check_silence(shared: &Arc<Shared>, now: Instant) {
@@ -539,7 +539,7 @@ pub fn check_silence(shared: &Arc<Shared>, now: Instant) {
             }
             continue;
         };
-        let limits = if p.want & (want::CONFIGURED | want::DATA) != 0 { crate::session::WATCHED } else { crate::session::UNWATCHED };
+        let limits = if p.want & (want::CONFIGURED | want::DATA) != 0 { crate::overlay::session::WATCHED } else { crate::overlay::session::UNWATCHED };
         let w = p.silence.get_or_insert_with(|| Silence::new(SILENCE_LATE));
         match w.check(now, c.stable_id() as u64, c.stats().udp_rx.datagrams, limits) {
             Heard::Recently => {}
@@ -552,7 +552,7 @@ pub fn check_silence(shared: &Arc<Shared>, now: Instant) {
     }
     for c in poll {
         let Some(peer) = quic::peer_key(&c).map(|k| k.node_id()) else { continue };
-        let frame = crate::mgmt::Frame { src: shared.model.read().expect("model").local, dst: peer, hop_limit: 0, message: Message::Ping };
+        let frame = crate::wire::mgmt::Frame { src: shared.model.read().expect("model").local, dst: peer, hop_limit: 0, message: Message::Ping };
         tokio::spawn(async move {
             let _ = quic::send_frame(&c, &frame).await;
         });

@@ -12,8 +12,8 @@ use sha2::{Digest, Sha256};
 use tokio::io::AsyncWriteExt;
 
 use crate::identity::{Identity, NodeId, PublicKey};
-use crate::mgmt::{self, Frame, Message};
 use crate::shell::tls::{self, AllowedKeys, NodeCert, RefusedKeys};
+use crate::wire::mgmt::{self, Frame, Message};
 use crate::wire::{self, SessionSecrets};
 
 /// Management keepalive interval: three fit in [`IDLE_TIMEOUT`]. The failover probes find
@@ -30,7 +30,7 @@ pub const KEEPALIVE: Duration = Duration::from_secs(2);
 /// A session with no traffic (keepalives included) for this long is dead.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(6);
 // The receive-silence watch of a watched session ends it at the same moment.
-const _: () = assert!(IDLE_TIMEOUT.as_millis() == crate::session::WATCHED.timeout.as_millis());
+const _: () = assert!(IDLE_TIMEOUT.as_millis() == crate::overlay::session::WATCHED.timeout.as_millis());
 /// Time an endpoint has to answer a dial (its first handshake flight to arrive), over all
 /// the peer's endpoints: a dial that no endpoint answered in this long has failed.
 pub const DIAL_TIMEOUT: Duration = Duration::from_secs(3);
@@ -60,7 +60,7 @@ pub mod close {
     /// The daemon is stopping.
     pub const SHUTDOWN: u32 = 4;
     /// Nothing was received on the session for [`super::IDLE_TIMEOUT`]
-    /// ([`crate::session::Silence`]). (Code 5 is `peers::CLOSE_IDLE`.)
+    /// ([`crate::overlay::session::Silence`]). (Code 5 is `peers::CLOSE_IDLE`.)
     pub const SILENT: u32 = 6;
 }
 

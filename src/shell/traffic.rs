@@ -1,5 +1,5 @@
 //! Traffic detection on the kernel's direct path, for idle probing
-//! ([`crate::failover::Failover::handle_traffic`]).
+//! ([`crate::path::failover::Failover::handle_traffic`]).
 //!
 //! While a path is healthy, traffic to a peer's protected destinations never enters detour:
 //! the kernel routes it straight to the peer. The kernel tells detour that it flows with one
@@ -31,7 +31,7 @@ use netlink_packet_netfilter::{NetfilterMessage, NetfilterMessageInner, Netfilte
 use netlink_sys::{protocols::NETLINK_NETFILTER, Socket};
 use tokio::sync::mpsc;
 
-use crate::icmp::Filter;
+use crate::path::icmp::Filter;
 use crate::shell::intercept::{Alarm, IcmpCounters};
 use crate::shell::netfilter;
 
@@ -88,7 +88,7 @@ pub fn install(dsts: &[IpNet], group: u16, fwmark: u32) -> Result<()> {
 
 /// The peer whose protected destination the IP packet `pkt` is sent to.
 pub fn classify(filter: &Filter, pkt: &[u8]) -> Option<usize> {
-    let (_, dst) = crate::packet::addresses(pkt)?;
+    let (_, dst) = crate::wire::packet::addresses(pkt)?;
     filter.protected.lookup(dst).copied()
 }
 

@@ -9,6 +9,10 @@
 //!
 //! All functions are pure and never panic on any input.
 
+pub mod mgmt;
+pub mod packet;
+pub mod replay;
+
 use ring::aead::{Aad, LessSafeKey, Nonce, Tag, UnboundKey, CHACHA20_POLY1305};
 
 use crate::identity::{NodeId, NODE_ID_LEN};

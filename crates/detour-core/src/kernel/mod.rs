@@ -8,6 +8,8 @@
 //! kernel match: deletions first, then additions, so it is idempotent and repairs what
 //! someone else removed or changed. Nothing here does I/O.
 
+pub mod links;
+
 use std::collections::BTreeSet;
 use std::net::IpAddr;
 

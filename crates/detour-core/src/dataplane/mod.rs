@@ -8,6 +8,8 @@
 //! (milliseconds on the daemon's monotonic clock). Every failure is a [`DropReason`] that is
 //! counted, never a panic.
 
+pub mod routing;
+
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::ops::Range;
@@ -16,10 +18,10 @@ use std::sync::Arc;
 
 use ipnet::IpNet;
 
+use crate::dataplane::routing::PrefixTable;
 use crate::identity::NodeId;
-use crate::packet;
-use crate::replay::ReplayWindow;
-use crate::routing::PrefixTable;
+use crate::wire::packet;
+use crate::wire::replay::ReplayWindow;
 use crate::wire::{self, Header, PacketKey, SessionSecrets, TrafficType, HEADER_LEN, OVERHEAD};
 
 /// Why a packet was dropped. Every drop is counted under one reason.
@@ -224,7 +226,7 @@ pub struct DataPlaneSpec {
     pub node: Arc<NodeCounters>,
     /// This node's policy and own networks, when it lets overlay traffic leave towards
     /// hosts that do not run detour (an exit, or delivery to the networks behind it).
-    pub egress: Option<(crate::policy::Policy, Vec<IpNet>)>,
+    pub egress: Option<(crate::node::policy::Policy, Vec<IpNet>)>,
 }
 
 /// Where an authenticated underlay path ends.
@@ -234,28 +236,6 @@ pub struct PathEndpoint {
     pub remote: SocketAddr,
     /// The local address to send from (`None`: let the kernel choose).
     pub local_ip: Option<IpAddr>,
-}
-
-/// A TUN device handed to the data thread (taken once; the handle can be cloned).
-#[derive(Clone)]
-pub struct TunHandle(pub Arc<std::sync::Mutex<Option<tun_rs::SyncDevice>>>);
-
-impl std::fmt::Debug for TunHandle {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("TunHandle")
-    }
-}
-
-impl TunHandle {
-    /// Wraps a device.
-    pub fn new(dev: tun_rs::SyncDevice) -> TunHandle {
-        TunHandle(Arc::new(std::sync::Mutex::new(Some(dev))))
-    }
-
-    /// Takes the device out (once).
-    pub fn take(&self) -> Option<tun_rs::SyncDevice> {
-        self.0.lock().ok().and_then(|mut g| g.take())
-    }
 }
 
 /// Control-plane changes applied to the data thread, in order.
@@ -275,17 +255,7 @@ pub enum DataCommand {
         /// Peer index.
         peer: usize,
     },
-    /// Give the peer its own TUN (packets from its host addresses are written there and
-    /// everything read from it goes to the peer). Handled by the I/O shell.
-    AttachTun {
-        /// Peer index.
-        peer: usize,
-        /// The device.
-        tun: TunHandle,
-        /// Its MTU in bytes.
-        mtu: usize,
-    },
-    /// Close the peer's TUN (its traffic uses the aggregate from now on).
+    /// Close the peer's TUN (given to the data thread by the shell, which owns devices) (its traffic uses the aggregate from now on).
     DetachTun {
         /// Peer index.
         peer: usize,
@@ -389,21 +359,21 @@ pub struct SplitRoute {
 
 struct Split {
     routes: Vec<SplitRoute>,
-    all: crate::replex::Buckets,
-    relays: crate::replex::Buckets,
+    all: crate::path::replex::Buckets,
+    relays: crate::path::replex::Buckets,
     /// Indices into `routes` of the relay routes (what `relays` buckets map to).
     relay_idx: Vec<usize>,
-    flows: crate::replex::Flows<packet::FlowKey, usize>,
+    flows: crate::path::replex::Flows<packet::FlowKey, usize>,
 }
 
 impl Split {
     fn new(routes: Vec<SplitRoute>, idle: u64) -> Split {
         let mut s = Split {
             routes: Vec::new(),
-            all: crate::replex::Buckets::new(crate::replex::BUCKETS),
-            relays: crate::replex::Buckets::new(crate::replex::BUCKETS),
+            all: crate::path::replex::Buckets::new(crate::path::replex::BUCKETS),
+            relays: crate::path::replex::Buckets::new(crate::path::replex::BUCKETS),
             relay_idx: Vec::new(),
-            flows: crate::replex::Flows::new(idle, 65_536),
+            flows: crate::path::replex::Flows::new(idle, 65_536),
         };
         s.set(routes);
         s
@@ -423,8 +393,8 @@ impl Split {
         }
         if ordered.len() != old_slots.len() || ordered.iter().zip(&old_slots).any(|(r, s)| r.slot != *s) {
             // The route list changed shape: start from a fresh table.
-            self.all = crate::replex::Buckets::new(crate::replex::BUCKETS);
-            self.relays = crate::replex::Buckets::new(crate::replex::BUCKETS);
+            self.all = crate::path::replex::Buckets::new(crate::path::replex::BUCKETS);
+            self.relays = crate::path::replex::Buckets::new(crate::path::replex::BUCKETS);
         }
         self.routes = ordered;
         let shares: Vec<f64> = self.routes.iter().map(|r| r.share).collect();
@@ -476,7 +446,7 @@ pub enum TxAction {
         /// Datagram length in bytes.
         len: usize,
         /// The first packet to the peer in [`TRAFFIC_NOTE_MS`]: tell the control plane that
-        /// the peer carries traffic ([`crate::failover::Failover::handle_traffic`]).
+        /// the peer carries traffic ([`crate::path::failover::Failover::handle_traffic`]).
         traffic: bool,
     },
     /// Write the ICMP error left in the reply buffer back to the TUN the packet came from.
@@ -644,7 +614,6 @@ impl TxState {
             | DataCommand::SetRelay { .. }
             | DataCommand::ClearRelay { .. }
             | DataCommand::SendControl { .. }
-            | DataCommand::AttachTun { .. }
             | DataCommand::DetachTun { .. } => {}
         }
     }
@@ -865,7 +834,7 @@ pub struct RxState {
     local_addrs: Vec<IpAddr>,
     relays: HashMap<(NodeId, NodeId), RelayHop>,
     node: Arc<NodeCounters>,
-    egress: Option<(crate::policy::Policy, Vec<IpNet>)>,
+    egress: Option<(crate::node::policy::Policy, Vec<IpNet>)>,
 }
 
 impl RxState {
@@ -942,7 +911,7 @@ impl RxState {
                     p.sessions.truncate(RX_SESSIONS);
                 }
             }
-            DataCommand::SetEndpoint { .. } | DataCommand::SendControl { .. } | DataCommand::AttachTun { .. } | DataCommand::DetachTun { .. } | DataCommand::SetSplit { .. } => {}
+            DataCommand::SetEndpoint { .. } | DataCommand::SendControl { .. } | DataCommand::DetachTun { .. } | DataCommand::SetSplit { .. } => {}
             DataCommand::ClearSessions { peer } => {
                 if let Some(p) = self.peers.get_mut(*peer) {
                     p.sessions.clear();
@@ -1227,7 +1196,7 @@ mod tests {
 
     #[test]
     fn an_egress_node_lets_out_only_what_its_policy_allows_and_a_requester_accepts_replies_from_its_exit() {
-        use crate::policy::{Policy, Willing};
+        use crate::node::policy::{Policy, Willing};
         let sa = spec(A, B, "10.77.0.1", "10.77.0.2", "10.2.0.0/24", "10.1.0.0/24");
         let mut sb = spec(B, A, "10.77.0.2", "10.77.0.1", "10.1.0.0/24", "10.2.0.0/24");
         let exit = Policy { willing: Willing { internet_masquerade: true, ..Willing::default() }, exit_prefixes: vec!["203.0.113.0/24".parse().unwrap()], ..Policy::default() };

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use ipnet::IpNet;
 
 use crate::config::ExitConfig;
-use crate::policy::{Egress, Policy, RelayRank};
+use crate::node::policy::{Egress, Policy, RelayRank};
 
 /// A route to an outside destination through an exit node.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -126,7 +126,7 @@ impl Exits {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::policy::{Commitment, Connectivity, Willing};
+    use crate::node::policy::{Commitment, Connectivity, Willing};
 
     fn net(s: &str) -> IpNet {
         s.parse().unwrap()

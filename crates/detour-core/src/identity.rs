@@ -6,15 +6,13 @@
 //! the private key owns the ID, and no registry is needed to check that. The node ID is
 //! separate from the node's IP addresses (spec A§3.2, seeds-digest item 61).
 //!
+//! Reading and writing the key file is the shell's (`detour::shell::files`).
+//!
 //! Private keys are stored as PKCS#8 PEM (`-----BEGIN PRIVATE KEY-----`), so `openssl pkey`
 //! can read them. Public keys are written as standard base64 of the 32 raw bytes (44
 //! characters), like WireGuard keys.
 
 use std::fmt;
-use std::fs::OpenOptions;
-use std::io::Write;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
-use std::path::Path;
 use std::str::FromStr;
 
 use base64::Engine;
@@ -161,31 +159,6 @@ impl FromStr for PublicKey {
     }
 }
 
-/// Errors reading or writing a key file.
-#[derive(Debug, thiserror::Error)]
-pub enum KeyFileError {
-    /// `genkey` refuses to replace an existing file.
-    #[error("{path}: file exists; refusing to overwrite a private key")]
-    Exists {
-        /// The path given.
-        path: String,
-    },
-    /// Any I/O error, with the path.
-    #[error("{path}: {source}")]
-    Io {
-        /// The path given.
-        path: String,
-        /// The underlying error.
-        source: std::io::Error,
-    },
-    /// The file is not a PKCS#8 PEM Ed25519 private key.
-    #[error("{path}: not an Ed25519 private key in PKCS#8 PEM form (make one with `detourctl genkey`)")]
-    Format {
-        /// The path given.
-        path: String,
-    },
-}
-
 /// This node's identity: its Ed25519 signing key.
 #[derive(Clone)]
 pub struct Identity {
@@ -193,10 +166,10 @@ pub struct Identity {
 }
 
 impl Identity {
-    /// Generates a new random identity from the OS random source.
-    pub fn generate() -> Identity {
-        let mut rng = rand::rngs::OsRng;
-        Identity { signing: SigningKey::generate(&mut rng) }
+    /// Generates a new random identity from `rng` (the shell passes the OS random source;
+    /// the core never reads it).
+    pub fn generate(rng: &mut impl rand_core::CryptoRngCore) -> Identity {
+        Identity { signing: SigningKey::generate(rng) }
     }
 
     /// Builds an identity from a 32-byte secret seed (tests and simulations).
@@ -233,38 +206,6 @@ impl Identity {
     pub fn sign(&self, msg: &[u8]) -> [u8; 64] {
         use ed25519_dalek::Signer;
         self.signing.sign(msg).to_bytes()
-    }
-
-    /// Reads a key file written by [`Identity::write_new`] (or any PKCS#8 PEM Ed25519 key).
-    ///
-    /// # Errors
-    /// [`KeyFileError::Io`] if the file cannot be read, [`KeyFileError::Format`] if it is not
-    /// an Ed25519 PKCS#8 PEM key.
-    pub fn read(path: &Path) -> Result<Identity, KeyFileError> {
-        let p = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|source| KeyFileError::Io { path: p.clone(), source })?;
-        Identity::from_pem(&text).ok_or(KeyFileError::Format { path: p })
-    }
-
-    /// True when the key file can be read by group or others (mode & 0o077 != 0).
-    pub fn file_is_exposed(path: &Path) -> bool {
-        std::fs::metadata(path).map(|m| m.permissions().mode() & 0o077 != 0).unwrap_or(false)
-    }
-
-    /// Writes a new key file with mode 0600; never replaces an existing file.
-    ///
-    /// # Errors
-    /// [`KeyFileError::Exists`] if the path exists, [`KeyFileError::Io`] otherwise.
-    pub fn write_new(&self, path: &Path) -> Result<(), KeyFileError> {
-        let p = path.display().to_string();
-        let mut file = OpenOptions::new().write(true).create_new(true).mode(0o600).open(path).map_err(|source| {
-            if source.kind() == std::io::ErrorKind::AlreadyExists {
-                KeyFileError::Exists { path: p.clone() }
-            } else {
-                KeyFileError::Io { path: p.clone(), source }
-            }
-        })?;
-        file.write_all(self.to_pem().as_bytes()).and_then(|_| file.sync_all()).map_err(|source| KeyFileError::Io { path: p, source })
     }
 }
 
@@ -307,18 +248,5 @@ mod tests {
         let mut bad = pk.spki_der();
         bad[5] ^= 1;
         assert_eq!(PublicKey::from_spki_der(&bad), None);
-    }
-
-    #[test]
-    fn key_file_is_private_and_never_overwritten() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("k");
-        let id = Identity::generate();
-        id.write_new(&path).unwrap();
-        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
-        assert_eq!(mode, 0o600);
-        assert!(!Identity::file_is_exposed(&path));
-        assert!(matches!(Identity::generate().write_new(&path), Err(KeyFileError::Exists { .. })));
-        assert_eq!(Identity::read(&path).unwrap().public_key(), id.public_key());
     }
 }

@@ -14,7 +14,7 @@ use std::net::IpAddr;
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
-use crate::directory::Uptime;
+use crate::overlay::directory::Uptime;
 
 /// Commitment class (spec A§1.2.2, item 24): when a node relays for others.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]

@@ -30,7 +30,12 @@
 //!   signature check when it is new, a bucket hash, and an update of the ranked
 //!   candidates. Nothing is recomputed over the whole directory per change; message routes
 //!   are searched in the directory itself when a message is sent.
-//! * **Delivery.** [`crate::mroute::Router`] on the topology the records describe.
+//! * **Delivery.** [`crate::overlay::mroute::Router`] on the topology the records describe.
+
+pub mod api;
+pub mod directory;
+pub mod mroute;
+pub mod session;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -40,10 +45,10 @@ use std::time::{Duration, Instant};
 use ipnet::IpNet;
 use sha2::{Digest as _, Sha256};
 
-use crate::directory::{self, Accepted, Directory, Name, NodeRecord, SignedRecord, Uptime, BUCKETS};
 use crate::identity::{Identity, NodeId};
-use crate::mgmt::Message;
-use crate::mroute::{self, MrouteConfig, Router};
+use crate::overlay::directory::{Accepted, Directory, Name, NodeRecord, SignedRecord, Uptime, BUCKETS};
+use crate::overlay::mroute::{MrouteConfig, Router};
+use crate::wire::mgmt::Message;
 
 /// How often a node exchanges digests with one random neighbour.
 pub const ANTI_ENTROPY: Duration = Duration::from_secs(5);
@@ -100,7 +105,7 @@ pub const RECORDS_PER_MESSAGE: usize = 64;
 /// Largest digest or record list taken from one message.
 pub const MAX_ENTRIES: usize = 100_000;
 /// Most (node ID, sequence number) pairs or node IDs sent in one digest or want message
-/// (a frame stays well below [`crate::mgmt::MAX_FRAME`]).
+/// (a frame stays well below [`crate::wire::mgmt::MAX_FRAME`]).
 pub const ENTRIES_PER_MESSAGE: usize = 2_000;
 /// Directories up to this size are compared with a full digest; larger ones with a
 /// [`Message::Summary`] first.
@@ -152,7 +157,7 @@ pub struct OwnInfo {
     /// Networks behind the node reached over the underlay (protected by peers).
     pub networks: Vec<IpNet>,
     /// Relay policy (`None`: only `relay` and `uptime` are published).
-    pub policy: Option<crate::policy::Policy>,
+    pub policy: Option<crate::node::policy::Policy>,
 }
 
 /// An instruction to the shell, or a report.
@@ -391,7 +396,7 @@ pub struct Overlay {
     first_session: Option<Instant>,
     /// A deferred first choice runs then.
     choose_after: Option<Instant>,
-    rng: u64,
+    rng: crate::rng::Rng,
     stats: Stats,
     out: VecDeque<Out>,
 }
@@ -443,17 +448,14 @@ impl Overlay {
             last_fresh: None,
             first_session: None,
             choose_after: None,
-            rng: seed | 1,
+            rng: crate::rng::Rng::new(seed),
             stats: Stats::default(),
             out: VecDeque::new(),
         }
     }
 
     fn random(&mut self) -> u64 {
-        self.rng ^= self.rng << 13;
-        self.rng ^= self.rng >> 7;
-        self.rng ^= self.rng << 17;
-        self.rng
+        self.rng.next_u64()
     }
 
     /// This node's ID.

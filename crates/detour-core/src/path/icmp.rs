@@ -14,7 +14,7 @@ use std::net::{IpAddr, SocketAddr};
 
 use etherparse::{IpNumber, LaxNetSlice, LaxSlicedPacket, TransportSlice};
 
-use crate::routing::PrefixTable;
+use crate::dataplane::routing::PrefixTable;
 
 /// What to do with a queued ICMP error.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -12,12 +12,12 @@ use ipnet::{IpNet, Ipv6Net};
 
 use crate::config::{derive_ifname, Config, Endpoint, PeerConfig};
 use crate::dataplane::{DataPlaneSpec, NodeCounters, PeerCounters, PeerSpec};
-use crate::directory::NodeRecord;
 use crate::identity::NodeId;
+use crate::kernel::links::{self, LinkAddrs};
 use crate::kernel::{
     AddrSpec, DesiredState, LinkSpec, NexthopKind, NexthopSpec, RouteSpec, RuleSpec, CLASS_EGRESS, CLASS_NEW, PIN_DIRECT, PIN_MASK, PIN_OVERLAY, TABLE_MAIN, TABLE_NEW, TABLE_PIN, TABLE_RETURN,
 };
-use crate::links::{self, LinkAddrs};
+use crate::overlay::directory::NodeRecord;
 
 /// Protection of one peer's destinations, as the failover engine decided it.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -58,7 +58,7 @@ pub struct PeerDef {
     pub present: bool,
     /// Its relay policy (from its record; configured peers: the default, commitment
     /// `always`, until their record arrives).
-    pub policy: crate::policy::Policy,
+    pub policy: crate::node::policy::Policy,
     /// Networks behind it that are reached over the underlay (from its record): protected
     /// like `cfg.protected`.
     pub networks: Vec<IpNet>,
@@ -97,7 +97,7 @@ pub struct Model {
     /// Problems worth a warning at start (e.g. link address collisions).
     pub warnings: Vec<String>,
     /// Routes to outside destinations through exit nodes (set by the engine).
-    pub exits: Vec<crate::exits::ExitRoute>,
+    pub exits: Vec<crate::node::exits::ExitRoute>,
     by_id: HashMap<NodeId, usize>,
     taken_v4: HashSet<Ipv4Addr>,
 }
@@ -133,7 +133,7 @@ impl Model {
                 configured: true,
                 tun: true,
                 present: true,
-                policy: crate::policy::Policy::default(),
+                policy: crate::node::policy::Policy::default(),
                 networks: Vec::new(),
                 known: false,
                 counters: Arc::new(PeerCounters::default()),

@@ -25,7 +25,7 @@ use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
 use crate::identity::{NodeId, NODE_ID_LEN};
-use crate::policy::{Commitment, Purpose, RelayRank};
+use crate::node::policy::{Commitment, Purpose, RelayRank};
 
 /// A path to a peer: direct, or through one relay node.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -195,7 +195,7 @@ pub enum Action {
     /// Ask relay `relay` (a peer index) to relay between this node and `peer`.
     RequestRelay {
         /// Why (the relay checks it against its commitment class).
-        purpose: crate::policy::Purpose,
+        purpose: crate::node::policy::Purpose,
         /// Relay's peer index.
         relay: usize,
         /// The peer to reach through it.
@@ -578,7 +578,7 @@ pub struct Failover {
     peers: Vec<Peer>,
     by_id: HashMap<NodeId, usize>,
     links: HashMap<(usize, NodeId), (LinkInfo, Instant)>,
-    rng: u64,
+    rng: crate::rng::Rng,
     epoch: Instant,
     actions: VecDeque<Action>,
     /// The previous [`Failover::handle_tick`].
@@ -618,7 +618,7 @@ impl Failover {
             peers: Vec::new(),
             by_id: HashMap::new(),
             links: HashMap::new(),
-            rng: seed | 1,
+            rng: crate::rng::Rng::new(seed),
             epoch: now,
             actions: VecDeque::new(),
             last_tick: None,
@@ -772,11 +772,7 @@ impl Failover {
     }
 
     fn random(&mut self) -> u64 {
-        // xorshift64*: deterministic from the seed, good enough to spread relay choices.
-        self.rng ^= self.rng >> 12;
-        self.rng ^= self.rng << 25;
-        self.rng ^= self.rng >> 27;
-        self.rng.wrapping_mul(0x2545_f491_4f6c_dd1d)
+        self.rng.next_u64()
     }
 
     fn micros(&self, t: Instant) -> u64 {
@@ -1530,7 +1526,7 @@ mod tests {
         ticks: Vec<u64>,
         latency: Duration,
         /// Each node's relay policy (checked by the node when asked).
-        policies: Vec<crate::policy::Policy>,
+        policies: Vec<crate::node::policy::Policy>,
         /// Relay requests made: (requester, relay, purpose).
         asked: Vec<(usize, usize, Purpose)>,
         /// Traffic flows between every pair (each node sees it every step); off, every
@@ -1572,7 +1568,7 @@ mod tests {
                 lazy: vec![],
                 ticks: vec![0; n],
                 latency: MS,
-                policies: vec![crate::policy::Policy::default(); n],
+                policies: vec![crate::node::policy::Policy::default(); n],
                 asked: vec![],
                 traffic: true,
                 probes: vec![0; n],
@@ -1581,7 +1577,7 @@ mod tests {
             }
         }
         /// Node `r` publishes `policy`: every other node learns its rank.
-        fn set_policy(&mut self, r: usize, policy: crate::policy::Policy) {
+        fn set_policy(&mut self, r: usize, policy: crate::node::policy::Policy) {
             for a in 0..self.nodes.len() {
                 if a != r {
                     let pi = self.pidx(a, r);
@@ -1950,13 +1946,13 @@ mod tests {
         assert_eq!(net.route(0, 1).path, PathId::Relay(net.ids[3]));
     }
 
-    fn policy(c: Commitment, priority: u8, lifespan: crate::directory::Uptime) -> crate::policy::Policy {
-        crate::policy::Policy { commitment: c, priority, lifespan, ..crate::policy::Policy::default() }
+    fn policy(c: Commitment, priority: u8, lifespan: crate::overlay::directory::Uptime) -> crate::node::policy::Policy {
+        crate::node::policy::Policy { commitment: c, priority, lifespan, ..crate::node::policy::Policy::default() }
     }
 
     #[test]
     fn relays_are_chosen_by_class_and_priority_before_quality_and_never_relays_are_not_asked() {
-        use crate::directory::Uptime::*;
+        use crate::overlay::directory::Uptime::*;
         let mut net = Net::new(6);
         net.nodes.iter_mut().for_each(|n| n.cfg.relay_candidates = 4);
         net.set_policy(2, policy(Commitment::Always, 10, Stable));
@@ -1982,7 +1978,7 @@ mod tests {
 
     #[test]
     fn a_better_relay_learned_later_replaces_a_standby_one() {
-        use crate::directory::Uptime::*;
+        use crate::overlay::directory::Uptime::*;
         let mut net = Net::new(5);
         net.run(Duration::from_secs(3));
         // Two standby relays are in place before any policy is known; then node 4 turns
@@ -2015,7 +2011,7 @@ mod tests {
 
     #[test]
     fn a_stable_relay_is_chosen_over_an_ephemeral_one_of_equal_quality() {
-        use crate::directory::Uptime::*;
+        use crate::overlay::directory::Uptime::*;
         for seed_order in [(2, 3), (3, 2)] {
             let mut net = Net::new(4);
             net.set_policy(seed_order.0, policy(Commitment::Always, 100, Ephemeral));
@@ -2029,7 +2025,7 @@ mod tests {
 
     #[test]
     fn a_last_resort_relay_is_asked_and_used_only_while_no_other_relay_works() {
-        use crate::directory::Uptime::*;
+        use crate::overlay::directory::Uptime::*;
         let mut net = Net::new(4);
         net.set_policy(2, policy(Commitment::Failure, 100, Stable));
         net.set_policy(3, policy(Commitment::LastResort, 255, Stable));

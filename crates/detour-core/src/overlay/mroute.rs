@@ -177,7 +177,7 @@ type FastMap<K, V> = HashMap<K, V, ahash::RandomState>;
 
 /// The management topology a router searches: which nodes exist and the links each has.
 /// [`Topology`] is one (built from a list), the node directory another
-/// ([`crate::directory::Directory`], whose records list their neighbours): a router needs
+/// ([`crate::overlay::directory::Directory`], whose records list their neighbours): a router needs
 /// no copy of the graph, so a directory change costs the router nothing.
 pub trait Graph {
     /// Whether the graph knows `id`.
@@ -200,7 +200,7 @@ impl Graph for Topology {
     }
 }
 
-impl Graph for crate::directory::Directory {
+impl Graph for crate::overlay::directory::Directory {
     fn contains(&self, id: &NodeId) -> bool {
         self.get(id).is_some()
     }
@@ -273,7 +273,7 @@ pub struct Router {
     neighbours: BTreeSet<NodeId>,
     pending: HashMap<u64, Pending>,
     seen: HashMap<(NodeId, u64), Instant>,
-    rng: u64,
+    rng: crate::rng::Rng,
     out: VecDeque<Out>,
     drops: HashMap<Drop, u64>,
     retries: u64,
@@ -286,14 +286,11 @@ fn b64() -> base64::engine::GeneralPurpose {
 impl Router {
     /// A router for `local`; `seed` makes message IDs unique and unpredictable.
     pub fn new(local: NodeId, cfg: MrouteConfig, seed: u64) -> Router {
-        Router { local, cfg, neighbours: BTreeSet::new(), pending: HashMap::new(), seen: HashMap::new(), rng: seed | 1, out: VecDeque::new(), drops: HashMap::new(), retries: 0 }
+        Router { local, cfg, neighbours: BTreeSet::new(), pending: HashMap::new(), seen: HashMap::new(), rng: crate::rng::Rng::new(seed), out: VecDeque::new(), drops: HashMap::new(), retries: 0 }
     }
 
     fn next_id(&mut self) -> u64 {
-        self.rng ^= self.rng >> 12;
-        self.rng ^= self.rng << 25;
-        self.rng ^= self.rng >> 27;
-        self.rng.wrapping_mul(0x2545_f491_4f6c_dd1d)
+        self.rng.next_u64()
     }
 
     /// The live management sessions of this node.

@@ -124,7 +124,7 @@ pub struct NodeRecord {
     pub networks: Vec<IpNet>,
     /// Relay policy (absent in records of older nodes: see [`NodeRecord::policy`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub policy: Option<crate::policy::Policy>,
+    pub policy: Option<crate::node::policy::Policy>,
     /// Management neighbours (nodes it keeps sessions with).
     #[serde(default)]
     pub neighbours: Vec<NodeId>,
@@ -137,13 +137,13 @@ pub struct NodeRecord {
 impl NodeRecord {
     /// The node's relay policy: the published one, or for a record without one, commitment
     /// `always` or `never` from `relay` and the lifespan from `uptime`.
-    pub fn policy(&self) -> crate::policy::Policy {
+    pub fn policy(&self) -> crate::node::policy::Policy {
         match &self.policy {
             Some(p) => p.clone(),
-            None => crate::policy::Policy {
-                commitment: if self.relay { crate::policy::Commitment::Always } else { crate::policy::Commitment::Never },
+            None => crate::node::policy::Policy {
+                commitment: if self.relay { crate::node::policy::Commitment::Always } else { crate::node::policy::Commitment::Never },
                 lifespan: self.uptime,
-                ..crate::policy::Policy::default()
+                ..crate::node::policy::Policy::default()
             },
         }
     }

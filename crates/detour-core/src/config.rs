@@ -9,7 +9,7 @@
 use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
@@ -125,7 +125,7 @@ pub struct NodeConfig {
     pub relay: bool,
     /// Uptime class published in the directory (stable hosts are preferred as management
     /// neighbours and relays).
-    pub uptime: crate::directory::Uptime,
+    pub uptime: crate::overlay::directory::Uptime,
     /// Underlay data endpoints published in the directory; empty means this host's global
     /// addresses with the data port.
     pub advertise: Vec<SocketAddr>,
@@ -137,7 +137,7 @@ pub struct NodeConfig {
     pub networks: Vec<IpNet>,
     /// The relay policy published in the directory (`[policy]`; `up_since` is filled in
     /// at start).
-    pub policy: crate::policy::Policy,
+    pub policy: crate::node::policy::Policy,
 }
 
 /// Exits to hosts that do not run detour (`[exit]`; spec A§1.1.2 context 3).
@@ -163,7 +163,7 @@ pub struct ReplexConfig {
     /// Round period (±10 % jitter).
     pub period: Duration,
     /// The algorithm's parameters.
-    pub params: crate::replex::Params,
+    pub params: crate::path::replex::Params,
     /// Buckets of the kernel's resilient nexthop groups.
     pub kernel_buckets: u16,
     /// Idle time after which a kernel bucket (and a userspace flow) may move to another
@@ -174,7 +174,14 @@ pub struct ReplexConfig {
 
 impl Default for ReplexConfig {
     fn default() -> Self {
-        ReplexConfig { enabled: false, mode: ReplexMode::Adaptive, period: Duration::from_secs(1), params: crate::replex::Params::default(), kernel_buckets: 1024, flow_idle: Duration::from_secs(5) }
+        ReplexConfig {
+            enabled: false,
+            mode: ReplexMode::Adaptive,
+            period: Duration::from_secs(1),
+            params: crate::path::replex::Params::default(),
+            kernel_buckets: 1024,
+            flow_idle: Duration::from_secs(5),
+        }
     }
 }
 
@@ -260,7 +267,7 @@ pub struct FailoverSettings {
     /// Watch TCP connections to protected destinations for stalls.
     pub tcp_monitor: bool,
     /// How often TCP connections are read while a peer carries traffic (every
-    /// [`crate::shell::intercept::TCP_IDLE_POLL`] while none does).
+    /// `detour::shell::intercept::TCP_IDLE_POLL` while none does).
     pub tcp_poll: Duration,
 }
 
@@ -576,24 +583,25 @@ fn check_port(p: u16) -> Result<(), String> {
 }
 
 impl Config {
-    /// Reads and validates a configuration file. Reading the file is the only I/O.
-    ///
-    /// # Errors
-    /// Every problem found, each naming the file and key.
-    pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
-        let file = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|e| ConfigErrors(vec![ConfigError { file: file.clone(), key: "(file)".into(), message: format!("cannot read: {e}") }]))?;
-        Config::parse(&text, &file)
-    }
-
-    /// Parses and validates configuration text; `file` is only used in messages.
+    /// Parses and validates configuration text; `file` is only used in messages. The log
+    /// level is taken as it is: [`Config::parse_with`] checks it too.
     ///
     /// # Errors
     /// Every problem found, each naming the file and key.
     pub fn parse(text: &str, file: &str) -> Result<Config, ConfigErrors> {
+        Config::parse_with(text, file, &|_| true)
+    }
+
+    /// [`Config::parse`], with `log_level_ok` telling whether `node.log_level` is a
+    /// directive the logging backend accepts (the shell's; the core has no logging
+    /// backend). Reading the file is the shell's too (`detour::shell::files::load_config`).
+    ///
+    /// # Errors
+    /// Every problem found, each naming the file and key.
+    pub fn parse_with(text: &str, file: &str, log_level_ok: &dyn Fn(&str) -> bool) -> Result<Config, ConfigErrors> {
         let raw = parse_raw(text, file)?;
         let mut errs = Errors { file, list: Vec::new() };
-        let cfg = validate(raw, file, &mut errs);
+        let cfg = validate(raw, file, &mut errs, log_level_ok);
         if errs.list.is_empty() {
             Ok(cfg.expect("validation produced no config but no error"))
         } else {
@@ -634,7 +642,7 @@ fn parse_raw(text: &str, file: &str) -> Result<RawConfig, ConfigErrors> {
     })
 }
 
-fn validate(raw: RawConfig, file: &str, errs: &mut Errors) -> Option<Config> {
+fn validate(raw: RawConfig, file: &str, errs: &mut Errors, log_level_ok: &dyn Fn(&str) -> bool) -> Option<Config> {
     let n = raw.node;
     if !valid_name(&n.name) {
         errs.push("node.name", format!("expected 1-32 characters of [A-Za-z0-9._-], got `{}`", n.name));
@@ -687,11 +695,11 @@ fn validate(raw: RawConfig, file: &str, errs: &mut Errors) -> Option<Config> {
     let underlay_mtu = n.underlay_mtu.unwrap_or(DEFAULT_UNDERLAY_MTU);
     check_mtu(errs, "node.underlay_mtu", underlay_mtu, overlay_v6.is_some());
     let log_level = n.log_level.unwrap_or_else(|| "info".to_string());
-    if tracing_subscriber::EnvFilter::try_new(&log_level).is_err() {
+    if !log_level_ok(&log_level) {
         errs.push("node.log_level", format!("expected `error`, `warn`, `info`, `debug`, `trace` or a tracing directive, got `{log_level}`"));
     }
     let relay = n.relay.unwrap_or(true);
-    let uptime = n.uptime.as_deref().and_then(|u| parse_uptime(errs, "node.uptime", u)).unwrap_or(crate::directory::Uptime::Stable);
+    let uptime = n.uptime.as_deref().and_then(|u| parse_uptime(errs, "node.uptime", u)).unwrap_or(crate::overlay::directory::Uptime::Stable);
     let mut networks = Vec::new();
     for (i, p) in n.networks.iter().enumerate() {
         if let Some(net) = parse_prefix(errs, &format!("node.networks[{i}]"), p) {
@@ -916,8 +924,8 @@ fn validate(raw: RawConfig, file: &str, errs: &mut Errors) -> Option<Config> {
 /// `[policy]`: the relay policy (`docs/policies.md`). `node.relay = false` means
 /// commitment `never`, and `node.uptime` is the lifespan; given in both places they must
 /// agree.
-fn validate_policy(r: RawPolicy, relay: bool, relay_set: bool, uptime: crate::directory::Uptime, uptime_set: bool, errs: &mut Errors) -> crate::policy::Policy {
-    use crate::policy::{Commitment, Connectivity, Policy, Willing};
+fn validate_policy(r: RawPolicy, relay: bool, relay_set: bool, uptime: crate::overlay::directory::Uptime, uptime_set: bool, errs: &mut Errors) -> crate::node::policy::Policy {
+    use crate::node::policy::{Commitment, Connectivity, Policy, Willing};
     let d = Policy::default();
     let commitment = match r.commitment.as_deref() {
         None => {
@@ -1008,10 +1016,10 @@ fn validate_policy(r: RawPolicy, relay: bool, relay_set: bool, uptime: crate::di
 }
 
 /// `stable` or `ephemeral` (`node.uptime`, `policy.lifespan`); an error names `key`.
-fn parse_uptime(errs: &mut Errors, key: &str, s: &str) -> Option<crate::directory::Uptime> {
+fn parse_uptime(errs: &mut Errors, key: &str, s: &str) -> Option<crate::overlay::directory::Uptime> {
     match s {
-        "stable" => Some(crate::directory::Uptime::Stable),
-        "ephemeral" => Some(crate::directory::Uptime::Ephemeral),
+        "stable" => Some(crate::overlay::directory::Uptime::Stable),
+        "ephemeral" => Some(crate::overlay::directory::Uptime::Ephemeral),
         other => {
             errs.push(key, format!("expected `stable` (routers, servers) or `ephemeral` (laptops and the like), got `{other}`"));
             None
@@ -1075,7 +1083,7 @@ fn validate_replex(r: RawReplex, errs: &mut Errors) -> ReplexConfig {
         enabled: r.enabled.unwrap_or(d.enabled),
         mode,
         period: Duration::from_millis(period_ms.clamp(100, 60_000)),
-        params: crate::replex::Params { lambda, beta, theta_ms, alpha_off_ms, loss_penalty_ms, min_samples: min_samples.min(1000), ..d.params },
+        params: crate::path::replex::Params { lambda, beta, theta_ms, alpha_off_ms, loss_penalty_ms, min_samples: min_samples.min(1000), ..d.params },
         kernel_buckets: kernel_buckets.clamp(16, 4096),
         flow_idle: Duration::from_secs(flow_idle_s.clamp(1, 3600)),
     }
@@ -1163,7 +1171,7 @@ fn validate_management(m: RawManagement, data_port: u16, errs: &mut Errors) -> M
 }
 
 fn validate_failover(f: RawFailover, errs: &mut Errors) -> FailoverSettings {
-    let d = crate::failover::FailoverConfig::default();
+    let d = crate::path::failover::FailoverConfig::default();
     let mut ms = |key: &str, v: Option<u64>, default: Duration, min: u64, max: u64| -> Duration {
         match v {
             None => default,
@@ -1225,8 +1233,8 @@ fn validate_failover(f: RawFailover, errs: &mut Errors) -> FailoverSettings {
 
 impl FailoverSettings {
     /// The failover core's configuration.
-    pub fn core(&self) -> crate::failover::FailoverConfig {
-        crate::failover::FailoverConfig {
+    pub fn core(&self) -> crate::path::failover::FailoverConfig {
+        crate::path::failover::FailoverConfig {
             probe_interval: self.probe_interval,
             standby_interval: self.standby_probe_interval,
             down_after: self.down_after,
@@ -1397,7 +1405,7 @@ prefixes = ["10.9.0.0/16"]
 
     #[test]
     fn policy_section_is_validated() {
-        use crate::policy::{Commitment, Connectivity};
+        use crate::node::policy::{Commitment, Connectivity};
         let text = format!("{}\n[policy]\ncommitment = \"sometimes\"\npriority = 300\nconnectivity = \"router\"\ninternet = true\n", sample());
         let e = Config::parse(&text, "f").unwrap_err().to_string();
         for want in ["policy.commitment", "policy.priority", "policy.connectivity", "last_resort"] {
@@ -1422,8 +1430,8 @@ prefixes = ["10.9.0.0/16"]
     /// text says.
     #[test]
     fn policy_examples_are_valid() {
-        use crate::policy::{Commitment, Connectivity};
-        let doc = include_str!("../docs/policies.md");
+        use crate::node::policy::{Commitment, Connectivity};
+        let doc = include_str!("../../../docs/policies.md");
         let mut configs = Vec::new();
         let mut rest = doc;
         while let Some(i) = rest.find("```toml") {
@@ -1439,7 +1447,7 @@ prefixes = ["10.9.0.0/16"]
         let server = by("server");
         assert_eq!(server.node.policy.commitment, Commitment::Failure);
         let laptop = by("laptop");
-        assert_eq!((laptop.node.policy.commitment, laptop.node.policy.lifespan), (Commitment::LastResort, crate::directory::Uptime::Ephemeral));
+        assert_eq!((laptop.node.policy.commitment, laptop.node.policy.lifespan), (Commitment::LastResort, crate::overlay::directory::Uptime::Ephemeral));
         let exit = by("exit");
         assert!(exit.node.policy.willing.internet_masquerade);
         assert!(!by("laptop").exit.watch.is_empty());
@@ -1448,7 +1456,7 @@ prefixes = ["10.9.0.0/16"]
     /// The complete example in docs/config.md is valid and means what the text says.
     #[test]
     fn documented_example_is_valid() {
-        let doc = include_str!("../docs/config.md");
+        let doc = include_str!("../../../docs/config.md");
         let start = doc.find("```toml").expect("a toml block") + "```toml".len();
         let end = start + doc[start..].find("```").expect("closing fence");
         let c = Config::parse(&doc[start..end], "docs/config.md").unwrap_or_else(|e| panic!("{e}"));

@@ -43,7 +43,7 @@ pub enum Message {
         b: NodeId,
         /// Why the requester wants the relay (older nodes send none: failover).
         #[serde(default)]
-        purpose: crate::policy::Purpose,
+        purpose: crate::node::policy::Purpose,
     },
     /// Answer to a relay request.
     RelayResponse {
@@ -82,7 +82,7 @@ pub enum Message {
     /// missing).
     Records {
         /// The records, as signed by their nodes.
-        records: Vec<crate::directory::SignedRecord>,
+        records: Vec<crate::overlay::directory::SignedRecord>,
         /// Pushed by the flood (an eager push of Plumtree, Leitão et al., "Epidemic
         /// Broadcast Trees", SRDS 2007): a receiver that had every record already answers
         /// with [`Message::Prune`]. Absent (false): sent on request. Older nodes send none.
@@ -96,7 +96,7 @@ pub enum Message {
     Prune,
     /// Asks for nothing: sent on a session that has been silent for a while, so that the
     /// receiver's QUIC acknowledgement (sent within its `max_ack_delay`, RFC 9000 §13.2.1)
-    /// shows the sender that the receiver is alive ([`crate::session::Silence`]). The
+    /// shows the sender that the receiver is alive ([`crate::overlay::session::Silence`]). The
     /// receiver ignores it; older nodes count it as an undecodable frame.
     Ping,
     /// Records the sender holds, announced instead of pushed on a lazy link: a receiver
@@ -110,17 +110,17 @@ pub enum Message {
     Digest {
         /// Every record the sender holds (in `buckets`, when given).
         entries: Vec<(NodeId, u64)>,
-        /// The digest buckets ([`crate::directory::bucket_of`]) this digest covers, in
+        /// The digest buckets ([`crate::overlay::directory::bucket_of`]) this digest covers, in
         /// answer to a [`Message::Summary`]; absent: the whole directory.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         buckets: Option<Vec<u8>>,
     },
     /// A summary of the sender's directory: one hash per digest bucket
-    /// ([`crate::directory::Directory::bucket_hashes`]), hex, 16 digits each. The receiver
+    /// ([`crate::overlay::directory::Directory::bucket_hashes`]), hex, 16 digits each. The receiver
     /// answers with a [`Message::Digest`] of the buckets that differ: anti-entropy costs
     /// the same whatever the directory's size while the two agree.
     Summary {
-        /// [`crate::directory::BUCKETS`] hashes.
+        /// [`crate::overlay::directory::BUCKETS`] hashes.
         hashes: String,
     },
     /// Asks for the records of these nodes.
@@ -131,7 +131,7 @@ pub enum Message {
     /// A message routed over the management overlay to any node ID.
     Routed {
         /// The envelope (source route, hop limit, body).
-        envelope: crate::mroute::Envelope,
+        envelope: crate::overlay::mroute::Envelope,
     },
 }
 
@@ -236,7 +236,7 @@ mod tests {
     #[test]
     fn relay_and_link_messages_round_trip() {
         for message in [
-            Message::RelayRequest { a: NodeId([1; 16]), b: NodeId([2; 16]), purpose: crate::policy::Purpose::LastResort },
+            Message::RelayRequest { a: NodeId([1; 16]), b: NodeId([2; 16]), purpose: crate::node::policy::Purpose::LastResort },
             Message::RelayResponse { b: NodeId([2; 16]), accepted: false, reason: Some("no path".into()), transient: true },
             Message::RelayRelease { a: NodeId([1; 16]), b: NodeId([2; 16]) },
             Message::Ping,
