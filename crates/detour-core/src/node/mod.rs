@@ -9,3 +9,6 @@
 pub mod exits;
 pub mod model;
 pub mod policy;
+#[cfg(test)]
+pub mod sim;
+pub mod state;

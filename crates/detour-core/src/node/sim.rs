@@ -1,0 +1,563 @@
+//! Whole-node simulator: N nodes, each its real [`NodeState`] (failover, relay server,
+//! REPLEX, link reports) and its real data plane ([`TxState`], [`RxState`]: probes are
+//! sealed, relayed and opened as on the wire), on a simulated underlay with per-direction
+//! cuts and loss, delay, ICMP unreachable signals and node crashes, under one simulated
+//! clock. Seeded and deterministic: the same seed gives the same trace.
+//!
+//! Management sessions are modelled, not run: a session between two nodes is up while
+//! both are alive and neither direction has been cut for [`SESSION_TIMEOUT`] (QUIC's idle
+//! timeout); management messages over it arrive after the link delay, and are lost while
+//! a direction is cut (the session then times out).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::time::{Duration, Instant};
+
+use crate::config::Config;
+use crate::dataplane::{DataCommand, Rx, RxState, TxState};
+use crate::identity::{Identity, NodeId};
+use crate::node::model::Model;
+use crate::node::state::{NodeAction, NodeState};
+use crate::path::failover::PathId;
+use crate::rng::Rng;
+use crate::wire::{self, mgmt::Message, OVERHEAD};
+
+/// A management session whose direction stays cut this long closes (QUIC idle timeout).
+pub const SESSION_TIMEOUT: Duration = Duration::from_secs(6);
+/// Simulated time per step.
+pub const STEP: Duration = Duration::from_millis(1);
+
+/// One simulated node.
+pub struct SimNode {
+    /// The node's model (its configuration and peers).
+    pub model: Model,
+    /// The node's state machine.
+    pub state: NodeState,
+    tx: TxState,
+    rx: RxState,
+    /// Its data-port address on the underlay.
+    pub addr: SocketAddr,
+    /// Alive (a crashed node neither sends nor receives).
+    pub alive: bool,
+}
+
+enum Flight {
+    /// A data-plane datagram from `from` (underlay address) to `to`.
+    Datagram { from: SocketAddr, to: SocketAddr, bytes: Vec<u8> },
+    /// A management message from node `src` to node `dst`.
+    Message { src: usize, dst: usize, message: Message },
+}
+
+/// The simulated underlay and its nodes.
+pub struct Sim {
+    /// The nodes, by index (node `i` is `n{i}`, data port at 10.0.0.`i+1`:51820).
+    pub nodes: Vec<SimNode>,
+    /// Simulated now.
+    pub now: Instant,
+    start: Instant,
+    unix: u64,
+    rng: Rng,
+    /// One-way delay of every link.
+    pub delay: Duration,
+    /// Directions (from node, to node) that drop everything.
+    cut: BTreeSet<(usize, usize)>,
+    /// Directions (from node, to node) that drop datagrams with this probability (1/1000).
+    lossy: BTreeMap<(usize, usize), u64>,
+    /// Since when a direction has been cut (for session timeouts).
+    cut_since: BTreeMap<(usize, usize), Instant>,
+    /// Management sessions up (unordered pairs, lower index first).
+    sessions: BTreeSet<(usize, usize)>,
+    in_flight: Vec<(Instant, Flight)>,
+    /// Everything the nodes did, in order: the trace two runs with one seed must share.
+    pub trace: Vec<String>,
+    /// Relay requests sent: (requester, relay, purpose word).
+    pub asked: Vec<(usize, usize, String)>,
+    /// Datagrams a relay forwarded: (relay, count).
+    pub forwarded: BTreeMap<usize, u64>,
+    /// (from, to) pairs with forwarding traffic: reported every 100 ms, as the data path
+    /// and the netfilter log rules report it.
+    pub flows: Vec<(usize, usize)>,
+}
+
+fn identity(i: usize) -> Identity {
+    let mut seed = [0u8; 32];
+    seed[..8].copy_from_slice(&(i as u64 + 1).to_be_bytes());
+    seed[31] = 0x5a;
+    Identity::from_seed(seed)
+}
+
+fn data_addr(i: usize) -> SocketAddr {
+    SocketAddr::new(IpAddr::V4(Ipv4Addr::new(10, 0, (i / 250) as u8, (i % 250 + 1) as u8)), 51820)
+}
+
+impl Sim {
+    /// `n` nodes in a full mesh of configured peers; `extra(i)` is added to node `i`'s
+    /// `[node]` section and `policy(i)` is its `[policy]` section (empty: the default).
+    pub fn new(n: usize, seed: u64, policy: impl Fn(usize) -> String) -> Sim {
+        let start = Instant::now();
+        let ids: Vec<Identity> = (0..n).map(identity).collect();
+        let mut nodes = Vec::new();
+        let mut models = Vec::new();
+        for i in 0..n {
+            let mut text = format!("[node]\nname = \"n{i}\"\nprivate_key = \"/unused\"\noverlay_ipv4 = \"10.77.{}.{}/16\"\n", i / 250, i % 250 + 1);
+            let p = policy(i);
+            if !p.is_empty() {
+                text += &format!("\n[policy]\n{p}\n");
+            }
+            for (j, id) in ids.iter().enumerate().filter(|(j, _)| *j != i) {
+                text += &format!("\n[[peer]]\nname = \"n{j}\"\npublic_key = \"{}\"\nendpoints = [\"{}\"]\noverlay_ipv4 = \"10.77.{}.{}\"\n", id.public_key(), data_addr(j).ip(), j / 250, j % 250 + 1);
+            }
+            let cfg = Config::parse(&text, &format!("n{i}.toml")).unwrap_or_else(|e| panic!("sim config of n{i}: {e}"));
+            models.push(Model::new(cfg, ids[i].node_id()));
+        }
+        // What each node's signed record tells the others (the directory's part): its
+        // policy is known.
+        let policies: Vec<_> = models.iter().map(|m| m.cfg.node.policy.clone()).collect();
+        for (i, model) in models.iter_mut().enumerate() {
+            for (p, def) in model.peers.iter_mut().enumerate() {
+                def.known = true;
+                def.policy = policies[Sim::node(i, p)].clone();
+            }
+        }
+        for (i, model) in models.into_iter().enumerate() {
+            let spec = model.dataplane_spec();
+            let state = NodeState::new(&model, seed ^ (i as u64).wrapping_mul(0x9e37_79b9), start, 1_800_000_000);
+            nodes.push(SimNode { tx: TxState::new(&spec), rx: RxState::new(&spec), model, state, addr: data_addr(i), alive: true });
+        }
+        let mut sim = Sim {
+            nodes,
+            now: start,
+            start,
+            unix: 1_800_000_000,
+            rng: Rng::new(seed),
+            delay: Duration::from_millis(5),
+            cut: BTreeSet::new(),
+            lossy: BTreeMap::new(),
+            cut_since: BTreeMap::new(),
+            sessions: BTreeSet::new(),
+            in_flight: Vec::new(),
+            trace: Vec::new(),
+            asked: Vec::new(),
+            forwarded: BTreeMap::new(),
+            flows: Vec::new(),
+        };
+        for i in 0..n {
+            sim.drain(i);
+        }
+        sim
+    }
+
+    /// Node `i`'s peer index for node `j`.
+    pub fn peer(i: usize, j: usize) -> usize {
+        if j < i {
+            j
+        } else {
+            j - 1
+        }
+    }
+
+    /// The node that is node `i`'s peer `p`.
+    pub fn node(i: usize, p: usize) -> usize {
+        if p < i {
+            p
+        } else {
+            p + 1
+        }
+    }
+
+    /// Node `i`'s node ID.
+    pub fn id(&self, i: usize) -> NodeId {
+        self.nodes[i].model.local
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.now.saturating_duration_since(self.start).as_millis() as u64
+    }
+
+    /// Drops everything from `a` to `b` (and back, if `both`).
+    pub fn cut(&mut self, a: usize, b: usize, both: bool) {
+        for d in [(a, b), (b, a)].into_iter().take(if both { 2 } else { 1 }) {
+            self.cut.insert(d);
+            self.cut_since.entry(d).or_insert(self.now);
+        }
+    }
+
+    /// Repairs the link between `a` and `b` in both directions.
+    pub fn heal(&mut self, a: usize, b: usize) {
+        for d in [(a, b), (b, a)] {
+            self.cut.remove(&d);
+            self.cut_since.remove(&d);
+        }
+    }
+
+    /// Datagrams from `a` to `b` are lost with probability `per_mille`/1000.
+    pub fn lossy(&mut self, a: usize, b: usize, per_mille: u64) {
+        self.lossy.insert((a, b), per_mille);
+    }
+
+    /// An ICMP host unreachable about `b`'s destinations reaches `a` (the kernel's answer to
+    /// traffic on a path that failed, as the NFQUEUE classifier hands it on).
+    pub fn icmp(&mut self, a: usize, b: usize) {
+        let (now, p) = (self.now, Sim::peer(a, b));
+        let node = &mut self.nodes[a];
+        node.state.handle_icmp(now, &node.model, p);
+        self.drain(a);
+    }
+
+    /// Forwarding traffic from `a` to `b` (its paths are probed at the fast rate).
+    pub fn traffic(&mut self, a: usize, b: usize) {
+        let (now, p) = (self.now, Sim::peer(a, b));
+        let node = &mut self.nodes[a];
+        node.state.handle_traffic(now, &node.model, p);
+        self.drain(a);
+    }
+
+    /// Node `i` crashes: its sessions end, nothing reaches it.
+    pub fn crash(&mut self, i: usize) {
+        self.nodes[i].alive = false;
+    }
+
+    /// Brings up every management session that can be up and takes down those that
+    /// cannot (a dead end, or a direction cut for longer than [`SESSION_TIMEOUT`]).
+    fn sessions(&mut self) {
+        let n = self.nodes.len();
+        for a in 0..n {
+            for b in a + 1..n {
+                let timed_out = [(a, b), (b, a)].iter().any(|d| self.cut_since.get(d).is_some_and(|t| self.now.saturating_duration_since(*t) >= SESSION_TIMEOUT));
+                let cut_now = self.cut.contains(&(a, b)) || self.cut.contains(&(b, a));
+                let can = self.nodes[a].alive && self.nodes[b].alive && !timed_out;
+                let up = self.sessions.contains(&(a, b));
+                if up && !can {
+                    self.sessions.remove(&(a, b));
+                    self.trace.push(format!("{} session down n{a} n{b}", self.now_ms()));
+                    for (x, y) in [(a, b), (b, a)] {
+                        let (now, p) = (self.now, Sim::peer(x, y));
+                        let node = &mut self.nodes[x];
+                        if node.alive {
+                            node.state.handle_session_down(now, &node.model, p);
+                        }
+                    }
+                } else if !up && can && !cut_now {
+                    self.sessions.insert((a, b));
+                    self.trace.push(format!("{} session up n{a} n{b}", self.now_ms()));
+                    // Keys as the QUIC exporter would give them: the same material on both
+                    // sides, split by node ID order.
+                    let mut material = [0u8; wire::EXPORTER_LEN];
+                    for (k, byte) in material.iter_mut().enumerate() {
+                        *byte = (self.rng.next_u64() >> (k % 8)) as u8;
+                    }
+                    for (x, y) in [(a, b), (b, a)] {
+                        let secrets = wire::split_exporter(&material, &self.id(x), &self.id(y));
+                        let (now, p, data) = (self.now, Sim::peer(x, y), self.nodes[y].addr);
+                        let node = &mut self.nodes[x];
+                        let cmd = DataCommand::InstallSession { peer: p, secrets };
+                        node.tx.apply(&cmd);
+                        node.rx.apply(&cmd);
+                        node.state.handle_session_up(now, &node.model, p, data, Some(node.addr.ip()), true);
+                        self.drain(x);
+                    }
+                }
+            }
+        }
+    }
+
+    fn node_at(&self, addr: SocketAddr) -> Option<usize> {
+        self.nodes.iter().position(|n| n.addr == addr)
+    }
+
+    /// Whether a datagram from node `a` to node `b` gets through now.
+    fn passes(&mut self, a: usize, b: usize) -> bool {
+        if self.cut.contains(&(a, b)) || !self.nodes[b].alive {
+            return false;
+        }
+        match self.lossy.get(&(a, b)) {
+            Some(&pm) => self.rng.below(1000) >= pm,
+            None => true,
+        }
+    }
+
+    /// Carries out node `i`'s actions.
+    fn drain(&mut self, i: usize) {
+        while let Some(a) = self.nodes[i].state.poll_action() {
+            match a {
+                NodeAction::Data(DataCommand::SendControl { peer, to, payload }) => {
+                    let mut buf = vec![0u8; payload.len() + OVERHEAD];
+                    let node = &mut self.nodes[i];
+                    node.tx.set_now(self.now.saturating_duration_since(self.start).as_millis() as u64);
+                    if let Ok(len) = node.tx.seal_control(peer, &payload, &mut buf) {
+                        buf.truncate(len);
+                        let from = node.addr;
+                        self.send_datagram(from, to, buf);
+                    }
+                }
+                NodeAction::Data(cmd) => {
+                    self.trace.push(format!("{} n{i} data {}", self.now_ms(), short(&cmd)));
+                    let node = &mut self.nodes[i];
+                    node.tx.apply(&cmd);
+                    node.rx.apply(&cmd);
+                }
+                NodeAction::Send { peer, message, .. } => {
+                    let dst = Sim::node(i, peer);
+                    if let Message::RelayRequest { purpose, .. } = &message {
+                        self.asked.push((i, dst, purpose.as_str().to_string()));
+                    }
+                    self.trace.push(format!("{} n{i} -> n{dst} {}", self.now_ms(), message_kind(&message)));
+                    if self.sessions.contains(&(i.min(dst), i.max(dst))) && !self.cut.contains(&(i, dst)) {
+                        self.in_flight.push((self.now + self.delay, Flight::Message { src: i, dst, message }));
+                    }
+                }
+                other => self.trace.push(format!("{} n{i} {}", self.now_ms(), action_kind(&other))),
+            }
+        }
+    }
+
+    fn send_datagram(&mut self, from: SocketAddr, to: SocketAddr, bytes: Vec<u8>) {
+        let (Some(a), Some(b)) = (self.node_at(from), self.node_at(to)) else { return };
+        if self.passes(a, b) {
+            self.in_flight.push((self.now + self.delay, Flight::Datagram { from, to, bytes }));
+        }
+    }
+
+    fn deliver(&mut self, f: Flight) {
+        match f {
+            Flight::Datagram { from, to, mut bytes } => {
+                let Some(b) = self.node_at(to) else { return };
+                if !self.nodes[b].alive {
+                    return;
+                }
+                let now_ms = self.now_ms();
+                let now = self.now;
+                let node = &mut self.nodes[b];
+                match node.rx.decapsulate(&mut bytes, from, now_ms) {
+                    Ok(Rx::Control { peer, payload }) => {
+                        let payload = bytes[payload].to_vec();
+                        node.state.handle_probe(now, &node.model, now, peer, from, &payload);
+                        self.drain(b);
+                    }
+                    Ok(Rx::Forward { to: next }) => {
+                        *self.forwarded.entry(b).or_default() += 1;
+                        let from = self.nodes[b].addr;
+                        self.send_datagram(from, next, bytes);
+                    }
+                    Ok(Rx::Deliver(_)) | Err(_) => {}
+                }
+            }
+            Flight::Message { src, dst, message } => {
+                if !self.nodes[dst].alive || !self.sessions.contains(&(src.min(dst), src.max(dst))) {
+                    return;
+                }
+                let (now, p) = (self.now, Sim::peer(dst, src));
+                let node = &mut self.nodes[dst];
+                node.state.handle_message(now, &node.model, p, message);
+                self.drain(dst);
+            }
+        }
+    }
+
+    /// Runs for `d` of simulated time.
+    pub fn run(&mut self, d: Duration) {
+        let end = self.now + d;
+        while self.now < end {
+            self.now += STEP;
+            self.sessions();
+            if self.now_ms() % 100 == 0 {
+                for (a, b) in self.flows.clone() {
+                    if self.nodes[a].alive {
+                        self.traffic(a, b);
+                    }
+                }
+            }
+            // What arrives by now, in the order it was sent.
+            let (due, rest): (Vec<_>, Vec<_>) = std::mem::take(&mut self.in_flight).into_iter().partition(|(t, _)| *t <= self.now);
+            self.in_flight = rest;
+            for (_, f) in due {
+                self.deliver(f);
+            }
+            for i in 0..self.nodes.len() {
+                if !self.nodes[i].alive {
+                    continue;
+                }
+                let node = &mut self.nodes[i];
+                if node.state.poll_timeout() <= self.now {
+                    node.state.handle_timeout(self.now, self.unix + self.now.saturating_duration_since(self.start).as_secs(), &node.model);
+                    self.drain(i);
+                }
+            }
+        }
+    }
+
+    /// The path node `a` sends `b`'s traffic on.
+    pub fn path(&self, a: usize, b: usize) -> PathId {
+        self.nodes[a].state.failover().route(Sim::peer(a, b)).expect("peer").path
+    }
+
+    /// Whether node `a` routes `b`'s protected destinations into the overlay.
+    pub fn protected(&self, a: usize, b: usize) -> bool {
+        self.nodes[a].state.failover().route(Sim::peer(a, b)).expect("peer").protect
+    }
+
+    /// Runs until `f` holds (checked every simulated millisecond), at most `limit`; how
+    /// long it took, or `None`.
+    pub fn run_until(&mut self, limit: Duration, mut f: impl FnMut(&Sim) -> bool) -> Option<Duration> {
+        let t0 = self.now;
+        while self.now < t0 + limit {
+            if f(self) {
+                return Some(self.now - t0);
+            }
+            self.run(STEP);
+        }
+        f(self).then(|| self.now - t0)
+    }
+}
+
+fn short(cmd: &DataCommand) -> String {
+    match cmd {
+        DataCommand::SetEndpoint { peer, endpoint } => format!("endpoint {peer} {:?}", endpoint.map(|e| e.remote)),
+        DataCommand::SetRelay { a, b, .. } => format!("relay {} {}", a.short(), b.short()),
+        DataCommand::ClearRelay { a, b } => format!("clear relay {} {}", a.short(), b.short()),
+        DataCommand::SetSplit { peer, routes, .. } => format!("split {peer} {}", routes.len()),
+        other => format!("{other:?}").split([' ', '{', '(']).next().unwrap_or("").to_string(),
+    }
+}
+
+fn message_kind(m: &Message) -> String {
+    match m {
+        Message::RelayRequest { b, purpose, .. } => format!("relay request {} {}", b.short(), purpose.as_str()),
+        Message::RelayResponse { b, accepted, .. } => format!("relay response {} {accepted}", b.short()),
+        Message::RelayRelease { b, .. } => format!("relay release {}", b.short()),
+        Message::LinkReport { links, .. } => format!("link report {}", links.len()),
+        _ => "other".into(),
+    }
+}
+
+fn action_kind(a: &NodeAction) -> String {
+    match a {
+        NodeAction::NeedSession(p) => format!("need session {p}"),
+        NodeAction::RelayLink { peer, on } => format!("relay link {peer} {on}"),
+        NodeAction::Usable { node, usable } => format!("usable {} {usable}", node.short()),
+        NodeAction::ProtectChanged => "protect changed".into(),
+        NodeAction::Exits(e) => format!("exits {}", e.len()),
+        NodeAction::WatchProtected { net, peer } => format!("watch {net} {peer}"),
+        NodeAction::WatchOutside(net) => format!("watch outside {net}"),
+        NodeAction::Data(_) | NodeAction::Send { .. } => unreachable!("handled by the caller"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn relay(sim: &Sim, r: usize) -> PathId {
+        PathId::Relay(sim.id(r))
+    }
+
+    /// Three nodes with traffic between 0 and 1 both ways, settled (sessions, standby
+    /// relay paths).
+    fn triangle(seed: u64) -> Sim {
+        let mut sim = Sim::new(3, seed, |_| String::new());
+        sim.flows = vec![(0, 1), (1, 0)];
+        sim.run(Duration::from_secs(8));
+        assert_eq!(sim.path(0, 1), PathId::Direct);
+        sim
+    }
+
+    #[test]
+    fn a_silent_cut_is_repaired_through_the_relay_whose_data_plane_forwards_and_traffic_returns_after_the_hold_down() {
+        let mut sim = triangle(1);
+        let before = sim.forwarded.get(&2).copied().unwrap_or(0);
+        sim.cut(0, 1, true);
+        let took = sim.run_until(Duration::from_secs(2), |s| s.path(0, 1) == relay(s, 2) && s.path(1, 0) == relay(s, 2)).expect("rerouted through n2");
+        assert!(took < Duration::from_millis(1500), "{took:?}");
+        assert!(sim.protected(0, 1) && sim.protected(1, 0));
+        sim.run(Duration::from_secs(1));
+        // The relay's own data plane forwards the probes of the relayed path (its relay
+        // server admitted the session and installed it).
+        assert!(sim.forwarded.get(&2).copied().unwrap_or(0) > before + 10, "{:?}", sim.forwarded);
+        assert!(sim.asked.iter().any(|(a, r, _)| *a == 0 && *r == 2));
+        sim.heal(0, 1);
+        let back = sim.run_until(Duration::from_secs(10), |s| s.path(0, 1) == PathId::Direct).expect("back on the direct path");
+        assert!(back >= Duration::from_secs(2), "the hold-down kept it on the relay a while: {back:?}");
+        assert!(!sim.protected(0, 1));
+    }
+
+    #[test]
+    fn an_icmp_unreachable_reroutes_at_once() {
+        let mut sim = triangle(2);
+        sim.cut(0, 1, true);
+        sim.icmp(0, 1);
+        let took = sim.run_until(Duration::from_secs(1), |s| s.path(0, 1) == relay(s, 2)).expect("rerouted");
+        assert!(took < Duration::from_millis(100), "{took:?}");
+    }
+
+    #[test]
+    fn a_one_way_failure_reroutes_only_the_broken_direction() {
+        let mut sim = triangle(3);
+        sim.cut(0, 1, false);
+        sim.run_until(Duration::from_secs(3), |s| s.path(0, 1) == relay(s, 2)).expect("0 -> 1 rerouted");
+        sim.run(Duration::from_secs(2));
+        assert_eq!(sim.path(0, 1), relay(&sim, 2));
+        assert_eq!(sim.path(1, 0), PathId::Direct, "the working direction stays direct");
+    }
+
+    #[test]
+    fn relays_are_used_by_their_policy_never_ones_are_not_asked_and_a_last_resort_only_when_no_other_works() {
+        // n2 never relays, n3 relays on failure only, n4 is a last resort.
+        let policy = |i: usize| match i {
+            2 => "commitment = \"never\"".to_string(),
+            3 => "commitment = \"failure\"".to_string(),
+            4 => "commitment = \"last_resort\"".to_string(),
+            _ => String::new(),
+        };
+        let mut sim = Sim::new(5, 4, policy);
+        sim.flows = vec![(0, 1), (1, 0)];
+        sim.run(Duration::from_secs(8));
+        sim.cut(0, 1, true);
+        sim.run_until(Duration::from_secs(3), |s| s.path(0, 1) == relay(s, 3)).expect("through the failure-only relay");
+        sim.run(Duration::from_secs(1));
+        assert!(!sim.asked.iter().any(|(_, r, _)| *r == 2), "a never relay was asked: {:?}", sim.asked);
+        assert_ne!(sim.path(0, 1), relay(&sim, 4), "the last resort is not used while another works");
+        // The failure-only relay fails too: the last resort takes over.
+        sim.crash(3);
+        sim.run_until(Duration::from_secs(4), |s| s.path(0, 1) == relay(s, 4)).expect("through the last resort");
+        assert!(sim.asked.iter().any(|(a, r, _)| *a == 0 && *r == 4));
+        assert!(!sim.asked.iter().any(|(_, r, _)| *r == 2), "{:?}", sim.asked);
+    }
+
+    #[test]
+    fn a_relay_refuses_by_its_own_policy_whatever_the_requester_thinks() {
+        // n2 relays on failure only: a request for performance traffic is refused and
+        // counted, one for failover accepted.
+        let mut sim = Sim::new(3, 5, |i| if i == 2 { "commitment = \"failure\"".to_string() } else { String::new() });
+        sim.run(Duration::from_secs(3));
+        let (a, b) = (sim.id(0), sim.id(1));
+        for purpose in [crate::node::policy::Purpose::Performance, crate::node::policy::Purpose::Failover] {
+            let (now, p) = (sim.now, Sim::peer(2, 0));
+            let node = &mut sim.nodes[2];
+            node.state.handle_message(now, &node.model, p, Message::RelayRequest { a, b, purpose });
+        }
+        let mut answers = Vec::new();
+        while let Some(act) = sim.nodes[2].state.poll_action() {
+            if let NodeAction::Send { message: Message::RelayResponse { accepted, .. }, .. } = act {
+                answers.push(accepted);
+            }
+        }
+        assert_eq!(answers, vec![false, true]);
+        let refused: u64 = sim.nodes[2].state.refusals().iter().map(|(_, n)| n).sum();
+        assert_eq!(refused, 1);
+    }
+
+    #[test]
+    fn the_same_seed_gives_the_same_trace() {
+        let run = |seed| {
+            let mut sim = triangle(seed);
+            sim.cut(0, 1, true);
+            sim.run(Duration::from_secs(3));
+            sim.heal(0, 1);
+            sim.run(Duration::from_secs(5));
+            sim.trace
+        };
+        let (a, b) = (run(7), run(7));
+        assert!(a.len() > 20, "{a:?}");
+        assert_eq!(a, b);
+    }
+}
