@@ -2,7 +2,7 @@
 //! and ticks, carries out what it asks (frames on sessions, new peers for the data plane,
 //! neighbour sessions), and serves the local UDP API ([`crate::overlay::api`]).
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -10,13 +10,13 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::net::UdpSocket;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::ctl::{ApiStatus, NeighbourRow, NodeRow};
+use crate::ctl::{NeighbourRow, NodeRow};
 use crate::dataplane::DataCommand;
 use crate::identity::{Identity, NodeId};
 use crate::node::model::Learned;
-use crate::overlay::api::{self, flag, kind, op, Address, ErrorCode, RateLimiter, Reply, Request, RequestError, Subscriptions};
+use crate::overlay::api_server::{ApiServer, Datagram};
 use crate::overlay::directory::NodeRecord;
-use crate::overlay::{Out, Overlay, OverlayConfig, OwnInfo, RegisterError};
+use crate::overlay::{Out, Overlay, OverlayConfig, OwnInfo};
 use crate::shell::daemon::Shared;
 use crate::shell::peers::{self, want};
 use crate::shell::quic;
@@ -73,25 +73,6 @@ pub struct OverlayView {
     pub status: crate::ctl::ManagementStatus,
 }
 
-/// Counters of the local API.
-#[derive(Debug, Default)]
-struct ApiCounters {
-    sent: u64,
-    delivered: u64,
-    failed: u64,
-    received: u64,
-    unsubscribed: u64,
-    errors: BTreeMap<String, u64>,
-}
-
-struct Pending {
-    client: SocketAddr,
-    tag: u32,
-    channel: u16,
-    dst: NodeId,
-    report: bool,
-}
-
 /// The wall clock in unix seconds (0 before 1970).
 pub(crate) fn unix_now() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
@@ -102,10 +83,8 @@ pub struct Node {
     shared: Arc<Shared>,
     core: Overlay,
     api: Vec<Arc<UdpSocket>>,
-    subs: Subscriptions,
-    limiter: RateLimiter,
-    pending: HashMap<u64, Pending>,
-    counters: ApiCounters,
+    /// The local API server (core): subscriptions, limits, reports.
+    server: ApiServer,
     since: HashMap<NodeId, Instant>,
     last_info: Instant,
 }
@@ -163,17 +142,7 @@ impl Node {
         };
         let info = own_info(&shared);
         let core = Overlay::new(identity, cfg, info, Instant::now(), unix_now(), rand::random());
-        Node {
-            shared,
-            core,
-            api: api.into_iter().map(Arc::new).collect(),
-            subs: Subscriptions::default(),
-            limiter: RateLimiter::new(rate),
-            pending: HashMap::new(),
-            counters: ApiCounters::default(),
-            since: HashMap::new(),
-            last_info: Instant::now(),
-        }
+        Node { shared, core, api: api.into_iter().map(Arc::new).collect(), server: ApiServer::new(rate), since: HashMap::new(), last_info: Instant::now() }
     }
 
     /// Runs until shutdown.
@@ -216,7 +185,7 @@ impl Node {
                     self.publish_view(Instant::now());
                     let _ = done.send(());
                 }
-                Some((sock, from, data)) = api_rx.recv() => self.on_api(sock, from, &data).await,
+                Some((_, from, data)) = api_rx.recv() => self.on_api(from, &data).await,
                 _ = tokio::time::sleep_until(wake.into()) => {
                     let now = Instant::now();
                     self.core.tick(now, unix_now());
@@ -255,8 +224,8 @@ impl Node {
             match o {
                 Out::Send { to, message, urgent } => self.send_frame(to, message, urgent),
                 Out::Deliver { src, channel, payload } => self.deliver(src, channel, payload).await,
-                Out::Delivered { id } => self.report(id, kind::DELIVERED).await,
-                Out::Failed { id } => self.report(id, kind::FAILED).await,
+                Out::Delivered { id } => self.report(id, true).await,
+                Out::Failed { id } => self.report(id, false).await,
                 Out::Learned(rec) => self.learned(&rec),
                 Out::Forgotten(id) => self.forgotten(id),
                 Out::Neighbours(set) => {
@@ -317,9 +286,16 @@ impl Node {
         }
     }
 
-    async fn reply(&self, sock: usize, to: SocketAddr, r: &Reply) {
-        if let Some(s) = self.api.get(sock).or_else(|| self.api.first()) {
-            let _ = s.send_to(&r.encode(), to).await;
+    /// Sends datagrams to local programs, each from the API socket of its address family;
+    /// a program that is gone (port unreachable) loses its subscriptions.
+    async fn send_api(&mut self, out: Vec<Datagram>) {
+        for d in out {
+            let sock = self.sock_for(&d.to);
+            let Some(s) = self.api.get(sock).or_else(|| self.api.first()) else { continue };
+            if let Err(e) = s.send_to(&d.bytes, d.to).await {
+                tracing::debug!("api: sending to {}: {e}", d.to);
+                self.server.unreachable(d.to);
+            }
         }
     }
 
@@ -329,122 +305,18 @@ impl Node {
     }
 
     async fn deliver(&mut self, src: NodeId, channel: u16, payload: Vec<u8>) {
-        self.counters.received += 1;
-        let to = self.subs.receivers(Instant::now(), channel);
-        if to.is_empty() {
-            self.counters.unsubscribed += 1;
-            return;
-        }
-        let r = Reply { kind: kind::MESSAGE, code: 0, channel, tag: 0, node: src, message_id: 0, body: payload };
-        for a in to {
-            let sock = self.sock_for(&a);
-            if let Some(s) = self.api.get(sock) {
-                if let Err(e) = s.send_to(&r.encode(), a).await {
-                    // The program is gone (port unreachable): forget its subscriptions.
-                    tracing::debug!("api: delivering to {a}: {e}");
-                    self.subs.drop_client(a);
-                }
-            }
-        }
+        let out = self.server.deliver(Instant::now(), src, channel, payload);
+        self.send_api(out).await;
     }
 
-    async fn report(&mut self, id: u64, k: u8) {
-        let Some(p) = self.pending.remove(&id) else { return };
-        if k == kind::DELIVERED {
-            self.counters.delivered += 1;
-        } else {
-            self.counters.failed += 1;
-        }
-        if p.report {
-            let r = Reply { kind: k, code: 0, channel: p.channel, tag: p.tag, node: p.dst, message_id: id, body: Vec::new() };
-            let sock = self.sock_for(&p.client);
-            self.reply(sock, p.client, &r).await;
-        }
+    async fn report(&mut self, id: u64, delivered: bool) {
+        let out = self.server.report(id, delivered);
+        self.send_api(out.into_iter().collect()).await;
     }
 
-    fn count_error(&mut self, code: ErrorCode) {
-        *self.counters.errors.entry(code.as_str().to_string()).or_default() += 1;
-    }
-
-    async fn on_api(&mut self, sock: usize, from: SocketAddr, data: &[u8]) {
-        let now = Instant::now();
-        let req = match api::parse(data) {
-            Ok(r) => r,
-            Err(e) => {
-                self.count_error(e.code);
-                self.reply(sock, from, &Reply::error(&e)).await;
-                return;
-            }
-        };
-        if !self.limiter.allow(now, from) {
-            let e = RequestError { code: ErrorCode::RateLimited, tag: req.tag, channel: req.channel, message: "too many requests; slow down".into() };
-            self.count_error(e.code);
-            self.reply(sock, from, &Reply::error(&e)).await;
-            return;
-        }
-        let result = self.serve(now, from, &req);
-        match result {
-            Ok(r) => self.reply(sock, from, &r).await,
-            Err((code, message)) => {
-                self.count_error(code);
-                let e = RequestError { code, tag: req.tag, channel: req.channel, message };
-                self.reply(sock, from, &Reply::error(&e)).await;
-            }
-        }
-    }
-
-    fn lookup(&self, a: &Address) -> Result<NodeRecord, (ErrorCode, String)> {
-        let rec = match a {
-            Address::Node(id) => self.core.directory().get(id).map(|e| NodeRecord::clone(&e.record)),
-            Address::Name(n) => self.core.resolve(n).cloned(),
-            Address::None => None,
-        };
-        rec.ok_or_else(|| {
-            let what = match a {
-                Address::Node(id) => format!("node {id}"),
-                Address::Name(n) => format!("name {n}"),
-                Address::None => "nothing".into(),
-            };
-            (ErrorCode::UnknownNode, format!("{what} is not in the directory"))
-        })
-    }
-
-    fn serve(&mut self, now: Instant, from: SocketAddr, req: &Request) -> Result<Reply, (ErrorCode, String)> {
-        let ok = |node: NodeId, message_id: u64, body: Vec<u8>, k: u8| Reply { kind: k, code: 0, channel: req.channel, tag: req.tag, node, message_id, body };
-        match req.op {
-            op::SEND => {
-                let rec = self.lookup(&req.address)?;
-                let id = self.core.send(now, rec.node_id, req.channel, &req.payload, req.flags & flag::CRITICAL != 0);
-                self.counters.sent += 1;
-                self.pending.insert(id, Pending { client: from, tag: req.tag, channel: req.channel, dst: rec.node_id, report: req.flags & flag::NO_REPORT == 0 });
-                Ok(ok(rec.node_id, id, Vec::new(), kind::ACCEPTED))
-            }
-            op::SUBSCRIBE => {
-                self.subs.subscribe(now, from, req.channel).map_err(|c| (c, format!("at most {} subscriptions per program", api::MAX_SUBSCRIPTIONS_PER_CLIENT)))?;
-                Ok(ok(NodeId::default(), 0, Vec::new(), kind::OK))
-            }
-            op::UNSUBSCRIBE => {
-                self.subs.unsubscribe(from, req.channel);
-                Ok(ok(NodeId::default(), 0, Vec::new(), kind::OK))
-            }
-            op::RESOLVE => {
-                let rec = self.lookup(&req.address)?;
-                let body = serde_json::to_vec(&rec).unwrap_or_default();
-                Ok(ok(rec.node_id, 0, body, kind::RESOLVED))
-            }
-            op::REGISTER => {
-                let Address::Name(name) = &req.address else { return Err((ErrorCode::InvalidName, "register takes a name".into())) };
-                match self.core.register(unix_now(), name) {
-                    Ok(()) => {
-                        tracing::info!("registered name {name}");
-                        Ok(ok(self.core.local(), 0, Vec::new(), kind::OK))
-                    }
-                    Err(RegisterError::Taken(holder)) => Err((ErrorCode::NameTaken, format!("{name} is held by node {holder}"))),
-                    Err(RegisterError::Invalid) => Err((ErrorCode::InvalidName, "names are 1-64 printable characters without spaces".into())),
-                }
-            }
-            _ => Err((ErrorCode::UnknownOp, "unknown operation".into())),
-        }
+    async fn on_api(&mut self, from: SocketAddr, data: &[u8]) {
+        let reply = self.server.handle_datagram(Instant::now(), unix_now(), from, data, &mut self.core);
+        self.send_api(vec![reply]).await;
     }
 
     fn publish_view(&mut self, now: Instant) {
@@ -534,16 +406,7 @@ impl Node {
             retransmissions: self.core.router().retries(),
             routing_drops: self.core.router().drops().iter().map(|(k, v)| (format!("{k:?}").to_lowercase(), *v)).collect(),
             names: self.core.names().iter().map(|n| n.name.clone()).collect(),
-            api: ApiStatus {
-                port: self.api.first().and_then(|s| s.local_addr().ok()).map(|a| a.port()),
-                subscriptions: self.subs.len(),
-                sent: self.counters.sent,
-                delivered: self.counters.delivered,
-                failed: self.counters.failed,
-                received: self.counters.received,
-                unsubscribed: self.counters.unsubscribed,
-                errors: self.counters.errors.clone(),
-            },
+            api: self.server.status(self.api.first().and_then(|sock| sock.local_addr().ok()).map(|a| a.port())),
         };
         *self.shared.overlay_view.lock().expect("view") = OverlayView { nodes, status };
     }

@@ -922,10 +922,9 @@ impl NodeState {
     /// names, and both ends need a known data address; a missing one opens a session and
     /// the refusal is transient.
     fn serve_relay(&mut self, now: Instant, m: &Model, from: usize, a: NodeId, b: NodeId, purpose: Purpose) -> Result<(), RelayRefusal> {
-        let policy = &m.cfg.node.policy;
-        if let Err(refusal) = policy.relay_check(purpose) {
+        if let Err((refusal, why)) = relay_policy_admits(&m.cfg.node.policy, purpose) {
             self.refusals[refusal as usize] += 1;
-            return Err(RelayRefusal { reason: format!("{} (policy: {} relaying refused for {})", refusal.as_str(), policy.commitment.as_str(), purpose.as_str()), transient: false });
+            return Err(why);
         }
         if a != self.peers[from].id {
             return Err(RelayRefusal { reason: "a node may only ask for its own relay sessions".into(), transient: false });
@@ -1175,6 +1174,15 @@ impl NodeState {
         v.sort_by(|a, b| a.0.cmp(&b.0).then_with(|| a.1.name.cmp(&b.1.name)));
         v.into_iter().map(|(_, c)| c).collect()
     }
+}
+
+/// The relay server's policy check (spec A§3.3): whether this node's `policy` lets it relay
+/// traffic of `purpose`; a refusal with the reason counted and the words the requester
+/// sees. The failover tests' relays answer with this same function.
+pub fn relay_policy_admits(policy: &crate::node::policy::Policy, purpose: Purpose) -> Result<(), (Refusal, RelayRefusal)> {
+    policy
+        .relay_check(purpose)
+        .map_err(|refusal| (refusal, RelayRefusal { reason: format!("{} (policy: {} relaying refused for {})", refusal.as_str(), policy.commitment.as_str(), purpose.as_str()), transient: false }))
 }
 
 /// Peer `i`'s name in `m`.

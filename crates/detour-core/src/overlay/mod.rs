@@ -33,6 +33,7 @@
 //! * **Delivery.** [`crate::overlay::mroute::Router`] on the topology the records describe.
 
 pub mod api;
+pub mod api_server;
 pub mod directory;
 pub mod mroute;
 pub mod session;

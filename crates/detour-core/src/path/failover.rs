@@ -1669,7 +1669,7 @@ mod tests {
                         Action::RequestRelay { relay, peer, purpose } => {
                             let r = self.node_of(a, relay);
                             self.asked.push((a, r, purpose));
-                            let ok = self.relay_ok[r] && self.policies[r].relay_check(purpose).is_ok();
+                            let ok = self.relay_ok[r] && crate::node::state::relay_policy_admits(&self.policies[r], purpose).is_ok();
                             let b = self.node_of(a, peer);
                             let first = !self.answered.contains(&(a, r, b));
                             self.answered.push((a, r, b));
