@@ -29,7 +29,7 @@ use crate::shell::control;
 use crate::shell::datapath::{DataPath, DataPathSetup, EVENT_QUEUE};
 use crate::shell::engine::{Engine, EngineShared, Need, SessionEvent};
 use crate::shell::intercept::{self, IcmpCounters};
-use crate::shell::mnode::{self, OverlayEvent, OverlayView};
+use crate::shell::mnode::OverlayView;
 use crate::shell::netlink::Netlink;
 use crate::shell::peers::{self, want, PeerInfo};
 use crate::shell::priority;
@@ -83,16 +83,12 @@ pub struct Shared {
     pub icmp_active: bool,
     /// To the failover engine.
     pub sessions: mpsc::UnboundedSender<SessionEvent>,
-    /// To the management overlay task.
-    pub overlay: mpsc::UnboundedSender<OverlayEvent>,
     /// Woken when the model changed: the kernel is reconciled at once.
     pub kernel: Notify,
     /// What status output shows of the management overlay (filled on request).
     pub overlay_view: Mutex<OverlayView>,
     /// Asks the failover engine to fill [`EngineShared::routes`] (answered when done).
     pub engine_refresh: mpsc::UnboundedSender<oneshot::Sender<()>>,
-    /// Asks the management overlay task to fill `overlay_view` (answered when done).
-    pub overlay_refresh: mpsc::UnboundedSender<oneshot::Sender<()>>,
     /// Management sessions established (QUIC handshakes completed, both directions).
     pub handshakes: Mutex<Handshakes>,
     /// This host's addresses (refreshed by the reconcile loop).
@@ -498,10 +494,8 @@ async fn run_inner(identity: &Identity, model: Model, nl: Netlink, listener: tok
     let allowed = Arc::new(AllowedKeys::new(cfg.peers.iter().map(|p| p.public_key)));
     let mgmt = Arc::new(Management::new(identity, &cfg.node.name, cfg.node.data_port, allowed.clone(), mgmt_socks)?);
     let (session_tx, session_rx) = mpsc::unbounded_channel();
-    let (overlay_tx, overlay_rx) = mpsc::unbounded_channel();
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let (engine_refresh, engine_refresh_rx) = mpsc::unbounded_channel();
-    let (overlay_refresh, overlay_refresh_rx) = mpsc::unbounded_channel();
     let model = Arc::new(RwLock::new(model));
     let shared = Arc::new(Shared {
         model: model.clone(),
@@ -517,11 +511,9 @@ async fn run_inner(identity: &Identity, model: Model, nl: Netlink, listener: tok
         icmp: icmp_counters,
         icmp_active,
         sessions: session_tx,
-        overlay: overlay_tx,
         kernel: Notify::new(),
         overlay_view: Mutex::new(OverlayView::default()),
         engine_refresh,
-        overlay_refresh,
         handshakes: Mutex::new(Handshakes::default()),
         local_addrs: Mutex::new(local_addrs),
         shutdown: shutdown_rx.clone(),
@@ -532,14 +524,9 @@ async fn run_inner(identity: &Identity, model: Model, nl: Netlink, listener: tok
     // The long-running tasks: one that ends before shutdown (or panics) stops the daemon.
     let mut tasks: tokio::task::JoinSet<&'static str> = tokio::task::JoinSet::new();
     let (needs_tx, mut needs_rx) = mpsc::unbounded_channel();
-    let engine = Engine::new(shared.model.clone(), dp.clone(), filter.clone(), engine_shared.clone(), needs_tx, shared.overlay.clone(), rand::random(), Instant::now());
+    let engine = Engine::new(shared.clone(), filter.clone(), engine_shared.clone(), needs_tx, identity.clone(), api_socks, rand::random(), Instant::now());
     let mut engine_task = tokio::spawn(engine.run(session_rx, data_rx, alarm_rx, engine_refresh_rx, shutdown_rx.clone()));
     drop(alarm_tx);
-    let node = mnode::Node::new(shared.clone(), identity.clone(), api_socks);
-    tasks.spawn(async move {
-        node.run(overlay_rx, overlay_refresh_rx).await;
-        "the management overlay task"
-    });
     peers::grow(&shared);
     for i in 0..cfg.peers.len() {
         peers::set_want(&shared, i, want::CONFIGURED, true);
@@ -785,19 +772,12 @@ fn secs(i: Option<Instant>) -> Option<f64> {
     i.map(|t| t.elapsed().as_secs_f64())
 }
 
-/// Has the failover engine and the management overlay task fill in what status shows
-/// (each answers between two events; a task that does not answer within a second leaves
-/// the last view).
+/// Has the engine task fill in what status shows from the node state (it answers between
+/// two events; if it does not within a second, the last view stays).
 async fn refresh(shared: &Shared) {
     let (e_tx, e_rx) = oneshot::channel();
-    let (o_tx, o_rx) = oneshot::channel();
     let _ = shared.engine_refresh.send(e_tx);
-    let _ = shared.overlay_refresh.send(o_tx);
-    let _ = tokio::time::timeout(Duration::from_secs(1), async {
-        let _ = e_rx.await;
-        let _ = o_rx.await;
-    })
-    .await;
+    let _ = tokio::time::timeout(Duration::from_secs(1), e_rx).await;
 }
 
 fn handle(shared: &Shared, req: Request) -> Response {

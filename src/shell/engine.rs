@@ -1,21 +1,26 @@
-//! The failover engine task: drives the core's [`NodeState`] (failover, relay server,
-//! REPLEX, exits, link reports) and carries out its actions: probes and endpoints through
-//! the data path, management messages over the QUIC sessions, protected routes and exits
-//! in the kernel, sessions wanted from the session supervisor. No decision is made here.
+//! The engine task: drives the core's [`NodeState`] (failover, relay server, REPLEX, exits,
+//! link reports, the management overlay and the local API server) and carries out its
+//! actions: probes and endpoints through the data path, management messages over the QUIC
+//! sessions, datagrams to local programs, protected routes and exits in the kernel,
+//! records applied to the model, sessions wanted from the session supervisor. No decision
+//! is made here.
 
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
+use tokio::net::UdpSocket;
 use tokio::sync::{mpsc, oneshot, watch, Notify};
 
+use crate::identity::Identity;
 use crate::node::model::{Model, Protect};
 use crate::node::state::{NodeAction, NodeState, RouteStatus};
 use crate::path::icmp::Filter;
+use crate::shell::daemon::Shared;
 use crate::shell::datapath::{DataEvent, DataPath};
 use crate::shell::intercept::Alarm;
-use crate::shell::mnode::{unix_now, OverlayEvent};
+use crate::shell::mnode::{self, unix_now};
 use crate::shell::quic;
 use crate::shell::supervise::{self, Part};
 use crate::wire::mgmt::{Frame, Message};
@@ -32,6 +37,8 @@ pub enum Need {
 
 /// Data-path events taken at once after the first, before the core is asked when to wake.
 const DATA_BATCH: usize = 64;
+/// How often what the node publishes about itself (its endpoints) is refreshed.
+const OWN_INFO_EVERY: Duration = Duration::from_secs(2);
 
 /// Events for the engine from the management sessions.
 #[derive(Debug)]
@@ -46,6 +53,13 @@ pub enum SessionEvent {
         data: SocketAddr,
         /// Monitor the path (configured peers, and links that carry forwarding traffic).
         monitor: bool,
+        /// A configured peer.
+        configured: bool,
+    },
+    /// A session to a node that is not a configured peer could not be set up.
+    Unreachable {
+        /// Peer index.
+        peer: usize,
     },
     /// The session that was up closed.
     Down {
@@ -107,29 +121,35 @@ pub struct Engine {
     dp: Arc<DataPath>,
     filter: Arc<RwLock<Filter>>,
     shared: Arc<EngineShared>,
-    /// To the management overlay: which sessions carry routed messages.
-    overlay: mpsc::UnboundedSender<OverlayEvent>,
+    /// The daemon's shared state (sessions, keys, the status view).
+    daemon: Arc<Shared>,
     /// The management session of each peer, for the messages the core sends.
     conns: Vec<Option<quinn::Connection>>,
+    /// The local API sockets (127.0.0.1, ::1; none when the API is off).
+    api: Vec<Arc<UdpSocket>>,
+    last_info: Instant,
 }
 
 impl Engine {
-    /// Creates the engine; `seed` drives random relay choice. Requests for sessions to
-    /// peers without one (traffic waiting) go to `needs`.
-    /// Changes in which management sessions may carry routed messages go to `overlay`.
+    /// Creates the engine; `seed` drives random relay choice and the overlay's random
+    /// choices. Requests for sessions to peers without one (traffic waiting) go to `needs`.
+    /// `api` are the bound local API sockets (none when off).
     #[allow(clippy::too_many_arguments)]
     pub fn new(
-        model: Arc<RwLock<Model>>,
-        dp: Arc<DataPath>,
+        daemon: Arc<Shared>,
         filter: Arc<RwLock<Filter>>,
         shared: Arc<EngineShared>,
         needs: mpsc::UnboundedSender<Need>,
-        overlay: mpsc::UnboundedSender<OverlayEvent>,
+        identity: Identity,
+        api: Vec<UdpSocket>,
         seed: u64,
         now: Instant,
     ) -> Engine {
-        let state = NodeState::new(&model.read().expect("model"), seed, now, unix_now());
-        let mut e = Engine { model, needs, state, dp, filter, shared, overlay, conns: Vec::new() };
+        let info = mnode::own_info(&daemon);
+        let model = daemon.model.clone();
+        let state = NodeState::new(&model.read().expect("model"), identity, info, seed, now, unix_now());
+        let dp = daemon.dp.clone();
+        let mut e = Engine { model, needs, state, dp, filter, shared, daemon, conns: Vec::new(), api: api.into_iter().map(Arc::new).collect(), last_info: now };
         e.execute();
         e
     }
@@ -146,11 +166,34 @@ impl Engine {
         let replex = self.model.read().expect("model").cfg.replex.enabled;
         let test_panic = supervise::panic_after(Part::Engine, supervise::test_panic_after(Part::Engine));
         tokio::pin!(test_panic);
+        let overlay_panic = supervise::panic_after(Part::Overlay, supervise::test_panic_after(Part::Overlay));
+        tokio::pin!(overlay_panic);
+        // Datagrams from local programs, from one reader per API socket.
+        let (api_tx, mut api_rx) = mpsc::channel::<(SocketAddr, Vec<u8>)>(1024);
+        for s in &self.api {
+            let s = s.clone();
+            let tx = api_tx.clone();
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 65_536];
+                loop {
+                    match s.recv_from(&mut buf).await {
+                        Ok((n, from)) => {
+                            if tx.send((from, buf[..n].to_vec())).await.is_err() {
+                                return;
+                            }
+                        }
+                        Err(e) => tracing::debug!("api socket: {e}"),
+                    }
+                }
+            });
+        }
+        drop(api_tx);
         loop {
             self.shared.health.beat(Part::Engine);
-            // Woken when the core asks (its next probe, deadline, upkeep or REPLEX tick);
-            // never in a busy loop.
-            let wake = self.state.poll_timeout().max(Instant::now() + Duration::from_millis(1));
+            self.shared.health.beat(Part::Overlay);
+            // Woken when the core asks (its next probe, deadline, upkeep, REPLEX tick or
+            // overlay timer) and to refresh what the node publishes; never in a busy loop.
+            let wake = self.state.poll_timeout().min(self.last_info + OWN_INFO_EVERY).max(Instant::now() + Duration::from_millis(1));
             tokio::select! {
                 _ = shutdown.changed() => {
                     self.state.release_all();
@@ -158,7 +201,13 @@ impl Engine {
                     return;
                 }
                 _ = &mut test_panic => {}
+                _ = &mut overlay_panic => {}
                 Some(ev) = sessions.recv() => self.on_session(ev),
+                Some((from, data)) = api_rx.recv() => {
+                    let m = self.model.clone();
+                    let m = m.read().expect("model");
+                    self.state.handle_api_datagram(Instant::now(), unix_now(), &m, from, &data);
+                }
                 Some(done) = refresh.recv() => {
                     // Status is built when someone asks (detourctl, a metrics scrape), never
                     // on a timer: an idle node does no work for status.
@@ -191,10 +240,27 @@ impl Engine {
                         let bytes = self.shared.direct_bytes.lock().expect("direct bytes").clone();
                         self.state.set_direct_bytes(bytes);
                     }
+                    let now = Instant::now();
+                    if now >= self.last_info + OWN_INFO_EVERY {
+                        self.last_info = now;
+                        let info = mnode::own_info(&self.daemon);
+                        let m = self.model.clone();
+                        let m = m.read().expect("model");
+                        self.state.set_own_info(&m, info);
+                    }
                     let m = self.model.clone();
                     let m = m.read().expect("model");
-                    self.state.handle_timeout(Instant::now(), unix_now(), &m);
+                    self.state.handle_timeout(now, unix_now(), &m);
                     self.shared.late.store(self.state.late_count(), Relaxed);
+                }
+            }
+            // Nodes that refused this node's key: the overlay sends them its record.
+            let refused = self.daemon.refused.take_recent();
+            if !refused.is_empty() {
+                let m = self.model.clone();
+                let m = m.read().expect("model");
+                for id in refused {
+                    self.state.handle_refused(Instant::now(), &m, id);
                 }
             }
             self.shared.traffic.store(self.state.traffic(), Relaxed);
@@ -219,14 +285,15 @@ impl Engine {
         let m = self.model.clone();
         let m = m.read().expect("model");
         match ev {
-            SessionEvent::Up { peer, conn, data, monitor } => {
+            SessionEvent::Up { peer, conn, data, monitor, configured } => {
                 let local_ip = conn.local_ip().map(|a| a.to_canonical());
                 if self.conns.len() <= peer {
                     self.conns.resize(peer + 1, None);
                 }
                 self.conns[peer] = Some(conn);
-                self.state.handle_session_up(now, &m, peer, data, local_ip, monitor);
+                self.state.handle_session_up(now, &m, peer, data, local_ip, monitor, configured);
             }
+            SessionEvent::Unreachable { peer } => self.state.handle_unreachable(now, &m, peer),
             SessionEvent::Down { peer } => {
                 if let Some(c) = self.conns.get_mut(peer) {
                     *c = None;
@@ -240,7 +307,7 @@ impl Engine {
                 }
                 self.state.handle_forget(now, &m, peer);
             }
-            SessionEvent::Message { peer, message } => self.state.handle_message(now, &m, peer, message),
+            SessionEvent::Message { peer, message } => self.state.handle_message(now, unix_now(), &m, peer, message),
         }
     }
 
@@ -256,9 +323,20 @@ impl Engine {
                 NodeAction::RelayLink { peer, on } => {
                     let _ = self.needs.send(Need::Relay(peer, on));
                 }
-                NodeAction::Usable { node, usable } => {
-                    let _ = self.overlay.send(OverlayEvent::Usable { node, usable });
+                NodeAction::SendOverlay { to, message, urgent } => self.send_overlay(to, message, urgent),
+                NodeAction::Api(d) => {
+                    let sock = self.api.iter().find(|s| s.local_addr().is_ok_and(|a| a.is_ipv4() == d.to.is_ipv4())).or_else(|| self.api.first());
+                    if let Some(s) = sock {
+                        if let Err(e) = s.try_send_to(&d.bytes, d.to) {
+                            // The program is gone (port unreachable): forget its subscriptions.
+                            tracing::debug!("api: sending to {}: {e}", d.to);
+                            self.state.handle_api_unreachable(d.to);
+                        }
+                    }
                 }
+                NodeAction::Learned(rec) => mnode::learned(&self.daemon, &rec),
+                NodeAction::Forgotten(id) => mnode::forgotten(&self.daemon, id),
+                NodeAction::Neighbours(set) => mnode::neighbours(&self.daemon, &set),
                 NodeAction::ProtectChanged => {
                     *self.shared.protect.lock().expect("protect") = self.state.protect().to_vec();
                     self.shared.kernel.notify_one();
@@ -283,6 +361,22 @@ impl Engine {
         }
     }
 
+    /// A management-overlay message on the session with `to` (routed messages before
+    /// gossip).
+    fn send_overlay(&self, to: crate::identity::NodeId, message: Message, urgent: bool) {
+        let conn = {
+            let m = self.model.read().expect("model");
+            m.index_of(&to).and_then(|i| self.daemon.peers.lock().expect("peers").get(i).and_then(|p| p.conn.clone()))
+        };
+        let Some(conn) = conn else { return };
+        let frame = Frame { src: self.state.overlay().local(), dst: to, hop_limit: 0, message };
+        tokio::spawn(async move {
+            if let Err(e) = quic::send_frame_prio(&conn, &frame, urgent).await {
+                tracing::debug!("management message to {to}: {e:#}");
+            }
+        });
+    }
+
     fn send(&self, peer: usize, to: crate::identity::NodeId, message: Message) {
         let Some(conn) = self.conns.get(peer).and_then(|c| c.clone()) else { return };
         let frame = Frame { src: self.model.read().expect("model").local, dst: to, hop_limit: 0, message };
@@ -304,5 +398,9 @@ impl Engine {
         for (slot, (_, n)) in self.shared.refusals.iter().zip(self.state.refusals()) {
             slot.store(n, Relaxed);
         }
+        drop(m);
+        let port = self.api.first().and_then(|s| s.local_addr().ok()).map(|a| a.port());
+        let view = mnode::view(&self.daemon, &self.state, port, now);
+        *self.daemon.overlay_view.lock().expect("view") = view;
     }
 }

@@ -23,7 +23,6 @@ use crate::identity::NodeId;
 use crate::overlay::session::{Heard, PeerSession, SessionTimers, Silence, Verdict};
 use crate::shell::daemon::{open_tun, Shared};
 use crate::shell::engine::SessionEvent;
-use crate::shell::mnode::OverlayEvent;
 use crate::shell::quic;
 use crate::wire::mgmt::Message;
 use crate::wire::SessionSecrets;
@@ -348,7 +347,7 @@ async fn supervise(i: usize, shared: Arc<Shared>, mut events: mpsc::UnboundedRec
                 sess.on_dial_failed(now, rand::random());
                 if !configured {
                     // A chosen neighbour that cannot be reached is replaced at once.
-                    let _ = shared.overlay.send(OverlayEvent::Unreachable { node: peer_id });
+                    let _ = shared.sessions.send(SessionEvent::Unreachable { peer: i });
                 }
             }
             PeerEvent::Ready { conn, secrets, data_port, remote } => {
@@ -369,8 +368,7 @@ async fn supervise(i: usize, shared: Arc<Shared>, mut events: mpsc::UnboundedRec
                     p.sessions += 1;
                     configured || p.want & want::DATA != 0
                 };
-                let _ = shared.sessions.send(SessionEvent::Up { peer: i, conn: c.clone(), data, monitor });
-                let _ = shared.overlay.send(OverlayEvent::SessionUp { node: peer_id, configured });
+                let _ = shared.sessions.send(SessionEvent::Up { peer: i, conn: c.clone(), data, monitor, configured });
                 tokio::spawn(read_messages(i, c, local, peer_id, shared.clone()));
                 tracing::info!("session with {} up (data endpoint {data})", shared.peer_name(i));
             }
@@ -386,12 +384,11 @@ async fn supervise(i: usize, shared: Arc<Shared>, mut events: mpsc::UnboundedRec
                     tracing::debug!("{} does not know this node yet: trying again", shared.peer_name(i));
                 } else if failed && !configured {
                     // The Hello failed: a chosen neighbour is replaced, as after a failed dial.
-                    let _ = shared.overlay.send(OverlayEvent::Unreachable { node: peer_id });
+                    let _ = shared.sessions.send(SessionEvent::Unreachable { peer: i });
                 }
                 if ready == Some(conn) {
                     ready = None;
                     let _ = shared.sessions.send(SessionEvent::Down { peer: i });
-                    let _ = shared.overlay.send(OverlayEvent::SessionDown { node: peer_id });
                     if let Some(p) = shared.peers.lock().expect("peers").get_mut(i) {
                         p.conn = None;
                     }
@@ -407,25 +404,19 @@ async fn supervise(i: usize, shared: Arc<Shared>, mut events: mpsc::UnboundedRec
     }
 }
 
-/// Reads the management messages a peer sends on its session until it closes: relay
-/// signalling and link reports go to the failover engine, directory gossip and routed
-/// messages to the management overlay. A frame that does not name this session's ends is
+/// Reads the management messages a peer sends on its session until it closes and hands
+/// them to the engine task (the node state dispatches them). A frame that does not name this session's ends is
 /// counted as an error and skipped.
 async fn read_messages(peer: usize, conn: quinn::Connection, local: NodeId, peer_id: NodeId, shared: Arc<Shared>) {
     while let Ok(mut recv) = conn.accept_uni().await {
         let shared = shared.clone();
         tokio::spawn(async move {
             match tokio::time::timeout(quic::HELLO_TIMEOUT, quic::read_frame(&mut recv)).await {
-                Ok(Ok(f)) if f.src == peer_id && f.dst == local => match f.message {
-                    // Its acknowledgement was the answer.
-                    Message::Ping => {}
-                    m @ (Message::Records { .. } | Message::Digest { .. } | Message::Summary { .. } | Message::Want { .. } | Message::IHave { .. } | Message::Prune | Message::Routed { .. }) => {
-                        let _ = shared.overlay.send(OverlayEvent::Message { from: peer_id, message: m });
-                    }
-                    m => {
-                        let _ = shared.sessions.send(SessionEvent::Message { peer, message: m });
-                    }
-                },
+                // Dispatched by type in the node state (overlay gossip and routed messages,
+                // relay signalling, link reports).
+                Ok(Ok(f)) if f.src == peer_id && f.dst == local => {
+                    let _ = shared.sessions.send(SessionEvent::Message { peer, message: f.message });
+                }
                 Ok(Ok(f)) => {
                     shared.mgmt_errors.fetch_add(1, Relaxed);
                     tracing::debug!("management frame {} -> {} on the session with {peer_id}", f.src, f.dst);

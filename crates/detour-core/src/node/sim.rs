@@ -4,10 +4,9 @@
 //! cuts and loss, delay, ICMP unreachable signals and node crashes, under one simulated
 //! clock. Seeded and deterministic: the same seed gives the same trace.
 //!
-//! Each node also runs its management overlay ([`Overlay`]: records, neighbours, message
-//! routing), glued as the shell glues it: sessions up and down, management messages by
-//! type to the overlay or to the node state, the node state's `Usable` verdicts to the
-//! overlay.
+//! Each node's state also runs its management overlay (records, neighbours, message
+//! routing) and its local API server: a program on every node (a simulated address)
+//! subscribes to channel 1, and messages are sent through the API as programs send them.
 //!
 //! Management sessions are modelled, not run: a session between two nodes is up while
 //! both are alive and neither direction has been cut for [`SESSION_TIMEOUT`] (QUIC's idle
@@ -23,7 +22,8 @@ use crate::dataplane::{DataCommand, Rx, RxState, TxState};
 use crate::identity::{Identity, NodeId};
 use crate::node::model::Model;
 use crate::node::state::{NodeAction, NodeState};
-use crate::overlay::{Out, Overlay, OverlayConfig, OwnInfo};
+use crate::overlay::api::{self, kind, op, Address, Reply, Request};
+use crate::overlay::OwnInfo;
 use crate::path::failover::PathId;
 use crate::rng::Rng;
 use crate::wire::{self, mgmt::Message, OVERHEAD};
@@ -39,8 +39,6 @@ pub struct SimNode {
     pub model: Model,
     /// The node's state machine.
     pub state: NodeState,
-    /// Its management overlay.
-    pub overlay: Overlay,
     tx: TxState,
     rx: RxState,
     /// Its data-port address on the underlay.
@@ -91,7 +89,12 @@ pub struct Sim {
     pub acked: BTreeSet<(usize, u64)>,
     /// Message IDs given up, per sending node.
     pub failed: BTreeSet<(usize, u64)>,
+    /// Message IDs the API accepted, per sending node.
+    pub accepted: Vec<(usize, u64)>,
 }
+
+/// The local program on every node (the local API's client).
+const PROGRAM: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 40000);
 
 fn identity(i: usize) -> Identity {
     let mut seed = [0u8; 32];
@@ -135,10 +138,9 @@ impl Sim {
         }
         for (i, model) in models.into_iter().enumerate() {
             let spec = model.dataplane_spec();
-            let state = NodeState::new(&model, seed ^ (i as u64).wrapping_mul(0x9e37_79b9), start, 1_800_000_000);
             let info = OwnInfo { name: format!("n{i}"), endpoints: vec![data_addr(i)], relay: true, policy: Some(model.cfg.node.policy.clone()), ..Default::default() };
-            let overlay = Overlay::new(ids[i].clone(), OverlayConfig::default(), info, start, 1_800_000_000, seed.wrapping_add(i as u64));
-            nodes.push(SimNode { tx: TxState::new(&spec), rx: RxState::new(&spec), model, state, overlay, addr: data_addr(i), alive: true });
+            let state = NodeState::new(&model, ids[i].clone(), info, seed ^ (i as u64).wrapping_mul(0x9e37_79b9), start, 1_800_000_000);
+            nodes.push(SimNode { tx: TxState::new(&spec), rx: RxState::new(&spec), model, state, addr: data_addr(i), alive: true });
         }
         let mut sim = Sim {
             nodes,
@@ -159,8 +161,14 @@ impl Sim {
             delivered: Vec::new(),
             acked: BTreeSet::new(),
             failed: BTreeSet::new(),
+            accepted: Vec::new(),
         };
         for i in 0..n {
+            sim.drain(i);
+            let sub = api::encode_request(&Request { op: op::SUBSCRIBE, flags: 0, channel: 1, tag: 0, address: Address::None, payload: Vec::new() });
+            let (now, unix) = (sim.now, sim.unix);
+            let node = &mut sim.nodes[i];
+            node.state.handle_api_datagram(now, unix, &node.model, PROGRAM, &sub);
             sim.drain(i);
         }
         sim
@@ -254,9 +262,6 @@ impl Sim {
                         let node = &mut self.nodes[x];
                         if node.alive {
                             node.state.handle_session_down(now, &node.model, p);
-                            let other = self.id(y);
-                            let node = &mut self.nodes[x];
-                            node.overlay.session_down(other);
                             self.drain(x);
                         }
                     }
@@ -276,10 +281,7 @@ impl Sim {
                         let cmd = DataCommand::InstallSession { peer: p, secrets };
                         node.tx.apply(&cmd);
                         node.rx.apply(&cmd);
-                        node.state.handle_session_up(now, &node.model, p, data, Some(node.addr.ip()), true);
-                        let other = self.id(y);
-                        let node = &mut self.nodes[x];
-                        node.overlay.session_up(now, other, true);
+                        node.state.handle_session_up(now, &node.model, p, data, Some(node.addr.ip()), true, true);
                         self.drain(x);
                     }
                 }
@@ -332,44 +334,43 @@ impl Sim {
                         self.in_flight.push((self.now + self.delay, Flight::Message { src: i, dst, message }));
                     }
                 }
-                NodeAction::Usable { node, usable } => {
-                    self.trace.push(format!("{} n{i} usable {} {usable}", self.now_ms(), node.short()));
-                    let now = self.now;
-                    self.nodes[i].overlay.set_usable(now, node, usable);
-                }
-                other => self.trace.push(format!("{} n{i} {}", self.now_ms(), action_kind(&other))),
-            }
-        }
-        while let Some(o) = self.nodes[i].overlay.poll() {
-            match o {
-                Out::Send { to, message, .. } => {
+                NodeAction::SendOverlay { to, message, .. } => {
                     let Some(dst) = self.nodes.iter().position(|n| n.model.local == to) else { continue };
                     if self.sessions.contains(&(i.min(dst), i.max(dst))) && !self.cut.contains(&(i, dst)) {
                         self.in_flight.push((self.now + self.delay, Flight::Message { src: i, dst, message }));
                     }
                 }
-                Out::Deliver { src, payload, .. } => {
-                    self.trace.push(format!("{} n{i} delivered from {}", self.now_ms(), src.short()));
-                    self.delivered.push((i, src, payload));
+                NodeAction::Api(d) => {
+                    let Some(r) = Reply::decode(&d.bytes) else { continue };
+                    match r.kind {
+                        kind::MESSAGE => {
+                            self.trace.push(format!("{} n{i} delivered from {}", self.now_ms(), r.node.short()));
+                            self.delivered.push((i, r.node, r.body));
+                        }
+                        kind::ACCEPTED => self.accepted.push((i, r.message_id)),
+                        kind::DELIVERED => {
+                            self.acked.insert((i, r.message_id));
+                        }
+                        kind::FAILED => {
+                            self.failed.insert((i, r.message_id));
+                        }
+                        _ => {}
+                    }
                 }
-                Out::Delivered { id } => {
-                    self.acked.insert((i, id));
-                }
-                Out::Failed { id } => {
-                    self.failed.insert((i, id));
-                }
-                Out::Learned(_) | Out::Forgotten(_) | Out::Neighbours(_) | Out::NameLost { .. } => {}
+                other => self.trace.push(format!("{} n{i} {}", self.now_ms(), action_kind(&other))),
             }
         }
     }
 
-    /// Node `a` sends `payload` to node `b` through the management overlay (as the local
-    /// API does); the message ID.
+    /// The program on node `a` sends `payload` to node `b` on channel 1 through the local
+    /// API; the message ID the API answered with.
     pub fn send_message(&mut self, a: usize, b: usize, payload: &[u8]) -> u64 {
-        let (now, dst) = (self.now, self.id(b));
-        let id = self.nodes[a].overlay.send(now, dst, 1, payload, false);
+        let req = api::encode_request(&Request { op: op::SEND, flags: 0, channel: 1, tag: 7, address: Address::Node(self.id(b)), payload: payload.to_vec() });
+        let (now, unix) = (self.now, self.unix);
+        let node = &mut self.nodes[a];
+        node.state.handle_api_datagram(now, unix, &node.model, PROGRAM, &req);
         self.drain(a);
-        id
+        self.accepted.iter().rev().find(|(n, _)| *n == a).map(|(_, id)| *id).expect("the API accepted the message")
     }
 
     fn send_datagram(&mut self, from: SocketAddr, to: SocketAddr, bytes: Vec<u8>) {
@@ -407,17 +408,10 @@ impl Sim {
                 if !self.nodes[dst].alive || !self.sessions.contains(&(src.min(dst), src.max(dst))) {
                     return;
                 }
-                let (now, p, from) = (self.now, Sim::peer(dst, src), self.id(src));
+                let (now, p) = (self.now, Sim::peer(dst, src));
                 let unix = self.unix + now.saturating_duration_since(self.start).as_secs();
                 let node = &mut self.nodes[dst];
-                // As the shell's session reader dispatches them.
-                match message {
-                    Message::Ping => {}
-                    m @ (Message::Records { .. } | Message::Digest { .. } | Message::Summary { .. } | Message::Want { .. } | Message::IHave { .. } | Message::Prune | Message::Routed { .. }) => {
-                        node.overlay.handle(now, unix, from, m)
-                    }
-                    m => node.state.handle_message(now, &node.model, p, m),
-                }
+                node.state.handle_message(now, unix, &node.model, p, message);
                 self.drain(dst);
             }
         }
@@ -450,11 +444,6 @@ impl Sim {
                 let node = &mut self.nodes[i];
                 if node.state.poll_timeout() <= self.now {
                     node.state.handle_timeout(self.now, unix, &node.model);
-                    self.drain(i);
-                }
-                let node = &mut self.nodes[i];
-                if node.overlay.poll_timeout() <= self.now {
-                    node.overlay.tick(self.now, unix);
                     self.drain(i);
                 }
             }
@@ -513,7 +502,10 @@ fn action_kind(a: &NodeAction) -> String {
         NodeAction::Exits(e) => format!("exits {}", e.len()),
         NodeAction::WatchProtected { net, peer } => format!("watch {net} {peer}"),
         NodeAction::WatchOutside(net) => format!("watch outside {net}"),
-        NodeAction::Data(_) | NodeAction::Send { .. } | NodeAction::Usable { .. } => unreachable!("handled by the caller"),
+        NodeAction::Learned(r) => format!("learned {}", r.node_id.short()),
+        NodeAction::Forgotten(id) => format!("forgotten {}", id.short()),
+        NodeAction::Neighbours(set) => format!("neighbours {}", set.len()),
+        NodeAction::Data(_) | NodeAction::Send { .. } | NodeAction::SendOverlay { .. } | NodeAction::Api(_) => unreachable!("handled by the caller"),
     }
 }
 
@@ -607,7 +599,7 @@ mod tests {
         for purpose in [crate::node::policy::Purpose::Performance, crate::node::policy::Purpose::Failover] {
             let (now, p) = (sim.now, Sim::peer(2, 0));
             let node = &mut sim.nodes[2];
-            node.state.handle_message(now, &node.model, p, Message::RelayRequest { a, b, purpose });
+            node.state.handle_message(now, 0, &node.model, p, Message::RelayRequest { a, b, purpose });
         }
         let mut answers = Vec::new();
         while let Some(act) = sim.nodes[2].state.poll_action() {
@@ -635,7 +627,8 @@ mod tests {
         assert!(took < Duration::from_secs(1), "{took:?}");
         assert!(sim.delivered.iter().any(|(n, src, p)| *n == 1 && *src == sim.id(0) && p == b"across the cut"));
         assert!(sim.failed.is_empty());
-        assert!(sim.trace.iter().any(|t| t.ends_with(&format!("n0 usable {} false", sim.id(1).short()))), "the overlay was told");
+        let id1 = sim.id(1);
+        assert!(sim.nodes[0].state.overlay().sessions().any(|(id, _, usable)| *id == id1 && !usable), "the overlay was told the session is unusable");
     }
 
     #[test]

@@ -11,9 +11,13 @@
 //! out the actions, and the simulator in this module's tests runs many of them on a
 //! simulated underlay. Status is computed when asked ([`NodeState::routes`]).
 //!
+//! It also drives the node's management overlay ([`Overlay`]: records, neighbours, message
+//! routing) and its local API server ([`ApiServer`]): management messages are dispatched
+//! by type, the path control's verdict on each session (not while its monitored direct path
+//! is down) goes straight to the overlay, and the overlay's outputs become actions.
+//!
 //! Still in the shell (issue 12, next steps): the session-want policy and idle links
-//! (`shell/peers.rs`), the management overlay driver and local API server
-//! (`shell/mnode.rs`).
+//! (`shell/peers.rs`), and applying learned and forgotten records to the model.
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::net::{IpAddr, SocketAddr};
@@ -23,10 +27,13 @@ use ipnet::IpNet;
 
 use crate::config::ReplexConfig;
 use crate::dataplane::{DataCommand, PathEndpoint, SplitRoute, MAX_SPLIT};
-use crate::identity::NodeId;
+use crate::identity::{Identity, NodeId};
 use crate::node::exits::{ExitCandidate, ExitRoute, Exits};
 use crate::node::model::{Model, Protect};
 use crate::node::policy::{Commitment, Purpose, Refusal, RelayRank};
+use crate::overlay::api_server::{ApiServer, Datagram};
+use crate::overlay::directory::NodeRecord;
+use crate::overlay::{Out, Overlay, OverlayConfig, OwnInfo};
 use crate::path::failover::{Action, Failover, LinkInfo, PathId, PathState};
 use crate::rng::Rng;
 use crate::wire::mgmt::{Link, Message};
@@ -69,14 +76,26 @@ pub enum NodeAction {
         /// Wanted or not.
         on: bool,
     },
-    /// Whether the management overlay may route messages over the session to `node` (not
-    /// while its monitored direct path is down).
-    Usable {
-        /// The peer's node ID.
-        node: NodeId,
-        /// Usable or not.
-        usable: bool,
+    /// Send a management-overlay message (gossip, routed messages) on the session with
+    /// `to`; `urgent` ones (routed messages) go before gossip.
+    SendOverlay {
+        /// A node with a live session.
+        to: NodeId,
+        /// The message.
+        message: Message,
+        /// Routed messages first.
+        urgent: bool,
     },
+    /// A datagram for a local program (the local API).
+    Api(Datagram),
+    /// A record of another node is new or changed: apply it to the model (a new peer, new
+    /// addresses), the data plane and the admitted keys.
+    Learned(std::sync::Arc<NodeRecord>),
+    /// A node's record expired: remove it from the model, the data plane and the admitted
+    /// keys.
+    Forgotten(NodeId),
+    /// The management neighbours this node wants sessions with (when the set changes).
+    Neighbours(BTreeSet<NodeId>),
     /// The protection or REPLEX weights of some peer changed ([`NodeState::protect`]):
     /// reconcile the kernel now.
     ProtectChanged,
@@ -290,14 +309,23 @@ pub struct NodeState {
     now: Instant,
     /// The wall clock (unix seconds) of the last event that gave it.
     unix: u64,
+    /// The management overlay.
+    overlay: Overlay,
+    /// The local API server.
+    api: ApiServer,
+    /// Since when each management session is up (status).
+    session_since: HashMap<NodeId, Instant>,
     /// The destinations handed to the ICMP filter, and their peer.
     watched: HashMap<IpNet, usize>,
 }
 
 impl NodeState {
-    /// A node with the peers of `m`; `seed` drives relay choice and REPLEX jitter; `unix`
-    /// is the wall clock in seconds.
-    pub fn new(m: &Model, seed: u64, now: Instant, unix: u64) -> NodeState {
+    /// A node with the peers of `m`, whose management overlay publishes `info` signed by
+    /// `identity`; `seed` drives relay choice, REPLEX jitter and the overlay's random
+    /// choices; `unix` is the wall clock in seconds.
+    pub fn new(m: &Model, identity: Identity, info: OwnInfo, seed: u64, now: Instant, unix: u64) -> NodeState {
+        let mc = &m.cfg.management;
+        let ocfg = OverlayConfig { min_neighbours: mc.min_neighbours, max_neighbours: mc.max_neighbours, target_delivery: mc.target_delivery, ..Default::default() };
         let mut s = NodeState {
             local: m.local,
             core: Failover::new(m.local, &[], m.cfg.failover.core(), seed, now),
@@ -324,6 +352,9 @@ impl NodeState {
             now,
             unix,
             watched: HashMap::new(),
+            overlay: Overlay::new(identity, ocfg, info, now, unix, seed.rotate_left(17) ^ 0x6f76_6572),
+            api: ApiServer::new(mc.api_rate),
+            session_since: HashMap::new(),
         };
         for net in &m.cfg.exit.watch {
             s.actions.push_back(NodeAction::WatchOutside(*net));
@@ -345,7 +376,7 @@ impl NodeState {
     /// deadline, the next upkeep ([`UPKEEP_EVERY`]), and every [`REPLEX_TICK`] while REPLEX
     /// runs.
     pub fn poll_timeout(&mut self) -> Instant {
-        let mut wake = self.core.poll_timeout().unwrap_or(self.last_upkeep + UPKEEP_EVERY).min(self.last_upkeep + UPKEEP_EVERY);
+        let mut wake = self.core.poll_timeout().unwrap_or(self.last_upkeep + UPKEEP_EVERY).min(self.last_upkeep + UPKEEP_EVERY).min(self.overlay.poll_timeout());
         if self.replex_cfg.enabled {
             wake = wake.min(self.last_replex + REPLEX_TICK);
         }
@@ -360,6 +391,9 @@ impl NodeState {
         self.unix = unix;
         self.sync_peers(now, m);
         self.core.handle_tick(now);
+        if self.overlay.poll_timeout() <= now {
+            self.overlay.tick(now, unix);
+        }
         if self.replex_cfg.enabled && now >= self.last_replex + REPLEX_TICK {
             self.last_replex = now;
             self.replex_tick(now, m);
@@ -381,11 +415,16 @@ impl NodeState {
 
     /// A management session with data keys is up with peer `peer`, whose data port is at
     /// `data`; `local_ip` is this node's address on it. `monitor`: probe its direct path
-    /// (configured peers, and links that carry forwarding traffic).
-    pub fn handle_session_up(&mut self, now: Instant, m: &Model, peer: usize, data: SocketAddr, local_ip: Option<IpAddr>, monitor: bool) {
+    /// (configured peers, and links that carry forwarding traffic); `configured`: a
+    /// configured peer (a management neighbour the overlay never drops).
+    #[allow(clippy::too_many_arguments)]
+    pub fn handle_session_up(&mut self, now: Instant, m: &Model, peer: usize, data: SocketAddr, local_ip: Option<IpAddr>, monitor: bool, configured: bool) {
         if !self.known(now, m, peer) {
             return;
         }
+        let id = self.peers[peer].id;
+        self.session_since.insert(id, now);
+        self.overlay.session_up(now, id, configured);
         let p = &mut self.peers[peer];
         let moved = p.data != Some(data);
         p.session = true;
@@ -420,7 +459,47 @@ impl NodeState {
     pub fn handle_session_down(&mut self, now: Instant, m: &Model, peer: usize) {
         if self.known(now, m, peer) {
             self.peers[peer].session = false;
+            let id = self.peers[peer].id;
+            self.session_since.remove(&id);
+            self.overlay.session_down(id);
+            self.drain_core(m);
         }
+    }
+
+    /// A session to `peer`, a node that is not a configured peer, could not be set up (no
+    /// answer, or the handshake failed): the overlay replaces it as a neighbour.
+    pub fn handle_unreachable(&mut self, now: Instant, m: &Model, peer: usize) {
+        if self.known(now, m, peer) {
+            let id = self.peers[peer].id;
+            self.overlay.unreachable(now, id);
+            self.drain_core(m);
+        }
+    }
+
+    /// A node refused this node's handshake (it does not know this node yet): the overlay
+    /// sends it this node's record.
+    pub fn handle_refused(&mut self, now: Instant, m: &Model, node: NodeId) {
+        self.overlay.seek(now, node);
+        self.drain_core(m);
+    }
+
+    /// What this node publishes about itself changed (or is refreshed).
+    pub fn set_own_info(&mut self, m: &Model, info: OwnInfo) {
+        self.overlay.set_info(info);
+        self.drain_core(m);
+    }
+
+    /// A datagram `data` from the local program at `from`: its reply goes out as an
+    /// [`NodeAction::Api`].
+    pub fn handle_api_datagram(&mut self, now: Instant, unix: u64, m: &Model, from: SocketAddr, data: &[u8]) {
+        let reply = self.api.handle_datagram(now, unix, from, data, &mut self.overlay);
+        self.push(NodeAction::Api(reply));
+        self.drain_core(m);
+    }
+
+    /// A datagram to the local program at `to` was refused (the program is gone).
+    pub fn handle_api_unreachable(&mut self, to: SocketAddr) {
+        self.api.unreachable(to);
     }
 
     /// The link to `peer`, whose session is up, now carries forwarding traffic: monitor it.
@@ -515,12 +594,20 @@ impl NodeState {
         self.direct_bytes = bytes;
     }
 
-    /// A management message from `from`.
-    pub fn handle_message(&mut self, now: Instant, m: &Model, from: usize, message: Message) {
+    /// A management message from peer `from` (at `unix` seconds on the wall clock):
+    /// directory gossip and routed messages go to the overlay, relay signalling and link
+    /// reports to the path control.
+    pub fn handle_message(&mut self, now: Instant, unix: u64, m: &Model, from: usize, message: Message) {
         if !self.known(now, m, from) {
             return;
         }
         match message {
+            // Its acknowledgement was the answer.
+            Message::Ping => {}
+            m2 @ (Message::Records { .. } | Message::Digest { .. } | Message::Summary { .. } | Message::Want { .. } | Message::IHave { .. } | Message::Prune | Message::Routed { .. }) => {
+                let id = self.peers[from].id;
+                self.overlay.handle(now, unix, id, m2);
+            }
             Message::RelayRequest { a, b, purpose } => {
                 let answer = self.serve_relay(now, m, from, a, b, purpose);
                 match &answer {
@@ -739,7 +826,7 @@ impl NodeState {
             };
             if changed {
                 let node = self.peers[i].id;
-                self.push(NodeAction::Usable { node, usable: !down });
+                self.overlay.set_usable(self.now, node, !down);
             }
         }
     }
@@ -1023,8 +1110,60 @@ impl NodeState {
         }
     }
 
-    /// Carries out what the failover core decided.
+    /// Turns what the overlay decided into actions.
+    fn drain_overlay(&mut self) {
+        while let Some(o) = self.overlay.poll() {
+            match o {
+                Out::Send { to, message, urgent } => self.push(NodeAction::SendOverlay { to, message, urgent }),
+                Out::Deliver { src, channel, payload } => {
+                    for d in self.api.deliver(self.now, src, channel, payload) {
+                        self.push(NodeAction::Api(d));
+                    }
+                }
+                Out::Delivered { id } => {
+                    if let Some(d) = self.api.report(id, true) {
+                        self.push(NodeAction::Api(d));
+                    }
+                }
+                Out::Failed { id } => {
+                    if let Some(d) = self.api.report(id, false) {
+                        self.push(NodeAction::Api(d));
+                    }
+                }
+                Out::Learned(rec) => self.push(NodeAction::Learned(rec)),
+                Out::Forgotten(id) => self.push(NodeAction::Forgotten(id)),
+                Out::Neighbours(set) => self.push(NodeAction::Neighbours(set)),
+                Out::NameLost { name, holder } => tracing::warn!("name {name} is held by node {holder}, which registered it earlier; this node no longer publishes it"),
+            }
+        }
+    }
+
+    /// The management overlay (status: directory, neighbours, routing counters).
+    pub fn overlay(&self) -> &Overlay {
+        &self.overlay
+    }
+
+    /// The management overlay, to send a message from this node through it (tests and
+    /// simulations; programs use the local API).
+    pub fn send_message(&mut self, m: &Model, dst: NodeId, channel: u16, payload: &[u8], critical: bool) -> u64 {
+        let id = self.overlay.send(self.now, dst, channel, payload, critical);
+        self.drain_core(m);
+        id
+    }
+
+    /// The local API's status (`port`: the shell's).
+    pub fn api_status(&self, port: Option<u16>) -> crate::ctl::ApiStatus {
+        self.api.status(port)
+    }
+
+    /// Since when the management session with `node` is up.
+    pub fn session_since(&self, node: &NodeId) -> Option<Instant> {
+        self.session_since.get(node).copied()
+    }
+
+    /// Carries out what the failover core and the overlay decided.
     fn drain_core(&mut self, m: &Model) {
+        self.drain_overlay();
         while let Some(a) = self.core.poll_action() {
             match a {
                 Action::Send { peer, path, payload } => {
@@ -1062,6 +1201,7 @@ impl NodeState {
                 }
             }
         }
+        self.drain_overlay();
     }
 
     /// Chooses the exit of every outside destination that needs one and hands changes to
