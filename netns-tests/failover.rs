@@ -411,7 +411,9 @@ fn a_held_xtables_lock_stalls_no_session_probe_or_failover() {
             text += &lab.peer_section(p, None, "");
         }
         if h == "alice" {
-            text += "\n[replex]\nenabled = true\n";
+            // Equal shares: the relay always carries a share, so the accounting rules exist
+            // and change when the direct path fails.
+            text += "\n[replex]\nenabled = true\nmode = \"equal\"\n";
         }
         lab.write_config(h, &text);
     }
@@ -425,7 +427,7 @@ fn a_held_xtables_lock_stalls_no_session_probe_or_failover() {
     wait_relays_ready(&lab, "alice", "bob");
     // Premise: alice's REPLEX accounting rules are in the legacy tables (it reads and
     // changes them there), and the lock really stops a legacy iptables.
-    wait_until("accounting rules for bob", Duration::from_secs(10), || lab.sh(&lab.host("alice").ns, &format!("PATH={path} iptables-save -t mangle")).stdout.contains("-A DETOUR-ACCT -d"));
+    wait_until("accounting rules for bob", Duration::from_secs(20), || lab.sh(&lab.host("alice").ns, &format!("PATH={path} iptables-save -t mangle")).stdout.contains("-A DETOUR-ACCT -d"));
     let mut lock = Command::new("flock").args(["/run/xtables.lock", "sleep", "10"]).spawn().expect("flock");
     let t_lock = Instant::now();
     std::thread::sleep(Duration::from_millis(200));

@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use crate::config::Config;
 use crate::dataplane::{DataCommand, Rx, RxState, TxState};
 use crate::identity::{Identity, NodeId};
-use crate::node::model::Model;
+use crate::node::model::{Learned, Model};
 use crate::node::state::{NodeAction, NodeState};
 use crate::overlay::api::{self, kind, op, Address, Reply, Request};
 use crate::overlay::OwnInfo;
@@ -91,6 +91,10 @@ pub struct Sim {
     pub failed: BTreeSet<(usize, u64)>,
     /// Message IDs the API accepted, per sending node.
     pub accepted: Vec<(usize, u64)>,
+    /// (node, neighbour) sessions the nodes' overlays chose.
+    wants: BTreeSet<(usize, usize)>,
+    /// Something that decides which sessions can be up changed.
+    sessions_dirty: bool,
 }
 
 /// The local program on every node (the local API's client).
@@ -108,9 +112,15 @@ fn data_addr(i: usize) -> SocketAddr {
 }
 
 impl Sim {
-    /// `n` nodes in a full mesh of configured peers; `extra(i)` is added to node `i`'s
-    /// `[node]` section and `policy(i)` is its `[policy]` section (empty: the default).
+    /// `n` nodes in a full mesh of configured peers; `policy(i)` is node `i`'s `[policy]`
+    /// section (empty: the default).
     pub fn new(n: usize, seed: u64, policy: impl Fn(usize) -> String) -> Sim {
+        Sim::with(n, seed, policy, |_, _| true)
+    }
+
+    /// `n` nodes where node `i` has node `j` as a configured peer when `configured(i, j)`;
+    /// the others it learns from the directory.
+    pub fn with(n: usize, seed: u64, policy: impl Fn(usize) -> String, configured: impl Fn(usize, usize) -> bool) -> Sim {
         let start = Instant::now();
         let ids: Vec<Identity> = (0..n).map(identity).collect();
         let mut nodes = Vec::new();
@@ -121,7 +131,7 @@ impl Sim {
             if !p.is_empty() {
                 text += &format!("\n[policy]\n{p}\n");
             }
-            for (j, id) in ids.iter().enumerate().filter(|(j, _)| *j != i) {
+            for (j, id) in ids.iter().enumerate().filter(|(j, _)| *j != i && configured(i, *j)) {
                 text += &format!("\n[[peer]]\nname = \"n{j}\"\npublic_key = \"{}\"\nendpoints = [\"{}\"]\noverlay_ipv4 = \"10.77.{}.{}\"\n", id.public_key(), data_addr(j).ip(), j / 250, j % 250 + 1);
             }
             let cfg = Config::parse(&text, &format!("n{i}.toml")).unwrap_or_else(|e| panic!("sim config of n{i}: {e}"));
@@ -129,11 +139,11 @@ impl Sim {
         }
         // What each node's signed record tells the others (the directory's part): its
         // policy is known.
-        let policies: Vec<_> = models.iter().map(|m| m.cfg.node.policy.clone()).collect();
-        for (i, model) in models.iter_mut().enumerate() {
-            for (p, def) in model.peers.iter_mut().enumerate() {
+        let policies: Vec<_> = models.iter().map(|m| (m.local, m.cfg.node.policy.clone())).collect();
+        for model in models.iter_mut() {
+            for def in model.peers.iter_mut() {
                 def.known = true;
-                def.policy = policies[Sim::node(i, p)].clone();
+                def.policy = policies.iter().find(|(id, _)| *id == def.cfg.node_id).map(|(_, p)| p.clone()).unwrap_or_default();
             }
         }
         for (i, model) in models.into_iter().enumerate() {
@@ -162,6 +172,8 @@ impl Sim {
             acked: BTreeSet::new(),
             failed: BTreeSet::new(),
             accepted: Vec::new(),
+            wants: BTreeSet::new(),
+            sessions_dirty: true,
         };
         for i in 0..n {
             sim.drain(i);
@@ -174,22 +186,15 @@ impl Sim {
         sim
     }
 
-    /// Node `i`'s peer index for node `j`.
-    pub fn peer(i: usize, j: usize) -> usize {
-        if j < i {
-            j
-        } else {
-            j - 1
-        }
+    /// Node `i`'s peer index for node `j` (`None`: `i` does not know `j`).
+    pub fn peer(&self, i: usize, j: usize) -> Option<usize> {
+        self.nodes[i].model.index_of(&self.id(j))
     }
 
     /// The node that is node `i`'s peer `p`.
-    pub fn node(i: usize, p: usize) -> usize {
-        if p < i {
-            p
-        } else {
-            p + 1
-        }
+    pub fn node(&self, i: usize, p: usize) -> Option<usize> {
+        let id = self.nodes[i].model.peers.get(p)?.cfg.node_id;
+        self.nodes.iter().position(|n| n.model.local == id)
     }
 
     /// Node `i`'s node ID.
@@ -203,6 +208,7 @@ impl Sim {
 
     /// Drops everything from `a` to `b` (and back, if `both`).
     pub fn cut(&mut self, a: usize, b: usize, both: bool) {
+        self.sessions_dirty = true;
         for d in [(a, b), (b, a)].into_iter().take(if both { 2 } else { 1 }) {
             self.cut.insert(d);
             self.cut_since.entry(d).or_insert(self.now);
@@ -211,6 +217,7 @@ impl Sim {
 
     /// Repairs the link between `a` and `b` in both directions.
     pub fn heal(&mut self, a: usize, b: usize) {
+        self.sessions_dirty = true;
         for d in [(a, b), (b, a)] {
             self.cut.remove(&d);
             self.cut_since.remove(&d);
@@ -225,7 +232,7 @@ impl Sim {
     /// An ICMP host unreachable about `b`'s destinations reaches `a` (the kernel's answer to
     /// traffic on a path that failed, as the NFQUEUE classifier hands it on).
     pub fn icmp(&mut self, a: usize, b: usize) {
-        let (now, p) = (self.now, Sim::peer(a, b));
+        let (now, p) = (self.now, self.peer(a, b).expect("a knows b"));
         let node = &mut self.nodes[a];
         node.state.handle_icmp(now, &node.model, p);
         self.drain(a);
@@ -233,7 +240,8 @@ impl Sim {
 
     /// Forwarding traffic from `a` to `b` (its paths are probed at the fast rate).
     pub fn traffic(&mut self, a: usize, b: usize) {
-        let (now, p) = (self.now, Sim::peer(a, b));
+        let Some(p) = self.peer(a, b) else { return };
+        let now = self.now;
         let node = &mut self.nodes[a];
         node.state.handle_traffic(now, &node.model, p);
         self.drain(a);
@@ -241,24 +249,36 @@ impl Sim {
 
     /// Node `i` crashes: its sessions end, nothing reaches it.
     pub fn crash(&mut self, i: usize) {
+        self.sessions_dirty = true;
         self.nodes[i].alive = false;
     }
 
     /// Brings up every management session that can be up and takes down those that
     /// cannot (a dead end, or a direction cut for longer than [`SESSION_TIMEOUT`]).
     fn sessions(&mut self) {
+        // Only a change, or a cut that may time a session out, can change a session.
+        if !self.sessions_dirty && self.cut_since.is_empty() {
+            return;
+        }
+        self.sessions_dirty = false;
         let n = self.nodes.len();
         for a in 0..n {
             for b in a + 1..n {
                 let timed_out = [(a, b), (b, a)].iter().any(|d| self.cut_since.get(d).is_some_and(|t| self.now.saturating_duration_since(*t) >= SESSION_TIMEOUT));
                 let cut_now = self.cut.contains(&(a, b)) || self.cut.contains(&(b, a));
-                let can = self.nodes[a].alive && self.nodes[b].alive && !timed_out;
+                // Both must know each other (a key not in the configuration or the
+                // directory is refused), and one side must want the session: configured,
+                // or chosen by its overlay.
+                let (pa, pb) = (self.peer(a, b), self.peer(b, a));
+                let wanted = |x: usize, px: Option<usize>, y: usize| px.is_some_and(|p| self.nodes[x].model.peers[p].configured) || self.wants.contains(&(x, y));
+                let can = self.nodes[a].alive && self.nodes[b].alive && !timed_out && pa.is_some() && pb.is_some() && (wanted(a, pa, b) || wanted(b, pb, a));
                 let up = self.sessions.contains(&(a, b));
                 if up && !can {
                     self.sessions.remove(&(a, b));
                     self.trace.push(format!("{} session down n{a} n{b}", self.now_ms()));
                     for (x, y) in [(a, b), (b, a)] {
-                        let (now, p) = (self.now, Sim::peer(x, y));
+                        let Some(p) = self.peer(x, y) else { continue };
+                        let now = self.now;
                         let node = &mut self.nodes[x];
                         if node.alive {
                             node.state.handle_session_down(now, &node.model, p);
@@ -276,12 +296,13 @@ impl Sim {
                     }
                     for (x, y) in [(a, b), (b, a)] {
                         let secrets = wire::split_exporter(&material, &self.id(x), &self.id(y));
-                        let (now, p, data) = (self.now, Sim::peer(x, y), self.nodes[y].addr);
+                        let (now, p, data) = (self.now, self.peer(x, y).expect("checked"), self.nodes[y].addr);
                         let node = &mut self.nodes[x];
                         let cmd = DataCommand::InstallSession { peer: p, secrets };
                         node.tx.apply(&cmd);
                         node.rx.apply(&cmd);
-                        node.state.handle_session_up(now, &node.model, p, data, Some(node.addr.ip()), true, true);
+                        let configured = node.model.peers[p].configured;
+                        node.state.handle_session_up(now, &node.model, p, data, Some(node.addr.ip()), configured, configured);
                         self.drain(x);
                     }
                 }
@@ -325,7 +346,7 @@ impl Sim {
                     node.rx.apply(&cmd);
                 }
                 NodeAction::Send { peer, message, .. } => {
-                    let dst = Sim::node(i, peer);
+                    let Some(dst) = self.node(i, peer) else { continue };
                     if let Message::RelayRequest { purpose, .. } = &message {
                         self.asked.push((i, dst, purpose.as_str().to_string()));
                     }
@@ -355,6 +376,35 @@ impl Sim {
                             self.failed.insert((i, r.message_id));
                         }
                         _ => {}
+                    }
+                }
+                NodeAction::Learned(rec) => {
+                    self.sessions_dirty = true;
+                    self.trace.push(format!("{} n{i} learned {}", self.now_ms(), rec.node_id.short()));
+                    // As the shell applies it: the model, then the data plane.
+                    let node = &mut self.nodes[i];
+                    if let Learned::New(p) | Learned::Changed(p) = node.model.learn(&rec) {
+                        let cmd = DataCommand::AddPeer { peer: p, spec: node.model.peer_spec(p) };
+                        node.tx.apply(&cmd);
+                        node.rx.apply(&cmd);
+                    }
+                }
+                NodeAction::Forgotten(id) => {
+                    self.sessions_dirty = true;
+                    let node = &mut self.nodes[i];
+                    if let Some(p) = node.model.forget(&id) {
+                        let cmd = DataCommand::RemovePeer { peer: p };
+                        node.tx.apply(&cmd);
+                        node.rx.apply(&cmd);
+                    }
+                }
+                NodeAction::Neighbours(set) => {
+                    self.sessions_dirty = true;
+                    self.wants.retain(|(x, _)| *x != i);
+                    for id in set {
+                        if let Some(j) = self.nodes.iter().position(|n| n.model.local == id) {
+                            self.wants.insert((i, j));
+                        }
                     }
                 }
                 other => self.trace.push(format!("{} n{i} {}", self.now_ms(), action_kind(&other))),
@@ -408,7 +458,8 @@ impl Sim {
                 if !self.nodes[dst].alive || !self.sessions.contains(&(src.min(dst), src.max(dst))) {
                     return;
                 }
-                let (now, p) = (self.now, Sim::peer(dst, src));
+                let Some(p) = self.peer(dst, src) else { return };
+                let now = self.now;
                 let unix = self.unix + now.saturating_duration_since(self.start).as_secs();
                 let node = &mut self.nodes[dst];
                 node.state.handle_message(now, unix, &node.model, p, message);
@@ -452,12 +503,12 @@ impl Sim {
 
     /// The path node `a` sends `b`'s traffic on.
     pub fn path(&self, a: usize, b: usize) -> PathId {
-        self.nodes[a].state.failover().route(Sim::peer(a, b)).expect("peer").path
+        self.nodes[a].state.failover().route(self.peer(a, b).expect("a knows b")).expect("peer").path
     }
 
     /// Whether node `a` routes `b`'s protected destinations into the overlay.
     pub fn protected(&self, a: usize, b: usize) -> bool {
-        self.nodes[a].state.failover().route(Sim::peer(a, b)).expect("peer").protect
+        self.nodes[a].state.failover().route(self.peer(a, b).expect("a knows b")).expect("peer").protect
     }
 
     /// Runs until `f` holds (checked every simulated millisecond), at most `limit`; how
@@ -502,10 +553,9 @@ fn action_kind(a: &NodeAction) -> String {
         NodeAction::Exits(e) => format!("exits {}", e.len()),
         NodeAction::WatchProtected { net, peer } => format!("watch {net} {peer}"),
         NodeAction::WatchOutside(net) => format!("watch outside {net}"),
-        NodeAction::Learned(r) => format!("learned {}", r.node_id.short()),
-        NodeAction::Forgotten(id) => format!("forgotten {}", id.short()),
-        NodeAction::Neighbours(set) => format!("neighbours {}", set.len()),
-        NodeAction::Data(_) | NodeAction::Send { .. } | NodeAction::SendOverlay { .. } | NodeAction::Api(_) => unreachable!("handled by the caller"),
+        NodeAction::Data(_) | NodeAction::Send { .. } | NodeAction::SendOverlay { .. } | NodeAction::Api(_) | NodeAction::Learned(_) | NodeAction::Forgotten(_) | NodeAction::Neighbours(_) => {
+            unreachable!("handled by the caller")
+        }
     }
 }
 
@@ -597,7 +647,7 @@ mod tests {
         sim.run(Duration::from_secs(3));
         let (a, b) = (sim.id(0), sim.id(1));
         for purpose in [crate::node::policy::Purpose::Performance, crate::node::policy::Purpose::Failover] {
-            let (now, p) = (sim.now, Sim::peer(2, 0));
+            let (now, p) = (sim.now, sim.peer(2, 0).unwrap());
             let node = &mut sim.nodes[2];
             node.state.handle_message(now, 0, &node.model, p, Message::RelayRequest { a, b, purpose });
         }
@@ -629,6 +679,61 @@ mod tests {
         assert!(sim.failed.is_empty());
         let id1 = sim.id(1);
         assert!(sim.nodes[0].state.overlay().sessions().any(|(id, _, usable)| *id == id1 && !usable), "the overlay was told the session is unusable");
+    }
+
+    #[test]
+    fn a_node_joins_through_one_contact_and_is_reached_through_the_directory() {
+        // n0..n4 know each other; n5 knows only n0 (and n0 it): the others learn n5 from
+        // the directory, sessions follow the overlays' neighbour choice, and a program on n3
+        // reaches n5.
+        let n = 6;
+        let configured = |i: usize, j: usize| (i < 5 && j < 5) || (i, j) == (0, 5) || (i, j) == (5, 0);
+        let mut sim = Sim::with(n, 8, |_| String::new(), configured);
+        assert!(sim.peer(3, 5).is_none() && sim.peer(5, 3).is_none());
+        sim.run_until(Duration::from_secs(20), |s| (0..n).all(|i| (0..n).all(|j| i == j || s.peer(i, j).is_some()))).expect("every node knows every other");
+        assert!(sim.trace.iter().any(|t| t.contains(&format!("n3 learned {}", sim.id(5).short()))));
+        let id = sim.send_message(3, 5, b"welcome");
+        sim.run_until(Duration::from_secs(5), |s| s.acked.contains(&(3, id))).expect("acknowledged end to end");
+        assert!(sim.delivered.iter().any(|(node, src, p)| *node == 5 && *src == sim.id(3) && p == b"welcome"));
+        // The path control takes the learned peers in at its next event or timeout.
+        sim.run(Duration::from_secs(2));
+        let rows = sim.nodes[5].state.routes(sim.now, 0, &sim.nodes[5].model);
+        assert_eq!(rows.len(), n - 1, "the joined node's state has a peer for every node");
+        // Sessions beyond its one contact, chosen by the overlays.
+        assert!(sim.sessions.iter().any(|&(a, b)| (a == 5 || b == 5) && a != 0), "{:?}", sim.sessions);
+    }
+
+    #[test]
+    fn thirty_nodes_from_one_bootstrap_contact_deliver_every_message_after_ten_percent_fail() {
+        // Every node is configured with n0 only; the rest comes from the directory. Three
+        // nodes crash; messages between every live node and five others are all
+        // acknowledged end to end.
+        let n = 30;
+        let mut sim = Sim::with(n, 9, |_| String::new(), |i, j| i == 0 || j == 0);
+        sim.run_until(Duration::from_secs(30), |s| (0..n).all(|i| (0..n).all(|j| i == j || s.peer(i, j).is_some()))).expect("directories complete");
+        sim.run(Duration::from_secs(5));
+        for i in [7, 17, 27] {
+            sim.crash(i);
+        }
+        sim.run(Duration::from_secs(8));
+        let live: Vec<usize> = (0..n).filter(|i| sim.nodes[*i].alive).collect();
+        let mut rng = Rng::new(99);
+        let mut sent = Vec::new();
+        for &a in &live {
+            for _ in 0..5 {
+                let b = loop {
+                    let b = live[rng.below(live.len() as u64) as usize];
+                    if b != a {
+                        break b;
+                    }
+                };
+                sent.push((a, sim.send_message(a, b, b"m")));
+            }
+        }
+        sim.run(Duration::from_secs(10));
+        let acked = sent.iter().filter(|k| sim.acked.contains(k)).count();
+        let ratio = acked as f64 / sent.len() as f64;
+        assert!(ratio >= 0.999, "{acked} of {} acknowledged; failed {:?}", sent.len(), sim.failed.len());
     }
 
     #[test]
