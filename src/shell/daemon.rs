@@ -172,7 +172,17 @@ pub async fn run(mut cfg: Config) -> Result<()> {
         classes: false,
         hash_policy: Vec::new(),
     };
-    let result = run_inner(&identity, model, nl, listener, &mut resources, qdisc).await;
+    // A panic in the loop (the node state is driven there) is caught here, so that the
+    // host is cleaned as at a normal stop; the panic hook has logged it.
+    let inner = std::panic::AssertUnwindSafe(run_inner(&identity, model, nl, listener, &mut resources, qdisc));
+    let result = match futures::FutureExt::catch_unwind(inner).await {
+        Ok(r) => r,
+        Err(payload) => {
+            let msg = payload.downcast_ref::<&str>().map(|s| s.to_string()).or_else(|| payload.downcast_ref::<String>().cloned()).unwrap_or_default();
+            tracing::error!("stopping: the daemon's loop panicked: {msg}");
+            Err(anyhow!("the daemon's loop panicked: {msg}"))
+        }
+    };
     resources.cleanup().await;
     result
 }
@@ -524,9 +534,17 @@ async fn run_inner(identity: &Identity, model: Model, nl: Netlink, listener: tok
     // The long-running tasks: one that ends before shutdown (or panics) stops the daemon.
     let mut tasks: tokio::task::JoinSet<&'static str> = tokio::task::JoinSet::new();
     let (needs_tx, mut needs_rx) = mpsc::unbounded_channel();
-    let engine = Engine::new(shared.clone(), filter.clone(), engine_shared.clone(), needs_tx, identity.clone(), api_socks, rand::random(), Instant::now());
-    let mut engine_task = tokio::spawn(engine.run(session_rx, data_rx, alarm_rx, engine_refresh_rx, shutdown_rx.clone()));
+    // The node's state is driven by this loop (no task of its own): sessions, probes,
+    // alarms, local API datagrams and timers go to the engine, which carries out what the
+    // core decides.
+    let mut engine = Engine::new(shared.clone(), filter.clone(), engine_shared.clone(), needs_tx, identity.clone(), api_socks, rand::random(), Instant::now());
+    let mut api_rx = engine.start_api();
+    let (mut session_rx, mut data_rx, mut alarm_rx, mut engine_refresh_rx) = (session_rx, data_rx, alarm_rx, engine_refresh_rx);
     drop(alarm_tx);
+    let engine_panic = supervise::panic_after(supervise::Part::Engine, supervise::test_panic_after(supervise::Part::Engine));
+    tokio::pin!(engine_panic);
+    let overlay_panic = supervise::panic_after(supervise::Part::Overlay, supervise::test_panic_after(supervise::Part::Overlay));
+    tokio::pin!(overlay_panic);
     peers::grow(&shared);
     for i in 0..cfg.peers.len() {
         peers::set_want(&shared, i, want::CONFIGURED, true);
@@ -611,16 +629,35 @@ async fn run_inner(identity: &Identity, model: Model, nl: Netlink, listener: tok
     let mut fatal: Option<String> = None;
     let mut stalled_logged = false;
     loop {
+        health.beat(supervise::Part::Engine);
+        health.beat(supervise::Part::Overlay);
+        let wake = engine.wake();
         tokio::select! {
             _ = term.recv() => { tracing::info!("SIGTERM: stopping"); break; }
             reason = health.failed() => { fatal = Some(reason); break; }
-            r = &mut engine_task => {
-                fatal = Some(match r {
-                    Ok(()) => "the failover engine stopped".to_string(),
-                    Err(e) => format!("the failover engine failed: {e}"),
-                });
-                break;
+            _ = &mut engine_panic => {}
+            _ = &mut overlay_panic => {}
+            Some(ev) = session_rx.recv() => engine.on_session(ev),
+            Some((from, data)) = api_rx.recv() => engine.on_api(from, &data),
+            Some(done) = engine_refresh_rx.recv() => {
+                // Status is built when someone asks (detourctl, a metrics scrape), never on
+                // a timer: an idle node does no work for status.
+                engine.publish();
+                let _ = done.send(());
             }
+            Some(ev) = data_rx.recv() => {
+                // A burst of probes is taken in one go: the core's next wake-up is worked out
+                // once for all of them, not once per probe.
+                engine.on_data(ev);
+                for _ in 0..crate::shell::engine::DATA_BATCH {
+                    match data_rx.try_recv() {
+                        Ok(ev) => engine.on_data(ev),
+                        Err(_) => break,
+                    }
+                }
+            }
+            Some(alarm) = alarm_rx.recv() => engine.on_alarm(alarm),
+            _ = tokio::time::sleep_until(wake.into()) => engine.on_timeout(),
             Some(r) = tasks.join_next() => {
                 fatal = Some(match r {
                     Ok(name) => format!("{name} stopped"),
@@ -711,16 +748,17 @@ async fn run_inner(identity: &Identity, model: Model, nl: Netlink, listener: tok
                 }
             }
         }
+        engine.after_event();
     }
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
     let _ = shutdown_tx.send(true);
     if let Some(reason) = &fatal {
         tracing::error!("stopping: {reason}");
     }
-    // Let the engine release its relay sessions before the sessions close.
-    if !engine_task.is_finished() {
-        let _ = tokio::time::timeout(Duration::from_millis(200), engine_task).await;
-    }
+    // The relay sessions this node uses are released before the sessions close.
+    engine.shutdown();
+    drop(engine);
+    tokio::time::sleep(Duration::from_millis(50)).await;
     for ep in &mgmt.endpoints {
         ep.close(quic::close::SHUTDOWN.into(), b"shutdown");
     }

@@ -1,9 +1,9 @@
-//! The engine task: drives the core's [`NodeState`] (failover, relay server, REPLEX, exits,
+//! The engine: drives the core's [`NodeState`] (failover, relay server, REPLEX, exits,
 //! link reports, the management overlay and the local API server) and carries out its
 //! actions: probes and endpoints through the data path, management messages over the QUIC
 //! sessions, datagrams to local programs, protected routes and exits in the kernel,
 //! records applied to the model, sessions wanted from the session supervisor. No decision
-//! is made here.
+//! is made here. The daemon's one loop feeds it events (see `daemon::run`).
 
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering::Relaxed;
@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use tokio::net::UdpSocket;
-use tokio::sync::{mpsc, oneshot, watch, Notify};
+use tokio::sync::{mpsc, Notify};
 
 use crate::identity::Identity;
 use crate::node::model::{Model, Protect};
@@ -22,7 +22,6 @@ use crate::shell::datapath::{DataEvent, DataPath};
 use crate::shell::intercept::Alarm;
 use crate::shell::mnode::{self, unix_now};
 use crate::shell::quic;
-use crate::shell::supervise::{self, Part};
 use crate::wire::mgmt::{Frame, Message};
 
 /// A session the engine needs opened (or no longer needs).
@@ -36,7 +35,7 @@ pub enum Need {
 }
 
 /// Data-path events taken at once after the first, before the core is asked when to wake.
-const DATA_BATCH: usize = 64;
+pub const DATA_BATCH: usize = 64;
 /// How often what the node publishes about itself (its endpoints) is refreshed.
 const OWN_INFO_EVERY: Duration = Duration::from_secs(2);
 
@@ -154,22 +153,10 @@ impl Engine {
         e
     }
 
-    /// Runs until `shutdown` changes.
-    pub async fn run(
-        mut self,
-        mut sessions: mpsc::UnboundedReceiver<SessionEvent>,
-        mut data: mpsc::Receiver<DataEvent>,
-        mut alarms: mpsc::UnboundedReceiver<Alarm>,
-        mut refresh: mpsc::UnboundedReceiver<oneshot::Sender<()>>,
-        mut shutdown: watch::Receiver<bool>,
-    ) {
-        let replex = self.model.read().expect("model").cfg.replex.enabled;
-        let test_panic = supervise::panic_after(Part::Engine, supervise::test_panic_after(Part::Engine));
-        tokio::pin!(test_panic);
-        let overlay_panic = supervise::panic_after(Part::Overlay, supervise::test_panic_after(Part::Overlay));
-        tokio::pin!(overlay_panic);
-        // Datagrams from local programs, from one reader per API socket.
-        let (api_tx, mut api_rx) = mpsc::channel::<(SocketAddr, Vec<u8>)>(1024);
+    /// Starts one reader per local API socket; their datagrams come out of the returned
+    /// channel, for [`Engine::on_api`].
+    pub fn start_api(&self) -> mpsc::Receiver<(SocketAddr, Vec<u8>)> {
+        let (api_tx, api_rx) = mpsc::channel::<(SocketAddr, Vec<u8>)>(1024);
         for s in &self.api {
             let s = s.clone();
             let tx = api_tx.clone();
@@ -187,89 +174,78 @@ impl Engine {
                 }
             });
         }
-        drop(api_tx);
-        loop {
-            self.shared.health.beat(Part::Engine);
-            self.shared.health.beat(Part::Overlay);
-            // Woken when the core asks (its next probe, deadline, upkeep, REPLEX tick or
-            // overlay timer) and to refresh what the node publishes; never in a busy loop.
-            let wake = self.state.poll_timeout().min(self.last_info + OWN_INFO_EVERY).max(Instant::now() + Duration::from_millis(1));
-            tokio::select! {
-                _ = shutdown.changed() => {
-                    self.state.release_all();
-                    self.execute();
-                    return;
-                }
-                _ = &mut test_panic => {}
-                _ = &mut overlay_panic => {}
-                Some(ev) = sessions.recv() => self.on_session(ev),
-                Some((from, data)) = api_rx.recv() => {
-                    let m = self.model.clone();
-                    let m = m.read().expect("model");
-                    self.state.handle_api_datagram(Instant::now(), unix_now(), &m, from, &data);
-                }
-                Some(done) = refresh.recv() => {
-                    // Status is built when someone asks (detourctl, a metrics scrape), never
-                    // on a timer: an idle node does no work for status.
-                    self.publish();
-                    let _ = done.send(());
-                }
-                Some(ev) = data.recv() => {
-                    // A burst of probes is taken in one go: the core's next wake-up is worked
-                    // out once for all of them, not once per probe.
-                    self.on_data(ev);
-                    for _ in 0..DATA_BATCH {
-                        match data.try_recv() {
-                            Ok(ev) => self.on_data(ev),
-                            Err(_) => break,
-                        }
-                    }
-                }
-                Some(alarm) = alarms.recv() => {
-                    let m = self.model.clone();
-                    let m = m.read().expect("model");
-                    match alarm {
-                        Alarm::Icmp { peer, at } => self.state.handle_icmp(at, &m, peer),
-                        Alarm::TcpStall { peer } => self.state.handle_tcp_stall(Instant::now(), &m, peer),
-                        Alarm::Traffic { peer } => self.state.handle_traffic(Instant::now(), &m, peer),
-                        Alarm::Outside { dst } => self.state.handle_outside_unreachable(Instant::now(), unix_now(), &m, dst),
-                    }
-                }
-                _ = tokio::time::sleep_until(wake.into()) => {
-                    if replex {
-                        let bytes = self.shared.direct_bytes.lock().expect("direct bytes").clone();
-                        self.state.set_direct_bytes(bytes);
-                    }
-                    let now = Instant::now();
-                    if now >= self.last_info + OWN_INFO_EVERY {
-                        self.last_info = now;
-                        let info = mnode::own_info(&self.daemon);
-                        let m = self.model.clone();
-                        let m = m.read().expect("model");
-                        self.state.set_own_info(&m, info);
-                    }
-                    let m = self.model.clone();
-                    let m = m.read().expect("model");
-                    self.state.handle_timeout(now, unix_now(), &m);
-                    self.shared.late.store(self.state.late_count(), Relaxed);
-                }
-            }
-            // Nodes that refused this node's key: the overlay sends them its record.
-            let refused = self.daemon.refused.take_recent();
-            if !refused.is_empty() {
-                let m = self.model.clone();
-                let m = m.read().expect("model");
-                for id in refused {
-                    self.state.handle_refused(Instant::now(), &m, id);
-                }
-            }
-            self.shared.traffic.store(self.state.traffic(), Relaxed);
-            self.execute();
+        api_rx
+    }
+
+    /// When [`Engine::on_timeout`] must run: when the core asks (its next probe, deadline,
+    /// upkeep, REPLEX tick or overlay timer) and to refresh what the node publishes; never
+    /// in a busy loop.
+    pub fn wake(&mut self) -> Instant {
+        self.state.poll_timeout().min(self.last_info + OWN_INFO_EVERY).max(Instant::now() + Duration::from_millis(1))
+    }
+
+    /// The core's timers are due.
+    pub fn on_timeout(&mut self) {
+        if self.model.read().expect("model").cfg.replex.enabled {
+            let bytes = self.shared.direct_bytes.lock().expect("direct bytes").clone();
+            self.state.set_direct_bytes(bytes);
+        }
+        let now = Instant::now();
+        if now >= self.last_info + OWN_INFO_EVERY {
+            self.last_info = now;
+            let info = mnode::own_info(&self.daemon);
+            let m = self.model.clone();
+            let m = m.read().expect("model");
+            self.state.set_own_info(&m, info);
+        }
+        let m = self.model.clone();
+        let m = m.read().expect("model");
+        self.state.handle_timeout(now, unix_now(), &m);
+        self.shared.late.store(self.state.late_count(), Relaxed);
+    }
+
+    /// A datagram from a local program.
+    pub fn on_api(&mut self, from: SocketAddr, data: &[u8]) {
+        let m = self.model.clone();
+        let m = m.read().expect("model");
+        self.state.handle_api_datagram(Instant::now(), unix_now(), &m, from, data);
+    }
+
+    /// A failure or traffic signal from the ICMP, traffic and TCP monitors.
+    pub fn on_alarm(&mut self, alarm: Alarm) {
+        let m = self.model.clone();
+        let m = m.read().expect("model");
+        match alarm {
+            Alarm::Icmp { peer, at } => self.state.handle_icmp(at, &m, peer),
+            Alarm::TcpStall { peer } => self.state.handle_tcp_stall(Instant::now(), &m, peer),
+            Alarm::Traffic { peer } => self.state.handle_traffic(Instant::now(), &m, peer),
+            Alarm::Outside { dst } => self.state.handle_outside_unreachable(Instant::now(), unix_now(), &m, dst),
         }
     }
 
+    /// After every event of the daemon's loop: nodes that refused this node's key get its
+    /// record, and what the core decided is carried out.
+    pub fn after_event(&mut self) {
+        let refused = self.daemon.refused.take_recent();
+        if !refused.is_empty() {
+            let m = self.model.clone();
+            let m = m.read().expect("model");
+            for id in refused {
+                self.state.handle_refused(Instant::now(), &m, id);
+            }
+        }
+        self.shared.traffic.store(self.state.traffic(), Relaxed);
+        self.execute();
+    }
+
+    /// At shutdown: releases the relay sessions this node uses.
+    pub fn shutdown(&mut self) {
+        self.state.release_all();
+        self.execute();
+    }
+
     /// One event from the data path.
-    fn on_data(&mut self, ev: DataEvent) {
+    pub fn on_data(&mut self, ev: DataEvent) {
         let now = Instant::now();
         let m = self.model.clone();
         let m = m.read().expect("model");
@@ -280,7 +256,8 @@ impl Engine {
         }
     }
 
-    fn on_session(&mut self, ev: SessionEvent) {
+    /// One event from the management sessions.
+    pub fn on_session(&mut self, ev: SessionEvent) {
         let now = Instant::now();
         let m = self.model.clone();
         let m = m.read().expect("model");
@@ -388,7 +365,7 @@ impl Engine {
     }
 
     /// Fills what status shows from the core, now.
-    fn publish(&self) {
+    pub fn publish(&self) {
         let now = Instant::now();
         let m = self.model.read().expect("model");
         let unix = unix_now();
