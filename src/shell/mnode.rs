@@ -177,7 +177,7 @@ pub fn view(shared: &Shared, state: &NodeState, api_port: Option<u16>, now: Inst
                 "configured"
             } else if chosen.contains(id) {
                 "neighbour"
-            } else if info.is_some_and(|p| p.want & want::DATA != 0) {
+            } else if info.is_some_and(|p| p.link.want & want::DATA != 0) {
                 "on-demand"
             } else {
                 "inbound"

@@ -27,17 +27,8 @@ use crate::shell::quic;
 use crate::wire::mgmt::Message;
 use crate::wire::SessionSecrets;
 
-/// Reasons a peer is wanted (bits of [`PeerInfo::want`]).
-pub mod want {
-    /// A configured peer.
-    pub const CONFIGURED: u8 = 1;
-    /// A management neighbour chosen by the overlay.
-    pub const NEIGHBOUR: u8 = 2;
-    /// Forwarding traffic uses the link.
-    pub const DATA: u8 = 4;
-    /// A relay session this node serves needs the link.
-    pub const RELAY: u8 = 8;
-}
+pub use crate::node::sessions::want;
+use crate::node::sessions::{Activity, LinkState, WantChange};
 
 /// How far a node spreads the first dials to its configured peers, per configured peer
 /// (ms): a node with 99 peers spreads them over about a second.
@@ -66,12 +57,8 @@ pub struct PeerInfo {
     pub endpoint: Option<SocketAddr>,
     /// Sessions established since start.
     pub sessions: u64,
-    /// Why the peer is wanted ([`want`] bits).
-    pub want: u8,
-    /// Last time forwarding traffic was seen on the link.
-    pub data_at: Option<Instant>,
-    /// Traffic counter at the last check (bytes both ways).
-    pub bytes_seen: u64,
+    /// Why the peer is wanted, and its link's traffic (the core's session-want rules).
+    pub link: LinkState,
     /// The supervisor task, if one runs.
     supervisor: Option<Supervisor>,
     /// Receive silence of the current session ([`check_silence`]).
@@ -111,14 +98,9 @@ pub fn set_want(shared: &Arc<Shared>, i: usize, bit: u8, on: bool) {
     grow(shared);
     let mut peers = shared.peers.lock().expect("peers");
     let Some(p) = peers.get_mut(i) else { return };
-    let before = p.want;
-    if on {
-        p.want |= bit;
-    } else {
-        p.want &= !bit;
-    }
-    let wanted = p.want != 0;
-    if before == p.want && (p.supervisor.is_some() || !wanted) {
+    let change = p.link.set_want(bit, on);
+    let wanted = p.link.wanted();
+    if change == WantChange::Same && (p.supervisor.is_some() || !wanted) {
         return;
     }
     match &p.supervisor {
@@ -144,7 +126,7 @@ pub fn incoming(shared: &Arc<Shared>, i: usize, conn: quinn::Connection) {
     let mut peers = shared.peers.lock().expect("peers");
     let Some(p) = peers.get_mut(i) else { return };
     if p.supervisor.is_none() {
-        p.supervisor = Some(spawn_supervisor(shared, i, p.want != 0));
+        p.supervisor = Some(spawn_supervisor(shared, i, p.link.wanted()));
     }
     if let Some(s) = &p.supervisor {
         let _ = s.events.send(PeerEvent::Incoming(conn));
@@ -261,7 +243,7 @@ async fn supervise(i: usize, shared: Arc<Shared>, mut events: mpsc::UnboundedRec
                 if let Some(ev) = queued {
                     drop(peers);
                     pending = Some(ev);
-                } else if peers[i].want == 0 {
+                } else if !peers[i].link.wanted() {
                     let p = &mut peers[i];
                     p.supervisor = None;
                     p.state = "down";
@@ -366,7 +348,7 @@ async fn supervise(i: usize, shared: Arc<Shared>, mut events: mpsc::UnboundedRec
                     p.conn = Some(c.clone());
                     p.endpoint = Some(data);
                     p.sessions += 1;
-                    configured || p.want & want::DATA != 0
+                    configured || p.link.want & want::DATA != 0
                 };
                 let _ = shared.sessions.send(SessionEvent::Up { peer: i, conn: c.clone(), data, monitor, configured });
                 tokio::spawn(read_messages(i, c, local, peer_id, shared.clone()));
@@ -447,10 +429,7 @@ fn activate(shared: &Arc<Shared>, i: usize, now: Instant) {
     grow(shared);
     let first = {
         let mut peers = shared.peers.lock().expect("peers");
-        let p = &mut peers[i];
-        let first = p.want & want::DATA == 0;
-        p.data_at = Some(now);
-        first
+        peers[i].link.traffic(now)
     };
     if !first {
         return;
@@ -485,7 +464,7 @@ fn deactivate(shared: &Arc<Shared>, i: usize) {
         tracing::info!("link to {} idle: interface removed", shared.peer_name(i));
     }
     if let Some(p) = shared.peers.lock().expect("peers").get_mut(i) {
-        p.data_at = None;
+        p.link.idle();
     }
     set_want(shared, i, want::DATA, false);
 }
@@ -499,17 +478,11 @@ pub fn check_activity(shared: &Arc<Shared>, now: Instant) {
     };
     grow(shared);
     for (i, bytes) in counters {
-        let (moved, active, last) = {
-            let mut peers = shared.peers.lock().expect("peers");
-            let p = &mut peers[i];
-            let moved = bytes != p.bytes_seen;
-            p.bytes_seen = bytes;
-            (moved, p.want & want::DATA != 0, p.data_at)
-        };
-        if moved {
-            activate(shared, i, now);
-        } else if active && last.is_none_or(|t| now.saturating_duration_since(t) >= idle) {
-            deactivate(shared, i);
+        let activity = shared.peers.lock().expect("peers")[i].link.look(now, bytes, idle);
+        match activity {
+            Activity::Busy => activate(shared, i, now),
+            Activity::Idle => deactivate(shared, i),
+            Activity::Quiet => {}
         }
     }
 }
@@ -530,7 +503,7 @@ pub fn check_silence(shared: &Arc<Shared>, now: Instant) {
             }
             continue;
         };
-        let limits = if p.want & (want::CONFIGURED | want::DATA) != 0 { crate::overlay::session::WATCHED } else { crate::overlay::session::UNWATCHED };
+        let limits = p.link.silence_limits();
         let w = p.silence.get_or_insert_with(|| Silence::new(SILENCE_LATE));
         match w.check(now, c.stable_id() as u64, c.stats().udp_rx.datagrams, limits) {
             Heard::Recently => {}
