@@ -132,17 +132,25 @@ impl Netlink {
         Ok(out)
     }
 
-    fn with_nexthops<T>(&self, f: impl FnOnce(&mut crate::shell::nexthop::Nexthops) -> Result<T>) -> Result<T> {
-        let mut g = self.nexthops.lock().expect("nexthop socket");
-        if g.is_none() {
-            *g = Some(crate::shell::nexthop::Nexthops::open()?);
-        }
-        let r = f(g.as_mut().expect("opened"));
-        if r.is_err() {
-            // A broken socket is reopened next time.
-            *g = None;
-        }
-        r
+    /// Runs `f` on the nexthop socket on a blocking thread: the socket is a plain netlink
+    /// socket (rtnetlink has no nexthop messages) that waits up to 2 s for an answer, which
+    /// must not stall the daemon's loop.
+    async fn with_nexthops<T: Send + 'static>(&self, f: impl FnOnce(&mut crate::shell::nexthop::Nexthops) -> Result<T> + Send + 'static) -> Result<T> {
+        let nexthops = self.nexthops.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut g = nexthops.lock().unwrap_or_else(|e| e.into_inner());
+            if g.is_none() {
+                *g = Some(crate::shell::nexthop::Nexthops::open()?);
+            }
+            let r = f(g.as_mut().expect("opened"));
+            if r.is_err() {
+                // A broken socket is reopened next time.
+                *g = None;
+            }
+            r
+        })
+        .await
+        .map_err(|e| anyhow::anyhow!("nexthop socket thread: {e}"))?
     }
 
     /// The route the kernel would use to `dst` for detour's own (marked) packets, which
@@ -234,7 +242,7 @@ impl Netlink {
         }
         s.rules = self.rules().await?;
         let all: HashMap<u32, String> = self.links().await?.into_iter().map(|(n, (i, _, _))| (i, n)).collect();
-        match self.with_nexthops(|nh| nh.dump(&all)) {
+        match self.with_nexthops(move |nh| nh.dump(&all)).await {
             Ok(list) => s.nexthops.extend(list),
             Err(e) => tracing::debug!("listing nexthops: {e:#}"),
         }
@@ -327,8 +335,14 @@ impl Netlink {
             }
             KernelOp::AddRule(r) => self.request(RouteNetlinkMessage::NewRule(rule_message(r)), NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL).await.map(|_| ()),
             KernelOp::DelRule(r) => self.request(RouteNetlinkMessage::DelRule(rule_message(r)), NLM_F_REQUEST | NLM_F_ACK).await.map(|_| ()),
-            KernelOp::SetNexthop(n) => return self.with_nexthops(|nh| nh.set(n, index)),
-            KernelOp::DelNexthop(n) => return self.with_nexthops(|nh| nh.delete(n.id)),
+            KernelOp::SetNexthop(n) => {
+                let (n, index) = (n.clone(), index.clone());
+                return self.with_nexthops(move |nh| nh.set(&n, &index)).await;
+            }
+            KernelOp::DelNexthop(n) => {
+                let id = n.id;
+                return self.with_nexthops(move |nh| nh.delete(id)).await;
+            }
         };
         match res {
             Ok(()) => Ok(()),

@@ -8,7 +8,6 @@
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
-use std::os::fd::AsRawFd;
 
 use anyhow::{anyhow, bail, Context, Result};
 use netlink_packet_core::{
@@ -207,8 +206,7 @@ impl Nexthops {
         sock.bind_auto().context("binding the netlink socket")?;
         sock.connect(&SocketAddr::new(0, 0)).context("connecting the netlink socket")?;
         let tv = nix::sys::time::TimeVal::from(libc::timeval { tv_sec: 2, tv_usec: 0 });
-        let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(sock.as_raw_fd()) };
-        nix::sys::socket::setsockopt(&fd, nix::sys::socket::sockopt::ReceiveTimeout, &tv).context("netlink socket timeout")?;
+        nix::sys::socket::setsockopt(&std::os::fd::AsFd::as_fd(&sock), nix::sys::socket::sockopt::ReceiveTimeout, &tv).context("netlink socket timeout")?;
         Ok(Nexthops { sock, seq: 0 })
     }
 
