@@ -291,6 +291,33 @@ fn routes_and_rules_removed_by_hand_are_restored_within_seconds() {
 }
 
 #[test]
+fn netfilter_rules_flushed_or_unhooked_by_hand_are_put_back() {
+    // detour's netfilter rules are desired state too: a firewall reload or an `iptables -F`
+    // that takes them away is repaired within NETFILTER_REPAIR (10 s), without a restart.
+    let mut lab = Lab::new(&["alice", "bob"]);
+    lab.write_mesh();
+    lab.start_all();
+    lab.wait_up("alice", &["bob"], UP);
+    let rules = |lab: &Lab| lab.ok("alice", "iptables-save -t filter | grep -c DETOUR-ICMP || true").trim().parse::<u32>().unwrap_or(0);
+    let before = rules(&lab);
+    assert!(before >= 4, "chain, its rules and the INPUT jump: {before}");
+    lab.ok("alice", "iptables -D INPUT -j DETOUR-ICMP; iptables -F DETOUR-ICMP");
+    assert!(rules(&lab) < before);
+    let t0 = Instant::now();
+    while rules(&lab) < before {
+        assert!(t0.elapsed() < Duration::from_secs(15), "not put back after 15 s:\n{}", lab.ok("alice", "iptables-save -t filter"));
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    eprintln!("netfilter rules put back after {:?}", t0.elapsed());
+    assert_eq!(rules(&lab), before);
+    assert!(lab.log("alice").contains("were changed by someone else: restored"), "{}", lab.log("alice"));
+    // and a clean stop still removes them all
+    assert!(lab.stop("alice"));
+    let left = leftovers(&lab, "alice");
+    assert_eq!(left.trim(), "", "left behind after stop:\n{left}");
+}
+
+#[test]
 fn stop_removes_every_interface_route_rule_and_netfilter_rule() {
     let mut lab = Lab::new(&["alice", "bob"]);
     lab.write_mesh();

@@ -58,11 +58,11 @@ impl Accounting {
     ///
     /// # Errors
     /// If iptables is missing or refuses.
-    pub fn install(&mut self, fwmark: u32) -> Result<()> {
+    pub fn install(&mut self, keeper: &netfilter::Keeper, fwmark: u32) -> Result<()> {
         self.fwmark = fwmark;
         let input = format!("*mangle\n:{CHAIN} - [0:0]\n:{PIN_CHAIN} - [0:0]\n-A POSTROUTING -j {CHAIN}\n-A OUTPUT -j {PIN_CHAIN}\n-A PREROUTING -j {PIN_CHAIN}\nCOMMIT\n");
         for v6 in [false, true] {
-            if let Err(e) = netfilter::restore(v6, &input) {
+            if let Err(e) = keeper.restore(v6, &input) {
                 remove();
                 bail!("the accounting and pin chains were refused: {e:#}");
             }

@@ -126,7 +126,7 @@ pub fn rules(cfg: &Config, egress: bool, v6: bool) -> Vec<(&'static str, &'stati
 ///
 /// # Errors
 /// If iptables is missing or refuses; what was installed is removed again.
-pub fn install(cfg: &Config, egress: bool) -> Result<bool> {
+pub fn install(keeper: &netfilter::Keeper, cfg: &Config, egress: bool) -> Result<bool> {
     let mut any = false;
     for v6 in [false, true] {
         let rules = rules(cfg, egress, v6);
@@ -156,7 +156,7 @@ pub fn install(cfg: &Config, egress: bool) -> Result<bool> {
             continue;
         }
         any = true;
-        if let Err(e) = netfilter::restore(v6, &input) {
+        if let Err(e) = keeper.restore(v6, &input) {
             remove();
             bail!("{e:#}");
         }

@@ -51,6 +51,9 @@ pub const RECONCILE_SETTLE: Duration = Duration::from_millis(50);
 pub const MODEL_SETTLE: Duration = Duration::from_millis(100);
 /// Shortest time between two passes for changes of the model ([`model_pass_at`]).
 pub const MODEL_SPACING: Duration = Duration::from_millis(500);
+/// How often detour's netfilter rules are checked (with `iptables-save`, which takes no
+/// lock) and put back when someone removed or flushed them.
+pub const NETFILTER_REPAIR: Duration = Duration::from_secs(10);
 /// The kernel is reconciled at least this often even when it reported no change (a lost
 /// notification: the socket's buffer overran).
 pub const RECONCILE_SAFETY: Duration = Duration::from_secs(30);
@@ -171,6 +174,7 @@ pub async fn run(mut cfg: Config) -> Result<()> {
         traffic: false,
         classes: false,
         hash_policy: Vec::new(),
+        keeper: None,
     };
     // A panic in the loop (the node state is driven there) is caught here, so that the
     // host is cleaned as at a normal stop; the panic hook has logged it.
@@ -201,10 +205,15 @@ struct Resources {
     traffic: bool,
     classes: bool,
     hash_policy: Vec<&'static str>,
+    keeper: Option<Arc<crate::shell::netfilter::Keeper>>,
 }
 
 impl Resources {
     async fn cleanup(&mut self) {
+        // No repair of the rules while they are being removed.
+        if let Some(k) = self.keeper.take() {
+            k.stop();
+        }
         if self.netfilter {
             intercept::remove_rules();
         }
@@ -399,6 +408,9 @@ async fn run_inner(identity: &Identity, model: Model, nl: Netlink, listener: tok
         None => Vec::new(),
     };
 
+    // detour's netfilter rule sets, kept in place while it runs (see netfilter::Keeper).
+    let keeper = Arc::new(crate::shell::netfilter::Keeper::default());
+    res.keeper = Some(keeper.clone());
     // Priority of management traffic: HTB (optional), socket priority, DSCP mark.
     let mut sock_priority = priority::DEFAULT_MGMT_PRIORITY;
     if let Some(dev) = &qdisc {
@@ -416,7 +428,7 @@ async fn run_inner(identity: &Identity, model: Model, nl: Netlink, listener: tok
     }
     if cfg.management.dscp {
         res.dscp = true;
-        if let Err(e) = priority::install_dscp_rules(cfg.node.management_port) {
+        if let Err(e) = priority::install_dscp_rules(&keeper, cfg.node.management_port) {
             tracing::warn!("DSCP marking of management traffic is off: {e:#} (set management.dscp = false to silence this)");
         }
     }
@@ -428,7 +440,7 @@ async fn run_inner(identity: &Identity, model: Model, nl: Netlink, listener: tok
         res.acct = true;
         res.hash_policy = acct::set_hash_policy();
         let mut accounting = Accounting::default();
-        match accounting.install(cfg.kernel.fwmark) {
+        match accounting.install(&keeper, cfg.kernel.fwmark) {
             Ok(()) => acct_worker = Some(acct::Worker::start(accounting, acct_tx)?),
             Err(e) => tracing::warn!("REPLEX: no byte accounting of the kernel's direct share: {e:#}"),
         }
@@ -437,7 +449,7 @@ async fn run_inner(identity: &Identity, model: Model, nl: Netlink, listener: tok
     // Traffic classes (exits that masquerade) and egress NAT (docs/policies.md).
     let egress = model.egress();
     res.classes = true;
-    match crate::shell::classes::install(&cfg, egress) {
+    match crate::shell::classes::install(&keeper, &cfg, egress) {
         Ok(true) => tracing::info!("traffic classes and egress rules installed (iptables DETOUR-CLASS, DETOUR-EGRESS, DETOUR-NAT, DETOUR-FWD)"),
         Ok(false) => {}
         Err(e) => tracing::warn!("exits and egress are off: {e:#}"),
@@ -469,7 +481,7 @@ async fn run_inner(identity: &Identity, model: Model, nl: Netlink, listener: tok
     let mut icmp_active = false;
     if cfg.failover.icmp && !cfg.peers.is_empty() {
         res.netfilter = true;
-        match intercept::install_rules(cfg.failover.nfqueue, !cfg.node.networks.is_empty())
+        match intercept::install_rules(&keeper, cfg.failover.nfqueue, !cfg.node.networks.is_empty())
             .and_then(|_| intercept::start_queue(cfg.failover.nfqueue, filter.clone(), icmp_counters.clone(), alarm_tx.clone()))
         {
             Ok(()) => icmp_active = true,
@@ -487,7 +499,7 @@ async fn run_inner(identity: &Identity, model: Model, nl: Netlink, listener: tok
         res.traffic = true;
         let dsts: Vec<ipnet::IpNet> = (0..cfg.peers.len()).flat_map(|i| model.protected_destinations(i, &[])).collect();
         let group = cfg.failover.nfqueue;
-        match traffic::install(&dsts, group, cfg.kernel.fwmark).and_then(|_| traffic::start(group, filter.clone(), icmp_counters.clone(), alarm_tx.clone())) {
+        match traffic::install(&keeper, &dsts, group, cfg.kernel.fwmark).and_then(|_| traffic::start(group, filter.clone(), icmp_counters.clone(), alarm_tx.clone())) {
             Ok(()) => tracing::info!("traffic detection on {} destinations (nflog group {group}): idle peers are probed every {} ms", dsts.len(), cfg.failover.idle_probe_interval.as_millis()),
             Err(e) => {
                 traffic::remove();
@@ -499,6 +511,8 @@ async fn run_inner(identity: &Identity, model: Model, nl: Netlink, listener: tok
     if cfg.failover.tcp_monitor && !cfg.peers.is_empty() {
         intercept::start_tcp_monitor(cfg.failover.tcp_poll, engine_shared.clone(), filter.clone(), icmp_counters.clone(), alarm_tx.clone())?;
     }
+    // Rules someone else removes or flushes come back within this long.
+    keeper.start(NETFILTER_REPAIR)?;
     let local_addrs = refresh_local_addresses(&nl, &dp, &filter, &HashSet::new()).await;
 
     let allowed = Arc::new(AllowedKeys::new(cfg.peers.iter().map(|p| p.public_key)));

@@ -96,7 +96,7 @@ pub const CHAINS: [(&str, &str); 1] = [("filter", CHAIN)];
 ///
 /// # Errors
 /// If iptables is missing or refuses a rule.
-pub fn install_rules(queue: u16, forward: bool) -> Result<()> {
+pub fn install_rules(keeper: &netfilter::Keeper, queue: u16, forward: bool) -> Result<()> {
     let v4 = ["-p icmp --icmp-type network-unreachable", "-p icmp --icmp-type host-unreachable"];
     let v6 = ["-p ipv6-icmp --icmpv6-type no-route", "-p ipv6-icmp --icmpv6-type address-unreachable"];
     for (is_v6, matches) in [(false, v4), (true, v6)] {
@@ -108,7 +108,7 @@ pub fn install_rules(queue: u16, forward: bool) -> Result<()> {
             input += &format!("-I {hook} 1 -j {CHAIN}\n");
         }
         input += "COMMIT\n";
-        if let Err(e) = netfilter::restore(is_v6, &input) {
+        if let Err(e) = keeper.restore(is_v6, &input) {
             bail!("cannot add the NFQUEUE rules (is the kernel's NFQUEUE target available?): {e:#}");
         }
     }

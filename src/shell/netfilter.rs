@@ -145,6 +145,168 @@ pub fn restore(v6: bool, input: &str) -> Result<()> {
     Ok(())
 }
 
+/// What one rule set (an `iptables-restore` input) expects to find: per table and chain of
+/// its own, how many rules the chain holds at least and how many jumps lead to it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Expect {
+    /// The table.
+    pub table: String,
+    /// The chain (one the rule set declares).
+    pub chain: String,
+    /// Rules in the chain, at least (the accounting chain gets more at run time).
+    pub rules: usize,
+    /// Rules of other chains that jump to it, at least.
+    pub jumps: usize,
+}
+
+/// The chains a rule set declares, with their rules and the jumps to them.
+pub fn expectations(script: &str) -> Vec<Expect> {
+    let mut out: Vec<Expect> = Vec::new();
+    let mut table = String::new();
+    for line in script.lines() {
+        if let Some(t) = line.strip_prefix('*') {
+            table = t.trim().to_string();
+        } else if let Some(decl) = line.strip_prefix(':') {
+            let chain = decl.split_whitespace().next().unwrap_or("").to_string();
+            out.push(Expect { table: table.clone(), chain, rules: 0, jumps: 0 });
+        }
+    }
+    table.clear();
+    for line in script.lines() {
+        if let Some(t) = line.strip_prefix('*') {
+            table = t.trim().to_string();
+            continue;
+        }
+        let Some(rule) = line.strip_prefix("-A ").or_else(|| line.strip_prefix("-I ")) else { continue };
+        let words: Vec<&str> = rule.split_whitespace().collect();
+        let from = words.first().copied().unwrap_or("");
+        let target = words.windows(2).find(|w| w[0] == "-j" || w[0] == "-g").map(|w| w[1]).unwrap_or("");
+        for e in out.iter_mut().filter(|e| e.table == table) {
+            if e.chain == from {
+                e.rules += 1;
+            } else if e.chain == target {
+                e.jumps += 1;
+            }
+        }
+    }
+    out
+}
+
+/// Whether the `iptables-save` output `save` still holds what `expect` says: every chain
+/// declared, with at least its rules and its jumps.
+pub fn holds(save: &str, expect: &[Expect]) -> bool {
+    let mut table = String::new();
+    let mut declared: Vec<(String, String)> = Vec::new();
+    let mut rules: std::collections::HashMap<(String, String), usize> = std::collections::HashMap::new();
+    let mut jumps: std::collections::HashMap<(String, String), usize> = std::collections::HashMap::new();
+    for line in save.lines() {
+        // `iptables-save -c` puts counters before each rule.
+        let line = match line.strip_prefix('[') {
+            Some(rest) => rest.split_once("] ").map(|(_, r)| r).unwrap_or(""),
+            None => line,
+        };
+        if let Some(t) = line.strip_prefix('*') {
+            table = t.trim().to_string();
+        } else if let Some(decl) = line.strip_prefix(':') {
+            declared.push((table.clone(), decl.split_whitespace().next().unwrap_or("").to_string()));
+        } else if let Some(rule) = line.strip_prefix("-A ") {
+            let words: Vec<&str> = rule.split_whitespace().collect();
+            let from = words.first().copied().unwrap_or("").to_string();
+            if let Some(w) = words.windows(2).find(|w| w[0] == "-j" || w[0] == "-g") {
+                *jumps.entry((table.clone(), w[1].to_string())).or_default() += 1;
+            }
+            *rules.entry((table.clone(), from)).or_default() += 1;
+        }
+    }
+    expect.iter().all(|e| {
+        let k = (e.table.clone(), e.chain.clone());
+        declared.contains(&k) && rules.get(&k).copied().unwrap_or(0) >= e.rules && jumps.get(&k).copied().unwrap_or(0) >= e.jumps
+    })
+}
+
+/// The rule sets detour installed, kept in place: what someone else removes or flushes
+/// (a firewall reload, `iptables -F`) is put back, as kernel routes are (desired state
+/// reconciled). [`Keeper::repair`] runs on its own thread, never on the daemon's loop.
+#[derive(Debug, Default)]
+pub struct Keeper {
+    kept: std::sync::Mutex<Vec<(bool, String)>>,
+    stopped: std::sync::Mutex<bool>,
+}
+
+impl Keeper {
+    /// Installs `input` ([`restore`]) and keeps it.
+    ///
+    /// # Errors
+    /// As [`restore`]; a refused rule set is not kept.
+    pub fn restore(&self, v6: bool, input: &str) -> Result<()> {
+        restore(v6, input)?;
+        self.kept.lock().unwrap_or_else(|e| e.into_inner()).push((v6, input.to_string()));
+        Ok(())
+    }
+
+    /// Puts back every kept rule set that no longer holds (its chains are removed with
+    /// every jump to them, then it is installed again); the number put back.
+    pub fn repair(&self) -> usize {
+        let stopped = self.stopped.lock().unwrap_or_else(|e| e.into_inner());
+        if *stopped {
+            return 0;
+        }
+        let kept = self.kept.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let mut repaired = 0;
+        for v6 in [false, true] {
+            if !kept.iter().any(|(k, _)| *k == v6) {
+                continue;
+            }
+            let save = if v6 { "ip6tables-save" } else { "iptables-save" };
+            let Ok(out) = Command::new(save).output() else { continue };
+            let text = String::from_utf8_lossy(&out.stdout).into_owned();
+            for (_, script) in kept.iter().filter(|(k, _)| *k == v6) {
+                let expect = expectations(script);
+                if holds(&text, &expect) {
+                    continue;
+                }
+                let chains: Vec<(&str, &str)> = expect.iter().map(|e| (e.table.as_str(), e.chain.as_str())).collect();
+                if let Some(removal) = removal_script(&text, &chains) {
+                    let _ = restore(v6, &removal);
+                }
+                match restore(v6, script) {
+                    Ok(()) => {
+                        repaired += 1;
+                        let names: Vec<&str> = chains.iter().map(|(_, c)| *c).collect();
+                        tracing::warn!("netfilter rules of {} were changed by someone else: restored", names.join(", "));
+                    }
+                    Err(e) => tracing::warn!("restoring netfilter rules: {e:#}"),
+                }
+            }
+        }
+        repaired
+    }
+
+    /// Stops repairs (waits for one under way): at shutdown, before the chains go.
+    pub fn stop(&self) {
+        *self.stopped.lock().unwrap_or_else(|e| e.into_inner()) = true;
+    }
+
+    /// Runs [`Keeper::repair`] every `every` on a thread of its own until [`Keeper::stop`].
+    ///
+    /// # Errors
+    /// If the thread cannot be started.
+    pub fn start(self: &std::sync::Arc<Self>, every: std::time::Duration) -> Result<()> {
+        let k = self.clone();
+        std::thread::Builder::new()
+            .name("detour-netfilter".into())
+            .spawn(move || loop {
+                std::thread::sleep(every);
+                if *k.stopped.lock().unwrap_or_else(|e| e.into_inner()) {
+                    return;
+                }
+                k.repair();
+            })
+            .context("starting the netfilter thread")?;
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -158,5 +320,22 @@ mod tests {
         assert_eq!(s, "*mangle\n-D POSTROUTING -m mark ! --mark 0x1234 -j DETOUR-SEEN\n-D POSTROUTING -m mark ! --mark 0x1234 -j DETOUR-SEEN\n-F DETOUR-SEEN\n-X DETOUR-SEEN\nCOMMIT\n");
         assert!(removal_script(save, &[("filter", "DETOUR-ICMP"), ("nat", "DETOUR-SEEN")]).is_none());
         assert!(removal_script("", &[("mangle", "DETOUR-SEEN")]).is_none());
+    }
+
+    #[test]
+    fn a_rule_set_holds_until_its_chain_is_flushed_or_its_jump_removed() {
+        let script =
+            "*filter\n:DETOUR-ICMP - [0:0]\n-A DETOUR-ICMP -p icmp -j NFQUEUE --queue-num 7 --queue-bypass\n-A DETOUR-ICMP -p icmp -j NFQUEUE --queue-num 7\n-I INPUT 1 -j DETOUR-ICMP\nCOMMIT\n";
+        let e = expectations(script);
+        assert_eq!(e, vec![Expect { table: "filter".into(), chain: "DETOUR-ICMP".into(), rules: 2, jumps: 1 }]);
+        let good = "*filter\n:INPUT ACCEPT [0:0]\n:DETOUR-ICMP - [0:0]\n[5:300] -A INPUT -j DETOUR-ICMP\n-A DETOUR-ICMP -p icmp -m icmp --icmp-type 3/0 -j NFQUEUE --queue-num 7 --queue-bypass\n-A DETOUR-ICMP -p icmp -j NFQUEUE --queue-num 7\nCOMMIT\n";
+        assert!(holds(good, &e));
+        let flushed = "*filter\n:INPUT ACCEPT [0:0]\n:DETOUR-ICMP - [0:0]\n-A INPUT -j DETOUR-ICMP\nCOMMIT\n";
+        assert!(!holds(flushed, &e));
+        let unhooked = "*filter\n:INPUT ACCEPT [0:0]\n:DETOUR-ICMP - [0:0]\n-A DETOUR-ICMP -p icmp -j NFQUEUE\n-A DETOUR-ICMP -p icmp -j NFQUEUE\nCOMMIT\n";
+        assert!(!holds(unhooked, &e));
+        assert!(!holds("", &e));
+        // the same chain name in another table does not count
+        assert!(!holds(&good.replace("*filter", "*mangle"), &e));
     }
 }

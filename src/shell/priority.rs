@@ -47,10 +47,10 @@ pub fn remove_dscp_rules() {
 ///
 /// # Errors
 /// If iptables is missing or refuses (for example without the DSCP target).
-pub fn install_dscp_rules(management_port: u16) -> Result<()> {
+pub fn install_dscp_rules(keeper: &netfilter::Keeper, management_port: u16) -> Result<()> {
     let input = format!("*mangle\n:{CHAIN} - [0:0]\n-A {CHAIN} -p udp --sport {management_port} -j DSCP --set-dscp-class CS6\n-I OUTPUT 1 -j {CHAIN}\nCOMMIT\n");
     for v6 in [false, true] {
-        if let Err(e) = netfilter::restore(v6, &input) {
+        if let Err(e) = keeper.restore(v6, &input) {
             remove_dscp_rules();
             bail!("the DSCP rule was refused: {e:#}");
         }

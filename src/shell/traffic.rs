@@ -75,10 +75,10 @@ pub fn restore_input(dsts: &[IpNet], group: u16, fwmark: u32, v6: bool) -> Optio
 ///
 /// # Errors
 /// If iptables-restore is missing or refuses (the kernel lacks `NFLOG` or `limit`).
-pub fn install(dsts: &[IpNet], group: u16, fwmark: u32) -> Result<()> {
+pub fn install(keeper: &netfilter::Keeper, dsts: &[IpNet], group: u16, fwmark: u32) -> Result<()> {
     for v6 in [false, true] {
         let Some(input) = restore_input(dsts, group, fwmark, v6) else { continue };
-        if let Err(e) = netfilter::restore(v6, &input) {
+        if let Err(e) = keeper.restore(v6, &input) {
             remove();
             bail!("the {CHAIN} rules were refused: {e:#}");
         }
