@@ -115,21 +115,34 @@ impl Sim {
     /// `n` nodes in a full mesh of configured peers; `policy(i)` is node `i`'s `[policy]`
     /// section (empty: the default).
     pub fn new(n: usize, seed: u64, policy: impl Fn(usize) -> String) -> Sim {
-        Sim::with(n, seed, policy, |_, _| true)
+        Sim::with(
+            n,
+            seed,
+            |i| {
+                let p = policy(i);
+                if p.is_empty() {
+                    p
+                } else {
+                    format!("[policy]\n{p}\n")
+                }
+            },
+            |_, _| true,
+        )
     }
 
     /// `n` nodes where node `i` has node `j` as a configured peer when `configured(i, j)`;
-    /// the others it learns from the directory.
-    pub fn with(n: usize, seed: u64, policy: impl Fn(usize) -> String, configured: impl Fn(usize, usize) -> bool) -> Sim {
+    /// the others it learns from the directory. `sections(i)` is more of node `i`'s
+    /// configuration (TOML sections such as `[policy]` or `[replex]`).
+    pub fn with(n: usize, seed: u64, sections: impl Fn(usize) -> String, configured: impl Fn(usize, usize) -> bool) -> Sim {
         let start = Instant::now();
         let ids: Vec<Identity> = (0..n).map(identity).collect();
         let mut nodes = Vec::new();
         let mut models = Vec::new();
         for i in 0..n {
             let mut text = format!("[node]\nname = \"n{i}\"\nprivate_key = \"/unused\"\noverlay_ipv4 = \"10.77.{}.{}/16\"\n", i / 250, i % 250 + 1);
-            let p = policy(i);
-            if !p.is_empty() {
-                text += &format!("\n[policy]\n{p}\n");
+            let extra = sections(i);
+            if !extra.is_empty() {
+                text += &format!("\n{extra}\n");
             }
             for (j, id) in ids.iter().enumerate().filter(|(j, _)| *j != i && configured(i, *j)) {
                 text += &format!("\n[[peer]]\nname = \"n{j}\"\npublic_key = \"{}\"\nendpoints = [\"{}\"]\noverlay_ipv4 = \"10.77.{}.{}\"\n", id.public_key(), data_addr(j).ip(), j / 250, j % 250 + 1);
@@ -734,6 +747,28 @@ mod tests {
         let acked = sent.iter().filter(|k| sim.acked.contains(k)).count();
         let ratio = acked as f64 / sent.len() as f64;
         assert!(ratio >= 0.999, "{acked} of {} acknowledged; failed {:?}", sent.len(), sim.failed.len());
+    }
+
+    #[test]
+    fn replex_splits_over_the_direct_path_and_a_relay_and_the_failover_takes_the_direct_share_away() {
+        // n0 runs REPLEX with equal shares towards n1: the data plane gets a split over the
+        // direct path and the relay n2, the kernel a weighted group; when the direct path
+        // dies, failover protects the destinations and the split keeps only the relay.
+        let mut sim = Sim::with(3, 10, |i| if i == 0 { "[replex]\nenabled = true\nmode = \"equal\"\n".into() } else { String::new() }, |_, _| true);
+        sim.flows = vec![(0, 1), (1, 0)];
+        sim.run(Duration::from_secs(10));
+        let p = sim.peer(0, 1).unwrap();
+        let last_split = |s: &Sim| s.trace.iter().rev().find(|t| t.contains(&format!(" n0 data split {p} "))).and_then(|t| t.rsplit(' ').next()).and_then(|n| n.parse::<usize>().ok());
+        assert_eq!(last_split(&sim), Some(2), "direct and via n2");
+        let pr = sim.nodes[0].state.protect()[p].clone().expect("REPLEX weights for the kernel");
+        let (direct, overlay) = pr.split.expect("a split");
+        assert!(direct > 0 && overlay > 0 && u32::from(direct) + u32::from(overlay) == 256, "{direct} {overlay}");
+        sim.cut(0, 1, true);
+        sim.run_until(Duration::from_secs(3), |s| s.path(0, 1) == relay(s, 2)).expect("failover");
+        sim.run(Duration::from_millis(200));
+        assert_eq!(last_split(&sim), Some(1), "only the relay is live");
+        let pr = sim.nodes[0].state.protect()[p].clone().expect("protected");
+        assert_eq!(pr.split, None, "the whole destination goes through the overlay");
     }
 
     #[test]
