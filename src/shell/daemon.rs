@@ -182,7 +182,7 @@ pub async fn run(mut cfg: Config) -> Result<()> {
     let result = match futures::FutureExt::catch_unwind(inner).await {
         Ok(r) => r,
         Err(payload) => {
-            let msg = payload.downcast_ref::<&str>().map(|s| s.to_string()).or_else(|| payload.downcast_ref::<String>().cloned()).unwrap_or_default();
+            let msg = supervise::panic_message(payload.as_ref());
             tracing::error!("stopping: the daemon's loop panicked: {msg}");
             Err(anyhow!("the daemon's loop panicked: {msg}"))
         }

@@ -105,6 +105,11 @@ impl Health {
     }
 }
 
+/// The message of a panic payload (`panic!` with a literal or a formatted string).
+pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    payload.downcast_ref::<&str>().map(|s| s.to_string()).or_else(|| payload.downcast_ref::<String>().cloned()).unwrap_or_else(|| "(no message)".into())
+}
+
 /// Installs a panic hook that logs the panic (thread, message, place) at error level and
 /// records it as fatal in `health`, then runs the hook that was there before (which prints
 /// to stderr). Any panic in any thread or task of the daemon then stops it.
@@ -112,7 +117,7 @@ pub fn install_panic_hook(health: Arc<Health>) {
     let previous = std::panic::take_hook();
     std::panic::set_hook(Box::new(move |info| {
         let thread = std::thread::current().name().unwrap_or("unnamed").to_string();
-        let msg = info.payload().downcast_ref::<&str>().map(|s| s.to_string()).or_else(|| info.payload().downcast_ref::<String>().cloned()).unwrap_or_else(|| "(no message)".into());
+        let msg = panic_message(info.payload());
         let place = info.location().map(|l| format!(" at {}:{}", l.file(), l.line())).unwrap_or_default();
         let reason = format!("thread '{thread}' panicked: {msg}{place}");
         tracing::error!("{reason}");

@@ -16,8 +16,9 @@
 //! by type, the path control's verdict on each session (not while its monitored direct path
 //! is down) goes straight to the overlay, and the overlay's outputs become actions.
 //!
-//! Still in the shell (issue 12, next steps): the session-want policy and idle links
-//! (`shell/peers.rs`), and applying learned and forgotten records to the model.
+//! Still in the shell (issue 12, next steps): the per-peer session tasks (`shell/peers.rs`,
+//! which follow the want rules of [`crate::node::sessions`]), and applying learned and
+//! forgotten records to the model.
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::net::{IpAddr, SocketAddr};
@@ -1141,14 +1142,6 @@ impl NodeState {
     /// The management overlay (status: directory, neighbours, routing counters).
     pub fn overlay(&self) -> &Overlay {
         &self.overlay
-    }
-
-    /// The management overlay, to send a message from this node through it (tests and
-    /// simulations; programs use the local API).
-    pub fn send_message(&mut self, m: &Model, dst: NodeId, channel: u16, payload: &[u8], critical: bool) -> u64 {
-        let id = self.overlay.send(self.now, dst, channel, payload, critical);
-        self.drain_core(m);
-        id
     }
 
     /// The local API's status (`port`: the shell's).
