@@ -13,7 +13,7 @@
 //! The underlay: every pair of nodes has a fixed one-way delay of 2-20 ms; a session is up
 //! from the tick after either end wants it; a failed node's sessions are noticed after the
 //! management session's idle timeout (6 s). Signatures are checked once per record for the
-//! whole process (a shared [`RecordVerifier`]: the same bytes give the same answer at every
+//! whole process (a shared `CachedVerifier`: the same bytes give the same answer at every
 //! node), so that 10,000 directories of 10,000 records can be simulated on one core.
 //! With `SIM_COUNT` set in the environment it also prints the messages sent by kind
 //! once the directories are complete.
@@ -21,11 +21,11 @@
 use std::cmp::Reverse;
 use std::collections::{BTreeSet, BinaryHeap, HashMap};
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use detour::identity::{Identity, NodeId};
-use detour::overlay::directory::{NodeRecord, RecordVerifier, Reject, SignedRecord, Uptime};
+use detour::overlay::directory::{CachedVerifier, Uptime};
 use detour::overlay::{Out, Overlay, OverlayConfig, OwnInfo};
 use detour::wire::mgmt::Message;
 
@@ -33,32 +33,6 @@ use detour::wire::mgmt::Message;
 const SESSION_TIMEOUT: Duration = Duration::from_secs(6);
 /// The overlay's tick.
 const TICK: Duration = Duration::from_millis(100);
-
-/// A record and what checking it gave.
-type Checked = (SignedRecord, Result<Arc<NodeRecord>, Reject>);
-
-/// Verifies each distinct signed record once for all simulated nodes.
-#[derive(Default)]
-struct SharedVerifier {
-    seen: Mutex<HashMap<usize, Checked>>,
-}
-
-impl RecordVerifier for SharedVerifier {
-    fn verify(&self, signed: &SignedRecord) -> Result<Arc<NodeRecord>, Reject> {
-        // In one process every copy of a record shares its bytes: the address identifies it
-        // while the cache holds it.
-        let key = signed.body().as_ptr() as usize;
-        let mut seen = self.seen.lock().expect("cache");
-        if let Some((s, r)) = seen.get(&key) {
-            if s == signed {
-                return r.clone();
-            }
-        }
-        let r = signed.verify().map(Arc::new);
-        seen.insert(key, (signed.clone(), r.clone()));
-        r
-    }
-}
 
 struct Event {
     at: Duration,
@@ -110,7 +84,7 @@ struct Sim {
     traffic: Traffic,
     acked: BTreeSet<(u32, u64)>,
     failed: BTreeSet<(u32, u64)>,
-    verifier: Arc<SharedVerifier>,
+    verifier: Arc<CachedVerifier>,
     rng: u64,
     wants_sync: BTreeSet<u32>,
     /// Messages by kind (with SIM_COUNT set).
@@ -155,7 +129,7 @@ impl Sim {
             traffic: Traffic::default(),
             acked: BTreeSet::new(),
             failed: BTreeSet::new(),
-            verifier: Arc::new(SharedVerifier::default()),
+            verifier: Arc::new(CachedVerifier::default()),
             rng: seed | 1,
             wants_sync: BTreeSet::new(),
             kinds: Default::default(),

@@ -82,11 +82,12 @@ pub fn learned(shared: &std::sync::Arc<Shared>, rec: &NodeRecord) {
     let learned = shared.model.write().expect("model").learn(rec);
     match learned {
         Learned::New(i) | Learned::Changed(i) => {
-            let spec = shared.model.read().expect("model").peer_spec(i);
+            let (spec, key) = {
+                let m = shared.model.read().expect("model");
+                (m.peer_spec(i), m.peers[i].cfg.public_key)
+            };
             shared.dp.command(DataCommand::AddPeer { peer: i, spec });
-            if let Ok(k) = rec.public_key.parse() {
-                shared.allowed.insert(k);
-            }
+            shared.allowed.insert(key);
             peers::grow(shared);
             shared.kernel.notify_one();
             if matches!(learned, Learned::New(_)) {

@@ -472,11 +472,13 @@ struct TxPeer {
     routes: Vec<IpNet>,
     protected: PrefixTable<()>,
     protected_nets: Vec<IpNet>,
-    split: Option<Split>,
+    /// Boxed, like the session: a node holds a `TxPeer` for every directory node, and
+    /// most have neither (TxPeer is 220 bytes instead of 940).
+    split: Option<Box<Split>>,
     /// Inner packets waiting for the first session (a few, like WireGuard's staged
     /// queue), so that a connection's first packet is not lost to the handshake.
     staged: Vec<Vec<u8>>,
-    session: Option<TxSession>,
+    session: Option<Box<TxSession>>,
     endpoint: Option<PathEndpoint>,
     inner_mtu: usize,
     counters: Arc<PeerCounters>,
@@ -542,7 +544,16 @@ impl TxState {
                 *old = new;
             }
         } else if i == self.peers.len() {
+            // A new peer has the highest index: its routes only fill prefixes no other
+            // peer has (what a rebuild would give, without walking every peer: a node
+            // learns a whole directory this way).
+            for net in &new.routes {
+                if self.table.get(net).is_none() {
+                    self.table.insert(*net, i);
+                }
+            }
             self.peers.push(new);
+            return;
         } else {
             return;
         }
@@ -576,7 +587,7 @@ impl TxState {
             }
             DataCommand::InstallSession { peer, secrets } => {
                 if let Some(p) = self.peers.get_mut(*peer) {
-                    p.session = Some(TxSession { key_id: secrets.tx_key_id, key: PacketKey::new(&secrets.tx_key), next_counter: 0 });
+                    p.session = Some(Box::new(TxSession { key_id: secrets.tx_key_id, key: PacketKey::new(&secrets.tx_key), next_counter: 0 }));
                 }
             }
             DataCommand::SetEndpoint { peer, endpoint } => {
@@ -604,7 +615,7 @@ impl TxState {
                     } else {
                         match &mut p.split {
                             Some(s) => s.set(routes),
-                            None => p.split = Some(Split::new(routes, *flow_idle_ms)),
+                            None => p.split = Some(Box::new(Split::new(routes, *flow_idle_ms))),
                         }
                     }
                 }
@@ -1072,6 +1083,30 @@ mod tests {
             node: Arc::default(),
             egress: None,
         }
+    }
+
+    #[test]
+    fn peers_added_one_by_one_route_as_a_rebuilt_table_does_the_lower_index_winning_an_overlap() {
+        let sa = spec(A, B, "10.77.0.1", "10.77.0.2", "10.2.0.0/24", "10.1.0.0/24");
+        let mut tx = TxState::new(&sa);
+        let claim = |id: u8, nets: &[&str]| PeerSpec {
+            node_id: NodeId([id; 16]),
+            host_addrs: vec![],
+            prefixes: nets.iter().map(|n| n.parse().unwrap()).collect(),
+            link_local: vec![],
+            protected: vec![],
+            inner_mtu: 1388,
+            counters: Arc::default(),
+        };
+        // Peer 1 claims B's prefix again and a /16 around it; peer 2 a prefix of its own.
+        tx.apply(&DataCommand::AddPeer { peer: 1, spec: claim(0xc, &["10.2.0.0/24", "10.2.0.0/16"]) });
+        tx.apply(&DataCommand::AddPeer { peer: 2, spec: claim(0xd, &["10.3.0.0/24", "10.2.0.0/16"]) });
+        let lookups = |tx: &TxState| ["10.2.0.5", "10.2.9.1", "10.3.0.1", "10.4.0.1"].map(|a| tx.route(a.parse().unwrap()));
+        assert_eq!(lookups(&tx), [Some(0), Some(1), Some(2), None]);
+        // The same as a rebuild from all peers.
+        let incremental = lookups(&tx);
+        tx.rebuild_table();
+        assert_eq!(lookups(&tx), incremental);
     }
 
     fn pair() -> (TxState, RxState, DataPlaneSpec, DataPlaneSpec) {

@@ -70,6 +70,20 @@ impl<V> PrefixTable<V> {
         }
     }
 
+    /// The value stored for exactly `net` (host bits are ignored), not a covering prefix's.
+    pub fn get(&self, net: &IpNet) -> Option<&V> {
+        match net {
+            IpNet::V4(n) => {
+                let key = u32::from(n.addr()) & mask4(n.prefix_len());
+                self.v4.iter().find(|(l, _)| *l == n.prefix_len()).and_then(|(_, m)| m.get(&key))
+            }
+            IpNet::V6(n) => {
+                let key = u128::from(n.addr()) & mask6(n.prefix_len());
+                self.v6.iter().find(|(l, _)| *l == n.prefix_len()).and_then(|(_, m)| m.get(&key))
+            }
+        }
+    }
+
     /// Removes `net`; returns its value if present.
     pub fn remove(&mut self, net: &IpNet) -> Option<V> {
         let out = match net {

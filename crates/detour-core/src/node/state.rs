@@ -1139,6 +1139,12 @@ impl NodeState {
         }
     }
 
+    /// Checks directory records' signatures with `v` (a simulator shares one
+    /// [`crate::overlay::directory::CachedVerifier`] between all its nodes).
+    pub fn set_verifier(&mut self, v: std::sync::Arc<dyn crate::overlay::directory::RecordVerifier>) {
+        self.overlay.set_verifier(v);
+    }
+
     /// The management overlay (status: directory, neighbours, routing counters).
     pub fn overlay(&self) -> &Overlay {
         &self.overlay

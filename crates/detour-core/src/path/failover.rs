@@ -597,8 +597,13 @@ pub struct Failover {
     deadlines: Vec<Option<Instant>>,
     /// Peers whose deadline must be recomputed.
     stale: Vec<usize>,
-    /// Every deadline must be recomputed (a tick, a change that concerns all peers).
+    /// Every deadline of a [`Failover::live`] peer must be recomputed (a tick, a change
+    /// that concerns all peers).
     all_stale: bool,
+    /// The peers that may have a deadline or work in a tick: those whose direct path is
+    /// known or that have paths. The others (directory nodes without a monitored link,
+    /// most of a large overlay) cost nothing per tick.
+    live: BTreeSet<usize>,
     /// Standby relay requests this node may make now, and when that was last topped up
     /// ([`STANDBY_REQUESTS_PER_S`]).
     standby_tokens: f64,
@@ -628,6 +633,7 @@ impl Failover {
             deadlines: Vec::new(),
             stale: Vec::new(),
             all_stale: true,
+            live: BTreeSet::new(),
             standby_tokens: STANDBY_BURST,
             standby_at: now,
             polls: 0,
@@ -738,6 +744,11 @@ impl Failover {
         p.direct_known = false;
         p.paths.clear();
         p.check = None;
+        self.live.remove(&peer);
+        if let Some(d) = self.deadlines.get_mut(peer) {
+            *d = None;
+        }
+        let p = &mut self.peers[peer];
         p.last_candidates = None;
         let was_protected = p.route.protect;
         let was_path = p.route.path;
@@ -788,6 +799,7 @@ impl Failover {
             p.direct_known = true;
             p.paths.retain(|x| x.id != PathId::Direct);
             p.paths.insert(0, Path::new(PathId::Direct, now, PathState::Up));
+            self.live.insert(peer);
         }
     }
 
@@ -869,6 +881,7 @@ impl Failover {
                 let mut path = Path::new(id, now, PathState::Down);
                 path.reason = Reason::Healthy;
                 p.paths.push(path);
+                self.live.insert(peer);
             }
         } else {
             let retry = if transient { self.cfg.relay_retry.min(Duration::from_secs(1)) } else { self.cfg.relay_retry };
@@ -950,6 +963,7 @@ impl Failover {
             Some(path) => path,
             None => {
                 // Incoming-only path (the peer uses a relay we do not): track reception.
+                self.live.insert(peer);
                 p.paths.push(Path::new(probe.path, now, PathState::Down));
                 p.paths.last_mut().expect("just pushed")
             }
@@ -1024,9 +1038,12 @@ impl Failover {
     pub fn poll_timeout(&mut self) -> Option<Instant> {
         let n = self.peers.len();
         self.polls += 1;
-        if self.all_stale || self.deadlines.len() != n {
-            self.deadlines = (0..n).map(|i| self.peer_deadline(i)).collect();
-            self.deadline_evals += n as u64;
+        self.deadlines.resize(n, None);
+        if self.all_stale {
+            for &i in &self.live {
+                self.deadlines[i] = self.peer_deadline(i);
+            }
+            self.deadline_evals += self.live.len() as u64;
             self.all_stale = false;
             self.stale.clear();
         } else {
@@ -1037,8 +1054,9 @@ impl Failover {
                 }
             }
         }
-        let next = self.deadlines.iter().flatten().copied().chain(self.grace_until).min();
-        debug_assert_eq!(next, self.grace_until.into_iter().chain((0..n).filter_map(|i| self.peer_deadline(i))).min(), "a cached deadline went stale");
+        let next = self.live.iter().filter_map(|&i| self.deadlines[i]).chain(self.grace_until).min();
+        // Checked at every 8th call in debug builds (the check recomputes every deadline).
+        debug_assert!(self.polls % 8 != 0 || next == self.grace_until.into_iter().chain(self.live.iter().filter_map(|&i| self.peer_deadline(i))).min(), "a cached deadline went stale");
         next
     }
 
@@ -1122,7 +1140,7 @@ impl Failover {
             // Over: poll_timeout must not keep returning it.
             self.grace_until = None;
         }
-        for peer in 0..self.peers.len() {
+        for peer in self.live.clone() {
             if !self.peers[peer].direct_known && self.peers[peer].paths.is_empty() {
                 continue;
             }
