@@ -27,9 +27,8 @@ use crate::path::icmp::Filter;
 use crate::shell::acct::{self, Accounting};
 use crate::shell::control;
 use crate::shell::datapath::{DataPath, DataPathSetup, EVENT_QUEUE};
-use crate::shell::engine::{Engine, EngineShared, Need, SessionEvent};
+use crate::shell::engine::{Engine, EngineView, Need, SessionEvent};
 use crate::shell::intercept::{self, IcmpCounters};
-use crate::shell::mnode::OverlayView;
 use crate::shell::netlink::Netlink;
 use crate::shell::peers::{self, want, PeerInfo};
 use crate::shell::priority;
@@ -78,8 +77,6 @@ pub struct Shared {
     pub refused: Arc<RefusedKeys>,
     /// Failed management handshakes and sessions closed for protocol errors.
     pub mgmt_errors: Arc<AtomicU64>,
-    /// The failover engine's published state.
-    pub engine: Arc<EngineShared>,
     /// ICMP interception counters.
     pub icmp: Arc<IcmpCounters>,
     /// Whether ICMP interception runs.
@@ -88,10 +85,8 @@ pub struct Shared {
     pub sessions: mpsc::UnboundedSender<SessionEvent>,
     /// Woken when the model changed: the kernel is reconciled at once.
     pub kernel: Notify,
-    /// What status output shows of the management overlay (filled on request).
-    pub overlay_view: Mutex<OverlayView>,
-    /// Asks the failover engine to fill [`EngineShared::routes`] (answered when done).
-    pub engine_refresh: mpsc::UnboundedSender<oneshot::Sender<()>>,
+    /// Status questions for the daemon's loop (it answers between two events).
+    pub queries: mpsc::UnboundedSender<Query>,
     /// Management sessions established (QUIC handshakes completed, both directions).
     pub handshakes: Mutex<Handshakes>,
     /// This host's addresses (refreshed by the reconcile loop).
@@ -101,6 +96,17 @@ pub struct Shared {
     /// Progress and fatal failures of the daemon's parts.
     pub health: Arc<Health>,
 }
+
+/// A question about the node's state, answered by the daemon's loop from the node state.
+pub enum Query {
+    /// A `detourctl` request.
+    Control(Request, oneshot::Sender<Response>),
+    /// A metrics scrape: the text exposition.
+    Metrics(oneshot::Sender<String>),
+}
+
+/// How long a `detourctl` request or a metrics scrape waits for the loop's answer.
+pub const QUERY_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Completed management handshakes: the total and those of the last minute (a node
 /// whose sessions are set up and torn down in a loop shows it here).
@@ -475,7 +481,8 @@ async fn run_inner(identity: &Identity, model: Model, nl: Netlink, listener: tok
     for net in &cfg.node.networks {
         filter.write().expect("filter").behind.insert(*net, ());
     }
-    let engine_shared = Arc::new(EngineShared { health: health.clone(), ..Default::default() });
+    // Some peer carries traffic: the TCP monitor polls fast only then.
+    let traffic_seen = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let icmp_counters = Arc::new(IcmpCounters::default());
     let (alarm_tx, alarm_rx) = mpsc::unbounded_channel();
     let mut icmp_active = false;
@@ -509,7 +516,7 @@ async fn run_inner(identity: &Identity, model: Model, nl: Netlink, listener: tok
         }
     }
     if cfg.failover.tcp_monitor && !cfg.peers.is_empty() {
-        intercept::start_tcp_monitor(cfg.failover.tcp_poll, engine_shared.clone(), filter.clone(), icmp_counters.clone(), alarm_tx.clone())?;
+        intercept::start_tcp_monitor(cfg.failover.tcp_poll, traffic_seen.clone(), filter.clone(), icmp_counters.clone(), alarm_tx.clone())?;
     }
     // Rules someone else removes or flushes come back within this long.
     keeper.start(NETFILTER_REPAIR)?;
@@ -519,7 +526,7 @@ async fn run_inner(identity: &Identity, model: Model, nl: Netlink, listener: tok
     let mgmt = Arc::new(Management::new(identity, &cfg.node.name, cfg.node.data_port, allowed.clone(), mgmt_socks)?);
     let (session_tx, session_rx) = mpsc::unbounded_channel();
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
-    let (engine_refresh, engine_refresh_rx) = mpsc::unbounded_channel();
+    let (queries, mut query_rx) = mpsc::unbounded_channel();
     let model = Arc::new(RwLock::new(model));
     let shared = Arc::new(Shared {
         model: model.clone(),
@@ -531,13 +538,11 @@ async fn run_inner(identity: &Identity, model: Model, nl: Netlink, listener: tok
         peers: Mutex::new(Vec::new()),
         refused: mgmt.refused.clone(),
         mgmt_errors: Arc::new(AtomicU64::new(0)),
-        engine: engine_shared.clone(),
         icmp: icmp_counters,
         icmp_active,
         sessions: session_tx,
         kernel: Notify::new(),
-        overlay_view: Mutex::new(OverlayView::default()),
-        engine_refresh,
+        queries,
         handshakes: Mutex::new(Handshakes::default()),
         local_addrs: Mutex::new(local_addrs),
         shutdown: shutdown_rx.clone(),
@@ -551,9 +556,9 @@ async fn run_inner(identity: &Identity, model: Model, nl: Netlink, listener: tok
     // The node's state is driven by this loop (no task of its own): sessions, probes,
     // alarms, local API datagrams and timers go to the engine, which carries out what the
     // core decides.
-    let mut engine = Engine::new(shared.clone(), filter.clone(), engine_shared.clone(), needs_tx, identity.clone(), api_socks, rand::random(), Instant::now());
+    let mut engine = Engine::new(shared.clone(), filter.clone(), traffic_seen, needs_tx, identity.clone(), api_socks, rand::random(), Instant::now());
     let mut api_rx = engine.start_api();
-    let (mut session_rx, mut data_rx, mut alarm_rx, mut engine_refresh_rx) = (session_rx, data_rx, alarm_rx, engine_refresh_rx);
+    let (mut session_rx, mut data_rx, mut alarm_rx) = (session_rx, data_rx, alarm_rx);
     drop(alarm_tx);
     let engine_panic = supervise::panic_after(supervise::Part::Engine, supervise::test_panic_after(supervise::Part::Engine));
     tokio::pin!(engine_panic);
@@ -576,8 +581,12 @@ async fn run_inner(identity: &Identity, model: Model, nl: Netlink, listener: tok
         Arc::new(move |req| {
             let shared = handler_shared.clone();
             Box::pin(async move {
-                refresh(&shared).await;
-                handle(&shared, req)
+                let (tx, rx) = oneshot::channel();
+                let _ = shared.queries.send(Query::Control(req, tx));
+                match tokio::time::timeout(QUERY_TIMEOUT, rx).await {
+                    Ok(Ok(r)) => r,
+                    _ => Response::Error { message: format!("detourd did not answer within {} s (busy or stopping)", QUERY_TIMEOUT.as_secs()) },
+                }
             })
         }),
     );
@@ -593,8 +602,9 @@ async fn run_inner(identity: &Identity, model: Model, nl: Netlink, listener: tok
             Arc::new(move || {
                 let shared = metrics_shared.clone();
                 Box::pin(async move {
-                    refresh(&shared).await;
-                    crate::ctl::render_metrics(&status(&shared), &paths(&shared))
+                    let (tx, rx) = oneshot::channel();
+                    let _ = shared.queries.send(Query::Metrics(tx));
+                    tokio::time::timeout(QUERY_TIMEOUT, rx).await.ok().and_then(|r| r.ok()).unwrap_or_default()
                 })
             }),
         );
@@ -653,11 +663,18 @@ async fn run_inner(identity: &Identity, model: Model, nl: Netlink, listener: tok
             _ = &mut overlay_panic => {}
             Some(ev) = session_rx.recv() => engine.on_session(ev),
             Some((from, data)) = api_rx.recv() => engine.on_api(from, &data),
-            Some(done) = engine_refresh_rx.recv() => {
-                // Status is built when someone asks (detourctl, a metrics scrape), never on
-                // a timer: an idle node does no work for status.
-                engine.publish();
-                let _ = done.send(());
+            Some(q) = query_rx.recv() => {
+                // Status is built from the node state when someone asks (detourctl, a
+                // metrics scrape), never on a timer: an idle node does no work for status.
+                let view = engine.view();
+                match q {
+                    Query::Control(req, tx) => {
+                        let _ = tx.send(handle(&shared, &view, req));
+                    }
+                    Query::Metrics(tx) => {
+                        let _ = tx.send(crate::ctl::render_metrics(&status(&shared, &view), &paths(&shared, &view)));
+                    }
+                }
             }
             Some(ev) = data_rx.recv() => {
                 // A burst of probes is taken in one go: the core's next wake-up is worked out
@@ -691,7 +708,7 @@ async fn run_inner(identity: &Identity, model: Model, nl: Netlink, listener: tok
             _ = tokio::time::sleep_until(next_pass(last_pass, changed).into()) => {
                 last_pass = Instant::now();
                 changed = watch.is_none().then_some(last_pass);
-                let protect = engine_shared.protect.lock().expect("protect").clone();
+                let protect = engine.protect();
                 let m = shared.model.read().expect("model").clone();
                 // Drift is only reported for links that were there at the last check: an
                 // interface that just came or went (an on-demand link) is still settling.
@@ -709,31 +726,23 @@ async fn run_inner(identity: &Identity, model: Model, nl: Netlink, listener: tok
             _ = activity.tick() => {
                 peers::check_activity(&shared, Instant::now());
                 if let Some(w) = &acct_worker {
-                    w.update(accounting_rules(&shared, &engine_shared));
+                    w.update(accounting_rules(&shared, &engine.protect()));
                 }
             }
             Some(counts) = acct_rx.recv() => {
-                let mut direct = engine_shared.direct_bytes.lock().expect("direct bytes");
-                let mut sums = vec![0u64; direct.len()];
+                let n = shared.model.read().expect("model").peers.len();
+                let mut sums = vec![0u64; n];
                 for (peer, bytes) in counts {
                     if let Some(s) = sums.get_mut(peer) {
                         *s += bytes;
                     }
                 }
-                *direct = sums;
+                engine.set_direct_bytes(sums);
             }
             Some(need) = needs_rx.recv() => match need {
                 Need::Data(peer) => peers::need_session(&shared, peer),
                 Need::Relay(peer, on) => peers::set_want(&shared, peer, want::RELAY, on),
             },
-            _ = engine_shared.kernel.notified() => {
-                // Protection changed: move the routes now, not at the next tick.
-                let protect = engine_shared.protect.lock().expect("protect").clone();
-                let m = shared.model.read().expect("model").clone();
-                if let Err(e) = reconcile(&nl, &m, &protect, true, &mut last_desired).await {
-                    tracing::warn!("reconcile: {e:#}");
-                }
-            }
             _ = shared.kernel.notified() => {
                 model_changed.get_or_insert_with(Instant::now);
             }
@@ -741,7 +750,7 @@ async fn run_inner(identity: &Identity, model: Model, nl: Netlink, listener: tok
                 // Peers or their interfaces changed.
                 model_changed = None;
                 last_model_pass = Instant::now();
-                let protect = engine_shared.protect.lock().expect("protect").clone();
+                let protect = engine.protect();
                 let m = shared.model.read().expect("model").clone();
                 res.links = res.links.union(&link_names(&m)).cloned().collect();
                 if let Err(e) = reconcile(&nl, &m, &protect, true, &mut last_desired).await {
@@ -763,6 +772,14 @@ async fn run_inner(identity: &Identity, model: Model, nl: Netlink, listener: tok
             }
         }
         engine.after_event();
+        if engine.take_kernel_change() {
+            // Protection or exits changed: move the routes now, not at the next tick.
+            let protect = engine.protect();
+            let m = shared.model.read().expect("model").clone();
+            if let Err(e) = reconcile(&nl, &m, &protect, true, &mut last_desired).await {
+                tracing::warn!("reconcile: {e:#}");
+            }
+        }
     }
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
     let _ = shutdown_tx.send(true);
@@ -790,8 +807,7 @@ async fn run_inner(identity: &Identity, model: Model, nl: Netlink, listener: tok
 }
 
 /// The accounting rules the REPLEX splits need now: one per split destination.
-fn accounting_rules(shared: &Shared, engine: &EngineShared) -> Vec<acct::Rule> {
-    let protect = engine.protect.lock().expect("protect").clone();
+fn accounting_rules(shared: &Shared, protect: &[Option<Protect>]) -> Vec<acct::Rule> {
     let m = shared.model.read().expect("model");
     protect
         .iter()
@@ -824,19 +840,11 @@ fn secs(i: Option<Instant>) -> Option<f64> {
     i.map(|t| t.elapsed().as_secs_f64())
 }
 
-/// Has the engine task fill in what status shows from the node state (it answers between
-/// two events; if it does not within a second, the last view stays).
-async fn refresh(shared: &Shared) {
-    let (e_tx, e_rx) = oneshot::channel();
-    let _ = shared.engine_refresh.send(e_tx);
-    let _ = tokio::time::timeout(Duration::from_secs(1), e_rx).await;
-}
-
-fn handle(shared: &Shared, req: Request) -> Response {
+fn handle(shared: &Shared, view: &EngineView, req: Request) -> Response {
     match req {
-        Request::Status => Response::Status(Box::new(status(shared))),
-        Request::Paths => Response::Paths { peers: paths(shared) },
-        Request::Nodes => Response::Nodes { nodes: shared.overlay_view.lock().expect("view").nodes.clone() },
+        Request::Status => Response::Status(Box::new(status(shared, view))),
+        Request::Paths => Response::Paths { peers: paths(shared, view) },
+        Request::Nodes => Response::Nodes { nodes: view.overlay.nodes.clone() },
     }
 }
 
@@ -847,8 +855,8 @@ fn shown(shared: &Shared) -> Vec<usize> {
     (0..m.peers.len()).filter(|&i| m.peers[i].configured || (m.peers[i].present && (m.peers[i].tun || peers.get(i).is_some_and(|p| p.conn.is_some())))).collect()
 }
 
-fn paths(shared: &Shared) -> Vec<crate::ctl::PeerPaths> {
-    let routes = shared.engine.routes.lock().expect("routes").clone();
+fn paths(shared: &Shared, view: &EngineView) -> Vec<crate::ctl::PeerPaths> {
+    let routes = &view.routes;
     let m = shared.model.read().expect("model").clone();
     shown(shared)
         .into_iter()
@@ -875,11 +883,11 @@ fn paths(shared: &Shared) -> Vec<crate::ctl::PeerPaths> {
         .collect()
 }
 
-fn status(shared: &Shared) -> Status {
+fn status(shared: &Shared, view: &EngineView) -> Status {
     let m = shared.model.read().expect("model").clone();
     let cfg = &m.cfg;
     let now_ms = shared.start.elapsed().as_millis() as u64;
-    let routes = shared.engine.routes.lock().expect("routes").clone();
+    let routes = &view.routes;
     let show = shown(shared);
     let infos = shared.peers.lock().expect("peers");
     let peers = show
@@ -972,15 +980,15 @@ fn status(shared: &Shared) -> Status {
             aggregate_interface: cfg.kernel.aggregate_interface.clone(),
             uptime_s: shared.start.elapsed().as_secs(),
             policy: cfg.node.policy.describe(crate::shell::mnode::unix_now()),
-            refusals: crate::node::policy::Refusal::ALL.iter().zip(shared.engine.refusals.iter()).map(|(r, c)| (r.as_str().to_string(), c.load(Relaxed))).filter(|(_, v)| *v > 0).collect(),
-            exits: shared.engine.exits.lock().expect("exits").clone(),
+            refusals: view.refusals.iter().map(|(r, n)| (r.as_str().to_string(), *n)).filter(|(_, v)| *v > 0).collect(),
+            exits: view.exits.clone(),
         },
         peers,
         drops: m.node.drops.snapshot().into_iter().map(|(k, v)| (k.to_string(), v)).collect(),
         refused_handshakes: refused,
         last_refused_key: last_key,
         management_errors: shared.mgmt_errors.load(Relaxed),
-        late_loops: shared.engine.late.load(Relaxed),
+        late_loops: view.late,
         management_handshakes,
         management_handshakes_last_minute,
         icmp: crate::ctl::IcmpStatus {
@@ -993,7 +1001,7 @@ fn status(shared: &Shared) -> Status {
         },
         relayed_packets: m.node.relayed_packets.load(Relaxed),
         relayed_bytes: m.node.relayed_bytes.load(Relaxed),
-        relaying: shared.engine.relaying.lock().expect("relaying").iter().map(|(a, b)| format!("{a} <-> {b}")).collect(),
-        management: shared.overlay_view.lock().expect("view").status.clone(),
+        relaying: view.relaying.iter().map(|(a, b)| format!("{a} <-> {b}")).collect(),
+        management: view.overlay.status.clone(),
     }
 }

@@ -7,11 +7,11 @@
 
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering::Relaxed;
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use tokio::net::UdpSocket;
-use tokio::sync::{mpsc, Notify};
+use tokio::sync::mpsc;
 
 use crate::identity::Identity;
 use crate::node::model::{Model, Protect};
@@ -84,32 +84,22 @@ pub enum SessionEvent {
     },
 }
 
-/// What the engine shares with the rest of the daemon.
+/// What status output shows of the node state, built from it when `detourctl` or a
+/// metrics scrape asks ([`Engine::view`]), never on a timer.
 #[derive(Default)]
-pub struct EngineShared {
-    /// Routes per peer (filled when status is asked for).
-    pub routes: Mutex<Vec<Option<RouteStatus>>>,
-    /// Protection per peer, read by the kernel reconcile.
-    pub protect: Mutex<Vec<Option<Protect>>>,
-    /// Woken when protection changes, so routes change at once.
-    pub kernel: Notify,
-    /// Relay sessions this node serves: (a, b) node names (filled when status is asked for).
-    pub relaying: Mutex<Vec<(String, String)>>,
-    /// Bytes to each peer's split destinations that took the direct path in the kernel
-    /// (cumulative; read by the daemon from its accounting rules).
-    pub direct_bytes: Mutex<Vec<u64>>,
-    /// Requests this node refused by its policy, indexed by [`crate::node::policy::Refusal`] (in
-    /// the order of `Refusal::ALL`, which is declaration order; filled when status is asked for).
-    pub refusals: [std::sync::atomic::AtomicU64; crate::node::policy::Refusal::ALL.len()],
+pub struct EngineView {
+    /// Routes per peer.
+    pub routes: Vec<Option<RouteStatus>>,
+    /// Relay sessions this node serves: (a, b) node names.
+    pub relaying: Vec<(String, String)>,
+    /// Requests this node refused by its policy, by reason.
+    pub refusals: Vec<(crate::node::policy::Refusal, u64)>,
     /// Outside destinations on an exit, in words.
-    pub exits: Mutex<Vec<String>>,
-    /// Times the engine found itself late (probe loss not judged meanwhile).
-    pub late: std::sync::atomic::AtomicU64,
-    /// Some peer carries traffic (set at the first sign of it, recomputed every second):
-    /// the TCP monitor polls at its fast rate only then.
-    pub traffic: std::sync::atomic::AtomicBool,
-    /// Progress and fatal failures of the daemon's parts (the engine reports its own).
-    pub health: Arc<crate::shell::supervise::Health>,
+    pub exits: Vec<String>,
+    /// Times the node found itself late (probe loss not judged meanwhile).
+    pub late: u64,
+    /// The management overlay.
+    pub overlay: mnode::OverlayView,
 }
 
 /// The engine task's state: the core and the handles its actions need.
@@ -119,7 +109,11 @@ pub struct Engine {
     state: NodeState,
     dp: Arc<DataPath>,
     filter: Arc<RwLock<Filter>>,
-    shared: Arc<EngineShared>,
+    /// Some peer carries traffic (the TCP monitor polls at its fast rate only then).
+    traffic: Arc<std::sync::atomic::AtomicBool>,
+    /// Protection or exits changed since the daemon last looked: the kernel's routes must
+    /// follow now ([`Engine::take_kernel_change`]).
+    kernel_change: bool,
     /// The daemon's shared state (sessions, keys, the status view).
     daemon: Arc<Shared>,
     /// The management session of each peer, for the messages the core sends.
@@ -132,12 +126,13 @@ pub struct Engine {
 impl Engine {
     /// Creates the engine; `seed` drives random relay choice and the overlay's random
     /// choices. Requests for sessions to peers without one (traffic waiting) go to `needs`.
-    /// `api` are the bound local API sockets (none when off).
+    /// `api` are the bound local API sockets (none when off). `traffic` is kept true
+    /// while some peer carries traffic.
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         daemon: Arc<Shared>,
         filter: Arc<RwLock<Filter>>,
-        shared: Arc<EngineShared>,
+        traffic: Arc<std::sync::atomic::AtomicBool>,
         needs: mpsc::UnboundedSender<Need>,
         identity: Identity,
         api: Vec<UdpSocket>,
@@ -148,7 +143,7 @@ impl Engine {
         let model = daemon.model.clone();
         let state = NodeState::new(&model.read().expect("model"), identity, info, seed, now, unix_now());
         let dp = daemon.dp.clone();
-        let mut e = Engine { model, needs, state, dp, filter, shared, daemon, conns: Vec::new(), api: api.into_iter().map(Arc::new).collect(), last_info: now };
+        let mut e = Engine { model, needs, state, dp, filter, traffic, kernel_change: false, daemon, conns: Vec::new(), api: api.into_iter().map(Arc::new).collect(), last_info: now };
         e.execute();
         e
     }
@@ -186,10 +181,6 @@ impl Engine {
 
     /// The core's timers are due.
     pub fn on_timeout(&mut self) {
-        if self.model.read().expect("model").cfg.replex.enabled {
-            let bytes = self.shared.direct_bytes.lock().expect("direct bytes").clone();
-            self.state.set_direct_bytes(bytes);
-        }
         let now = Instant::now();
         if now >= self.last_info + OWN_INFO_EVERY {
             self.last_info = now;
@@ -201,7 +192,22 @@ impl Engine {
         let m = self.model.clone();
         let m = m.read().expect("model");
         self.state.handle_timeout(now, unix_now(), &m);
-        self.shared.late.store(self.state.late_count(), Relaxed);
+    }
+
+    /// Bytes to each peer's split destinations that took the direct path in the kernel
+    /// (cumulative, from the accounting rules): REPLEX's realized shares.
+    pub fn set_direct_bytes(&mut self, bytes: Vec<u64>) {
+        self.state.set_direct_bytes(bytes);
+    }
+
+    /// The protection of every peer, as the kernel's routes must show it.
+    pub fn protect(&self) -> Vec<Option<Protect>> {
+        self.state.protect().to_vec()
+    }
+
+    /// Whether protection or exits changed since the last call.
+    pub fn take_kernel_change(&mut self) -> bool {
+        std::mem::take(&mut self.kernel_change)
     }
 
     /// A datagram from a local program.
@@ -234,7 +240,7 @@ impl Engine {
                 self.state.handle_refused(Instant::now(), &m, id);
             }
         }
-        self.shared.traffic.store(self.state.traffic(), Relaxed);
+        self.traffic.store(self.state.traffic(), Relaxed);
         self.execute();
     }
 
@@ -314,16 +320,10 @@ impl Engine {
                 NodeAction::Learned(rec) => mnode::learned(&self.daemon, &rec),
                 NodeAction::Forgotten(id) => mnode::forgotten(&self.daemon, id),
                 NodeAction::Neighbours(set) => mnode::neighbours(&self.daemon, &set),
-                NodeAction::ProtectChanged => {
-                    *self.shared.protect.lock().expect("protect") = self.state.protect().to_vec();
-                    self.shared.kernel.notify_one();
-                }
+                NodeAction::ProtectChanged => self.kernel_change = true,
                 NodeAction::Exits(plan) => {
                     self.model.write().expect("model").exits = plan;
-                    let m = self.model.read().expect("model");
-                    *self.shared.exits.lock().expect("exits") = self.state.exit_status(Instant::now(), &m);
-                    drop(m);
-                    self.shared.kernel.notify_one();
+                    self.kernel_change = true;
                 }
                 NodeAction::WatchProtected { net, peer } => {
                     let mut f = self.filter.write().expect("filter");
@@ -364,20 +364,14 @@ impl Engine {
         });
     }
 
-    /// Fills what status shows from the core, now.
-    pub fn publish(&self) {
+    /// What status shows, from the core, now.
+    pub fn view(&self) -> EngineView {
         let now = Instant::now();
         let m = self.model.read().expect("model");
         let unix = unix_now();
-        *self.shared.routes.lock().expect("routes") = self.state.routes(now, unix, &m);
-        *self.shared.relaying.lock().expect("relaying") = self.state.relaying(&m);
-        *self.shared.exits.lock().expect("exits") = self.state.exit_status(now, &m);
-        for (slot, (_, n)) in self.shared.refusals.iter().zip(self.state.refusals()) {
-            slot.store(n, Relaxed);
-        }
+        let (routes, relaying, exits) = (self.state.routes(now, unix, &m), self.state.relaying(&m), self.state.exit_status(now, &m));
         drop(m);
         let port = self.api.first().and_then(|s| s.local_addr().ok()).map(|a| a.port());
-        let view = mnode::view(&self.daemon, &self.state, port, now);
-        *self.daemon.overlay_view.lock().expect("view") = view;
+        EngineView { routes, relaying, exits, refusals: self.state.refusals(), late: self.state.late_count(), overlay: mnode::view(&self.daemon, &self.state, port, now) }
     }
 }

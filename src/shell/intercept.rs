@@ -164,19 +164,13 @@ pub fn start_queue(queue: u16, filter: Arc<RwLock<Filter>>, counters: Arc<IcmpCo
 pub const TCP_IDLE_POLL: Duration = Duration::from_secs(1);
 
 /// Starts the TCP monitor thread: every `every` (every [`TCP_IDLE_POLL`] while no peer
-/// carries traffic, [`crate::shell::engine::EngineShared::traffic`]) it reads the host's
+/// carries traffic, `traffic`, which the engine keeps) it reads the host's
 /// TCP connections and reports peers whose protected destinations have a connection that
 /// timed out twice in a row (a SYN once), at most once a second per peer.
 ///
 /// # Errors
 /// If the thread cannot be started.
-pub fn start_tcp_monitor(
-    every: Duration,
-    engine: Arc<crate::shell::engine::EngineShared>,
-    filter: Arc<RwLock<Filter>>,
-    counters: Arc<IcmpCounters>,
-    alarms: mpsc::UnboundedSender<Alarm>,
-) -> Result<()> {
+pub fn start_tcp_monitor(every: Duration, traffic: Arc<std::sync::atomic::AtomicBool>, filter: Arc<RwLock<Filter>>, counters: Arc<IcmpCounters>, alarms: mpsc::UnboundedSender<Alarm>) -> Result<()> {
     std::thread::Builder::new()
         .name("detour-tcpmon".into())
         .spawn(move || {
@@ -188,7 +182,7 @@ pub fn start_tcp_monitor(
             let mut retrans_seen = retransmitted_segments();
             let mut watching = false;
             loop {
-                let fast = watching || engine.traffic.load(Relaxed);
+                let fast = watching || traffic.load(Relaxed);
                 std::thread::sleep(if fast { every } else { every.max(TCP_IDLE_POLL) });
                 if alarms.is_closed() {
                     return;
