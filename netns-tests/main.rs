@@ -318,6 +318,40 @@ fn netfilter_rules_flushed_or_unhooked_by_hand_are_put_back() {
 }
 
 #[test]
+fn the_management_qdisc_and_a_sysctl_reset_by_hand_are_put_back() {
+    // The qdisc and the sysctls detour sets are desired state like its netfilter rules:
+    // `tc qdisc del` or `sysctl -w` by someone else is repaired within NETFILTER_REPAIR
+    // (10 s), and a clean stop still removes the qdisc and restores the sysctl.
+    let mut lab = Lab::new(&["alice", "bob"]);
+    lab.write_mesh();
+    let mut a = lab.node_section("alice", "\n[management]\nqdisc_interface = \"eth0\"\nqdisc_rate = \"200mbit\"\n\n[replex]\nenabled = true\n");
+    a += &lab.peer_section("bob", None, "");
+    lab.write_config("alice", &a);
+    lab.start_all();
+    lab.wait_up("alice", &["bob"], UP);
+    let htb = |lab: &Lab| lab.ok("alice", "tc qdisc show dev eth0 root").contains("htb d7:");
+    let policy = |lab: &Lab| lab.ok("alice", "cat /proc/sys/net/ipv4/fib_multipath_hash_policy").trim().to_string();
+    assert!(htb(&lab), "{}", lab.ok("alice", "tc qdisc show dev eth0"));
+    assert_eq!(policy(&lab), "1", "REPLEX hashes by ports");
+    lab.ok("alice", "tc qdisc del dev eth0 root; sysctl -qw net.ipv4.fib_multipath_hash_policy=0");
+    assert!(!htb(&lab) && policy(&lab) == "0");
+    let t0 = Instant::now();
+    while !(htb(&lab) && policy(&lab) == "1") {
+        assert!(t0.elapsed() < Duration::from_secs(15), "not put back after 15 s: qdisc {}, policy {}", lab.ok("alice", "tc qdisc show dev eth0"), policy(&lab));
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    eprintln!("qdisc and sysctl put back after {:?}", t0.elapsed());
+    let log = lab.log("alice");
+    assert!(log.contains("the management qdisc on eth0 was changed by someone else: restored"), "{log}");
+    assert!(log.contains("net.ipv4.fib_multipath_hash_policy was changed by someone else: restored"), "{log}");
+    let tc = lab.ok("alice", "tc class show dev eth0");
+    assert!(tc.contains("class htb d7:10") && tc.contains("class htb d7:20"), "{tc}");
+    assert!(lab.stop("alice"));
+    assert!(!htb(&lab), "the qdisc stays after stop");
+    assert_eq!(policy(&lab), "0", "the sysctl is restored at stop");
+}
+
+#[test]
 fn stop_removes_every_interface_route_rule_and_netfilter_rule() {
     let mut lab = Lab::new(&["alice", "bob"]);
     lab.write_mesh();

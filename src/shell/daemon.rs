@@ -10,11 +10,11 @@ use std::collections::{BTreeSet, HashSet};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Context, Result};
-use tokio::sync::{mpsc, oneshot, watch, Notify};
+use tokio::sync::{mpsc, oneshot, watch};
 use tun_rs::{DeviceBuilder, SyncDevice};
 
 use crate::config::Config;
@@ -27,12 +27,12 @@ use crate::path::icmp::Filter;
 use crate::shell::acct::{self, Accounting};
 use crate::shell::control;
 use crate::shell::datapath::{DataPath, DataPathSetup, EVENT_QUEUE};
-use crate::shell::engine::{Engine, EngineView, Need, SessionEvent};
+use crate::shell::engine::{Engine, EngineView, SessionWant};
 use crate::shell::intercept::{self, IcmpCounters};
 use crate::shell::netlink::Netlink;
-use crate::shell::peers::{self, want, PeerInfo};
 use crate::shell::priority;
 use crate::shell::quic::{self, Management};
+use crate::shell::sessions::{self, want, PeerInfo, Sessions};
 use crate::shell::sockets;
 use crate::shell::supervise::{self, Health};
 use crate::shell::tls::{AllowedKeys, RefusedKeys};
@@ -57,22 +57,13 @@ pub const NETFILTER_REPAIR: Duration = Duration::from_secs(10);
 /// notification: the socket's buffer overran).
 pub const RECONCILE_SAFETY: Duration = Duration::from_secs(30);
 
-/// What the daemon's tasks share.
-pub struct Shared {
-    /// Configuration and peers (configured, and learned from the directory).
-    pub model: Arc<RwLock<Model>>,
+/// What status output needs besides the model, the sessions and the node state: fixed
+/// facts and the counters other threads keep.
+pub struct StatusCtx {
     /// This node's public key.
     pub public_key: PublicKey,
     /// Daemon start.
     pub start: Instant,
-    /// The data path.
-    pub dp: Arc<DataPath>,
-    /// The management endpoint.
-    pub mgmt: Arc<Management>,
-    /// Keys admitted to management sessions.
-    pub allowed: Arc<AllowedKeys>,
-    /// Live state per peer index.
-    pub peers: Mutex<Vec<PeerInfo>>,
     /// Refused handshakes.
     pub refused: Arc<RefusedKeys>,
     /// Failed management handshakes and sessions closed for protocol errors.
@@ -81,20 +72,6 @@ pub struct Shared {
     pub icmp: Arc<IcmpCounters>,
     /// Whether ICMP interception runs.
     pub icmp_active: bool,
-    /// To the failover engine.
-    pub sessions: mpsc::UnboundedSender<SessionEvent>,
-    /// Woken when the model changed: the kernel is reconciled at once.
-    pub kernel: Notify,
-    /// Status questions for the daemon's loop (it answers between two events).
-    pub queries: mpsc::UnboundedSender<Query>,
-    /// Management sessions established (QUIC handshakes completed, both directions).
-    pub handshakes: Mutex<Handshakes>,
-    /// This host's addresses (refreshed by the reconcile loop).
-    pub local_addrs: Mutex<HashSet<IpAddr>>,
-    /// Becomes true at shutdown.
-    pub shutdown: watch::Receiver<bool>,
-    /// Progress and fatal failures of the daemon's parts.
-    pub health: Arc<Health>,
 }
 
 /// A question about the node's state, answered by the daemon's loop from the node state.
@@ -107,47 +84,6 @@ pub enum Query {
 
 /// How long a `detourctl` request or a metrics scrape waits for the loop's answer.
 pub const QUERY_TIMEOUT: Duration = Duration::from_secs(2);
-
-/// Completed management handshakes: the total and those of the last minute (a node
-/// whose sessions are set up and torn down in a loop shows it here).
-#[derive(Debug, Default)]
-pub struct Handshakes {
-    /// Since start.
-    pub total: u64,
-    recent: std::collections::VecDeque<Instant>,
-}
-
-impl Handshakes {
-    /// Counts one handshake at `now`.
-    pub fn count(&mut self, now: Instant) {
-        self.total += 1;
-        self.recent.push_back(now);
-        self.trim(now);
-    }
-
-    /// Handshakes in the minute before `now`.
-    pub fn last_minute(&mut self, now: Instant) -> u64 {
-        self.trim(now);
-        self.recent.len() as u64
-    }
-
-    fn trim(&mut self, now: Instant) {
-        while self.recent.front().is_some_and(|t| now.saturating_duration_since(*t) > Duration::from_secs(60)) {
-            self.recent.pop_front();
-        }
-        // Bounded even under a handshake flood.
-        while self.recent.len() > 100_000 {
-            self.recent.pop_front();
-        }
-    }
-}
-
-impl Shared {
-    /// Peer `i`'s name.
-    pub fn peer_name(&self, i: usize) -> String {
-        self.model.read().expect("model").peers.get(i).map(|p| p.cfg.name.clone()).unwrap_or_else(|| format!("peer {i}"))
-    }
-}
 
 /// Runs the daemon with a validated configuration until a stop signal.
 ///
@@ -423,6 +359,7 @@ async fn run_inner(identity: &Identity, model: Model, nl: Netlink, listener: tok
         match priority::install_qdisc(dev, cfg.management.qdisc_rate) {
             Ok(()) => {
                 res.qdisc = Some(dev.clone());
+                keeper.keep(Box::new(priority::KeptQdisc { dev: dev.clone(), rate_bps: cfg.management.qdisc_rate }));
                 sock_priority = priority::HTB_MGMT_PRIORITY;
                 tracing::info!("HTB on {dev}: management traffic first, {} bit/s in all", cfg.management.qdisc_rate);
             }
@@ -445,6 +382,9 @@ async fn run_inner(identity: &Identity, model: Model, nl: Netlink, listener: tok
     if cfg.replex.enabled {
         res.acct = true;
         res.hash_policy = acct::set_hash_policy();
+        for &path in &res.hash_policy {
+            keeper.keep(Box::new(crate::shell::netfilter::Sysctl { path, value: "1" }));
+        }
         let mut accounting = Accounting::default();
         match accounting.install(&keeper, cfg.kernel.fwmark) {
             Ok(()) => acct_worker = Some(acct::Worker::start(accounting, acct_tx)?),
@@ -524,65 +464,46 @@ async fn run_inner(identity: &Identity, model: Model, nl: Netlink, listener: tok
 
     let allowed = Arc::new(AllowedKeys::new(cfg.peers.iter().map(|p| p.public_key)));
     let mgmt = Arc::new(Management::new(identity, &cfg.node.name, cfg.node.data_port, allowed.clone(), mgmt_socks)?);
-    let (session_tx, session_rx) = mpsc::unbounded_channel();
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
-    let (queries, mut query_rx) = mpsc::unbounded_channel();
-    let model = Arc::new(RwLock::new(model));
-    let shared = Arc::new(Shared {
-        model: model.clone(),
-        public_key: identity.public_key(),
-        start,
-        dp: dp.clone(),
-        mgmt: mgmt.clone(),
-        allowed,
-        peers: Mutex::new(Vec::new()),
-        refused: mgmt.refused.clone(),
-        mgmt_errors: Arc::new(AtomicU64::new(0)),
-        icmp: icmp_counters,
-        icmp_active,
-        sessions: session_tx,
-        kernel: Notify::new(),
-        queries,
-        handshakes: Mutex::new(Handshakes::default()),
-        local_addrs: Mutex::new(local_addrs),
-        shutdown: shutdown_rx.clone(),
-        health: health.clone(),
-    });
-    drop(model);
+    let (queries, mut query_rx) = mpsc::unbounded_channel::<Query>();
+    let mgmt_errors = Arc::new(AtomicU64::new(0));
+    let ctx = StatusCtx { public_key: identity.public_key(), start, refused: mgmt.refused.clone(), mgmt_errors: mgmt_errors.clone(), icmp: icmp_counters, icmp_active };
+    let mut local_addrs = local_addrs;
 
     // The long-running tasks: one that ends before shutdown (or panics) stops the daemon.
     let mut tasks: tokio::task::JoinSet<&'static str> = tokio::task::JoinSet::new();
-    let (needs_tx, mut needs_rx) = mpsc::unbounded_channel();
     // The node's state is driven by this loop (no task of its own): sessions, probes,
     // alarms, local API datagrams and timers go to the engine, which carries out what the
-    // core decides.
-    let mut engine = Engine::new(shared.clone(), filter.clone(), traffic_seen, needs_tx, identity.clone(), api_socks, rand::random(), Instant::now());
+    // core decides; the sessions are driven here too.
+    let mut engine = Engine::new(model, dp.clone(), (allowed, mgmt.refused.clone()), local_addrs.clone(), filter.clone(), traffic_seen, identity.clone(), api_socks, rand::random(), Instant::now());
+    let (peer_tx, mut peer_rx) = mpsc::unbounded_channel();
+    let mut sessions = Sessions::new(mgmt.clone(), dp.clone(), mgmt_errors.clone(), peer_tx.clone(), shutdown_rx.clone());
     let mut api_rx = engine.start_api();
-    let (mut session_rx, mut data_rx, mut alarm_rx) = (session_rx, data_rx, alarm_rx);
+    let (mut data_rx, mut alarm_rx) = (data_rx, alarm_rx);
     drop(alarm_tx);
     let engine_panic = supervise::panic_after(supervise::Part::Engine, supervise::test_panic_after(supervise::Part::Engine));
     tokio::pin!(engine_panic);
     let overlay_panic = supervise::panic_after(supervise::Part::Overlay, supervise::test_panic_after(supervise::Part::Overlay));
     tokio::pin!(overlay_panic);
-    peers::grow(&shared);
     for i in 0..cfg.peers.len() {
-        peers::set_want(&shared, i, want::CONFIGURED, true);
+        sessions.set_want(engine.model(), i, want::CONFIGURED, true);
     }
     for ep in &mgmt.endpoints {
-        let accept = peers::accept_loop(shared.clone(), ep.clone());
+        let accept = sessions::accept_loop(ep.clone(), peer_tx.clone(), mgmt_errors.clone());
         tasks.spawn(async move {
             accept.await;
             "a management accept loop"
         });
     }
-    let handler_shared = shared.clone();
+    drop(peer_tx);
+    let handler_queries = queries.clone();
     let serve = control::serve(
         listener,
         Arc::new(move |req| {
-            let shared = handler_shared.clone();
+            let queries = handler_queries.clone();
             Box::pin(async move {
                 let (tx, rx) = oneshot::channel();
-                let _ = shared.queries.send(Query::Control(req, tx));
+                let _ = queries.send(Query::Control(req, tx));
                 match tokio::time::timeout(QUERY_TIMEOUT, rx).await {
                     Ok(Ok(r)) => r,
                     _ => Response::Error { message: format!("detourd did not answer within {} s (busy or stopping)", QUERY_TIMEOUT.as_secs()) },
@@ -595,15 +516,15 @@ async fn run_inner(identity: &Identity, model: Model, nl: Netlink, listener: tok
         "the control socket server"
     });
     if let Some(addr) = cfg.node.metrics_listen {
-        let metrics_shared = shared.clone();
+        let metrics_queries = queries.clone();
         let l = crate::shell::metrics::bind(addr).await?;
         let serve = crate::shell::metrics::serve(
             l,
             Arc::new(move || {
-                let shared = metrics_shared.clone();
+                let queries = metrics_queries.clone();
                 Box::pin(async move {
                     let (tx, rx) = oneshot::channel();
-                    let _ = shared.queries.send(Query::Metrics(tx));
+                    let _ = queries.send(Query::Metrics(tx));
                     tokio::time::timeout(QUERY_TIMEOUT, rx).await.ok().and_then(|r| r.ok()).unwrap_or_default()
                 })
             }),
@@ -646,9 +567,10 @@ async fn run_inner(identity: &Identity, model: Model, nl: Netlink, listener: tok
     // Changes of the model (nodes learned, links opened) are applied together.
     let mut model_changed: Option<Instant> = None;
     let mut last_model_pass = last_pass;
-    let mut last_links = link_names(&shared.model.read().expect("model"));
+    drop(queries);
+    let mut last_links = link_names(engine.model());
     let mut activity = tokio::time::interval(Duration::from_secs(1));
-    let mut silence = tokio::time::interval(peers::SILENCE_CHECK);
+    let mut silence = tokio::time::interval(sessions::SILENCE_CHECK);
     silence.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut fatal: Option<String> = None;
     let mut stalled_logged = false;
@@ -656,23 +578,26 @@ async fn run_inner(identity: &Identity, model: Model, nl: Netlink, listener: tok
         health.beat(supervise::Part::Engine);
         health.beat(supervise::Part::Overlay);
         let wake = engine.wake();
+        let dial_at = sessions.next_wake();
         tokio::select! {
             _ = term.recv() => { tracing::info!("SIGTERM: stopping"); break; }
             reason = health.failed() => { fatal = Some(reason); break; }
             _ = &mut engine_panic => {}
             _ = &mut overlay_panic => {}
-            Some(ev) = session_rx.recv() => engine.on_session(ev),
+            Some(ev) = peer_rx.recv() => sessions.on_event(engine.model(), ev),
+            _ = async { match dial_at { Some(t) => tokio::time::sleep_until(t.into()).await, None => std::future::pending().await } } => sessions.on_timer(engine.model(), Instant::now()),
             Some((from, data)) = api_rx.recv() => engine.on_api(from, &data),
             Some(q) = query_rx.recv() => {
                 // Status is built from the node state when someone asks (detourctl, a
                 // metrics scrape), never on a timer: an idle node does no work for status.
-                let view = engine.view();
+                let view = engine.view(sessions.peers());
+                let m = engine.model();
                 match q {
                     Query::Control(req, tx) => {
-                        let _ = tx.send(handle(&shared, &view, req));
+                        let _ = tx.send(handle(&ctx, m, &mut sessions, &view, req));
                     }
                     Query::Metrics(tx) => {
-                        let _ = tx.send(crate::ctl::render_metrics(&status(&shared, &view), &paths(&shared, &view)));
+                        let _ = tx.send(crate::ctl::render_metrics(&status(&ctx, m, &mut sessions, &view), &paths(m, &sessions, &view)));
                     }
                 }
             }
@@ -709,28 +634,29 @@ async fn run_inner(identity: &Identity, model: Model, nl: Netlink, listener: tok
                 last_pass = Instant::now();
                 changed = watch.is_none().then_some(last_pass);
                 let protect = engine.protect();
-                let m = shared.model.read().expect("model").clone();
                 // Drift is only reported for links that were there at the last check: an
                 // interface that just came or went (an on-demand link) is still settling.
-                let links = link_names(&m);
+                let links = link_names(engine.model());
                 let settled = links == last_links;
                 last_links = links;
-                if let Err(e) = reconcile(&nl, &m, &protect, !settled, &mut last_desired).await {
+                if let Err(e) = reconcile(&nl, engine.model(), &protect, !settled, &mut last_desired).await {
                     tracing::warn!("reconcile: {e:#}");
                 }
-                let old = shared.local_addrs.lock().expect("addrs").clone();
-                let now = refresh_local_addresses(&nl, &dp, &filter, &old).await;
-                *shared.local_addrs.lock().expect("addrs") = now;
+                let now = refresh_local_addresses(&nl, &dp, &filter, &local_addrs).await;
+                if now != local_addrs {
+                    local_addrs = now;
+                    engine.set_local_addrs(local_addrs.clone());
+                }
             }
-            _ = silence.tick() => peers::check_silence(&shared, Instant::now()),
+            _ = silence.tick() => sessions.check_silence(engine.model(), Instant::now()),
             _ = activity.tick() => {
-                peers::check_activity(&shared, Instant::now());
+                sessions.check_activity(engine.model_mut(), Instant::now());
                 if let Some(w) = &acct_worker {
-                    w.update(accounting_rules(&shared, &engine.protect()));
+                    w.update(accounting_rules(engine.model(), &engine.protect()));
                 }
             }
             Some(counts) = acct_rx.recv() => {
-                let n = shared.model.read().expect("model").peers.len();
+                let n = engine.model().peers.len();
                 let mut sums = vec![0u64; n];
                 for (peer, bytes) in counts {
                     if let Some(s) = sums.get_mut(peer) {
@@ -739,21 +665,13 @@ async fn run_inner(identity: &Identity, model: Model, nl: Netlink, listener: tok
                 }
                 engine.set_direct_bytes(sums);
             }
-            Some(need) = needs_rx.recv() => match need {
-                Need::Data(peer) => peers::need_session(&shared, peer),
-                Need::Relay(peer, on) => peers::set_want(&shared, peer, want::RELAY, on),
-            },
-            _ = shared.kernel.notified() => {
-                model_changed.get_or_insert_with(Instant::now);
-            }
             _ = tokio::time::sleep_until(model_pass_at(last_model_pass, model_changed).into()), if model_changed.is_some() => {
                 // Peers or their interfaces changed.
                 model_changed = None;
                 last_model_pass = Instant::now();
                 let protect = engine.protect();
-                let m = shared.model.read().expect("model").clone();
-                res.links = res.links.union(&link_names(&m)).cloned().collect();
-                if let Err(e) = reconcile(&nl, &m, &protect, true, &mut last_desired).await {
+                res.links = res.links.union(&link_names(engine.model())).cloned().collect();
+                if let Err(e) = reconcile(&nl, engine.model(), &protect, true, &mut last_desired).await {
                     tracing::warn!("reconcile: {e:#}");
                 }
             }
@@ -772,11 +690,14 @@ async fn run_inner(identity: &Identity, model: Model, nl: Netlink, listener: tok
             }
         }
         engine.after_event();
+        pump(&mut engine, &mut sessions);
+        if engine.take_model_changed() | sessions.take_model_changed() {
+            model_changed.get_or_insert_with(Instant::now);
+        }
         if engine.take_kernel_change() {
             // Protection or exits changed: move the routes now, not at the next tick.
             let protect = engine.protect();
-            let m = shared.model.read().expect("model").clone();
-            if let Err(e) = reconcile(&nl, &m, &protect, true, &mut last_desired).await {
+            if let Err(e) = reconcile(&nl, engine.model(), &protect, true, &mut last_desired).await {
                 tracing::warn!("reconcile: {e:#}");
             }
         }
@@ -788,7 +709,10 @@ async fn run_inner(identity: &Identity, model: Model, nl: Netlink, listener: tok
     }
     // The relay sessions this node uses are released before the sessions close.
     engine.shutdown();
+    sessions.shutdown();
+    res.links = link_names(engine.model());
     drop(engine);
+    drop(sessions);
     tokio::time::sleep(Duration::from_millis(50)).await;
     for ep in &mgmt.endpoints {
         ep.close(quic::close::SHUTDOWN.into(), b"shutdown");
@@ -797,8 +721,6 @@ async fn run_inner(identity: &Identity, model: Model, nl: Netlink, listener: tok
         let _ = tokio::time::timeout(Duration::from_millis(500), ep.wait_idle()).await;
     }
     tasks.abort_all();
-    res.links = link_names(&shared.model.read().expect("model"));
-    drop(shared);
     drop(mgmt);
     match fatal {
         Some(reason) => Err(anyhow!("{reason}")),
@@ -806,9 +728,31 @@ async fn run_inner(identity: &Identity, model: Model, nl: Netlink, listener: tok
     }
 }
 
+/// Hands what the engine wants of the sessions to the session table and what the
+/// sessions report to the engine, until neither has more.
+fn pump(engine: &mut Engine, sessions: &mut Sessions) {
+    loop {
+        let wants = engine.take_wants();
+        let events = sessions.take_events();
+        if wants.is_empty() && events.is_empty() {
+            return;
+        }
+        for w in wants {
+            match w {
+                SessionWant::Want(i, bit, on) => sessions.set_want(engine.model(), i, bit, on),
+                SessionWant::Data(i) => sessions.need_session(engine.model_mut(), i),
+                SessionWant::Forgotten(i) => sessions.forgotten(engine.model_mut(), i),
+            }
+        }
+        for ev in events {
+            engine.on_session(ev);
+        }
+        engine.after_event();
+    }
+}
+
 /// The accounting rules the REPLEX splits need now: one per split destination.
-fn accounting_rules(shared: &Shared, protect: &[Option<Protect>]) -> Vec<acct::Rule> {
-    let m = shared.model.read().expect("model");
+fn accounting_rules(m: &Model, protect: &[Option<Protect>]) -> Vec<acct::Rule> {
     protect
         .iter()
         .enumerate()
@@ -840,25 +784,23 @@ fn secs(i: Option<Instant>) -> Option<f64> {
     i.map(|t| t.elapsed().as_secs_f64())
 }
 
-fn handle(shared: &Shared, view: &EngineView, req: Request) -> Response {
+fn handle(ctx: &StatusCtx, m: &Model, sessions: &mut Sessions, view: &EngineView, req: Request) -> Response {
     match req {
-        Request::Status => Response::Status(Box::new(status(shared, view))),
-        Request::Paths => Response::Paths { peers: paths(shared, view) },
+        Request::Status => Response::Status(Box::new(status(ctx, m, sessions, view))),
+        Request::Paths => Response::Paths { peers: paths(m, sessions, view) },
         Request::Nodes => Response::Nodes { nodes: view.overlay.nodes.clone() },
     }
 }
 
 /// Peers shown in status: configured ones, and directory nodes with a session or a TUN.
-fn shown(shared: &Shared) -> Vec<usize> {
-    let m = shared.model.read().expect("model");
-    let peers = shared.peers.lock().expect("peers");
+fn shown(m: &Model, sessions: &Sessions) -> Vec<usize> {
+    let peers = sessions.peers();
     (0..m.peers.len()).filter(|&i| m.peers[i].configured || (m.peers[i].present && (m.peers[i].tun || peers.get(i).is_some_and(|p| p.conn.is_some())))).collect()
 }
 
-fn paths(shared: &Shared, view: &EngineView) -> Vec<crate::ctl::PeerPaths> {
+fn paths(m: &Model, sessions: &Sessions, view: &EngineView) -> Vec<crate::ctl::PeerPaths> {
     let routes = &view.routes;
-    let m = shared.model.read().expect("model").clone();
-    shown(shared)
+    shown(m, sessions)
         .into_iter()
         .map(|i| crate::ctl::PeerPaths {
             name: m.peers[i].cfg.name.clone(),
@@ -883,19 +825,19 @@ fn paths(shared: &Shared, view: &EngineView) -> Vec<crate::ctl::PeerPaths> {
         .collect()
 }
 
-fn status(shared: &Shared, view: &EngineView) -> Status {
-    let m = shared.model.read().expect("model").clone();
+fn status(ctx: &StatusCtx, m: &Model, sessions: &mut Sessions, view: &EngineView) -> Status {
     let cfg = &m.cfg;
-    let now_ms = shared.start.elapsed().as_millis() as u64;
+    let now_ms = ctx.start.elapsed().as_millis() as u64;
     let routes = &view.routes;
-    let show = shown(shared);
-    let infos = shared.peers.lock().expect("peers");
+    let show = shown(m, sessions);
+    let default = PeerInfo::default();
+    let infos = sessions.peers();
     let peers = show
         .into_iter()
         .map(|i| {
             let def = &m.peers[i];
             let p = &def.cfg;
-            let info = &infos[i];
+            let info = infos.get(i).unwrap_or(&default);
             let route = routes.get(i).and_then(|r| r.clone());
             let c = &def.counters;
             let last_rx = c.last_rx_ms.load(Relaxed);
@@ -962,23 +904,19 @@ fn status(shared: &Shared, view: &EngineView) -> Status {
             }
         })
         .collect();
-    drop(infos);
-    let (refused, last_key) = shared.refused.snapshot();
-    let (management_handshakes, management_handshakes_last_minute) = {
-        let mut h = shared.handshakes.lock().expect("handshakes");
-        (h.total, h.last_minute(Instant::now()))
-    };
+    let (refused, last_key) = ctx.refused.snapshot();
+    let (management_handshakes, management_handshakes_last_minute) = (sessions.handshakes.total, sessions.handshakes.last_minute(Instant::now()));
     Status {
         node: NodeStatus {
             name: cfg.node.name.clone(),
             node_id: m.local.to_string(),
-            public_key: shared.public_key.to_string(),
+            public_key: ctx.public_key.to_string(),
             data_port: cfg.node.data_port,
             management_port: cfg.node.management_port,
             overlay_ipv4: cfg.node.overlay_v4.map(|n| n.to_string()),
             overlay_ipv6: cfg.node.overlay_v6.map(|n| n.to_string()),
             aggregate_interface: cfg.kernel.aggregate_interface.clone(),
-            uptime_s: shared.start.elapsed().as_secs(),
+            uptime_s: ctx.start.elapsed().as_secs(),
             policy: cfg.node.policy.describe(crate::shell::mnode::unix_now()),
             refusals: view.refusals.iter().map(|(r, n)| (r.as_str().to_string(), *n)).filter(|(_, v)| *v > 0).collect(),
             exits: view.exits.clone(),
@@ -987,17 +925,17 @@ fn status(shared: &Shared, view: &EngineView) -> Status {
         drops: m.node.drops.snapshot().into_iter().map(|(k, v)| (k.to_string(), v)).collect(),
         refused_handshakes: refused,
         last_refused_key: last_key,
-        management_errors: shared.mgmt_errors.load(Relaxed),
+        management_errors: ctx.mgmt_errors.load(Relaxed),
         late_loops: view.late,
         management_handshakes,
         management_handshakes_last_minute,
         icmp: crate::ctl::IcmpStatus {
-            active: shared.icmp_active,
-            rerouted: shared.icmp.rerouted.load(Relaxed),
-            ignored: shared.icmp.ignored_snapshot().into_iter().map(|(k, v)| (k.to_string(), v)).collect(),
-            tcp_stalls: shared.icmp.tcp_stalls.load(Relaxed),
-            traffic_reports: shared.icmp.traffic_reports.load(Relaxed),
-            traffic_ignored: shared.icmp.traffic_ignored.load(Relaxed),
+            active: ctx.icmp_active,
+            rerouted: ctx.icmp.rerouted.load(Relaxed),
+            ignored: ctx.icmp.ignored_snapshot().into_iter().map(|(k, v)| (k.to_string(), v)).collect(),
+            tcp_stalls: ctx.icmp.tcp_stalls.load(Relaxed),
+            traffic_reports: ctx.icmp.traffic_reports.load(Relaxed),
+            traffic_ignored: ctx.icmp.traffic_ignored.load(Relaxed),
         },
         relayed_packets: m.node.relayed_packets.load(Relaxed),
         relayed_bytes: m.node.relayed_bytes.load(Relaxed),

@@ -1,11 +1,13 @@
 //! The engine: drives the core's [`NodeState`] (failover, relay server, REPLEX, exits,
 //! link reports, the management overlay and the local API server) and carries out its
 //! actions: probes and endpoints through the data path, management messages over the QUIC
-//! sessions, datagrams to local programs, protected routes and exits in the kernel,
-//! records applied to the model, sessions wanted from the session supervisor. No decision
-//! is made here. The daemon's one loop feeds it events (see `daemon::run`).
+//! sessions, datagrams to local programs, protected routes and exits for the kernel pass,
+//! records applied to the model (which it owns), session wants handed to
+//! [`crate::shell::sessions`]. No decision is made here. The daemon's one loop feeds it
+//! events (see `daemon::run`).
 
-use std::net::SocketAddr;
+use std::collections::HashSet;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
@@ -13,25 +15,31 @@ use std::time::{Duration, Instant};
 use tokio::net::UdpSocket;
 use tokio::sync::mpsc;
 
-use crate::identity::Identity;
-use crate::node::model::{Model, Protect};
+use crate::dataplane::DataCommand;
+use crate::identity::{Identity, NodeId};
+use crate::node::model::{Learned, Model, Protect};
 use crate::node::state::{NodeAction, NodeState, RouteStatus};
+use crate::overlay::directory::NodeRecord;
 use crate::path::icmp::Filter;
-use crate::shell::daemon::Shared;
 use crate::shell::datapath::{DataEvent, DataPath};
 use crate::shell::intercept::Alarm;
 use crate::shell::mnode::{self, unix_now};
 use crate::shell::quic;
+use crate::shell::sessions::{want, PeerInfo};
+use crate::shell::tls::{AllowedKeys, RefusedKeys};
 use crate::wire::mgmt::{Frame, Message};
 
-/// A session the engine needs opened (or no longer needs).
+/// What the engine asks of the session table ([`crate::shell::sessions::Sessions`]), in
+/// order; the daemon's loop hands them over after each event.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Need {
+pub enum SessionWant {
+    /// Adds (`on`) or removes a reason ([`crate::shell::sessions::want`]) for a session
+    /// with a peer.
+    Want(usize, u8, bool),
     /// Forwarding traffic waits for a session to this peer.
     Data(usize),
-    /// A relay session this node serves needs a session to this peer (on), or no longer
-    /// does (off).
-    Relay(usize, bool),
+    /// A directory node left the directory.
+    Forgotten(usize),
 }
 
 /// Data-path events taken at once after the first, before the core is asked when to wake.
@@ -104,8 +112,18 @@ pub struct EngineView {
 
 /// The engine task's state: the core and the handles its actions need.
 pub struct Engine {
-    model: Arc<RwLock<Model>>,
-    needs: mpsc::UnboundedSender<Need>,
+    /// Configuration and peers (configured, and learned from the directory).
+    model: Model,
+    /// Session wants for the loop to hand to the session table.
+    wants: Vec<SessionWant>,
+    /// Peers or their interfaces changed: the kernel must follow.
+    model_changed: bool,
+    /// Keys admitted to management sessions (the directory's nodes join them).
+    allowed: Arc<AllowedKeys>,
+    /// Keys that were refused a session (those nodes are sent this node's record).
+    refused: Arc<RefusedKeys>,
+    /// This host's addresses (what the node publishes when nothing is configured).
+    local_addrs: HashSet<IpAddr>,
     state: NodeState,
     dp: Arc<DataPath>,
     filter: Arc<RwLock<Filter>>,
@@ -114,8 +132,6 @@ pub struct Engine {
     /// Protection or exits changed since the daemon last looked: the kernel's routes must
     /// follow now ([`Engine::take_kernel_change`]).
     kernel_change: bool,
-    /// The daemon's shared state (sessions, keys, the status view).
-    daemon: Arc<Shared>,
     /// The management session of each peer, for the messages the core sends.
     conns: Vec<Option<quinn::Connection>>,
     /// The local API sockets (127.0.0.1, ::1; none when the API is off).
@@ -124,28 +140,68 @@ pub struct Engine {
 }
 
 impl Engine {
-    /// Creates the engine; `seed` drives random relay choice and the overlay's random
-    /// choices. Requests for sessions to peers without one (traffic waiting) go to `needs`.
-    /// `api` are the bound local API sockets (none when off). `traffic` is kept true
-    /// while some peer carries traffic.
+    /// Creates the engine, which owns `model`; `seed` drives random relay choice and the
+    /// overlay's random choices. `api` are the bound local API sockets (none when off).
+    /// `traffic` is kept true while some peer carries traffic.
     #[allow(clippy::too_many_arguments)]
     pub fn new(
-        daemon: Arc<Shared>,
+        model: Model,
+        dp: Arc<DataPath>,
+        keys: (Arc<AllowedKeys>, Arc<RefusedKeys>),
+        local_addrs: HashSet<IpAddr>,
         filter: Arc<RwLock<Filter>>,
         traffic: Arc<std::sync::atomic::AtomicBool>,
-        needs: mpsc::UnboundedSender<Need>,
         identity: Identity,
         api: Vec<UdpSocket>,
         seed: u64,
         now: Instant,
     ) -> Engine {
-        let info = mnode::own_info(&daemon);
-        let model = daemon.model.clone();
-        let state = NodeState::new(&model.read().expect("model"), identity, info, seed, now, unix_now());
-        let dp = daemon.dp.clone();
-        let mut e = Engine { model, needs, state, dp, filter, traffic, kernel_change: false, daemon, conns: Vec::new(), api: api.into_iter().map(Arc::new).collect(), last_info: now };
+        let info = mnode::own_info(&model, &local_addrs);
+        let state = NodeState::new(&model, identity, info, seed, now, unix_now());
+        let (allowed, refused) = keys;
+        let mut e = Engine {
+            model,
+            wants: Vec::new(),
+            model_changed: false,
+            allowed,
+            refused,
+            local_addrs,
+            state,
+            dp,
+            filter,
+            traffic,
+            kernel_change: false,
+            conns: Vec::new(),
+            api: api.into_iter().map(Arc::new).collect(),
+            last_info: now,
+        };
         e.execute();
         e
+    }
+
+    /// The model (configuration and peers).
+    pub fn model(&self) -> &Model {
+        &self.model
+    }
+
+    /// The model, for the changes the session table makes (a link's TUN opened or closed).
+    pub fn model_mut(&mut self) -> &mut Model {
+        &mut self.model
+    }
+
+    /// Session wants since the last call.
+    pub fn take_wants(&mut self) -> Vec<SessionWant> {
+        std::mem::take(&mut self.wants)
+    }
+
+    /// Whether peers or their interfaces changed since the last call.
+    pub fn take_model_changed(&mut self) -> bool {
+        std::mem::take(&mut self.model_changed)
+    }
+
+    /// This host's addresses changed (they are published when nothing is configured).
+    pub fn set_local_addrs(&mut self, addrs: HashSet<IpAddr>) {
+        self.local_addrs = addrs;
     }
 
     /// Starts one reader per local API socket; their datagrams come out of the returned
@@ -184,14 +240,10 @@ impl Engine {
         let now = Instant::now();
         if now >= self.last_info + OWN_INFO_EVERY {
             self.last_info = now;
-            let info = mnode::own_info(&self.daemon);
-            let m = self.model.clone();
-            let m = m.read().expect("model");
-            self.state.set_own_info(&m, info);
+            let info = mnode::own_info(&self.model, &self.local_addrs);
+            self.state.set_own_info(&self.model, info);
         }
-        let m = self.model.clone();
-        let m = m.read().expect("model");
-        self.state.handle_timeout(now, unix_now(), &m);
+        self.state.handle_timeout(now, unix_now(), &self.model);
     }
 
     /// Bytes to each peer's split destinations that took the direct path in the kernel
@@ -212,33 +264,25 @@ impl Engine {
 
     /// A datagram from a local program.
     pub fn on_api(&mut self, from: SocketAddr, data: &[u8]) {
-        let m = self.model.clone();
-        let m = m.read().expect("model");
-        self.state.handle_api_datagram(Instant::now(), unix_now(), &m, from, data);
+        self.state.handle_api_datagram(Instant::now(), unix_now(), &self.model, from, data);
     }
 
     /// A failure or traffic signal from the ICMP, traffic and TCP monitors.
     pub fn on_alarm(&mut self, alarm: Alarm) {
-        let m = self.model.clone();
-        let m = m.read().expect("model");
+        let m = &self.model;
         match alarm {
-            Alarm::Icmp { peer, at } => self.state.handle_icmp(at, &m, peer),
-            Alarm::TcpStall { peer } => self.state.handle_tcp_stall(Instant::now(), &m, peer),
-            Alarm::Traffic { peer } => self.state.handle_traffic(Instant::now(), &m, peer),
-            Alarm::Outside { dst } => self.state.handle_outside_unreachable(Instant::now(), unix_now(), &m, dst),
+            Alarm::Icmp { peer, at } => self.state.handle_icmp(at, m, peer),
+            Alarm::TcpStall { peer } => self.state.handle_tcp_stall(Instant::now(), m, peer),
+            Alarm::Traffic { peer } => self.state.handle_traffic(Instant::now(), m, peer),
+            Alarm::Outside { dst } => self.state.handle_outside_unreachable(Instant::now(), unix_now(), m, dst),
         }
     }
 
     /// After every event of the daemon's loop: nodes that refused this node's key get its
     /// record, and what the core decided is carried out.
     pub fn after_event(&mut self) {
-        let refused = self.daemon.refused.take_recent();
-        if !refused.is_empty() {
-            let m = self.model.clone();
-            let m = m.read().expect("model");
-            for id in refused {
-                self.state.handle_refused(Instant::now(), &m, id);
-            }
+        for id in self.refused.take_recent() {
+            self.state.handle_refused(Instant::now(), &self.model, id);
         }
         self.traffic.store(self.state.traffic(), Relaxed);
         self.execute();
@@ -253,11 +297,10 @@ impl Engine {
     /// One event from the data path.
     pub fn on_data(&mut self, ev: DataEvent) {
         let now = Instant::now();
-        let m = self.model.clone();
-        let m = m.read().expect("model");
+        let m = &self.model;
         match ev {
-            DataEvent::Control { peer, from, payload, at } => self.state.handle_probe(now, &m, at, peer, from, &payload),
-            DataEvent::Traffic { peer } => self.state.handle_traffic(now, &m, peer),
+            DataEvent::Control { peer, from, payload, at } => self.state.handle_probe(now, m, at, peer, from, &payload),
+            DataEvent::Traffic { peer } => self.state.handle_traffic(now, m, peer),
             DataEvent::NeedSession { peer } => self.state.handle_need_session(peer),
         }
     }
@@ -265,8 +308,7 @@ impl Engine {
     /// One event from the management sessions.
     pub fn on_session(&mut self, ev: SessionEvent) {
         let now = Instant::now();
-        let m = self.model.clone();
-        let m = m.read().expect("model");
+        let m = &self.model;
         match ev {
             SessionEvent::Up { peer, conn, data, monitor, configured } => {
                 let local_ip = conn.local_ip().map(|a| a.to_canonical());
@@ -274,23 +316,23 @@ impl Engine {
                     self.conns.resize(peer + 1, None);
                 }
                 self.conns[peer] = Some(conn);
-                self.state.handle_session_up(now, &m, peer, data, local_ip, monitor, configured);
+                self.state.handle_session_up(now, m, peer, data, local_ip, monitor, configured);
             }
-            SessionEvent::Unreachable { peer } => self.state.handle_unreachable(now, &m, peer),
+            SessionEvent::Unreachable { peer } => self.state.handle_unreachable(now, m, peer),
             SessionEvent::Down { peer } => {
                 if let Some(c) = self.conns.get_mut(peer) {
                     *c = None;
                 }
-                self.state.handle_session_down(now, &m, peer);
+                self.state.handle_session_down(now, m, peer);
             }
-            SessionEvent::Monitor { peer } => self.state.handle_monitor(now, &m, peer),
+            SessionEvent::Monitor { peer } => self.state.handle_monitor(now, m, peer),
             SessionEvent::Forget { peer } => {
                 if let Some(c) = self.conns.get_mut(peer) {
                     *c = None;
                 }
-                self.state.handle_forget(now, &m, peer);
+                self.state.handle_forget(now, m, peer);
             }
-            SessionEvent::Message { peer, message } => self.state.handle_message(now, unix_now(), &m, peer, message),
+            SessionEvent::Message { peer, message } => self.state.handle_message(now, unix_now(), m, peer, message),
         }
     }
 
@@ -300,12 +342,8 @@ impl Engine {
             match a {
                 NodeAction::Data(cmd) => self.dp.command(cmd),
                 NodeAction::Send { peer, to, message } => self.send(peer, to, message),
-                NodeAction::NeedSession(peer) => {
-                    let _ = self.needs.send(Need::Data(peer));
-                }
-                NodeAction::RelayLink { peer, on } => {
-                    let _ = self.needs.send(Need::Relay(peer, on));
-                }
+                NodeAction::NeedSession(peer) => self.wants.push(SessionWant::Data(peer)),
+                NodeAction::RelayLink { peer, on } => self.wants.push(SessionWant::Want(peer, want::RELAY, on)),
                 NodeAction::SendOverlay { to, message, urgent } => self.send_overlay(to, message, urgent),
                 NodeAction::Api(d) => {
                     let sock = self.api.iter().find(|s| s.local_addr().is_ok_and(|a| a.is_ipv4() == d.to.is_ipv4())).or_else(|| self.api.first());
@@ -317,12 +355,18 @@ impl Engine {
                         }
                     }
                 }
-                NodeAction::Learned(rec) => mnode::learned(&self.daemon, &rec),
-                NodeAction::Forgotten(id) => mnode::forgotten(&self.daemon, id),
-                NodeAction::Neighbours(set) => mnode::neighbours(&self.daemon, &set),
+                NodeAction::Learned(rec) => self.learned(&rec),
+                NodeAction::Forgotten(id) => self.forgotten(id),
+                NodeAction::Neighbours(set) => {
+                    // The overlay's neighbour choice as session wants (configured peers are
+                    // always wanted).
+                    for (i, p) in self.model.peers.iter().enumerate().filter(|(_, p)| !p.configured) {
+                        self.wants.push(SessionWant::Want(i, want::NEIGHBOUR, set.contains(&p.cfg.node_id)));
+                    }
+                }
                 NodeAction::ProtectChanged => self.kernel_change = true,
                 NodeAction::Exits(plan) => {
-                    self.model.write().expect("model").exits = plan;
+                    self.model.exits = plan;
                     self.kernel_change = true;
                 }
                 NodeAction::WatchProtected { net, peer } => {
@@ -341,10 +385,7 @@ impl Engine {
     /// A management-overlay message on the session with `to` (routed messages before
     /// gossip).
     fn send_overlay(&self, to: crate::identity::NodeId, message: Message, urgent: bool) {
-        let conn = {
-            let m = self.model.read().expect("model");
-            m.index_of(&to).and_then(|i| self.daemon.peers.lock().expect("peers").get(i).and_then(|p| p.conn.clone()))
-        };
+        let conn = self.model.index_of(&to).and_then(|i| self.conns.get(i).cloned().flatten());
         let Some(conn) = conn else { return };
         let frame = Frame { src: self.state.overlay().local(), dst: to, hop_limit: 0, message };
         tokio::spawn(async move {
@@ -356,7 +397,7 @@ impl Engine {
 
     fn send(&self, peer: usize, to: crate::identity::NodeId, message: Message) {
         let Some(conn) = self.conns.get(peer).and_then(|c| c.clone()) else { return };
-        let frame = Frame { src: self.model.read().expect("model").local, dst: to, hop_limit: 0, message };
+        let frame = Frame { src: self.model.local, dst: to, hop_limit: 0, message };
         tokio::spawn(async move {
             if let Err(e) = quic::send_frame(&conn, &frame).await {
                 tracing::debug!("management message: {e:#}");
@@ -364,14 +405,41 @@ impl Engine {
         });
     }
 
-    /// What status shows, from the core, now.
-    pub fn view(&self) -> EngineView {
+    /// What status shows, from the core, now; `peers` is the session table's live state.
+    pub fn view(&self, peers: &[PeerInfo]) -> EngineView {
         let now = Instant::now();
-        let m = self.model.read().expect("model");
-        let unix = unix_now();
-        let (routes, relaying, exits) = (self.state.routes(now, unix, &m), self.state.relaying(&m), self.state.exit_status(now, &m));
-        drop(m);
+        let (m, unix) = (&self.model, unix_now());
+        let (routes, relaying, exits) = (self.state.routes(now, unix, m), self.state.relaying(m), self.state.exit_status(now, m));
         let port = self.api.first().and_then(|s| s.local_addr().ok()).map(|a| a.port());
-        EngineView { routes, relaying, exits, refusals: self.state.refusals(), late: self.state.late_count(), overlay: mnode::view(&self.daemon, &self.state, port, now) }
+        EngineView { routes, relaying, exits, refusals: self.state.refusals(), late: self.state.late_count(), overlay: mnode::view(m, peers, &self.state, port, now) }
+    }
+
+    /// Applies a record the overlay learned: a new or changed peer in the model and the
+    /// data plane, its key admitted to management sessions, the kernel to follow.
+    fn learned(&mut self, rec: &NodeRecord) {
+        let learned = self.model.learn(rec);
+        match learned {
+            Learned::New(i) | Learned::Changed(i) => {
+                self.dp.command(DataCommand::AddPeer { peer: i, spec: self.model.peer_spec(i) });
+                self.allowed.insert(self.model.peers[i].cfg.public_key);
+                self.model_changed = true;
+                if matches!(learned, Learned::New(_)) {
+                    tracing::info!("directory: learned node {} ({})", rec.name(), rec.node_id);
+                }
+            }
+            Learned::Same(_) | Learned::Ignored => {}
+        }
+    }
+
+    /// Applies a record that expired: the peer leaves the model, the data plane, the
+    /// admitted keys and the session table.
+    fn forgotten(&mut self, id: NodeId) {
+        if let Some(i) = self.model.forget(&id) {
+            tracing::info!("directory: node {id} expired");
+            self.wants.push(SessionWant::Forgotten(i));
+            self.dp.command(DataCommand::RemovePeer { peer: i });
+            self.allowed.remove(&self.model.peers[i].cfg.public_key);
+            self.model_changed = true;
+        }
     }
 }

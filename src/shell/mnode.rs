@@ -1,22 +1,18 @@
 //! The management overlay's side of the shell: what the node publishes about itself (its
-//! endpoints, from this host's addresses), applying the records the overlay learns and
-//! forgets to the model, the data plane and the admitted keys, turning its neighbour choice
-//! into session wants, and the status view. The overlay itself is driven by the engine task
-//! as part of [`NodeState`].
+//! endpoints, from this host's addresses) and the status view. The overlay itself is part
+//! of [`NodeState`], driven by the daemon's loop through the engine, which also applies the
+//! records it learns and forgets.
 
-use std::collections::{BTreeSet, HashSet};
+use std::collections::HashSet;
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use crate::ctl::{NeighbourRow, NodeRow};
-use crate::dataplane::DataCommand;
 use crate::identity::NodeId;
-use crate::node::model::Learned;
+use crate::node::model::Model;
 use crate::node::state::NodeState;
-use crate::overlay::directory::NodeRecord;
 use crate::overlay::OwnInfo;
-use crate::shell::daemon::Shared;
-use crate::shell::peers::{self, want};
+use crate::shell::sessions::{want, PeerInfo};
 
 /// What status output shows of the management overlay (built when asked for).
 #[derive(Debug, Clone, Default)]
@@ -35,14 +31,13 @@ pub(crate) fn unix_now() -> u64 {
 /// The underlay endpoints this node publishes: the configured `advertise` list, else the
 /// explicit listen addresses, else this host's global addresses (not loopback, link-local,
 /// multicast, detour's overlay or link addresses), each with the data port.
-pub fn endpoints(shared: &Shared) -> Vec<SocketAddr> {
-    let m = shared.model.read().expect("model");
+pub fn endpoints(m: &Model, local_addrs: &HashSet<IpAddr>) -> Vec<SocketAddr> {
     let n = &m.cfg.node;
     if !n.advertise.is_empty() {
         return n.advertise.clone();
     }
     let listen: Vec<IpAddr> = n.listen.iter().copied().filter(|a| !a.is_unspecified()).collect();
-    let addrs: Vec<IpAddr> = if listen.is_empty() { shared.local_addrs.lock().expect("addrs").iter().copied().collect() } else { listen };
+    let addrs: Vec<IpAddr> = if listen.is_empty() { local_addrs.iter().copied().collect() } else { listen };
     let pool = m.cfg.kernel.link_pool_v4;
     let mut v: Vec<SocketAddr> = addrs
         .into_iter()
@@ -59,9 +54,8 @@ pub fn endpoints(shared: &Shared) -> Vec<SocketAddr> {
 }
 
 /// What this node publishes about itself in its record.
-pub fn own_info(shared: &Shared) -> OwnInfo {
-    let endpoints = endpoints(shared);
-    let m = shared.model.read().expect("model");
+pub fn own_info(m: &Model, local_addrs: &HashSet<IpAddr>) -> OwnInfo {
+    let endpoints = endpoints(m, local_addrs);
     let n = &m.cfg.node;
     OwnInfo {
         name: n.name.clone(),
@@ -76,55 +70,9 @@ pub fn own_info(shared: &Shared) -> OwnInfo {
     }
 }
 
-/// Applies a record the overlay learned: a new or changed peer in the model and the data
-/// plane, its key admitted to management sessions, the kernel reconciled.
-pub fn learned(shared: &std::sync::Arc<Shared>, rec: &NodeRecord) {
-    let learned = shared.model.write().expect("model").learn(rec);
-    match learned {
-        Learned::New(i) | Learned::Changed(i) => {
-            let (spec, key) = {
-                let m = shared.model.read().expect("model");
-                (m.peer_spec(i), m.peers[i].cfg.public_key)
-            };
-            shared.dp.command(DataCommand::AddPeer { peer: i, spec });
-            shared.allowed.insert(key);
-            peers::grow(shared);
-            shared.kernel.notify_one();
-            if matches!(learned, Learned::New(_)) {
-                tracing::info!("directory: learned node {} ({})", rec.name(), rec.node_id);
-            }
-        }
-        Learned::Same(_) | Learned::Ignored => {}
-    }
-}
-
-/// Applies a record that expired: the peer leaves the model, the data plane and the
-/// admitted keys.
-pub fn forgotten(shared: &std::sync::Arc<Shared>, id: NodeId) {
-    let gone = shared.model.write().expect("model").forget(&id);
-    if let Some(i) = gone {
-        tracing::info!("directory: node {id} expired");
-        peers::forgotten(shared, i);
-        shared.dp.command(DataCommand::RemovePeer { peer: i });
-        let key = shared.model.read().expect("model").peers[i].cfg.public_key;
-        shared.allowed.remove(&key);
-        shared.kernel.notify_one();
-    }
-}
-
-/// The overlay's neighbour choice as session wants (configured peers are always wanted).
-pub fn neighbours(shared: &std::sync::Arc<Shared>, set: &BTreeSet<NodeId>) {
-    let m = shared.model.read().expect("model");
-    let wanted: Vec<(usize, bool)> = m.peers.iter().enumerate().filter(|(_, p)| !p.configured).map(|(i, p)| (i, set.contains(&p.cfg.node_id))).collect();
-    drop(m);
-    for (i, on) in wanted {
-        peers::set_want(shared, i, want::NEIGHBOUR, on);
-    }
-}
-
 /// What `detourctl nodes` and the management section of status show, built from the
 /// node state now (never on a timer).
-pub fn view(shared: &Shared, state: &NodeState, api_port: Option<u16>, now: Instant) -> OverlayView {
+pub fn view(m: &Model, peers: &[PeerInfo], state: &NodeState, api_port: Option<u16>, now: Instant) -> OverlayView {
     let unix = unix_now() as i64;
     let local = state.overlay().local();
     let sessions: HashSet<NodeId> = state.overlay().sessions().map(|(id, _, _)| *id).collect();
@@ -167,7 +115,6 @@ pub fn view(shared: &Shared, state: &NodeState, api_port: Option<u16>, now: Inst
         .collect();
     nodes.sort_by(|a, b| (!a.local, &a.name).cmp(&(!b.local, &b.name)));
     let chosen: HashSet<NodeId> = state.overlay().chosen().copied().collect();
-    let (m, peers) = (shared.model.read().expect("model"), shared.peers.lock().expect("peers"));
     let neighbours: Vec<NeighbourRow> = state
         .overlay()
         .sessions()
@@ -193,8 +140,6 @@ pub fn view(shared: &Shared, state: &NodeState, api_port: Option<u16>, now: Inst
             }
         })
         .collect();
-    drop(peers);
-    drop(m);
     let status = crate::ctl::ManagementStatus {
         directory_nodes: state.overlay().directory().len(),
         target_neighbours: state.overlay().target_neighbours(),

@@ -224,12 +224,49 @@ pub fn holds(save: &str, expect: &[Expect]) -> bool {
     })
 }
 
-/// The rule sets detour installed, kept in place: what someone else removes or flushes
-/// (a firewall reload, `iptables -F`) is put back, as kernel routes are (desired state
-/// reconciled). [`Keeper::repair`] runs on its own thread, never on the daemon's loop.
-#[derive(Debug, Default)]
+/// Host state besides netfilter rules that detour sets and keeps: the management qdisc, a
+/// sysctl ([`Keeper::keep`]).
+pub trait Kept: Send {
+    /// What it is, for the log.
+    fn name(&self) -> String;
+    /// Whether the host still has it.
+    fn holds(&self) -> bool;
+    /// Sets it again.
+    ///
+    /// # Errors
+    /// When the host refuses.
+    fn put_back(&self) -> Result<()>;
+}
+
+/// A sysctl (a file under `/proc/sys`) detour set to `value`.
+pub struct Sysctl {
+    /// Its path.
+    pub path: &'static str,
+    /// The value detour wants.
+    pub value: &'static str,
+}
+
+impl Kept for Sysctl {
+    fn name(&self) -> String {
+        self.path.trim_start_matches("/proc/sys/").replace('/', ".")
+    }
+    fn holds(&self) -> bool {
+        std::fs::read_to_string(self.path).is_ok_and(|v| v.trim() == self.value)
+    }
+    fn put_back(&self) -> Result<()> {
+        std::fs::write(self.path, self.value).with_context(|| format!("writing {}", self.path))
+    }
+}
+
+/// The rule sets and host settings detour installed, kept in place: what someone else
+/// removes, flushes or resets (a firewall reload, `iptables -F`, `tc qdisc del`, a
+/// `sysctl -w`) is put back, as kernel routes are (desired state reconciled).
+/// [`Keeper::repair`] runs on its own thread, never on the daemon's loop.
+#[derive(Default)]
 pub struct Keeper {
     kept: std::sync::Mutex<Vec<(bool, String)>>,
+    /// Other host state, and whether putting it back failed last time (logged once).
+    others: std::sync::Mutex<Vec<(Box<dyn Kept>, bool)>>,
     stopped: std::sync::Mutex<bool>,
 }
 
@@ -244,15 +281,39 @@ impl Keeper {
         Ok(())
     }
 
+    /// Keeps `k`, which holds now.
+    pub fn keep(&self, k: Box<dyn Kept>) {
+        self.others.lock().unwrap_or_else(|e| e.into_inner()).push((k, false));
+    }
+
     /// Puts back every kept rule set that no longer holds (its chains are removed with
-    /// every jump to them, then it is installed again); the number put back.
+    /// every jump to them, then it is installed again) and every other kept setting; the
+    /// number put back.
     pub fn repair(&self) -> usize {
         let stopped = self.stopped.lock().unwrap_or_else(|e| e.into_inner());
         if *stopped {
             return 0;
         }
-        let kept = self.kept.lock().unwrap_or_else(|e| e.into_inner()).clone();
         let mut repaired = 0;
+        for (k, failing) in self.others.lock().unwrap_or_else(|e| e.into_inner()).iter_mut() {
+            if k.holds() {
+                *failing = false;
+                continue;
+            }
+            match k.put_back() {
+                Ok(()) => {
+                    repaired += 1;
+                    *failing = false;
+                    tracing::warn!("{} was changed by someone else: restored", k.name());
+                }
+                Err(e) if !*failing => {
+                    *failing = true;
+                    tracing::warn!("{} was changed by someone else and cannot be restored: {e:#}", k.name());
+                }
+                Err(e) => tracing::debug!("restoring {}: {e:#}", k.name()),
+            }
+        }
+        let kept = self.kept.lock().unwrap_or_else(|e| e.into_inner()).clone();
         for v6 in [false, true] {
             if !kept.iter().any(|(k, _)| *k == v6) {
                 continue;

@@ -74,6 +74,27 @@ fn ours(dev: &str) -> bool {
     Command::new("tc").args(["qdisc", "show", "dev", dev, "root"]).output().map(|o| String::from_utf8_lossy(&o.stdout).contains(&format!("htb {QDISC_HANDLE} root"))).unwrap_or(false)
 }
 
+/// detour's HTB on an interface, kept by [`crate::shell::netfilter::Keeper`]: put back
+/// when someone removes it (not when someone replaced it with a qdisc of their own).
+pub struct KeptQdisc {
+    /// The interface.
+    pub dev: String,
+    /// Its rate (bit/s).
+    pub rate_bps: u64,
+}
+
+impl crate::shell::netfilter::Kept for KeptQdisc {
+    fn name(&self) -> String {
+        format!("the management qdisc on {}", self.dev)
+    }
+    fn holds(&self) -> bool {
+        ours(&self.dev)
+    }
+    fn put_back(&self) -> Result<()> {
+        install_qdisc(&self.dev, self.rate_bps)
+    }
+}
+
 /// Removes detour's HTB from `dev` (the kernel's default qdisc returns); leaves any other
 /// root qdisc alone.
 pub fn remove_qdisc(dev: &str) {
