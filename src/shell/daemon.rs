@@ -13,9 +13,8 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
-use anyhow::{anyhow, Context, Result};
+use anyhow::{anyhow, Result};
 use tokio::sync::{mpsc, oneshot, watch};
-use tun_rs::{DeviceBuilder, SyncDevice};
 
 use crate::config::Config;
 use crate::ctl::{NodeStatus, PeerStatus, Request, Response, Status};
@@ -26,7 +25,7 @@ use crate::node::model::{Model, Protect, UnderlayHops};
 use crate::path::icmp::Filter;
 use crate::shell::acct::{self, Accounting};
 use crate::shell::control;
-use crate::shell::datapath::{DataPath, DataPathSetup, EVENT_QUEUE};
+use crate::shell::datapath::{open_tun, DataPath, DataPathSetup, EVENT_QUEUE};
 use crate::shell::engine::{Engine, EngineView, SessionWant};
 use crate::shell::intercept::{self, IcmpCounters};
 use crate::shell::netlink::Netlink;
@@ -281,19 +280,11 @@ async fn reconcile(nl: &Netlink, model: &Model, protect: &[Option<Protect>], qui
     Ok(ops.len())
 }
 
-/// Opens a TUN with offload (without, if the kernel refuses).
-///
-/// # Errors
-/// If the interface is in use or cannot be created.
-pub fn open_tun(name: &str) -> Result<SyncDevice> {
-    let build = |offload: bool| DeviceBuilder::new().name(name).offload(offload).tx_queue_len(1000).build_sync();
-    match build(true) {
-        Ok(d) => Ok(d),
-        Err(e) if e.raw_os_error() == Some(libc::EBUSY) => Err(anyhow!("interface {name} is in use by another process (is another detourd running?)")),
-        Err(e) => {
-            tracing::warn!("TUN {name}: offload unavailable ({e}); continuing without it");
-            build(false).with_context(|| format!("creating TUN interface {name}"))
-        }
+/// One pass of the kernel reconcile for the engine's model and protection (see
+/// [`reconcile`]); a failure is logged and the next pass tries again.
+async fn kernel_pass(nl: &Netlink, engine: &Engine, quiet: bool, last: &mut Option<DesiredState>) {
+    if let Err(e) = reconcile(nl, engine.model(), &engine.protect(), quiet, last).await {
+        tracing::warn!("reconcile: {e:#}");
     }
 }
 
@@ -633,15 +624,12 @@ async fn run_inner(identity: &Identity, model: Model, nl: Netlink, listener: tok
             _ = tokio::time::sleep_until(next_pass(last_pass, changed).into()) => {
                 last_pass = Instant::now();
                 changed = watch.is_none().then_some(last_pass);
-                let protect = engine.protect();
                 // Drift is only reported for links that were there at the last check: an
                 // interface that just came or went (an on-demand link) is still settling.
                 let links = link_names(engine.model());
                 let settled = links == last_links;
                 last_links = links;
-                if let Err(e) = reconcile(&nl, engine.model(), &protect, !settled, &mut last_desired).await {
-                    tracing::warn!("reconcile: {e:#}");
-                }
+                kernel_pass(&nl, &engine, !settled, &mut last_desired).await;
                 let now = refresh_local_addresses(&nl, &dp, &filter, &local_addrs).await;
                 if now != local_addrs {
                     local_addrs = now;
@@ -669,11 +657,8 @@ async fn run_inner(identity: &Identity, model: Model, nl: Netlink, listener: tok
                 // Peers or their interfaces changed.
                 model_changed = None;
                 last_model_pass = Instant::now();
-                let protect = engine.protect();
                 res.links = res.links.union(&link_names(engine.model())).cloned().collect();
-                if let Err(e) = reconcile(&nl, engine.model(), &protect, true, &mut last_desired).await {
-                    tracing::warn!("reconcile: {e:#}");
-                }
+                kernel_pass(&nl, &engine, true, &mut last_desired).await;
             }
             _ = wd.tick(), if watchdog => {
                 // Fed only while every part makes progress: a hung engine or data thread
@@ -696,10 +681,7 @@ async fn run_inner(identity: &Identity, model: Model, nl: Netlink, listener: tok
         }
         if engine.take_kernel_change() {
             // Protection or exits changed: move the routes now, not at the next tick.
-            let protect = engine.protect();
-            if let Err(e) = reconcile(&nl, engine.model(), &protect, true, &mut last_desired).await {
-                tracing::warn!("reconcile: {e:#}");
-            }
+            kernel_pass(&nl, &engine, true, &mut last_desired).await;
         }
     }
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);

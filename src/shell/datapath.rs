@@ -26,7 +26,7 @@ use quinn_udp::{RecvMeta, Transmit, UdpSocketState};
 use tokio::io::Interest;
 use tokio::net::UdpSocket;
 use tokio::sync::mpsc;
-use tun_rs::{AsyncDevice, GROTable, SyncDevice, VIRTIO_NET_HDR_LEN};
+use tun_rs::{AsyncDevice, DeviceBuilder, GROTable, SyncDevice, VIRTIO_NET_HDR_LEN};
 
 use crate::dataplane::{DataCommand, DataPlaneSpec, DropReason, NodeCounters, Rx, RxState, Tun, TxAction, TxState};
 use crate::shell::supervise::{self, Health, Part};
@@ -716,6 +716,22 @@ impl RxTask {
             if self.pool.len() < RX_POOL_MAX && b.capacity() >= RX_OUT_CAP {
                 self.pool.push(b);
             }
+        }
+    }
+}
+
+/// Opens a TUN with offload (without, if the kernel refuses).
+///
+/// # Errors
+/// If the interface is in use or cannot be created.
+pub fn open_tun(name: &str) -> Result<SyncDevice> {
+    let build = |offload: bool| DeviceBuilder::new().name(name).offload(offload).tx_queue_len(1000).build_sync();
+    match build(true) {
+        Ok(d) => Ok(d),
+        Err(e) if e.raw_os_error() == Some(libc::EBUSY) => Err(anyhow!("interface {name} is in use by another process (is another detourd running?)")),
+        Err(e) => {
+            tracing::warn!("TUN {name}: offload unavailable ({e}); continuing without it");
+            build(false).with_context(|| format!("creating TUN interface {name}"))
         }
     }
 }

@@ -25,7 +25,7 @@ use crate::shell::datapath::{DataEvent, DataPath};
 use crate::shell::intercept::Alarm;
 use crate::shell::mnode::{self, unix_now};
 use crate::shell::quic;
-use crate::shell::sessions::{want, PeerInfo};
+use crate::shell::sessions::{want, PeerInfo, SessionEvent};
 use crate::shell::tls::{AllowedKeys, RefusedKeys};
 use crate::wire::mgmt::{Frame, Message};
 
@@ -46,51 +46,6 @@ pub enum SessionWant {
 pub const DATA_BATCH: usize = 64;
 /// How often what the node publishes about itself (its endpoints) is refreshed.
 const OWN_INFO_EVERY: Duration = Duration::from_secs(2);
-
-/// Events for the engine from the management sessions.
-#[derive(Debug)]
-pub enum SessionEvent {
-    /// A management session with data keys is up.
-    Up {
-        /// Peer index.
-        peer: usize,
-        /// The session.
-        conn: quinn::Connection,
-        /// The peer's data-port address.
-        data: SocketAddr,
-        /// Monitor the path (configured peers, and links that carry forwarding traffic).
-        monitor: bool,
-        /// A configured peer.
-        configured: bool,
-    },
-    /// A session to a node that is not a configured peer could not be set up.
-    Unreachable {
-        /// Peer index.
-        peer: usize,
-    },
-    /// The session that was up closed.
-    Down {
-        /// Peer index.
-        peer: usize,
-    },
-    /// The link to a peer whose session is up now carries forwarding traffic: monitor it.
-    Monitor {
-        /// Peer index.
-        peer: usize,
-    },
-    /// The session to a directory node was closed on purpose (idle): stop monitoring it.
-    Forget {
-        /// Peer index.
-        peer: usize,
-    },
-    /// A management message from a peer.
-    Message {
-        /// Peer index.
-        peer: usize,
-        /// The message.
-        message: Message,
-    },
-}
 
 /// What status output shows of the node state, built from it when `detourctl` or a
 /// metrics scrape asks ([`Engine::view`]), never on a timer.

@@ -28,9 +28,7 @@ use crate::dataplane::DataCommand;
 use crate::identity::NodeId;
 use crate::node::model::Model;
 use crate::overlay::session::{Heard, PeerSession, SessionTimers, Silence, Verdict};
-use crate::shell::daemon::open_tun;
-use crate::shell::datapath::DataPath;
-use crate::shell::engine::SessionEvent;
+use crate::shell::datapath::{open_tun, DataPath};
 use crate::shell::quic::{self, Management};
 use crate::wire::mgmt::{Frame, Message};
 use crate::wire::SessionSecrets;
@@ -119,6 +117,51 @@ pub enum PeerEvent {
         reason: String,
         /// The peer refused this node's key.
         refused: bool,
+    },
+    /// A management message from a peer.
+    Message {
+        /// Peer index.
+        peer: usize,
+        /// The message.
+        message: Message,
+    },
+}
+
+/// What the sessions tell the node state ([`crate::shell::engine::Engine::on_session`]).
+#[derive(Debug)]
+pub enum SessionEvent {
+    /// A management session with data keys is up.
+    Up {
+        /// Peer index.
+        peer: usize,
+        /// The session.
+        conn: quinn::Connection,
+        /// The peer's data-port address.
+        data: SocketAddr,
+        /// Monitor the path (configured peers, and links that carry forwarding traffic).
+        monitor: bool,
+        /// A configured peer.
+        configured: bool,
+    },
+    /// A session to a node that is not a configured peer could not be set up.
+    Unreachable {
+        /// Peer index.
+        peer: usize,
+    },
+    /// The session that was up closed.
+    Down {
+        /// Peer index.
+        peer: usize,
+    },
+    /// The link to a peer whose session is up now carries forwarding traffic: monitor it.
+    Monitor {
+        /// Peer index.
+        peer: usize,
+    },
+    /// The session to a directory node was closed on purpose (idle): stop monitoring it.
+    Forget {
+        /// Peer index.
+        peer: usize,
     },
     /// A management message from a peer.
     Message {
