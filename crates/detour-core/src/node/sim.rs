@@ -360,6 +360,15 @@ impl Sim {
         self.settle();
     }
 
+    /// TCP connections from `a` to `b`'s destinations stall (the TCP monitor's report).
+    pub fn tcp_stall(&mut self, a: usize, b: usize) {
+        let (now, p) = (self.now, self.peer(a, b).expect("a knows b"));
+        let node = &mut self.nodes[a];
+        node.state.handle_tcp_stall(now, &node.model, p);
+        self.drain(a);
+        self.settle();
+    }
+
     /// Forwarding traffic from `a` to `b` (its paths are probed at the fast rate).
     pub fn traffic(&mut self, a: usize, b: usize) {
         let Some(p) = self.peer(a, b) else { return };
@@ -787,6 +796,50 @@ mod tests {
     }
 
     #[test]
+    fn twenty_percent_loss_on_the_direct_path_moves_nothing() {
+        let mut sim = triangle(12);
+        sim.lossy(0, 1, 200);
+        sim.lossy(1, 0, 200);
+        for _ in 0..200 {
+            sim.run(Duration::from_millis(100));
+            assert_eq!(sim.path(0, 1), PathId::Direct, "moved at {} ms", sim.now_ms());
+            assert_eq!(sim.path(1, 0), PathId::Direct, "moved at {} ms", sim.now_ms());
+        }
+    }
+
+    #[test]
+    fn a_tcp_stall_reroutes_only_when_probes_confirm_the_path_is_down() {
+        let mut sim = triangle(13);
+        // A stall on a healthy path (the far host is slow, not the path): nothing moves.
+        sim.tcp_stall(0, 1);
+        sim.run(Duration::from_secs(3));
+        assert_eq!(sim.path(0, 1), PathId::Direct);
+        // A stall on a path that died: the confirmation probes find it down.
+        sim.cut(0, 1, true);
+        sim.run(Duration::from_millis(50));
+        sim.tcp_stall(0, 1);
+        let took = sim.run_until(Duration::from_secs(2), |s| s.path(0, 1) == relay(s, 2)).expect("rerouted");
+        assert!(took < Duration::from_millis(1500), "{took:?}");
+    }
+
+    #[test]
+    fn when_the_relay_in_use_crashes_the_traffic_moves_to_another_relay() {
+        let mut sim = Sim::new(4, 14, |_| String::new());
+        sim.flows = vec![(0, 1), (1, 0)];
+        sim.run(Duration::from_secs(8));
+        sim.cut(0, 1, true);
+        sim.run_until(Duration::from_secs(2), |s| matches!(s.path(0, 1), PathId::Relay(_))).expect("through a relay");
+        let PathId::Relay(first) = sim.path(0, 1) else { unreachable!() };
+        let r = sim.by_id[&first];
+        let other = if r == 2 { 3 } else { 2 };
+        sim.run(Duration::from_secs(1));
+        sim.crash(r);
+        let took = sim.run_until(Duration::from_secs(3), |s| s.path(0, 1) == relay(s, other)).expect("through the other relay");
+        assert!(took < Duration::from_millis(1500), "{took:?}");
+        assert!(sim.protected(0, 1), "still protected: the direct path is cut");
+    }
+
+    #[test]
     fn a_one_way_failure_reroutes_only_the_broken_direction() {
         let mut sim = triangle(3);
         sim.cut(0, 1, false);
@@ -1014,6 +1067,21 @@ mod tests {
         };
         let (a, b) = (run(7), run(7));
         assert!(a.len() > 20, "{a:?}");
+        assert_eq!(a, b);
+        // And with the directory and the overlays' random choices at work: ten nodes that
+        // know only n0 at first, a crash, messages.
+        let join = |seed| {
+            let mut sim = Sim::with(10, seed, |_| String::new(), |i, j| i == 0 || j == 0);
+            sim.run(Duration::from_secs(10));
+            sim.crash(4);
+            sim.run(Duration::from_secs(8));
+            let id = sim.send_message(3, 7, b"m");
+            sim.run(Duration::from_secs(3));
+            assert!(sim.acked.contains(&(3, id)));
+            sim.trace
+        };
+        let (a, b) = (join(8), join(8));
+        assert!(a.iter().any(|t| t.contains("learned")) && a.len() > 100, "{}", a.len());
         assert_eq!(a, b);
     }
 }

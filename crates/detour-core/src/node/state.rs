@@ -20,7 +20,7 @@
 //! which follow the want rules of [`crate::node::sessions`]), and applying learned and
 //! forgotten records to the model.
 
-use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
@@ -223,24 +223,24 @@ pub struct PathStatus {
 /// REPLEX state of one peer.
 struct ReplexPeer {
     dest: crate::path::replex::Dest<PathId>,
-    slots: HashMap<PathId, usize>,
+    slots: BTreeMap<PathId, usize>,
     sent: Vec<(PathId, f64)>,
     weights: Option<(u16, u16)>,
     last_route_bytes: [u64; MAX_SPLIT],
     last_direct_bytes: u64,
-    realized: HashMap<PathId, f64>,
+    realized: BTreeMap<PathId, f64>,
 }
 
 impl ReplexPeer {
     fn new() -> ReplexPeer {
         ReplexPeer {
             dest: crate::path::replex::Dest::default(),
-            slots: HashMap::new(),
+            slots: BTreeMap::new(),
             sent: Vec::new(),
             weights: None,
             last_route_bytes: [0; MAX_SPLIT],
             last_direct_bytes: 0,
-            realized: HashMap::new(),
+            realized: BTreeMap::new(),
         }
     }
 
@@ -273,11 +273,11 @@ pub struct NodeState {
     local: NodeId,
     core: Failover,
     peers: Vec<PeerLink>,
-    by_id: HashMap<NodeId, usize>,
+    by_id: BTreeMap<NodeId, usize>,
     /// Relay sessions served: pair (lower index, higher index) → peers that asked.
-    serving: HashMap<(usize, usize), BTreeSet<usize>>,
+    serving: BTreeMap<(usize, usize), BTreeSet<usize>>,
     /// Peers this node opened a session to for a relay session, and since when.
-    relay_links: HashMap<usize, Instant>,
+    relay_links: BTreeMap<usize, Instant>,
     last_upkeep: Instant,
     last_replex: Instant,
     replex_cfg: ReplexConfig,
@@ -286,7 +286,7 @@ pub struct NodeState {
     next_round: Instant,
     rng: Rng,
     /// Refusals by relays: (peer, relay) → the relay's reason.
-    refused_by: HashMap<(usize, usize), String>,
+    refused_by: BTreeMap<(usize, usize), String>,
     /// Outside destinations and their exits.
     exits: Exits,
     /// The exit routes in place.
@@ -315,9 +315,9 @@ pub struct NodeState {
     /// The local API server.
     api: ApiServer,
     /// Since when each management session is up (status).
-    session_since: HashMap<NodeId, Instant>,
+    session_since: BTreeMap<NodeId, Instant>,
     /// The destinations handed to the ICMP filter, and their peer.
-    watched: HashMap<IpNet, usize>,
+    watched: BTreeMap<IpNet, usize>,
 }
 
 impl NodeState {
@@ -331,16 +331,16 @@ impl NodeState {
             local: m.local,
             core: Failover::new(m.local, &[], m.cfg.failover.core(), seed, now),
             peers: Vec::new(),
-            by_id: HashMap::new(),
-            serving: HashMap::new(),
-            relay_links: HashMap::new(),
+            by_id: BTreeMap::new(),
+            serving: BTreeMap::new(),
+            relay_links: BTreeMap::new(),
             last_upkeep: now,
             last_replex: now,
             replex_cfg: m.cfg.replex.clone(),
             replex: Vec::new(),
             next_round: now,
             rng: Rng::new(seed),
-            refused_by: HashMap::new(),
+            refused_by: BTreeMap::new(),
             exits: Exits::new(&m.cfg.exit),
             exit_routes: Vec::new(),
             unusable: BTreeSet::new(),
@@ -352,10 +352,10 @@ impl NodeState {
             actions: VecDeque::new(),
             now,
             unix,
-            watched: HashMap::new(),
+            watched: BTreeMap::new(),
             overlay: Overlay::new(identity, ocfg, info, now, unix, seed.rotate_left(17) ^ 0x6f76_6572),
             api: ApiServer::new(mc.api_rate),
-            session_since: HashMap::new(),
+            session_since: BTreeMap::new(),
         };
         for net in &m.cfg.exit.watch {
             s.actions.push_back(NodeAction::WatchOutside(*net));
@@ -955,7 +955,7 @@ impl NodeState {
         let Some(c) = m.peers.get(peer).map(|p| &p.counters) else { return };
         let direct_kernel = self.direct_bytes.get(peer).copied().unwrap_or(0);
         let Some(st) = self.replex[peer].as_mut() else { return };
-        let mut bytes: HashMap<PathId, f64> = HashMap::new();
+        let mut bytes: BTreeMap<PathId, f64> = BTreeMap::new();
         for (id, slot) in &st.slots {
             let now = c.route_bytes[*slot].load(std::sync::atomic::Ordering::Relaxed);
             let d = now.saturating_sub(st.last_route_bytes[*slot]);
@@ -968,7 +968,7 @@ impl NodeState {
         st.last_direct_bytes = direct_kernel;
         *bytes.entry(PathId::Direct).or_default() += dk as f64;
         let total: f64 = bytes.values().sum();
-        st.realized = if total > 0.0 { bytes.into_iter().map(|(k, v)| (k, v / total)).collect() } else { HashMap::new() };
+        st.realized = if total > 0.0 { bytes.into_iter().map(|(k, v)| (k, v / total)).collect() } else { BTreeMap::new() };
     }
 
     /// Sessions opened for relaying that no relay session uses any more (after

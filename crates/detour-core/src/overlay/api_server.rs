@@ -8,7 +8,7 @@
 //! Garbage, unknown operations and floods get an error reply and a counted error, never a
 //! panic.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::time::Instant;
 
@@ -54,14 +54,14 @@ struct Pending {
 pub struct ApiServer {
     subs: Subscriptions,
     limiter: RateLimiter,
-    pending: HashMap<u64, Pending>,
+    pending: BTreeMap<u64, Pending>,
     counters: Counters,
 }
 
 impl ApiServer {
     /// A server that admits `rate` requests per second from each program.
     pub fn new(rate: u32) -> ApiServer {
-        ApiServer { subs: Subscriptions::default(), limiter: RateLimiter::new(rate), pending: HashMap::new(), counters: Counters::default() }
+        ApiServer { subs: Subscriptions::default(), limiter: RateLimiter::new(rate), pending: BTreeMap::new(), counters: Counters::default() }
     }
 
     fn reply(to: SocketAddr, r: &Reply) -> Datagram {

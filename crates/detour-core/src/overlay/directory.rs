@@ -405,9 +405,11 @@ pub enum Accepted {
 /// check for a new one, and an update of its digest bucket); memory per record is the
 /// entry (node ID, two shared pointers) plus the record itself.
 pub struct Directory {
-    /// By node ID (a keyed fast hash: lookups are on every edge of a route search).
+    /// By node ID (a keyed fast hash: lookups are on every edge of a route search). The
+    /// keys come from the node's seed ([`Directory::with_seed`]): iteration order, and so
+    /// what the node sends, is the same for the same seed, and no OS randomness is drawn.
     entries: HashMap<NodeId, Entry, ahash::RandomState>,
-    tombstones: HashMap<NodeId, (u64, u64)>,
+    tombstones: BTreeMap<NodeId, (u64, u64)>,
     rejected: [u64; Reject::ALL.len()],
     /// Per digest bucket, the XOR of [`entry_hash`] over its entries.
     buckets: [u64; BUCKETS],
@@ -416,7 +418,7 @@ pub struct Directory {
 
 impl Default for Directory {
     fn default() -> Directory {
-        Directory { entries: HashMap::default(), tombstones: HashMap::new(), rejected: [0; Reject::ALL.len()], buckets: [0; BUCKETS], verifier: None }
+        Directory::with_seed(0)
     }
 }
 
@@ -430,6 +432,14 @@ impl Directory {
     /// An empty directory.
     pub fn new() -> Directory {
         Directory::default()
+    }
+
+    /// An empty directory whose hash keys come from `seed` (a daemon's seed is drawn from
+    /// the OS at start, so that its keys cannot be guessed).
+    pub fn with_seed(seed: u64) -> Directory {
+        let mut rng = crate::rng::Rng::new(seed ^ 0x6469_7265_6374);
+        let hasher = ahash::RandomState::with_seeds(rng.next_u64(), rng.next_u64(), rng.next_u64(), rng.next_u64());
+        Directory { entries: HashMap::with_hasher(hasher), tombstones: BTreeMap::new(), rejected: [0; Reject::ALL.len()], buckets: [0; BUCKETS], verifier: None }
     }
 
     /// Checks signatures with `v` instead of [`Ed25519`].

@@ -38,7 +38,7 @@ pub mod directory;
 pub mod mroute;
 pub mod session;
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -346,7 +346,7 @@ pub struct Overlay {
     chosen: BTreeMap<NodeId, Instant>,
     /// The neighbours listed in the last published record.
     published: BTreeSet<NodeId>,
-    shunned: HashMap<NodeId, Instant>,
+    shunned: BTreeMap<NodeId, Instant>,
     announced: BTreeSet<NodeId>,
     /// Records to flood on, per session, sent at the next tick.
     gossip: BTreeMap<NodeId, Vec<SignedRecord>>,
@@ -354,7 +354,7 @@ pub struct Overlay {
     /// the lazy links of the flood tree (pruned by either end).
     lazy: BTreeSet<NodeId>,
     /// When records were last pushed to each session.
-    last_push: HashMap<NodeId, Instant>,
+    last_push: BTreeMap<NodeId, Instant>,
     /// Announcements to send, per lazy session, at the next tick.
     announce: BTreeMap<NodeId, Vec<(NodeId, u64)>>,
     /// Records announced to this node and not received yet: node → (sequence number,
@@ -362,12 +362,12 @@ pub struct Overlay {
     missing: BTreeMap<NodeId, (u64, NodeId, Instant)>,
     /// Other nodes' claims on the names this node holds: name → node → registration time.
     /// Kept as records arrive, so checking this node's names costs nothing per record.
-    rivals: HashMap<String, HashMap<NodeId, u64>>,
+    rivals: BTreeMap<String, BTreeMap<NodeId, u64>>,
     /// The best-ranked candidates for neighbour choice: (ephemeral, rendezvous weight,
     /// node ID) → underlay group; at most [`RANKED`].
     ranked: BTreeMap<(bool, u64, NodeId), u64>,
     /// The key of each node in `ranked`.
-    ranked_keys: HashMap<NodeId, (bool, u64, NodeId)>,
+    ranked_keys: BTreeMap<NodeId, (bool, u64, NodeId)>,
     /// Whether `ranked` holds every candidate (false once one was left out).
     ranked_all: bool,
     availability: f64,
@@ -417,20 +417,20 @@ impl Overlay {
             info,
             names,
             seq: 0,
-            dir: Directory::new(),
+            dir: Directory::with_seed(seed),
             sessions: BTreeMap::new(),
             chosen: BTreeMap::new(),
             published: BTreeSet::new(),
-            shunned: HashMap::new(),
+            shunned: BTreeMap::new(),
             announced: BTreeSet::new(),
             gossip: BTreeMap::new(),
             lazy: BTreeSet::new(),
-            last_push: HashMap::new(),
+            last_push: BTreeMap::new(),
             announce: BTreeMap::new(),
             missing: BTreeMap::new(),
-            rivals: HashMap::from([(own_name, HashMap::new())]),
+            rivals: BTreeMap::from([(own_name, BTreeMap::new())]),
             ranked: BTreeMap::new(),
-            ranked_keys: HashMap::new(),
+            ranked_keys: BTreeMap::new(),
             ranked_all: true,
             availability: 0.9,
             k: 0,
@@ -797,7 +797,7 @@ impl Overlay {
     /// Collects the other nodes' claims on `name` from the whole directory (once, when this
     /// node takes a name; O(n)).
     fn find_rivals(&mut self, name: &str) {
-        let claims: HashMap<NodeId, u64> =
+        let claims: BTreeMap<NodeId, u64> =
             self.dir.entries().filter(|e| e.record.node_id != self.local).filter_map(|e| e.record.names.iter().find(|n| n.name == name).map(|n| (e.record.node_id, n.since))).collect();
         self.rivals.insert(name.to_string(), claims);
     }
@@ -1288,7 +1288,7 @@ mod tests {
     struct Sim {
         nodes: Vec<Option<Overlay>>,
         ids: Vec<NodeId>,
-        index: HashMap<NodeId, usize>,
+        index: BTreeMap<NodeId, usize>,
         configured: Vec<BTreeSet<usize>>,
         wants: Vec<BTreeSet<usize>>,
         links: BTreeSet<(usize, usize)>,

@@ -11,7 +11,7 @@
 //! destination suppresses duplicates (and acknowledges them again); every hop decrements a
 //! hop limit; a node whose next hop is gone repairs the route from where it stands.
 
-use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
 use base64::Engine;
@@ -122,7 +122,7 @@ pub enum Out {
 }
 
 /// Why a message was dropped on the way.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Drop {
     /// The hop limit ran out.
     HopLimit,
@@ -173,7 +173,9 @@ impl Topology {
 }
 
 /// Maps of the route searches (a keyed fast hash).
-type FastMap<K, V> = HashMap<K, V, ahash::RandomState>;
+/// Maps for one route computation (looked up, never iterated): ahash with fixed keys, so
+/// that the core draws no OS randomness.
+type FastMap<K, V> = HashMap<K, V, std::hash::BuildHasherDefault<ahash::AHasher>>;
 
 /// The management topology a router searches: which nodes exist and the links each has.
 /// [`Topology`] is one (built from a list), the node directory another
@@ -262,7 +264,7 @@ struct Pending {
     timeout: Duration,
     deadline: Instant,
     /// How often each node was on a path that failed for this message.
-    suspect: HashMap<NodeId, u32>,
+    suspect: BTreeMap<NodeId, u32>,
     last_paths: Vec<Vec<NodeId>>,
 }
 
@@ -271,11 +273,11 @@ pub struct Router {
     local: NodeId,
     cfg: MrouteConfig,
     neighbours: BTreeSet<NodeId>,
-    pending: HashMap<u64, Pending>,
-    seen: HashMap<(NodeId, u64), Instant>,
+    pending: BTreeMap<u64, Pending>,
+    seen: BTreeMap<(NodeId, u64), Instant>,
     rng: crate::rng::Rng,
     out: VecDeque<Out>,
-    drops: HashMap<Drop, u64>,
+    drops: BTreeMap<Drop, u64>,
     retries: u64,
 }
 
@@ -286,7 +288,7 @@ fn b64() -> base64::engine::GeneralPurpose {
 impl Router {
     /// A router for `local`; `seed` makes message IDs unique and unpredictable.
     pub fn new(local: NodeId, cfg: MrouteConfig, seed: u64) -> Router {
-        Router { local, cfg, neighbours: BTreeSet::new(), pending: HashMap::new(), seen: HashMap::new(), rng: crate::rng::Rng::new(seed), out: VecDeque::new(), drops: HashMap::new(), retries: 0 }
+        Router { local, cfg, neighbours: BTreeSet::new(), pending: BTreeMap::new(), seen: BTreeMap::new(), rng: crate::rng::Rng::new(seed), out: VecDeque::new(), drops: BTreeMap::new(), retries: 0 }
     }
 
     fn next_id(&mut self) -> u64 {
@@ -304,7 +306,7 @@ impl Router {
     }
 
     /// Messages dropped on the way here, by reason.
-    pub fn drops(&self) -> &HashMap<Drop, u64> {
+    pub fn drops(&self) -> &BTreeMap<Drop, u64> {
         &self.drops
     }
 
@@ -361,7 +363,7 @@ impl Router {
     /// The cheapest path in `graph` for a retry: each hop costs 1, plus `SUSPICION` for
     /// every earlier failed path the node was on; `salt` breaks ties differently on each
     /// retry, so that retries spread over the graph.
-    fn cheapest(&self, graph: &dyn Graph, dst: NodeId, suspect: &HashMap<NodeId, u32>, salt: u64, avoid: &BTreeSet<NodeId>, avoid_first: &BTreeSet<NodeId>) -> Option<Vec<NodeId>> {
+    fn cheapest(&self, graph: &dyn Graph, dst: NodeId, suspect: &BTreeMap<NodeId, u32>, salt: u64, avoid: &BTreeSet<NodeId>, avoid_first: &BTreeSet<NodeId>) -> Option<Vec<NodeId>> {
         use std::cmp::Reverse;
         use std::collections::BinaryHeap;
         const SUSPICION: u64 = 4 * 1024;
@@ -417,7 +419,7 @@ impl Router {
             self.out.push_back(Out::Delivered { id });
             return id;
         }
-        self.pending.insert(id, Pending { dst, channel, payload, critical, attempts: 0, timeout: self.cfg.first_timeout, deadline: now, suspect: HashMap::new(), last_paths: Vec::new() });
+        self.pending.insert(id, Pending { dst, channel, payload, critical, attempts: 0, timeout: self.cfg.first_timeout, deadline: now, suspect: BTreeMap::new(), last_paths: Vec::new() });
         self.attempt(now, graph, id);
         id
     }

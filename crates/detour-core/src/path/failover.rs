@@ -21,7 +21,7 @@
 //! Everything is driven by [`Failover::handle_tick`] and the `handle_*` events, with `now`
 //! passed in and randomness from a seed; outputs are [`Action`]s.
 
-use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::time::{Duration, Instant};
 
 use crate::identity::{NodeId, NODE_ID_LEN};
@@ -525,7 +525,7 @@ struct Peer {
     busy: Vec<PathId>,
     paths: Vec<Path>,
     route: Route,
-    relays: HashMap<usize, Candidate>,
+    relays: BTreeMap<usize, Candidate>,
     /// Relays asked again after a transient refusal ([`Candidate::Retry`]): a second one
     /// counts as a refusal.
     reasked: BTreeSet<usize>,
@@ -576,8 +576,8 @@ pub struct Failover {
     local: NodeId,
     cfg: FailoverConfig,
     peers: Vec<Peer>,
-    by_id: HashMap<NodeId, usize>,
-    links: HashMap<(usize, NodeId), (LinkInfo, Instant)>,
+    by_id: BTreeMap<NodeId, usize>,
+    links: BTreeMap<(usize, NodeId), (LinkInfo, Instant)>,
     rng: crate::rng::Rng,
     epoch: Instant,
     actions: VecDeque<Action>,
@@ -621,8 +621,8 @@ impl Failover {
             local,
             cfg,
             peers: Vec::new(),
-            by_id: HashMap::new(),
-            links: HashMap::new(),
+            by_id: BTreeMap::new(),
+            links: BTreeMap::new(),
             rng: crate::rng::Rng::new(seed),
             epoch: now,
             actions: VecDeque::new(),
@@ -654,7 +654,7 @@ impl Failover {
             busy: Vec::new(),
             paths: Vec::new(),
             route: Route { path: PathId::Direct, protect: false, reason: Reason::Healthy, since: now },
-            relays: HashMap::new(),
+            relays: BTreeMap::new(),
             reasked: BTreeSet::new(),
             rank: RelayRank::default(),
             check: None,
