@@ -208,6 +208,12 @@ fn corrupted_replayed_and_forged_packets_are_dropped_and_counted() {
     assert!(node_drop(&st, "unknown_peer") >= 1, "{st}");
     assert!(node_drop(&st, "bad_version") >= 1, "{st}");
     assert!(node_drop(&st, "malformed") >= 1, "{st}");
+    // empty datagrams on the data port are counted too
+    let malformed = node_drop(&st, "malformed");
+    lab.ok("alice", &format!("python3 -c 'import socket; s=socket.socket(socket.AF_INET,socket.SOCK_DGRAM); [s.sendto(b\"\",(\"{}\",7720)) for _ in range(3)]'", lab.host("bob").underlay_v4()));
+    std::thread::sleep(Duration::from_millis(300));
+    let st = lab.status("bob");
+    assert_eq!(node_drop(&st, "malformed"), malformed + 3, "{st}");
 
     // garbage on the management port and the control socket
     let sessions = Lab::peer(&st, "alice")["sessions"].as_u64().unwrap();
@@ -260,6 +266,36 @@ fn kill_9_and_restart_leave_no_stale_or_duplicate_kernel_state() {
     ping(&lab, "alice", &lab.host("bob").overlay_v4());
     ping(&lab, "bob", &lab.host("alice").overlay_v6());
     assert!(lab.log("alice").contains("left by an earlier run"));
+}
+
+#[test]
+fn a_sysctl_changed_by_a_run_that_crashed_is_put_back_at_the_next_start() {
+    // REPLEX sets fib_multipath_hash_policy to 1; the original value is recorded under
+    // /run/detour first, so that a kill -9 does not leave it changed past the next start
+    // (which here runs without REPLEX and would not touch it otherwise).
+    let mut lab = Lab::new(&["alice", "bob"]);
+    lab.write_mesh();
+    let mesh = std::fs::read_to_string(&lab.host("alice").config).expect("config");
+    let mut a = lab.node_section("alice", "\n[replex]\nenabled = true\n");
+    a += &lab.peer_section("bob", None, "");
+    lab.write_config("alice", &a);
+    let policy = |lab: &Lab| lab.ok("alice", "cat /proc/sys/net/ipv4/fib_multipath_hash_policy").trim().to_string();
+    assert_eq!(policy(&lab), "0");
+    lab.start_all();
+    lab.wait_up("alice", &["bob"], UP);
+    assert_eq!(policy(&lab), "1");
+    let state = lab.ok("alice", "cat /run/detour/sysctls-net$(stat -L -c %i /proc/self/ns/net)");
+    assert!(state.contains("/proc/sys/net/ipv4/fib_multipath_hash_policy 0"), "{state}");
+    lab.kill9("alice");
+    assert_eq!(policy(&lab), "1", "a crash leaves it changed");
+    lab.write_config("alice", &mesh);
+    lab.start("alice");
+    lab.wait_up("alice", &["bob"], UP);
+    assert_eq!(policy(&lab), "0", "put back at the next start");
+    assert!(lab.log("alice").contains("sysctls an earlier run changed"), "{}", lab.log("alice"));
+    let left = lab.ok("alice", "ls /run/detour/sysctls-net$(stat -L -c %i /proc/self/ns/net) 2>/dev/null || true");
+    assert_eq!(left.trim(), "", "the state file is gone");
+    assert!(lab.stop("alice"));
 }
 
 #[test]

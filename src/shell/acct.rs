@@ -243,24 +243,25 @@ const HASH_POLICY: [&str; 2] = ["/proc/sys/net/ipv4/fib_multipath_hash_policy", 
 pub fn set_hash_policy() -> Vec<&'static str> {
     let mut changed = Vec::new();
     for p in HASH_POLICY {
-        match std::fs::read_to_string(p) {
-            Ok(v) if v.trim() == "0" => match std::fs::write(p, "1") {
-                Ok(()) => changed.push(p),
-                Err(e) => tracing::warn!("REPLEX: cannot set {p} to 1 (layer-4 hashing): {e}; all connections to a peer will share one kernel bucket"),
-            },
-            Ok(_) => {}
-            Err(e) => tracing::debug!("{p}: {e}"),
+        if std::fs::read_to_string(p).map(|v| v.trim() != "0").unwrap_or(true) {
+            continue;
+        }
+        // The original value is recorded first (crate::shell::sysctl): a crash does not
+        // leave it changed past the next start.
+        match crate::shell::sysctl::set(p, "1") {
+            Ok(true) => changed.push(p),
+            Ok(false) => {}
+            Err(e) => tracing::warn!("REPLEX: cannot set {p} to 1 (layer-4 hashing): {e:#}; all connections to a peer will share one kernel bucket"),
         }
     }
     changed
 }
 
-/// Puts back the policy [`set_hash_policy`] changed.
+/// Puts back the policy [`set_hash_policy`] changed (every sysctl recorded in the state
+/// file).
 pub fn restore_hash_policy(changed: &[&str]) {
-    for p in changed {
-        if let Err(e) = std::fs::write(p, "0") {
-            tracing::warn!("cleanup: restoring {p}: {e}");
-        }
+    if !changed.is_empty() {
+        crate::shell::sysctl::restore_all();
     }
 }
 

@@ -318,6 +318,8 @@ async fn run_inner(identity: &Identity, model: Model, nl: Netlink, listener: tok
             nl.apply(op, table, &index).await?;
         }
     }
+    // Sysctls an earlier run changed and did not put back.
+    crate::shell::sysctl::recover();
     // Every netfilter chain an earlier run may have left, in one look per family.
     let chains: Vec<(&str, &str)> = [&intercept::CHAINS[..], &priority::CHAINS, &acct::CHAINS, &traffic::CHAINS, &crate::shell::classes::CHAINS].concat();
     crate::shell::netfilter::remove_chains(&chains);

@@ -652,6 +652,11 @@ impl RxTask {
             let from = m.addr;
             let stride = if m.stride == 0 { m.len } else { m.stride };
             let len = m.len.min(RX_SLOT);
+            if len == 0 {
+                // An empty datagram: counted like any other that cannot be ours.
+                self.node.drops.add(DropReason::Malformed);
+                continue;
+            }
             let mut at = 0;
             while at < len {
                 let start = at;

@@ -19,5 +19,6 @@ pub mod sessions;
 pub mod sockdiag;
 pub mod sockets;
 pub mod supervise;
+pub mod sysctl;
 pub mod tls;
 pub mod traffic;
