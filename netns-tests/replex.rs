@@ -12,6 +12,7 @@ use crate::lab::Lab;
 
 const UP: Duration = Duration::from_secs(15);
 const FLOWS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/netns-tests/helpers/flows.py");
+const BADPACKETS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/netns-tests/helpers/badpackets.py");
 /// The direct path's tbf rate, Mbit/s: no load can get more through it alone.
 const DIRECT_MBIT: f64 = 20.0;
 
@@ -21,6 +22,13 @@ type Route = (String, f64, f64, Option<f64>);
 type Sample = Vec<Route>;
 
 fn lab() -> Lab {
+    lab_with(Some(DIRECT_MBIT), "10mbit", 50, "")
+}
+
+/// The three hosts, the direct path limited to `direct_mbit` (none: not limited) and
+/// alice's link to carol to `relay_rate` by tbf with a queue of `relay_queue_ms`, and
+/// `replex` more of alice's `[replex]` section.
+fn lab_with(direct_mbit: Option<f64>, relay_rate: &str, relay_queue_ms: u32, replex: &str) -> Lab {
     let mut lab = Lab::new(&["alice", "bob", "carol"]);
     let (a, b, c) = (lab.host("alice").ns.clone(), lab.host("bob").ns.clone(), lab.host("carol").ns.clone());
     let links = format!(
@@ -32,15 +40,17 @@ ip -n {c} addr add 10.9.1.2/30 dev ca0
 ip -n {c} addr add 10.9.2.1/30 dev cb0
 ip -n {b} addr add 10.9.2.2/30 dev bc0
 for x in '{a} ac0' '{c} ca0' '{c} cb0' '{b} bc0'; do set -- $x; ip -n $1 link set $2 up; done
-ip netns exec {r} tc qdisc add dev r2 root tbf rate {DIRECT_MBIT}mbit burst 32kb latency 50ms
-ip netns exec {a} tc qdisc add dev ac0 root tbf rate 10mbit burst 32kb latency 50ms
-",
-        r = lab.router
+ip netns exec {a} tc qdisc add dev ac0 root tbf rate {relay_rate} burst 32kb latency {relay_queue_ms}ms
+{direct}",
+        direct = direct_mbit.map(|m| format!("ip netns exec {} tc qdisc add dev r2 root tbf rate {m}mbit burst 32kb latency 50ms\n", lab.router)).unwrap_or_default()
     );
     let o = crate::lab::host_sh(&links);
     assert!(o.ok, "relay links: {}", o.stderr);
-    let alice =
-        lab.node_section("alice", "metrics_listen = \"127.0.0.1:9772\"") + &lab.peer_section("bob", None, "") + &lab.peer_section("carol", Some("10.9.1.2"), "") + "\n[replex]\nenabled = true\n";
+    let alice = lab.node_section("alice", "metrics_listen = \"127.0.0.1:9772\"")
+        + &lab.peer_section("bob", None, "")
+        + &lab.peer_section("carol", Some("10.9.1.2"), "")
+        + "\n[replex]\nenabled = true\n"
+        + replex;
     let bob = lab.node_section("bob", "") + &lab.peer_section("alice", None, "") + &lab.peer_section("carol", Some("10.9.2.1"), "");
     let carol = lab.node_section("carol", "") + &lab.peer_section("alice", Some("10.9.1.1"), "") + &lab.peer_section("bob", Some("10.9.2.2"), "");
     lab.write_config("alice", &alice);
@@ -187,4 +197,49 @@ iptables -t mangle -A PREROUTING -p tcp --dport 9200 -m connmark --mark 0x3/0x3"
     assert_eq!(lab.ok("alice", "ip nexthop show").trim(), "", "nexthops left behind");
     assert!(!lab.ok("alice", "iptables -t mangle -S").contains("DETOUR-ACCT"), "accounting chain left behind");
     assert_eq!(lab.ok("alice", "cat /proc/sys/net/ipv4/fib_multipath_hash_policy").trim(), "0");
+}
+
+#[test]
+fn traffic_split_over_a_fast_path_and_a_slow_relay_is_not_taken_for_replays() {
+    // All paths of a session share one counter space: with REPLEX sending some flows to bob
+    // directly (fast) and some through carol over a link whose tbf queue holds up to
+    // 300 ms, the relayed packets arrive (rate x delay) counters behind. The replay window
+    // must take them (at ~400 Mbit/s and 300 ms, about 10,000 counters: a 4,096-counter
+    // window dropped 94 in 8 s). Real replays are still dropped.
+    let lab = lab_with(None, "50mbit", 300, "mode = \"equal\"\n");
+    // Both routes live, each with its equal share of new flows.
+    let t0 = Instant::now();
+    while !sample(&lab).iter().any(|r| r.0.starts_with("via ") && r.1 > 0.3) {
+        assert!(t0.elapsed() < Duration::from_secs(30), "the relay route never got its share: {:?}\n{}", sample(&lab), lab.log("alice"));
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let replays = |lab: &Lab| Lab::peer(&lab.status("bob"), "alice")["drops"]["replay"].as_u64().unwrap_or(0);
+    let relayed = |lab: &Lab| lab.status("carol")["relayed_bytes"].as_u64().unwrap_or(0);
+    let (r0, c0) = (replays(&lab), relayed(&lab));
+    let bob = lab.host("bob").overlay_v4();
+    let mut server = Command::new("ip").args(["netns", "exec", &lab.host("bob").ns, "iperf3", "-s", "-1", "-p", "5301"]).stdout(Stdio::null()).stderr(Stdio::null()).spawn().expect("iperf3 server");
+    std::thread::sleep(Duration::from_millis(500));
+    // A real replay during the transfer: datagrams alice sends bob directly, captured on
+    // the router and sent again, are still dropped.
+    let alice_id = lab.status("alice")["node"]["node_id"].as_str().unwrap().to_string();
+    let bob_id = lab.status("bob")["node"]["node_id"].as_str().unwrap().to_string();
+    let sniffer = Command::new("ip")
+        .args(["netns", "exec", &lab.router, "python3", BADPACKETS, "r2", &lab.host("bob").underlay_v4(), "7720", &alice_id, &bob_id, "4"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("sniffer");
+    let out = lab.ok("alice", &format!("iperf3 -c {bob} -p 5301 -P 8 -t 8 -J"));
+    let _ = server.wait();
+    let injected: Value = serde_json::from_slice(&sniffer.wait_with_output().expect("sniffer output").stdout).expect("sniffer JSON");
+    assert_eq!(injected["replay"], 4, "{injected}");
+    let v: Value = serde_json::from_str(&out).expect("iperf3 JSON");
+    let mbit = v["end"]["sum_received"]["bits_per_second"].as_f64().unwrap_or(0.0) / 1e6;
+    let (r1, c1) = (replays(&lab), relayed(&lab));
+    let retrans = v["end"]["sum_sent"]["retransmits"].as_u64().unwrap_or(0);
+    eprintln!("split transfer: {mbit:.0} Mbit/s in all, {} bytes through carol, {} replay drops (4 replayed on purpose), {retrans} retransmissions", c1 - c0, r1 - r0);
+    if c1 - c0 < 5_000_000 {
+        eprintln!("alice: {}\nbob: {}", Lab::peer(&lab.status("alice"), "bob"), Lab::peer(&lab.status("bob"), "alice"));
+    }
+    assert!(c1 - c0 > 5_000_000, "the relay carried little of the traffic ({} bytes): no split to test", c1 - c0);
+    assert_eq!(r1 - r0, 4, "replay drops: the 4 replayed datagrams, and no legitimate packet of the slower path ({mbit:.0} Mbit/s)");
 }
