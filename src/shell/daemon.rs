@@ -71,6 +71,8 @@ pub struct StatusCtx {
     pub icmp: Arc<IcmpCounters>,
     /// Whether ICMP interception runs.
     pub icmp_active: bool,
+    /// Datagrams on the management port that cannot be QUIC.
+    pub mgmt_garbage: Arc<AtomicU64>,
 }
 
 /// A question about the node's state, answered by the daemon's loop from the node state.
@@ -460,7 +462,8 @@ async fn run_inner(identity: &Identity, model: Model, nl: Netlink, listener: tok
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let (queries, mut query_rx) = mpsc::unbounded_channel::<Query>();
     let mgmt_errors = Arc::new(AtomicU64::new(0));
-    let ctx = StatusCtx { public_key: identity.public_key(), start, refused: mgmt.refused.clone(), mgmt_errors: mgmt_errors.clone(), icmp: icmp_counters, icmp_active };
+    let ctx =
+        StatusCtx { public_key: identity.public_key(), start, refused: mgmt.refused.clone(), mgmt_errors: mgmt_errors.clone(), icmp: icmp_counters, icmp_active, mgmt_garbage: mgmt.garbage.clone() };
     let mut local_addrs = local_addrs;
 
     // The long-running tasks: one that ends before shutdown (or panics) stops the daemon.
@@ -910,6 +913,11 @@ fn status(ctx: &StatusCtx, m: &Model, sessions: &mut Sessions, view: &EngineView
         refused_handshakes: refused,
         last_refused_key: last_key,
         management_errors: ctx.mgmt_errors.load(Relaxed),
+        management_garbage: ctx.mgmt_garbage.load(Relaxed),
+        socket_drops: [("data", Some(cfg.node.data_port)), ("management", Some(cfg.node.management_port)), ("api", cfg.management.api_port)]
+            .into_iter()
+            .filter_map(|(name, port)| Some((name.to_string(), sockets::udp_drops(port?))))
+            .collect(),
         late_loops: view.late,
         management_handshakes,
         management_handshakes_last_minute,

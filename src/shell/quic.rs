@@ -82,6 +82,8 @@ type Dialing = std::pin::Pin<Box<dyn std::future::Future<Output = (SocketAddr, R
 pub struct Management {
     /// One endpoint per listen socket.
     pub endpoints: Vec<quinn::Endpoint>,
+    /// Datagrams on the management port that cannot be QUIC ([`not_quic`]).
+    pub garbage: Arc<std::sync::atomic::AtomicU64>,
     cert: NodeCert,
     /// Record of refused handshakes.
     pub refused: Arc<RefusedKeys>,
@@ -110,14 +112,21 @@ impl Management {
         let cid = Sha256::new().chain_update(b"detour connection id v1").chain_update(identity.pkcs8_der()).finalize();
         let cid_key = u64::from_be_bytes(cid[..8].try_into().expect("8 bytes"));
         let mut endpoints = Vec::new();
+        let garbage = Arc::new(std::sync::atomic::AtomicU64::new(0));
         for s in sockets {
             let reset_key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &reset);
             let mut ep_cfg = quinn::EndpointConfig::new(Arc::new(reset_key));
             ep_cfg.cid_generator(move || Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key)));
-            let ep = quinn::Endpoint::new(ep_cfg, Some(server.clone()), s, Arc::new(quinn::TokioRuntime)).context("starting the QUIC endpoint")?;
+            // Peers keep QUIC's fixed bit set (RFC 9287 greasing off), so a datagram without
+            // it is not QUIC and is counted as garbage.
+            ep_cfg.grease_quic_bit(false);
+            let runtime = Arc::new(quinn::TokioRuntime);
+            let inner = quinn::Runtime::wrap_udp_socket(&*runtime, s).context("management socket")?;
+            let screened = Arc::new(Screened { inner, garbage: garbage.clone() });
+            let ep = quinn::Endpoint::new_with_abstract_socket(ep_cfg, Some(server.clone()), screened, runtime).context("starting the QUIC endpoint")?;
             endpoints.push(ep);
         }
-        Ok(Management { endpoints, cert, refused, local: identity.node_id(), name: name.to_string(), data_port })
+        Ok(Management { endpoints, garbage, cert, refused, local: identity.node_id(), name: name.to_string(), data_port })
     }
 
     fn endpoint_for(&self, addr: &SocketAddr) -> Option<&quinn::Endpoint> {
@@ -234,6 +243,73 @@ impl Management {
         let mut material = [0u8; wire::EXPORTER_LEN];
         conn.export_keying_material(&mut material, wire::EXPORTER_LABEL, b"").map_err(|e| anyhow!("TLS exporter: {e:?}"))?;
         Ok((wire::split_exporter(&material, &self.local, &peer), data_port, name))
+    }
+}
+
+/// The shortest datagram that can be a QUIC packet of a detour session (bytes): a
+/// short header with detour's 8-byte connection IDs, one byte of packet number, one of
+/// payload and the 16-byte AEAD tag is 27; long headers are longer.
+pub const MIN_QUIC: usize = 21;
+
+/// Whether datagram `d` cannot be QUIC (RFC 9000 §17): shorter than [`MIN_QUIC`], or with
+/// the fixed bit (0x40 of the first byte) clear, which detour's peers never send (greasing
+/// is off, RFC 9287).
+pub fn not_quic(d: &[u8]) -> bool {
+    d.len() < MIN_QUIC || d[0] & 0x40 == 0
+}
+
+/// The management socket with a count in front of quinn: datagrams that cannot be QUIC
+/// ([`not_quic`]) are counted (quinn drops them without a trace). They still reach
+/// quinn, which drops them.
+#[derive(Debug)]
+struct Screened {
+    inner: Arc<dyn quinn::AsyncUdpSocket>,
+    garbage: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl quinn::AsyncUdpSocket for Screened {
+    fn create_io_poller(self: Arc<Self>) -> std::pin::Pin<Box<dyn quinn::UdpPoller>> {
+        self.inner.clone().create_io_poller()
+    }
+
+    fn try_send(&self, transmit: &quinn::udp::Transmit) -> std::io::Result<()> {
+        self.inner.try_send(transmit)
+    }
+
+    fn poll_recv(&self, cx: &mut std::task::Context, bufs: &mut [std::io::IoSliceMut<'_>], meta: &mut [quinn::udp::RecvMeta]) -> std::task::Poll<std::io::Result<usize>> {
+        let r = self.inner.poll_recv(cx, bufs, meta);
+        if let std::task::Poll::Ready(Ok(n)) = &r {
+            let mut bad = 0;
+            for (buf, m) in bufs.iter().zip(meta.iter()).take(*n) {
+                let len = m.len.min(buf.len());
+                if len == 0 {
+                    bad += 1;
+                    continue;
+                }
+                let stride = if m.stride == 0 { len } else { m.stride };
+                bad += buf[..len].chunks(stride).filter(|d| not_quic(d)).count() as u64;
+            }
+            if bad > 0 {
+                self.garbage.fetch_add(bad, std::sync::atomic::Ordering::Relaxed);
+            }
+        }
+        r
+    }
+
+    fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.inner.local_addr()
+    }
+
+    fn max_transmit_segments(&self) -> usize {
+        self.inner.max_transmit_segments()
+    }
+
+    fn max_receive_segments(&self) -> usize {
+        self.inner.max_receive_segments()
+    }
+
+    fn may_fragment(&self) -> bool {
+        self.inner.may_fragment()
     }
 }
 

@@ -81,3 +81,43 @@ pub fn data_sockets(bound: Vec<Bound>) -> Result<Vec<DataSocket>> {
         })
         .collect()
 }
+
+/// Datagrams the kernel dropped for a full receive buffer on the UDP sockets bound to
+/// `port` in this network namespace, from `/proc/net/udp` and `/proc/net/udp6` (their
+/// `drops` column).
+pub fn udp_drops(port: u16) -> u64 {
+    ["/proc/net/udp", "/proc/net/udp6"].iter().filter_map(|f| std::fs::read_to_string(f).ok()).map(|t| parse_udp_drops(&t, port)).sum()
+}
+
+/// The sum of the `drops` column of the sockets bound to local `port` in a
+/// `/proc/net/udp` table.
+pub fn parse_udp_drops(table: &str, port: u16) -> u64 {
+    table
+        .lines()
+        .skip(1)
+        .filter_map(|l| {
+            let cols: Vec<&str> = l.split_whitespace().collect();
+            let local = cols.get(1)?;
+            let p = u16::from_str_radix(local.rsplit(':').next()?, 16).ok()?;
+            (p == port).then(|| cols.last()?.parse::<u64>().ok()).flatten()
+        })
+        .sum()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn udp_drops_are_summed_per_local_port() {
+        let t = "   sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode ref pointer drops
+  1: 0100007F:1E28 00000000:0000 07 00000000:00000000 00:00000000 00000000     0        0 123 2 0000000000000000 7
+  2: 00000000:1E28 00000000:0000 07 00000000:00000000 00:00000000 00000000     0        0 124 2 0000000000000000 5
+  3: 00000000:1E29 00000000:0000 07 00000000:00000000 00:00000000 00000000     0        0 125 2 0000000000000000 100
+garbage line
+";
+        assert_eq!(parse_udp_drops(t, 7720), 12);
+        assert_eq!(parse_udp_drops(t, 7721), 100);
+        assert_eq!(parse_udp_drops(t, 9), 0);
+    }
+}

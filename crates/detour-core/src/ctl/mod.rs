@@ -64,6 +64,14 @@ pub struct Status {
     /// Management connections that failed: TLS handshakes that did not complete (refused
     /// keys included) and sessions closed for a protocol error.
     pub management_errors: u64,
+    /// Datagrams on the management port that cannot be QUIC (shorter than any QUIC packet,
+    /// or without QUIC's fixed bit), dropped before the QUIC endpoint.
+    #[serde(default)]
+    pub management_garbage: u64,
+    /// Datagrams the kernel dropped because a socket's receive buffer was full, by socket
+    /// (`data`, `management`, `api`), since the sockets opened.
+    #[serde(default)]
+    pub socket_drops: BTreeMap<String, u64>,
     /// Management handshakes completed since start (sessions set up, both directions).
     #[serde(default)]
     pub management_handshakes: u64,
@@ -441,6 +449,12 @@ pub fn render_status(s: &Status) -> String {
     if s.management_errors > 0 {
         let _ = writeln!(o, "  management errors: {}", s.management_errors);
     }
+    if s.management_garbage > 0 {
+        let _ = writeln!(o, "  management port garbage: {} datagrams", s.management_garbage);
+    }
+    if s.socket_drops.values().any(|v| *v > 0) {
+        let _ = writeln!(o, "  socket buffer drops: {}", drops(&s.socket_drops));
+    }
     let _ = writeln!(o, "  management handshakes: {} ({} in the last minute)", s.management_handshakes, s.management_handshakes_last_minute);
     if s.late_loops > 0 {
         let _ = writeln!(o, "  late: {} times (probe loss not judged meanwhile)", s.late_loops);
@@ -597,6 +611,12 @@ pub fn render_metrics(status: &Status, paths: &[PeerPaths]) -> String {
     };
     family(&mut o, "uptime_seconds", "gauge", "Seconds since detourd started.");
     let _ = writeln!(o, "detour_uptime_seconds{{node=\"{}\"}} {}", label(&status.node.name), status.node.uptime_s);
+    family(&mut o, "management_garbage_total", "counter", "Datagrams on the management port that cannot be QUIC.");
+    let _ = writeln!(o, "detour_management_garbage_total {}", status.management_garbage);
+    family(&mut o, "socket_drops_total", "counter", "Datagrams dropped by the kernel because a socket's receive buffer was full.");
+    for (socket, n) in &status.socket_drops {
+        let _ = writeln!(o, "detour_socket_drops_total{{socket=\"{socket}\"}} {n}");
+    }
     family(&mut o, "management_handshakes_total", "counter", "Management sessions set up (QUIC handshakes completed, both directions).");
     let _ = writeln!(o, "detour_management_handshakes_total {}", status.management_handshakes);
     family(&mut o, "late_loops_total", "counter", "Times the failover engine ran late (probe loss not judged for a moment).");
