@@ -28,6 +28,8 @@ cargo test --workspace --lib --bins
 cargo test --workspace --doc
 # The management overlay simulation of the scale benchmark, at 200 nodes.
 cargo test --example scale_sim
+echo "== fuzz smoke: every parser target for 20 s (scripts/fuzz.sh)"
+scripts/fuzz.sh
 echo "== end-to-end tests in network namespaces"
 # One at a time: several overlays on two cores at once would make timings meaningless.
 cargo test --test netns -- --test-threads=1
