@@ -150,6 +150,14 @@ fn u16_of(v: &[u8]) -> Option<u16> {
     Some(u16::from_ne_bytes(v.get(..2)?.try_into().ok()?))
 }
 
+/// Decodes the payload of a nexthop message of type `kind` (`RTM_NEWNEXTHOP`, ...) as the
+/// kernel sends it, and reads it back into a spec when detour owns it ([`parse`]).
+pub fn decode(kind: u16, payload: &[u8], names: &HashMap<u32, String>) -> Option<NexthopSpec> {
+    let mut header = NetlinkHeader::default();
+    header.message_type = kind;
+    parse(&NexthopMessage::deserialize(&header, payload).ok()?, names)
+}
+
 /// Reads a nexthop message detour owns back into a spec (the family of a group is filled
 /// in later from its members; `v6` is false until then). Objects of other protocols give
 /// `None`.
@@ -166,7 +174,10 @@ pub fn parse(m: &NexthopMessage, names: &HashMap<u32, String>) -> Option<Nexthop
     };
     let id = u32_of(&get(NHA_ID)?)?;
     if let Some(group) = get(NHA_GROUP) {
-        let members: Vec<(u32, u16)> = group.chunks_exact(8).filter_map(|c| Some((u32_of(&c[..4])?, (u16::from(c[4]) | (u16::from(c[5]) << 8)) + 1))).collect();
+        // struct nexthop_grp: id, weight - 1 (low byte), its high byte (newer kernels),
+        // reserved. A weight of 65,536 (the kernel's largest) saturates at 65,535: detour
+        // writes at most 256, and the fuzzer found that the sum overflowed.
+        let members: Vec<(u32, u16)> = group.chunks_exact(8).filter_map(|c| Some((u32_of(&c[..4])?, (u16::from(c[4]) | (u16::from(c[5]) << 8)).saturating_add(1)))).collect();
         let (mut buckets, mut idle) = (0u16, 0u32);
         if let Some(res) = get(NHA_RES_GROUP) {
             for inner in NlasIterator::new(&res[..]).flatten() {
@@ -295,6 +306,19 @@ impl Nexthops {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_group_member_of_the_largest_weight_reads_back_without_overflow() {
+        // The kernel's largest weight, 65,536, is 0xffff in the two weight bytes; found by
+        // the nexthop fuzz target (the sum overflowed).
+        let mut group = 21u32.to_ne_bytes().to_vec();
+        group.extend([0xff, 0xff, 0, 0]);
+        let m = NexthopMessage { kind: 104, family: 2, scope: 0, protocol: RTPROT_DETOUR, flags: 0, nlas: vec![nla(NHA_ID, 9u32.to_ne_bytes().to_vec()), nla(NHA_GROUP, group)] };
+        match parse(&m, &HashMap::new()).map(|s| s.kind) {
+            Some(NexthopKind::Resilient { members, .. }) => assert_eq!(members, vec![(21, u16::MAX)]),
+            other => panic!("{other:?}"),
+        }
+    }
 
     #[test]
     fn specs_round_trip_through_messages() {

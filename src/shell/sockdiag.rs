@@ -49,44 +49,68 @@ fn request(sock: &Socket, req: InetRequest, dump: bool) -> io::Result<Vec<TcpCon
     let mut rx = vec![0u8; 64 * 1024];
     loop {
         let n = sock.recv(&mut &mut rx[..], 0)?;
-        let mut off = 0;
-        while off < n {
-            let Ok(m) = NetlinkMessage::<SockDiagMessage>::deserialize(&rx[off..n]) else { return Ok(out) };
-            let len = m.header.length as usize;
-            match m.payload {
-                NetlinkPayload::InnerMessage(SockDiagMessage::InetResponse(r)) => {
-                    let id = &r.header.socket_id;
-                    let mut conn = TcpConn {
-                        local: SocketAddr::new(id.source_address.to_canonical(), id.source_port),
-                        remote: SocketAddr::new(id.destination_address.to_canonical(), id.destination_port),
-                        state: r.header.state,
-                        retransmits: 0,
-                        unacked: 0,
-                    };
-                    for nla in r.nlas.iter() {
-                        if let Nla::TcpInfo(info) = nla {
-                            conn.retransmits = info.retransmits;
-                            conn.unacked = info.unacked;
-                        }
-                    }
-                    out.push(conn);
-                    if !dump {
-                        return Ok(out);
-                    }
-                }
-                NetlinkPayload::Done(_) => return Ok(out),
-                NetlinkPayload::Error(e) => {
-                    // ENOENT for a single lookup: no such socket.
-                    return if dump { Err(io::Error::other(format!("sock_diag: {e:?}"))) } else { Ok(out) };
-                }
-                _ => {}
-            }
-            if len == 0 {
-                break;
-            }
-            off += len;
+        match parse_batch(&rx[..n], dump, &mut out) {
+            Step::More => {}
+            Step::Finished => return Ok(out),
+            Step::Failed(e) => return Err(io::Error::other(e)),
         }
     }
+}
+
+/// What a received buffer of sock_diag answers says about the rest.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Step {
+    /// More answers follow in the next buffer.
+    More,
+    /// The answer is complete (the dump's end, the one connection asked for, or an
+    /// undecodable message, after which nothing is trusted).
+    Finished,
+    /// The kernel answered a dump with an error.
+    Failed(String),
+}
+
+/// Appends the TCP connections in one received buffer `buf` of sock_diag answers to
+/// `out`; `dump`: the answer to a dump (else to a single lookup, which ends at its first
+/// connection or at an error such as ENOENT).
+pub fn parse_batch(buf: &[u8], dump: bool, out: &mut Vec<TcpConn>) -> Step {
+    let mut off = 0;
+    while off < buf.len() {
+        let Ok(m) = NetlinkMessage::<SockDiagMessage>::deserialize(&buf[off..]) else { return Step::Finished };
+        let len = m.header.length as usize;
+        match m.payload {
+            NetlinkPayload::InnerMessage(SockDiagMessage::InetResponse(r)) => {
+                let id = &r.header.socket_id;
+                let mut conn = TcpConn {
+                    local: SocketAddr::new(id.source_address.to_canonical(), id.source_port),
+                    remote: SocketAddr::new(id.destination_address.to_canonical(), id.destination_port),
+                    state: r.header.state,
+                    retransmits: 0,
+                    unacked: 0,
+                };
+                for nla in r.nlas.iter() {
+                    if let Nla::TcpInfo(info) = nla {
+                        conn.retransmits = info.retransmits;
+                        conn.unacked = info.unacked;
+                    }
+                }
+                out.push(conn);
+                if !dump {
+                    return Step::Finished;
+                }
+            }
+            NetlinkPayload::Done(_) => return Step::Finished,
+            NetlinkPayload::Error(e) => {
+                // ENOENT for a single lookup: no such socket.
+                return if dump { Step::Failed(format!("sock_diag: {e:?}")) } else { Step::Finished };
+            }
+            _ => {}
+        }
+        if len == 0 {
+            break;
+        }
+        off += len;
+    }
+    Step::More
 }
 
 /// Every TCP connection in SYN_SENT or ESTABLISHED, IPv4 and IPv6, with tcp_info.
