@@ -1,18 +1,16 @@
 //! Writes seed inputs for the fuzz targets into `fuzz/seeds/<target>/`, made by detour's
 //! own encoders with the keys the `decapsulate` target installs: sealed probes and data
-//! packets, management frames, local API requests and replies, and configurations. Run by
+//! packets, management frames, local API requests, and a configuration. Run by
 //! `scripts/fuzz.sh --seeds`.
 
-use std::sync::Arc;
-
-use detour_core::dataplane::{DataCommand, DataPlaneSpec, PathEndpoint, PeerSpec, Tun, TxAction, TxState};
+use detour_core::dataplane::{DataCommand, PathEndpoint, Tun, TxAction, TxState};
 use detour_core::identity::{Identity, NodeId};
 use detour_core::overlay::api::{self, op, Address, Request};
 use detour_core::path::failover::{PathId, Probe};
 use detour_core::wire::{self, mgmt};
 
-const A: NodeId = NodeId([0xa; 16]);
-const B: NodeId = NodeId([0xb; 16]);
+mod common;
+use common::{A, B};
 
 fn write(target: &str, name: &str, bytes: &[u8]) {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("seeds").join(target);
@@ -22,23 +20,9 @@ fn write(target: &str, name: &str, bytes: &[u8]) {
 
 fn main() {
     // Data plane: A's sending state towards B with the keys the target's B installs.
-    let spec = DataPlaneSpec {
-        local: A,
-        local_dsts: vec!["10.77.0.1/32".parse().unwrap(), "10.1.0.0/24".parse().unwrap()],
-        peers: vec![PeerSpec {
-            node_id: B,
-            host_addrs: vec!["10.77.0.2".parse().unwrap()],
-            prefixes: vec!["10.2.0.0/24".parse().unwrap()],
-            link_local: vec![],
-            protected: vec![],
-            inner_mtu: 1388,
-            counters: Arc::default(),
-        }],
-        node: Arc::default(),
-        egress: None,
-    };
+    let spec = common::spec(A);
     let mut tx = TxState::new(&spec);
-    tx.apply(&DataCommand::InstallSession { peer: 0, secrets: wire::split_exporter(&[42u8; wire::EXPORTER_LEN], &A, &B) });
+    tx.apply(&common::session(A));
     tx.apply(&DataCommand::SetEndpoint { peer: 0, endpoint: Some(PathEndpoint { remote: "192.0.2.2:7720".parse().unwrap(), local_ip: None }) });
     let probe = Probe { echo: false, path: PathId::Direct, seq: 7, sent_us: 123_456, hold_us: 0, reports: vec![(PathId::Direct, 6, 0b111), (PathId::Relay(NodeId([0xc; 16])), 3, 1)] };
     let mut out = vec![0u8; 2048];

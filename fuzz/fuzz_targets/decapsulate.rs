@@ -4,34 +4,16 @@
 //! the session's AEAD open and what follows).
 #![no_main]
 
-use std::sync::Arc;
-
-use detour_core::dataplane::{DataCommand, DataPlaneSpec, PeerSpec, RxState};
-use detour_core::identity::NodeId;
-use detour_core::wire;
+use detour_core::dataplane::RxState;
 use libfuzzer_sys::fuzz_target;
 
-const A: NodeId = NodeId([0xa; 16]);
-const B: NodeId = NodeId([0xb; 16]);
+#[path = "../common.rs"]
+mod common;
+use common::{A, B};
 
 fn rx() -> RxState {
-    let spec = DataPlaneSpec {
-        local: B,
-        local_dsts: vec!["10.77.0.2/32".parse().unwrap(), "10.2.0.0/24".parse().unwrap()],
-        peers: vec![PeerSpec {
-            node_id: A,
-            host_addrs: vec!["10.77.0.1".parse().unwrap()],
-            prefixes: vec!["10.1.0.0/24".parse().unwrap()],
-            link_local: vec![],
-            protected: vec![],
-            inner_mtu: 1388,
-            counters: Arc::default(),
-        }],
-        node: Arc::default(),
-        egress: None,
-    };
-    let mut rx = RxState::new(&spec);
-    rx.apply(&DataCommand::InstallSession { peer: 0, secrets: wire::split_exporter(&[42u8; wire::EXPORTER_LEN], &B, &A) });
+    let mut rx = RxState::new(&common::spec(B));
+    rx.apply(&common::session(B));
     rx
 }
 

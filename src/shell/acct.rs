@@ -238,8 +238,8 @@ const HASH_POLICY: [&str; 2] = ["/proc/sys/net/ipv4/fib_multipath_hash_policy", 
 /// Makes the kernel hash flows by their ports too (policy 1, layer 4), so that the
 /// connections between two hosts spread over a resilient group's buckets: with the
 /// default (policy 0, addresses only) every connection to a peer would share one bucket.
-/// Only a policy of 0 is changed; returns the sysctls changed, for
-/// [`restore_hash_policy`].
+/// Only a policy of 0 is changed; returns the sysctls changed (their original values are
+/// in [`crate::shell::sysctl`]'s state file, which puts them back).
 pub fn set_hash_policy() -> Vec<&'static str> {
     let mut changed = Vec::new();
     for p in HASH_POLICY {
@@ -255,14 +255,6 @@ pub fn set_hash_policy() -> Vec<&'static str> {
         }
     }
     changed
-}
-
-/// Puts back the policy [`set_hash_policy`] changed (every sysctl recorded in the state
-/// file).
-pub fn restore_hash_policy(changed: &[&str]) {
-    if !changed.is_empty() {
-        crate::shell::sysctl::restore_all();
-    }
 }
 
 #[cfg(test)]

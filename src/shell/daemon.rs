@@ -116,7 +116,6 @@ pub async fn run(mut cfg: Config) -> Result<()> {
         acct: false,
         traffic: false,
         classes: false,
-        hash_policy: Vec::new(),
         keeper: None,
     };
     // A panic in the loop (the node state is driven there) is caught here, so that the
@@ -147,7 +146,6 @@ struct Resources {
     acct: bool,
     traffic: bool,
     classes: bool,
-    hash_policy: Vec<&'static str>,
     keeper: Option<Arc<crate::shell::netfilter::Keeper>>,
 }
 
@@ -169,7 +167,8 @@ impl Resources {
         if self.classes {
             crate::shell::classes::remove();
         }
-        acct::restore_hash_policy(&std::mem::take(&mut self.hash_policy));
+        // The sysctls detour changed (REPLEX's hash policy), from the state file.
+        crate::shell::sysctl::restore();
         if self.dscp {
             priority::remove_dscp_rules();
         }
@@ -321,7 +320,10 @@ async fn run_inner(identity: &Identity, model: Model, nl: Netlink, listener: tok
         }
     }
     // Sysctls an earlier run changed and did not put back.
-    crate::shell::sysctl::recover();
+    let n = crate::shell::sysctl::restore();
+    if n > 0 {
+        tracing::info!("restored {n} sysctls an earlier run changed");
+    }
     // Every netfilter chain an earlier run may have left, in one look per family.
     let chains: Vec<(&str, &str)> = [&intercept::CHAINS[..], &priority::CHAINS, &acct::CHAINS, &traffic::CHAINS, &crate::shell::classes::CHAINS].concat();
     crate::shell::netfilter::remove_chains(&chains);
@@ -376,8 +378,7 @@ async fn run_inner(identity: &Identity, model: Model, nl: Netlink, listener: tok
     let mut acct_worker = None;
     if cfg.replex.enabled {
         res.acct = true;
-        res.hash_policy = acct::set_hash_policy();
-        for &path in &res.hash_policy {
+        for path in acct::set_hash_policy() {
             keeper.keep(Box::new(crate::shell::netfilter::Sysctl { path, value: "1" }));
         }
         let mut accounting = Accounting::default();

@@ -65,7 +65,8 @@ pub struct EngineView {
     pub overlay: mnode::OverlayView,
 }
 
-/// The engine task's state: the core and the handles its actions need.
+/// The engine: the node state, the model it is driven with, and the handles its actions
+/// need. It runs on the daemon's loop (no task of its own).
 pub struct Engine {
     /// Configuration and peers (configured, and learned from the directory).
     model: Model,

@@ -60,7 +60,7 @@ pub mod close {
     /// The daemon is stopping.
     pub const SHUTDOWN: u32 = 4;
     /// Nothing was received on the session for [`super::IDLE_TIMEOUT`]
-    /// ([`crate::overlay::session::Silence`]). (Code 5 is `peers::CLOSE_IDLE`.)
+    /// ([`crate::overlay::session::Silence`]). (Code 5 is `sessions::CLOSE_IDLE`.)
     pub const SILENT: u32 = 6;
 }
 

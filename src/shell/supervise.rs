@@ -15,9 +15,12 @@ use tokio::sync::Notify;
 pub enum Part {
     /// The data thread (packets between TUNs and the data sockets).
     Data,
-    /// The failover engine task (probes, routes, relays, REPLEX).
+    /// The daemon's loop as it drives the node state's path control (probes, routes,
+    /// relays, REPLEX).
     Engine,
-    /// The management overlay task (directory, messages, local API).
+    /// The daemon's loop as it drives the node state's management overlay (directory,
+    /// messages, local API). Since both run in one loop, it beats both parts; they keep
+    /// their own names in the log and in `DETOURD_TEST_PANIC`.
     Overlay,
 }
 
@@ -37,7 +40,7 @@ impl Part {
 
 /// A part that has not reported progress for this long holds back the watchdog. Each part
 /// reports at least once a second while it runs (the data thread on a 1 s timer, the
-/// engine at its link reports, the overlay at its upkeep).
+/// daemon's loop at every event, and it has one at least every second).
 pub const STALL: Duration = Duration::from_secs(5);
 
 /// Progress of the parts and the first fatal failure. Shared between the threads and tasks

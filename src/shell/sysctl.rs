@@ -28,8 +28,9 @@ pub fn parse(text: &str) -> Vec<(String, String)> {
         .collect()
 }
 
-/// Puts back what a run that did not stop cleanly left changed; the number restored.
-pub fn recover() -> usize {
+/// Puts every recorded sysctl back and removes the state file: at a clean stop, and at
+/// start for what a run that did not stop cleanly left changed. The number restored.
+pub fn restore() -> usize {
     let file = state_file();
     let Ok(text) = std::fs::read_to_string(&file) else { return 0 };
     let entries = parse(&text);
@@ -41,9 +42,6 @@ pub fn recover() -> usize {
         }
     }
     let _ = std::fs::remove_file(&file);
-    if n > 0 {
-        tracing::info!("restored {n} sysctls an earlier run changed");
-    }
     n
 }
 
@@ -69,11 +67,6 @@ pub fn set(path: &str, value: &str) -> Result<bool> {
     }
     std::fs::write(path, value).with_context(|| format!("writing {path}"))?;
     Ok(true)
-}
-
-/// At a clean stop: puts every recorded sysctl back and removes the state file.
-pub fn restore_all() {
-    recover();
 }
 
 #[cfg(test)]

@@ -151,7 +151,7 @@ impl fmt::Debug for PublicKey {
 
 impl PublicKey {
     /// The 32 bytes of a base64 key, without checking that they are a point of the curve
-    /// (about 30 µs): for a key that was just used to verify a signature (a directory
+    /// (a point decompression, the cost of parsing a key): for a key that was just used to verify a signature (a directory
     /// record's), or one checked again before use. [`str::parse`] checks.
     ///
     /// # Errors

@@ -5,8 +5,8 @@
 //! A peer is **wanted** for one or more reasons ([`want`]): it is configured (always), the
 //! management overlay chose it as a neighbour, forwarding traffic uses the link (from the
 //! first packet until [`crate::config::ManagementConfig::idle_timeout`] passes without
-//! traffic), or a relay session this node serves needs it. The shell keeps one supervisor
-//! task per wanted peer; these rules decide when it starts and stops and what it watches.
+//! traffic), or a relay session this node serves needs it. The shell's session table
+//! dials a wanted peer; these rules decide when it starts and stops and what it watches.
 
 use std::time::{Duration, Instant};
 
