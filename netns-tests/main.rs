@@ -7,6 +7,7 @@ mod management;
 mod policies;
 mod replex;
 mod scale;
+mod seeds;
 
 use std::time::{Duration, Instant};
 

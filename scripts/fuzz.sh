@@ -5,12 +5,18 @@
 # finding). Installs cargo-fuzz when missing.
 #
 #   scripts/fuzz.sh                 every target for 20 s (what CI runs)
-#   scripts/fuzz.sh TARGET [SECONDS]
-#   scripts/fuzz.sh --seeds         writes the seed corpora of fuzz/seeds/ again
+#   scripts/fuzz.sh TARGET [SECONDS]  one target (or `all`) for SECONDS (default 20)
+#   scripts/fuzz.sh --seeds         writes the seeds detour's own encoders make (fuzz/seeds/)
+#   scripts/fuzz.sh --capture       captures seeds from real packets in network namespaces
+#                                   (the netns test seeds::, as root) into fuzz/seeds/*/real-*
 #
 # Corpora grow in fuzz/corpus/TARGET (seeds committed in fuzz/seeds/TARGET); a crash is
 # written to fuzz/artifacts/TARGET and the script exits non-zero.
 set -euo pipefail
+if [ "${1:-}" = "--capture" ]; then
+  cd "$(dirname "$0")/.."
+  DETOUR_SEEDS_TO="$PWD/fuzz/seeds" exec cargo test --quiet --test netns seeds:: -- --nocapture
+fi
 cd "$(dirname "$0")/../fuzz"
 export RUSTC_BOOTSTRAP=1
 if ! cargo fuzz --version >/dev/null 2>&1; then
@@ -21,7 +27,7 @@ if [ "${1:-}" = "--seeds" ]; then
   exec cargo run --release --quiet --bin seeds
 fi
 targets=$(cargo fuzz list | grep -vx seeds)
-if [ $# -ge 1 ]; then targets="$1"; fi
+if [ $# -ge 1 ] && [ "$1" != all ]; then targets="$1"; fi
 seconds="${2:-20}"
 for t in $targets; do cargo fuzz build -s none "$t" >/dev/null; done
 for t in $targets; do

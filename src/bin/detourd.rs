@@ -58,6 +58,7 @@ fn main() -> ExitCode {
             }
         };
     }
+    let capture = detour::shell::capture::init();
     let cfg = match load(&args.config) {
         Ok(c) => c,
         Err(e) => {
@@ -66,6 +67,9 @@ fn main() -> ExitCode {
         }
     };
     init_logging(&cfg.node.log_level);
+    if let Some(dir) = capture {
+        tracing::warn!(dir = %dir.display(), "capturing fuzz seeds (DETOUR_CAPTURE_SEEDS)");
+    }
     let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {

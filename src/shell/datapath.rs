@@ -29,6 +29,7 @@ use tokio::sync::mpsc;
 use tun_rs::{AsyncDevice, DeviceBuilder, GROTable, SyncDevice, VIRTIO_NET_HDR_LEN};
 
 use crate::dataplane::{DataCommand, DataPlaneSpec, DropReason, NodeCounters, Rx, RxState, Tun, TxAction, TxState};
+use crate::shell::capture;
 use crate::shell::supervise::{self, Health, Part};
 use crate::wire::{HEADER_LEN, OVERHEAD, TAG_LEN};
 
@@ -667,6 +668,7 @@ impl RxTask {
                     self.node.drops.add(DropReason::Malformed);
                     continue;
                 }
+                capture::sample(capture::Target::Decapsulate, &[&[0], dgram]);
                 let outcome = self.rx.borrow_mut().decapsulate(dgram, from, now_ms);
                 match outcome {
                     Ok(Rx::Deliver(d)) => {
@@ -684,6 +686,7 @@ impl RxTask {
                         }
                     }
                     Ok(Rx::Control { peer, payload }) => {
+                        capture::sample(capture::Target::Probe, &[&dgram[payload.clone()]]);
                         let ev = DataEvent::Control { peer, from, payload: dgram[payload].to_vec(), at: Instant::now() };
                         if self.events.try_send(ev).is_err() {
                             self.node.drops.add(DropReason::SendError);

@@ -172,6 +172,7 @@ impl Engine {
                 loop {
                     match s.recv_from(&mut buf).await {
                         Ok((n, from)) => {
+                            super::capture::sample(super::capture::Target::Api, &[&buf[..n]]);
                             if tx.send((from, buf[..n].to_vec())).await.is_err() {
                                 return;
                             }

@@ -50,6 +50,7 @@ pub fn log_level_ok(directive: &str) -> bool {
 pub fn load_config(path: &Path) -> Result<Config, ConfigErrors> {
     let file = path.display().to_string();
     let text = std::fs::read_to_string(path).map_err(|e| ConfigErrors(vec![ConfigError { file: file.clone(), key: "(file)".into(), message: format!("cannot read: {e}") }]))?;
+    super::capture::sample(super::capture::Target::Config, &[text.as_bytes()]);
     Config::parse_with(&text, &file, &log_level_ok)
 }
 

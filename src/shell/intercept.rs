@@ -133,6 +133,7 @@ pub fn start_queue(queue: u16, filter: Arc<RwLock<Filter>>, counters: Arc<IcmpCo
                 continue;
             };
             let at = Instant::now();
+            super::capture::sample(super::capture::Target::Icmp, &[msg.get_payload()]);
             let verdict = filter.read().map(|f| f.classify(msg.get_payload())).unwrap_or(Verdict::Accept(Ignored::Malformed));
             let verdict = match verdict {
                 // One more plausibility check: the quoted TCP connection must exist.

@@ -1,6 +1,7 @@
 //! The I/O shell: everything that touches the host. Kept thin; decisions live in the core.
 
 pub mod acct;
+pub mod capture;
 pub mod classes;
 pub mod control;
 pub mod daemon;

@@ -242,6 +242,9 @@ impl Nexthops {
                 if len == 0 {
                     bail!("netlink: empty message");
                 }
+                if let (NetlinkPayload::InnerMessage(_), Some(payload)) = (&m.payload, rx.get(off + 16..off + len)) {
+                    super::capture::sample(super::capture::Target::Nexthop, &[&m.header.message_type.to_le_bytes(), payload]);
+                }
                 off += (len + 3) & !3;
                 if m.header.sequence_number != self.seq {
                     continue;

@@ -323,6 +323,7 @@ pub async fn read_frame(recv: &mut quinn::RecvStream) -> Result<Frame> {
     let len = mgmt::check_len(u32::from_be_bytes(len) as usize)?;
     let mut buf = vec![0u8; len];
     recv.read_exact(&mut buf).await?;
+    super::capture::sample(super::capture::Target::MgmtFrame, &[&buf]);
     Ok(mgmt::decode(&buf)?)
 }
 

@@ -49,6 +49,7 @@ fn request(sock: &Socket, req: InetRequest, dump: bool) -> io::Result<Vec<TcpCon
     let mut rx = vec![0u8; 64 * 1024];
     loop {
         let n = sock.recv(&mut &mut rx[..], 0)?;
+        super::capture::sample(super::capture::Target::SockDiag, &[&[u8::from(dump)], &rx[..n]]);
         match parse_batch(&rx[..n], dump, &mut out) {
             Step::More => {}
             Step::Finished => return Ok(out),
