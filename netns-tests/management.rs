@@ -456,3 +456,57 @@ fn forged_replayed_and_stale_records_are_rejected_and_counted() {
     // the daemon is fine
     lab.wait_up("alice", &["bob"], UP);
 }
+
+/// The flood generator (`examples/flood.rs`; scripts/test.sh builds it).
+fn flood_bin() -> String {
+    let p = std::path::Path::new(env!("CARGO_BIN_EXE_detourd")).parent().unwrap().join("examples/flood");
+    assert!(p.exists(), "{} is missing: cargo build --example flood", p.display());
+    p.display().to_string()
+}
+
+#[test]
+fn a_handshake_and_datagram_flood_is_limited_and_counted_while_sessions_and_messages_go_on() {
+    let mut lab = Lab::new(&["alice", "bob", "mallory"]);
+    lab.write_config("alice", &(lab.node_section("alice", "") + &lab.peer_section("bob", None, "")));
+    lab.write_config("bob", &(lab.node_section("bob", "") + &lab.peer_section("alice", None, "")));
+    lab.start("alice");
+    lab.start("bob");
+    lab.wait_up("alice", &["bob"], UP);
+    lab.wait_up("bob", &["alice"], UP);
+    let sessions = Lab::peer(&lab.status("bob"), "alice")["sessions"].as_u64().unwrap();
+    // mallory floods bob from 40 addresses: 2,000 QUIC connection attempts per second
+    // (50 per address, over the 20/s rate) at the management port, and random datagrams at
+    // the data port
+    let sources: Vec<String> = (10..50).map(|i| format!("10.0.3.{i}")).collect();
+    lab.ok("mallory", &sources.iter().map(|s| format!("ip addr add {s}/24 dev eth0")).collect::<Vec<_>>().join(" && "));
+    let bob = lab.host("bob").underlay_v4();
+    let quic = spawn(&lab, "mallory", &format!("{} quic {bob}:7721 2000 5 {}", flood_bin(), sources.join(" ")));
+    let udp = spawn(&lab, "mallory", &format!("{} udp {bob}:7720 5", flood_bin()));
+    std::thread::sleep(Duration::from_millis(1500));
+    // management messages are delivered and acknowledged during the flood
+    for k in 0..5 {
+        send(&lab, "alice", "bob", 31, &format!("during the flood {k}"), true).unwrap_or_else(|e| panic!("message {k} not delivered: {e}"));
+    }
+    let (ok, out, err) = finish(quic);
+    assert!(ok, "quic flood: {out}{err}");
+    println!("quic flood: {out}");
+    let (ok, out, err) = finish(udp);
+    assert!(ok, "udp flood: {out}{err}");
+    println!("udp flood: {out}");
+
+    let st = lab.status("bob");
+    let h = &st["incoming_handshakes"];
+    println!("incoming handshakes: {h}, pending {}, refused {}", st["pending_handshakes"], st["refused_handshakes"]);
+    // the sources went over their rate, and past 64 pending handshakes the rest had to
+    // prove their address first
+    assert!(h["rate_limited"].as_u64().unwrap() > 0, "{h}");
+    assert!(h["retried"].as_u64().unwrap() > 0, "{h}");
+    assert!(st["pending_handshakes"].as_u64().unwrap() <= 512, "{st}");
+    // the random datagrams were dropped and counted
+    let drops: u64 = st["drops"].as_object().unwrap().values().filter_map(Value::as_u64).sum();
+    assert!(drops > 1000, "{st}");
+    // the session with alice was never disturbed and traffic still flows
+    assert_eq!(Lab::peer(&st, "alice")["state"], "up");
+    assert_eq!(Lab::peer(&st, "alice")["sessions"].as_u64().unwrap(), sessions, "{st}");
+    lab.ok("alice", &format!("ping -c 3 -i 0.1 -W 2 {}", lab.host("bob").overlay_v4()));
+}

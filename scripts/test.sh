@@ -32,4 +32,6 @@ echo "== fuzz smoke: every parser target for 20 s (scripts/fuzz.sh)"
 scripts/fuzz.sh
 echo "== end-to-end tests in network namespaces"
 # One at a time: several overlays on two cores at once would make timings meaningless.
+# The flood generator the flood test runs (examples/flood.rs).
+cargo build --quiet --example flood
 cargo test --test netns -- --test-threads=1

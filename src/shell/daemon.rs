@@ -73,6 +73,8 @@ pub struct StatusCtx {
     pub icmp_active: bool,
     /// Datagrams on the management port that cannot be QUIC.
     pub mgmt_garbage: Arc<AtomicU64>,
+    /// Admission of incoming management handshakes.
+    pub incoming: Arc<sessions::Incoming>,
 }
 
 /// A question about the node's state, answered by the daemon's loop from the node state.
@@ -463,8 +465,16 @@ async fn run_inner(identity: &Identity, model: Model, nl: Netlink, listener: tok
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let (queries, mut query_rx) = mpsc::unbounded_channel::<Query>();
     let mgmt_errors = Arc::new(AtomicU64::new(0));
-    let ctx =
-        StatusCtx { public_key: identity.public_key(), start, refused: mgmt.refused.clone(), mgmt_errors: mgmt_errors.clone(), icmp: icmp_counters, icmp_active, mgmt_garbage: mgmt.garbage.clone() };
+    let ctx = StatusCtx {
+        public_key: identity.public_key(),
+        start,
+        refused: mgmt.refused.clone(),
+        mgmt_errors: mgmt_errors.clone(),
+        icmp: icmp_counters,
+        icmp_active,
+        mgmt_garbage: mgmt.garbage.clone(),
+        incoming: Arc::new(sessions::Incoming::new(cfg.management.admission)),
+    };
     let mut local_addrs = local_addrs;
 
     // The long-running tasks: one that ends before shutdown (or panics) stops the daemon.
@@ -486,7 +496,7 @@ async fn run_inner(identity: &Identity, model: Model, nl: Netlink, listener: tok
         sessions.set_want(engine.model(), i, want::CONFIGURED, true);
     }
     for ep in &mgmt.endpoints {
-        let accept = sessions::accept_loop(ep.clone(), peer_tx.clone(), mgmt_errors.clone());
+        let accept = sessions::accept_loop(ep.clone(), peer_tx.clone(), mgmt_errors.clone(), ctx.incoming.clone());
         tasks.spawn(async move {
             accept.await;
             "a management accept loop"
@@ -893,6 +903,7 @@ fn status(ctx: &StatusCtx, m: &Model, sessions: &mut Sessions, view: &EngineView
         })
         .collect();
     let (refused, last_key) = ctx.refused.snapshot();
+    let (incoming_handshakes, pending_handshakes) = ctx.incoming.snapshot();
     let (management_handshakes, management_handshakes_last_minute) = (sessions.handshakes.total, sessions.handshakes.last_minute(Instant::now()));
     Status {
         node: NodeStatus {
@@ -922,6 +933,8 @@ fn status(ctx: &StatusCtx, m: &Model, sessions: &mut Sessions, view: &EngineView
         late_loops: view.late,
         management_handshakes,
         management_handshakes_last_minute,
+        incoming_handshakes,
+        pending_handshakes: pending_handshakes as u64,
         icmp: crate::ctl::IcmpStatus {
             active: ctx.icmp_active,
             rerouted: ctx.icmp.rerouted.load(Relaxed),

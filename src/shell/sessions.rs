@@ -17,7 +17,7 @@
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -27,6 +27,7 @@ use crate::config::Endpoint;
 use crate::dataplane::DataCommand;
 use crate::identity::NodeId;
 use crate::node::model::Model;
+use crate::overlay::admission::{Admission, AdmissionConfig, AdmissionCounters, Admit, Refusal};
 use crate::overlay::session::{Heard, PeerSession, SessionTimers, Silence, Verdict};
 use crate::shell::datapath::{open_tun, DataPath};
 use crate::shell::quic::{self, Management};
@@ -621,18 +622,76 @@ fn new_slot(m: &Model, i: usize) -> Slot {
 }
 
 /// Accepts management connections and hands them to the loop.
-pub async fn accept_loop(ep: quinn::Endpoint, events: mpsc::UnboundedSender<PeerEvent>, errors: Arc<AtomicU64>) {
+/// Incoming management handshakes: the admission state shared by the accept loops of all
+/// management sockets, and the handshakes in progress.
+#[derive(Debug)]
+pub struct Incoming {
+    admission: std::sync::Mutex<Admission>,
+    pending: AtomicUsize,
+}
+
+impl Incoming {
+    /// Admission with the configured limits.
+    pub fn new(cfg: AdmissionConfig) -> Incoming {
+        Incoming { admission: std::sync::Mutex::new(Admission::new(cfg)), pending: AtomicUsize::new(0) }
+    }
+
+    /// (counters, handshakes in progress).
+    pub fn snapshot(&self) -> (AdmissionCounters, usize) {
+        (self.admission.lock().map(|a| a.counters()).unwrap_or_default(), self.pending.load(Relaxed))
+    }
+}
+
+/// Counts a handshake in progress until dropped.
+struct PendingGuard(Arc<Incoming>);
+
+impl Drop for PendingGuard {
+    fn drop(&mut self) {
+        self.0.pending.fetch_sub(1, Relaxed);
+    }
+}
+
+/// Accepts management connections on `ep`: each attempt goes through admission
+/// ([`crate::overlay::admission`]: dropped, answered with a QUIC Retry, or let through),
+/// and a handshake let through has [`quic::HANDSHAKE_TIMEOUT`] to complete.
+pub async fn accept_loop(ep: quinn::Endpoint, events: mpsc::UnboundedSender<PeerEvent>, errors: Arc<AtomicU64>, incoming: Arc<Incoming>) {
     while let Some(inc) = ep.accept().await {
+        let remote = inc.remote_address();
+        let pending = incoming.pending.load(Relaxed);
+        let verdict = match incoming.admission.lock() {
+            Ok(mut a) => a.admit(Instant::now(), remote.ip(), inc.remote_address_validated(), pending),
+            Err(_) => Admit::Refuse(Refusal::PendingFull),
+        };
+        match verdict {
+            Admit::Accept => {}
+            Admit::Retry => {
+                if let Err(e) = inc.retry() {
+                    e.into_incoming().ignore();
+                }
+                continue;
+            }
+            Admit::Refuse(why) => {
+                tracing::trace!("management handshake from {remote} dropped: {why:?}");
+                inc.ignore();
+                continue;
+            }
+        }
+        incoming.pending.fetch_add(1, Relaxed);
+        let guard = PendingGuard(incoming.clone());
         let (events, errors) = (events.clone(), errors.clone());
         tokio::spawn(async move {
-            let remote = inc.remote_address();
-            match inc.await {
-                Ok(conn) => {
+            let _guard = guard;
+            match tokio::time::timeout(quic::HANDSHAKE_TIMEOUT, inc).await {
+                Ok(Ok(conn)) => {
                     let _ = events.send(PeerEvent::Incoming(conn));
                 }
-                Err(e) => {
+                Ok(Err(e)) => {
                     errors.fetch_add(1, Relaxed);
                     tracing::debug!("management handshake from {remote} failed: {e}");
+                }
+                Err(_) => {
+                    errors.fetch_add(1, Relaxed);
+                    tracing::debug!("management handshake from {remote} timed out");
                 }
             }
         });

@@ -219,6 +219,8 @@ pub struct ManagementConfig {
     /// On-demand sessions (not configured, not a neighbour) close after this long without
     /// forwarding traffic.
     pub idle_timeout: Duration,
+    /// Limits on management handshakes under flood (`handshake_*`).
+    pub admission: crate::overlay::admission::AdmissionConfig,
 }
 
 impl Default for ManagementConfig {
@@ -233,6 +235,7 @@ impl Default for ManagementConfig {
             qdisc_interface: None,
             qdisc_rate: 0,
             idle_timeout: Duration::from_secs(60),
+            admission: crate::overlay::admission::AdmissionConfig::default(),
         }
     }
 }
@@ -449,6 +452,10 @@ struct RawManagement {
     qdisc_interface: Option<String>,
     qdisc_rate: Option<String>,
     idle_timeout_s: Option<u64>,
+    handshake_max_pending: Option<usize>,
+    handshake_retry_above: Option<usize>,
+    handshake_rate: Option<u32>,
+    handshake_burst: Option<u32>,
 }
 
 #[derive(Deserialize, Debug, Default)]
@@ -1157,7 +1164,25 @@ fn validate_management(m: RawManagement, data_port: u16, errs: &mut Errors) -> M
     if !(5..=86_400).contains(&idle) {
         errs.push("management.idle_timeout_s", format!("expected 5..86400 seconds, got {idle}"));
     }
+    let da = d.admission;
+    let max_pending = m.handshake_max_pending.unwrap_or(da.max_pending);
+    if !(1..=65_536).contains(&max_pending) {
+        errs.push("management.handshake_max_pending", format!("expected 1..65536 handshakes in progress, got {max_pending}"));
+    }
+    let retry_above = m.handshake_retry_above.unwrap_or(da.retry_above.min(max_pending));
+    if retry_above > max_pending {
+        errs.push("management.handshake_retry_above", format!("expected at most handshake_max_pending ({max_pending}), got {retry_above}"));
+    }
+    let hs_rate = m.handshake_rate.unwrap_or(da.rate);
+    if !(1..=100_000).contains(&hs_rate) {
+        errs.push("management.handshake_rate", format!("expected 1..100000 handshakes per second per source, got {hs_rate}"));
+    }
+    let hs_burst = m.handshake_burst.unwrap_or(da.burst);
+    if !(1..=100_000).contains(&hs_burst) {
+        errs.push("management.handshake_burst", format!("expected 1..100000 handshakes, got {hs_burst}"));
+    }
     ManagementConfig {
+        admission: crate::overlay::admission::AdmissionConfig { max_pending, retry_above, rate: hs_rate, burst: hs_burst },
         max_neighbours: max_neighbours.clamp(1, 64),
         min_neighbours: min_neighbours.clamp(1, max_neighbours.clamp(1, 64)),
         target_delivery,

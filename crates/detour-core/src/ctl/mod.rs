@@ -75,6 +75,14 @@ pub struct Status {
     /// Management handshakes completed since start (sessions set up, both directions).
     #[serde(default)]
     pub management_handshakes: u64,
+    /// Incoming management handshake attempts by what admission made of them
+    /// ([`crate::overlay::admission`]): accepted, answered with a Retry, dropped for the
+    /// source's rate or for too many in progress.
+    #[serde(default)]
+    pub incoming_handshakes: crate::overlay::admission::AdmissionCounters,
+    /// Incoming management handshakes in progress now.
+    #[serde(default)]
+    pub pending_handshakes: u64,
     /// Management handshakes completed in the last minute: an idle overlay sets up
     /// sessions only when neighbours or links change.
     #[serde(default)]
@@ -456,6 +464,14 @@ pub fn render_status(s: &Status) -> String {
         let _ = writeln!(o, "  socket buffer drops: {}", drops(&s.socket_drops));
     }
     let _ = writeln!(o, "  management handshakes: {} ({} in the last minute)", s.management_handshakes, s.management_handshakes_last_minute);
+    let h = &s.incoming_handshakes;
+    if h.retried + h.rate_limited + h.pending_full > 0 || s.pending_handshakes > 0 {
+        let _ = writeln!(
+            o,
+            "  incoming handshakes: {} accepted, {} retried, {} rate-limited, {} dropped at the pending cap, {} in progress",
+            h.accepted, h.retried, h.rate_limited, h.pending_full, s.pending_handshakes
+        );
+    }
     if s.late_loops > 0 {
         let _ = writeln!(o, "  late: {} times (probe loss not judged meanwhile)", s.late_loops);
     }
@@ -619,6 +635,13 @@ pub fn render_metrics(status: &Status, paths: &[PeerPaths]) -> String {
     }
     family(&mut o, "management_handshakes_total", "counter", "Management sessions set up (QUIC handshakes completed, both directions).");
     let _ = writeln!(o, "detour_management_handshakes_total {}", status.management_handshakes);
+    family(&mut o, "management_handshake_attempts_total", "counter", "Incoming management handshake attempts by outcome (admission under flood; unknown_key: refused in TLS).");
+    let h = &status.incoming_handshakes;
+    for (outcome, n) in [("accepted", h.accepted), ("retried", h.retried), ("rate_limited", h.rate_limited), ("pending_full", h.pending_full), ("unknown_key", status.refused_handshakes)] {
+        let _ = writeln!(o, "detour_management_handshake_attempts_total{{outcome=\"{outcome}\"}} {n}");
+    }
+    family(&mut o, "management_handshakes_pending", "gauge", "Incoming management handshakes in progress.");
+    let _ = writeln!(o, "detour_management_handshakes_pending {}", status.pending_handshakes);
     family(&mut o, "late_loops_total", "counter", "Times the failover engine ran late (probe loss not judged for a moment).");
     let _ = writeln!(o, "detour_late_loops_total {}", status.late_loops);
     family(&mut o, "peer_up", "gauge", "1 while the session with the peer is up.");

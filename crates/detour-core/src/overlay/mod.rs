@@ -32,6 +32,7 @@
 //!   are searched in the directory itself when a message is sent.
 //! * **Delivery.** [`crate::overlay::mroute::Router`] on the topology the records describe.
 
+pub mod admission;
 pub mod api;
 pub mod api_server;
 pub mod directory;
