@@ -27,6 +27,14 @@
 #               delivery between live pairs (scripts/scale.py); then the management overlay
 #               of 1,000 and 10,000 nodes in simulation (the sans-IO core with a simulated
 #               clock and underlay: `cargo run --release --example scale_sim`).
+#   flood       two nodes exchange acknowledged management messages (BENCH_MESSAGES, default
+#               300, 20 ms apart) while a TCP transfer runs through the overlay, first idle,
+#               then while a third namespace floods one of them: QUIC connection attempts at
+#               the management port (BENCH_FLOOD_RATE per second, default 3000, from 200
+#               source addresses; examples/flood.rs) and random datagrams at the data port
+#               as fast as one core sends them. Delivery ratio and p99 of the messages, TCP
+#               throughput with the flood over without, the flooded detourd's peak RSS, and
+#               its admission counters.
 #
 # BENCH_SECONDS (default 10) sets the length of each iperf3 run; BENCH_KEEP_LOGS=DIR keeps
 # the daemons' logs of the scale runs in DIR/N/. Run as root.
@@ -34,14 +42,14 @@ set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 
 usage() {
-  echo "usage: $0 forwarding|failover|management|replex|scale" >&2
+  echo "usage: $0 forwarding|failover|management|replex|scale|flood" >&2
   exit 2
 }
 [ $# -eq 1 ] || usage
 NAME=$1
 SECS=${BENCH_SECONDS:-10}
 case "$NAME" in
-  forwarding | failover | management | replex | scale) ;;
+  forwarding | failover | management | replex | scale | flood) ;;
   *) usage ;;
 esac
 TRIALS=${BENCH_TRIALS:-10}
@@ -582,11 +590,107 @@ print(json.dumps(r))
 EOF
 }
 
+bench_flood() {
+  (cd "$DETOUR_ROOT" && cargo build --release --quiet --example flood)
+  local FLOOD="$DETOUR_ROOT/target/release/examples/flood" RATE=${BENCH_FLOOD_RATE:-3000} N=${BENCH_MESSAGES:-300}
+  topo_create "$P" 3
+  "$BIN/detourctl" genkey "$DIR/alice.key" >/dev/null 2>&1
+  "$BIN/detourctl" genkey "$DIR/bob.key" >/dev/null 2>&1
+  write_config "$DIR" alice 1 bob:2
+  write_config "$DIR" bob 2 alice:1
+  start_daemon "${P}h1" "$DIR" alice
+  start_daemon "${P}h2" "$DIR" bob
+  wait_up "${P}h1" "$DIR" alice 1
+  wait_up "${P}h2" "$DIR" bob 1
+  local A="${P}h1" B="${P}h2" M="${P}h3" i srcs=()
+  for i in $(seq 10 209); do
+    ip -n "$M" addr add "10.0.3.$i/24" dev eth0
+    srcs+=("10.0.3.$i")
+  done
+  local bob_pid
+  bob_pid=$(pgrep -f "detourd -c $DIR/bob.toml")
+  ip netns exec "$B" iperf3 -s -D >/dev/null
+  sleep 1
+  # phase NAME: the TCP transfer through the overlay and the messages at once
+  phase() {
+    ip netns exec "$A" iperf3 -c 10.77.0.2 -t "$SECS" -J >"$DIR/$1.iperf" &
+    local ip=$!
+    sleep 1
+    ip netns exec "$A" python3 "$PROBE" 7722 bob "$N" 0.02 >"$DIR/$1.probe"
+    wait "$ip" || true
+  }
+  echo "idle: TCP through the overlay and $N management messages..." >&2
+  local rss0
+  rss0=$(awk '/VmRSS/ {print $2}' "/proc/$bob_pid/status")
+  phase idle
+  echo "flood: $RATE QUIC attempts/s from ${#srcs[@]} addresses and random datagrams at bob..." >&2
+  ip netns exec "$M" "$FLOOD" quic 10.0.2.2:7721 "$RATE" $((SECS + 6)) "${srcs[@]}" >"$DIR/quic.out" &
+  local fq=$!
+  ip netns exec "$M" "$FLOOD" udp 10.0.2.2:7720 $((SECS + 6)) >"$DIR/udp.out" &
+  local fu=$!
+  # bob's peak RSS while flooded
+  (
+    peak=0
+    while kill -0 "$fq" 2>/dev/null; do
+      r=$(awk '/VmRSS/ {print $2}' "/proc/$bob_pid/status")
+      [ "$r" -gt "$peak" ] && peak=$r
+      echo "$peak" >"$DIR/rss.peak"
+      sleep 0.5
+    done
+  ) &
+  local watcher=$!
+  sleep 2
+  phase flood
+  wait "$fq" "$fu" || true
+  wait "$watcher" || true
+  ip netns exec "$B" "$BIN/detourctl" status --json -s "$DIR/bob.sock" >"$DIR/bob.status"
+  kill -TERM "$(pgrep -f "detourd -c $DIR/alice.toml")" "$bob_pid" 2>/dev/null || true
+  sleep 1
+  python3 - "$DIR" "$rss0" <<'EOF'
+import json, sys
+d, rss0 = sys.argv[1], int(sys.argv[2])
+def load(name):
+    with open(f"{d}/{name}") as f:
+        return json.load(f)
+def p(v, q):
+    v = sorted(v)
+    return round(v[min(len(v) - 1, int(round(q * (len(v) - 1))))], 3) if v else None
+idle_tcp = load("idle.iperf")["end"]["sum_received"]["bits_per_second"]
+flood_tcp = load("flood.iperf")["end"]["sum_received"]["bits_per_second"]
+idle, flood = load("idle.probe"), load("flood.probe")
+quic, udp, st = load("quic.out"), load("udp.out"), load("bob.status")
+peak = int(open(f"{d}/rss.peak").read().strip() or 0)
+r = {
+    "bench": "flood",
+    "flood_quic_attempts_per_s": quic["rate"],
+    "flood_udp_datagrams_per_s": udp["rate"],
+    "messages_per_phase": flood["sent"],
+    "idle_mgmt_delivery_ratio": round(idle["delivered"] / idle["sent"], 4),
+    "idle_mgmt_p99_ms": p(idle["latencies_ms"], 0.99),
+    "flood_mgmt_delivery_ratio": round(flood["delivered"] / flood["sent"], 4),
+    "flood_mgmt_p50_ms": p(flood["latencies_ms"], 0.5),
+    "flood_mgmt_p99_ms": p(flood["latencies_ms"], 0.99),
+    "idle_tcp_mbit_s": round(idle_tcp / 1e6, 1),
+    "flood_tcp_mbit_s": round(flood_tcp / 1e6, 1),
+    "flood_tcp_ratio": round(flood_tcp / idle_tcp, 3),
+    "idle_detourd_rss_mb": round(rss0 / 1024, 1),
+    "flood_detourd_rss_mb": round(peak / 1024, 1),
+    "incoming_handshakes": st["incoming_handshakes"],
+    "pending_handshakes_at_end": st["pending_handshakes"],
+    "refused_handshakes": st["refused_handshakes"],
+    "data_port_drops": sum(st["drops"].values()),
+    "socket_drops": st["socket_drops"],
+}
+print(json.dumps(r))
+EOF
+}
+
 case "$NAME" in
   forwarding) bench_forwarding ;;
   failover) bench_failover ;;
   management) bench_management ;;
   replex) bench_replex ;;
   scale) bench_scale ;;
+  flood) bench_flood ;;
 esac
 

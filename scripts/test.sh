@@ -31,7 +31,9 @@ cargo test --example scale_sim
 echo "== fuzz smoke: every parser target for 20 s (scripts/fuzz.sh)"
 scripts/fuzz.sh
 echo "== end-to-end tests in network namespaces"
-# One at a time: several overlays on two cores at once would make timings meaningless.
 # The flood generator the flood test runs (examples/flood.rs).
 cargo build --quiet --example flood
+# One at a time: several overlays on two cores at once would make timings meaningless.
 cargo test --test netns -- --test-threads=1
+echo "== chaos soak, 2 minutes (scripts/soak.sh; the debug build)"
+DETOUR_NO_BUILD=1 BIN="$PWD/target/debug" scripts/soak.sh 2
