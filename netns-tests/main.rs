@@ -11,7 +11,7 @@ mod seeds;
 
 use std::time::{Duration, Instant};
 
-use lab::{bin, Lab};
+use lab::{bin, host_sh, Lab};
 
 const UP: Duration = Duration::from_secs(15);
 
@@ -238,6 +238,17 @@ fn corrupted_replayed_and_forged_packets_are_dropped_and_counted() {
     for socket in ["data", "management", "api"] {
         assert!(st["socket_drops"][socket].is_u64(), "no socket drop count for {socket}: {st}");
     }
+    // API datagrams lost to a full socket buffer are counted: bob's detourd is stopped
+    // (SIGSTOP) while a program sends it 20,000 datagrams, more than the buffer holds
+    let api_drops = st["socket_drops"]["api"].as_u64().unwrap();
+    let bob_cfg = lab.host("bob").config.display().to_string();
+    host_sh(&format!("pkill -STOP -f 'detourd -c {bob_cfg}'"));
+    let sent = lab.sh(&lab.host("bob").ns.clone(), "python3 -c 'import socket; s=socket.socket(socket.AF_INET,socket.SOCK_DGRAM); [s.sendto(b\"\\xd7\\x01\\x09junk\",(\"127.0.0.1\",7722)) for _ in range(20000)]'");
+    host_sh(&format!("pkill -CONT -f 'detourd -c {bob_cfg}'"));
+    assert!(sent.ok, "{}", sent.stderr);
+    std::thread::sleep(Duration::from_millis(500));
+    let st = lab.status("bob");
+    assert!(st["socket_drops"]["api"].as_u64().unwrap() > api_drops, "no API socket drops counted: {}", st["socket_drops"]);
 
     // the tunnel keeps working and the session was not disturbed
     ping(&lab, "alice", &lab.host("bob").overlay_v4());
