@@ -212,6 +212,41 @@ fn traffic_returns_after_the_hold_down_and_twenty_percent_loss_does_not_flap() {
 }
 
 #[test]
+fn a_flapping_direct_path_is_damped() {
+    let lab = mesh(&["alice", "bob", "carol"]);
+    let bob = lab.host("bob").underlay_v4();
+    // traffic keeps the peer probed at the fast rate while the path flaps
+    let mut echo = spawn(&lab, "bob", &["python3", STREAM, "server", "9200"]);
+    std::thread::sleep(Duration::from_millis(300));
+    let stream = spawn(&lab, "alice", &["python3", STREAM, "client", &bob, "9200", "34"]);
+    std::thread::sleep(Duration::from_secs(1));
+    let before = route(&lab, "alice", "bob")["route_changes"].as_u64().unwrap();
+    // cut for 1.5 s, healed for 4.5 s (longer than the base hold-down of 3 s), 5 times:
+    // undamped, traffic would leave and come back every time (10 route changes)
+    let cycles = 5;
+    for _ in 0..cycles {
+        cut(&lab, "alice", "bob", true);
+        std::thread::sleep(Duration::from_millis(1500));
+        router(&lab, "iptables -F FORWARD");
+        std::thread::sleep(Duration::from_millis(4500));
+    }
+    let r = route(&lab, "alice", "bob");
+    let changes = r["route_changes"].as_u64().unwrap() - before;
+    println!("{cycles} flaps: {changes} route changes, {} failures counted, penalty {}, hold-down {} ms", r["flaps"], r["flap_penalty"], r["hold_down_ms"]);
+    assert!(r["flaps"].as_u64().unwrap() >= cycles - 1, "{r}");
+    assert!(changes <= 4, "the route followed the flapping path: {changes} changes\n{r}");
+    assert!(r["hold_down_ms"].as_u64().unwrap() > 3000, "{r}");
+    assert_eq!(r["protected"], true, "traffic went back to the flapping path: {r}");
+    let text = lab.ok("alice", &format!("{} status -s {}", bin("detourctl"), lab.host("alice").socket.display()));
+    assert!(text.contains("flapping:"), "{text}");
+    let (_, s) = finish(stream);
+    let _ = echo.kill();
+    let _ = echo.wait();
+    let s: Value = serde_json::from_str(s.trim()).unwrap();
+    assert!(s["received"].as_u64().unwrap() as f64 > 0.8 * s["sent"].as_u64().unwrap() as f64, "{s}");
+}
+
+#[test]
 fn stopping_the_relay_in_use_moves_traffic_to_another_relay() {
     let mut lab = mesh(&["alice", "bob", "carol", "dave"]);
     let bob = lab.host("bob").underlay_v4();

@@ -243,7 +243,10 @@ fn corrupted_replayed_and_forged_packets_are_dropped_and_counted() {
     let api_drops = st["socket_drops"]["api"].as_u64().unwrap();
     let bob_cfg = lab.host("bob").config.display().to_string();
     host_sh(&format!("pkill -STOP -f 'detourd -c {bob_cfg}'"));
-    let sent = lab.sh(&lab.host("bob").ns.clone(), "python3 -c 'import socket; s=socket.socket(socket.AF_INET,socket.SOCK_DGRAM); [s.sendto(b\"\\xd7\\x01\\x09junk\",(\"127.0.0.1\",7722)) for _ in range(20000)]'");
+    let sent = lab.sh(
+        &lab.host("bob").ns.clone(),
+        "python3 -c 'import socket; s=socket.socket(socket.AF_INET,socket.SOCK_DGRAM); [s.sendto(b\"\\xd7\\x01\\x09junk\",(\"127.0.0.1\",7722)) for _ in range(20000)]'",
+    );
     host_sh(&format!("pkill -CONT -f 'detourd -c {bob_cfg}'"));
     assert!(sent.ok, "{}", sent.stderr);
     std::thread::sleep(Duration::from_millis(500));

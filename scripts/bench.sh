@@ -7,7 +7,9 @@
 #   failover    time from a failure of the direct path to traffic flowing again through a
 #               relay, measured by a 10 ms probe stream, for silent failures and for
 #               ICMP-signalled ones (BENCH_TRIALS each, default 10); the probe overhead per
-#               peer; healthy-path TCP throughput with and without detourd running.
+#               peer; healthy-path TCP throughput with and without detourd running; route
+#               switches in a minute of a path that fails for 1 s every 6 s, without flap
+#               damping (hold-down capped at 3 s) and with it.
 #   management  delivery ratio and latency (send to end-to-end acknowledgement) of
 #               management messages between two hosts, idle and while the forwarding
 #               overlay between them is saturated through a tbf bottleneck (with detourd's
@@ -149,7 +151,11 @@ peer_field() {
 }
 
 bench_failover() {
+  # Trials repeat the same cut: flap damping would rightly keep traffic off a path that
+  # fails every few seconds, so it is capped at the base hold-down here.
+  EXTRA_CONFIG=$'[failover]\nmax_hold_down_ms = 3000'
   mesh_start alice bob carol
+  EXTRA_CONFIG=""
   local A="${P}h1" B="${P}h2" R="${P}r" UA=10.0.1.2 UB=10.0.2.2
   ip netns exec "$B" python3 "$STREAM" server 9200 &
   local echo_pid=$!
@@ -224,9 +230,48 @@ bench_failover() {
   echo "healthy path, detourd stopped..." >&2
   read -r without2 _ < <(iperf "$A" "$UB" 1)
 
-  python3 - "$probe_bps" "$with1" "$without1" "$with2" "$without2" "${silent[*]}" "${icmp[*]}" <<'EOF'
+  # Flapping: the direct path cut for 1 s and healed for 5 s, 10 times (a minute), while a
+  # probe stream runs; route changes of alice towards bob, with the hold-down capped at its
+  # base (no damping) and then with the default damping, same minute apart.
+  flap_phase() {
+    local c0 c1 f1 k
+    start_daemon "${P}h1" "$DIR" alice
+    start_daemon "${P}h2" "$DIR" bob
+    start_daemon "${P}h3" "$DIR" carol
+    wait_up "${P}h1" "$DIR" alice 2
+    wait_direct
+    ip netns exec "$B" python3 "$STREAM" server 9201 &
+    local ep=$!
+    sleep 0.5
+    ip netns exec "$A" python3 "$STREAM" client "$UB" 9201 64 >/dev/null &
+    local sp=$!
+    sleep 2
+    c0=$(peer_field "$A" alice bob route_changes)
+    for k in $(seq 1 10); do
+      ip netns exec "$R" iptables -I FORWARD -s "$UA" -d "$UB" -j DROP
+      ip netns exec "$R" iptables -I FORWARD -s "$UB" -d "$UA" -j DROP
+      sleep 1
+      ip netns exec "$R" iptables -F FORWARD
+      sleep 5
+    done
+    c1=$(peer_field "$A" alice bob route_changes)
+    f1=$(peer_field "$A" alice bob flaps)
+    kill "$sp" "$ep" 2>/dev/null || true
+    kill -TERM $(pgrep -f "detourd -c $DIR") 2>/dev/null || true
+    sleep 1
+    echo "$((c1 - c0)) $f1"
+  }
+  echo "flapping path, hold-down capped at 3 s (no damping)..." >&2
+  local flap_undamped flap_damped
+  flap_undamped=$(flap_phase)
+  sed -i -e '/^\[failover\]$/d' -e '/^max_hold_down_ms = 3000$/d' "$DIR"/alice.toml "$DIR"/bob.toml "$DIR"/carol.toml
+  echo "flapping path, damped (defaults)..." >&2
+  flap_damped=$(flap_phase)
+
+  python3 - "$probe_bps" "$with1" "$without1" "$with2" "$without2" "${silent[*]}" "${icmp[*]}" "$flap_undamped" "$flap_damped" <<'EOF'
 import json, statistics, sys
 probe = int(sys.argv[1])
+(und_changes, und_flaps), (dam_changes, dam_flaps) = (map(int, x.split()) for x in sys.argv[8:10])
 w1, o1, w2, o2 = (float(x) for x in sys.argv[2:6])
 silent = [float(x) for x in sys.argv[6].split()]
 icmp = [float(x) for x in sys.argv[7].split()]
@@ -246,6 +291,10 @@ r = {
     "healthy_gbps_with_detourd": [round(w1 / 1e9, 3), round(w2 / 1e9, 3)],
     "healthy_gbps_without_detourd": [round(o1 / 1e9, 3), round(o2 / 1e9, 3)],
     "healthy_throughput_ratio": round((w1 + w2) / (o1 + o2), 4),
+    "flap_cycles_per_min": 10,
+    "flap_failures_counted": dam_flaps,
+    "flap_switches_per_min": dam_changes,
+    "flap_switches_per_min_undamped": und_changes,
 }
 for k, v in r.items():
     print(f"{k:32} {v}", file=sys.stderr)

@@ -87,6 +87,7 @@ topo_destroy() {
 
 # write_config DIR NAME INDEX PEERS... ; PEERS are "name:index" of the other hosts.
 # Keys must exist as DIR/<name>.key. Peers are reached on their IPv4 underlay address.
+# $EXTRA_CONFIG (TOML sections) is appended to every config.
 write_config() {
   local dir=$1 name=$2 i=$3
   shift 3
@@ -99,6 +100,7 @@ overlay_ipv6 = "fd77::$i/64"
 prefixes = ["10.$((100 + i)).0.0/24", "fd10:$i::/64"]
 control_socket = "$dir/$name.sock"
 EOF
+  printf '%s\n' "${EXTRA_CONFIG:-}" >> "$dir/$name.toml"
   local peer pname pi
   for peer in "$@"; do
     pname=${peer%%:*}

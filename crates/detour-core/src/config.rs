@@ -255,8 +255,13 @@ pub struct FailoverSettings {
     pub traffic_hold: Duration,
     /// A path is down when no probe sent this long ago arrived.
     pub down_after: Duration,
-    /// A repaired direct path must be healthy this long before traffic returns to it.
+    /// A repaired direct path must be healthy this long before traffic returns to it
+    /// (doubled per recent failure, see [`crate::path::failover::FlapDamping`]).
     pub hold_down: Duration,
+    /// Ceiling of the damped hold-down.
+    pub max_hold_down: Duration,
+    /// Half-life of a path's flap penalty.
+    pub flap_half_life: Duration,
     /// Smoothed loss above which a path counts as degraded (0..1).
     pub degraded_loss: f64,
     /// Smoothed loss below which a degraded path is healthy again (0..1).
@@ -467,6 +472,8 @@ struct RawFailover {
     traffic_hold_ms: Option<u64>,
     down_after_ms: Option<u64>,
     hold_down_ms: Option<u64>,
+    max_hold_down_ms: Option<u64>,
+    flap_half_life_s: Option<u64>,
     degraded_loss: Option<f64>,
     recover_loss: Option<f64>,
     relay_candidates: Option<usize>,
@@ -1213,7 +1220,15 @@ fn validate_failover(f: RawFailover, errs: &mut Errors) -> FailoverSettings {
     let traffic_hold = ms("traffic_hold_ms", f.traffic_hold_ms, d.traffic_hold, 0, 3_600_000);
     let down_after = ms("down_after_ms", f.down_after_ms, d.down_after, 50, 60_000);
     let hold_down = ms("hold_down_ms", f.hold_down_ms, d.hold_down, 0, 600_000);
+    let max_hold_down = ms("max_hold_down_ms", f.max_hold_down_ms, d.max_hold_down.max(hold_down), 0, 3_600_000);
     let tcp_poll = ms("tcp_poll_ms", f.tcp_poll_ms, Duration::from_millis(250), 50, 60_000);
+    if max_hold_down < hold_down {
+        errs.push("failover.max_hold_down_ms", format!("expected at least hold_down_ms ({} ms), got {}", hold_down.as_millis(), max_hold_down.as_millis()));
+    }
+    let half_life = f.flap_half_life_s.unwrap_or(d.flap_half_life.as_secs());
+    if !(1..=86_400).contains(&half_life) {
+        errs.push("failover.flap_half_life_s", format!("expected 1..86400 seconds, got {half_life}"));
+    }
     if down_after < probe_interval * 3 {
         errs.push("failover.down_after_ms", format!("expected at least 3 probe intervals ({} ms)", (probe_interval * 3).as_millis()));
     }
@@ -1246,6 +1261,8 @@ fn validate_failover(f: RawFailover, errs: &mut Errors) -> FailoverSettings {
         traffic_hold,
         down_after,
         hold_down,
+        max_hold_down: max_hold_down.max(hold_down),
+        flap_half_life: Duration::from_secs(half_life.clamp(1, 86_400)),
         degraded_loss,
         recover_loss,
         relay_candidates: relay_candidates.min(16),
@@ -1264,6 +1281,8 @@ impl FailoverSettings {
             standby_interval: self.standby_probe_interval,
             down_after: self.down_after,
             hold_down: self.hold_down,
+            max_hold_down: self.max_hold_down,
+            flap_half_life: self.flap_half_life,
             degraded_loss: self.degraded_loss,
             recover_loss: self.recover_loss,
             relay_candidates: self.relay_candidates,

@@ -330,6 +330,16 @@ pub struct PeerStatus {
     pub protected: bool,
     /// Route changes since start.
     pub route_changes: u64,
+    /// Failures of the direct path since start (flap damping, `failover::FlapDamping`).
+    #[serde(default)]
+    pub flaps: u64,
+    /// The direct path's flap penalty now (halves every `flap_half_life_s`).
+    #[serde(default)]
+    pub flap_penalty: f64,
+    /// The hold-down that applies now, in milliseconds: `hold_down_ms` doubled per unit of
+    /// penalty above 1, at most `max_hold_down_ms`.
+    #[serde(default)]
+    pub hold_down_ms: u64,
     /// Whether traffic to the peer flows (its paths are probed at the fast rate) or the
     /// peer is idle (probed every `idle_probe_interval_ms`).
     #[serde(default)]
@@ -528,6 +538,9 @@ pub fn render_status(s: &Status) -> String {
         let since = p.path_since_s.map(|s| format!(" since {}", ago(Some(s)))).unwrap_or_default();
         let protected = if p.protected { "; protected destinations through the overlay" } else { "" };
         let _ = writeln!(o, "  path: {}{why}{since}{protected}", p.path);
+        if p.flap_penalty >= 1.0 {
+            let _ = writeln!(o, "  flapping: {} failures, penalty {:.1}, hold-down {:.0} s", p.flaps, p.flap_penalty, p.hold_down_ms as f64 / 1000.0);
+        }
         let _ = writeln!(o, "  probing: {}", if p.traffic { "fast (traffic flows)" } else { "idle" });
         let _ = writeln!(o, "  latest handshake: {}", ago(p.last_handshake_s));
         match p.rtt_ms {
@@ -656,6 +669,14 @@ pub fn render_metrics(status: &Status, paths: &[PeerPaths]) -> String {
     for p in &status.peers {
         let _ = writeln!(o, "detour_peer_traffic{{peer=\"{}\"}} {}", label(&p.name), u8::from(p.traffic));
     }
+    family(&mut o, "peer_flap_penalty", "gauge", "Flap penalty of the direct path to the peer (halves every flap_half_life_s).");
+    for p in &status.peers {
+        let _ = writeln!(o, "detour_peer_flap_penalty{{peer=\"{}\"}} {}", label(&p.name), p.flap_penalty);
+    }
+    family(&mut o, "peer_hold_down_seconds", "gauge", "Hold-down before traffic returns to the direct path (damped).");
+    for p in &status.peers {
+        let _ = writeln!(o, "detour_peer_hold_down_seconds{{peer=\"{}\"}} {}", label(&p.name), p.hold_down_ms as f64 / 1000.0);
+    }
     family(&mut o, "peer_rtt_seconds", "gauge", "Smoothed RTT of the path in use to the peer.");
     for p in &status.peers {
         if let Some(r) = p.rtt_ms {
@@ -668,6 +689,7 @@ pub fn render_metrics(status: &Status, paths: &[PeerPaths]) -> String {
         ("peer_receive_packets_total", "Packets received from the peer through the overlay.", |p: &PeerStatus| p.rx_packets),
         ("peer_transmit_packets_total", "Packets sent to the peer through the overlay.", |p: &PeerStatus| p.tx_packets),
         ("peer_route_changes_total", "Changes of the path in use to the peer.", |p: &PeerStatus| p.route_changes),
+        ("peer_flaps_total", "Failures of the direct path to the peer (flap damping).", |p: &PeerStatus| p.flaps),
     ] {
         family(&mut o, name, "counter", what);
         for p in &status.peers {

@@ -162,6 +162,12 @@ pub struct RouteStatus {
     pub protected: bool,
     /// Route changes so far.
     pub changes: u64,
+    /// Failures of the direct path so far (flap damping).
+    pub flaps: u64,
+    /// The direct path's flap penalty now.
+    pub flap_penalty: f64,
+    /// The hold-down that applies now (damped).
+    pub hold_down: Duration,
     /// Traffic flows to the peer: its paths are probed at the fast rate.
     pub traffic: bool,
     /// Every monitored path.
@@ -759,6 +765,9 @@ impl NodeState {
                     since: r.since,
                     protected: r.protect,
                     changes: self.core.route_changes(i),
+                    flaps: self.core.damping(i, now).0,
+                    flap_penalty: self.core.damping(i, now).1,
+                    hold_down: self.core.damping(i, now).2,
                     traffic: self.core.is_active(now, i),
                     paths,
                     shares,

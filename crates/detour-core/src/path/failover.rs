@@ -92,6 +92,10 @@ pub struct FailoverConfig {
     pub idle_interval: Duration,
     /// How long a peer counts as carrying traffic after the last sign of it.
     pub traffic_hold: Duration,
+    /// Ceiling of the damped hold-down ([`FlapDamping`]).
+    pub max_hold_down: Duration,
+    /// Half-life of a peer's flap penalty ([`FlapDamping`]).
+    pub flap_half_life: Duration,
 }
 
 impl Default for FailoverConfig {
@@ -110,6 +114,8 @@ impl Default for FailoverConfig {
             loss_penalty: Duration::from_millis(500),
             idle_interval: Duration::from_secs(1),
             traffic_hold: Duration::from_secs(10),
+            max_hold_down: Duration::from_secs(60),
+            flap_half_life: Duration::from_secs(60),
         }
     }
 }
@@ -517,6 +523,54 @@ pub struct Route {
     pub since: Instant,
 }
 
+/// Flap damping of a peer's direct path (after BGP route flap damping, RFC 2439, and
+/// BFD's advice to dampen flapping sessions, RFC 5882 §3.2): each failure of the direct
+/// path (up or degraded to down, whatever told: probes, ICMP, a TCP stall) adds 1 to a
+/// penalty that halves every `flap_half_life` (default 60 s). Traffic returns to the
+/// direct path only after it has been up for
+///
+/// `hold_down × 2^(penalty − 1)`, at most `max_hold_down`,
+///
+/// so the first failure keeps today's hold-down (3 s), and a path that fails again soon
+/// after waits 6, 12, 24, 48 and then 60 s (the defaults). The penalty stops growing one
+/// step past the ceiling, so a path that stops flapping is trusted at the base hold-down
+/// again a few half-lives later.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct FlapDamping {
+    /// Failures of the direct path since start.
+    pub flaps: u64,
+    penalty: f64,
+    at: Option<Instant>,
+}
+
+impl FlapDamping {
+    /// The penalty at `now` (decayed).
+    pub fn penalty(&self, cfg: &FailoverConfig, now: Instant) -> f64 {
+        match self.at {
+            None => 0.0,
+            Some(at) => {
+                let half = cfg.flap_half_life.as_secs_f64().max(1e-3);
+                self.penalty * (-(now.saturating_duration_since(at).as_secs_f64() / half) * std::f64::consts::LN_2).exp()
+            }
+        }
+    }
+
+    /// The hold-down that applies at `now`.
+    pub fn hold_down(&self, cfg: &FailoverConfig, now: Instant) -> Duration {
+        let steps = (self.penalty(cfg, now) - 1.0).max(0.0);
+        let f = 2f64.powf(steps.min(30.0));
+        cfg.hold_down.mul_f64(f).min(cfg.max_hold_down.max(cfg.hold_down))
+    }
+
+    /// Counts one failure of the direct path at `now`.
+    fn flap(&mut self, cfg: &FailoverConfig, now: Instant) {
+        let ceiling = if cfg.hold_down.is_zero() { 1.0 } else { (cfg.max_hold_down.as_secs_f64() / cfg.hold_down.as_secs_f64()).max(1.0).log2() + 2.0 };
+        self.penalty = (self.penalty(cfg, now) + 1.0).min(ceiling);
+        self.at = Some(now);
+        self.flaps += 1;
+    }
+}
+
 #[derive(Debug, Clone)]
 struct Peer {
     id: NodeId,
@@ -532,6 +586,7 @@ struct Peer {
     check: Option<(Instant, Instant)>,
     last_candidates: Option<Instant>,
     changes: u64,
+    damping: FlapDamping,
     /// This node's policy rank as a relay for others (from its record).
     rank: RelayRank,
     /// Until then the peer carries traffic: its paths are probed at the fast rates.
@@ -660,6 +715,7 @@ impl Failover {
             check: None,
             last_candidates: None,
             changes: 0,
+            damping: FlapDamping::default(),
             active_until: None,
             standby_wait: None,
         });
@@ -818,6 +874,12 @@ impl Failover {
         self.peers.get(peer).map(|p| p.changes).unwrap_or(0)
     }
 
+    /// Flap damping of peer `peer`'s direct path: (failures since start, penalty at `now`,
+    /// the hold-down that applies at `now`).
+    pub fn damping(&self, peer: usize, now: Instant) -> (u64, f64, Duration) {
+        self.peers.get(peer).map_or((0, 0.0, self.cfg.hold_down), |p| (p.damping.flaps, p.damping.penalty(&self.cfg, now), p.damping.hold_down(&self.cfg, now)))
+    }
+
     /// Every monitored path of a peer.
     pub fn paths(&self, peer: usize) -> Vec<PathView> {
         let Some(p) = self.peers.get(peer) else { return Vec::new() };
@@ -900,11 +962,14 @@ impl Failover {
     pub fn handle_icmp(&mut self, now: Instant, peer: usize) {
         self.handle_traffic(now, peer);
         self.touch(peer);
-        if let Some(d) = self.peers.get_mut(peer).and_then(|p| p.path_mut(PathId::Direct)) {
+        let cfg = self.cfg;
+        let Some(p) = self.peers.get_mut(peer) else { return };
+        if let Some(d) = p.paths.iter_mut().find(|x| x.id == PathId::Direct) {
             if d.state != PathState::Down {
                 d.state = PathState::Down;
                 d.state_since = now;
                 d.reason = Reason::Icmp;
+                p.damping.flap(&cfg, now);
             }
             // Only probes sent after the ICMP count as recovery.
             d.last_delivered_sent_at = None;
@@ -1096,7 +1161,9 @@ impl Failover {
         }
         if p.route.protect {
             if let Some(d) = p.path(PathId::Direct).filter(|d| d.state == PathState::Up) {
-                at(d.state_since + cfg.hold_down);
+                // The damped hold-down only shrinks as the penalty decays: asking at the
+                // one that applies now is never too early.
+                at(d.state_since + p.damping.hold_down(cfg, d.state_since.max(self.last_tick.unwrap_or(d.state_since))));
             }
         }
         if p.direct_known {
@@ -1174,6 +1241,7 @@ impl Failover {
         let excused = self.grace_until.is_some_and(|g| now < g);
         let p = &mut self.peers[peer];
         let active_until = p.active_until;
+        let mut direct_failed = false;
         for x in p.paths.iter_mut() {
             if x.last_sent.is_none() {
                 continue;
@@ -1205,6 +1273,7 @@ impl Failover {
             if new != x.state {
                 if new == PathState::Down {
                     x.answered = 0;
+                    direct_failed |= x.id == PathId::Direct;
                 }
                 x.reason = match new {
                     PathState::Down => Reason::ProbeLoss,
@@ -1215,16 +1284,23 @@ impl Failover {
                 x.state_since = now;
             }
         }
+        if direct_failed {
+            p.damping.flap(&cfg, now);
+        }
         if let Some((started, deadline)) = p.check {
             let delivered = p.path(PathId::Direct).and_then(|d| d.last_delivered_sent_at).is_some_and(|t| t >= started);
             if delivered {
                 p.check = None;
             } else if now >= deadline {
                 p.check = None;
-                if let Some(d) = p.path_mut(PathId::Direct) {
+                if let Some(d) = p.paths.iter_mut().find(|x| x.id == PathId::Direct) {
+                    let was_down = d.state == PathState::Down;
                     d.state = PathState::Down;
                     d.state_since = now;
                     d.reason = Reason::TcpStall;
+                    if !was_down {
+                        p.damping.flap(&cfg, now);
+                    }
                     d.started = now;
                     d.last_delivered_sent_at = None;
                 }
@@ -1281,7 +1357,7 @@ impl Failover {
         }
         let Some(direct) = p.path(PathId::Direct) else { return };
         let direct_up = direct.state == PathState::Up;
-        let direct_settled = direct_up && now.saturating_duration_since(direct.state_since) >= cfg.hold_down;
+        let direct_settled = direct_up && now.saturating_duration_since(direct.state_since) >= p.damping.hold_down(&cfg, now);
         let cur = p.route;
         let current_ok = match cur.path {
             PathId::Direct => direct_up,
@@ -1779,6 +1855,62 @@ mod tests {
         }
         assert!(net.now - t1 >= FailoverConfig::default().hold_down);
         assert!(!net.route(0, 1).protect);
+    }
+
+    #[test]
+    fn a_flapping_direct_path_is_damped_and_trusted_again_once_it_stops() {
+        let mut net = Net::new(3);
+        net.run(Duration::from_secs(3));
+        let cfg = FailoverConfig::default();
+        // cut for 1 s, healed for 4 s (longer than the base hold-down), for two minutes:
+        // without damping traffic would go back and forth 24 times each way
+        let t0 = net.now;
+        let before = net.nodes[0].route_changes(0);
+        let mut cycles = 0;
+        while net.now - t0 < Duration::from_secs(120) {
+            net.cut_both(0, 1);
+            net.run(Duration::from_secs(1));
+            net.cut.clear();
+            net.run(Duration::from_secs(4));
+            cycles += 1;
+        }
+        let (flaps, penalty, hold) = net.nodes[0].damping(0, net.now);
+        let switches = net.nodes[0].route_changes(0) - before;
+        assert!(flaps >= cycles as u64 - 1, "{flaps} flaps counted of {cycles}");
+        assert!(switches <= 10, "{switches} route changes in {cycles} flaps");
+        assert_eq!(hold, cfg.max_hold_down, "penalty {penalty}");
+        assert!(net.route(0, 1).protect, "traffic went back to a path that flaps");
+        // the flapping stops: the penalty decays and traffic returns, within the ceiling
+        // plus a few half-lives
+        let t1 = net.now;
+        while net.route(0, 1).protect {
+            net.step();
+            assert!(net.now - t1 < cfg.max_hold_down + cfg.flap_half_life * 2, "never trusted again");
+        }
+        println!("{cycles} flaps, {switches} route changes; direct again after {:?}", net.now - t1);
+        // and once the penalty has decayed, a single failure gets the base hold-down
+        net.run(cfg.flap_half_life * 4);
+        let (_, penalty, hold) = net.nodes[0].damping(0, net.now);
+        assert!(penalty < 1.0, "{penalty}");
+        assert_eq!(hold, cfg.hold_down);
+    }
+
+    #[test]
+    fn the_hold_down_doubles_per_recent_flap_up_to_the_ceiling_and_decays() {
+        let cfg = FailoverConfig::default();
+        let t = Instant::now();
+        let mut d = FlapDamping::default();
+        assert_eq!(d.hold_down(&cfg, t), cfg.hold_down);
+        let mut holds = Vec::new();
+        for _ in 0..8 {
+            d.flap(&cfg, t);
+            holds.push(d.hold_down(&cfg, t).as_secs());
+        }
+        assert_eq!(holds, [3, 6, 12, 24, 48, 60, 60, 60]);
+        assert_eq!(d.flaps, 8);
+        // capped one step past the ceiling: after one half-life it is below it again
+        assert!(d.hold_down(&cfg, t + cfg.flap_half_life + Duration::from_secs(1)) < cfg.max_hold_down);
+        assert!(d.hold_down(&cfg, t + cfg.flap_half_life * 10) <= cfg.hold_down + Duration::from_millis(50));
     }
 
     #[test]
