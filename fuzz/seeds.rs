@@ -30,6 +30,8 @@ fn main() {
     // The target's first byte chooses the mode: 0 keeps the bytes as they are.
     write("decapsulate", "probe", &[&[0u8][..], &out[..n]].concat());
     write("probe", "probe", &probe.encode());
+    // Mode 6: the target seals the probe itself (a control payload).
+    write("decapsulate", "seal-probe", &[&[6u8][..], &probe.encode()].concat());
     let echo = Probe { echo: true, hold_us: 42, ..probe };
     write("probe", "echo", &echo.encode());
     // An ICMP echo request and a UDP datagram from 10.1.0.5 to 10.2.0.9, through the peer's TUN.
@@ -43,6 +45,8 @@ fn main() {
             write("decapsulate", name, &[&[0u8][..], &buf[..len]].concat());
         }
         write("icmp", name, pkt);
+        // Mode 2: the target seals the inner packet itself.
+        write("decapsulate", &format!("seal-{name}"), &[&[2u8][..], pkt].concat());
     }
     // Management frames.
     let id = Identity::from_seed([3; 32]);
