@@ -272,6 +272,42 @@ fn an_exit_masquerades_new_connections_to_an_outside_host_never_established_ones
 }
 
 #[test]
+fn a_new_connection_through_an_exit_after_an_icmp_cut_does_not_wait_for_a_syn_retransmission() {
+    let names = ["alice", "exit", "x"];
+    let mut lab = Lab::new(&names);
+    let x = lab.host("x").underlay_v4();
+    let alice_cfg = lab.node_section("alice", "") + &format!("\n[exit]\nwatch = [\"{x}/32\"]\nhold_s = 120\n") + &lab.peer_section("exit", None, "");
+    let exit_cfg = lab.node_section("exit", "") + "\n[policy]\nconnectivity = \"host\"\ninternet_masquerade = true\n" + &lab.peer_section("alice", None, "");
+    lab.write_config("alice", &alice_cfg);
+    lab.write_config("exit", &exit_cfg);
+    lab.ok("exit", "sysctl -qw net.ipv4.ip_forward=1");
+    lab.start("alice");
+    lab.start("exit");
+    lab.wait_up("alice", &["exit"], UP);
+    lab.wait_up("exit", &["alice"], UP);
+    let x_ns = lab.host("x").ns.clone();
+    let mut http = http_server(&lab, &x_ns, 8080);
+    std::thread::sleep(Duration::from_millis(300));
+    lab.ok("alice", &format!("curl -sf -m 5 -o /dev/null http://{x}:8080/"));
+    // The router answers alice's TCP to x with host unreachable (ICMP), as a router that
+    // lost its route does. The SYN is lost; the error quotes it.
+    let a = lab.host("alice").underlay_v4();
+    router(&lab, &format!("iptables -I FORWARD -s {a} -d {x} -p tcp -j REJECT --reject-with icmp-host-unreachable"));
+    let connect = format!("python3 -c 'import socket,time; t=time.monotonic(); s=socket.create_connection((\"{x}\", 8080), timeout=10); ms=round((time.monotonic()-t)*1000); s.sendall(b\"GET /etc/hostname HTTP/1.0\\r\\n\\r\\n\"); s.recv(100); print(ms)'");
+    let ms: u64 = lab.ok("alice", &connect).trim().parse().unwrap();
+    println!("connect to {x} through the exit after the ICMP error: {ms} ms");
+    let st = lab.status("alice");
+    assert!(st["icmp"]["rerouted"].as_u64().unwrap() >= 1, "{}", st["icmp"]);
+    // The SYN's retransmission timer is 1 s: the connection came up well before it.
+    assert!(ms < 700, "the connection waited for a SYN retransmission: {ms} ms");
+    // and it went through the exit
+    let _ = http.kill();
+    let (_, log) = finish(http);
+    let exit_addr = lab.host("exit").underlay_v4();
+    assert!(log.lines().any(|l| l.starts_with(&exit_addr) && l.contains("/etc/hostname")), "x never saw the exit's address:\n{log}");
+}
+
+#[test]
 fn hosts_behind_two_routers_keep_their_connection_and_addresses_while_the_routers_path_is_cut() {
     let names = ["h", "i", "relay"];
     let mut lab = Lab::new(&names);

@@ -11,4 +11,8 @@ fuzz_target!(|data: &[u8]| {
     f.protected.insert("fd10:2::/64".parse().unwrap(), 1);
     f.local.insert("10.0.1.2".parse().unwrap());
     let _ = f.classify(data);
+    if let Some(syn) = detour_core::path::icmp::quoted_syn(data) {
+        // What is sent again is a whole TCP SYN.
+        assert!(syn.len() >= 40 && matches!(syn[0] >> 4, 4 | 6), "{syn:?}");
+    }
 });

@@ -482,6 +482,7 @@ async fn run_inner(identity: &Identity, model: Model, nl: Netlink, listener: tok
     // The node's state is driven by this loop (no task of its own): sessions, probes,
     // alarms, local API datagrams and timers go to the engine, which carries out what the
     // core decides; the sessions are driven here too.
+    let raw = sockets::RawSender::new();
     let mut engine = Engine::new(model, dp.clone(), (allowed, mgmt.refused.clone()), local_addrs.clone(), filter.clone(), traffic_seen, identity.clone(), api_socks, rand::random(), Instant::now());
     let (peer_tx, mut peer_rx) = mpsc::unbounded_channel();
     let mut sessions = Sessions::new(mgmt.clone(), dp.clone(), mgmt_errors.clone(), peer_tx.clone(), shutdown_rx.clone());
@@ -698,6 +699,14 @@ async fn run_inner(identity: &Identity, model: Model, nl: Netlink, listener: tok
         if engine.take_kernel_change() {
             // Protection or exits changed: move the routes now, not at the next tick.
             kernel_pass(&nl, &engine, true, &mut last_desired).await;
+        }
+        for syn in engine.take_syns() {
+            // After the routes moved: the SYN an ICMP error quoted goes out again on the
+            // new route, instead of at the connection's retransmission timer.
+            match raw.send(&syn) {
+                Ok(_) => tracing::debug!("SYN sent again after the reroute ({} bytes)", syn.len()),
+                Err(e) => tracing::debug!("sending a SYN again: {e}"),
+            }
         }
     }
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);

@@ -85,6 +85,8 @@ pub struct Engine {
     filter: Arc<RwLock<Filter>>,
     /// Some peer carries traffic (the TCP monitor polls at its fast rate only then).
     traffic: Arc<std::sync::atomic::AtomicBool>,
+    /// SYNs to send again after the next kernel pass ([`Engine::take_syns`]).
+    syns: Vec<Vec<u8>>,
     /// Protection or exits changed since the daemon last looked: the kernel's routes must
     /// follow now ([`Engine::take_kernel_change`]).
     kernel_change: bool,
@@ -94,6 +96,9 @@ pub struct Engine {
     api: Vec<Arc<UdpSocket>>,
     last_info: Instant,
 }
+
+/// SYNs held for sending again at most (a burst of errors cannot grow it).
+const MAX_SYNS: usize = 64;
 
 impl Engine {
     /// Creates the engine, which owns `model`; `seed` drives random relay choice and the
@@ -126,6 +131,7 @@ impl Engine {
             dp,
             filter,
             traffic,
+            syns: Vec::new(),
             kernel_change: false,
             conns: Vec::new(),
             api: api.into_iter().map(Arc::new).collect(),
@@ -227,12 +233,36 @@ impl Engine {
     /// A failure or traffic signal from the ICMP, traffic and TCP monitors.
     pub fn on_alarm(&mut self, alarm: Alarm) {
         let m = &self.model;
-        match alarm {
-            Alarm::Icmp { peer, at } => self.state.handle_icmp(at, m, peer),
-            Alarm::TcpStall { peer } => self.state.handle_tcp_stall(Instant::now(), m, peer),
-            Alarm::Traffic { peer } => self.state.handle_traffic(Instant::now(), m, peer),
-            Alarm::Outside { dst } => self.state.handle_outside_unreachable(Instant::now(), unix_now(), m, dst),
+        let syn = match alarm {
+            Alarm::Icmp { peer, at, syn } => {
+                self.state.handle_icmp(at, m, peer);
+                syn
+            }
+            Alarm::TcpStall { peer } => {
+                self.state.handle_tcp_stall(Instant::now(), m, peer);
+                None
+            }
+            Alarm::Traffic { peer } => {
+                self.state.handle_traffic(Instant::now(), m, peer);
+                None
+            }
+            Alarm::Outside { dst, syn } => {
+                self.state.handle_outside_unreachable(Instant::now(), unix_now(), m, dst);
+                syn
+            }
+        };
+        if let Some(syn) = syn {
+            if self.syns.len() < MAX_SYNS {
+                self.syns.push(syn);
+            }
         }
+    }
+
+    /// The SYNs quoted by ICMP errors that rerouted their destination, to be sent again
+    /// once the kernel routes reflect it (after the kernel pass that follows the alarm), so
+    /// that a new connection does not wait for its SYN retransmission (issue 14, item 6).
+    pub fn take_syns(&mut self) -> Vec<Vec<u8>> {
+        std::mem::take(&mut self.syns)
     }
 
     /// After every event of the daemon's loop: nodes that refused this node's key get its

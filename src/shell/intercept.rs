@@ -23,7 +23,7 @@ use crate::shell::sockdiag;
 pub const CHAIN: &str = "DETOUR-ICMP";
 
 /// What the interception and monitoring threads report.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Alarm {
     /// An ICMP unreachable about one of the peer's protected destinations was caught.
     Icmp {
@@ -31,6 +31,9 @@ pub enum Alarm {
         peer: usize,
         /// When the packet reached detour.
         at: Instant,
+        /// The TCP SYN of a local connection the error quotes in full, to be sent again once
+        /// the destination is rerouted ([`crate::path::icmp::quoted_syn`]).
+        syn: Option<Vec<u8>>,
     },
     /// TCP connections to the peer's protected destinations keep timing out.
     TcpStall {
@@ -48,6 +51,8 @@ pub enum Alarm {
     Outside {
         /// The destination.
         dst: IpAddr,
+        /// As for [`Alarm::Icmp`].
+        syn: Option<Vec<u8>>,
     },
 }
 
@@ -141,10 +146,13 @@ pub fn start_queue(queue: u16, filter: Arc<RwLock<Filter>>, counters: Arc<IcmpCo
                 v => v,
             };
             match verdict {
-                Verdict::Reroute { peer, dst, .. } => {
+                Verdict::Reroute { peer, dst, tcp } => {
                     counters.rerouted.fetch_add(1, Relaxed);
+                    // Only the SYN of a local connection (checked above with sock_diag) is
+                    // sent again: a forged error cannot make this node send anything new.
+                    let syn = tcp.and_then(|_| crate::path::icmp::quoted_syn(msg.get_payload()));
                     msg.set_verdict(nfq::Verdict::Drop);
-                    let _ = alarms.send(if peer == crate::path::icmp::OUTSIDE { Alarm::Outside { dst } } else { Alarm::Icmp { peer, at } });
+                    let _ = alarms.send(if peer == crate::path::icmp::OUTSIDE { Alarm::Outside { dst, syn } } else { Alarm::Icmp { peer, at, syn } });
                 }
                 Verdict::Accept(why) => {
                     counters.ignore(why);
@@ -222,7 +230,7 @@ pub fn start_tcp_monitor(every: Duration, traffic: Arc<std::sync::atomic::Atomic
                             }
                             outside_last.insert(c.remote.ip(), now);
                             counters.tcp_stalls.fetch_add(1, Relaxed);
-                            let _ = alarms.send(Alarm::Outside { dst: c.remote.ip() });
+                            let _ = alarms.send(Alarm::Outside { dst: c.remote.ip(), syn: None });
                             continue;
                         }
                         None => continue,

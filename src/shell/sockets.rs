@@ -121,3 +121,46 @@ garbage line
         assert_eq!(parse_udp_drops(t, 9), 0);
     }
 }
+
+/// Raw sockets that send complete IP packets (`IPPROTO_RAW`: the header is the caller's),
+/// for SYNs sent again after a reroute ([`crate::shell::engine::Engine::take_syns`]). They
+/// carry no firewall mark, so the packets take the routes detour installed, like the
+/// connection's own.
+#[derive(Debug)]
+pub struct RawSender {
+    v4: Option<Socket>,
+    v6: Option<Socket>,
+}
+
+impl RawSender {
+    /// Opens the sockets; a family that cannot be opened (no IPv6) is left out.
+    pub fn new() -> RawSender {
+        let open = |d: Domain| {
+            let s = Socket::new(d, Type::RAW, Some(Protocol::from(libc::IPPROTO_RAW))).ok()?;
+            s.set_nonblocking(true).ok()?;
+            Some(s)
+        };
+        RawSender { v4: open(Domain::IPV4), v6: open(Domain::IPV6) }
+    }
+
+    /// Sends one IPv4 or IPv6 packet to its own destination address.
+    ///
+    /// # Errors
+    /// Not an IP packet, no socket for its family, or the kernel's send error.
+    pub fn send(&self, pkt: &[u8]) -> std::io::Result<usize> {
+        let bad = || std::io::Error::new(std::io::ErrorKind::InvalidInput, "not an IP packet");
+        let (sock, dst) = match pkt.first().map(|b| b >> 4) {
+            Some(4) if pkt.len() >= 20 => (&self.v4, IpAddr::V4(Ipv4Addr::new(pkt[16], pkt[17], pkt[18], pkt[19]))),
+            Some(6) if pkt.len() >= 40 => (&self.v6, IpAddr::V6(Ipv6Addr::from(<[u8; 16]>::try_from(&pkt[24..40]).map_err(|_| bad())?))),
+            _ => return Err(bad()),
+        };
+        let sock = sock.as_ref().ok_or_else(|| std::io::Error::new(std::io::ErrorKind::Unsupported, "no raw socket for this family"))?;
+        sock.send_to(pkt, &SocketAddr::new(dst, 0).into())
+    }
+}
+
+impl Default for RawSender {
+    fn default() -> Self {
+        RawSender::new()
+    }
+}
