@@ -247,6 +247,58 @@ fn a_flapping_direct_path_is_damped() {
 }
 
 #[test]
+fn a_degraded_path_moves_a_share_of_new_connections_and_keeps_an_established_one() {
+    let lab = mesh(&["alice", "bob", "carol"]);
+    let (a, b) = (lab.host("alice").underlay_v4(), lab.host("bob").underlay_v4());
+    // count what enters the overlay towards bob: the established connection (port 9100)
+    // and the SYNs of new ones (port 9101)
+    lab.ok(
+        "alice",
+        "iptables -t mangle -I POSTROUTING -o dt-bob -p tcp --dport 9100 -m comment --comment est && iptables -t mangle -I POSTROUTING -o dt-bob -p tcp --dport 9101 --syn -m comment --comment new",
+    );
+    let count = |what: &str| -> u64 {
+        let out = lab.ok("alice", "iptables -t mangle -L POSTROUTING -v -n -x");
+        out.lines().find(|l| l.contains(&format!("/* {what} */"))).and_then(|l| l.split_whitespace().next()?.parse().ok()).unwrap_or(0)
+    };
+    let mut sink = spawn(&lab, "bob", &["python3", TCPCHECK, "server", "9100"]);
+    let accept = "import socket; s=socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); s.bind((\"0.0.0.0\", 9101)); s.listen(64)\nwhile True:\n  c, _ = s.accept(); c.close()";
+    let mut many = spawn(&lab, "bob", &["python3", "-c", accept]);
+    std::thread::sleep(Duration::from_millis(400));
+    // an established connection: 3 MB spread over 25 s
+    let established = spawn(&lab, "alice", &["python3", TCPCHECK, "client", &b, "9100", "3000000", "", "25"]);
+    std::thread::sleep(Duration::from_secs(2));
+    let before = route(&lab, "alice", "bob")["route_changes"].as_u64().unwrap();
+    // 20 % loss each way on the direct path: degraded, not failed
+    router(&lab, &format!("iptables -I FORWARD -s {a} -d {b} -m statistic --mode random --probability 0.2 -j DROP"));
+    router(&lab, &format!("iptables -I FORWARD -s {b} -d {a} -m statistic --mode random --probability 0.2 -j DROP"));
+    wait_until("the relief of the degraded path", Duration::from_secs(20), || route(&lab, "alice", "bob")["relief_share"].as_f64().unwrap_or(0.0) > 0.0);
+    let r = route(&lab, "alice", "bob");
+    println!("degraded: {} -> {} of new connections {}", r["degraded"], r["relief_share"], r["relief_via"]);
+    assert_eq!(r["relief_via"], "via carol", "{r}");
+    let text = lab.ok("alice", &format!("{} status -s {}", bin("detourctl"), lab.host("alice").socket.display()));
+    assert!(text.contains("degraded (loss "), "{text}");
+    // new connections: a share goes through the overlay
+    let n = 30;
+    let connect = format!("import socket\nfor i in range({n}):\n  s = socket.create_connection((\"{b}\", 9101), timeout=10); s.close()");
+    lab.ok("alice", &format!("python3 -c '{connect}'"));
+    let moved = count("new");
+    println!("{moved} of {n} new connections went through the overlay");
+    assert!(moved >= 1 && moved < n, "{moved} of {n} new connections moved");
+    // the route never changed, and the established connection stayed on the direct path
+    let r = route(&lab, "alice", "bob");
+    assert_eq!(r["route_changes"].as_u64().unwrap(), before, "{r}");
+    assert_eq!(r["path"], "direct");
+    assert_eq!(count("est"), 0, "packets of the established connection entered the overlay");
+    router(&lab, "iptables -F FORWARD");
+    let (ok, text) = finish(established);
+    assert!(ok && text.starts_with("ok"), "the established connection broke: {text}");
+    let _ = sink.kill();
+    let _ = sink.wait();
+    let _ = many.kill();
+    let _ = many.wait();
+}
+
+#[test]
 fn stopping_the_relay_in_use_moves_traffic_to_another_relay() {
     let mut lab = mesh(&["alice", "bob", "carol", "dave"]);
     let bob = lab.host("bob").underlay_v4();

@@ -296,12 +296,13 @@ fn kill_9_and_restart_leave_no_stale_or_duplicate_kernel_state() {
 
 #[test]
 fn a_sysctl_changed_by_a_run_that_crashed_is_put_back_at_the_next_start() {
-    // REPLEX sets fib_multipath_hash_policy to 1; the original value is recorded under
-    // /run/detour first, so that a kill -9 does not leave it changed past the next start
-    // (which here runs without REPLEX and would not touch it otherwise).
+    // REPLEX (and the relief of degraded paths) sets fib_multipath_hash_policy to 1; the
+    // original value is recorded under /run/detour first, so that a kill -9 does not leave
+    // it changed past the next start (which here runs without REPLEX and with relief off,
+    // and would not touch it otherwise).
     let mut lab = Lab::new(&["alice", "bob"]);
     lab.write_mesh();
-    let mesh = std::fs::read_to_string(&lab.host("alice").config).expect("config");
+    let mesh = std::fs::read_to_string(&lab.host("alice").config).expect("config") + "\n[failover]\nfailed_loss = 0.05\n";
     let mut a = lab.node_section("alice", "\n[replex]\nenabled = true\n");
     a += &lab.peer_section("bob", None, "");
     lab.write_config("alice", &a);

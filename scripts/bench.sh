@@ -9,7 +9,8 @@
 #               ICMP-signalled ones (BENCH_TRIALS each, default 10); the probe overhead per
 #               peer; healthy-path TCP throughput with and without detourd running; route
 #               switches in a minute of a path that fails for 1 s every 6 s, without flap
-#               damping (hold-down capped at 3 s) and with it.
+#               damping (hold-down capped at 3 s) and with it; goodput of short TCP
+#               uploads over a direct path with 20 % loss, relieved and not.
 #   management  delivery ratio and latency (send to end-to-end acknowledgement) of
 #               management messages between two hosts, idle and while the forwarding
 #               overlay between them is saturated through a tbf bottleneck (with detourd's
@@ -268,7 +269,36 @@ bench_failover() {
   echo "flapping path, damped (defaults)..." >&2
   flap_damped=$(flap_phase)
 
-  python3 - "$probe_bps" "$with1" "$without1" "$with2" "$without2" "${silent[*]}" "${icmp[*]}" "$flap_undamped" "$flap_damped" <<'EOF'
+  # A degraded direct path: 20 % loss each way while a closed loop of short TCP uploads
+  # (flows.py, 8 at once, 200 kB each) runs for BENCH_SECONDS x 2; goodput with detour
+  # relieving the path (defaults) against staying on it (relief and failure by loss off).
+  degraded_phase() {
+    start_daemon "${P}h1" "$DIR" alice
+    start_daemon "${P}h2" "$DIR" bob
+    start_daemon "${P}h3" "$DIR" carol
+    wait_up "${P}h1" "$DIR" alice 2
+    wait_direct
+    ip netns exec "$B" python3 "$FLOWS" server 9202 &
+    local fp=$!
+    ip netns exec "$R" iptables -I FORWARD -s "$UA" -d "$UB" -m statistic --mode random --probability 0.2 -j DROP
+    ip netns exec "$R" iptables -I FORWARD -s "$UB" -d "$UA" -m statistic --mode random --probability 0.2 -j DROP
+    sleep 6
+    ip netns exec "$A" python3 "$FLOWS" client "$UB" 9202 8 200000 $((SECS * 2)) | python3 -c 'import json,sys; print(json.load(sys.stdin)["mbit_s"])'
+    echo "relief: $(peer_field "$A" alice bob relief_share)" >&2
+    ip netns exec "$R" iptables -F FORWARD
+    kill "$fp" 2>/dev/null || true
+    kill -TERM $(pgrep -f "detourd -c $DIR") 2>/dev/null || true
+    sleep 1
+  }
+  local FLOWS="$DETOUR_ROOT/netns-tests/helpers/flows.py" deg_off deg_on
+  for n in alice bob carol; do printf '\n[failover]\ndegraded_loss = 0.9\nfailed_loss = 0.9\nrecover_loss = 0.5\n' >>"$DIR/$n.toml"; done
+  echo "degraded path (20 % loss), staying on it..." >&2
+  deg_off=$(degraded_phase)
+  sed -i -e '/^\[failover\]$/,$d' "$DIR"/alice.toml "$DIR"/bob.toml "$DIR"/carol.toml
+  echo "degraded path (20 % loss), relieved (defaults)..." >&2
+  deg_on=$(degraded_phase)
+
+  python3 - "$probe_bps" "$with1" "$without1" "$with2" "$without2" "${silent[*]}" "${icmp[*]}" "$flap_undamped" "$flap_damped" "$deg_off" "$deg_on" <<'EOF'
 import json, statistics, sys
 probe = int(sys.argv[1])
 (und_changes, und_flaps), (dam_changes, dam_flaps) = (map(int, x.split()) for x in sys.argv[8:10])
@@ -295,6 +325,9 @@ r = {
     "flap_failures_counted": dam_flaps,
     "flap_switches_per_min": dam_changes,
     "flap_switches_per_min_undamped": und_changes,
+    "degraded_goodput_mbit_s_staying": float(sys.argv[10]),
+    "degraded_goodput_mbit_s_relieved": float(sys.argv[11]),
+    "degraded_goodput_ratio": round(float(sys.argv[11]) / max(float(sys.argv[10]), 1e-9), 3),
 }
 for k, v in r.items():
     print(f"{k:32} {v}", file=sys.stderr)

@@ -71,8 +71,9 @@ impl Accounting {
         Ok(())
     }
 
-    /// The four iptables rules of one destination, as (IPv6, arguments after `-t mangle
-    /// -A|-D`): counting, the two pin-saving ones, pin-restoring.
+    /// The five iptables rules of one destination, as (IPv6, arguments after `-t mangle
+    /// -A|-D`): counting, the two pin-saving ones, pinning connections that were
+    /// established before the split to the direct path, pin-restoring.
     fn specs(&self, r: &Rule) -> Vec<(bool, Vec<String>)> {
         let own = self.fwmark.to_string();
         let mask = format!("{PIN_MASK:#x}");
@@ -90,6 +91,34 @@ impl Accounting {
             (v6, v(&[CHAIN, "-d", &dst, "!", "-o", &r.tun])),
             (v6, save(&["-o", &r.tun], PIN_OVERLAY)),
             (v6, save(&["!", "-o", &r.tun], PIN_DIRECT)),
+            // A connection established before the split began is unpinned: it stays on the
+            // direct path (only new connections are split) instead of following whichever
+            // bucket its next packet hashes to.
+            (
+                v6,
+                v(&[
+                    PIN_CHAIN,
+                    "-d",
+                    &dst,
+                    "-m",
+                    "mark",
+                    "!",
+                    "--mark",
+                    &own,
+                    "-m",
+                    "conntrack",
+                    "--ctstate",
+                    "ESTABLISHED,RELATED",
+                    "-m",
+                    "connmark",
+                    "--mark",
+                    &unpinned,
+                    "-j",
+                    "CONNMARK",
+                    "--set-xmark",
+                    &format!("{PIN_DIRECT:#x}/{PIN_MASK:#x}"),
+                ]),
+            ),
             (v6, v(&[PIN_CHAIN, "-d", &dst, "-m", "mark", "!", "--mark", &own, "-j", "CONNMARK", "--restore-mark", "--nfmask", &mask, "--ctmask", &mask])),
         ]
     }
@@ -285,16 +314,16 @@ mod tests {
         let new = [rule(0, "10.1.0.0/24", "dt-bob"), rule(2, "10.3.0.0/24", "dt-dave")];
         let v4 = a.diff_script(&old, &new, false).unwrap();
         assert!(v4.starts_with("*mangle\n") && v4.ends_with("COMMIT\n"), "{v4}");
-        assert_eq!(v4.lines().filter(|l| l.starts_with("-A ")).count(), 4, "four rules for the new destination: {v4}");
+        assert_eq!(v4.lines().filter(|l| l.starts_with("-A ")).count(), 5, "five rules for the new destination: {v4}");
         assert!(v4.lines().filter(|l| l.starts_with("-A ")).all(|l| l.contains("10.3.0.0/24")), "{v4}");
         assert!(!v4.contains("-D "), "{v4}");
         let v6 = a.diff_script(&old, &new, true).unwrap();
-        assert_eq!(v6.lines().filter(|l| l.starts_with("-D ")).count(), 4, "{v6}");
+        assert_eq!(v6.lines().filter(|l| l.starts_with("-D ")).count(), 5, "{v6}");
         assert!(!v6.contains("-A "), "{v6}");
         assert_eq!(a.diff_script(&new, &new, false), None);
         let rebuilt = a.rebuild_script(&new, false);
         assert!(rebuilt.contains(&format!("-F {CHAIN}\n-F {PIN_CHAIN}\n")), "{rebuilt}");
-        assert_eq!(rebuilt.lines().filter(|l| l.starts_with("-A ")).count(), 8, "{rebuilt}");
+        assert_eq!(rebuilt.lines().filter(|l| l.starts_with("-A ")).count(), 10, "{rebuilt}");
         // the counting rule is written as iptables-save shows it, so counts() finds it
         assert!(rebuilt.contains("-A DETOUR-ACCT -d 10.3.0.0/24 ! -o dt-dave\n"), "{rebuilt}");
     }

@@ -375,10 +375,13 @@ async fn run_inner(identity: &Identity, model: Model, nl: Netlink, listener: tok
         }
     }
 
-    // REPLEX's byte accounting runs iptables on its own thread, never on this loop.
+    // REPLEX's byte accounting runs iptables on its own thread, never on this loop. Its
+    // connection pinning and the L4 multipath hash also serve the relief of degraded paths
+    // (a share of new connections moved, established ones kept), on unless turned off
+    // (failover.failed_loss = degraded_loss).
     let (acct_tx, mut acct_rx) = mpsc::unbounded_channel();
     let mut acct_worker = None;
-    if cfg.replex.enabled {
+    if cfg.replex.enabled || cfg.failover.degraded_loss < cfg.failover.failed_loss {
         res.acct = true;
         for path in acct::set_hash_policy() {
             keeper.keep(Box::new(crate::shell::netfilter::Sysctl { path, value: "1" }));
@@ -873,6 +876,9 @@ fn status(ctx: &StatusCtx, m: &Model, sessions: &mut Sessions, view: &EngineView
                 flaps: route.as_ref().map(|r| r.flaps).unwrap_or(0),
                 flap_penalty: route.as_ref().map(|r| (r.flap_penalty * 100.0).round() / 100.0).unwrap_or(0.0),
                 hold_down_ms: route.as_ref().map(|r| r.hold_down.as_millis() as u64).unwrap_or(0),
+                degraded: route.as_ref().and_then(|r| r.degraded).map(|(loss, rise)| format!("loss {:.0} %, rtt +{} ms", loss * 100.0, rise.as_millis())),
+                relief_share: route.as_ref().and_then(|r| r.relief.as_ref()).map(|(_, s)| *s).unwrap_or(0.0),
+                relief_via: route.as_ref().and_then(|r| r.relief.as_ref()).map(|(v, _)| v.clone()),
                 traffic: route.as_ref().is_some_and(|r| r.traffic),
                 probe_tx_bytes: c.probe_tx_bytes.load(Relaxed),
                 probe_rx_bytes: c.probe_rx_bytes.load(Relaxed),

@@ -266,6 +266,12 @@ pub struct FailoverSettings {
     pub degraded_loss: f64,
     /// Smoothed loss below which a degraded path is healthy again (0..1).
     pub recover_loss: f64,
+    /// Smoothed loss above which a path counts as failed and all traffic moves (0..1).
+    pub failed_loss: f64,
+    /// RTT rise over the path's lowest that makes it degraded (zero: off).
+    pub degraded_rtt: Duration,
+    /// How long loss or RTT must stay over the thresholds.
+    pub degraded_after: Duration,
     /// Relay paths kept ready per peer.
     pub relay_candidates: usize,
     /// Intercept ICMP net/host unreachable about protected destinations (NFQUEUE).
@@ -476,6 +482,9 @@ struct RawFailover {
     flap_half_life_s: Option<u64>,
     degraded_loss: Option<f64>,
     recover_loss: Option<f64>,
+    failed_loss: Option<f64>,
+    degraded_rtt_ms: Option<u64>,
+    degraded_after_ms: Option<u64>,
     relay_candidates: Option<usize>,
     icmp: Option<bool>,
     nfqueue: Option<u16>,
@@ -1222,6 +1231,8 @@ fn validate_failover(f: RawFailover, errs: &mut Errors) -> FailoverSettings {
     let hold_down = ms("hold_down_ms", f.hold_down_ms, d.hold_down, 0, 600_000);
     let max_hold_down = ms("max_hold_down_ms", f.max_hold_down_ms, d.max_hold_down.max(hold_down), 0, 3_600_000);
     let tcp_poll = ms("tcp_poll_ms", f.tcp_poll_ms, Duration::from_millis(250), 50, 60_000);
+    let degraded_rtt = ms("degraded_rtt_ms", f.degraded_rtt_ms, d.degraded_rtt, 0, 60_000);
+    let degraded_after = ms("degraded_after_ms", f.degraded_after_ms, d.degraded_after, 0, 600_000);
     if max_hold_down < hold_down {
         errs.push("failover.max_hold_down_ms", format!("expected at least hold_down_ms ({} ms), got {}", hold_down.as_millis(), max_hold_down.as_millis()));
     }
@@ -1247,8 +1258,12 @@ fn validate_failover(f: RawFailover, errs: &mut Errors) -> FailoverSettings {
     };
     let degraded_loss = frac("degraded_loss", f.degraded_loss, d.degraded_loss);
     let recover_loss = frac("recover_loss", f.recover_loss, d.recover_loss);
+    let failed_loss = frac("failed_loss", f.failed_loss, d.failed_loss.max(degraded_loss));
     if recover_loss > degraded_loss {
         errs.push("failover.recover_loss", format!("expected at most degraded_loss ({degraded_loss}), got {recover_loss}"));
+    }
+    if failed_loss < degraded_loss {
+        errs.push("failover.failed_loss", format!("expected at least degraded_loss ({degraded_loss}), got {failed_loss}"));
     }
     let relay_candidates = f.relay_candidates.unwrap_or(d.relay_candidates);
     if relay_candidates > 16 {
@@ -1265,6 +1280,9 @@ fn validate_failover(f: RawFailover, errs: &mut Errors) -> FailoverSettings {
         flap_half_life: Duration::from_secs(half_life.clamp(1, 86_400)),
         degraded_loss,
         recover_loss,
+        failed_loss,
+        degraded_rtt,
+        degraded_after,
         relay_candidates: relay_candidates.min(16),
         icmp: f.icmp.unwrap_or(true),
         nfqueue: f.nfqueue.unwrap_or(7720),
@@ -1285,6 +1303,9 @@ impl FailoverSettings {
             flap_half_life: self.flap_half_life,
             degraded_loss: self.degraded_loss,
             recover_loss: self.recover_loss,
+            failed_loss: self.failed_loss,
+            degraded_rtt: self.degraded_rtt,
+            degraded_after: self.degraded_after,
             relay_candidates: self.relay_candidates,
             idle_interval: self.idle_probe_interval,
             traffic_hold: self.traffic_hold,

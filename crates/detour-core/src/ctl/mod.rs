@@ -340,6 +340,17 @@ pub struct PeerStatus {
     /// penalty above 1, at most `max_hold_down_ms`.
     #[serde(default)]
     pub hold_down_ms: u64,
+    /// The direct path is degraded (loss or an RTT rise over the thresholds), e.g.
+    /// `loss 12 %, rtt +40 ms`.
+    #[serde(default)]
+    pub degraded: Option<String>,
+    /// While degraded: the share of new connections moved to a relay (0..1) and the path
+    /// they take.
+    #[serde(default)]
+    pub relief_share: f64,
+    /// The path relieved traffic takes (`via <relay>`).
+    #[serde(default)]
+    pub relief_via: Option<String>,
     /// Whether traffic to the peer flows (its paths are probed at the fast rate) or the
     /// peer is idle (probed every `idle_probe_interval_ms`).
     #[serde(default)]
@@ -538,6 +549,16 @@ pub fn render_status(s: &Status) -> String {
         let since = p.path_since_s.map(|s| format!(" since {}", ago(Some(s)))).unwrap_or_default();
         let protected = if p.protected { "; protected destinations through the overlay" } else { "" };
         let _ = writeln!(o, "  path: {}{why}{since}{protected}", p.path);
+        if let Some(d) = &p.degraded {
+            match &p.relief_via {
+                Some(via) => {
+                    let _ = writeln!(o, "  degraded ({d}): {:.0} % of new connections {via}", p.relief_share * 100.0);
+                }
+                None => {
+                    let _ = writeln!(o, "  degraded ({d})");
+                }
+            }
+        }
         if p.flap_penalty >= 1.0 {
             let _ = writeln!(o, "  flapping: {} failures, penalty {:.1}, hold-down {:.0} s", p.flaps, p.flap_penalty, p.hold_down_ms as f64 / 1000.0);
         }
@@ -668,6 +689,10 @@ pub fn render_metrics(status: &Status, paths: &[PeerPaths]) -> String {
     family(&mut o, "peer_traffic", "gauge", "1 while traffic to the peer flows and its paths are probed at the fast rate.");
     for p in &status.peers {
         let _ = writeln!(o, "detour_peer_traffic{{peer=\"{}\"}} {}", label(&p.name), u8::from(p.traffic));
+    }
+    family(&mut o, "peer_relief_share", "gauge", "Share of new connections to the peer moved off its degraded direct path (0..1).");
+    for p in &status.peers {
+        let _ = writeln!(o, "detour_peer_relief_share{{peer=\"{}\"}} {}", label(&p.name), p.relief_share);
     }
     family(&mut o, "peer_flap_penalty", "gauge", "Flap penalty of the direct path to the peer (halves every flap_half_life_s).");
     for p in &status.peers {

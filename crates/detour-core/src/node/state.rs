@@ -168,6 +168,10 @@ pub struct RouteStatus {
     pub flap_penalty: f64,
     /// The hold-down that applies now (damped).
     pub hold_down: Duration,
+    /// The direct path is degraded: its loss (0..1) and RTT rise over its lowest.
+    pub degraded: Option<(f64, Duration)>,
+    /// Relief of a degraded direct path: the relay and the share of new connections moved.
+    pub relief: Option<(String, f64)>,
     /// Traffic flows to the peer: its paths are probed at the fast rate.
     pub traffic: bool,
     /// Every monitored path.
@@ -303,6 +307,9 @@ pub struct NodeState {
     reports: Vec<ReportState>,
     /// Protection per peer (what the kernel reconcile reads).
     protect: Vec<Option<Protect>>,
+    /// Relief applied to peers with a degraded direct path: the relay and the share of
+    /// new connections moved to it (`Failover::relief`; only while REPLEX is off).
+    relief: BTreeMap<usize, (PathId, f64)>,
     /// Bytes of each peer's split destinations the kernel sent on the direct path
     /// (cumulative, from the shell's accounting).
     direct_bytes: Vec<u64>,
@@ -352,6 +359,7 @@ impl NodeState {
             unusable: BTreeSet::new(),
             reports: Vec::new(),
             protect: Vec::new(),
+            relief: BTreeMap::new(),
             direct_bytes: Vec::new(),
             refusals: [0; Refusal::ALL.len()],
             traffic: false,
@@ -768,6 +776,8 @@ impl NodeState {
                     flaps: self.core.damping(i, now).0,
                     flap_penalty: self.core.damping(i, now).1,
                     hold_down: self.core.damping(i, now).2,
+                    degraded: self.core.paths(i).into_iter().find(|v| v.id == PathId::Direct && v.state == PathState::Degraded).map(|v| (v.loss, v.rtt_rise)),
+                    relief: self.relief.get(&i).map(|(via, share)| (self.path_name(m, *via), *share)),
                     traffic: self.core.is_active(now, i),
                     paths,
                     shares,
@@ -895,7 +905,7 @@ impl NodeState {
             .filter(|v| v.active && (v.id == PathId::Direct || self.relay_commitment(v.id) == Commitment::Always))
             .map(|v| {
                 // While failover has moved the peer off the direct path, it is down here too.
-                let up = v.state == PathState::Up && !(v.id == PathId::Direct && route.protect);
+                let up = v.usable && !(v.id == PathId::Direct && route.protect);
                 let cost = v.srtt.map(|d| p.cost(d.as_secs_f64() * 1000.0, v.loss));
                 (v.id, crate::path::replex::Measure { cost, up, samples: v.samples })
             })
@@ -1110,7 +1120,12 @@ impl NodeState {
 
     fn refresh_protect(&mut self, peer: usize) {
         let on = self.core.route(peer).is_some_and(|r| r.protect);
-        let split = self.replex.get(peer).and_then(|r| r.as_ref()).and_then(|r| r.weights);
+        let split = self.replex.get(peer).and_then(|r| r.as_ref()).and_then(|r| r.weights).or_else(|| {
+            self.relief.get(&peer).map(|(_, share)| {
+                let wo = ((share * 256.0).round() as u16).clamp(1, 255);
+                (256 - wo, wo)
+            })
+        });
         let p = &self.peers[peer];
         let value =
             (on || split.is_some()).then(|| Protect { underlay: p.data.map(|d| vec![d.ip()]).unwrap_or_default(), src: p.local_ip.into_iter().collect(), split: if on { None } else { split } });
@@ -1209,7 +1224,56 @@ impl NodeState {
                 }
             }
         }
+        if !m.cfg.replex.enabled {
+            self.refresh_relief(m);
+        }
         self.drain_overlay();
+    }
+
+    /// Applies [`Failover::relief`] to peers whose direct path is degraded (and ends it
+    /// where it no longer applies): the protected destinations are split by a resilient
+    /// nexthop group between the direct next hop and the peer's TUN, weighted by the share
+    /// (established connections keep their bucket), and the peer's overlay traffic goes
+    /// through the relay.
+    fn refresh_relief(&mut self, m: &Model) {
+        let candidates: BTreeSet<usize> = self.core.degraded_peers().chain(self.relief.keys().copied()).collect();
+        for peer in candidates {
+            let want = self.core.relief(peer);
+            if self.relief.get(&peer).copied() == want {
+                continue;
+            }
+            match want {
+                Some((relay, share)) => {
+                    let d = self.core.paths(peer).into_iter().find(|v| v.id == PathId::Direct);
+                    let (loss, rise) = d.map(|v| (v.loss, v.rtt_rise)).unwrap_or_default();
+                    tracing::info!(
+                        "{}: direct path degraded (loss {:.0} %, rtt +{} ms): {:.0} % of new connections {}",
+                        name(m, peer),
+                        loss * 100.0,
+                        rise.as_millis(),
+                        share * 100.0,
+                        self.path_name(m, relay)
+                    );
+                    self.relief.insert(peer, (relay, share));
+                    self.use_path(peer, relay);
+                }
+                None => {
+                    self.relief.remove(&peer);
+                    if let Some(r) = self.core.route(peer) {
+                        if !r.protect {
+                            tracing::info!("{}: direct path no longer degraded; all traffic direct again", name(m, peer));
+                        }
+                        self.use_path(peer, r.path);
+                    }
+                }
+            }
+            self.refresh_protect(peer);
+        }
+    }
+
+    /// The relief applied to peer `i`: the relay and the share of new connections moved.
+    pub fn relief(&self, i: usize) -> Option<(PathId, f64)> {
+        self.relief.get(&i).copied()
     }
 
     /// Chooses the exit of every outside destination that needs one and hands changes to
@@ -1230,7 +1294,7 @@ impl NodeState {
                     peer: i,
                     policy: &d.policy,
                     own: d.cfg.prefixes.iter().chain(d.networks.iter()).copied().collect(),
-                    usable: self.peers[i].data.is_some() && direct.as_ref().is_some_and(|v| v.state == PathState::Up),
+                    usable: self.peers[i].data.is_some() && direct.as_ref().is_some_and(|v| v.usable),
                     cost_ms: direct.and_then(|v| v.srtt).map(|d| d.as_secs_f64() * 1000.0).unwrap_or(1000.0),
                 }
             })

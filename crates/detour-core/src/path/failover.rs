@@ -9,12 +9,16 @@
 //! that its direct packets arrive when only the reverse direction is broken (item 10).
 //!
 //! A path is **down** when no probe sent in the last `down_after` is known to have arrived,
-//! **degraded** when its smoothed loss passes `degraded_loss` (until it falls below
-//! `recover_loss`), and up otherwise. ICMP unreachable and TCP stalls (from the shell) take
-//! the direct path down at once or after a quick probe check. The route for a peer is the
-//! direct path while it is up; otherwise the best relay path that is up (lowest cost:
-//! smoothed RTT plus a loss penalty), and back to direct after it has been up for
-//! `hold_down`. Relay candidates are ranked by this node's cost to the relay plus the
+//! **degraded** when its smoothed loss stays above `degraded_loss` or its smoothed RTT more
+//! than `degraded_rtt` above its lowest, for `degraded_after` (until loss falls below
+//! `recover_loss`), and up otherwise; a degraded path with loss above `failed_loss` counts
+//! as failed. ICMP unreachable and TCP stalls (from the shell) take the direct path down at
+//! once or after a quick probe check. The route for a peer is the direct path while it is
+//! usable (up, or degraded but not failed); otherwise the best usable relay path (lowest
+//! cost: smoothed RTT plus a loss penalty), and back to direct after it has been up for the
+//! hold-down, which grows with the path's recent failures ([`FlapDamping`]). While the
+//! direct path is degraded, [`Failover::relief`] names a relay and the share of new
+//! connections to move to it. Relay candidates are ranked by this node's cost to the relay plus the
 //! relay's reported cost to the peer (RON); when nothing is known, random relays are asked
 //! at once (SOSR's random-4).
 //!
@@ -70,10 +74,19 @@ pub struct FailoverConfig {
     pub down_after: Duration,
     /// The direct path must be up this long before traffic returns to it.
     pub hold_down: Duration,
-    /// Smoothed loss above which a path is degraded.
+    /// Smoothed loss above which (sustained for `degraded_after`) a path is degraded: a
+    /// share of new connections moves off it ([`Failover::relief`]).
     pub degraded_loss: f64,
     /// Smoothed loss below which a degraded path is up again.
     pub recover_loss: f64,
+    /// Smoothed loss above which a path counts as failed: all traffic moves, as when it
+    /// is down.
+    pub failed_loss: f64,
+    /// A smoothed RTT this far above the path's lowest (sustained for `degraded_after`)
+    /// also makes it degraded; zero turns the RTT rule off.
+    pub degraded_rtt: Duration,
+    /// How long loss or RTT must stay over their thresholds before the path is degraded.
+    pub degraded_after: Duration,
     /// Relay paths kept ready per peer.
     pub relay_candidates: usize,
     /// Relays asked at once when a path fails and no relay is known to work (SOSR).
@@ -105,8 +118,11 @@ impl Default for FailoverConfig {
             standby_interval: Duration::from_millis(200),
             down_after: Duration::from_millis(500),
             hold_down: Duration::from_secs(3),
-            degraded_loss: 0.5,
-            recover_loss: 0.3,
+            degraded_loss: 0.05,
+            recover_loss: 0.02,
+            failed_loss: 0.5,
+            degraded_rtt: Duration::from_millis(100),
+            degraded_after: Duration::from_secs(2),
             relay_candidates: 2,
             sosr_fanout: 4,
             relay_retry: Duration::from_secs(10),
@@ -341,6 +357,11 @@ struct Path {
     reason: Reason,
     /// Probes answered since the path last went down (REPLEX's sample count).
     answered: u32,
+    /// The lowest smoothed RTT since the path last came up: the base an RTT jump is
+    /// measured against.
+    base_rtt: Option<Duration>,
+    /// Since when loss or RTT is over the degraded thresholds.
+    impaired_since: Option<Instant>,
     // incoming
     rx_highest: Option<u32>,
     rx_bitmap: u64,
@@ -362,6 +383,8 @@ impl Path {
             state_since: now,
             reason: Reason::Healthy,
             answered: 0,
+            base_rtt: None,
+            impaired_since: None,
             rx_highest: None,
             rx_bitmap: 0,
         }
@@ -396,6 +419,22 @@ impl Path {
                 self.srtt = Some((s * 7 + rtt) / 8);
             }
         }
+        if let Some(s) = self.srtt {
+            self.base_rtt = Some(self.base_rtt.map_or(s, |b| b.min(s)));
+        }
+    }
+
+    /// How far the smoothed RTT is above its base.
+    fn rtt_rise(&self) -> Duration {
+        match (self.srtt, self.base_rtt) {
+            (Some(s), Some(b)) => s.saturating_sub(b),
+            _ => Duration::ZERO,
+        }
+    }
+
+    /// Whether traffic may use the path: up, or degraded but not failed.
+    fn usable(&self, cfg: &FailoverConfig) -> bool {
+        self.state == PathState::Up || (self.state == PathState::Degraded && self.loss < cfg.failed_loss)
     }
 
     /// Time after which an unanswered probe counts as lost, and silence is judged.
@@ -624,6 +663,10 @@ pub struct PathView {
     pub samples: u32,
     /// For a relay path: the relay agreed to relay (its session is active).
     pub active: bool,
+    /// Traffic may use it: up, or degraded but not failed.
+    pub usable: bool,
+    /// How far its smoothed RTT is above the lowest seen since it came up.
+    pub rtt_rise: Duration,
 }
 
 /// The failover state machine for all peers.
@@ -659,6 +702,8 @@ pub struct Failover {
     /// known or that have paths. The others (directory nodes without a monitored link,
     /// most of a large overlay) cost nothing per tick.
     live: BTreeSet<usize>,
+    /// Peers whose direct path is degraded ([`Failover::relief`]).
+    degraded: BTreeSet<usize>,
     /// Standby relay requests this node may make now, and when that was last topped up
     /// ([`STANDBY_REQUESTS_PER_S`]).
     standby_tokens: f64,
@@ -689,6 +734,7 @@ impl Failover {
             stale: Vec::new(),
             all_stale: true,
             live: BTreeSet::new(),
+            degraded: BTreeSet::new(),
             standby_tokens: STANDBY_BURST,
             standby_at: now,
             polls: 0,
@@ -897,8 +943,42 @@ impl Failover {
                     PathId::Direct => p.direct_known,
                     PathId::Relay(r) => self.by_id.get(&r).and_then(|ri| p.relays.get(ri)) == Some(&Candidate::Active),
                 },
+                usable: x.usable(&self.cfg),
+                rtt_rise: x.rtt_rise(),
             })
             .collect()
+    }
+
+    /// Peers whose direct path is degraded now (candidates for [`Failover::relief`]).
+    pub fn degraded_peers(&self) -> impl Iterator<Item = usize> + '_ {
+        self.degraded.iter().copied()
+    }
+
+    /// Partial relief of a degraded direct path (issue 14): while the peer's traffic is on
+    /// its direct path and that path is degraded, the best usable relay path that costs
+    /// less and the share of new connections to move to it, in proportion to the
+    /// impairment: loss between `recover_loss` and `failed_loss` maps to 0..1, an RTT rise
+    /// of four times `degraded_rtt` to 1; the larger, in eighths, between 1/8 and 7/8.
+    /// `None` when nothing is to move.
+    pub fn relief(&self, peer: usize) -> Option<(PathId, f64)> {
+        let cfg = &self.cfg;
+        let p = self.peers.get(peer)?;
+        if p.route.protect || p.route.path != PathId::Direct || cfg.failed_loss <= cfg.degraded_loss {
+            return None;
+        }
+        let d = p.path(PathId::Direct)?;
+        if d.state != PathState::Degraded || !d.usable(cfg) {
+            return None;
+        }
+        let relay = self.best_relay(peer)?;
+        let r = p.path(relay)?;
+        if r.cost(cfg.loss_penalty) >= d.cost(cfg.loss_penalty) {
+            return None;
+        }
+        let by_loss = ((d.loss - cfg.recover_loss) / (cfg.failed_loss - cfg.recover_loss).max(1e-6)).clamp(0.0, 1.0);
+        let by_rtt = if cfg.degraded_rtt.is_zero() { 0.0 } else { (d.rtt_rise().as_secs_f64() / (cfg.degraded_rtt.as_secs_f64() * 4.0)).clamp(0.0, 1.0) };
+        let share = (by_loss.max(by_rtt) * 8.0).round().clamp(1.0, 7.0) / 8.0;
+        Some((relay, share))
     }
 
     /// This node's direct links, to share with its peers.
@@ -907,7 +987,7 @@ impl Failover {
             .iter()
             .filter_map(|p| {
                 let d = p.path(PathId::Direct)?;
-                Some(LinkInfo { node: p.id, up: d.state == PathState::Up, rtt_ms: d.srtt.map(|s| s.as_secs_f64() * 1000.0), loss: d.loss })
+                Some(LinkInfo { node: p.id, up: d.usable(&self.cfg), rtt_ms: d.srtt.map(|s| s.as_secs_f64() * 1000.0), loss: d.loss })
             })
             .collect()
     }
@@ -1257,17 +1337,31 @@ impl Failover {
             }
             let silent = !excused && now > silence_limit(&cfg, active_until, x);
             let recovered_probes = x.last_delivered_sent_at.is_some_and(|t| t >= x.state_since);
+            // Degraded: loss or an RTT rise over their thresholds for `degraded_after`;
+            // up again once both are well below (loss under `recover_loss`, the RTT rise
+            // under half its threshold).
+            let rtt_on = !cfg.degraded_rtt.is_zero();
+            let over = x.loss > cfg.degraded_loss || (rtt_on && x.rtt_rise() > cfg.degraded_rtt);
+            let under = x.loss < cfg.recover_loss && !(rtt_on && x.rtt_rise() > cfg.degraded_rtt / 2);
+            if over {
+                x.impaired_since.get_or_insert(now);
+            } else {
+                x.impaired_since = None;
+            }
+            let sustained = x.impaired_since.is_some_and(|t| now.saturating_duration_since(t) >= cfg.degraded_after) || x.loss >= cfg.failed_loss;
             let new = match x.state {
                 _ if silent => PathState::Down,
                 PathState::Down if recovered_probes => {
                     // The losses counted while the path was down describe the outage, not
-                    // the quality of the path that came back.
+                    // the quality of the path that came back, and its RTT starts afresh.
                     x.loss = 0.0;
+                    x.base_rtt = x.srtt;
+                    x.impaired_since = None;
                     PathState::Up
                 }
                 PathState::Down => PathState::Down,
-                PathState::Up if x.loss > cfg.degraded_loss => PathState::Degraded,
-                PathState::Degraded if x.loss < cfg.recover_loss => PathState::Up,
+                PathState::Up if sustained => PathState::Degraded,
+                PathState::Degraded if under => PathState::Up,
                 s => s,
             };
             if new != x.state {
@@ -1306,6 +1400,11 @@ impl Failover {
                 }
             }
         }
+        if self.peers[peer].path(PathId::Direct).is_some_and(|d| d.state == PathState::Degraded) {
+            self.degraded.insert(peer);
+        } else {
+            self.degraded.remove(&peer);
+        }
         self.decide(now, peer);
     }
 
@@ -1315,7 +1414,7 @@ impl Failover {
         let p = &self.peers[peer];
         p.paths
             .iter()
-            .filter(|x| matches!(x.id, PathId::Relay(_)) && x.state == PathState::Up)
+            .filter(|x| matches!(x.id, PathId::Relay(_)) && x.usable(&self.cfg))
             .filter(|x| match x.id {
                 PathId::Relay(r) => self.by_id.get(&r).and_then(|ri| p.relays.get(ri)) == Some(&Candidate::Active),
                 PathId::Direct => false,
@@ -1356,12 +1455,16 @@ impl Failover {
             return;
         }
         let Some(direct) = p.path(PathId::Direct) else { return };
-        let direct_up = direct.state == PathState::Up;
-        let direct_settled = direct_up && now.saturating_duration_since(direct.state_since) >= p.damping.hold_down(&cfg, now);
+        // A degraded path keeps the route (a share of new connections moves instead, see
+        // `relief`); a failed one (loss over `failed_loss`) loses it like a dead one. Back
+        // to direct only once it is up again for the hold-down.
+        let direct_up = direct.usable(&cfg);
+        let direct_healthy = direct.state == PathState::Up;
+        let direct_settled = direct_healthy && now.saturating_duration_since(direct.state_since) >= p.damping.hold_down(&cfg, now);
         let cur = p.route;
         let current_ok = match cur.path {
             PathId::Direct => direct_up,
-            id => p.path(id).is_some_and(|x| x.state == PathState::Up),
+            id => p.path(id).is_some_and(|x| x.usable(&cfg)),
         };
         let next = if cur.path == PathId::Direct && !cur.protect && direct_up {
             cur
@@ -1991,6 +2094,42 @@ mod tests {
         net.run(Duration::from_secs(10));
         assert!(net.route(0, 1).protect);
         assert_eq!(net.route(0, 1).reason, Reason::Degraded);
+    }
+
+    #[test]
+    fn a_degraded_direct_path_keeps_its_route_and_moves_a_share_in_proportion_to_the_loss() {
+        let mut net = Net::new(3);
+        net.run(Duration::from_secs(3));
+        assert_eq!(net.nodes[0].relief(0), None, "a healthy path is relieved");
+        // 2 % loss: below the threshold, nothing moves
+        net.lossy.push((0, 1, 20));
+        net.lossy.push((1, 0, 20));
+        net.run(Duration::from_secs(20));
+        assert_eq!(net.nodes[0].relief(0), None);
+        // 20 % loss each way: degraded, a share moves to the relay; the route stays
+        net.lossy.clear();
+        net.lossy.push((0, 1, 200));
+        net.lossy.push((1, 0, 200));
+        let before = net.nodes[0].route_changes(0);
+        net.run(Duration::from_secs(20));
+        let d = net.nodes[0].paths(0).into_iter().find(|v| v.id == PathId::Direct).unwrap();
+        assert_eq!(d.state, PathState::Degraded, "{d:?}");
+        let (via, share) = net.nodes[0].relief(0).expect("relief of a degraded path");
+        assert_eq!(via, PathId::Relay(net.ids[2]));
+        assert!((0.125..=0.75).contains(&share), "share {share} for 20 % loss");
+        assert_eq!(net.nodes[0].route_changes(0), before, "the route moved");
+        assert!(!net.route(0, 1).protect);
+        // healed: up again, nothing moved
+        net.lossy.clear();
+        net.run(Duration::from_secs(60));
+        assert_eq!(net.nodes[0].relief(0), None);
+        let d = net.nodes[0].paths(0).into_iter().find(|v| v.id == PathId::Direct).unwrap();
+        assert_eq!(d.state, PathState::Up);
+        // 70 % loss: failed, everything moves
+        net.lossy.push((0, 1, 700));
+        net.run(Duration::from_secs(10));
+        assert!(net.route(0, 1).protect);
+        assert_eq!(net.nodes[0].relief(0), None, "relief while all traffic moved");
     }
 
     #[test]
