@@ -168,6 +168,15 @@ bench_failover() {
   sleep 10
   p1=$(peer_field "$A" alice bob probe_tx_bytes)
   local probe_bps=$(((p1 - p0) / 10))
+  # ... and while traffic to bob flows (the 10 ms probe stream): its paths are probed fast.
+  ip netns exec "$A" python3 "$STREAM" client "$UB" 9200 13 >/dev/null &
+  local sp=$!
+  sleep 2
+  p0=$(peer_field "$A" alice bob probe_tx_bytes)
+  sleep 10
+  p1=$(peer_field "$A" alice bob probe_tx_bytes)
+  local probe_active_bps=$(((p1 - p0) / 10))
+  wait "$sp" || true
 
   # Waits until alice sends to bob on the direct path again (after a hold-down).
   wait_direct() {
@@ -298,7 +307,7 @@ bench_failover() {
   echo "degraded path (20 % loss), relieved (defaults)..." >&2
   deg_on=$(degraded_phase)
 
-  python3 - "$probe_bps" "$with1" "$without1" "$with2" "$without2" "${silent[*]}" "${icmp[*]}" "$flap_undamped" "$flap_damped" "$deg_off" "$deg_on" <<'EOF'
+  python3 - "$probe_bps" "$with1" "$without1" "$with2" "$without2" "${silent[*]}" "${icmp[*]}" "$flap_undamped" "$flap_damped" "$deg_off" "$deg_on" "$probe_active_bps" <<'EOF'
 import json, statistics, sys
 probe = int(sys.argv[1])
 (und_changes, und_flaps), (dam_changes, dam_flaps) = (map(int, x.split()) for x in sys.argv[8:10])
@@ -317,7 +326,8 @@ r = {
     "failover_icmp_ms_p95": round(pct(icmp, 0.95), 1),
     "failover_silent_ms": silent,
     "failover_icmp_ms": icmp,
-    "probe_bytes_per_s_per_peer": probe,
+    "probe_bytes_per_s_idle_peer": probe,
+    "probe_bytes_per_s_active_peer": int(sys.argv[12]),
     "healthy_gbps_with_detourd": [round(w1 / 1e9, 3), round(w2 / 1e9, 3)],
     "healthy_gbps_without_detourd": [round(o1 / 1e9, 3), round(o2 / 1e9, 3)],
     "healthy_throughput_ratio": round((w1 + w2) / (o1 + o2), 4),
