@@ -217,28 +217,41 @@ bench_failover() {
   done
   kill "$echo_pid" 2>/dev/null || true
 
-  # Healthy path: TCP on the underlay addresses with and without detourd, alternating.
+  # Healthy path: TCP on the underlay addresses with and without detourd, alternating
+  # BENCH_HEALTHY_ROUNDS times (default 6) in an order that changes every round (with
+  # first, then without first), so that drift cannot decide the ratio.
   wait_direct
   ip netns exec "$B" iperf3 -s -D >/dev/null
   sleep 0.5
-  local with1 without1 with2 without2
-  echo "healthy path, detourd running..." >&2
-  read -r with1 _ < <(iperf "$A" "$UB" 1)
-  echo "healthy path, detourd stopped..." >&2
-  kill -TERM $(pgrep -f "detourd -c $DIR") 2>/dev/null || true
-  sleep 1
-  read -r without1 _ < <(iperf "$A" "$UB" 1)
-  start_daemon "${P}h1" "$DIR" alice
-  start_daemon "${P}h2" "$DIR" bob
-  start_daemon "${P}h3" "$DIR" carol
-  wait_up "${P}h1" "$DIR" alice 2
-  wait_direct
-  echo "healthy path, detourd running..." >&2
-  read -r with2 _ < <(iperf "$A" "$UB" 1)
-  kill -TERM $(pgrep -f "detourd -c $DIR") 2>/dev/null || true
-  sleep 1
-  echo "healthy path, detourd stopped..." >&2
-  read -r without2 _ < <(iperf "$A" "$UB" 1)
+  local rounds=${BENCH_HEALTHY_ROUNDS:-6} k with_all=() without_all=() w o
+  restart_all() {
+    start_daemon "${P}h1" "$DIR" alice
+    start_daemon "${P}h2" "$DIR" bob
+    start_daemon "${P}h3" "$DIR" carol
+    wait_up "${P}h1" "$DIR" alice 2
+    wait_direct
+  }
+  stop_all() {
+    kill -TERM $(pgrep -f "detourd -c $DIR") 2>/dev/null || true
+    sleep 1
+  }
+  for k in $(seq 1 "$rounds"); do
+    echo "healthy path, round $k/$rounds..." >&2
+    if [ $((k % 2)) = 1 ]; then
+      read -r w _ < <(iperf "$A" "$UB" 1)
+      stop_all
+      read -r o _ < <(iperf "$A" "$UB" 1)
+      restart_all
+    else
+      stop_all
+      read -r o _ < <(iperf "$A" "$UB" 1)
+      restart_all
+      read -r w _ < <(iperf "$A" "$UB" 1)
+    fi
+    with_all+=("$w")
+    without_all+=("$o")
+  done
+  stop_all
 
   # Flapping: the direct path cut for 1 s and healed for 5 s, 10 times (a minute), while a
   # probe stream runs; route changes of alice towards bob, with the hold-down capped at its
@@ -307,11 +320,13 @@ bench_failover() {
   echo "degraded path (20 % loss), relieved (defaults)..." >&2
   deg_on=$(degraded_phase)
 
-  python3 - "$probe_bps" "$with1" "$without1" "$with2" "$without2" "${silent[*]}" "${icmp[*]}" "$flap_undamped" "$flap_damped" "$deg_off" "$deg_on" "$probe_active_bps" <<'EOF'
+  python3 - "$probe_bps" "${with_all[*]}" "${without_all[*]}" "" "" "${silent[*]}" "${icmp[*]}" "$flap_undamped" "$flap_damped" "$deg_off" "$deg_on" "$probe_active_bps" <<'EOF'
 import json, statistics, sys
 probe = int(sys.argv[1])
+with_all = [float(x) for x in sys.argv[2].split()]
+without_all = [float(x) for x in sys.argv[3].split()]
+pair = [w / o for w, o in zip(with_all, without_all)]
 (und_changes, und_flaps), (dam_changes, dam_flaps) = (map(int, x.split()) for x in sys.argv[8:10])
-w1, o1, w2, o2 = (float(x) for x in sys.argv[2:6])
 silent = [float(x) for x in sys.argv[6].split()]
 icmp = [float(x) for x in sys.argv[7].split()]
 def pct(v, q):
@@ -328,9 +343,10 @@ r = {
     "failover_icmp_ms": icmp,
     "probe_bytes_per_s_idle_peer": probe,
     "probe_bytes_per_s_active_peer": int(sys.argv[12]),
-    "healthy_gbps_with_detourd": [round(w1 / 1e9, 3), round(w2 / 1e9, 3)],
-    "healthy_gbps_without_detourd": [round(o1 / 1e9, 3), round(o2 / 1e9, 3)],
-    "healthy_throughput_ratio": round((w1 + w2) / (o1 + o2), 4),
+    "healthy_gbps_with_detourd": [round(w / 1e9, 3) for w in with_all],
+    "healthy_gbps_without_detourd": [round(o / 1e9, 3) for o in without_all],
+    "healthy_throughput_ratio": round(sum(with_all) / sum(without_all), 4),
+    "healthy_ratio_per_round_min_max": [round(min(pair), 4), round(max(pair), 4)],
     "flap_cycles_per_min": 10,
     "flap_failures_counted": dam_flaps,
     "flap_switches_per_min": dam_changes,
