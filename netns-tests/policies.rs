@@ -195,9 +195,9 @@ fn counter(lab: &Lab, name: &str, table: &str, chain: &str, needle: &str) -> u64
     out.lines().filter(|l| l.contains(needle)).filter_map(|l| l.split_whitespace().next().and_then(|n| n.parse::<u64>().ok())).sum()
 }
 
-#[test]
-fn an_exit_masquerades_new_connections_to_an_outside_host_never_established_ones_and_nothing_unsolicited() {
-    // x runs no detour: a plain host with an HTTP server.
+/// alice, with `x` (a plain host that runs no detour) watched, and `exit`, which offers
+/// exit and masquerades; both sessions up. Returns the lab and x's underlay address.
+fn exit_lab() -> (Lab, String) {
     let names = ["alice", "exit", "x"];
     let mut lab = Lab::new(&names);
     let x = lab.host("x").underlay_v4();
@@ -210,6 +210,13 @@ fn an_exit_masquerades_new_connections_to_an_outside_host_never_established_ones
     lab.start("exit");
     lab.wait_up("alice", &["exit"], UP);
     lab.wait_up("exit", &["alice"], UP);
+    (lab, x)
+}
+
+#[test]
+fn an_exit_masquerades_new_connections_to_an_outside_host_never_established_ones_and_nothing_unsolicited() {
+    // x runs no detour: a plain host with an HTTP server.
+    let (mut lab, x) = exit_lab();
     let x_ns = lab.host("x").ns.clone();
     let mut http = http_server(&lab, &x_ns, 8080);
     let mut sink = spawn(&lab, &x_ns, &["python3", TCPCHECK, "server", "9100"]);
@@ -273,18 +280,7 @@ fn an_exit_masquerades_new_connections_to_an_outside_host_never_established_ones
 
 #[test]
 fn a_new_connection_through_an_exit_after_an_icmp_cut_does_not_wait_for_a_syn_retransmission() {
-    let names = ["alice", "exit", "x"];
-    let mut lab = Lab::new(&names);
-    let x = lab.host("x").underlay_v4();
-    let alice_cfg = lab.node_section("alice", "") + &format!("\n[exit]\nwatch = [\"{x}/32\"]\nhold_s = 120\n") + &lab.peer_section("exit", None, "");
-    let exit_cfg = lab.node_section("exit", "") + "\n[policy]\nconnectivity = \"host\"\ninternet_masquerade = true\n" + &lab.peer_section("alice", None, "");
-    lab.write_config("alice", &alice_cfg);
-    lab.write_config("exit", &exit_cfg);
-    lab.ok("exit", "sysctl -qw net.ipv4.ip_forward=1");
-    lab.start("alice");
-    lab.start("exit");
-    lab.wait_up("alice", &["exit"], UP);
-    lab.wait_up("exit", &["alice"], UP);
+    let (lab, x) = exit_lab();
     let x_ns = lab.host("x").ns.clone();
     let mut http = http_server(&lab, &x_ns, 8080);
     std::thread::sleep(Duration::from_millis(300));

@@ -258,11 +258,7 @@ bench_failover() {
   # base (no damping) and then with the default damping, same minute apart.
   flap_phase() {
     local c0 c1 f1 k
-    start_daemon "${P}h1" "$DIR" alice
-    start_daemon "${P}h2" "$DIR" bob
-    start_daemon "${P}h3" "$DIR" carol
-    wait_up "${P}h1" "$DIR" alice 2
-    wait_direct
+    restart_all
     ip netns exec "$B" python3 "$STREAM" server 9201 &
     local ep=$!
     sleep 0.5
@@ -280,8 +276,7 @@ bench_failover() {
     c1=$(peer_field "$A" alice bob route_changes)
     f1=$(peer_field "$A" alice bob flaps)
     kill "$sp" "$ep" 2>/dev/null || true
-    kill -TERM $(pgrep -f "detourd -c $DIR") 2>/dev/null || true
-    sleep 1
+    stop_all
     echo "$((c1 - c0)) $f1"
   }
   echo "flapping path, hold-down capped at 3 s (no damping)..." >&2
@@ -295,11 +290,7 @@ bench_failover() {
   # (flows.py, 8 at once, 200 kB each) runs for BENCH_SECONDS x 2; goodput with detour
   # relieving the path (defaults) against staying on it (relief and failure by loss off).
   degraded_phase() {
-    start_daemon "${P}h1" "$DIR" alice
-    start_daemon "${P}h2" "$DIR" bob
-    start_daemon "${P}h3" "$DIR" carol
-    wait_up "${P}h1" "$DIR" alice 2
-    wait_direct
+    restart_all
     ip netns exec "$B" python3 "$FLOWS" server 9202 &
     local fp=$!
     ip netns exec "$R" iptables -I FORWARD -s "$UA" -d "$UB" -m statistic --mode random --probability 0.2 -j DROP
@@ -309,8 +300,7 @@ bench_failover() {
     echo "relief: $(peer_field "$A" alice bob relief_share)" >&2
     ip netns exec "$R" iptables -F FORWARD
     kill "$fp" 2>/dev/null || true
-    kill -TERM $(pgrep -f "detourd -c $DIR") 2>/dev/null || true
-    sleep 1
+    stop_all
   }
   local FLOWS="$DETOUR_ROOT/netns-tests/helpers/flows.py" deg_off deg_on
   for n in alice bob carol; do printf '\n[failover]\ndegraded_loss = 0.9\nfailed_loss = 0.9\nrecover_loss = 0.5\n' >>"$DIR/$n.toml"; done

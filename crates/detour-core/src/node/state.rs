@@ -767,15 +767,16 @@ impl NodeState {
                             .collect()
                     })
                     .unwrap_or_default();
+                let (flaps, flap_penalty, hold_down) = self.core.damping(i, now);
                 Some(RouteStatus {
                     path: self.path_name(m, r.path),
                     reason: r.reason.as_str().into(),
                     since: r.since,
                     protected: r.protect,
                     changes: self.core.route_changes(i),
-                    flaps: self.core.damping(i, now).0,
-                    flap_penalty: self.core.damping(i, now).1,
-                    hold_down: self.core.damping(i, now).2,
+                    flaps,
+                    flap_penalty,
+                    hold_down,
                     degraded: self.core.paths(i).into_iter().find(|v| v.id == PathId::Direct && v.state == PathState::Degraded).map(|v| (v.loss, v.rtt_rise)),
                     relief: self.relief.get(&i).map(|(via, share)| (self.path_name(m, *via), *share)),
                     traffic: self.core.is_active(now, i),

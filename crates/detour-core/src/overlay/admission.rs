@@ -25,9 +25,10 @@
 //! The shell counts the handshakes in progress and passes the count in; this module keeps
 //! the per-source buckets (at most [`MAX_SOURCES`] of them) and the counters.
 
-use std::collections::HashMap;
 use std::net::IpAddr;
 use std::time::Instant;
+
+use crate::overlay::api::RateLimiter;
 
 /// Limits of [`Admission`] (`[management]` handshake_* settings).
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -90,8 +91,8 @@ pub struct AdmissionCounters {
 #[derive(Debug)]
 pub struct Admission {
     cfg: AdmissionConfig,
-    /// Tokens and the time they were counted, per source key.
-    buckets: HashMap<SourceKey, (f64, Instant)>,
+    /// Token buckets per source key.
+    buckets: RateLimiter<SourceKey>,
     counters: AdmissionCounters,
 }
 
@@ -117,8 +118,7 @@ impl SourceKey {
 impl Admission {
     /// An admission state with the given limits (`rate` and `burst` at least 1).
     pub fn new(cfg: AdmissionConfig) -> Admission {
-        let cfg = AdmissionConfig { rate: cfg.rate.max(1), burst: cfg.burst.max(1), ..cfg };
-        Admission { cfg, buckets: HashMap::new(), counters: AdmissionCounters::default() }
+        Admission { cfg, buckets: RateLimiter::with_burst(cfg.rate, cfg.burst, MAX_SOURCES), counters: AdmissionCounters::default() }
     }
 
     /// Decides on an attempt from `src` at `now`; `validated`: the attempt carries a valid
@@ -126,7 +126,7 @@ impl Admission {
     pub fn admit(&mut self, now: Instant, src: IpAddr, validated: bool, pending: usize) -> Admit {
         let verdict = if pending >= self.cfg.max_pending {
             Admit::Refuse(Refusal::PendingFull)
-        } else if !self.take(now, SourceKey::of(src)) {
+        } else if !self.buckets.allow(now, SourceKey::of(src)) {
             // Before the Retry: a source cannot make the node send more than its rate of
             // Retry packets (to a victim whose address it forges).
             Admit::Refuse(Refusal::RateLimited)
@@ -153,31 +153,13 @@ impl Admission {
     pub fn sources(&self) -> usize {
         self.buckets.len()
     }
-
-    fn take(&mut self, now: Instant, key: SourceKey) -> bool {
-        let (rate, cap) = (f64::from(self.cfg.rate), f64::from(self.cfg.burst));
-        if self.buckets.len() >= MAX_SOURCES && !self.buckets.contains_key(&key) {
-            self.buckets.retain(|_, (tokens, at)| *tokens + now.saturating_duration_since(*at).as_secs_f64() * rate < cap);
-            if self.buckets.len() >= MAX_SOURCES {
-                self.buckets.clear();
-            }
-        }
-        let (tokens, at) = self.buckets.entry(key).or_insert((cap, now));
-        *tokens = (*tokens + now.saturating_duration_since(*at).as_secs_f64() * rate).min(cap);
-        *at = now;
-        if *tokens >= 1.0 {
-            *tokens -= 1.0;
-            true
-        } else {
-            false
-        }
-    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use proptest::prelude::*;
+    use std::collections::HashMap;
     use std::time::Duration;
 
     fn ip(s: &str) -> IpAddr {

@@ -376,28 +376,44 @@ impl Subscriptions {
     }
 }
 
-/// Token buckets per program: `rate` requests per second, bursts of `2 × rate`.
+/// Token buckets per key: `rate` tokens per second, bursts of `burst`; at most `max_keys`
+/// buckets (past it, buckets that have refilled are forgotten first, and if none has, all
+/// are). The local API keys them by program (`rate` requests per second, bursts of
+/// `2 × rate`); management handshake admission by source ([`crate::overlay::admission`]).
 #[derive(Debug)]
-pub struct RateLimiter {
+pub struct RateLimiter<K = SocketAddr> {
     rate: f64,
-    buckets: HashMap<SocketAddr, (f64, Instant)>,
+    burst: f64,
+    max_keys: usize,
+    buckets: HashMap<K, (f64, Instant)>,
 }
 
-impl RateLimiter {
-    /// A limiter of `rate` requests per second per program.
+impl RateLimiter<SocketAddr> {
+    /// A limiter of `rate` requests per second per program (bursts of `2 × rate`, 10,000
+    /// programs tracked).
     pub fn new(rate: u32) -> RateLimiter {
-        RateLimiter { rate: f64::from(rate.max(1)), buckets: HashMap::new() }
+        RateLimiter::with_burst(rate, rate.saturating_mul(2), 10_000)
+    }
+}
+
+impl<K: std::hash::Hash + Eq> RateLimiter<K> {
+    /// A limiter of `rate` tokens per second and bursts of `burst` per key (both at least
+    /// 1), tracking at most `max_keys` keys.
+    pub fn with_burst(rate: u32, burst: u32, max_keys: usize) -> RateLimiter<K> {
+        RateLimiter { rate: f64::from(rate.max(1)), burst: f64::from(burst.max(1)), max_keys: max_keys.max(1), buckets: HashMap::new() }
     }
 
-    /// Takes a token for `who`; false when it is over its rate.
-    pub fn allow(&mut self, now: Instant, who: SocketAddr) -> bool {
-        if self.buckets.len() > 10_000 {
-            let rate = self.rate;
-            self.buckets.retain(|_, (tokens, at)| *tokens + now.saturating_duration_since(*at).as_secs_f64() * rate < 2.0 * rate);
+    /// Takes a token for `who` at `now`; false when it is over its rate.
+    pub fn allow(&mut self, now: Instant, who: K) -> bool {
+        let (rate, cap) = (self.rate, self.burst);
+        if self.buckets.len() >= self.max_keys && !self.buckets.contains_key(&who) {
+            self.buckets.retain(|_, (tokens, at)| *tokens + now.saturating_duration_since(*at).as_secs_f64() * rate < cap);
+            if self.buckets.len() >= self.max_keys {
+                self.buckets.clear();
+            }
         }
-        let cap = 2.0 * self.rate;
         let (tokens, at) = self.buckets.entry(who).or_insert((cap, now));
-        *tokens = (*tokens + now.saturating_duration_since(*at).as_secs_f64() * self.rate).min(cap);
+        *tokens = (*tokens + now.saturating_duration_since(*at).as_secs_f64() * rate).min(cap);
         *at = now;
         if *tokens >= 1.0 {
             *tokens -= 1.0;
@@ -405,6 +421,16 @@ impl RateLimiter {
         } else {
             false
         }
+    }
+
+    /// Keys with a bucket.
+    pub fn len(&self) -> usize {
+        self.buckets.len()
+    }
+
+    /// True when no key has a bucket.
+    pub fn is_empty(&self) -> bool {
+        self.buckets.is_empty()
     }
 }
 
