@@ -107,7 +107,8 @@ fn a_long_tcp_transfer_survives_a_silent_cut_through_a_relay() {
     println!("silent cut: outage measured by the 10 ms probe stream: {} ms (at {} s)", s["outage_ms"], s["outage_at"]);
     assert!(ok && text.starts_with("ok"), "the TCP transfer failed: {text}");
     let outage = s["outage_ms"].as_f64().unwrap();
-    assert!(outage < 2000.0, "outage {outage} ms");
+    // the fast rule: about 100 ms here; "well under a second" leaves room for a loaded CI machine
+    assert!(outage < 600.0, "outage {outage} ms");
     let r = route(&lab, "alice", "bob");
     assert_eq!(r["path"], "via carol", "{r}");
     assert_eq!(r["reason"], "probe_loss");
@@ -254,7 +255,7 @@ fn a_degraded_path_moves_a_share_of_new_connections_and_keeps_an_established_one
     // and the SYNs of new ones (port 9101)
     lab.ok(
         "alice",
-        "iptables -t mangle -I POSTROUTING -o dt-bob -p tcp --dport 9100 -m comment --comment est && iptables -t mangle -I POSTROUTING -o dt-bob -p tcp --dport 9101 --syn -m comment --comment new",
+        "iptables -t mangle -I POSTROUTING -o dt-bob -p tcp --dport 9100 -m comment --comment est && iptables -t mangle -I POSTROUTING -o dt-bob -p tcp --dport 9101 --syn -m comment --comment new && iptables -t mangle -I OUTPUT -p tcp --dport 9100 -m conntrack --ctstate INVALID -m comment --comment inv && iptables -t mangle -I OUTPUT -p tcp --dport 9100 -m conntrack --ctstate UNTRACKED -m comment --comment untr && iptables -t mangle -I OUTPUT -p tcp --dport 9100 -m conntrack --ctstate NEW -m comment --comment isnew && iptables -t mangle -I OUTPUT -p tcp --dport 9100 -m connmark ! --mark 0/0x300000 -m comment --comment pinned",
     );
     let count = |what: &str| -> u64 {
         let out = lab.ok("alice", "iptables -t mangle -L POSTROUTING -v -n -x");
@@ -288,7 +289,11 @@ fn a_degraded_path_moves_a_share_of_new_connections_and_keeps_an_established_one
     let r = route(&lab, "alice", "bob");
     assert_eq!(r["route_changes"].as_u64().unwrap(), before, "{r}");
     assert_eq!(r["path"], "direct");
-    assert_eq!(count("est"), 0, "packets of the established connection entered the overlay");
+    let est = count("est");
+    if est != 0 {
+        let rules = lab.ok("alice", "iptables-save -c -t mangle; grep 9100 /proc/net/nf_conntrack");
+        panic!("{est} packets of the established connection entered the overlay\n{rules}\n--- alice's log ---\n{}", lab.log("alice"));
+    }
     router(&lab, "iptables -F FORWARD");
     let (ok, text) = finish(established);
     assert!(ok && text.starts_with("ok"), "the established connection broke: {text}");
@@ -382,7 +387,7 @@ fn stalled_tcp_connections_trigger_a_confirmed_reroute() {
     let mut lab = Lab::new(&["alice", "bob", "carol"]);
     lab.write_mesh();
     let mut a = lab.node_section("alice", "");
-    a += "\n[failover]\ndown_after_ms = 8000\n";
+    a += "\n[failover]\ndown_after_ms = 8000\nfast_down_after_ms = 0\n";
     a += &lab.peer_section("bob", None, "");
     a += &lab.peer_section("carol", None, "");
     lab.write_config("alice", &a);

@@ -213,10 +213,20 @@ pub fn counts(save: &str, rules: &[Rule]) -> Vec<(usize, u64)> {
         .collect()
 }
 
+/// What the accounting thread reports after applying a set of rules.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Report {
+    /// The rules now in the kernel (their pins are in place: a split of their
+    /// destinations may be routed).
+    pub installed: Vec<Rule>,
+    /// Bytes counted per rule, as (peer, bytes); `None` when the counters could not be read.
+    pub counts: Option<Vec<(usize, u64)>>,
+}
+
 /// The accounting thread: keeps the rules in step with the REPLEX splits and reads the
 /// counters, off the control loop (iptables may wait for its lock for
 /// [`netfilter::XTABLES_WAIT_S`]). The control loop hands it the rules it wants and takes
-/// the counts when they come; neither side ever waits for the other.
+/// the reports when they come; neither side ever waits for the other.
 pub struct Worker {
     want: std::sync::mpsc::Sender<Vec<Rule>>,
 }
@@ -224,11 +234,11 @@ pub struct Worker {
 impl Worker {
     /// Starts the thread with `accounting` (installed). Each set of rules handed to
     /// [`Worker::update`] is applied (only the newest of those waiting), then the counts
-    /// are read and sent to `counts`.
+    /// are read, and both are sent to `reports`.
     ///
     /// # Errors
     /// If the thread cannot be started.
-    pub fn start(mut accounting: Accounting, counts: tokio::sync::mpsc::UnboundedSender<Vec<(usize, u64)>>) -> Result<Worker> {
+    pub fn start(mut accounting: Accounting, reports: tokio::sync::mpsc::UnboundedSender<Report>) -> Result<Worker> {
         let (want, rx) = std::sync::mpsc::channel::<Vec<Rule>>();
         std::thread::Builder::new()
             .name("detour-acct".into())
@@ -241,13 +251,9 @@ impl Worker {
                         tracing::debug!("accounting: {e:#}");
                         continue;
                     }
-                    match accounting.read() {
-                        Ok(c) => {
-                            if counts.send(c).is_err() {
-                                return;
-                            }
-                        }
-                        Err(e) => tracing::debug!("accounting: {e:#}"),
+                    let counts = accounting.read().map_err(|e| tracing::debug!("accounting: {e:#}")).ok();
+                    if reports.send(Report { installed: accounting.rules.clone(), counts }).is_err() {
+                        return;
                     }
                 }
             })

@@ -283,10 +283,43 @@ async fn reconcile(nl: &Netlink, model: &Model, protect: &[Option<Protect>], qui
     Ok(ops.len())
 }
 
+/// Holds a REPLEX or relief split back from the kernel until the accounting thread has
+/// confirmed its connection pins ([`Model::gate_splits`]). Without an accounting thread
+/// (its chains were refused) nothing is held back.
+#[derive(Debug, Default)]
+struct SplitGate {
+    /// Whether splits wait for their pins (the accounting thread runs).
+    active: bool,
+    /// (peer, destination) whose pin rules the accounting thread reported installed.
+    pinned: HashSet<(usize, ipnet::IpNet)>,
+    /// The protection put in the kernel at the last pass.
+    applied: Vec<Option<Protect>>,
+}
+
+impl SplitGate {
+    /// The protection for this pass (remembered as applied).
+    fn protect(&mut self, engine: &Engine) -> Vec<Option<Protect>> {
+        let wanted = engine.protect();
+        let now = if self.active { engine.model().gate_splits(&wanted, &self.applied, &self.pinned) } else { wanted };
+        self.applied = now.clone();
+        now
+    }
+
+    /// Takes the rules the accounting thread installed; true when the pins changed.
+    fn installed(&mut self, rules: &[acct::Rule]) -> bool {
+        let now: HashSet<(usize, ipnet::IpNet)> = rules.iter().map(|r| (r.peer, r.dst)).collect();
+        let changed = now != self.pinned;
+        self.pinned = now;
+        changed
+    }
+}
+
 /// One pass of the kernel reconcile for the engine's model and protection (see
-/// [`reconcile`]); a failure is logged and the next pass tries again.
-async fn kernel_pass(nl: &Netlink, engine: &Engine, quiet: bool, last: &mut Option<DesiredState>) {
-    if let Err(e) = reconcile(nl, engine.model(), &engine.protect(), quiet, last).await {
+/// [`reconcile`]), splits held back by `gate` until their pins are in; a failure is logged
+/// and the next pass tries again.
+async fn kernel_pass(nl: &Netlink, engine: &Engine, gate: &mut SplitGate, quiet: bool, last: &mut Option<DesiredState>) {
+    let protect = gate.protect(engine);
+    if let Err(e) = reconcile(nl, engine.model(), &protect, quiet, last).await {
         tracing::warn!("reconcile: {e:#}");
     }
 }
@@ -381,6 +414,7 @@ async fn run_inner(identity: &Identity, model: Model, nl: Netlink, listener: tok
     // (failover.failed_loss = degraded_loss).
     let (acct_tx, mut acct_rx) = mpsc::unbounded_channel();
     let mut acct_worker = None;
+    let mut gate = SplitGate::default();
     if cfg.replex.enabled || cfg.failover.degraded_loss < cfg.failover.failed_loss {
         res.acct = true;
         for path in acct::set_hash_policy() {
@@ -388,7 +422,10 @@ async fn run_inner(identity: &Identity, model: Model, nl: Netlink, listener: tok
         }
         let mut accounting = Accounting::default();
         match accounting.install(&keeper, cfg.kernel.fwmark) {
-            Ok(()) => acct_worker = Some(acct::Worker::start(accounting, acct_tx)?),
+            Ok(()) => {
+                acct_worker = Some(acct::Worker::start(accounting, acct_tx)?);
+                gate.active = true;
+            }
             Err(e) => tracing::warn!("REPLEX: no byte accounting of the kernel's direct share: {e:#}"),
         }
     }
@@ -624,7 +661,17 @@ async fn run_inner(identity: &Identity, model: Model, nl: Netlink, listener: tok
                 }
             }
             Some(alarm) = alarm_rx.recv() => engine.on_alarm(alarm),
-            _ = tokio::time::sleep_until(wake.into()) => engine.on_timeout(),
+            _ = tokio::time::sleep_until(wake.into()) => {
+                // Probes and echoes already queued are taken first: a path must not be
+                // judged silent while its answer waits in this loop's own queue.
+                for _ in 0..crate::shell::engine::DATA_BATCH {
+                    match data_rx.try_recv() {
+                        Ok(ev) => engine.on_data(ev),
+                        Err(_) => break,
+                    }
+                }
+                engine.on_timeout();
+            }
             Some(r) = tasks.join_next() => {
                 fatal = Some(match r {
                     Ok(name) => format!("{name} stopped"),
@@ -649,7 +696,7 @@ async fn run_inner(identity: &Identity, model: Model, nl: Netlink, listener: tok
                 let links = link_names(engine.model());
                 let settled = links == last_links;
                 last_links = links;
-                kernel_pass(&nl, &engine, !settled, &mut last_desired).await;
+                kernel_pass(&nl, &engine, &mut gate, !settled, &mut last_desired).await;
                 let now = refresh_local_addresses(&nl, &dp, &filter, &local_addrs).await;
                 if now != local_addrs {
                     local_addrs = now;
@@ -663,22 +710,28 @@ async fn run_inner(identity: &Identity, model: Model, nl: Netlink, listener: tok
                     w.update(accounting_rules(engine.model(), &engine.protect()));
                 }
             }
-            Some(counts) = acct_rx.recv() => {
-                let n = engine.model().peers.len();
-                let mut sums = vec![0u64; n];
-                for (peer, bytes) in counts {
-                    if let Some(s) = sums.get_mut(peer) {
-                        *s += bytes;
+            Some(report) = acct_rx.recv() => {
+                if let Some(counts) = report.counts {
+                    let n = engine.model().peers.len();
+                    let mut sums = vec![0u64; n];
+                    for (peer, bytes) in counts {
+                        if let Some(s) = sums.get_mut(peer) {
+                            *s += bytes;
+                        }
                     }
+                    engine.set_direct_bytes(sums);
                 }
-                engine.set_direct_bytes(sums);
+                if gate.installed(&report.installed) {
+                    // Pins came or went: a split held back may go to the kernel now.
+                    kernel_pass(&nl, &engine, &mut gate, true, &mut last_desired).await;
+                }
             }
             _ = tokio::time::sleep_until(model_pass_at(last_model_pass, model_changed).into()), if model_changed.is_some() => {
                 // Peers or their interfaces changed.
                 model_changed = None;
                 last_model_pass = Instant::now();
                 res.links = res.links.union(&link_names(engine.model())).cloned().collect();
-                kernel_pass(&nl, &engine, true, &mut last_desired).await;
+                kernel_pass(&nl, &engine, &mut gate, true, &mut last_desired).await;
             }
             _ = wd.tick(), if watchdog => {
                 // Fed only while every part makes progress: a hung engine or data thread
@@ -700,8 +753,12 @@ async fn run_inner(identity: &Identity, model: Model, nl: Netlink, listener: tok
             model_changed.get_or_insert_with(Instant::now);
         }
         if engine.take_kernel_change() {
-            // Protection or exits changed: move the routes now, not at the next tick.
-            kernel_pass(&nl, &engine, true, &mut last_desired).await;
+            // Protection or exits changed: move the routes now, not at the next tick, and
+            // the connection pins a new split needs (it waits for them, SplitGate).
+            if let Some(w) = &acct_worker {
+                w.update(accounting_rules(engine.model(), &engine.protect()));
+            }
+            kernel_pass(&nl, &engine, &mut gate, true, &mut last_desired).await;
         }
         for syn in engine.take_syns() {
             // After the routes moved: the SYN an ICMP error quoted goes out again on the

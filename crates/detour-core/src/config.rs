@@ -255,6 +255,11 @@ pub struct FailoverSettings {
     pub traffic_hold: Duration,
     /// A path is down when no probe sent this long ago arrived.
     pub down_after: Duration,
+    /// The fast rule: a path carrying the traffic of a peer with traffic is down after
+    /// this much silence once enough confirmation probes went unanswered (zero: off).
+    pub fast_down_after: Duration,
+    /// Probe interval of the confirmation burst.
+    pub confirm_interval: Duration,
     /// A repaired direct path must be healthy this long before traffic returns to it
     /// (doubled per recent failure, see [`crate::path::failover::FlapDamping`]).
     pub hold_down: Duration,
@@ -477,6 +482,8 @@ struct RawFailover {
     idle_probe_interval_ms: Option<u64>,
     traffic_hold_ms: Option<u64>,
     down_after_ms: Option<u64>,
+    fast_down_after_ms: Option<u64>,
+    confirm_interval_ms: Option<u64>,
     hold_down_ms: Option<u64>,
     max_hold_down_ms: Option<u64>,
     flap_half_life_s: Option<u64>,
@@ -1229,10 +1236,18 @@ fn validate_failover(f: RawFailover, errs: &mut Errors) -> FailoverSettings {
     let traffic_hold = ms("traffic_hold_ms", f.traffic_hold_ms, d.traffic_hold, 0, 3_600_000);
     let down_after = ms("down_after_ms", f.down_after_ms, d.down_after, 50, 60_000);
     let hold_down = ms("hold_down_ms", f.hold_down_ms, d.hold_down, 0, 600_000);
+    let fast_down_after = ms("fast_down_after_ms", f.fast_down_after_ms, d.fast_down_after, 0, 60_000);
+    let confirm_interval = ms("confirm_interval_ms", f.confirm_interval_ms, d.confirm_interval, 1, 10_000);
     let max_hold_down = ms("max_hold_down_ms", f.max_hold_down_ms, d.max_hold_down.max(hold_down), 0, 3_600_000);
     let tcp_poll = ms("tcp_poll_ms", f.tcp_poll_ms, Duration::from_millis(250), 50, 60_000);
     let degraded_rtt = ms("degraded_rtt_ms", f.degraded_rtt_ms, d.degraded_rtt, 0, 60_000);
     let degraded_after = ms("degraded_after_ms", f.degraded_after_ms, d.degraded_after, 0, 600_000);
+    if !fast_down_after.is_zero() && fast_down_after < probe_interval * 2 {
+        errs.push("failover.fast_down_after_ms", format!("expected 0 (off) or at least 2 probe intervals ({} ms), got {}", (probe_interval * 2).as_millis(), fast_down_after.as_millis()));
+    }
+    if confirm_interval > probe_interval {
+        errs.push("failover.confirm_interval_ms", format!("expected at most probe_interval_ms ({} ms), got {}", probe_interval.as_millis(), confirm_interval.as_millis()));
+    }
     if max_hold_down < hold_down {
         errs.push("failover.max_hold_down_ms", format!("expected at least hold_down_ms ({} ms), got {}", hold_down.as_millis(), max_hold_down.as_millis()));
     }
@@ -1275,6 +1290,8 @@ fn validate_failover(f: RawFailover, errs: &mut Errors) -> FailoverSettings {
         idle_probe_interval,
         traffic_hold,
         down_after,
+        fast_down_after,
+        confirm_interval,
         hold_down,
         max_hold_down: max_hold_down.max(hold_down),
         flap_half_life: Duration::from_secs(half_life.clamp(1, 86_400)),
@@ -1298,6 +1315,8 @@ impl FailoverSettings {
             probe_interval: self.probe_interval,
             standby_interval: self.standby_probe_interval,
             down_after: self.down_after,
+            fast_down_after: self.fast_down_after,
+            confirm_interval: self.confirm_interval,
             hold_down: self.hold_down,
             max_hold_down: self.max_hold_down,
             flap_half_life: self.flap_half_life,

@@ -438,6 +438,29 @@ impl Model {
         v
     }
 
+    /// The protection to put in the kernel now, given the protection `wanted`, the one
+    /// `applied` at the previous pass and the (peer, destination) pairs whose connection
+    /// pins are confirmed in netfilter (`pinned`).
+    ///
+    /// A split may reach the kernel only once the pin rules of all its destinations are in
+    /// place: before them, a connection established on the direct path would follow
+    /// whichever bucket of the nexthop group its next packet hashes to, and part of it
+    /// would move to the overlay. Until then the peer keeps what was applied before (when
+    /// that needed no pins, or its pins are still there) or else stays unprotected (its
+    /// direct path). A wanted protection without a split (everything through the overlay)
+    /// needs no pins and goes through at once.
+    pub fn gate_splits(&self, wanted: &[Option<Protect>], applied: &[Option<Protect>], pinned: &HashSet<(usize, IpNet)>) -> Vec<Option<Protect>> {
+        let ready = |i: usize, p: &Protect| p.split.is_none() || (i < self.peers.len() && self.split_destinations(i, p).into_iter().all(|d| pinned.contains(&(i, d))));
+        wanted
+            .iter()
+            .enumerate()
+            .map(|(i, w)| match w {
+                Some(p) if !ready(i, p) => applied.get(i).cloned().flatten().filter(|a| ready(i, a)),
+                other => other.clone(),
+            })
+            .collect()
+    }
+
     /// [`Model::desired_kernel`] with the underlay routes of split destinations, for the
     /// nexthop groups of REPLEX splits: each destination with a known underlay route gets a
     /// resilient group of its direct next hop and the peer's TUN, weighted as the split
@@ -715,6 +738,36 @@ prefixes = ["10.2.0.0/24"]
         // without a known underlay route the destination keeps the kernel's own route
         let k3 = m.desired_kernel_with(&[Some(Protect { underlay: vec![], src: vec![], split: Some((1, 1)) })], &UnderlayHops::new());
         assert!(k3.nexthops.is_empty());
+    }
+
+    #[test]
+    fn a_split_reaches_the_kernel_only_after_its_connection_pins() {
+        let m = model();
+        let split = Protect { underlay: vec!["198.51.100.2".parse().unwrap(), "198.51.100.3".parse().unwrap()], src: vec![], split: Some((200, 56)) };
+        let full = Protect { split: None, ..split.clone() };
+        let dsts = m.split_destinations(0, &split);
+        assert!(dsts.len() >= 2, "{dsts:?}");
+        let mut pinned = HashSet::new();
+        // no pins yet: the peer stays as it was (unprotected, or all through the overlay)
+        assert_eq!(m.gate_splits(&[Some(split.clone())], &[None], &pinned), vec![None]);
+        assert_eq!(m.gate_splits(&[Some(split.clone())], &[Some(full.clone())], &pinned), vec![Some(full.clone())]);
+        // everything through the overlay needs no pins
+        assert_eq!(m.gate_splits(&[Some(full.clone())], &[None], &pinned), vec![Some(full.clone())]);
+        // some destinations pinned is not enough, pins of another peer do not count
+        pinned.insert((0, dsts[0]));
+        for d in &dsts[1..] {
+            pinned.insert((1, *d));
+        }
+        assert_eq!(m.gate_splits(&[Some(split.clone())], &[None], &pinned), vec![None]);
+        for d in &dsts {
+            pinned.insert((0, *d));
+        }
+        assert_eq!(m.gate_splits(&[Some(split.clone())], &[None], &pinned), vec![Some(split.clone())]);
+        // a new split whose pins are missing keeps the applied split whose pins are there
+        let other = Protect { underlay: vec!["198.51.100.9".parse().unwrap()], ..split.clone() };
+        assert_eq!(m.gate_splits(&[Some(other)], &[Some(split.clone())], &pinned), vec![Some(split)]);
+        // unprotected stays unprotected
+        assert_eq!(m.gate_splits(&[None], &[Some(full)], &pinned), vec![None]);
     }
 
     #[test]

@@ -109,6 +109,15 @@ pub struct FailoverConfig {
     pub max_hold_down: Duration,
     /// Half-life of a peer's flap penalty ([`FlapDamping`]).
     pub flap_half_life: Duration,
+    /// Silence after which a path that carries the traffic of a peer that has traffic (its
+    /// direct path, the relay path in use, a path with a REPLEX share) is down, once enough
+    /// confirmation probes went unanswered too ([`confirmations_needed`]): the fast rule,
+    /// after BFD's detection time (RFC 5880 §6.8.4: detect multiplier × interval; 3 × 50
+    /// ms is the common fast setting). Zero, or not below `down_after`, turns it off.
+    pub fast_down_after: Duration,
+    /// Probe interval on such a path while its latest probes go unanswered past their
+    /// allowance (the confirmation burst).
+    pub confirm_interval: Duration,
 }
 
 impl Default for FailoverConfig {
@@ -132,7 +141,44 @@ impl Default for FailoverConfig {
             traffic_hold: Duration::from_secs(10),
             max_hold_down: Duration::from_secs(60),
             flap_half_life: Duration::from_secs(60),
+            fast_down_after: Duration::from_millis(100),
+            confirm_interval: Duration::from_millis(10),
         }
+    }
+}
+
+impl FailoverConfig {
+    /// Whether the fast rule ([`FailoverConfig::fast_down_after`]) is on.
+    pub fn fast_rule(&self) -> bool {
+        !self.fast_down_after.is_zero() && self.fast_down_after < self.down_after
+    }
+}
+
+/// Fewest unanswered probes before the fast rule may declare a path down.
+pub const MIN_CONFIRMATIONS: usize = 3;
+/// Most unanswered probes the fast rule waits for (at very high loss the slow rule,
+/// `down_after`, decides first anyway).
+pub const MAX_CONFIRMATIONS: usize = 24;
+/// The chance, per confirmation burst, that a path that still works is declared down by
+/// the fast rule because every probe of the burst (or its answer) was lost.
+pub const FALSE_DOWN_CHANCE: f64 = 1e-6;
+
+/// How many consecutive probes must go unanswered before the fast rule declares a path
+/// with smoothed one-way loss `loss` (0..1) down: the fewest `n` with `q^n ≤`
+/// [`FALSE_DOWN_CHANCE`], where `q = 1 − (1 − loss)²` is the chance that a probe or its
+/// answer is lost; at least [`MIN_CONFIRMATIONS`] (BFD's usual detect multiplier), at most
+/// [`MAX_CONFIRMATIONS`]. Loss-free: 3; 5 % loss: 6; 20 % loss: 14.
+pub fn confirmations_needed(loss: f64) -> usize {
+    let loss = if loss.is_finite() { loss.clamp(0.0, 0.99) } else { 0.99 };
+    let q = 1.0 - (1.0 - loss) * (1.0 - loss);
+    if q <= 1e-9 {
+        return MIN_CONFIRMATIONS;
+    }
+    let n = (FALSE_DOWN_CHANCE.ln() / q.ln()).ceil();
+    if n.is_finite() && n >= 0.0 {
+        (n as usize).clamp(MIN_CONFIRMATIONS, MAX_CONFIRMATIONS)
+    } else {
+        MAX_CONFIRMATIONS
     }
 }
 
@@ -437,6 +483,17 @@ impl Path {
         self.state == PathState::Up || (self.state == PathState::Degraded && self.loss < cfg.failed_loss)
     }
 
+    /// The send time of the latest answered probe, or the path's (re)start.
+    fn evidence(&self) -> Instant {
+        self.last_delivered_sent_at.unwrap_or(self.started).max(self.started)
+    }
+
+    /// The probes sent after [`Path::evidence`], oldest first: none of them is answered.
+    fn unanswered(&self) -> impl Iterator<Item = &Sent> {
+        let e = self.evidence();
+        self.sent.iter().filter(move |s| s.at > e && !s.delivered)
+    }
+
     /// Time after which an unanswered probe counts as lost, and silence is judged.
     fn allowance(&self) -> Duration {
         let base = self.srtt.map(|s| s + self.rttvar * 4).unwrap_or(Duration::from_millis(50));
@@ -474,10 +531,17 @@ impl Path {
 /// answered when its answer was due is confirmed at the fast rate (a path already down
 /// stays at the idle rate).
 fn next_probe(cfg: &FailoverConfig, epoch: Instant, p: &Peer, x: &Path) -> Instant {
-    let primary = x.id == PathId::Direct || x.id == p.route.path || p.busy.contains(&x.id);
+    let primary = is_primary(p, x);
     let fast = if primary { cfg.probe_interval } else { cfg.standby_interval };
     let Some(last) = x.last_sent else { return epoch.min(x.started) };
     if cfg.idle_interval <= fast || p.active_until.is_some_and(|u| last + fast <= u) {
+        if primary && cfg.fast_rule() && x.state != PathState::Down {
+            // The confirmation burst: once the oldest unanswered probe is past its
+            // allowance, probe every `confirm_interval` until one is answered.
+            if let Some(first) = x.unanswered().next() {
+                return (last + cfg.confirm_interval).max(first.at + x.allowance()).min(last + fast);
+            }
+        }
         return last + fast;
     }
     if x.state != PathState::Down && x.sent.back().is_some_and(|s| !s.delivered) {
@@ -486,6 +550,28 @@ fn next_probe(cfg: &FailoverConfig, epoch: Instant, p: &Peer, x: &Path) -> Insta
     // Idle probes go out on the node's idle grid: all of them share one wake-up per
     // interval, and a path leaving the fast rate joins the grid within 0.5–1.5 intervals.
     on_grid(epoch, cfg.idle_interval, last + cfg.idle_interval / 2)
+}
+
+/// Whether path `x` carries peer `p`'s traffic: the direct path, the route's path, or a
+/// path with a REPLEX share.
+fn is_primary(p: &Peer, x: &Path) -> bool {
+    x.id == PathId::Direct || x.id == p.route.path || p.busy.contains(&x.id)
+}
+
+/// When path `x` of peer `p` counts as silent by the fast rule
+/// ([`FailoverConfig::fast_down_after`]) if none of the probes already sent is answered:
+/// `fast_down_after` after the send time of its latest answered probe, and not before
+/// [`confirmations_needed`] probes sent since went unanswered past their allowance.
+/// `None` when the rule does not apply: it is off, the path is down or carries none of the
+/// peer's traffic, too few probes are out yet, or the peer will have stopped carrying
+/// traffic by then.
+fn fast_silence(cfg: &FailoverConfig, p: &Peer, x: &Path) -> Option<Instant> {
+    if !cfg.fast_rule() || x.state == PathState::Down || !is_primary(p, x) {
+        return None;
+    }
+    let nth = x.unanswered().nth(confirmations_needed(x.loss) - 1)?;
+    let t = (x.evidence() + cfg.fast_down_after).max(nth.at) + x.allowance();
+    p.active_until.is_some_and(|u| t <= u).then_some(t)
 }
 
 /// The first instant `epoch + k × every` (k ≥ 0) at or after `t`.
@@ -504,8 +590,7 @@ fn on_grid(epoch: Instant, every: Duration, t: Instant) -> Instant {
 /// working direction be judged silent (unit test
 /// `a_one_way_failure_of_an_idle_peer_reroutes_only_the_broken_direction`).
 fn silence_limit(cfg: &FailoverConfig, active_until: Option<Instant>, x: &Path) -> Instant {
-    let evidence = x.last_delivered_sent_at.unwrap_or(x.started).max(x.started);
-    let fast = evidence + cfg.down_after + x.allowance();
+    let fast = x.evidence() + cfg.down_after + x.allowance();
     if cfg.idle_interval <= cfg.probe_interval || active_until.is_some_and(|u| fast < u) {
         fast
     } else {
@@ -1231,6 +1316,9 @@ impl Failover {
                 if x.state != PathState::Down {
                     at(judged(silence_limit(cfg, p.active_until, x) + Duration::from_millis(1)));
                 }
+                if let Some(t) = fast_silence(cfg, p, x) {
+                    at(judged(t));
+                }
                 if let Some(s) = x.sent.iter().find(|s| !s.resolved) {
                     at(judged(s.at + allowance + cfg.probe_interval * 4));
                 }
@@ -1322,7 +1410,8 @@ impl Failover {
         let p = &mut self.peers[peer];
         let active_until = p.active_until;
         let mut direct_failed = false;
-        for x in p.paths.iter_mut() {
+        let fast: Vec<Option<Instant>> = p.paths.iter().map(|x| fast_silence(&cfg, p, x)).collect();
+        for (x, fast) in p.paths.iter_mut().zip(fast) {
             if x.last_sent.is_none() {
                 continue;
             }
@@ -1335,7 +1424,7 @@ impl Failover {
                     x.loss += LOSS_ALPHA * (1.0 - x.loss);
                 }
             }
-            let silent = !excused && now > silence_limit(&cfg, active_until, x);
+            let silent = !excused && (now > silence_limit(&cfg, active_until, x) || fast.is_some_and(|t| now >= t));
             let recovered_probes = x.last_delivered_sent_at.is_some_and(|t| t >= x.state_since);
             // Degraded: loss or an RTT rise over their thresholds for `degraded_after`;
             // up again once both are well below (loss under `recover_loss`, the RTT rise
@@ -1355,6 +1444,12 @@ impl Failover {
                     // The losses counted while the path was down describe the outage, not
                     // the quality of the path that came back, and its RTT starts afresh.
                     x.loss = 0.0;
+                    // Probes of the outage not yet resolved are its losses too (with the
+                    // fast rule the path is back before they are old enough to count).
+                    let back = x.last_delivered_sent_at.unwrap_or(now);
+                    for s in x.sent.iter_mut().filter(|s| s.at < back) {
+                        s.resolved = true;
+                    }
                     x.base_rtt = x.srtt;
                     x.impaired_since = None;
                     PathState::Up
@@ -2173,8 +2268,84 @@ mod tests {
     }
 
     #[test]
+    fn confirmations_grow_with_loss_so_that_a_working_path_is_almost_never_declared_down() {
+        assert_eq!(confirmations_needed(0.0), MIN_CONFIRMATIONS);
+        assert_eq!(confirmations_needed(0.05), 6);
+        assert_eq!(confirmations_needed(0.2), 14);
+        assert_eq!(confirmations_needed(0.9), MAX_CONFIRMATIONS);
+        assert_eq!(confirmations_needed(f64::NAN), MAX_CONFIRMATIONS);
+        for loss in [0.01, 0.05, 0.1, 0.2, 0.3] {
+            let n = confirmations_needed(loss);
+            let q: f64 = 1.0 - (1.0 - loss) * (1.0 - loss);
+            assert!(n == MAX_CONFIRMATIONS || q.powi(n as i32) <= FALSE_DOWN_CHANCE, "{loss}: {n}");
+        }
+    }
+
+    /// Steps until node 0's route to node 1 leaves the direct path; the time it took.
+    fn time_to_reroute(net: &mut Net, limit: Duration) -> Duration {
+        let t0 = net.now;
+        while net.route(0, 1).path == PathId::Direct {
+            net.step();
+            assert!(net.now - t0 < limit, "no reroute within {limit:?}");
+        }
+        net.now - t0
+    }
+
+    #[test]
+    fn a_silent_cut_of_a_path_with_traffic_is_detected_at_bfd_speed_and_of_an_idle_one_slowly() {
+        let mut times = Vec::new();
+        for phase in 0..10u64 {
+            let mut net = Net::new(3);
+            net.run(Duration::from_secs(3) + Duration::from_millis(10 * phase));
+            net.cut_both(0, 1);
+            times.push(time_to_reroute(&mut net, Duration::from_secs(1)));
+        }
+        times.sort();
+        let median = times[times.len() / 2];
+        assert!(median <= Duration::from_millis(150), "{times:?}");
+        assert!(times.iter().all(|t| *t <= Duration::from_millis(200)), "{times:?}");
+        // a peer without traffic keeps the slow rule: its probes are a second apart
+        let mut net = Net::new(3);
+        net.traffic = false;
+        net.run(Duration::from_secs(15));
+        net.cut_both(0, 1);
+        let idle = time_to_reroute(&mut net, Duration::from_secs(3));
+        assert!(idle > Duration::from_millis(500), "{idle:?}");
+        // with the fast rule off, a path with traffic takes down_after
+        let mut net = Net::new(3);
+        for n in &mut net.nodes {
+            n.cfg.fast_down_after = Duration::ZERO;
+        }
+        net.run(Duration::from_secs(3));
+        net.cut_both(0, 1);
+        let slow = time_to_reroute(&mut net, Duration::from_secs(1));
+        let cfg = FailoverConfig::default();
+        assert!(slow >= cfg.down_after - cfg.probe_interval, "{slow:?}");
+        println!("silent cut detected in {times:?} with traffic, {slow:?} with the fast rule off, {idle:?} idle");
+    }
+
+    #[test]
+    fn random_loss_up_to_twenty_percent_never_trips_the_fast_rule() {
+        for (permille, secs) in [(50, 120), (100, 120), (200, 300)] {
+            let mut net = Net::new(3);
+            net.run(Duration::from_secs(3));
+            net.lossy.push((0, 1, permille));
+            net.lossy.push((1, 0, permille));
+            net.run(Duration::from_secs(secs));
+            let d = net.nodes[0].paths(0).into_iter().find(|v| v.id == PathId::Direct).unwrap();
+            assert_ne!(d.state, PathState::Down, "{permille}: {d:?}");
+            assert_eq!(net.nodes[0].damping(0, net.now).0, 0, "{permille} ‰ loss: the direct path went down");
+            assert_eq!(net.nodes[1].damping(0, net.now).0, 0, "{permille} ‰ loss: the direct path went down (reverse)");
+        }
+    }
+
+    #[test]
     fn tcp_stall_is_confirmed_by_probes_before_rerouting() {
         let mut net = Net::new(3);
+        // with the fast rule on, the probes alone find this cut first (next test)
+        for n in &mut net.nodes {
+            n.cfg.fast_down_after = Duration::ZERO;
+        }
         net.run(Duration::from_secs(3));
         let now = net.now;
         net.nodes[0].handle_tcp_stall(now, 0);
