@@ -71,8 +71,8 @@ impl Accounting {
         Ok(())
     }
 
-    /// The five iptables rules of one destination, as (IPv6, arguments after `-t mangle
-    /// -A|-D`): counting, the two pin-saving ones, pinning connections that were
+    /// The six iptables rules of one destination, as (IPv6, arguments after `-t mangle
+    /// -A|-D`): counting, the two pin-saving ones, the two pinning connections that were
     /// established before the split to the direct path, pin-restoring.
     fn specs(&self, r: &Rule) -> Vec<(bool, Vec<String>)> {
         let own = self.fwmark.to_string();
@@ -109,6 +109,38 @@ impl Accounting {
                     "conntrack",
                     "--ctstate",
                     "ESTABLISHED,RELATED",
+                    "-m",
+                    "connmark",
+                    "--mark",
+                    &unpinned,
+                    "-j",
+                    "CONNMARK",
+                    "--set-xmark",
+                    &format!("{PIN_DIRECT:#x}/{PIN_MASK:#x}"),
+                ]),
+            ),
+            // The same for a TCP connection that connection tracking only picks up now, in
+            // the middle (conntrack runs in a namespace only once a rule needs it, and these
+            // are the first): its first packet seen is NEW, but not a SYN.
+            (
+                v6,
+                v(&[
+                    PIN_CHAIN,
+                    "-d",
+                    &dst,
+                    "-p",
+                    "tcp",
+                    "!",
+                    "--syn",
+                    "-m",
+                    "mark",
+                    "!",
+                    "--mark",
+                    &own,
+                    "-m",
+                    "conntrack",
+                    "--ctstate",
+                    "NEW",
                     "-m",
                     "connmark",
                     "--mark",
@@ -320,16 +352,16 @@ mod tests {
         let new = [rule(0, "10.1.0.0/24", "dt-bob"), rule(2, "10.3.0.0/24", "dt-dave")];
         let v4 = a.diff_script(&old, &new, false).unwrap();
         assert!(v4.starts_with("*mangle\n") && v4.ends_with("COMMIT\n"), "{v4}");
-        assert_eq!(v4.lines().filter(|l| l.starts_with("-A ")).count(), 5, "five rules for the new destination: {v4}");
+        assert_eq!(v4.lines().filter(|l| l.starts_with("-A ")).count(), 6, "six rules for the new destination: {v4}");
         assert!(v4.lines().filter(|l| l.starts_with("-A ")).all(|l| l.contains("10.3.0.0/24")), "{v4}");
         assert!(!v4.contains("-D "), "{v4}");
         let v6 = a.diff_script(&old, &new, true).unwrap();
-        assert_eq!(v6.lines().filter(|l| l.starts_with("-D ")).count(), 5, "{v6}");
+        assert_eq!(v6.lines().filter(|l| l.starts_with("-D ")).count(), 6, "{v6}");
         assert!(!v6.contains("-A "), "{v6}");
         assert_eq!(a.diff_script(&new, &new, false), None);
         let rebuilt = a.rebuild_script(&new, false);
         assert!(rebuilt.contains(&format!("-F {CHAIN}\n-F {PIN_CHAIN}\n")), "{rebuilt}");
-        assert_eq!(rebuilt.lines().filter(|l| l.starts_with("-A ")).count(), 10, "{rebuilt}");
+        assert_eq!(rebuilt.lines().filter(|l| l.starts_with("-A ")).count(), 12, "{rebuilt}");
         // the counting rule is written as iptables-save shows it, so counts() finds it
         assert!(rebuilt.contains("-A DETOUR-ACCT -d 10.3.0.0/24 ! -o dt-dave\n"), "{rebuilt}");
     }

@@ -415,7 +415,7 @@ async fn run_inner(identity: &Identity, model: Model, nl: Netlink, listener: tok
     let (acct_tx, mut acct_rx) = mpsc::unbounded_channel();
     let mut acct_worker = None;
     let mut gate = SplitGate::default();
-    if cfg.replex.enabled || cfg.failover.degraded_loss < cfg.failover.failed_loss {
+    if cfg.splits() {
         res.acct = true;
         for path in acct::set_hash_policy() {
             keeper.keep(Box::new(crate::shell::netfilter::Sysctl { path, value: "1" }));

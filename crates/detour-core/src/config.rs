@@ -613,6 +613,14 @@ fn check_port(p: u16) -> Result<(), String> {
 }
 
 impl Config {
+    /// Whether protected destinations may be split between the direct path and the
+    /// overlay: by REPLEX, or by the relief of a degraded path (on unless
+    /// `failover.failed_loss = failover.degraded_loss`). Splits need connection pinning
+    /// (netfilter chains and policy rules) and the kernel's layer-4 multipath hash.
+    pub fn splits(&self) -> bool {
+        self.replex.enabled || self.failover.degraded_loss < self.failover.failed_loss
+    }
+
     /// Parses and validates configuration text; `file` is only used in messages. The log
     /// level is taken as it is: [`Config::parse_with`] checks it too.
     ///

@@ -587,9 +587,10 @@ impl Model {
             if egress {
                 s.rules.insert(RuleSpec { v6, priority: k.rule_priority.saturating_sub(3), table: k.table + TABLE_RETURN, fwmark: CLASS_EGRESS, mask: CLASS_EGRESS, invert: false });
             }
-            if cfg.replex.enabled {
-                // Connections REPLEX pinned: to the direct path (main), to the overlay (the
-                // pin table), ahead of detour's table and its nexthop groups.
+            if cfg.splits() {
+                // Connections pinned by a REPLEX split or the relief of a degraded path: to
+                // the direct path (main), to the overlay (the pin table), ahead of detour's
+                // table and its nexthop groups.
                 let p = k.rule_priority.saturating_sub(1);
                 s.rules.insert(RuleSpec { v6, priority: p, table: 254, fwmark: PIN_DIRECT, mask: PIN_MASK, invert: false });
                 s.rules.insert(RuleSpec { v6, priority: p, table: k.table + TABLE_PIN, fwmark: PIN_OVERLAY, mask: PIN_MASK, invert: false });
@@ -686,7 +687,10 @@ prefixes = ["10.2.0.0/24"]
         assert!(has("fd77::2/128", "dt-bob"));
         assert!(has("10.2.0.0/24", "detour0"));
         assert!(has("fe80::/64", "dt-bob"));
-        assert_eq!(k.rules.len(), 2);
+        // detour's table, and (relief of degraded paths is on by default) the two pin
+        // rules, each for IPv4 and IPv6
+        assert!(m.cfg.splits());
+        assert_eq!(k.rules.len(), 6);
         // every kernel route through a TUN is also routable in the data plane
         let spec = m.dataplane_spec();
         let tx = crate::dataplane::TxState::new(&spec);

@@ -912,7 +912,7 @@ mod tests {
         assert!(sim.delivered.iter().any(|(n, src, p)| *n == 1 && *src == sim.id(0) && p == b"across the cut"));
         assert!(sim.failed.is_empty());
         let id1 = sim.id(1);
-        assert!(sim.nodes[0].state.overlay().sessions().any(|(id, _, usable)| *id == id1 && !usable), "the overlay was told the session is unusable");
+        assert!(sim.nodes[0].state.overlay().sessions().any(|(id, _, usable)| *id == id1 && !usable), "the overlay was told the session is unusable: {:#?}", sim.nodes[0].state.failover().paths(0));
     }
 
     #[test]

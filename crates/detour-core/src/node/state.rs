@@ -1188,7 +1188,9 @@ impl NodeState {
     /// Carries out what the failover core and the overlay decided.
     fn drain_core(&mut self, m: &Model) {
         self.drain_overlay();
+        let mut routes_moved = false;
         while let Some(a) = self.core.poll_action() {
+            routes_moved |= matches!(a, Action::UsePath { .. } | Action::Protect { .. });
             match a {
                 Action::Send { peer, path, payload } => {
                     if let Some(to) = self.address_of(peer, path) {
@@ -1224,6 +1226,12 @@ impl NodeState {
                     self.send(relay, Message::RelayRelease { a: self.local, b });
                 }
             }
+        }
+        if routes_moved {
+            // A direct path found down: management messages avoid its session from now
+            // on, not from the next upkeep (the fast rule finds a cut in about 100 ms).
+            self.report_usable();
+            self.drain_overlay();
         }
         if !m.cfg.replex.enabled {
             self.refresh_relief(m);

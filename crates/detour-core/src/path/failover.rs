@@ -408,6 +408,14 @@ struct Path {
     base_rtt: Option<Duration>,
     /// Since when loss or RTT is over the degraded thresholds.
     impaired_since: Option<Instant>,
+    /// When this node last learned that one more of its probes on the path arrived (an
+    /// echo, or a reception report through any path): the fast rule's silence is counted
+    /// from here, as BFD's detection time runs from the last packet received.
+    last_news: Option<Instant>,
+    /// The latest RTT sample.
+    last_rtt: Duration,
+    /// When the peer's latest probe arrived on this path (the other direction).
+    last_rx: Option<Instant>,
     // incoming
     rx_highest: Option<u32>,
     rx_bitmap: u64,
@@ -431,15 +439,19 @@ impl Path {
             answered: 0,
             base_rtt: None,
             impaired_since: None,
+            last_news: None,
+            last_rtt: Duration::ZERO,
+            last_rx: None,
             rx_highest: None,
             rx_bitmap: 0,
         }
     }
 
-    fn mark_delivered(&mut self, seq: u32) {
+    fn mark_delivered(&mut self, now: Instant, seq: u32) {
         if let Some(s) = self.sent.iter_mut().find(|s| s.seq == seq) {
             if !s.delivered {
                 s.delivered = true;
+                self.last_news = Some(now);
                 self.answered = self.answered.saturating_add(1);
                 if !s.resolved {
                     s.resolved = true;
@@ -454,6 +466,7 @@ impl Path {
     }
 
     fn rtt_sample(&mut self, rtt: Duration) {
+        self.last_rtt = rtt;
         match self.srtt {
             None => {
                 self.srtt = Some(rtt);
@@ -534,8 +547,17 @@ fn next_probe(cfg: &FailoverConfig, epoch: Instant, p: &Peer, x: &Path) -> Insta
     let primary = is_primary(p, x);
     let fast = if primary { cfg.probe_interval } else { cfg.standby_interval };
     let Some(last) = x.last_sent else { return epoch.min(x.started) };
+    let regular = next_regular_probe(cfg, epoch, p, x, last, fast);
+    match cross_check_at(cfg, p, x) {
+        Some(t) => t.min(regular),
+        None => regular,
+    }
+}
+
+/// [`next_probe`] without cross-checks, for a path last probed at `last`.
+fn next_regular_probe(cfg: &FailoverConfig, epoch: Instant, p: &Peer, x: &Path, last: Instant, fast: Duration) -> Instant {
     if cfg.idle_interval <= fast || p.active_until.is_some_and(|u| last + fast <= u) {
-        if primary && cfg.fast_rule() && x.state != PathState::Down {
+        if fast_watched(p, x) && cfg.fast_rule() && x.state != PathState::Down {
             // The confirmation burst: once the oldest unanswered probe is past its
             // allowance, probe every `confirm_interval` until one is answered.
             if let Some(first) = x.unanswered().next() {
@@ -558,6 +580,14 @@ fn is_primary(p: &Peer, x: &Path) -> bool {
     x.id == PathId::Direct || x.id == p.route.path || p.busy.contains(&x.id)
 }
 
+/// Whether the fast rule watches path `x` of peer `p`: the direct path and the route's
+/// path. A relay path that only carries a REPLEX share is left to the slow rule: REPLEX
+/// spreads traffic over paths because they congest, and a relay's queue that fills in an
+/// instant (a burst into a slow link) looked like a cut to the fast rule.
+fn fast_watched(p: &Peer, x: &Path) -> bool {
+    x.id == PathId::Direct || x.id == p.route.path
+}
+
 /// When path `x` of peer `p` counts as silent by the fast rule
 /// ([`FailoverConfig::fast_down_after`]) if none of the probes already sent is answered:
 /// `fast_down_after` after the send time of its latest answered probe, and not before
@@ -566,12 +596,55 @@ fn is_primary(p: &Peer, x: &Path) -> bool {
 /// peer's traffic, too few probes are out yet, or the peer will have stopped carrying
 /// traffic by then.
 fn fast_silence(cfg: &FailoverConfig, p: &Peer, x: &Path) -> Option<Instant> {
-    if !cfg.fast_rule() || x.state == PathState::Down || !is_primary(p, x) {
+    let since = suspect_since(cfg, p, x)?;
+    let nth = x.unanswered().nth(confirmations_needed(x.loss) - 1)?;
+    // Cross-checked: a probe sent on another path that is up since the suspicion began
+    // was answered, and its answer carried the peer's reception reports, which still
+    // do not show this path's probes. Without it a one-way failure of the other
+    // direction would look the same from here (the peer's reports about this path then
+    // come only through other paths). With no other path up there is nothing to wait for.
+    let others_up = p.paths.iter().filter(|y| y.id != x.id && y.state == PathState::Up && y.last_sent.is_some());
+    let mut waiting = false;
+    for y in others_up {
+        if y.last_delivered_sent_at.is_some_and(|t| t >= since) {
+            waiting = false;
+            break;
+        }
+        waiting = true;
+    }
+    if waiting {
         return None;
     }
-    let nth = x.unanswered().nth(confirmations_needed(x.loss) - 1)?;
-    let t = (x.evidence() + cfg.fast_down_after).max(nth.at) + x.allowance();
+    // Silence counts from the last news of a delivery, not from the send time of the
+    // last probe delivered: probes that wait in a filling queue still bring news, a cut
+    // path brings none. The latest RTT sample widens the margin while the delay grows.
+    // The other direction must be silent too: the peer's own probes on this path still
+    // arriving mean a path that is slow one way (a filling queue on this node's uplink,
+    // bufferbloat), or broken one way only, not a cut; the slow rule judges those.
+    let news = x.last_news.unwrap_or(x.started).max(x.started).max(x.last_rx.unwrap_or(x.started));
+    let t = (news + cfg.fast_down_after + x.allowance().max(x.last_rtt)).max(nth.at + x.allowance());
     p.active_until.is_some_and(|u| t <= u).then_some(t)
+}
+
+/// Since when path `x` of peer `p` is suspect under the fast rule: its oldest unanswered
+/// probe went past its allowance then. `None` when the rule does not apply to it (off,
+/// the path is down or carries none of the peer's traffic) or every probe is answered.
+fn suspect_since(cfg: &FailoverConfig, p: &Peer, x: &Path) -> Option<Instant> {
+    if !cfg.fast_rule() || x.state == PathState::Down || !fast_watched(p, x) {
+        return None;
+    }
+    let first = x.unanswered().next()?;
+    p.active_until.is_some_and(|u| first.at <= u).then(|| first.at + x.allowance())
+}
+
+/// When path `x` must carry a cross-check probe for a suspect path of the same peer
+/// ([`fast_silence`]): at the moment the suspicion began, unless `x` was probed since.
+fn cross_check_at(cfg: &FailoverConfig, p: &Peer, x: &Path) -> Option<Instant> {
+    if x.state != PathState::Up {
+        return None;
+    }
+    let since = p.paths.iter().filter(|y| y.id != x.id).filter_map(|y| suspect_since(cfg, p, y)).min()?;
+    x.last_sent.is_none_or(|l| l < since).then_some(since)
 }
 
 /// The first instant `epoch + k × every` (k ≥ 0) at or after `t`.
@@ -1177,16 +1250,16 @@ impl Failover {
             let p = &mut self.peers[peer];
             if let Some(path) = p.path_mut(probe.path) {
                 let fresh = path.sent.iter().any(|s| s.seq == probe.seq && !s.delivered);
-                path.mark_delivered(probe.seq);
+                path.mark_delivered(now, probe.seq);
                 if fresh && rtt_us < 10_000_000 {
                     path.rtt_sample(Duration::from_micros(rtt_us));
                 }
             }
-            self.apply_reports(peer, &probe.reports);
+            self.apply_reports(now, peer, &probe.reports);
             self.evaluate(now, peer);
             return Ok(None);
         }
-        self.apply_reports(peer, &probe.reports);
+        self.apply_reports(now, peer, &probe.reports);
         // A probe: note its arrival on that path and echo it with our reports.
         let p = &mut self.peers[peer];
         let path = match p.path_mut(probe.path) {
@@ -1199,6 +1272,7 @@ impl Failover {
             }
         };
         path.record_rx(probe.seq);
+        path.last_rx = Some(now);
         let echo = Probe { echo: true, path: probe.path, seq: probe.seq, sent_us: probe.sent_us, hold_us: 0, reports: self.reports(peer) };
         Ok(Some(echo.encode()))
     }
@@ -1207,14 +1281,14 @@ impl Failover {
         self.peers[peer].paths.iter().filter_map(|x| x.rx_highest.map(|h| (x.id, h, x.rx_bitmap))).take(MAX_REPORTS).collect()
     }
 
-    fn apply_reports(&mut self, peer: usize, reports: &[(PathId, u32, u64)]) {
+    fn apply_reports(&mut self, now: Instant, peer: usize, reports: &[(PathId, u32, u64)]) {
         let p = &mut self.peers[peer];
         for (id, highest, bitmap) in reports {
             if let Some(path) = p.path_mut(*id) {
                 for i in 0..64u32 {
                     if bitmap & (1u64 << i) != 0 {
                         if let Some(seq) = highest.checked_sub(i) {
-                            path.mark_delivered(seq);
+                            path.mark_delivered(now, seq);
                         }
                     }
                 }
@@ -1469,6 +1543,16 @@ impl Failover {
                     PathState::Degraded => Reason::Degraded,
                     PathState::Up => Reason::Healthy,
                 };
+                tracing::debug!(
+                    "peer {peer}: path {} {} -> {} (loss {:.3}, srtt {:?}, last news {:?} ago, fast rule {})",
+                    x.id,
+                    x.state.as_str(),
+                    new.as_str(),
+                    x.loss,
+                    x.srtt,
+                    x.last_news.map(|t| now.saturating_duration_since(t)),
+                    fast.is_some_and(|t| now >= t)
+                );
                 x.state = new;
                 x.state_since = now;
             }
@@ -1831,6 +1915,8 @@ mod tests {
         opening: bool,
         /// (requester, relay, peer node) requests answered so far.
         answered: Vec<(usize, usize, usize)>,
+        /// (from, to, delay): queueing delay added on the direct path from → to.
+        queue: Vec<(usize, usize, Duration)>,
     }
 
     impl Net {
@@ -1866,6 +1952,7 @@ mod tests {
                 probes: vec![0; n],
                 opening: false,
                 answered: vec![],
+                queue: vec![],
             }
         }
         /// Node `r` publishes `policy`: every other node learns its rank.
@@ -1914,6 +2001,10 @@ mod tests {
         }
         /// Delivers a packet from node `a` to node `b` over `path` (hops checked).
         fn deliver(&mut self, a: usize, b: usize, path: PathId, payload: Vec<u8>) {
+            let queued = match path {
+                PathId::Direct => self.queue.iter().find(|(f, t, _)| *f == a && *t == b).map_or(Duration::ZERO, |q| q.2),
+                PathId::Relay(_) => Duration::ZERO,
+            };
             let ok = match path {
                 PathId::Direct => !self.drops(a, b),
                 PathId::Relay(r) => {
@@ -1922,7 +2013,7 @@ mod tests {
                 }
             };
             if ok {
-                self.in_flight.push((self.now + self.latency, a, b, path, payload));
+                self.in_flight.push((self.now + self.latency + queued, a, b, path, payload));
             }
         }
         fn step(&mut self) {
@@ -2322,6 +2413,28 @@ mod tests {
         let cfg = FailoverConfig::default();
         assert!(slow >= cfg.down_after - cfg.probe_interval, "{slow:?}");
         println!("silent cut detected in {times:?} with traffic, {slow:?} with the fast rule off, {idle:?} idle");
+    }
+
+    #[test]
+    fn a_filling_queue_on_the_direct_path_is_not_taken_for_a_cut() {
+        // A queue that fills from empty at 2.8 times its drain rate (28 Mbit/s offered to
+        // 10): the delay grows by 18 ms every 10 ms up to 400 ms, stays, then drains.
+        let mut net = Net::new(3);
+        net.run(Duration::from_secs(3));
+        let mut delay = Duration::ZERO;
+        for _ in 0..2000 {
+            delay = (delay + Duration::from_millis(18)).min(Duration::from_millis(400));
+            net.queue = vec![(0, 1, delay)];
+            net.step();
+        }
+        while delay > Duration::ZERO {
+            delay = delay.saturating_sub(Duration::from_millis(8));
+            net.queue = vec![(0, 1, delay)];
+            net.step();
+        }
+        net.run(Duration::from_secs(1));
+        assert_eq!(net.nodes[0].damping(0, net.now).0, 0, "the direct path was declared down: {:?}", net.nodes[0].paths(0));
+        assert_eq!(net.route(0, 1).path, PathId::Direct);
     }
 
     #[test]
