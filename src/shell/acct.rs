@@ -87,6 +87,32 @@ impl Accounting {
             a.extend(v(&["-m", "mark", "!", "--mark", &own, "-m", "connmark", "--mark", &unpinned, "-j", "CONNMARK", "--set-xmark", &format!("{pin:#x}/{PIN_MASK:#x}")]));
             a
         };
+        // Pins unpinned connections in conntrack state `state` (and matching `matches`) to
+        // the direct path.
+        let keep_direct = |matches: &[&str], state: &str| {
+            let mut a = v(&[PIN_CHAIN, "-d", &dst]);
+            a.extend(v(matches));
+            a.extend(v(&[
+                "-m",
+                "mark",
+                "!",
+                "--mark",
+                &own,
+                "-m",
+                "conntrack",
+                "--ctstate",
+                state,
+                "-m",
+                "connmark",
+                "--mark",
+                &unpinned,
+                "-j",
+                "CONNMARK",
+                "--set-xmark",
+                &format!("{PIN_DIRECT:#x}/{PIN_MASK:#x}"),
+            ]));
+            a
+        };
         vec![
             (v6, v(&[CHAIN, "-d", &dst, "!", "-o", &r.tun])),
             (v6, save(&["-o", &r.tun], PIN_OVERLAY)),
@@ -94,63 +120,11 @@ impl Accounting {
             // A connection established before the split began is unpinned: it stays on the
             // direct path (only new connections are split) instead of following whichever
             // bucket its next packet hashes to.
-            (
-                v6,
-                v(&[
-                    PIN_CHAIN,
-                    "-d",
-                    &dst,
-                    "-m",
-                    "mark",
-                    "!",
-                    "--mark",
-                    &own,
-                    "-m",
-                    "conntrack",
-                    "--ctstate",
-                    "ESTABLISHED,RELATED",
-                    "-m",
-                    "connmark",
-                    "--mark",
-                    &unpinned,
-                    "-j",
-                    "CONNMARK",
-                    "--set-xmark",
-                    &format!("{PIN_DIRECT:#x}/{PIN_MASK:#x}"),
-                ]),
-            ),
+            (v6, keep_direct(&[], "ESTABLISHED,RELATED")),
             // The same for a TCP connection that connection tracking only picks up now, in
             // the middle (conntrack runs in a namespace only once a rule needs it, and these
             // are the first): its first packet seen is NEW, but not a SYN.
-            (
-                v6,
-                v(&[
-                    PIN_CHAIN,
-                    "-d",
-                    &dst,
-                    "-p",
-                    "tcp",
-                    "!",
-                    "--syn",
-                    "-m",
-                    "mark",
-                    "!",
-                    "--mark",
-                    &own,
-                    "-m",
-                    "conntrack",
-                    "--ctstate",
-                    "NEW",
-                    "-m",
-                    "connmark",
-                    "--mark",
-                    &unpinned,
-                    "-j",
-                    "CONNMARK",
-                    "--set-xmark",
-                    &format!("{PIN_DIRECT:#x}/{PIN_MASK:#x}"),
-                ]),
-            ),
+            (v6, keep_direct(&["-p", "tcp", "!", "--syn"], "NEW")),
             (v6, v(&[PIN_CHAIN, "-d", &dst, "-m", "mark", "!", "--mark", &own, "-j", "CONNMARK", "--restore-mark", "--nfmask", &mask, "--ctmask", &mask])),
         ]
     }

@@ -653,23 +653,13 @@ async fn run_inner(identity: &Identity, model: Model, nl: Netlink, listener: tok
                 // A burst of probes is taken in one go: the core's next wake-up is worked out
                 // once for all of them, not once per probe.
                 engine.on_data(ev);
-                for _ in 0..crate::shell::engine::DATA_BATCH {
-                    match data_rx.try_recv() {
-                        Ok(ev) => engine.on_data(ev),
-                        Err(_) => break,
-                    }
-                }
+                take_queued(&mut engine, &mut data_rx);
             }
             Some(alarm) = alarm_rx.recv() => engine.on_alarm(alarm),
             _ = tokio::time::sleep_until(wake.into()) => {
                 // Probes and echoes already queued are taken first: a path must not be
                 // judged silent while its answer waits in this loop's own queue.
-                for _ in 0..crate::shell::engine::DATA_BATCH {
-                    match data_rx.try_recv() {
-                        Ok(ev) => engine.on_data(ev),
-                        Err(_) => break,
-                    }
-                }
+                take_queued(&mut engine, &mut data_rx);
                 engine.on_timeout();
             }
             Some(r) = tasks.join_next() => {
@@ -792,6 +782,17 @@ async fn run_inner(identity: &Identity, model: Model, nl: Netlink, listener: tok
     match fatal {
         Some(reason) => Err(anyhow!("{reason}")),
         None => Ok(()),
+    }
+}
+
+/// Hands the engine the data-plane events already queued, up to
+/// [`crate::shell::engine::DATA_BATCH`] of them.
+fn take_queued(engine: &mut Engine, rx: &mut mpsc::Receiver<crate::shell::datapath::DataEvent>) {
+    for _ in 0..crate::shell::engine::DATA_BATCH {
+        match rx.try_recv() {
+            Ok(ev) => engine.on_data(ev),
+            Err(_) => break,
+        }
     }
 }
 

@@ -603,16 +603,8 @@ fn fast_silence(cfg: &FailoverConfig, p: &Peer, x: &Path) -> Option<Instant> {
     // do not show this path's probes. Without it a one-way failure of the other
     // direction would look the same from here (the peer's reports about this path then
     // come only through other paths). With no other path up there is nothing to wait for.
-    let others_up = p.paths.iter().filter(|y| y.id != x.id && y.state == PathState::Up && y.last_sent.is_some());
-    let mut waiting = false;
-    for y in others_up {
-        if y.last_delivered_sent_at.is_some_and(|t| t >= since) {
-            waiting = false;
-            break;
-        }
-        waiting = true;
-    }
-    if waiting {
+    let mut others_up = p.paths.iter().filter(|y| y.id != x.id && y.state == PathState::Up && y.last_sent.is_some()).peekable();
+    if others_up.peek().is_some() && !others_up.any(|y| y.last_delivered_sent_at.is_some_and(|t| t >= since)) {
         return None;
     }
     // Silence counts from the last news of a delivery, not from the send time of the
