@@ -6,11 +6,17 @@
 #               plus detourd's CPU time per Gbit carried.
 #   failover    time from a failure of the direct path to traffic flowing again through a
 #               relay, measured by a 10 ms probe stream, for silent failures and for
-#               ICMP-signalled ones (BENCH_TRIALS each, default 10); the probe overhead per
-#               peer; healthy-path TCP throughput with and without detourd running; route
-#               switches in a minute of a path that fails for 1 s every 6 s, without flap
-#               damping (hold-down capped at 3 s) and with it; goodput of short TCP
-#               uploads over a direct path with 20 % loss, relieved and not.
+#               ICMP-signalled ones (BENCH_TRIALS each, default 10; for ICMP also from the
+#               error's arrival at alice to the first packet bob receives through the
+#               overlay, both seen on packet sockets); the probe overhead per peer;
+#               healthy-path TCP throughput with and without detourd running (6 alternating
+#               rounds, with the spread and detourd's CPU share); single-stream TCP through
+#               a relay against the direct overlay path and the underlay, and the relay's
+#               CPU per Gbit; route switches in a minute of a path that fails for 1 s every
+#               6 s, without flap damping (hold-down capped at 3 s) and with it; goodput of
+#               short TCP uploads over a direct path with 20 % loss, relieved and not; the
+#               connect time of a new TCP connection to an outside host through an exit
+#               right after an ICMP cut.
 #   management  delivery ratio and latency (send to end-to-end acknowledgement) of
 #               management messages between two hosts, idle and while the forwarding
 #               overlay between them is saturated through a tbf bottleneck (with detourd's
@@ -57,6 +63,7 @@ case "$NAME" in
 esac
 TRIALS=${BENCH_TRIALS:-10}
 STREAM="$DETOUR_ROOT/netns-tests/helpers/stream.py"
+SNIFF="$DETOUR_ROOT/netns-tests/helpers/sniff.py"
 
 lab_begin bench
 
@@ -196,6 +203,17 @@ bench_failover() {
     out=$(mktemp)
     ip netns exec "$A" python3 "$STREAM" client "$UB" 9200 3 >"$out" &
     local client=$!
+    # For an ICMP cut, the time from the error's arrival at alice to the first packet of the
+    # stream that bob receives through the overlay (from its TUN for alice).
+    local s_icmp s_relay sniffers=()
+    if [ "$1" = icmp ]; then
+      s_icmp=$(mktemp)
+      s_relay=$(mktemp)
+      ip netns exec "$A" python3 "$SNIFF" eth0 icmp-unreachable 4 >"$s_icmp" 2>/dev/null &
+      sniffers+=($!)
+      ip netns exec "$B" python3 "$SNIFF" dt-alice udp:9200 4 >"$s_relay" 2>/dev/null &
+      sniffers+=($!)
+    fi
     sleep 1
     if [ "$1" = silent ]; then
       ip netns exec "$R" iptables -I FORWARD -s "$UA" -d "$UB" -j DROP
@@ -206,14 +224,26 @@ bench_failover() {
     fi
     wait "$client"
     ip netns exec "$R" iptables -F FORWARD
-    python3 -c "import json; print(json.load(open('$out'))['outage_ms'])"
+    if [ "$1" = icmp ]; then
+      wait "${sniffers[@]}" || true
+      python3 -c "
+import json
+t0, t1 = open('$s_icmp').read().strip(), open('$s_relay').read().strip()
+arrival = round((float(t1) - float(t0)) * 1000, 1) if 'none' not in (t0, t1) and t0 and t1 else -1
+print(json.load(open('$out'))['outage_ms'], arrival)"
+      rm -f "$s_icmp" "$s_relay"
+    else
+      python3 -c "import json; print(json.load(open('$out'))['outage_ms'])"
+    fi
     rm -f "$out"
   }
-  local silent=() icmp=() i
+  local silent=() icmp=() icmp_arrival=() i o a
   for i in $(seq 1 "$TRIALS"); do
     echo "trial $i/$TRIALS..." >&2
     silent+=("$(trial silent)")
-    icmp+=("$(trial icmp)")
+    read -r o a < <(trial icmp)
+    icmp+=("$o")
+    icmp_arrival+=("$a")
   done
   kill "$echo_pid" 2>/dev/null || true
 
@@ -235,10 +265,21 @@ bench_failover() {
     kill -TERM $(pgrep -f "detourd -c $DIR") 2>/dev/null || true
     sleep 1
   }
+  # with_detourd -> bits/s, and adds the daemons' CPU ticks during the run to healthy_ticks.
+  local healthy_ticks=0
+  with_detourd() {
+    local dp c0 c1 bps
+    dp=$(pgrep -f "detourd -c $DIR" | tr '\n' ' ')
+    c0=$(cpu_ticks $dp)
+    read -r bps _ < <(iperf "$A" "$UB" 1)
+    c1=$(cpu_ticks $dp)
+    healthy_ticks=$((healthy_ticks + c1 - c0))
+    w=$bps
+  }
   for k in $(seq 1 "$rounds"); do
     echo "healthy path, round $k/$rounds..." >&2
     if [ $((k % 2)) = 1 ]; then
-      read -r w _ < <(iperf "$A" "$UB" 1)
+      with_detourd
       stop_all
       read -r o _ < <(iperf "$A" "$UB" 1)
       restart_all
@@ -246,11 +287,43 @@ bench_failover() {
       stop_all
       read -r o _ < <(iperf "$A" "$UB" 1)
       restart_all
-      read -r w _ < <(iperf "$A" "$UB" 1)
+      with_detourd
     fi
     with_all+=("$w")
     without_all+=("$o")
   done
+
+  # Through a relay: single-stream TCP to bob's overlay address on the direct path, then
+  # with the direct path cut (alice -> carol -> bob), beside the bare underlay, in
+  # BENCH_RELAY_ROUNDS rounds (default 3) of the three; carol's CPU time per Gbit relayed.
+  restart_all
+  local OB=10.77.0.2 relay_rounds=${BENCH_RELAY_ROUNDS:-3} u d r rb c0 c1 cpid
+  local relay_under=() relay_direct=() relay_via=() relay_ticks=0 relay_bytes=0
+  cpid=$(pgrep -f "detourd -c $DIR/carol.toml")
+  ip netns exec "$A" ping -c 3 -i 0.2 -q "$OB" >/dev/null
+  for k in $(seq 1 "$relay_rounds"); do
+    echo "through a relay, round $k/$relay_rounds..." >&2
+    wait_direct
+    read -r u _ < <(iperf "$A" "$UB" 1)
+    read -r d _ < <(iperf "$A" "$OB" 1)
+    ip netns exec "$R" iptables -I FORWARD -s "$UA" -d "$UB" -j DROP
+    ip netns exec "$R" iptables -I FORWARD -s "$UB" -d "$UA" -j DROP
+    for t in $(seq 1 50); do
+      [ "$(peer_field "$A" alice bob path)" != direct ] && break
+      sleep 0.1
+    done
+    c0=$(cpu_ticks "$cpid")
+    read -r r rb < <(iperf "$A" "$OB" 1)
+    c1=$(cpu_ticks "$cpid")
+    ip netns exec "$R" iptables -F FORWARD
+    relay_under+=("$u")
+    relay_direct+=("$d")
+    relay_via+=("$r")
+    relay_ticks=$((relay_ticks + c1 - c0))
+    relay_bytes=$((relay_bytes + rb))
+  done
+  local relay_cpu
+  relay_cpu=$(python3 -c "print(round($relay_ticks / $(getconf CLK_TCK) / ($relay_bytes * 8 / 1e9), 4))")
   stop_all
 
   # Flapping: the direct path cut for 1 s and healed for 5 s, 10 times (a minute), while a
@@ -310,8 +383,36 @@ bench_failover() {
   echo "degraded path (20 % loss), relieved (defaults)..." >&2
   deg_on=$(degraded_phase)
 
-  python3 - "$probe_bps" "${with_all[*]}" "${without_all[*]}" "" "" "${silent[*]}" "${icmp[*]}" "$flap_undamped" "$flap_damped" "$deg_off" "$deg_on" "$probe_active_bps" <<'EOF'
+  # A new connection to an outside host (a fourth namespace without detour) after the router
+  # answers alice's TCP to it with host unreachable: alice watches it as an exit
+  # destination, carol is the exit (masquerading). Connect time of a fresh TCP connection
+  # (the SYN drew the error), BENCH_EXIT_TRIALS times (default 5), daemons restarted each
+  # time so that no exit route is left from the trial before.
+  topo_add_host "$P" 4
+  local X=10.0.4.2 exit_ms=()
+  ip netns exec "${P}h4" python3 -m http.server 8080 --bind "$X" >/dev/null 2>&1 &
+  local http_pid=$!
+  printf '\n[exit]\nwatch = ["%s/32"]\nhold_s = 120\n' "$X" >>"$DIR/alice.toml"
+  printf '\n[policy]\nconnectivity = "host"\ninternet_masquerade = true\n' >>"$DIR/carol.toml"
+  ip netns exec "${P}h3" sysctl -qw net.ipv4.ip_forward=1
+  local connect="import socket,time; t=time.monotonic(); s=socket.create_connection(('$X', 8080), timeout=10); ms=(time.monotonic()-t)*1000; s.sendall(b'GET / HTTP/1.0\\r\\n\\r\\n'); s.recv(100); print(round(ms, 1))"
+  for k in $(seq 1 "${BENCH_EXIT_TRIALS:-5}"); do
+    echo "new connection through an exit after an ICMP cut, trial $k..." >&2
+    restart_all
+    ip netns exec "$A" curl -sf -m 5 -o /dev/null "http://$X:8080/"
+    ip netns exec "$R" iptables -I FORWARD -s "$UA" -d "$X" -p tcp -j REJECT --reject-with icmp-host-unreachable
+    exit_ms+=("$(ip netns exec "$A" python3 -c "$connect")")
+    ip netns exec "$R" iptables -F FORWARD
+    stop_all
+  done
+  kill "$http_pid" 2>/dev/null || true
+
+  python3 - "$probe_bps" "${with_all[*]}" "${without_all[*]}" "" "" "${silent[*]}" "${icmp[*]}" "$flap_undamped" "$flap_damped" "$deg_off" "$deg_on" "$probe_active_bps" \
+    "${icmp_arrival[*]}" "${relay_under[*]}" "${relay_direct[*]}" "${relay_via[*]}" "$relay_cpu" "${exit_ms[*]}" \
+    "$(python3 -c "print($healthy_ticks / $(getconf CLK_TCK) / ($rounds * $SECS * $(nproc)))")" <<'EOF'
 import json, statistics, sys
+arrival = [float(x) for x in sys.argv[13].split() if float(x) >= 0]
+r_under, r_direct, r_via = ([float(x) for x in sys.argv[i].split()] for i in (14, 15, 16))
 probe = int(sys.argv[1])
 with_all = [float(x) for x in sys.argv[2].split()]
 without_all = [float(x) for x in sys.argv[3].split()]
@@ -329,14 +430,28 @@ r = {
     "failover_silent_ms_p95": round(pct(silent, 0.95), 1),
     "failover_icmp_ms_p50": round(statistics.median(icmp), 1),
     "failover_icmp_ms_p95": round(pct(icmp, 0.95), 1),
+    "failover_icmp_from_arrival_ms_p50": round(statistics.median(arrival), 1) if arrival else None,
+    "failover_icmp_from_arrival_ms_p95": round(pct(arrival, 0.95), 1) if arrival else None,
     "failover_silent_ms": silent,
     "failover_icmp_ms": icmp,
+    "failover_icmp_from_arrival_ms": arrival,
     "probe_bytes_per_s_idle_peer": probe,
     "probe_bytes_per_s_active_peer": int(sys.argv[12]),
     "healthy_gbps_with_detourd": [round(w / 1e9, 3) for w in with_all],
     "healthy_gbps_without_detourd": [round(o / 1e9, 3) for o in without_all],
     "healthy_throughput_ratio": round(sum(with_all) / sum(without_all), 4),
     "healthy_ratio_per_round_min_max": [round(min(pair), 4), round(max(pair), 4)],
+    "healthy_ratio_per_round_median": round(statistics.median(pair), 4),
+    "healthy_detourd_cpu_share": round(float(sys.argv[19]), 5),
+    "relay_tcp1_gbps": [round(x / 1e9, 3) for x in r_via],
+    "direct_overlay_tcp1_gbps": [round(x / 1e9, 3) for x in r_direct],
+    "underlay_tcp1_gbps": [round(x / 1e9, 3) for x in r_under],
+    "relay_tcp1_vs_direct_overlay": round(sum(r_via) / sum(r_direct), 4),
+    "relay_tcp1_vs_direct_overlay_per_round": [round(v / d, 4) for v, d in zip(r_via, r_direct)],
+    "relay_tcp1_vs_underlay": round(sum(r_via) / sum(r_under), 4),
+    "relay_cpu_s_per_gbit": float(sys.argv[17]),
+    "exit_connect_after_cut_ms": round(statistics.median([float(x) for x in sys.argv[18].split()]), 1),
+    "exit_connect_after_cut_ms_all": [float(x) for x in sys.argv[18].split()],
     "flap_cycles_per_min": 10,
     "flap_failures_counted": dam_flaps,
     "flap_switches_per_min": dam_changes,

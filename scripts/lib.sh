@@ -42,32 +42,39 @@ build_release() {
   (cd "$DETOUR_ROOT" && cargo build --release --quiet --bins)
 }
 
-# topo_create PREFIX N
+# topo_create PREFIX N: a router namespace and N hosts behind it.
 topo_create() {
   local p=$1 n=$2 i
   ip netns add "${p}r"
   ip -n "${p}r" link set lo up
   ip netns exec "${p}r" sysctl -qw net.ipv4.ip_forward=1 net.ipv6.conf.all.forwarding=1
   for i in $(seq 1 "$n"); do
-    local h="${p}h$i"
-    ip netns add "$h"
-    ip -n "$h" link set lo up
-    ip link add "r$i" netns "${p}r" type veth peer name eth0 netns "$h"
-    ip -n "${p}r" addr add "10.0.$i.1/24" dev "r$i"
-    ip -n "${p}r" addr add "fd00:0:$i::1/64" dev "r$i" nodad
-    ip -n "${p}r" link set "r$i" up
-    ip -n "$h" addr add "10.0.$i.2/24" dev eth0
-    ip -n "$h" addr add "fd00:0:$i::2/64" dev eth0 nodad
-    ip -n "$h" link set eth0 up
-    ip -n "$h" route add default via "10.0.$i.1"
-    ip -n "$h" -6 route add default via "fd00:0:$i::1"
-    # The kernel here has no dummy driver: a veth pair stands in for the LAN.
-    ip -n "$h" link add lan0 type veth peer name lan0p
-    ip -n "$h" addr add "10.$((100 + i)).0.1/24" dev lan0
-    ip -n "$h" addr add "fd10:$i::1/64" dev lan0 nodad
-    ip -n "$h" link set lan0p up
-    ip -n "$h" link set lan0 up
+    topo_add_host "$p" "$i"
   done
+}
+
+# topo_add_host PREFIX I: host ${PREFIX}h<I> on the router's link r<I>, 10.0.<I>.2/24 and
+# fd00:0:<I>::2/64, with a LAN (lan0, 10.<100+I>.0.1/24 and fd10:<I>::1/64).
+topo_add_host() {
+  local p=$1 i=$2
+  local h="${p}h$i"
+  ip netns add "$h"
+  ip -n "$h" link set lo up
+  ip link add "r$i" netns "${p}r" type veth peer name eth0 netns "$h"
+  ip -n "${p}r" addr add "10.0.$i.1/24" dev "r$i"
+  ip -n "${p}r" addr add "fd00:0:$i::1/64" dev "r$i" nodad
+  ip -n "${p}r" link set "r$i" up
+  ip -n "$h" addr add "10.0.$i.2/24" dev eth0
+  ip -n "$h" addr add "fd00:0:$i::2/64" dev eth0 nodad
+  ip -n "$h" link set eth0 up
+  ip -n "$h" route add default via "10.0.$i.1"
+  ip -n "$h" -6 route add default via "fd00:0:$i::1"
+  # The kernel here has no dummy driver: a veth pair stands in for the LAN.
+  ip -n "$h" link add lan0 type veth peer name lan0p
+  ip -n "$h" addr add "10.$((100 + i)).0.1/24" dev lan0
+  ip -n "$h" addr add "fd10:$i::1/64" dev lan0 nodad
+  ip -n "$h" link set lan0p up
+  ip -n "$h" link set lan0 up
 }
 
 # topo_destroy PREFIX: stops every process in the namespaces, then deletes them.

@@ -10,7 +10,6 @@
 
 pub mod routing;
 
-use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::ops::Range;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -18,7 +17,7 @@ use std::sync::Arc;
 
 use ipnet::IpNet;
 
-use crate::dataplane::routing::PrefixTable;
+use crate::dataplane::routing::{FastMap, PrefixTable};
 use crate::identity::NodeId;
 use crate::wire::packet;
 use crate::wire::replay::ReplayWindow;
@@ -840,10 +839,10 @@ fn prefix_set(nets: &[IpNet]) -> PrefixTable<()> {
 pub struct RxState {
     local: NodeId,
     peers: Vec<RxPeer>,
-    by_id: HashMap<NodeId, usize>,
+    by_id: FastMap<NodeId, usize>,
     local_dsts: PrefixTable<()>,
     local_addrs: Vec<IpAddr>,
-    relays: HashMap<(NodeId, NodeId), RelayHop>,
+    relays: FastMap<(NodeId, NodeId), RelayHop>,
     node: Arc<NodeCounters>,
     egress: Option<(crate::node::policy::Policy, Vec<IpNet>)>,
 }
@@ -855,8 +854,16 @@ impl RxState {
         for net in &spec.local_dsts {
             local_dsts.insert(*net, ());
         }
-        let mut r =
-            RxState { local: spec.local, peers: Vec::new(), by_id: HashMap::new(), local_dsts, local_addrs: Vec::new(), relays: HashMap::new(), node: spec.node.clone(), egress: spec.egress.clone() };
+        let mut r = RxState {
+            local: spec.local,
+            peers: Vec::new(),
+            by_id: FastMap::default(),
+            local_dsts,
+            local_addrs: Vec::new(),
+            relays: FastMap::default(),
+            node: spec.node.clone(),
+            egress: spec.egress.clone(),
+        };
         for (i, p) in spec.peers.iter().enumerate() {
             r.add_peer(i, p);
         }

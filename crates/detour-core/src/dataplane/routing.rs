@@ -6,15 +6,23 @@
 //! does not grow with the number of prefixes.
 
 use std::collections::HashMap;
+use std::hash::BuildHasherDefault;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 
+/// A hash map for the per-packet lookups of the data plane: ahash with its fixed keys
+/// (deterministic, no OS randomness), several times cheaper than std's SipHash on the
+/// 4- to 32-byte keys here. Keyed hashing against collision floods is not needed: the
+/// entries come from the configuration and the directory, never from a packet; a packet
+/// only looks one up.
+pub type FastMap<K, V> = HashMap<K, V, BuildHasherDefault<ahash::AHasher>>;
+
 /// A longest-prefix-match table for IPv4 and IPv6.
 #[derive(Debug, Clone)]
 pub struct PrefixTable<V> {
-    v4: Vec<(u8, HashMap<u32, V>)>,
-    v6: Vec<(u8, HashMap<u128, V>)>,
+    v4: Vec<(u8, FastMap<u32, V>)>,
+    v6: Vec<(u8, FastMap<u128, V>)>,
 }
 
 impl<V> Default for PrefixTable<V> {
@@ -39,11 +47,11 @@ fn mask6(len: u8) -> u128 {
     }
 }
 
-fn slot<K, V>(levels: &mut Vec<(u8, HashMap<K, V>)>, len: u8) -> &mut HashMap<K, V> {
+fn slot<K, V>(levels: &mut Vec<(u8, FastMap<K, V>)>, len: u8) -> &mut FastMap<K, V> {
     let pos = match levels.binary_search_by(|(l, _)| len.cmp(l)) {
         Ok(p) => p,
         Err(p) => {
-            levels.insert(p, (len, HashMap::new()));
+            levels.insert(p, (len, FastMap::default()));
             p
         }
     };
