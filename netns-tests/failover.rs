@@ -547,3 +547,40 @@ fn a_held_xtables_lock_stalls_no_session_probe_or_failover() {
     assert_eq!(st["management_handshakes"].as_u64().unwrap(), handshakes, "management sessions were set up again: {st}");
     assert!(!lab.log("alice").contains("panicked"), "{}", lab.log("alice"));
 }
+
+/// Packets counted by the rules of carol's kernel relay table (None: no table).
+fn kernel_relayed(lab: &Lab, host: &str) -> Option<u64> {
+    let o = lab.sh(&lab.host(host).ns, "nft -j list table netdev detour-relay-7720");
+    if !o.ok {
+        return None;
+    }
+    let v: Value = serde_json::from_str(&o.stdout).ok()?;
+    let rules = v["nftables"].as_array()?.iter().filter_map(|i| i["rule"]["expr"].as_array().cloned());
+    Some(rules.flatten().filter_map(|e| e["counter"]["packets"].as_u64()).sum())
+}
+
+#[test]
+fn a_relay_forwarding_in_the_kernel_carries_a_tcp_transfer_byte_exact_and_removes_its_table() {
+    // The default configuration (`kernel.relay_forwarding` is on unless turned off).
+    let mut lab = mesh(&["alice", "bob", "carol"]);
+    let bob = lab.host("bob").underlay_v4();
+    let mut sink = spawn(&lab, "bob", &["python3", TCPCHECK, "server", "9100"]);
+    cut(&lab, "alice", "bob", true);
+    wait_until("alice's route to bob through carol", Duration::from_secs(5), || route(&lab, "alice", "bob")["path"] == "via carol");
+    let before = lab.status("carol")["relayed_packets"].as_u64().unwrap();
+    // 20 MB through carol, checked byte for byte at bob.
+    let transfer = spawn(&lab, "alice", &["python3", TCPCHECK, "client", &bob, "9100", "20000000", "", "3"]);
+    let (ok, text) = finish(transfer);
+    let _ = sink.kill();
+    let _ = sink.wait();
+    assert!(ok && text.starts_with("ok"), "the TCP transfer through the relay failed: {text}");
+    // The kernel forwarded it: carol's table counted the packets, and the status counts them
+    // too (its counters are read once a second).
+    let Some(kernel) = kernel_relayed(&lab, "carol") else { panic!("carol has no kernel relay table; log:\n{}", lab.log("carol")) };
+    assert!(kernel > 1000, "the kernel relayed {kernel} packets");
+    wait_until("carol's status to count the kernel's packets", Duration::from_secs(3), || lab.status("carol")["relayed_packets"].as_u64().unwrap() - before >= kernel);
+    println!("kernel relay: {kernel} packets forwarded by carol's kernel");
+    // Stopping carol removes the table.
+    assert!(lab.stop("carol"), "detourd on carol did not exit cleanly");
+    assert_eq!(kernel_relayed(&lab, "carol"), None, "carol's kernel relay table was left behind");
+}

@@ -295,14 +295,14 @@ print(json.load(open('$out'))['outage_ms'], arrival)"
 
   # Through a relay: single-stream TCP to bob's overlay address on the direct path, then
   # with the direct path cut (alice -> carol -> bob), beside the bare underlay, in
-  # BENCH_RELAY_ROUNDS rounds (default 3) of the three; carol's CPU time per Gbit relayed.
-  restart_all
-  local OB=10.77.0.2 relay_rounds=${BENCH_RELAY_ROUNDS:-3} u d r rb c0 c1 cpid
-  local relay_under=() relay_direct=() relay_via=() relay_ticks=0 relay_bytes=0
-  cpid=$(pgrep -f "detourd -c $DIR/carol.toml")
-  ip netns exec "$A" ping -c 3 -i 0.2 -q "$OB" >/dev/null
-  for k in $(seq 1 "$relay_rounds"); do
-    echo "through a relay, round $k/$relay_rounds..." >&2
+  # BENCH_RELAY_ROUNDS rounds (default 3) of the three; carol's CPU time per Gbit relayed
+  # (detourd's; what the kernel spends forwarding is not in it). First with the defaults
+  # (carol forwards in the kernel), then with kernel.relay_forwarding = false on carol
+  # (its data thread forwards): direct and relayed again.
+  # relay_round -> "underlay direct relayed relayed_bytes carol_ticks"
+  relay_round() {
+    local u d r rb c0 c1 cpid
+    cpid=$(pgrep -f "detourd -c $DIR/carol.toml")
     wait_direct
     read -r u _ < <(iperf "$A" "$UB" 1)
     read -r d _ < <(iperf "$A" "$OB" 1)
@@ -316,14 +316,38 @@ print(json.load(open('$out'))['outage_ms'], arrival)"
     read -r r rb < <(iperf "$A" "$OB" 1)
     c1=$(cpu_ticks "$cpid")
     ip netns exec "$R" iptables -F FORWARD
+    echo "$u $d $r $rb $((c1 - c0))"
+  }
+  local OB=10.77.0.2 relay_rounds=${BENCH_RELAY_ROUNDS:-3} u d r rb ticks
+  local relay_under=() relay_direct=() relay_via=() relay_ticks=0 relay_bytes=0
+  local user_direct=() user_via=() user_ticks=0 user_bytes=0
+  restart_all
+  ip netns exec "$A" ping -c 3 -i 0.2 -q "$OB" >/dev/null
+  for k in $(seq 1 "$relay_rounds"); do
+    echo "through a relay (forwarding in the kernel), round $k/$relay_rounds..." >&2
+    read -r u d r rb ticks < <(relay_round)
     relay_under+=("$u")
     relay_direct+=("$d")
     relay_via+=("$r")
-    relay_ticks=$((relay_ticks + c1 - c0))
+    relay_ticks=$((relay_ticks + ticks))
     relay_bytes=$((relay_bytes + rb))
   done
-  local relay_cpu
+  stop_all
+  printf '\n[kernel]\nrelay_forwarding = false\n' >>"$DIR/carol.toml"
+  restart_all
+  ip netns exec "$A" ping -c 3 -i 0.2 -q "$OB" >/dev/null
+  for k in $(seq 1 "$relay_rounds"); do
+    echo "through a relay (forwarding in user space), round $k/$relay_rounds..." >&2
+    read -r u d r rb ticks < <(relay_round)
+    user_direct+=("$d")
+    user_via+=("$r")
+    user_ticks=$((user_ticks + ticks))
+    user_bytes=$((user_bytes + rb))
+  done
+  sed -i -e '/^\[kernel\]$/d' -e '/^relay_forwarding = false$/d' "$DIR/carol.toml"
+  local relay_cpu user_cpu
   relay_cpu=$(python3 -c "print(round($relay_ticks / $(getconf CLK_TCK) / ($relay_bytes * 8 / 1e9), 4))")
+  user_cpu=$(python3 -c "print(round($user_ticks / $(getconf CLK_TCK) / ($user_bytes * 8 / 1e9), 4))")
   stop_all
 
   # Flapping: the direct path cut for 1 s and healed for 5 s, 10 times (a minute), while a
@@ -409,10 +433,12 @@ print(json.load(open('$out'))['outage_ms'], arrival)"
 
   python3 - "$probe_bps" "${with_all[*]}" "${without_all[*]}" "" "" "${silent[*]}" "${icmp[*]}" "$flap_undamped" "$flap_damped" "$deg_off" "$deg_on" "$probe_active_bps" \
     "${icmp_arrival[*]}" "${relay_under[*]}" "${relay_direct[*]}" "${relay_via[*]}" "$relay_cpu" "${exit_ms[*]}" \
+    "${user_direct[*]}" "${user_via[*]}" "$user_cpu" \
     "$(python3 -c "print($healthy_ticks / $(getconf CLK_TCK) / ($rounds * $SECS * $(nproc)))")" <<'EOF'
 import json, statistics, sys
 arrival = [float(x) for x in sys.argv[13].split() if float(x) >= 0]
 r_under, r_direct, r_via = ([float(x) for x in sys.argv[i].split()] for i in (14, 15, 16))
+u_direct, u_via = ([float(x) for x in sys.argv[i].split()] for i in (19, 20))
 probe = int(sys.argv[1])
 with_all = [float(x) for x in sys.argv[2].split()]
 without_all = [float(x) for x in sys.argv[3].split()]
@@ -442,7 +468,7 @@ r = {
     "healthy_throughput_ratio": round(sum(with_all) / sum(without_all), 4),
     "healthy_ratio_per_round_min_max": [round(min(pair), 4), round(max(pair), 4)],
     "healthy_ratio_per_round_median": round(statistics.median(pair), 4),
-    "healthy_detourd_cpu_share": round(float(sys.argv[19]), 5),
+    "healthy_detourd_cpu_share": round(float(sys.argv[22]), 5),
     "relay_tcp1_gbps": [round(x / 1e9, 3) for x in r_via],
     "direct_overlay_tcp1_gbps": [round(x / 1e9, 3) for x in r_direct],
     "underlay_tcp1_gbps": [round(x / 1e9, 3) for x in r_under],
@@ -450,6 +476,10 @@ r = {
     "relay_tcp1_vs_direct_overlay_per_round": [round(v / d, 4) for v, d in zip(r_via, r_direct)],
     "relay_tcp1_vs_underlay": round(sum(r_via) / sum(r_under), 4),
     "relay_cpu_s_per_gbit": float(sys.argv[17]),
+    "relay_user_space_tcp1_gbps": [round(x / 1e9, 3) for x in u_via],
+    "relay_user_space_direct_overlay_tcp1_gbps": [round(x / 1e9, 3) for x in u_direct],
+    "relay_user_space_tcp1_vs_direct_overlay": round(sum(u_via) / sum(u_direct), 4),
+    "relay_user_space_cpu_s_per_gbit": float(sys.argv[21]),
     "exit_connect_after_cut_ms": round(statistics.median([float(x) for x in sys.argv[18].split()]), 1),
     "exit_connect_after_cut_ms_all": [float(x) for x in sys.argv[18].split()],
     "flap_cycles_per_min": 10,

@@ -26,6 +26,7 @@ install_deps() {
   command -v python3 >/dev/null || missing+=(python3)
   command -v pgrep >/dev/null || missing+=(procps)
   command -v curl >/dev/null || missing+=(curl)
+  command -v nft >/dev/null || missing+=(nftables)
   command -v c++ >/dev/null || missing+=(g++)
   if [ ${#missing[@]} -gt 0 ]; then
     echo "installing: ${missing[*]}"

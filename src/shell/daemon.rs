@@ -118,6 +118,7 @@ pub async fn run(mut cfg: Config) -> Result<()> {
         acct: false,
         traffic: false,
         classes: false,
+        kfwd: None,
         keeper: None,
     };
     // A panic in the loop (the node state is driven there) is caught here, so that the
@@ -148,6 +149,8 @@ struct Resources {
     acct: bool,
     traffic: bool,
     classes: bool,
+    /// The data port whose kernel relay table is removed at exit.
+    kfwd: Option<u16>,
     keeper: Option<Arc<crate::shell::netfilter::Keeper>>,
 }
 
@@ -162,6 +165,9 @@ impl Resources {
         }
         if self.acct {
             acct::remove();
+        }
+        if let Some(port) = self.kfwd {
+            crate::shell::kfwd::remove(port);
         }
         if self.traffic {
             traffic::remove();
@@ -362,6 +368,8 @@ async fn run_inner(identity: &Identity, model: Model, nl: Netlink, listener: tok
     // Every netfilter chain an earlier run may have left, in one look per family.
     let chains: Vec<(&str, &str)> = [&intercept::CHAINS[..], &priority::CHAINS, &acct::CHAINS, &traffic::CHAINS, &crate::shell::classes::CHAINS].concat();
     crate::shell::netfilter::remove_chains(&chains);
+    // The kernel relay table (also when relay forwarding is now off; without nft, nothing).
+    crate::shell::kfwd::remove(cfg.node.data_port);
     if let Some(dev) = &qdisc {
         priority::remove_qdisc(dev);
     }
@@ -527,6 +535,15 @@ async fn run_inner(identity: &Identity, model: Model, nl: Netlink, listener: tok
     let (peer_tx, mut peer_rx) = mpsc::unbounded_channel();
     let mut sessions = Sessions::new(mgmt.clone(), dp.clone(), mgmt_errors.clone(), peer_tx.clone(), shutdown_rx.clone());
     let mut api_rx = engine.start_api();
+    if cfg.kernel.relay_forwarding {
+        match crate::shell::kfwd::KernelRelay::start(cfg.node.data_port, cfg.kernel.fwmark, engine.model().node.clone()) {
+            Ok(k) => {
+                engine.set_kernel_relay(k);
+                res.kfwd = Some(cfg.node.data_port);
+            }
+            Err(e) => tracing::warn!("kernel.relay_forwarding: {e:#}; the data thread relays"),
+        }
+    }
     let (mut data_rx, mut alarm_rx) = (data_rx, alarm_rx);
     drop(alarm_tx);
     let engine_panic = supervise::panic_after(supervise::Part::Engine, supervise::test_panic_after(supervise::Part::Engine));

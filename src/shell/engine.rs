@@ -82,6 +82,8 @@ pub struct Engine {
     local_addrs: HashSet<IpAddr>,
     state: NodeState,
     dp: Arc<DataPath>,
+    /// Relay pairs mirrored into the kernel (`kernel.relay_forwarding`).
+    kfwd: Option<crate::shell::kfwd::KernelRelay>,
     filter: Arc<RwLock<Filter>>,
     /// Some peer carries traffic (the TCP monitor polls at its fast rate only then).
     traffic: Arc<std::sync::atomic::AtomicBool>,
@@ -129,6 +131,7 @@ impl Engine {
             local_addrs,
             state,
             dp,
+            kfwd: None,
             filter,
             traffic,
             syns: Vec::new(),
@@ -139,6 +142,11 @@ impl Engine {
         };
         e.execute();
         e
+    }
+
+    /// Mirrors the relay pairs the node agrees from now on into the kernel.
+    pub fn set_kernel_relay(&mut self, k: crate::shell::kfwd::KernelRelay) {
+        self.kfwd = Some(k);
     }
 
     /// The model (configuration and peers).
@@ -327,7 +335,12 @@ impl Engine {
     fn execute(&mut self) {
         while let Some(a) = self.state.poll_action() {
             match a {
-                NodeAction::Data(cmd) => self.dp.command(cmd),
+                NodeAction::Data(cmd) => {
+                    if let Some(k) = &self.kfwd {
+                        k.observe(&cmd);
+                    }
+                    self.dp.command(cmd)
+                }
                 NodeAction::Send { peer, to, message } => self.send(peer, to, message),
                 NodeAction::NeedSession(peer) => self.wants.push(SessionWant::Data(peer)),
                 NodeAction::RelayLink { peer, on } => self.wants.push(SessionWant::Want(peer, want::RELAY, on)),

@@ -9,6 +9,7 @@ pub mod datapath;
 pub mod engine;
 pub mod files;
 pub mod intercept;
+pub mod kfwd;
 pub mod metrics;
 pub mod mnode;
 pub mod netfilter;

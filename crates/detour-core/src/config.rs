@@ -305,6 +305,11 @@ pub struct KernelConfig {
     pub interface_prefix: String,
     /// Pool for per-link IPv4 addresses.
     pub link_pool_v4: Ipv4Net,
+    /// Whether datagrams this node relays are forwarded by the kernel (an nftables
+    /// `netdev` ingress rule per agreed relay pair: addresses rewritten, sent on without
+    /// waking detourd) instead of by the data thread. On by default; without nft the
+    /// data thread relays (issue 14, `docs/design.md` "Relays in the kernel").
+    pub relay_forwarding: bool,
 }
 
 /// One configured peer (`[[peer]]`).
@@ -508,6 +513,7 @@ struct RawKernel {
     aggregate_interface: Option<String>,
     interface_prefix: Option<String>,
     link_pool_v4: Option<String>,
+    relay_forwarding: Option<bool>,
 }
 
 #[derive(Deserialize, Debug)]
@@ -950,7 +956,7 @@ fn validate(raw: RawConfig, file: &str, errs: &mut Errors, log_level_ok: &dyn Fn
             networks,
             policy,
         },
-        kernel: KernelConfig { table, rule_priority, fwmark, aggregate_interface, interface_prefix, link_pool_v4 },
+        kernel: KernelConfig { table, rule_priority, fwmark, aggregate_interface, interface_prefix, link_pool_v4, relay_forwarding: k.relay_forwarding.unwrap_or(true) },
         failover,
         management,
         replex,
@@ -1391,6 +1397,9 @@ prefixes = ["10.10.2.0/24", "fd10:2::/64"]
         assert_eq!(c.peers[0].endpoints[1], Endpoint::Addr("[2001:db8::2]:7800".parse().unwrap()));
         assert_eq!(c.peers[0].endpoints[2], Endpoint::Host("bob.example.net".into(), DEFAULT_DATA_PORT));
         assert_eq!(c.peers[0].inner_mtu(), 1500 - 112);
+        assert!(c.kernel.relay_forwarding, "relays forward in the kernel unless told not to");
+        let off = Config::parse(&format!("{}\n[kernel]\nrelay_forwarding = false\n", sample()), "t.toml").unwrap();
+        assert!(!off.kernel.relay_forwarding);
     }
 
     #[test]
