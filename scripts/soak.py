@@ -245,7 +245,8 @@ left = {}
 check = (
     "ip -o link show | grep -cE ' (dt-|detour0)' ; ip rule show | grep -c 'proto 157' ; ip -6 rule show | grep -c 'proto 157' ; "
     "ip route show table all proto 157 | grep -c . ; ip -6 route show table all proto 157 | grep -c . ; ip nexthop show proto 157 2>/dev/null | grep -c . ; "
-    "iptables-save 2>/dev/null | grep -ci detour ; ip6tables-save 2>/dev/null | grep -ci detour ; tc qdisc show dev eth0 | grep -c htb"
+    "iptables-save 2>/dev/null | grep -ci detour ; ip6tables-save 2>/dev/null | grep -ci detour ; tc qdisc show dev eth0 | grep -c htb ; "
+    "nft list tables 2>/dev/null | grep -c detour"
 )
 for i in NODES:
     out = subprocess.run(["ip", "netns", "exec", ns(i), "bash", "-c", check], capture_output=True, text=True).stdout
