@@ -214,7 +214,11 @@ fn traffic_split_over_a_fast_path_and_a_slow_relay_is_not_taken_for_replays() {
         std::thread::sleep(Duration::from_millis(200));
     }
     let replays = |lab: &Lab| Lab::peer(&lab.status("bob"), "alice")["drops"]["replay"].as_u64().unwrap_or(0);
-    let relayed = |lab: &Lab| lab.status("carol")["relayed_bytes"].as_u64().unwrap_or(0);
+    // Read once the kernel's forwarding is counted (carol adds it once a second).
+    let relayed = |lab: &Lab| {
+        std::thread::sleep(Duration::from_millis(1200));
+        lab.status("carol")["relayed_bytes"].as_u64().unwrap_or(0)
+    };
     let (r0, c0) = (replays(&lab), relayed(&lab));
     let bob = lab.host("bob").overlay_v4();
     let mut server = Command::new("ip").args(["netns", "exec", &lab.host("bob").ns, "iperf3", "-s", "-1", "-p", "5301"]).stdout(Stdio::null()).stderr(Stdio::null()).spawn().expect("iperf3 server");
