@@ -318,36 +318,24 @@ print(json.load(open('$out'))['outage_ms'], arrival)"
     ip netns exec "$R" iptables -F FORWARD
     echo "$u $d $r $rb $((c1 - c0))"
   }
-  local OB=10.77.0.2 relay_rounds=${BENCH_RELAY_ROUNDS:-3} u d r rb ticks
-  local relay_under=() relay_direct=() relay_via=() relay_ticks=0 relay_bytes=0
-  local user_direct=() user_via=() user_ticks=0 user_bytes=0
+  # relay_rounds WHAT -> BENCH_RELAY_ROUNDS (default 3) relay_round lines, ";"-separated
+  relay_rounds() {
+    local k rows=()
+    ip netns exec "$A" ping -c 3 -i 0.2 -q "$OB" >/dev/null
+    for k in $(seq 1 "${BENCH_RELAY_ROUNDS:-3}"); do
+      echo "through a relay (forwarding $1), round $k..." >&2
+      rows+=("$(relay_round)")
+    done
+    (IFS=';'; echo "${rows[*]}")
+  }
+  local OB=10.77.0.2 relay_kernel relay_user
   restart_all
-  ip netns exec "$A" ping -c 3 -i 0.2 -q "$OB" >/dev/null
-  for k in $(seq 1 "$relay_rounds"); do
-    echo "through a relay (forwarding in the kernel), round $k/$relay_rounds..." >&2
-    read -r u d r rb ticks < <(relay_round)
-    relay_under+=("$u")
-    relay_direct+=("$d")
-    relay_via+=("$r")
-    relay_ticks=$((relay_ticks + ticks))
-    relay_bytes=$((relay_bytes + rb))
-  done
+  relay_kernel=$(relay_rounds "in the kernel")
   stop_all
   printf '\n[kernel]\nrelay_forwarding = false\n' >>"$DIR/carol.toml"
   restart_all
-  ip netns exec "$A" ping -c 3 -i 0.2 -q "$OB" >/dev/null
-  for k in $(seq 1 "$relay_rounds"); do
-    echo "through a relay (forwarding in user space), round $k/$relay_rounds..." >&2
-    read -r u d r rb ticks < <(relay_round)
-    user_direct+=("$d")
-    user_via+=("$r")
-    user_ticks=$((user_ticks + ticks))
-    user_bytes=$((user_bytes + rb))
-  done
+  relay_user=$(relay_rounds "in user space")
   sed -i -e '/^\[kernel\]$/d' -e '/^relay_forwarding = false$/d' "$DIR/carol.toml"
-  local relay_cpu user_cpu
-  relay_cpu=$(python3 -c "print(round($relay_ticks / $(getconf CLK_TCK) / ($relay_bytes * 8 / 1e9), 4))")
-  user_cpu=$(python3 -c "print(round($user_ticks / $(getconf CLK_TCK) / ($user_bytes * 8 / 1e9), 4))")
   stop_all
 
   # Flapping: the direct path cut for 1 s and healed for 5 s, 10 times (a minute), while a
@@ -432,13 +420,19 @@ print(json.load(open('$out'))['outage_ms'], arrival)"
   kill "$http_pid" 2>/dev/null || true
 
   python3 - "$probe_bps" "${with_all[*]}" "${without_all[*]}" "" "" "${silent[*]}" "${icmp[*]}" "$flap_undamped" "$flap_damped" "$deg_off" "$deg_on" "$probe_active_bps" \
-    "${icmp_arrival[*]}" "${relay_under[*]}" "${relay_direct[*]}" "${relay_via[*]}" "$relay_cpu" "${exit_ms[*]}" \
-    "${user_direct[*]}" "${user_via[*]}" "$user_cpu" \
-    "$(python3 -c "print($healthy_ticks / $(getconf CLK_TCK) / ($rounds * $SECS * $(nproc)))")" <<'EOF'
+    "${icmp_arrival[*]}" "$relay_kernel" "$relay_user" "${exit_ms[*]}" \
+    "$(python3 -c "print($healthy_ticks / $(getconf CLK_TCK) / ($rounds * $SECS * $(nproc)))")" "$(getconf CLK_TCK)" <<'EOF'
 import json, statistics, sys
 arrival = [float(x) for x in sys.argv[13].split() if float(x) >= 0]
-r_under, r_direct, r_via = ([float(x) for x in sys.argv[i].split()] for i in (14, 15, 16))
-u_direct, u_via = ([float(x) for x in sys.argv[i].split()] for i in (19, 20))
+hz = int(sys.argv[18])
+def relay(arg):
+    """relay_round rows -> (underlay, direct, relayed) bit/s lists, relay CPU s per Gbit"""
+    rows = [[float(x) for x in row.split()] for row in arg.split(";")]
+    under, direct, via, nbytes, ticks = (list(col) for col in zip(*rows))
+    return under, direct, via, round(sum(ticks) / hz / (sum(nbytes) * 8 / 1e9), 4)
+r_under, r_direct, r_via, r_cpu = relay(sys.argv[14])
+_, u_direct, u_via, u_cpu = relay(sys.argv[15])
+exit_ms = [float(x) for x in sys.argv[16].split()]
 probe = int(sys.argv[1])
 with_all = [float(x) for x in sys.argv[2].split()]
 without_all = [float(x) for x in sys.argv[3].split()]
@@ -468,20 +462,20 @@ r = {
     "healthy_throughput_ratio": round(sum(with_all) / sum(without_all), 4),
     "healthy_ratio_per_round_min_max": [round(min(pair), 4), round(max(pair), 4)],
     "healthy_ratio_per_round_median": round(statistics.median(pair), 4),
-    "healthy_detourd_cpu_share": round(float(sys.argv[22]), 5),
+    "healthy_detourd_cpu_share": round(float(sys.argv[17]), 5),
     "relay_tcp1_gbps": [round(x / 1e9, 3) for x in r_via],
     "direct_overlay_tcp1_gbps": [round(x / 1e9, 3) for x in r_direct],
     "underlay_tcp1_gbps": [round(x / 1e9, 3) for x in r_under],
     "relay_tcp1_vs_direct_overlay": round(sum(r_via) / sum(r_direct), 4),
     "relay_tcp1_vs_direct_overlay_per_round": [round(v / d, 4) for v, d in zip(r_via, r_direct)],
     "relay_tcp1_vs_underlay": round(sum(r_via) / sum(r_under), 4),
-    "relay_cpu_s_per_gbit": float(sys.argv[17]),
+    "relay_cpu_s_per_gbit": r_cpu,
     "relay_user_space_tcp1_gbps": [round(x / 1e9, 3) for x in u_via],
     "relay_user_space_direct_overlay_tcp1_gbps": [round(x / 1e9, 3) for x in u_direct],
     "relay_user_space_tcp1_vs_direct_overlay": round(sum(u_via) / sum(u_direct), 4),
-    "relay_user_space_cpu_s_per_gbit": float(sys.argv[21]),
-    "exit_connect_after_cut_ms": round(statistics.median([float(x) for x in sys.argv[18].split()]), 1),
-    "exit_connect_after_cut_ms_all": [float(x) for x in sys.argv[18].split()],
+    "relay_user_space_cpu_s_per_gbit": u_cpu,
+    "exit_connect_after_cut_ms": round(statistics.median(exit_ms), 1),
+    "exit_connect_after_cut_ms_all": exit_ms,
     "flap_cycles_per_min": 10,
     "flap_failures_counted": dam_flaps,
     "flap_switches_per_min": dam_changes,

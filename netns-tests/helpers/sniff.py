@@ -41,7 +41,6 @@ def main():
     # SOCK_DGRAM: the link-layer header is removed, on Ethernet and on a TUN alike.
     s = socket.socket(socket.AF_PACKET, socket.SOCK_DGRAM, socket.htons(ETH_P_ALL))
     s.bind((iface, 0))
-    print("ready", file=sys.stderr, flush=True)
     end = time.monotonic() + seconds
     while True:
         left = end - time.monotonic()

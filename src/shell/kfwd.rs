@@ -41,8 +41,7 @@ pub fn table_name(port: u16) -> String {
 
 /// Removes the table of `port` if it exists; idempotent.
 pub fn remove(port: u16) {
-    let t = table_name(port);
-    let _ = nft(&format!("add table netdev {t}\ndelete table netdev {t}\n"));
+    let _ = nft(&script(&table_name(port), port, &[]));
 }
 
 /// One direction of an agreed relay pair, with the routes it needs.
@@ -174,8 +173,7 @@ impl KernelRelay {
     /// # Errors
     /// If nft is missing or the kernel refuses a `netdev` table (then user space relays).
     pub fn start(port: u16, fwmark: u32, node: Arc<NodeCounters>) -> Result<KernelRelay> {
-        let t = table_name(port);
-        nft(&format!("add table netdev {t}\ndelete table netdev {t}\n")).context("nftables netdev tables")?;
+        nft(&script(&table_name(port), port, &[])).context("nftables netdev tables")?;
         let (tx, rx) = mpsc::channel();
         std::thread::Builder::new().name("detour-kfwd".into()).spawn(move || run(port, fwmark, node, rx)).context("starting the kernel relay thread")?;
         Ok(KernelRelay { tx })
