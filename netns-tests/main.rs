@@ -8,6 +8,7 @@ mod policies;
 mod replex;
 mod scale;
 mod seeds;
+mod service;
 
 use std::time::{Duration, Instant};
 

@@ -47,6 +47,11 @@ enum Cmd {
     Status(Query),
     /// List the node directory: every node of the overlay with its endpoints and addresses.
     Nodes(Query),
+    /// Make detourd read its configuration file again and apply what changed (as
+    /// `systemctl reload detourd` does); prints the changes. An invalid file, or one that
+    /// changes a setting only a restart can (ports, key, table numbers), is refused and the
+    /// running configuration stays.
+    Reload(Query),
     /// Send a message to a node (by node ID or name) over the management overlay and wait
     /// for its end-to-end acknowledgement.
     Send {
@@ -278,6 +283,16 @@ fn run(args: Args) -> Result<(), String> {
         Cmd::Status(q) => match ask(q.socket, q.config, Request::Status)? {
             Response::Status(s) if q.json => println!("{}", serde_json::to_string_pretty(&s).map_err(|e| e.to_string())?),
             Response::Status(s) => print!("{}", render_status(&s)),
+            other => return Err(unexpected(other)),
+        },
+        Cmd::Reload(q) => match ask(q.socket, q.config, Request::Reload)? {
+            Response::Reloaded { changes } if q.json => println!("{}", serde_json::json!({ "changes": changes })),
+            Response::Reloaded { changes } if changes.is_empty() => println!("configuration unchanged"),
+            Response::Reloaded { changes } => {
+                for c in changes {
+                    println!("{c}");
+                }
+            }
             other => return Err(unexpected(other)),
         },
         Cmd::Nodes(q) => match ask(q.socket, q.config, Request::Nodes)? {

@@ -20,27 +20,34 @@ struct Args {
 }
 
 fn load(path: &Path) -> Result<Config, String> {
-    let cfg = detour::shell::files::load_config(path).map_err(|e| e.to_string())?;
-    let file = path.display();
-    let id = detour::shell::files::read_key(&cfg.node.private_key).map_err(|e| format!("{file}: node.private_key: {e}"))?;
-    if let Some((i, _)) = cfg.peer_by_id(&id.node_id()) {
-        return Err(format!("{file}: peer[{i}].public_key: this is the node's own key; a node cannot be its own peer"));
-    }
-    Ok(cfg)
+    detour::shell::files::load_checked(path).map(|(cfg, _)| cfg)
 }
 
-fn init_logging(level: &str) {
-    let filter = match std::env::var("RUST_LOG") {
-        Ok(v) if !v.is_empty() => tracing_subscriber::EnvFilter::new(v),
-        _ => tracing_subscriber::EnvFilter::new(level),
-    };
+/// Starts logging at `level` (`RUST_LOG` overrides it); returns what sets a new level at a
+/// reload (an error when `RUST_LOG` is set: it stays in force).
+fn init_logging(level: &str) -> detour::shell::daemon::SetLogLevel {
+    let from_env = std::env::var("RUST_LOG").ok().filter(|v| !v.is_empty());
+    let filter = tracing_subscriber::EnvFilter::new(from_env.clone().unwrap_or_else(|| level.to_string()));
     let journald = std::env::var_os("JOURNAL_STREAM").is_some();
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(false).with_target(false);
-    if journald {
-        builder.without_time().init();
+    let builder = tracing_subscriber::fmt().with_writer(std::io::stderr).with_ansi(false).with_target(false);
+    // The journal adds its own time stamps.
+    let reload: Box<dyn Fn(tracing_subscriber::EnvFilter) -> Result<(), String> + Send> = if journald {
+        let b = builder.without_time().with_env_filter(filter).with_filter_reloading();
+        let handle = b.reload_handle();
+        b.init();
+        Box::new(move |f| handle.reload(f).map_err(|e| e.to_string()))
     } else {
-        builder.init();
-    }
+        let b = builder.with_env_filter(filter).with_filter_reloading();
+        let handle = b.reload_handle();
+        b.init();
+        Box::new(move |f| handle.reload(f).map_err(|e| e.to_string()))
+    };
+    Box::new(move |level: &str| {
+        if from_env.is_some() {
+            return Err("RUST_LOG is set and stays in force".to_string());
+        }
+        reload(tracing_subscriber::EnvFilter::new(level))
+    })
 }
 
 fn main() -> ExitCode {
@@ -66,7 +73,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    init_logging(&cfg.node.log_level);
+    let set_log_level = init_logging(&cfg.node.log_level);
     if let Some(dir) = capture {
         tracing::warn!(dir = %dir.display(), "capturing fuzz seeds (DETOUR_CAPTURE_SEEDS)");
     }
@@ -77,7 +84,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match rt.block_on(detour::shell::daemon::run(cfg)) {
+    match rt.block_on(detour::shell::daemon::run(cfg, args.config.clone(), set_log_level)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e:#}");

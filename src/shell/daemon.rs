@@ -88,11 +88,16 @@ pub enum Query {
 /// How long a `detourctl` request or a metrics scrape waits for the loop's answer.
 pub const QUERY_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// Runs the daemon with a validated configuration until a stop signal.
+/// Sets the log filter at a reload (`node.log_level`); an error says why it was not set.
+pub type SetLogLevel = Box<dyn Fn(&str) -> std::result::Result<(), String> + Send>;
+
+/// Runs the daemon with a validated configuration, read from `path` (read again at a
+/// reload), until a stop signal.
 ///
 /// # Errors
 /// Start-up failures (key, sockets, TUNs, netlink); the host is cleaned before returning.
-pub async fn run(mut cfg: Config) -> Result<()> {
+pub async fn run(mut cfg: Config, path: PathBuf, set_log_level: SetLogLevel) -> Result<()> {
+    let file_cfg = cfg.clone();
     cfg.node.policy.up_since = crate::shell::mnode::unix_now();
     let identity = crate::shell::files::read_key(&cfg.node.private_key).map_err(|e| anyhow!("node.private_key: {e}"))?;
     if crate::shell::files::key_is_exposed(&cfg.node.private_key) {
@@ -123,7 +128,8 @@ pub async fn run(mut cfg: Config) -> Result<()> {
     };
     // A panic in the loop (the node state is driven there) is caught here, so that the
     // host is cleaned as at a normal stop; the panic hook has logged it.
-    let inner = std::panic::AssertUnwindSafe(run_inner(&identity, model, nl, listener, &mut resources, qdisc));
+    let reloader = Reloader { path, running: file_cfg, node_id: identity.node_id(), set_log_level, idle_off: false, traffic: None, metrics: None, metrics_queries: None };
+    let inner = std::panic::AssertUnwindSafe(run_inner(&identity, model, nl, listener, &mut resources, qdisc, reloader));
     let result = match futures::FutureExt::catch_unwind(inner).await {
         Ok(r) => r,
         Err(payload) => {
@@ -346,7 +352,103 @@ fn bind_api(port: u16) -> Result<Vec<tokio::net::UdpSocket>> {
     Ok(v)
 }
 
-async fn run_inner(identity: &Identity, model: Model, nl: Netlink, listener: tokio::net::UnixListener, res: &mut Resources, qdisc: Option<String>) -> Result<()> {
+/// What a configuration reload needs besides the engine ([`reload`]).
+struct Reloader {
+    /// The configuration file.
+    path: PathBuf,
+    /// The configuration in use, as read from the file.
+    running: Config,
+    /// This node's ID (a reload cannot change the key).
+    node_id: crate::identity::NodeId,
+    set_log_level: SetLogLevel,
+    /// Traffic detection could not start: every peer is probed at the fast rate.
+    idle_off: bool,
+    /// The traffic detection rules to replace when the configured peers change: keeper,
+    /// nflog group and fwmark.
+    traffic: Option<(Arc<crate::shell::netfilter::Keeper>, u16, u32)>,
+    /// The metrics server.
+    metrics: Option<tokio::task::JoinHandle<()>>,
+    metrics_queries: Option<mpsc::UnboundedSender<Query>>,
+}
+
+/// Starts the Prometheus metrics server on `addr`, answering from the loop through
+/// `queries`.
+async fn start_metrics(addr: SocketAddr, queries: mpsc::UnboundedSender<Query>) -> Result<tokio::task::JoinHandle<()>> {
+    let l = crate::shell::metrics::bind(addr).await?;
+    let serve = crate::shell::metrics::serve(
+        l,
+        Arc::new(move || {
+            let queries = queries.clone();
+            Box::pin(async move {
+                let (tx, rx) = oneshot::channel();
+                let _ = queries.send(Query::Metrics(tx));
+                tokio::time::timeout(QUERY_TIMEOUT, rx).await.ok().and_then(|r| r.ok()).unwrap_or_default()
+            })
+        }),
+    );
+    Ok(tokio::spawn(serve))
+}
+
+/// Reads the configuration file again and applies what changed (SIGHUP, `detourctl
+/// reload`; issue 15): validated fully first (the messages of `--check-config`), compared
+/// with the running configuration ([`crate::node::reload::plan`]: a change only a restart
+/// can make is refused with its keys named), then handed to the engine, which touches only
+/// what changed. The log level, the metrics listener and the traffic detection rules
+/// follow here. Returns what changed, one line each.
+///
+/// # Errors
+/// Why the new configuration was refused; the running one then stays whole.
+async fn reload(r: &mut Reloader, engine: &mut Engine) -> std::result::Result<Vec<String>, String> {
+    let file = r.path.display().to_string();
+    let (mut new, id) = crate::shell::files::load_checked(&r.path)?;
+    if id.node_id() != r.node_id {
+        return Err(format!("{file}: node.private_key: the key is not the one detourd runs with; a new key needs a restart; nothing was changed"));
+    }
+    let plan = crate::node::reload::plan(&r.running, &new).map_err(|keys| format!("{file}: only a restart of detourd can change {}; nothing was changed", keys.join(", ")))?;
+    if plan.is_empty() {
+        return Ok(Vec::new());
+    }
+    let from_file = new.clone();
+    if r.idle_off {
+        new.failover.idle_probe_interval = new.failover.probe_interval;
+    }
+    let moves = engine.reconfigure(&plan, new).map_err(|e| format!("{file}: {e}; nothing was changed"))?;
+    r.running = from_file;
+    let mut changes = plan.describe();
+    if plan.settings.contains(&"node.log_level") {
+        if let Err(e) = (r.set_log_level)(&r.running.node.log_level) {
+            changes.push(format!("node.log_level not applied: {e}"));
+        }
+    }
+    if plan.settings.contains(&"node.metrics_listen") {
+        if let Some(h) = r.metrics.take() {
+            h.abort();
+        }
+        if let (Some(addr), Some(q)) = (r.running.node.metrics_listen, r.metrics_queries.clone()) {
+            match start_metrics(addr, q).await {
+                Ok(h) => r.metrics = Some(h),
+                Err(e) => changes.push(format!("node.metrics_listen: {e:#}; metrics are off")),
+            }
+        }
+    }
+    let peers_moved = !(moves.added.is_empty() && moves.removed.is_empty() && moves.changed.is_empty());
+    if let (true, Some((keeper, group, fwmark))) = (peers_moved, r.traffic.clone()) {
+        let m = engine.model();
+        let dsts: Vec<ipnet::IpNet> = (0..m.peers.len()).filter(|&i| m.peers[i].configured).flat_map(|i| m.protected_destinations(i, &[])).collect();
+        tokio::task::spawn_blocking(move || {
+            if let Err(e) = traffic::replace(&keeper, &dsts, group, fwmark) {
+                tracing::warn!("reload: traffic detection rules: {e:#}");
+            }
+        });
+    }
+    for c in &changes {
+        tracing::info!("reload: {c}");
+    }
+    Ok(changes)
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn run_inner(identity: &Identity, model: Model, nl: Netlink, listener: tokio::net::UnixListener, res: &mut Resources, qdisc: Option<String>, mut reloader: Reloader) -> Result<()> {
     let cfg = model.cfg.clone();
     let table = cfg.kernel.table;
 
@@ -493,9 +595,13 @@ async fn run_inner(identity: &Identity, model: Model, nl: Netlink, listener: tok
         let dsts: Vec<ipnet::IpNet> = (0..cfg.peers.len()).flat_map(|i| model.protected_destinations(i, &[])).collect();
         let group = cfg.failover.nfqueue;
         match traffic::install(&keeper, &dsts, group, cfg.kernel.fwmark).and_then(|_| traffic::start(group, filter.clone(), icmp_counters.clone(), alarm_tx.clone())) {
-            Ok(()) => tracing::info!("traffic detection on {} destinations (nflog group {group}): idle peers are probed every {} ms", dsts.len(), cfg.failover.idle_probe_interval.as_millis()),
+            Ok(()) => {
+                reloader.traffic = Some((keeper.clone(), group, cfg.kernel.fwmark));
+                tracing::info!("traffic detection on {} destinations (nflog group {group}): idle peers are probed every {} ms", dsts.len(), cfg.failover.idle_probe_interval.as_millis())
+            }
             Err(e) => {
                 traffic::remove();
+                reloader.idle_off = true;
                 model.cfg.failover.idle_probe_interval = cfg.failover.probe_interval;
                 tracing::warn!("no traffic detection ({e:#}): every peer is probed every {} ms", cfg.failover.probe_interval.as_millis());
             }
@@ -581,24 +687,9 @@ async fn run_inner(identity: &Identity, model: Model, nl: Netlink, listener: tok
         "the control socket server"
     });
     if let Some(addr) = cfg.node.metrics_listen {
-        let metrics_queries = queries.clone();
-        let l = crate::shell::metrics::bind(addr).await?;
-        let serve = crate::shell::metrics::serve(
-            l,
-            Arc::new(move || {
-                let queries = metrics_queries.clone();
-                Box::pin(async move {
-                    let (tx, rx) = oneshot::channel();
-                    let _ = queries.send(Query::Metrics(tx));
-                    tokio::time::timeout(QUERY_TIMEOUT, rx).await.ok().and_then(|r| r.ok()).unwrap_or_default()
-                })
-            }),
-        );
-        tasks.spawn(async move {
-            serve.await;
-            "the metrics server"
-        });
+        reloader.metrics = Some(start_metrics(addr, queries.clone()).await?);
     }
+    reloader.metrics_queries = Some(queries.clone());
 
     tracing::info!(
         "detourd up: node {} ({}), data port {}, management port {}, local API {}, {} configured peers",
@@ -658,6 +749,17 @@ async fn run_inner(identity: &Identity, model: Model, nl: Netlink, listener: tok
                 let view = engine.view(sessions.peers());
                 let m = engine.model();
                 match q {
+                    Query::Control(Request::Reload, tx) => {
+                        drop(view);
+                        let r = match reload(&mut reloader, &mut engine).await {
+                            Ok(changes) => Response::Reloaded { changes },
+                            Err(e) => {
+                                tracing::error!("reload refused: {e}");
+                                Response::Error { message: format!("reload refused: {e}") }
+                            }
+                        };
+                        let _ = tx.send(r);
+                    }
                     Query::Control(req, tx) => {
                         let _ = tx.send(handle(&ctx, m, &mut sessions, &view, req));
                     }
@@ -687,7 +789,14 @@ async fn run_inner(identity: &Identity, model: Model, nl: Netlink, listener: tok
                 break;
             }
             _ = int.recv() => { tracing::info!("SIGINT: stopping"); break; }
-            _ = hup.recv() => tracing::warn!("SIGHUP: configuration reload is not supported; restart detourd to apply changes"),
+            _ = hup.recv() => {
+                tracing::info!("SIGHUP: reloading {}", reloader.path.display());
+                match reload(&mut reloader, &mut engine).await {
+                    Ok(c) if c.is_empty() => tracing::info!("reload: configuration unchanged"),
+                    Ok(_) => {}
+                    Err(e) => tracing::error!("reload refused: {e}"),
+                }
+            }
             ev = next_change(&mut watch) => {
                 if ev.is_none() {
                     tracing::warn!("kernel change notifications ended: reconciling the kernel every {} s", RECONCILE_INTERVAL.as_secs());
@@ -827,6 +936,7 @@ fn pump(engine: &mut Engine, sessions: &mut Sessions) {
                 SessionWant::Want(i, bit, on) => sessions.set_want(engine.model(), i, bit, on),
                 SessionWant::Data(i) => sessions.need_session(engine.model_mut(), i),
                 SessionWant::Forgotten(i) => sessions.forgotten(engine.model_mut(), i),
+                SessionWant::Removed(i) => sessions.removed(engine.model(), i),
             }
         }
         for ev in events {
@@ -874,6 +984,8 @@ fn handle(ctx: &StatusCtx, m: &Model, sessions: &mut Sessions, view: &EngineView
         Request::Status => Response::Status(Box::new(status(ctx, m, sessions, view))),
         Request::Paths => Response::Paths { peers: paths(m, sessions, view) },
         Request::Nodes => Response::Nodes { nodes: view.overlay.nodes.clone() },
+        // Answered by the loop itself (it changes the engine).
+        Request::Reload => Response::Error { message: "reload is handled by the daemon's loop".into() },
     }
 }
 

@@ -40,6 +40,8 @@ pub enum SessionWant {
     Data(usize),
     /// A directory node left the directory.
     Forgotten(usize),
+    /// A configured peer was removed by a reload: close every connection with it.
+    Removed(usize),
 }
 
 /// Data-path events taken at once after the first, before the core is asked when to wake.
@@ -412,6 +414,48 @@ impl Engine {
         let (routes, relaying, exits) = (self.state.routes(now, unix, m), self.state.relaying(m), self.state.exit_status(now, m));
         let port = self.api.first().and_then(|s| s.local_addr().ok()).map(|a| a.port());
         EngineView { routes, relaying, exits, refusals: self.state.refusals(), late: self.state.late_count(), overlay: mnode::view(m, peers, &self.state, port, now) }
+    }
+
+    /// Applies a configuration reload ([`crate::node::reload`]): the model takes `new`,
+    /// the node state the new settings; peers removed leave the data plane, the admitted
+    /// keys and the session table (their TUN closes); peers added get their TUN, their key
+    /// admitted and a session; changed ones their new addresses and prefixes in the data
+    /// plane. Unchanged peers are not touched. The kernel follows at the next pass.
+    ///
+    /// # Errors
+    /// As [`Model::reconfigure`] (nothing changed then).
+    pub fn reconfigure(&mut self, plan: &crate::node::reload::Plan, new: crate::config::Config) -> Result<crate::node::reload::Moves, String> {
+        let moves = self.model.reconfigure(plan, new)?;
+        for &i in &moves.removed {
+            self.dp.command(DataCommand::DetachTun { peer: i });
+            self.dp.command(DataCommand::RemovePeer { peer: i });
+            self.allowed.remove(&self.model.peers[i].cfg.public_key);
+            if let Some(c) = self.conns.get_mut(i) {
+                *c = None;
+            }
+            self.wants.push(SessionWant::Removed(i));
+        }
+        for &i in &moves.added {
+            if moves.had_tun.contains(&i) {
+                self.dp.command(DataCommand::DetachTun { peer: i });
+            }
+            let p = &self.model.peers[i].cfg;
+            self.dp.command(DataCommand::AddPeer { peer: i, spec: self.model.peer_spec(i) });
+            match crate::shell::datapath::open_tun(&p.interface) {
+                Ok(dev) => self.dp.attach_tun(i, dev, usize::from(p.inner_mtu())),
+                Err(e) => tracing::warn!("peer {}: {e:#}; its traffic uses the aggregate interface", p.name),
+            }
+            self.allowed.insert(p.public_key);
+            self.wants.push(SessionWant::Want(i, want::CONFIGURED, true));
+        }
+        for &i in &moves.changed {
+            self.dp.command(DataCommand::AddPeer { peer: i, spec: self.model.peer_spec(i) });
+        }
+        self.state.reconfigure(Instant::now(), &self.model, plan, &moves);
+        self.model_changed = true;
+        self.kernel_change = true;
+        self.execute();
+        Ok(moves)
     }
 
     /// Applies a record the overlay learned: a new or changed peer in the model and the

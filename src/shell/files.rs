@@ -54,6 +54,22 @@ pub fn load_config(path: &Path) -> Result<Config, ConfigErrors> {
     Config::parse_with(&text, &file, &log_level_ok)
 }
 
+/// Loads a configuration file and the key it names, with every check `detourd
+/// --check-config` makes (the same messages, for a reload too).
+///
+/// # Errors
+/// The configuration's problems (one per line, each naming the file and key), an
+/// unreadable key, or a peer whose key is the node's own.
+pub fn load_checked(path: &Path) -> Result<(Config, Identity), String> {
+    let cfg = load_config(path).map_err(|e| e.to_string())?;
+    let file = path.display();
+    let id = read_key(&cfg.node.private_key).map_err(|e| format!("{file}: node.private_key: {e}"))?;
+    if let Some((i, _)) = cfg.peer_by_id(&id.node_id()) {
+        return Err(format!("{file}: peer[{i}].public_key: this is the node's own key; a node cannot be its own peer"));
+    }
+    Ok((cfg, id))
+}
+
 /// Reads a key file written by [`write_key`] (or any PKCS#8 PEM Ed25519 key).
 ///
 /// # Errors

@@ -281,6 +281,12 @@ impl Keeper {
         Ok(())
     }
 
+    /// Stops keeping the rule sets that declare `chain` (before they are replaced).
+    pub fn release(&self, chain: &str) {
+        let decl = format!(":{chain} ");
+        self.kept.lock().unwrap_or_else(|e| e.into_inner()).retain(|(_, input)| !input.contains(&decl));
+    }
+
     /// Keeps `k`, which holds now.
     pub fn keep(&self, k: Box<dyn Kept>) {
         self.others.lock().unwrap_or_else(|e| e.into_inner()).push((k, false));

@@ -62,6 +62,8 @@ pub mod close {
     /// Nothing was received on the session for [`super::IDLE_TIMEOUT`]
     /// ([`crate::overlay::session::Silence`]). (Code 5 is `sessions::CLOSE_IDLE`.)
     pub const SILENT: u32 = 6;
+    /// The peer was removed from the configuration (a reload).
+    pub const REMOVED: u32 = 7;
 }
 
 /// QUIC transport settings; `dialler` sends the keepalives ([`KEEPALIVE`]).

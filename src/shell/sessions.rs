@@ -595,6 +595,24 @@ impl Sessions {
         }
     }
 
+    /// A peer a reload removed from the configuration: every reason to want it goes and
+    /// every connection with it is closed, also those it dialled (its key is no longer
+    /// admitted, unless the directory knows it).
+    pub fn removed(&mut self, m: &Model, i: usize) {
+        self.grow(m);
+        let Some(p) = self.peers.get_mut(i) else { return };
+        for bit in [want::CONFIGURED, want::NEIGHBOUR, want::DATA, want::RELAY] {
+            p.link.set_want(bit, false);
+        }
+        p.link.idle();
+        if let Some(slot) = &p.slot {
+            for c in slot.conns.values() {
+                c.close(quic::close::REMOVED.into(), b"removed");
+            }
+        }
+        self.settle(m, i, Instant::now());
+    }
+
     /// A directory node left the directory: no more session, TUN or routes.
     pub fn forgotten(&mut self, m: &mut Model, i: usize) {
         self.deactivate(m, i);

@@ -86,6 +86,17 @@ pub fn install(keeper: &netfilter::Keeper, dsts: &[IpNet], group: u16, fwmark: u
     Ok(())
 }
 
+/// Replaces the rules with those for `dsts` (a reload changed the configured peers); runs
+/// iptables, so it belongs on a blocking thread.
+///
+/// # Errors
+/// As [`install`].
+pub fn replace(keeper: &netfilter::Keeper, dsts: &[IpNet], group: u16, fwmark: u32) -> Result<()> {
+    keeper.release(CHAIN);
+    remove();
+    install(keeper, dsts, group, fwmark)
+}
+
 /// The peer whose protected destination the IP packet `pkt` is sent to.
 pub fn classify(filter: &Filter, pkt: &[u8]) -> Option<usize> {
     let (_, dst) = crate::wire::packet::addresses(pkt)?;

@@ -96,7 +96,7 @@ impl fmt::Display for Endpoint {
 }
 
 /// This node's settings (`[node]`).
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct NodeConfig {
     /// Human-readable node name.
     pub name: String,
@@ -141,7 +141,7 @@ pub struct NodeConfig {
 }
 
 /// Exits to hosts that do not run detour (`[exit]`; spec A§1.1.2 context 3).
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct ExitConfig {
     /// Outside destinations watched: when one becomes unreachable (ICMP unreachable, a
     /// connection attempt that times out), new connections to it go through an exit node.
@@ -154,7 +154,7 @@ pub struct ExitConfig {
 }
 
 /// REPLEX multipath (`[replex]`; `replex-spec.md` §3.7).
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ReplexConfig {
     /// Spread traffic to each peer over the direct path and its relays by REPLEX shares.
     pub enabled: bool,
@@ -196,7 +196,7 @@ pub enum ReplexMode {
 }
 
 /// The management overlay (`[management]`).
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ManagementConfig {
     /// Most management neighbours chosen by this node (configured peers come on top).
     pub max_neighbours: usize,
@@ -241,7 +241,7 @@ impl Default for ManagementConfig {
 }
 
 /// Failure detection and rerouting (`[failover]`).
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct FailoverSettings {
     /// Probes on the direct path and the relay path in use, per peer.
     pub probe_interval: Duration,
@@ -291,7 +291,7 @@ pub struct FailoverSettings {
 }
 
 /// Kernel integration (`[kernel]`).
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct KernelConfig {
     /// Routing table holding all of detour's routes.
     pub table: u32,
@@ -313,7 +313,7 @@ pub struct KernelConfig {
 }
 
 /// One configured peer (`[[peer]]`).
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct PeerConfig {
     /// Peer name.
     pub name: String,
@@ -353,7 +353,7 @@ pub fn inner_mtu(underlay_mtu: u16) -> u16 {
 }
 
 /// A validated configuration.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Config {
     /// The file it was read from (for messages).
     pub file: String,

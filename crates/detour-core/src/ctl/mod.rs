@@ -23,6 +23,8 @@ pub enum Request {
     Paths,
     /// The node directory.
     Nodes,
+    /// Read the configuration file again and apply what changed (as SIGHUP does).
+    Reload,
 }
 
 /// A response.
@@ -41,7 +43,13 @@ pub enum Response {
         /// Every node in the directory, this one included.
         nodes: Vec<NodeRow>,
     },
-    /// The request was not understood or failed.
+    /// Answer to [`Request::Reload`]: the new configuration is in use.
+    Reloaded {
+        /// What changed, one line each (empty: nothing).
+        changes: Vec<String>,
+    },
+    /// The request was not understood or failed (a refused reload: the reasons, and the
+    /// running configuration stays).
     Error {
         /// What went wrong.
         message: String,
@@ -794,6 +802,7 @@ mod tests {
         assert_eq!(serde_json::from_str::<Request>(r#"{"cmd":"status"}"#).unwrap(), Request::Status);
         assert_eq!(serde_json::from_str::<Request>(r#"{"cmd":"paths"}"#).unwrap(), Request::Paths);
         assert_eq!(serde_json::from_str::<Request>(r#"{"cmd":"nodes"}"#).unwrap(), Request::Nodes);
+        assert_eq!(serde_json::from_str::<Request>(r#"{"cmd":"reload"}"#).unwrap(), Request::Reload);
         assert!(serde_json::from_str::<Request>(r#"{"cmd":"reboot"}"#).is_err());
         assert!(serde_json::from_str::<Request>("\u{0}\u{1}garbage").is_err());
     }

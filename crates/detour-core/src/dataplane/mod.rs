@@ -328,6 +328,9 @@ pub enum DataCommand {
         /// The other end.
         b: NodeId,
     },
+    /// What this node lets leave the overlay here (its relay policy and own networks;
+    /// `None`: nothing), after a configuration reload changed the policy.
+    SetEgress(Option<(crate::node::policy::Policy, Vec<IpNet>)>),
     /// Seal `payload` as a probe-type packet for `peer` and send it to `to`.
     SendControl {
         /// Peer index.
@@ -620,6 +623,7 @@ impl TxState {
                 }
             }
             DataCommand::SetLocalAddresses(_)
+            | DataCommand::SetEgress(_)
             | DataCommand::SetExitSources { .. }
             | DataCommand::SetRelay { .. }
             | DataCommand::ClearRelay { .. }
@@ -946,6 +950,7 @@ impl RxState {
                 }
             }
             DataCommand::SetLocalAddresses(addrs) => self.local_addrs = addrs.iter().map(|a| a.to_canonical()).collect(),
+            DataCommand::SetEgress(egress) => self.egress = egress.clone(),
             DataCommand::SetRelay { a, a_addr, b, b_addr } => {
                 let (a_addr, b_addr) = (canonical(*a_addr), canonical(*b_addr));
                 self.relays.insert((*a, *b), RelayHop { from: a_addr.ip(), to: b_addr });

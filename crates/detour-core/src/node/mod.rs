@@ -9,6 +9,7 @@
 pub mod exits;
 pub mod model;
 pub mod policy;
+pub mod reload;
 pub mod sessions;
 #[cfg(test)]
 pub mod sim;

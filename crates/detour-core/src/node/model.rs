@@ -90,7 +90,8 @@ pub struct Model {
     /// This node's ID.
     pub local: NodeId,
     /// Every peer: configured ones first (config order), then directory nodes in the order
-    /// they were learned. Indices are never reused.
+    /// they were learned, then peers a reload added. Indices are never reused for another
+    /// node.
     pub peers: Vec<PeerDef>,
     /// Counters of the node itself.
     pub node: Arc<NodeCounters>,
@@ -98,15 +99,15 @@ pub struct Model {
     pub warnings: Vec<String>,
     /// Routes to outside destinations through exit nodes (set by the engine).
     pub exits: Vec<crate::node::exits::ExitRoute>,
-    by_id: HashMap<NodeId, usize>,
-    taken_v4: HashSet<Ipv4Addr>,
+    pub(super) by_id: HashMap<NodeId, usize>,
+    pub(super) taken_v4: HashSet<Ipv4Addr>,
     /// Overlay addresses claimed by peers in the directory (present), with their owners:
     /// [`Model::learn`] checks a record against them in O(1) instead of walking every peer
     /// (a node of a 1,000-node overlay learns 1,000 records).
     addr_owners: HashMap<IpAddr, Vec<usize>>,
     /// Peer names and interface names in use.
-    names: HashSet<String>,
-    ifnames: HashSet<String>,
+    pub(super) names: HashSet<String>,
+    pub(super) ifnames: HashSet<String>,
 }
 
 impl Model {
@@ -157,7 +158,7 @@ impl Model {
     }
 
     /// Adds (`on`) or removes peer `i`'s overlay addresses in the claims index.
-    fn claim(&mut self, i: usize, on: bool) {
+    pub(super) fn claim(&mut self, i: usize, on: bool) {
         let c = &self.peers[i].cfg;
         for a in [c.overlay_v4.map(IpAddr::V4), c.overlay_v6.map(IpAddr::V6)].into_iter().flatten() {
             let owners = self.addr_owners.entry(a).or_default();
@@ -179,11 +180,6 @@ impl Model {
     /// The index of a node.
     pub fn index_of(&self, id: &NodeId) -> Option<usize> {
         self.by_id.get(id).copied()
-    }
-
-    /// Number of configured peers (they have the first indices).
-    pub fn configured(&self) -> usize {
-        self.cfg.peers.len()
     }
 
     /// Takes in a directory record: a node not known before becomes a peer (no TUN yet);
@@ -410,8 +406,14 @@ impl Model {
         local_dsts.extend(n.prefixes.iter().copied());
         // This node's link-local address is the same on every link.
         local_dsts.push(IpNet::from(IpAddr::V6(links::link_local_v6(&self.local))));
-        let egress = self.egress().then(|| (n.policy.clone(), n.networks.iter().chain(n.prefixes.iter()).copied().collect()));
-        DataPlaneSpec { local: self.local, local_dsts, peers: (0..self.peers.len()).map(|i| self.peer_spec(i)).collect(), node: self.node.clone(), egress }
+        DataPlaneSpec { local: self.local, local_dsts, peers: (0..self.peers.len()).map(|i| self.peer_spec(i)).collect(), node: self.node.clone(), egress: self.egress_spec() }
+    }
+
+    /// What the data plane lets leave the overlay here: the relay policy and this node's
+    /// own networks and prefixes, when it offers exit or delivery ([`Model::egress`]).
+    pub fn egress_spec(&self) -> Option<(crate::node::policy::Policy, Vec<IpNet>)> {
+        let n = &self.cfg.node;
+        self.egress().then(|| (n.policy.clone(), n.networks.iter().chain(n.prefixes.iter()).copied().collect()))
     }
 
     /// The kernel state detour wants: its TUNs up with the right MTU, their addresses, the

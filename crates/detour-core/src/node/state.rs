@@ -525,6 +525,45 @@ impl NodeState {
         }
     }
 
+    /// A configuration reload changed the model (`m` is already reconfigured,
+    /// [`Model::reconfigure`]; `plan` says what changed): the failover core takes the new
+    /// `[failover]` settings (path states, measurements and flap penalties stay), REPLEX its
+    /// parameters, exits their new settings (destinations found unreachable are forgotten),
+    /// the data plane the new relay policy; peers no longer configured are forgotten like
+    /// an idle directory node (monitoring and the relay sessions through them end);
+    /// configured peers added or changed have their protected destinations watched.
+    pub fn reconfigure(&mut self, now: Instant, m: &Model, plan: &crate::node::reload::Plan, moves: &crate::node::reload::Moves) {
+        self.now = self.now.max(now);
+        self.sync_peers(now, m);
+        if plan.failover() {
+            self.core.set_config(m.cfg.failover.core());
+        }
+        self.replex_cfg = m.cfg.replex.clone();
+        if plan.settings.contains(&"[exit]") {
+            self.exits = Exits::new(&m.cfg.exit);
+            for net in &m.cfg.exit.watch {
+                self.push(NodeAction::WatchOutside(*net));
+            }
+            self.plan_exits(m, self.unix);
+        }
+        if plan.settings.contains(&"node.relay / uptime / [policy]") {
+            self.push(NodeAction::Data(DataCommand::SetEgress(m.egress_spec())));
+        }
+        for &i in &moves.removed {
+            if let Some(r) = self.replex.get_mut(i) {
+                *r = None;
+            }
+            self.relief.remove(&i);
+            self.handle_forget(now, m, i);
+        }
+        for &i in moves.added.iter().chain(&moves.changed) {
+            for net in m.protected_destinations(i, &[]) {
+                self.watch(net, i);
+            }
+        }
+        self.drain_core(m);
+    }
+
     /// The session to a directory node was closed on purpose (idle): stop monitoring it
     /// and end the relay sessions through it.
     pub fn handle_forget(&mut self, now: Instant, m: &Model, peer: usize) {

@@ -1034,6 +1034,14 @@ impl Failover {
         &self.cfg
     }
 
+    /// New settings (a configuration reload): path states, measurements and flap
+    /// penalties stay; probe times and deadlines follow the new intervals from the next
+    /// tick on.
+    pub fn set_config(&mut self, cfg: FailoverConfig) {
+        self.cfg = cfg;
+        self.all_stale = true;
+    }
+
     fn random(&mut self) -> u64 {
         self.rng.next_u64()
     }
