@@ -109,3 +109,78 @@ fn a_reload_adds_and_removes_peers_without_touching_a_transfer_to_a_third_and_re
     assert_eq!(Lab::peer(&lab.status("alice"), "bob")["sessions"].as_u64().unwrap(), bob_sessions, "bob's session was renewed");
     assert!(lab.stop("alice"), "alice did not stop cleanly:\n{}", lab.log("alice"));
 }
+
+fn why(lab: &Lab, name: &str, dest: &str) -> serde_json::Value {
+    let r = ctl(lab, name, &format!("why --json {dest}"));
+    assert!(r.ok, "why {dest}: {}\n{}", r.stderr, lab.log(name));
+    serde_json::from_str(&r.stdout).expect("why JSON")
+}
+
+/// `detourctl why` explains a destination before and during a cut of the direct path
+/// (matched prefix, path and reason, relays, kernel route agreeing), and `detourctl ping`
+/// shows the path of each reply and the change when the path is cut mid-run.
+#[test]
+fn why_and_ping_show_the_path_in_use_and_its_change_across_a_cut() {
+    let mut lab = Lab::new(&["alice", "bob", "carol"]);
+    lab.write_mesh();
+    lab.start_all();
+    lab.wait_up("alice", &["bob", "carol"], Duration::from_secs(10));
+    lab.wait_up("carol", &["bob"], Duration::from_secs(10));
+    let bob_underlay = lab.host("bob").underlay_v4();
+
+    // healthy: bob's overlay address goes through dt-bob, its underlay address directly
+    let w = why(&lab, "alice", "bob");
+    assert_eq!(w["kind"], "overlay address", "{w}");
+    assert_eq!(w["prefix"], format!("{}/32", lab.host("bob").overlay_v4()), "{w}");
+    assert_eq!(w["peer"]["path"], "direct", "{w}");
+    assert_eq!(w["through_overlay"], true, "{w}");
+    assert!(w["kernel_route"].as_str().unwrap().contains("dev dt-bob"), "{w}");
+    assert_eq!(w["kernel_matches"], true, "{w}");
+    assert!(w["peer"]["relays"].as_array().unwrap().iter().any(|r| r["name"] == "carol"), "{w}");
+    let w = why(&lab, "alice", &bob_underlay);
+    assert_eq!(w["kind"], "protected underlay destination", "{w}");
+    assert_eq!(w["through_overlay"], false, "{w}");
+    assert!(w["kernel_route"].as_str().unwrap().contains("dev eth0"), "{w}");
+    assert_eq!(w["kernel_matches"], true, "{w}");
+    let w = why(&lab, "alice", "192.0.2.77");
+    assert_eq!(w["kind"], "not routed by detour", "{w}");
+    assert!(w["peer"].is_null(), "{w}");
+    let r = ctl(&lab, "alice", "why nobody");
+    assert!(!r.ok && r.stderr.contains("nobody"), "{} / {}", r.stdout, r.stderr);
+    let text = ctl(&lab, "alice", "why bob");
+    assert!(text.ok && text.stdout.contains("path in use: direct") && text.stdout.contains("kernel: dev dt-bob") && text.stdout.contains("matches"), "{}", text.stdout);
+
+    let r = ctl(&lab, "alice", "ping -n 3 -i 100 bob");
+    assert!(r.ok, "ping: {} / {}", r.stdout, r.stderr);
+    assert_eq!(r.stdout.matches("via path direct").count(), 3, "{}", r.stdout);
+    assert!(r.stdout.contains("3 sent, 3 received, 0 path changes"), "{}", r.stdout);
+
+    // a ping running while the direct path is cut shows the change to the relay
+    let h = lab.host("alice");
+    let child = std::process::Command::new("ip")
+        .args(["netns", "exec", &h.ns, &bin("detourctl"), "ping", "--json", "-n", "30", "-i", "100", "bob", "-s"])
+        .arg(&h.socket)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("detourctl ping");
+    std::thread::sleep(Duration::from_millis(700));
+    let (ua, ub) = (lab.host("alice").underlay_v4(), bob_underlay.clone());
+    let r = lab.sh(&lab.router, &format!("iptables -I FORWARD -s {ua} -d {ub} -j DROP && iptables -I FORWARD -s {ub} -d {ua} -j DROP"));
+    assert!(r.ok, "{}", r.stderr);
+    let o = child.wait_with_output().expect("ping output");
+    let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&o.stdout).lines().map(|l| serde_json::from_str(l).expect("ping JSON line")).collect();
+    assert_eq!(lines.len(), 30, "{lines:?}");
+    let change = lines.iter().find(|l| !l["path_change"].is_null()).unwrap_or_else(|| panic!("no path change: {lines:?}\n{}", lab.log("alice")));
+    assert_eq!(change["path_change"], "direct -> via carol", "{change}");
+    assert_eq!(lines.last().unwrap()["path"], "via carol", "{lines:?}");
+    let answered = lines.iter().filter(|l| !l["rtt_ms"].is_null()).count();
+    assert!(answered >= 27, "only {answered} of 30 answered: {lines:?}");
+
+    // during the cut: bob's underlay address goes through the overlay, and the kernel agrees
+    let w = why(&lab, "alice", &bob_underlay);
+    assert_eq!(w["through_overlay"], true, "{w}");
+    assert_eq!(w["peer"]["path"], "via carol", "{w}");
+    assert_ne!(w["peer"]["reason"], "healthy", "{w}");
+    assert_eq!(w["kernel_matches"], true, "{w}");
+    assert!(w["paths"].as_array().unwrap().iter().any(|p| p["path"] == "direct" && p["state"] == "down"), "{w}");
+}

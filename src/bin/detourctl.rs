@@ -47,6 +47,33 @@ enum Cmd {
     Status(Query),
     /// List the node directory: every node of the overlay with its endpoints and addresses.
     Nodes(Query),
+    /// How detour routes DESTINATION now, and why: the matched prefix and peer, the path in
+    /// use with its reason and age, every path with RTT and loss, each candidate relay with
+    /// its policy verdicts, REPLEX shares, and whether the kernel's route agrees.
+    Why {
+        /// An IP address, a peer's name or a node ID.
+        destination: String,
+        #[command(flatten)]
+        query: Query,
+    },
+    /// Ping DESTINATION through detour (ICMP echo to its overlay address, or to any address
+    /// detour routes) and print for each reply the path that carried it (direct, or via
+    /// which relay), its round-trip time, and a path change when one happens meanwhile.
+    Ping {
+        /// An IP address, a peer's name or a node ID.
+        destination: String,
+        /// Number of echo requests.
+        #[arg(short = 'n', long, default_value_t = 5)]
+        count: u32,
+        /// Milliseconds between requests.
+        #[arg(short, long, default_value_t = 1000)]
+        interval_ms: u64,
+        /// Milliseconds to wait for each reply.
+        #[arg(long, default_value_t = 2000)]
+        timeout_ms: u64,
+        #[command(flatten)]
+        query: Query,
+    },
     /// Make detourd read its configuration file again and apply what changed (as
     /// `systemctl reload detourd` does); prints the changes. An invalid file, or one that
     /// changes a setting only a restart can (ports, key, table numbers), is refused and the
@@ -256,6 +283,117 @@ impl ApiClient {
     }
 }
 
+/// What detourd says of a destination: the address to ping, a name for it, and the path
+/// in use.
+fn path_of(query: &Query, destination: &str) -> Result<(std::net::IpAddr, String, String), String> {
+    match ask(query.socket.clone(), query.config.clone(), Request::Why { destination: destination.to_string() })? {
+        Response::Why(w) => {
+            let addr = w.address.as_deref().and_then(|a| a.parse().ok()).ok_or_else(|| format!("{destination}: no address"))?;
+            let (name, path) = match &w.peer {
+                Some(p) => (p.name.clone(), if w.through_overlay { p.path.clone() } else { "underlay (direct route, not through detour)".into() }),
+                None => (destination.to_string(), "not routed by detour".into()),
+            };
+            Ok((addr, name, path))
+        }
+        other => Err(unexpected(other)),
+    }
+}
+
+/// An ICMP echo socket for `addr`'s family (raw: detourctl runs as root, as the control
+/// socket needs).
+fn icmp_socket(addr: std::net::IpAddr) -> Result<socket2::Socket, String> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let (d, p) = if addr.is_ipv6() { (Domain::IPV6, Protocol::ICMPV6) } else { (Domain::IPV4, Protocol::ICMPV4) };
+    Socket::new(d, Type::RAW, Some(p)).map_err(|e| format!("opening an ICMP socket (root needed): {e}"))
+}
+
+/// An ICMP echo request: type, code, checksum (the kernel fills it for ICMPv6), id, seq,
+/// and 8 bytes of payload.
+fn echo_request(v6: bool, id: u16, seq: u16) -> Vec<u8> {
+    let mut b = vec![if v6 { 128 } else { 8 }, 0, 0, 0];
+    b.extend_from_slice(&id.to_be_bytes());
+    b.extend_from_slice(&seq.to_be_bytes());
+    b.extend_from_slice(b"detour!\0");
+    if !v6 {
+        let mut sum: u32 = b.chunks(2).map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]))).sum();
+        while sum > 0xffff {
+            sum = (sum & 0xffff) + (sum >> 16);
+        }
+        b[2..4].copy_from_slice(&(!(sum as u16)).to_be_bytes());
+    }
+    b
+}
+
+/// The sequence number of an echo reply with identifier `id` in a datagram of the raw
+/// socket (IPv4: with its IP header).
+fn echo_reply_seq(v6: bool, id: u16, pkt: &[u8]) -> Option<u16> {
+    let icmp = if v6 { pkt } else { pkt.get(usize::from(pkt.first()? & 0x0f) * 4..)? };
+    let want = if v6 { 129 } else { 0 };
+    (icmp.len() >= 8 && icmp[0] == want && u16::from_be_bytes([icmp[4], icmp[5]]) == id).then(|| u16::from_be_bytes([icmp[6], icmp[7]]))
+}
+
+/// `detourctl ping`.
+fn ping(destination: &str, count: u32, interval_ms: u64, timeout_ms: u64, query: Query) -> Result<(), String> {
+    let (addr, name, mut path) = path_of(&query, destination)?;
+    let v6 = addr.is_ipv6();
+    let sock = icmp_socket(addr)?;
+    let to = socket2::SockAddr::from(SocketAddr::new(addr, 0));
+    let id = (std::process::id() & 0xffff) as u16;
+    if !query.json {
+        println!("pinging {name} at {addr} through detour: path {path}");
+    }
+    let (mut received, mut changes) = (0u32, 0u32);
+    for seq in 1..=count {
+        let t0 = Instant::now();
+        sock.send_to(&echo_request(v6, id, seq as u16), &to).map_err(|e| format!("sending to {addr}: {e}"))?;
+        let deadline = t0 + Duration::from_millis(timeout_ms);
+        let mut rtt = None;
+        let mut buf = [0u8; 2048];
+        while rtt.is_none() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            sock.set_read_timeout(Some(left)).map_err(|e| e.to_string())?;
+            match (&sock).read(&mut buf) {
+                Ok(n) => {
+                    if echo_reply_seq(v6, id, &buf[..n]) == Some(seq as u16) {
+                        rtt = Some(t0.elapsed());
+                    }
+                }
+                Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => break,
+                Err(e) => return Err(format!("receiving: {e}")),
+            }
+        }
+        let (_, _, now) = path_of(&query, destination)?;
+        let change = (now != path).then(|| format!("{path} -> {now}"));
+        if change.is_some() {
+            changes += 1;
+        }
+        path = now;
+        if rtt.is_some() {
+            received += 1;
+        }
+        if query.json {
+            println!("{}", serde_json::json!({ "seq": seq, "address": addr.to_string(), "rtt_ms": rtt.map(|r| r.as_secs_f64() * 1000.0), "path": path, "path_change": change }));
+        } else {
+            let what = rtt.map(|r| format!("reply from {addr}: time {:.2} ms", r.as_secs_f64() * 1000.0)).unwrap_or_else(|| format!("no reply from {addr} within {timeout_ms} ms"));
+            let change = change.map(|c| format!("  [path changed: {c}]")).unwrap_or_default();
+            println!("seq {seq}: {what} via path {path}{change}");
+        }
+        if seq < count {
+            std::thread::sleep(Duration::from_millis(interval_ms).saturating_sub(t0.elapsed()));
+        }
+    }
+    if !query.json {
+        println!("{count} sent, {received} received, {changes} path changes");
+    }
+    if received == 0 {
+        return Err(format!("no reply from {name} ({addr})"));
+    }
+    Ok(())
+}
+
 fn read_message(m: Option<String>) -> Result<Vec<u8>, String> {
     match m {
         Some(s) if s != "-" => Ok(s.into_bytes()),
@@ -285,6 +423,12 @@ fn run(args: Args) -> Result<(), String> {
             Response::Status(s) => print!("{}", render_status(&s)),
             other => return Err(unexpected(other)),
         },
+        Cmd::Why { destination, query: q } => match ask(q.socket, q.config, Request::Why { destination })? {
+            Response::Why(w) if q.json => println!("{}", serde_json::to_string_pretty(&w).map_err(|e| e.to_string())?),
+            Response::Why(w) => print!("{}", detour::ctl::render_why(&w)),
+            other => return Err(unexpected(other)),
+        },
+        Cmd::Ping { destination, count, interval_ms, timeout_ms, query } => ping(&destination, count, interval_ms, timeout_ms, query)?,
         Cmd::Reload(q) => match ask(q.socket, q.config, Request::Reload)? {
             Response::Reloaded { changes } if q.json => println!("{}", serde_json::json!({ "changes": changes })),
             Response::Reloaded { changes } if changes.is_empty() => println!("configuration unchanged"),

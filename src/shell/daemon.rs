@@ -749,6 +749,10 @@ async fn run_inner(identity: &Identity, model: Model, nl: Netlink, listener: tok
                 let view = engine.view(sessions.peers());
                 let m = engine.model();
                 match q {
+                    Query::Control(Request::Why { destination }, tx) => {
+                        let r = why(&ctx, &engine, &mut sessions, &view, &nl, &destination).await;
+                        let _ = tx.send(r);
+                    }
                     Query::Control(Request::Reload, tx) => {
                         drop(view);
                         let r = match reload(&mut reloader, &mut engine).await {
@@ -975,6 +979,80 @@ async fn refresh_local_addresses(nl: &Netlink, dp: &DataPath, filter: &RwLock<Fi
     now
 }
 
+/// `detourctl why DESTINATION`: how detour routes an address, a peer's name or a node ID
+/// now ([`crate::ctl::Why`]), with the kernel's route for an application's packet
+/// compared with what detour expects.
+async fn why(ctx: &StatusCtx, engine: &Engine, sessions: &mut Sessions, view: &EngineView, nl: &Netlink, destination: &str) -> Response {
+    let m = engine.model();
+    let addr: IpAddr = match destination.parse::<IpAddr>() {
+        Ok(a) => a.to_canonical(),
+        Err(_) => {
+            let peer = destination.parse::<crate::identity::NodeId>().ok().and_then(|id| m.index_of(&id)).or_else(|| m.peers.iter().position(|p| p.cfg.name == destination && p.present));
+            let Some(i) = peer else {
+                return Response::Error { message: format!("{destination}: not an IP address, and no peer or directory node has that name or node ID") };
+            };
+            let c = &m.peers[i].cfg;
+            match c.overlay_v4.map(IpAddr::V4).or(c.overlay_v6.map(IpAddr::V6)) {
+                Some(a) => a,
+                None => return Response::Error { message: format!("{destination}: node {} has no overlay address", c.name) },
+            }
+        }
+    };
+    let learned: Vec<Vec<IpAddr>> = sessions.peers().iter().map(|p| p.endpoint.map(|e| vec![e.ip().to_canonical()]).unwrap_or_default()).collect();
+    let found = m.route_of(addr, &learned);
+    let protect = engine.protect();
+    let detour_devs: HashSet<String> = m.peers.iter().filter(|p| p.tun).map(|p| p.cfg.interface.clone()).chain([m.cfg.kernel.aggregate_interface.clone()]).collect();
+    let kernel = match nl.route_get(addr, None).await {
+        Ok(r) => r,
+        Err(e) => return Response::Error { message: format!("asking the kernel for its route to {addr}: {e:#}") },
+    };
+    let kernel_route = kernel.as_ref().map(|r| {
+        let mut t = r.dev.as_deref().map(|d| format!("dev {d}")).unwrap_or_else(|| "nexthop group".into());
+        if let Some(g) = r.gateway {
+            t += &format!(" via {g}");
+        }
+        t + &format!(" table {}", r.table)
+    });
+    let on_detour = kernel.as_ref().and_then(|r| r.dev.as_ref()).map(|d| detour_devs.contains(d));
+    let status = status(ctx, m, sessions, view);
+    let all_paths = paths(m, sessions, view);
+    let mut w = crate::ctl::Why {
+        destination: destination.to_string(),
+        address: Some(addr.to_string()),
+        kind: "not routed by detour".into(),
+        prefix: None,
+        peer: None,
+        paths: Vec::new(),
+        through_overlay: false,
+        kernel_route,
+        expected: "the kernel's own routes (detour does not route it)".into(),
+        kernel_matches: on_detour.map(|d| !d),
+    };
+    if let Some(found) = found {
+        let def = &m.peers[found.peer];
+        let p = protect.get(found.peer).cloned().flatten();
+        let overlay = found.kind != crate::node::model::RouteKind::Protected;
+        let split = !overlay && p.as_ref().is_some_and(|p| p.split.is_some());
+        w.through_overlay = overlay || p.is_some();
+        w.kind = found.kind.as_str().into();
+        w.prefix = Some(found.prefix.to_string());
+        w.peer = status.peers.into_iter().find(|s| s.name == def.cfg.name);
+        w.paths = all_paths.into_iter().find(|x| x.name == def.cfg.name).map(|x| x.paths).unwrap_or_default();
+        let own = if def.tun { def.cfg.interface.clone() } else { m.cfg.kernel.aggregate_interface.clone() };
+        (w.expected, w.kernel_matches) = if split {
+            ("split by REPLEX or relief: the direct route or a detour interface, by flow".into(), kernel.as_ref().map(|_| true))
+        } else if w.through_overlay {
+            (format!("a detour interface ({own} or {})", m.cfg.kernel.aggregate_interface), on_detour)
+        } else {
+            ("the underlay (the direct path is healthy)".into(), on_detour.map(|d| !d))
+        };
+        if w.peer.is_none() {
+            w.kind = format!("{} of directory node {} (no session)", w.kind, def.cfg.name);
+        }
+    }
+    Response::Why(Box::new(w))
+}
+
 fn secs(i: Option<Instant>) -> Option<f64> {
     i.map(|t| t.elapsed().as_secs_f64())
 }
@@ -984,8 +1062,8 @@ fn handle(ctx: &StatusCtx, m: &Model, sessions: &mut Sessions, view: &EngineView
         Request::Status => Response::Status(Box::new(status(ctx, m, sessions, view))),
         Request::Paths => Response::Paths { peers: paths(m, sessions, view) },
         Request::Nodes => Response::Nodes { nodes: view.overlay.nodes.clone() },
-        // Answered by the loop itself (it changes the engine).
-        Request::Reload => Response::Error { message: "reload is handled by the daemon's loop".into() },
+        // Answered by the loop itself (they change the engine or ask the kernel).
+        Request::Reload | Request::Why { .. } => Response::Error { message: "handled by the daemon's loop".into() },
     }
 }
 

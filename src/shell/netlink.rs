@@ -18,6 +18,17 @@ use rtnetlink::{Handle, LinkUnspec};
 
 use crate::kernel::{AddrSpec, DesiredState, KernelOp, LinkSpec, RouteSpec, RuleSpec, RTPROT_DETOUR};
 
+/// A route the kernel picked ([`Netlink::route_get`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct KernelRoute {
+    /// Output interface.
+    pub dev: Option<String>,
+    /// Gateway, when not on-link.
+    pub gateway: Option<IpAddr>,
+    /// Routing table it was found in.
+    pub table: u32,
+}
+
 /// A netlink route socket (and one for nexthop objects, which rtnetlink does not cover).
 #[derive(Clone)]
 pub struct Netlink {
@@ -159,11 +170,22 @@ impl Netlink {
     /// # Errors
     /// Netlink failures; `Ok(None)` when there is no route.
     pub async fn underlay_route(&self, dst: IpAddr, fwmark: u32) -> Result<Option<(Option<IpAddr>, String)>> {
+        Ok(self.route_get(dst, Some(fwmark)).await?.and_then(|r| r.dev.map(|d| (r.gateway, d))))
+    }
+
+    /// The route the kernel picks for a packet to `dst` (with firewall mark `mark`, or
+    /// none: what an application's packet gets), as `ip route get` shows it.
+    ///
+    /// # Errors
+    /// Netlink failures; `Ok(None)` when there is no route.
+    pub async fn route_get(&self, dst: IpAddr, mark: Option<u32>) -> Result<Option<KernelRoute>> {
         let mut msg = RouteMessage::default();
         msg.header.address_family = family(dst.is_ipv6());
         msg.header.destination_prefix_length = if dst.is_ipv6() { 128 } else { 32 };
         msg.attributes.push(RouteAttribute::Destination(RouteAddress::from(dst)));
-        msg.attributes.push(RouteAttribute::Mark(fwmark));
+        if let Some(m) = mark {
+            msg.attributes.push(RouteAttribute::Mark(m));
+        }
         let answer = match self.request(RouteNetlinkMessage::GetRoute(msg), NLM_F_REQUEST).await {
             Ok(a) => a,
             Err(e) if matches!(errno(&e), Some(libc::ENETUNREACH) | Some(libc::EHOSTUNREACH)) => return Ok(None),
@@ -172,18 +194,19 @@ impl Netlink {
         let links = self.links().await?;
         for m in answer {
             if let RouteNetlinkMessage::NewRoute(r) = m {
-                let mut gw = None;
+                let mut route = KernelRoute { table: u32::from(r.header.table), ..Default::default() };
                 let mut oif = None;
                 for a in &r.attributes {
                     match a {
-                        RouteAttribute::Gateway(RouteAddress::Inet(ip)) => gw = Some(IpAddr::V4(*ip)),
-                        RouteAttribute::Gateway(RouteAddress::Inet6(ip)) => gw = Some(IpAddr::V6(*ip)),
+                        RouteAttribute::Gateway(RouteAddress::Inet(ip)) => route.gateway = Some(IpAddr::V4(*ip)),
+                        RouteAttribute::Gateway(RouteAddress::Inet6(ip)) => route.gateway = Some(IpAddr::V6(*ip)),
                         RouteAttribute::Oif(i) => oif = Some(*i),
+                        RouteAttribute::Table(t) => route.table = *t,
                         _ => {}
                     }
                 }
-                let dev = oif.and_then(|i| links.iter().find(|(_, (idx, _, _))| *idx == i).map(|(n, _)| n.clone()));
-                return Ok(dev.map(|d| (gw, d)));
+                route.dev = oif.and_then(|i| links.iter().find(|(_, (idx, _, _))| *idx == i).map(|(n, _)| n.clone()));
+                return Ok(Some(route));
             }
         }
         Ok(None)

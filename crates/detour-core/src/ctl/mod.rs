@@ -25,6 +25,11 @@ pub enum Request {
     Nodes,
     /// Read the configuration file again and apply what changed (as SIGHUP does).
     Reload,
+    /// How detour routes a destination now, and why ([`Why`]).
+    Why {
+        /// An IP address, a peer's name or a node ID.
+        destination: String,
+    },
 }
 
 /// A response.
@@ -43,6 +48,8 @@ pub enum Response {
         /// Every node in the directory, this one included.
         nodes: Vec<NodeRow>,
     },
+    /// Answer to [`Request::Why`].
+    Why(Box<Why>),
     /// Answer to [`Request::Reload`]: the new configuration is in use.
     Reloaded {
         /// What changed, one line each (empty: nothing).
@@ -275,6 +282,86 @@ pub struct PathRow {
     pub loss_pct: f64,
     /// Whether the peer's traffic uses it.
     pub in_use: bool,
+}
+
+/// How detour routes one destination now (`detourctl why`): what matched in the overlay
+/// routing table, the peer's path in use with its reason and age, every monitored path,
+/// each candidate relay with its policy verdicts, REPLEX shares (in `peer`), and whether
+/// the kernel's route agrees.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Why {
+    /// The destination as asked.
+    pub destination: String,
+    /// The address looked up (a peer's overlay address when a name or node ID was given).
+    pub address: Option<String>,
+    /// `overlay address`, `prefix behind the peer`, `protected underlay destination`,
+    /// or `not routed by detour`.
+    pub kind: String,
+    /// The matching prefix.
+    pub prefix: Option<String>,
+    /// The peer it belongs to, as `detourctl status` shows it (path, reason, relays,
+    /// REPLEX shares).
+    pub peer: Option<PeerStatus>,
+    /// The peer's monitored paths.
+    pub paths: Vec<PathRow>,
+    /// Whether packets to it go through the overlay now.
+    pub through_overlay: bool,
+    /// The kernel's route for an application's packet (`ip route get`): device, gateway
+    /// and table.
+    pub kernel_route: Option<String>,
+    /// What detour expects the kernel to do with it.
+    pub expected: String,
+    /// Whether the kernel's route is what detour expects (`None`: no route to judge).
+    pub kernel_matches: Option<bool>,
+}
+
+/// Renders `detourctl why`.
+pub fn render_why(w: &Why) -> String {
+    let mut o = String::new();
+    let addr = w.address.as_deref().filter(|a| *a != w.destination).map(|a| format!(" ({a})")).unwrap_or_default();
+    let prefix = w.prefix.as_deref().map(|p| format!(", {p}")).unwrap_or_default();
+    let _ = writeln!(o, "destination: {}{addr}", w.destination);
+    match &w.peer {
+        Some(p) => {
+            let _ = writeln!(o, "  matched: {}{prefix} of peer {} ({}, session {})", w.kind, p.name, p.kind, p.state);
+            let why = if p.reason == "healthy" { "the direct path is healthy".to_string() } else { p.reason.clone() };
+            let since = p.path_since_s.map(|s| format!(" for {}", ago(Some(s)).replace(" ago", ""))).unwrap_or_default();
+            let _ = writeln!(o, "  path in use: {}{since} ({why})", p.path);
+            let _ = writeln!(o, "  through the overlay now: {}", if w.through_overlay { "yes" } else { "no (the kernel's direct route)" });
+            if !w.paths.is_empty() {
+                let _ = writeln!(o, "  paths:");
+                for r in &w.paths {
+                    let rtt = r.rtt_ms.map(|v| format!("{v:.2} ms")).unwrap_or_else(|| "-".into());
+                    let _ = writeln!(o, "    {:<20} {:<9} rtt {:>9}  loss {:>5.1} %  for {:.1} s{}", r.path, r.state, rtt, r.loss_pct, r.since_s, if r.in_use { "  in use" } else { "" });
+                }
+            }
+            if !p.relays.is_empty() {
+                let _ = writeln!(o, "  relays (best first):");
+                for r in &p.relays {
+                    let class = |x: &Option<String>| x.as_ref().map(|w| format!("no ({w})")).unwrap_or_else(|| "yes".into());
+                    let cost = w.paths.iter().find(|x| x.path == format!("via {}", r.name)).and_then(|x| x.rtt_ms).map(|c| format!("rtt {c:.2} ms")).unwrap_or_else(|| "not measured".into());
+                    let _ = writeln!(o, "    {:<16} {:<32} failover: {}; performance: {}; {}; {cost}", r.name, r.policy, class(&r.failover), class(&r.performance), r.state);
+                }
+            }
+            if !p.shares.is_empty() {
+                let _ = writeln!(o, "  replex shares:");
+                for r in &p.shares {
+                    let cost = r.cost_ms.map(|c| format!("{c:.1} ms")).unwrap_or_else(|| "-".into());
+                    let _ = writeln!(o, "    {:<20} target {:>3.0} %  realized {:>3.0} %  cost {cost}  {}", r.path, r.target_share * 100.0, r.realized_share * 100.0, r.status);
+                }
+            }
+        }
+        None => {
+            let _ = writeln!(o, "  {}", w.kind);
+        }
+    }
+    let verdict = match w.kernel_matches {
+        Some(true) => "matches",
+        Some(false) => "DOES NOT MATCH",
+        None => "-",
+    };
+    let _ = writeln!(o, "  kernel: {} — {verdict} (expected: {})", w.kernel_route.as_deref().unwrap_or("no route"), w.expected);
+    o
 }
 
 /// This node's identity and ports.
@@ -803,6 +890,7 @@ mod tests {
         assert_eq!(serde_json::from_str::<Request>(r#"{"cmd":"paths"}"#).unwrap(), Request::Paths);
         assert_eq!(serde_json::from_str::<Request>(r#"{"cmd":"nodes"}"#).unwrap(), Request::Nodes);
         assert_eq!(serde_json::from_str::<Request>(r#"{"cmd":"reload"}"#).unwrap(), Request::Reload);
+        assert_eq!(serde_json::from_str::<Request>(r#"{"cmd":"why","destination":"bob"}"#).unwrap(), Request::Why { destination: "bob".into() });
         assert!(serde_json::from_str::<Request>(r#"{"cmd":"reboot"}"#).is_err());
         assert!(serde_json::from_str::<Request>("\u{0}\u{1}garbage").is_err());
     }

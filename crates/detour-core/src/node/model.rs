@@ -33,6 +33,41 @@ pub struct Protect {
     pub split: Option<(u16, u16)>,
 }
 
+/// What [`Model::route_of`] found for a destination.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RouteMatch {
+    /// The peer it belongs to.
+    pub peer: usize,
+    /// The matching prefix.
+    pub prefix: IpNet,
+    /// What kind of destination it is.
+    pub kind: RouteKind,
+}
+
+/// Kinds of destinations detour routes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RouteKind {
+    /// A peer's overlay address: always through the overlay (its own interface).
+    OverlayAddress,
+    /// A prefix behind a peer: always through the overlay (the aggregate interface).
+    Prefix,
+    /// A destination normally reached over the underlay (the peer's endpoint addresses,
+    /// its `protected` prefixes, networks behind it): through the overlay only while the
+    /// direct path to the peer fails.
+    Protected,
+}
+
+impl RouteKind {
+    /// In words.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RouteKind::OverlayAddress => "overlay address",
+            RouteKind::Prefix => "prefix behind the peer",
+            RouteKind::Protected => "protected underlay destination",
+        }
+    }
+}
+
 /// The underlay route to a destination, as detour's own packets would take it: gateway
 /// and output interface (read by the shell; the direct member of a split's nexthop group).
 pub type UnderlayHops = std::collections::HashMap<IpNet, (Option<IpAddr>, String)>;
@@ -383,6 +418,33 @@ impl Model {
         v
     }
 
+    /// How detour routes `addr` (`detourctl why`): the most specific of the overlay
+    /// addresses and prefixes of present peers (always through the overlay) and their
+    /// protected destinations (the underlay, taken over while the direct path fails),
+    /// with the peer it belongs to. `learned` are the peers' underlay addresses learned
+    /// from their sessions, by peer index. `None`: detour does not route it.
+    pub fn route_of(&self, addr: IpAddr, learned: &[Vec<IpAddr>]) -> Option<RouteMatch> {
+        let addr = addr.to_canonical();
+        let mut best: Option<RouteMatch> = None;
+        let mut offer = |peer: usize, prefix: IpNet, kind: RouteKind| {
+            if prefix.contains(&addr) && best.as_ref().is_none_or(|b| prefix.prefix_len() > b.prefix.prefix_len()) {
+                best = Some(RouteMatch { peer, prefix, kind });
+            }
+        };
+        for (i, p) in self.peers.iter().enumerate().filter(|(_, p)| p.present) {
+            for a in [p.cfg.overlay_v4.map(IpAddr::V4), p.cfg.overlay_v6.map(IpAddr::V6)].into_iter().flatten() {
+                offer(i, IpNet::from(a), RouteKind::OverlayAddress);
+            }
+            for n in &p.cfg.prefixes {
+                offer(i, *n, RouteKind::Prefix);
+            }
+            for n in self.protected_destinations(i, learned.get(i).map(Vec::as_slice).unwrap_or(&[])) {
+                offer(i, n, RouteKind::Protected);
+            }
+        }
+        best
+    }
+
     /// The data plane's view of peer `i` (a peer that left has no addresses).
     pub fn peer_spec(&self, i: usize) -> PeerSpec {
         let p = &self.peers[i];
@@ -676,6 +738,25 @@ prefixes = ["10.2.0.0/24"]
         let names: std::collections::HashSet<&str> = m.peers.iter().map(|p| p.cfg.name.as_str()).collect();
         let ifs: std::collections::HashSet<&str> = m.peers.iter().map(|p| p.cfg.interface.as_str()).collect();
         assert_eq!((names.len(), ifs.len()), (m.peers.len(), m.peers.len()));
+    }
+
+    #[test]
+    fn the_route_of_a_destination_is_the_most_specific_overlay_address_prefix_or_protected_destination() {
+        let mut m = model();
+        m.peers[0].cfg.protected = vec!["10.2.0.0/16".parse().unwrap(), "203.0.113.0/24".parse().unwrap()];
+        let at = |m: &Model, a: &str, learned: &[Vec<IpAddr>]| m.route_of(a.parse().unwrap(), learned).map(|r| (r.peer, r.prefix.to_string(), r.kind));
+        assert_eq!(at(&m, "10.77.0.2", &[]), Some((0, "10.77.0.2/32".into(), RouteKind::OverlayAddress)));
+        assert_eq!(at(&m, "fd77::2", &[]), Some((0, "fd77::2/128".into(), RouteKind::OverlayAddress)));
+        // the /24 prefix is more specific than the protected /16 around it
+        assert_eq!(at(&m, "10.2.0.7", &[]), Some((0, "10.2.0.0/24".into(), RouteKind::Prefix)));
+        assert_eq!(at(&m, "10.2.9.7", &[]), Some((0, "10.2.0.0/16".into(), RouteKind::Protected)));
+        assert_eq!(at(&m, "::ffff:203.0.113.5", &[]), Some((0, "203.0.113.0/24".into(), RouteKind::Protected)));
+        // an underlay address learned from the session is protected too
+        assert_eq!(at(&m, "192.0.2.44", &[]), None);
+        assert_eq!(at(&m, "192.0.2.44", &[vec!["192.0.2.44".parse().unwrap()]]), Some((0, "192.0.2.44/32".into(), RouteKind::Protected)));
+        // a peer that left routes nothing
+        m.peers[0].present = false;
+        assert_eq!(at(&m, "10.77.0.2", &[]), None);
     }
 
     #[test]
