@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The main job: hosts in network namespaces, joined through a router namespace, carry real
 # traffic through detour; a fourth host joins through the directory and exchanges
-# management messages. Installs what is missing, builds, runs, and removes everything at
+# management messages; then a TCP transfer and a ping survive a cut of the path they use,
+# with `detourctl why` before, during and after. Installs what is missing, builds, runs, and removes everything at
 # the end and on Ctrl-C. Run as root: sudo scripts/demo.sh
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
@@ -78,5 +79,55 @@ wait "$listener" || true
 echo
 echo "== alice: detourctl status after the traffic"
 ip netns exec "$A" "$BIN/detourctl" status -s "$DIR/alice.sock"
+
+echo
+echo "== failover: a TCP transfer (every byte checked) and a 10 ms ping from alice to bob's"
+echo "   underlay address 10.0.2.2, which alice normally reaches directly, not through detour;"
+echo "   the alice-bob path is cut silently in the router (both directions) and healed"
+R="${P}r"
+STREAM="$DETOUR_ROOT/netns-tests/helpers/longstream.py"
+ip netns exec "${P}h2" python3 "$STREAM" server 5301 "$DIR/stream.json" &
+sleep 0.3
+ip netns exec "$A" python3 "$STREAM" client 10.0.2.2 5301 12 2000000 >"$DIR/client.json" &
+client=$!
+ip netns exec "$A" ping -q -i 0.01 -c 1100 10.0.2.2 >"$DIR/ping.txt" 2>&1 &
+pinger=$!
+sleep 2
+run ip netns exec "$A" "$BIN/detourctl" why -s "$DIR/alice.sock" 10.0.2.2
+echo "+ cut: ip netns exec $R iptables -I FORWARD -s 10.0.1.2 -d 10.0.2.2 -j DROP (and back)"
+ip netns exec "$R" iptables -I FORWARD -s 10.0.1.2 -d 10.0.2.2 -j DROP
+ip netns exec "$R" iptables -I FORWARD -s 10.0.2.2 -d 10.0.1.2 -j DROP
+sleep 1.5
+echo
+echo "== during the cut"
+run ip netns exec "$A" "$BIN/detourctl" why -s "$DIR/alice.sock" 10.0.2.2
+sleep 1.5
+echo "+ heal: the two DROP rules removed"
+ip netns exec "$R" iptables -D FORWARD -s 10.0.1.2 -d 10.0.2.2 -j DROP
+ip netns exec "$R" iptables -D FORWARD -s 10.0.2.2 -d 10.0.1.2 -j DROP
+echo "   (a repaired path must stay healthy for failover.hold_down_ms, 3 s, before traffic returns)"
+for t in $(seq 1 100); do
+  ip netns exec "$A" "$BIN/detourctl" why --json -s "$DIR/alice.sock" 10.0.2.2 | grep -q '"through_overlay": false' && break
+  sleep 0.1
+done
+echo
+echo "== after the return to the direct path"
+run ip netns exec "$A" "$BIN/detourctl" why -s "$DIR/alice.sock" 10.0.2.2
+wait "$client" || true
+wait "$pinger" || true
+for t in $(seq 1 50); do [ -s "$DIR/stream.json" ] && break; sleep 0.1; done
+echo
+echo "== what the applications saw"
+python3 - "$DIR/client.json" "$DIR/stream.json" "$DIR/ping.txt" <<'PYEOF2'
+import json, re, sys
+sent = json.load(open(sys.argv[1]))
+got = json.load(open(sys.argv[2]))
+ping = open(sys.argv[3]).read()
+m = re.search(r"(\d+) packets transmitted, (\d+) received", ping)
+tx, rx = (int(m.group(1)), int(m.group(2))) if m else (0, 0)
+print(f"TCP transfer: {got['bytes']:,} of {sent['bytes']:,} bytes arrived, {got['mismatches']} wrong, "
+      f"{'reset' if got['reset'] else 'never reset'}; longest stall {got['stall_ms']:.0f} ms")
+print(f"ping every 10 ms: {tx} sent, {tx - rx} lost (about {(tx - rx) * 10} ms without an answer)")
+PYEOF2
 echo
 echo "demo complete"
