@@ -152,7 +152,7 @@ fn why_and_ping_show_the_path_in_use_and_its_change_across_a_cut() {
 
     let r = ctl(&lab, "alice", "ping -n 3 -i 100 bob");
     assert!(r.ok, "ping: {} / {}", r.stdout, r.stderr);
-    assert_eq!(r.stdout.matches("via path direct").count(), 3, "{}", r.stdout);
+    assert_eq!(r.stdout.matches(" ms, path direct").count(), 3, "{}", r.stdout);
     assert!(r.stdout.contains("3 sent, 3 received, 0 path changes"), "{}", r.stdout);
 
     // a ping running while the direct path is cut shows the change to the relay
@@ -183,4 +183,35 @@ fn why_and_ping_show_the_path_in_use_and_its_change_across_a_cut() {
     assert_ne!(w["peer"]["reason"], "healthy", "{w}");
     assert_eq!(w["kernel_matches"], true, "{w}");
     assert!(w["paths"].as_array().unwrap().iter().any(|p| p["path"] == "direct" && p["state"] == "down"), "{w}");
+}
+
+/// A feature the configuration asks for that cannot be set up (here the management qdisc
+/// on an interface that does not exist) stops the start with the reason and leaves
+/// nothing behind; with `node.allow_degraded` the node starts and status and metrics show
+/// what is missing.
+#[test]
+fn a_feature_that_cannot_be_set_up_stops_the_start_unless_degraded_is_allowed() {
+    let mut lab = Lab::new(&["alice", "bob"]);
+    let qdisc = "\n[management]\nqdisc_interface = \"nosuch0\"\nqdisc_rate = \"100mbit\"\n";
+    lab.write_config("alice", &(lab.node_section("alice", "") + qdisc + &lab.peer_section("bob", None, "")));
+    lab.write_config("bob", &(lab.node_section("bob", "") + &lab.peer_section("alice", None, "")));
+    lab.start("alice");
+    let st = lab.wait_exit("alice", Duration::from_secs(10)).expect("alice should stop by itself");
+    assert!(!st.success(), "alice started without its qdisc");
+    let log = lab.log("alice");
+    assert!(log.contains("cannot set up what the configuration asks for") && log.contains("nosuch0") && log.contains("node.allow_degraded"), "{log}");
+    let left = lab.ok("alice", "ip -brief link; ip rule; iptables-save | grep -c DETOUR || true");
+    assert!(!left.contains("detour0") && !left.contains("dt-bob") && !left.contains("lookup 7720"), "left behind:\n{left}");
+
+    lab.write_config("alice", &(lab.node_section("alice", "metrics_listen = \"127.0.0.1:9772\"\nallow_degraded = true") + qdisc + &lab.peer_section("bob", None, "")));
+    lab.start_all();
+    lab.wait_up("alice", &["bob"], Duration::from_secs(10));
+    crate::ping(&lab, "alice", &lab.host("bob").overlay_v4());
+    let st = lab.status("alice");
+    assert!(st["degraded"]["management_qdisc"].as_str().unwrap_or("").contains("nosuch0"), "{st}");
+    let text = ctl(&lab, "alice", "status");
+    assert!(text.stdout.contains("DEGRADED: management_qdisc"), "{}", text.stdout);
+    let metrics = lab.ok("alice", "curl -s http://127.0.0.1:9772/metrics");
+    assert!(metrics.contains("detour_degraded{feature=\"management_qdisc\"} 1"), "{metrics}");
+    assert!(lab.log("alice").contains("running degraded (node.allow_degraded)"));
 }

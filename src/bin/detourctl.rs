@@ -377,9 +377,9 @@ fn ping(destination: &str, count: u32, interval_ms: u64, timeout_ms: u64, query:
         if query.json {
             println!("{}", serde_json::json!({ "seq": seq, "address": addr.to_string(), "rtt_ms": rtt.map(|r| r.as_secs_f64() * 1000.0), "path": path, "path_change": change }));
         } else {
-            let what = rtt.map(|r| format!("reply from {addr}: time {:.2} ms", r.as_secs_f64() * 1000.0)).unwrap_or_else(|| format!("no reply from {addr} within {timeout_ms} ms"));
+            let what = rtt.map(|r| format!("reply from {addr} in {:.2} ms", r.as_secs_f64() * 1000.0)).unwrap_or_else(|| format!("no reply from {addr} within {timeout_ms} ms"));
             let change = change.map(|c| format!("  [path changed: {c}]")).unwrap_or_default();
-            println!("seq {seq}: {what} via path {path}{change}");
+            println!("seq {seq}: {what}, path {path}{change}");
         }
         if seq < count {
             std::thread::sleep(Duration::from_millis(interval_ms).saturating_sub(t0.elapsed()));

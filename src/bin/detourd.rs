@@ -24,29 +24,32 @@ fn load(path: &Path) -> Result<Config, String> {
 }
 
 /// Starts logging at `level` (`RUST_LOG` overrides it); returns what sets a new level at a
-/// reload (an error when `RUST_LOG` is set: it stays in force).
+/// reload (an error when `RUST_LOG` is set: it stays in force). Under systemd (the journal
+/// named in `JOURNAL_STREAM`) records go to the journal with their priority (warnings at
+/// 4, errors at 3: `journalctl -p warning -u detourd` finds them); elsewhere to stderr.
 fn init_logging(level: &str) -> detour::shell::daemon::SetLogLevel {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
     let from_env = std::env::var("RUST_LOG").ok().filter(|v| !v.is_empty());
     let filter = tracing_subscriber::EnvFilter::new(from_env.clone().unwrap_or_else(|| level.to_string()));
-    let journald = std::env::var_os("JOURNAL_STREAM").is_some();
-    let builder = tracing_subscriber::fmt().with_writer(std::io::stderr).with_ansi(false).with_target(false);
-    // The journal adds its own time stamps.
-    let reload: Box<dyn Fn(tracing_subscriber::EnvFilter) -> Result<(), String> + Send> = if journald {
-        let b = builder.without_time().with_env_filter(filter).with_filter_reloading();
-        let handle = b.reload_handle();
-        b.init();
-        Box::new(move |f| handle.reload(f).map_err(|e| e.to_string()))
-    } else {
-        let b = builder.with_env_filter(filter).with_filter_reloading();
-        let handle = b.reload_handle();
-        b.init();
-        Box::new(move |f| handle.reload(f).map_err(|e| e.to_string()))
-    };
+    let (filter, handle) = tracing_subscriber::reload::Layer::new(filter);
+    let journal = std::env::var_os("JOURNAL_STREAM").and_then(|_| match tracing_journald::layer() {
+        Ok(l) => Some(l.with_syslog_identifier("detourd".into())),
+        Err(e) => {
+            eprintln!("detourd: the journal cannot be reached ({e}); logging to stderr");
+            None
+        }
+    });
+    let registry = tracing_subscriber::registry().with(filter);
+    match journal {
+        Some(j) => registry.with(j).init(),
+        None => registry.with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_ansi(false).with_target(false)).init(),
+    }
     Box::new(move |level: &str| {
         if from_env.is_some() {
             return Err("RUST_LOG is set and stays in force".to_string());
         }
-        reload(tracing_subscriber::EnvFilter::new(level))
+        handle.reload(tracing_subscriber::EnvFilter::new(level)).map_err(|e| e.to_string())
     })
 }
 

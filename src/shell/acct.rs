@@ -280,9 +280,11 @@ const HASH_POLICY: [&str; 2] = ["/proc/sys/net/ipv4/fib_multipath_hash_policy", 
 /// connections between two hosts spread over a resilient group's buckets: with the
 /// default (policy 0, addresses only) every connection to a peer would share one bucket.
 /// Only a policy of 0 is changed; returns the sysctls changed (their original values are
-/// in [`crate::shell::sysctl`]'s state file, which puts them back).
-pub fn set_hash_policy() -> Vec<&'static str> {
+/// in [`crate::shell::sysctl`]'s state file, which puts them back) and why one could not
+/// be set.
+pub fn set_hash_policy() -> (Vec<&'static str>, Option<String>) {
     let mut changed = Vec::new();
+    let mut failed = None;
     for p in HASH_POLICY {
         if std::fs::read_to_string(p).map(|v| v.trim() != "0").unwrap_or(true) {
             continue;
@@ -292,10 +294,10 @@ pub fn set_hash_policy() -> Vec<&'static str> {
         match crate::shell::sysctl::set(p, "1") {
             Ok(true) => changed.push(p),
             Ok(false) => {}
-            Err(e) => tracing::warn!("REPLEX: cannot set {p} to 1 (layer-4 hashing): {e:#}; all connections to a peer will share one kernel bucket"),
+            Err(e) => failed = Some(format!("cannot set {p} to 1 (layer-4 hashing): {e:#}; all connections to a peer would share one kernel bucket")),
         }
     }
-    changed
+    (changed, failed)
 }
 
 #[cfg(test)]

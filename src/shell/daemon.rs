@@ -75,6 +75,8 @@ pub struct StatusCtx {
     pub mgmt_garbage: Arc<AtomicU64>,
     /// Admission of incoming management handshakes.
     pub incoming: Arc<sessions::Incoming>,
+    /// Features that could not be set up (node.allow_degraded): name and reason.
+    pub degraded: Vec<(&'static str, String)>,
 }
 
 /// A question about the node's state, answered by the daemon's loop from the node state.
@@ -497,6 +499,9 @@ async fn run_inner(identity: &Identity, model: Model, nl: Netlink, listener: tok
     res.keeper = Some(keeper.clone());
     // Priority of management traffic: HTB (optional), socket priority, DSCP mark.
     let mut sock_priority = priority::DEFAULT_MGMT_PRIORITY;
+    // Features the configuration asks for that could not be set up: they stop the start
+    // unless node.allow_degraded (then status and metrics show them).
+    let mut degraded: Vec<(&'static str, String)> = Vec::new();
     if let Some(dev) = &qdisc {
         match priority::install_qdisc(dev, cfg.management.qdisc_rate) {
             Ok(()) => {
@@ -505,7 +510,7 @@ async fn run_inner(identity: &Identity, model: Model, nl: Netlink, listener: tok
                 sock_priority = priority::HTB_MGMT_PRIORITY;
                 tracing::info!("HTB on {dev}: management traffic first, {} bit/s in all", cfg.management.qdisc_rate);
             }
-            Err(e) => tracing::warn!("management.qdisc_interface: {e:#}"),
+            Err(e) => degraded.push(("management_qdisc", format!("management.qdisc_interface {dev}: {e:#}"))),
         }
     }
     if let Err(e) = priority::set_socket_priority(&mgmt_socks, sock_priority) {
@@ -514,7 +519,7 @@ async fn run_inner(identity: &Identity, model: Model, nl: Netlink, listener: tok
     if cfg.management.dscp {
         res.dscp = true;
         if let Err(e) = priority::install_dscp_rules(&keeper, cfg.node.management_port) {
-            tracing::warn!("DSCP marking of management traffic is off: {e:#} (set management.dscp = false to silence this)");
+            degraded.push(("dscp_marking", format!("DSCP marking of management traffic (management.dscp): {e:#}")));
         }
     }
 
@@ -527,8 +532,12 @@ async fn run_inner(identity: &Identity, model: Model, nl: Netlink, listener: tok
     let mut gate = SplitGate::default();
     if cfg.splits() {
         res.acct = true;
-        for path in acct::set_hash_policy() {
+        let (set, failed) = acct::set_hash_policy();
+        for path in set {
             keeper.keep(Box::new(crate::shell::netfilter::Sysctl { path, value: "1" }));
+        }
+        if let Some(e) = failed {
+            degraded.push(("multipath_hash", format!("REPLEX and relief: {e}")));
         }
         let mut accounting = Accounting::default();
         match accounting.install(&keeper, cfg.kernel.fwmark) {
@@ -536,7 +545,7 @@ async fn run_inner(identity: &Identity, model: Model, nl: Netlink, listener: tok
                 acct_worker = Some(acct::Worker::start(accounting, acct_tx)?);
                 gate.active = true;
             }
-            Err(e) => tracing::warn!("REPLEX: no byte accounting of the kernel's direct share: {e:#}"),
+            Err(e) => degraded.push(("split_accounting", format!("REPLEX and relief: connection pinning and byte accounting (iptables DETOUR-ACCT, DETOUR-PIN): {e:#}"))),
         }
     }
 
@@ -546,7 +555,7 @@ async fn run_inner(identity: &Identity, model: Model, nl: Netlink, listener: tok
     match crate::shell::classes::install(&keeper, &cfg, egress) {
         Ok(true) => tracing::info!("traffic classes and egress rules installed (iptables DETOUR-CLASS, DETOUR-EGRESS, DETOUR-NAT, DETOUR-FWD)"),
         Ok(false) => {}
-        Err(e) => tracing::warn!("exits and egress are off: {e:#}"),
+        Err(e) => degraded.push(("exits", format!("exits and egress (iptables DETOUR-CLASS, DETOUR-EGRESS, DETOUR-NAT, DETOUR-FWD): {e:#}"))),
     }
     if egress && std::fs::read_to_string("/proc/sys/net/ipv4/ip_forward").is_ok_and(|v| v.trim() == "0") {
         tracing::warn!("this node offers exit or delivers to networks behind it, but IP forwarding is off: sysctl -w net.ipv4.ip_forward=1");
@@ -582,7 +591,7 @@ async fn run_inner(identity: &Identity, model: Model, nl: Netlink, listener: tok
             Ok(()) => icmp_active = true,
             Err(e) => {
                 intercept::remove_rules();
-                tracing::warn!("ICMP interception is off: {e:#} (install iptables, or set failover.icmp = false)");
+                degraded.push(("icmp_interception", format!("ICMP interception (failover.icmp): {e:#}")));
             }
         }
     }
@@ -610,6 +619,15 @@ async fn run_inner(identity: &Identity, model: Model, nl: Netlink, listener: tok
     if cfg.failover.tcp_monitor && !cfg.peers.is_empty() {
         intercept::start_tcp_monitor(cfg.failover.tcp_poll, traffic_seen.clone(), filter.clone(), icmp_counters.clone(), alarm_tx.clone())?;
     }
+    if !degraded.is_empty() {
+        let what: Vec<String> = degraded.iter().map(|(_, why)| why.clone()).collect();
+        if !cfg.node.allow_degraded {
+            return Err(anyhow!("cannot set up what the configuration asks for: {} (fix it, turn the feature off, or set node.allow_degraded = true to start without it)", what.join("; ")));
+        }
+        for w in &what {
+            tracing::warn!("running degraded (node.allow_degraded): {w}");
+        }
+    }
     // Rules someone else removes or flushes come back within this long.
     keeper.start(NETFILTER_REPAIR)?;
     let local_addrs = refresh_local_addresses(&nl, &dp, &filter, &HashSet::new()).await;
@@ -628,6 +646,7 @@ async fn run_inner(identity: &Identity, model: Model, nl: Netlink, listener: tok
         icmp_active,
         mgmt_garbage: mgmt.garbage.clone(),
         incoming: Arc::new(sessions::Incoming::new(cfg.management.admission)),
+        degraded,
     };
     let mut local_addrs = local_addrs;
 
@@ -1229,6 +1248,7 @@ fn status(ctx: &StatusCtx, m: &Model, sessions: &mut Sessions, view: &EngineView
         relayed_packets: m.node.relayed_packets.load(Relaxed),
         relayed_bytes: m.node.relayed_bytes.load(Relaxed),
         relaying: view.relaying.iter().map(|(a, b)| format!("{a} <-> {b}")).collect(),
+        degraded: ctx.degraded.iter().map(|(k, v)| (k.to_string(), v.clone())).collect(),
         management: view.overlay.status.clone(),
     }
 }

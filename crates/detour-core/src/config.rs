@@ -138,6 +138,12 @@ pub struct NodeConfig {
     /// The relay policy published in the directory (`[policy]`; `up_since` is filled in
     /// at start).
     pub policy: crate::node::policy::Policy,
+    /// Start even when a feature the configuration asks for cannot be set up (ICMP
+    /// interception, DSCP marking, the management qdisc, REPLEX or relief accounting and
+    /// the multipath hash, exits): the node then runs degraded, which `detourctl status`
+    /// and the metric `detour_degraded` show. Default false: such a failure stops the
+    /// start with its reason.
+    pub allow_degraded: bool,
 }
 
 /// Exits to hosts that do not run detour (`[exit]`; spec A§1.1.2 context 3).
@@ -416,6 +422,8 @@ struct RawNode {
     metrics_listen: Option<String>,
     #[serde(default)]
     networks: Vec<String>,
+    #[serde(default)]
+    allow_degraded: bool,
 }
 
 #[derive(Deserialize, Debug, Default)]
@@ -955,6 +963,7 @@ fn validate(raw: RawConfig, file: &str, errs: &mut Errors, log_level_ok: &dyn Fn
             metrics_listen,
             networks,
             policy,
+            allow_degraded: n.allow_degraded,
         },
         kernel: KernelConfig { table, rule_priority, fwmark, aggregate_interface, interface_prefix, link_pool_v4, relay_forwarding: k.relay_forwarding.unwrap_or(true) },
         failover,

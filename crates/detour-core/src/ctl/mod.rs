@@ -115,6 +115,10 @@ pub struct Status {
     pub relayed_bytes: u64,
     /// Relay sessions this node serves, as "a <-> b".
     pub relaying: Vec<String>,
+    /// Features the configuration asks for that could not be set up (the node started
+    /// anyway because of `node.allow_degraded`): feature and reason.
+    #[serde(default)]
+    pub degraded: BTreeMap<String, String>,
     /// The management overlay.
     pub management: ManagementStatus,
 }
@@ -561,6 +565,9 @@ pub fn render_status(s: &Status) -> String {
     if !n.policy.is_empty() {
         let _ = writeln!(o, "  policy: {}", n.policy);
     }
+    for (feature, why) in &s.degraded {
+        let _ = writeln!(o, "  DEGRADED: {feature}: {why}");
+    }
     if !n.refusals.is_empty() {
         let _ = writeln!(o, "  refused by policy: {}", drops(&n.refusals));
     }
@@ -756,6 +763,10 @@ pub fn render_metrics(status: &Status, paths: &[PeerPaths]) -> String {
     };
     family(&mut o, "uptime_seconds", "gauge", "Seconds since detourd started.");
     let _ = writeln!(o, "detour_uptime_seconds{{node=\"{}\"}} {}", label(&status.node.name), status.node.uptime_s);
+    family(&mut o, "degraded", "gauge", "1 for each feature the configuration asks for that could not be set up (node.allow_degraded).");
+    for feature in status.degraded.keys() {
+        let _ = writeln!(o, "detour_degraded{{feature=\"{}\"}} 1", label(feature));
+    }
     family(&mut o, "management_garbage_total", "counter", "Datagrams on the management port that cannot be QUIC.");
     let _ = writeln!(o, "detour_management_garbage_total {}", status.management_garbage);
     family(&mut o, "socket_drops_total", "counter", "Datagrams dropped by the kernel because a socket's receive buffer was full.");

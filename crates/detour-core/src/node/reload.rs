@@ -177,6 +177,7 @@ pub fn plan(old: &Config, new: &Config) -> Result<Plan, Vec<String>> {
     differs(s, "node.log_level", &o.log_level, &n.log_level);
     differs(s, "node.metrics_listen", &o.metrics_listen, &n.metrics_listen);
     differs(s, "node.advertise", &o.advertise, &n.advertise);
+    differs(s, "node.allow_degraded (applies at the next start)", &o.allow_degraded, &n.allow_degraded);
     let mut op = o.policy.clone();
     op.up_since = n.policy.up_since;
     differs(s, "node.relay / uptime / [policy]", &op, &n.policy);
