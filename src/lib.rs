@@ -10,4 +10,5 @@
 
 pub use detour_core::{config, ctl, dataplane, identity, kernel, node, overlay, path, rng, wire};
 
+pub mod cli;
 pub mod shell;

@@ -7,158 +7,12 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use clap::{Parser, Subcommand};
+use clap::Parser;
+use detour::cli::detourctl::{ApiArgs, Args, Cmd, Query};
 use detour::config::{DEFAULT_CONFIG_PATH, DEFAULT_CONTROL_SOCKET, DEFAULT_DATA_PORT};
 use detour::ctl::{render_nodes, render_paths, render_status, Request, Response};
 use detour::identity::{Identity, NodeId, PublicKey};
 use detour::overlay::api::{self, flag, kind, op, Address, Reply};
-
-/// Control and inspect detour.
-#[derive(Parser, Debug)]
-#[command(name = "detourctl", version)]
-struct Args {
-    #[command(subcommand)]
-    cmd: Cmd,
-}
-
-#[derive(Subcommand, Debug)]
-enum Cmd {
-    /// Write a new Ed25519 private key to FILE (mode 0600; never overwrites).
-    Genkey {
-        /// Where to write the key.
-        file: PathBuf,
-    },
-    /// Print the public key of the private key in FILE (or standard input).
-    Pubkey {
-        /// Private key file; `-` or nothing reads standard input.
-        file: Option<PathBuf>,
-    },
-    /// Print the node ID of a private key file, or of a public key given with --public-key.
-    Nodeid {
-        /// Private key file.
-        file: Option<PathBuf>,
-        /// A base64 public key instead of a key file.
-        #[arg(long)]
-        public_key: Option<String>,
-    },
-    /// List every monitored path with RTT, loss and state.
-    Paths(Query),
-    /// Show this node and its peers: state, handshakes, RTT, traffic, drops, path.
-    Status(Query),
-    /// List the node directory: every node of the overlay with its endpoints and addresses.
-    Nodes(Query),
-    /// How detour routes DESTINATION now, and why: the matched prefix and peer, the path in
-    /// use with its reason and age, every path with RTT and loss, each candidate relay with
-    /// its policy verdicts, REPLEX shares, and whether the kernel's route agrees.
-    Why {
-        /// An IP address, a peer's name or a node ID.
-        destination: String,
-        #[command(flatten)]
-        query: Query,
-    },
-    /// Ping DESTINATION through detour (ICMP echo to its overlay address, or to any address
-    /// detour routes) and print for each reply the path that carried it (direct, or via
-    /// which relay), its round-trip time, and a path change when one happens meanwhile.
-    Ping {
-        /// An IP address, a peer's name or a node ID.
-        destination: String,
-        /// Number of echo requests.
-        #[arg(short = 'n', long, default_value_t = 5)]
-        count: u32,
-        /// Milliseconds between requests.
-        #[arg(short, long, default_value_t = 1000)]
-        interval_ms: u64,
-        /// Milliseconds to wait for each reply.
-        #[arg(long, default_value_t = 2000)]
-        timeout_ms: u64,
-        #[command(flatten)]
-        query: Query,
-    },
-    /// Make detourd read its configuration file again and apply what changed (as
-    /// `systemctl reload detourd` does); prints the changes. An invalid file, or one that
-    /// changes a setting only a restart can (ports, key, table numbers), is refused and the
-    /// running configuration stays.
-    Reload(Query),
-    /// Send a message to a node (by node ID or name) over the management overlay and wait
-    /// for its end-to-end acknowledgement.
-    Send {
-        /// Destination: a node ID (32 hex digits) or a registered name.
-        dest: String,
-        /// The message; `-` or nothing reads standard input.
-        message: Option<String>,
-        /// Application channel at the destination.
-        #[arg(long, default_value_t = 1)]
-        channel: u16,
-        /// Send on two disjoint paths at once.
-        #[arg(long)]
-        critical: bool,
-        /// Return once the daemon accepted the message, without waiting for the
-        /// acknowledgement.
-        #[arg(long)]
-        no_wait: bool,
-        /// Give up waiting after this many seconds.
-        #[arg(long, default_value_t = 30)]
-        timeout: u64,
-        #[command(flatten)]
-        api: ApiArgs,
-    },
-    /// Print the messages that arrive for a channel (0: every channel).
-    Listen {
-        /// Channel to receive.
-        #[arg(long, default_value_t = 0)]
-        channel: u16,
-        /// Exit after this many messages.
-        #[arg(long)]
-        count: Option<u64>,
-        /// One JSON object per message.
-        #[arg(long)]
-        json: bool,
-        /// Exit after this many seconds.
-        #[arg(long)]
-        timeout: Option<u64>,
-        #[command(flatten)]
-        api: ApiArgs,
-    },
-    /// Look up a node by name or node ID: its node ID and current locators.
-    Resolve {
-        /// A name or a node ID.
-        key: String,
-        #[command(flatten)]
-        api: ApiArgs,
-    },
-    /// Register a name for this node (refused if another node holds it).
-    Register {
-        /// The name.
-        name: String,
-        #[command(flatten)]
-        api: ApiArgs,
-    },
-}
-
-/// Where the local API listens.
-#[derive(clap::Args, Debug)]
-struct ApiArgs {
-    /// API port on 127.0.0.1 (default: from the configuration file, else 7722).
-    #[arg(long)]
-    port: Option<u16>,
-    /// Read the API port from this configuration file.
-    #[arg(short, long, value_name = "FILE")]
-    config: Option<PathBuf>,
-}
-
-/// How to reach the daemon, and the output form.
-#[derive(clap::Args, Debug)]
-struct Query {
-    /// Print the daemon's JSON answer instead of the table.
-    #[arg(long)]
-    json: bool,
-    /// Control socket of the daemon.
-    #[arg(short, long, value_name = "PATH")]
-    socket: Option<PathBuf>,
-    /// Read the control socket path from this configuration file.
-    #[arg(short, long, value_name = "FILE")]
-    config: Option<PathBuf>,
-}
 
 fn read_identity(file: Option<PathBuf>) -> Result<Identity, String> {
     match file {
@@ -405,7 +259,33 @@ fn read_message(m: Option<String>) -> Result<Vec<u8>, String> {
     }
 }
 
-fn run(args: Args) -> Result<(), String> {
+/// The configuration file of overlay `name` (`--overlay`): `/etc/detour/NAME.toml`.
+fn overlay_config(name: &str) -> Result<PathBuf, String> {
+    let ok = !name.is_empty() && name.len() <= 32 && !name.starts_with('.') && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+    if !ok {
+        return Err(format!("--overlay {name:?}: a name of 1-32 characters of A-Z a-z 0-9 . _ -"));
+    }
+    let dir = std::path::Path::new(DEFAULT_CONFIG_PATH).parent().unwrap_or(std::path::Path::new("/etc/detour"));
+    Ok(dir.join(format!("{name}.toml")))
+}
+
+fn run(mut args: Args) -> Result<(), String> {
+    if let Some(name) = &args.overlay {
+        let path = overlay_config(name)?;
+        match &mut args.cmd {
+            Cmd::Paths(q) | Cmd::Status(q) | Cmd::Nodes(q) | Cmd::Reload(q) | Cmd::Why { query: q, .. } | Cmd::Ping { query: q, .. } => {
+                if q.config.is_none() && q.socket.is_none() {
+                    q.config = Some(path);
+                }
+            }
+            Cmd::Send { api, .. } | Cmd::Listen { api, .. } | Cmd::Resolve { api, .. } | Cmd::Register { api, .. } => {
+                if api.config.is_none() && api.port.is_none() {
+                    api.config = Some(path);
+                }
+            }
+            Cmd::Genkey { .. } | Cmd::Pubkey { .. } | Cmd::Nodeid { .. } => {}
+        }
+    }
     match args.cmd {
         Cmd::Genkey { file } => {
             let id = detour::shell::files::generate_identity();

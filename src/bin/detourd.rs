@@ -1,23 +1,11 @@
 //! `detourd`: the detour daemon. See `detourd --help` and `docs/config.md`.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::ExitCode;
 
 use clap::Parser;
-use detour::config::{Config, DEFAULT_CONFIG_PATH};
-
-/// Resilient overlay daemon: per-peer and aggregate TUN interfaces, an encrypted UDP data
-/// plane and QUIC management sessions.
-#[derive(Parser, Debug)]
-#[command(name = "detourd", version)]
-struct Args {
-    /// Configuration file to run with.
-    #[arg(short, long, value_name = "FILE", default_value = DEFAULT_CONFIG_PATH)]
-    config: PathBuf,
-    /// Validate FILE (and the key it names) and exit, without touching the host.
-    #[arg(long, value_name = "FILE")]
-    check_config: Option<PathBuf>,
-}
+use detour::cli::detourd::Args;
+use detour::config::Config;
 
 fn load(path: &Path) -> Result<Config, String> {
     detour::shell::files::load_checked(path).map(|(cfg, _)| cfg)
