@@ -37,3 +37,7 @@ cargo build --quiet --example flood
 cargo test --test netns -- --test-threads=1
 echo "== chaos soak, 2 minutes (scripts/soak.sh; the debug build)"
 DETOUR_NO_BUILD=1 BIN="$PWD/target/debug" scripts/soak.sh 2
+echo "== Debian package: build, install on this machine, run, purge (scripts/package.sh --test)"
+scripts/package.sh --test
+echo "== the unit under a real systemd 252 in a container (scripts/systemd-test.sh)"
+scripts/systemd-test.sh

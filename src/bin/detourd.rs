@@ -79,7 +79,10 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e:#}");
-            eprintln!("detourd: {e:#}");
+            // Under systemd the record above is in the journal already.
+            if std::env::var_os("JOURNAL_STREAM").is_none() {
+                eprintln!("detourd: {e:#}");
+            }
             ExitCode::FAILURE
         }
     }

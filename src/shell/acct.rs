@@ -284,7 +284,7 @@ const HASH_POLICY: [&str; 2] = ["/proc/sys/net/ipv4/fib_multipath_hash_policy", 
 /// be set.
 pub fn set_hash_policy() -> (Vec<&'static str>, Option<String>) {
     let mut changed = Vec::new();
-    let mut failed = None;
+    let mut failed: Vec<String> = Vec::new();
     for p in HASH_POLICY {
         if std::fs::read_to_string(p).map(|v| v.trim() != "0").unwrap_or(true) {
             continue;
@@ -294,9 +294,10 @@ pub fn set_hash_policy() -> (Vec<&'static str>, Option<String>) {
         match crate::shell::sysctl::set(p, "1") {
             Ok(true) => changed.push(p),
             Ok(false) => {}
-            Err(e) => failed = Some(format!("cannot set {p} to 1 (layer-4 hashing): {e:#}; all connections to a peer would share one kernel bucket")),
+            Err(e) => failed.push(format!("cannot set {p} to 1 (layer-4 hashing): {e:#}")),
         }
     }
+    let failed = (!failed.is_empty()).then(|| format!("{}; all connections to a peer would share one kernel bucket", failed.join("; ")));
     (changed, failed)
 }
 
