@@ -215,3 +215,144 @@ fn a_feature_that_cannot_be_set_up_stops_the_start_unless_degraded_is_allowed() 
     assert!(metrics.contains("detour_degraded{feature=\"management_qdisc\"} 1"), "{metrics}");
     assert!(lab.log("alice").contains("running degraded (node.allow_degraded)"));
 }
+
+/// Overlay B (`node.instance = 1`) of a host: its files in the lab's folder.
+struct Second {
+    key: std::path::PathBuf,
+    config: std::path::PathBuf,
+    socket: std::path::PathBuf,
+    log: std::path::PathBuf,
+}
+
+fn second(lab: &Lab, name: &str) -> Second {
+    let d = lab.dir.path();
+    Second { key: d.join(format!("{name}-b.key")), config: d.join(format!("{name}-b.toml")), socket: d.join(format!("{name}-b.sock")), log: d.join(format!("{name}-b.log")) }
+}
+
+fn without_prefixes(section: &str) -> String {
+    section.lines().filter(|l| !l.starts_with("prefixes")).map(|l| format!("{l}\n")).collect()
+}
+
+fn start_second(lab: &Lab, name: &str) -> std::process::Child {
+    let (h, b) = (lab.host(name), second(lab, name));
+    let log = std::fs::File::create(&b.log).expect("log");
+    std::process::Command::new("ip").args(["netns", "exec", &h.ns, &bin("detourd"), "-c"]).arg(&b.config).stdout(log.try_clone().expect("log")).stderr(log).spawn().expect("detourd B")
+}
+
+fn status_of(lab: &Lab, name: &str, socket: &std::path::Path) -> serde_json::Value {
+    let o = lab.sh(&lab.host(name).ns, &format!("{} status --json -s {}", bin("detourctl"), socket.display()));
+    assert!(o.ok, "status: {}", o.stderr);
+    serde_json::from_str(&o.stdout).expect("status JSON")
+}
+
+/// Two overlays on the same hosts (alice and bob each run overlay A, instance 0, on
+/// 10.77.0.0/24 and overlay B, instance 1, on 10.78.0.0/24 with its own key, ports, table,
+/// rule priorities, interfaces and chains): traffic flows in each, none of one enters the
+/// other, an ICMP error about a destination only B protects is handed over by A's
+/// interception (first in the hook) to B's, which reroutes it; B stopped, A is intact and
+/// the multipath hash (REPLEX in both) stays until A stops too.
+#[test]
+fn two_overlays_on_the_same_hosts_are_isolated_and_hand_icmp_errors_to_each_other() {
+    let mut lab = Lab::new(&["alice", "bob"]);
+    let replex = "\n[replex]\nenabled = true\n";
+    for (me, peer) in [("alice", "bob"), ("bob", "alice")] {
+        let a = without_prefixes(&lab.node_section(me, "")) + replex + &without_prefixes(&lab.peer_section(peer, None, ""));
+        lab.write_config(me, &a);
+        let b = second(&lab, me);
+        let o = std::process::Command::new(bin("detourctl")).arg("genkey").arg(&b.key).output().expect("genkey");
+        assert!(o.status.success());
+    }
+    let bob_lan = "10.102.0.0/24";
+    for (me, peer) in [("alice", "bob"), ("bob", "alice")] {
+        let (b, pb) = (second(&lab, me), second(&lab, peer));
+        let key = String::from_utf8(std::process::Command::new(bin("detourctl")).arg("pubkey").arg(&pb.key).output().unwrap().stdout).unwrap();
+        let (i, pi) = (lab.host(me).index, lab.host(peer).index);
+        let protected = if me == "alice" { format!("protected = [\"{bob_lan}\"]\n") } else { String::new() };
+        let text = format!(
+            "[node]\nname = \"{me}\"\ninstance = 1\nprivate_key = \"{}\"\noverlay_ipv4 = \"10.78.0.{i}/24\"\ncontrol_socket = \"{}\"\nlog_level = \"info,detour=debug\"\n{replex}\n[[peer]]\nname = \"{peer}\"\npublic_key = \"{}\"\nendpoints = [\"10.0.{pi}.2:7730\"]\noverlay_ipv4 = \"10.78.0.{pi}\"\n{protected}",
+            b.key.display(),
+            b.socket.display(),
+            key.trim()
+        );
+        std::fs::write(&b.config, text).unwrap();
+    }
+    // The two overlays of one host do not collide (the check detourd makes against the
+    // other configurations of its host, here copied into a folder per host); a third like
+    // A collides, and every collision is named.
+    let check = |dir: &std::path::Path, file: &str| {
+        let o = std::process::Command::new(bin("detourd")).arg("--overlays").arg(dir).arg("--check-config").arg(dir.join(file)).output().unwrap();
+        (o.status.success(), String::from_utf8_lossy(&o.stderr).to_string())
+    };
+    let etc = lab.dir.path().join("alice-etc");
+    std::fs::create_dir(&etc).unwrap();
+    std::fs::copy(&lab.host("alice").config, etc.join("detour.toml")).unwrap();
+    std::fs::copy(second(&lab, "alice").config, etc.join("b.toml")).unwrap();
+    for f in ["detour.toml", "b.toml"] {
+        let (ok, err) = check(&etc, f);
+        assert!(ok, "{f} collides: {err}");
+    }
+    std::fs::copy(&lab.host("alice").config, etc.join("clash.toml")).unwrap();
+    let (ok, err) = check(&etc, "clash.toml");
+    assert!(!ok && err.contains("node.instance: 0 is also the instance of") && err.contains("detour.toml") && err.contains("kernel.table"), "{err}");
+    assert!(!err.contains("b.toml: "), "only A's collisions: {err}");
+
+    // B first, then A: A's interception is first in the INPUT hook
+    let mut b_daemons = vec![start_second(&lab, "alice"), start_second(&lab, "bob")];
+    std::thread::sleep(Duration::from_millis(300));
+    lab.start_all();
+    lab.wait_up("alice", &["bob"], Duration::from_secs(10));
+    let b_alice = second(&lab, "alice").socket;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Lab::peer(&status_of(&lab, "alice", &b_alice), "bob")["state"] != "up" {
+        assert!(Instant::now() < deadline, "overlay B not up:\n{}", std::fs::read_to_string(second(&lab, "alice").log).unwrap_or_default());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    crate::ping(&lab, "alice", "10.77.0.2");
+    crate::ping(&lab, "alice", "10.78.0.2");
+    // each overlay's routes, rules, interfaces and chains are its own
+    let routes_a = lab.ok("alice", "ip route show table 7720");
+    let routes_b = lab.ok("alice", "ip route show table 7730");
+    assert!(routes_a.contains("10.77.0.2 dev dt-bob") && !routes_a.contains("10.78."), "A's table:\n{routes_a}");
+    assert!(routes_b.contains("10.78.0.2 dev dt1-bob") && !routes_b.contains("10.77."), "B's table:\n{routes_b}");
+    let rules = lab.ok("alice", "ip rule");
+    assert!(rules.contains("lookup 7720") && rules.contains("lookup 7730"), "{rules}");
+    let chains = lab.ok("alice", "iptables-save");
+    assert!(chains.contains(":DETOUR-ICMP ") && chains.contains(":DETOUR-ICMP-1 ") && chains.contains(":DETOUR-PIN-1 "), "{chains}");
+    assert_eq!(lab.ok("alice", "cat /proc/sys/net/ipv4/fib_multipath_hash_policy").trim(), "1");
+    // no packet of one overlay enters the other
+    let (b_tx, a_tx) = (lab.tx_packets("alice", "dt1-bob"), lab.tx_packets("alice", "dt-bob"));
+    lab.ok("alice", "ping -c 20 -i 0.01 -q 10.77.0.2 >/dev/null");
+    assert_eq!(lab.tx_packets("alice", "dt1-bob"), b_tx, "overlay A's pings went through overlay B");
+    let a_tx_now = lab.tx_packets("alice", "dt-bob");
+    assert!(a_tx_now >= a_tx + 20, "overlay A's pings did not use dt-bob");
+    lab.ok("alice", "ping -c 20 -i 0.01 -q 10.78.0.2 >/dev/null");
+    assert!(lab.tx_packets("alice", "dt-bob") < a_tx_now + 5, "overlay B's pings went through overlay A");
+    assert!(lab.tx_packets("alice", "dt1-bob") >= b_tx + 20, "overlay B's pings did not use dt1-bob");
+
+    // an ICMP host unreachable about bob's LAN, which only B protects: A's interception sees
+    // it first, passes it on, B reroutes, and the connection is made through overlay B
+    lab.sh(&lab.router, "ip route add 10.102.0.0/24 via 10.0.2.2");
+    lab.ok("bob", "sysctl -qw net.ipv4.ip_forward=1");
+    lab.sh(&lab.router, &format!("iptables -I FORWARD -d {bob_lan} -p tcp -j REJECT --reject-with icmp-host-unreachable"));
+    lab.sh(&lab.host("bob").ns, "nohup python3 -c 'import socket; s=socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); s.bind((\"10.102.0.1\", 5400)); s.listen(1); c,_=s.accept(); c.sendall(b\"hello\"); c.close()' >/dev/null 2>&1 &");
+    std::thread::sleep(Duration::from_millis(300));
+    let got = lab.ok("alice", "python3 -c 'import socket; s=socket.create_connection((\"10.102.0.1\", 5400), timeout=5); print(s.recv(5).decode())'");
+    assert_eq!(got.trim(), "hello");
+    let (st_a, st_b) = (lab.status("alice"), status_of(&lab, "alice", &b_alice));
+    assert!(st_a["icmp"]["ignored"]["not_protected"].as_u64().unwrap_or(0) >= 1, "A did not see the error: {}", st_a["icmp"]);
+    assert!(st_b["icmp"]["rerouted"].as_u64().unwrap_or(0) >= 1, "B did not reroute: {}", st_b["icmp"]);
+    assert_eq!(st_a["icmp"]["rerouted"], 0, "A rerouted: {}", st_a["icmp"]);
+
+    // B stops: A keeps everything, the multipath hash stays (A still splits)
+    for c in &mut b_daemons {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(c.id() as i32), nix::sys::signal::Signal::SIGTERM);
+        let _ = c.wait();
+    }
+    let after = lab.ok("alice", "iptables-save; ip rule; ip -brief link");
+    assert!(!after.contains("DETOUR-ICMP-1") && !after.contains("lookup 7730") && !after.contains("dt1-bob") && !after.contains("detour1"), "B left:\n{after}");
+    assert!(after.contains(":DETOUR-ICMP ") && after.contains("lookup 7720") && after.contains("dt-bob"), "A lost something:\n{after}");
+    assert_eq!(lab.ok("alice", "cat /proc/sys/net/ipv4/fib_multipath_hash_policy").trim(), "1", "B put the hash policy back while A splits");
+    crate::ping(&lab, "alice", "10.77.0.2");
+    assert!(lab.stop("alice"));
+    assert_eq!(lab.ok("alice", "cat /proc/sys/net/ipv4/fib_multipath_hash_policy").trim(), "0", "the last overlay to stop puts the hash policy back");
+}

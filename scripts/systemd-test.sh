@@ -6,7 +6,9 @@
 # confinement; detourctl status answers; ICMP interception, REPLEX's rules and the
 # multipath hash policy are in place; warnings reach the journal at priority 4; nothing is
 # refused (read-only /proc/sys, missing capabilities); the watchdog keeps it alive for
-# 60 s; systemctl reload applies a new peer; systemctl stop leaves nothing behind.
+# 60 s; systemctl reload applies a new peer; systemctl stop leaves nothing behind; and two
+# overlays on the host (detourd.service and detourd@corp.service) run side by side and stop
+# without touching each other.
 #
 # The Debian root (debootstrap, ~300 MB) is cached in /var/cache/detour between runs; each
 # run boots a fresh copy. Needs root. Usage: scripts/systemd-test.sh [PACKAGE.deb]
@@ -148,6 +150,34 @@ overlay_ipv4 = \"10.77.0.3\"
   check "no netfilter chain left" "! iptables-save | grep -q DETOUR && ! ip6tables-save | grep -q DETOUR"
   check "the multipath hash put back" "[ \$(cat /proc/sys/net/ipv4/fib_multipath_hash_policy) = 0 ]"
 done
+echo "== two overlays on this host: detourd.service and detourd@corp.service (node.instance = 1)" >&2
+c detourctl genkey /etc/detour/corp.key >/dev/null 2>&1
+c detourctl genkey /root/bob2.key >/dev/null 2>&1
+BOB2=$(c detourctl pubkey /root/bob2.key)
+c sh -c "cat >/etc/detour/corp.toml" <<<"[node]
+name = \"alice\"
+instance = 1
+private_key = \"/etc/detour/corp.key\"
+overlay_ipv4 = \"10.78.0.1/24\"
+
+[[peer]]
+name = \"bob\"
+public_key = \"$BOB2\"
+endpoints = [\"192.0.2.20:7730\"]
+overlay_ipv4 = \"10.78.0.2\"
+"
+c systemctl start detourd detourd@corp || fail "starting both overlays"
+check "both overlays active" "systemctl is-active detourd && systemctl is-active detourd@corp"
+check "detourctl --overlay corp reaches the second daemon" "detourctl --overlay corp status | grep -q 'ports: data 7730'"
+check "each overlay's chains, rules and interfaces" "iptables-save | grep -q ':DETOUR-ICMP ' && iptables-save | grep -q ':DETOUR-ICMP-1 ' && ip rule | grep -q 'lookup 7720' && ip rule | grep -q 'lookup 7730' && ip link show detour0 && ip link show detour1 && ip link show dt1-bob"
+c cp /etc/detour/detour.toml /etc/detour/clash.toml
+check "a configuration that collides with another overlay is refused, naming it" "! detourd --check-config /etc/detour/clash.toml 2>/tmp/clash.err && grep -q 'node.instance: 0 is also the instance of /etc/detour/detour.toml' /tmp/clash.err"
+c rm /etc/detour/clash.toml
+c systemctl stop detourd@corp || fail "stopping detourd@corp"
+check "the other overlay is untouched by the stop" "systemctl is-active detourd && iptables-save | grep -q ':DETOUR-ICMP ' && ! iptables-save | grep -q 'DETOUR-ICMP-1' && ip link show detour0 && ! ip link show detour1 && ip rule | grep -q 'lookup 7720' && ! ip rule | grep -q 'lookup 7730'"
+c systemctl stop detourd || fail "stopping detourd"
+check "nothing left of either overlay" "! ip -brief link | grep -Eq 'dt-|dt1-|detour' && ! iptables-save | grep -q DETOUR && ! ip rule | grep -Eq '77[23]0'"
+
 c dpkg --purge detour >/dev/null
 check "the package purged" "! dpkg -s detour"
 echo "systemd test: passed"

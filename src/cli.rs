@@ -21,6 +21,12 @@ pub mod detourd {
         /// Validate FILE (and the key it names) and exit, without touching the host.
         #[arg(long, value_name = "FILE")]
         pub check_config: Option<PathBuf>,
+        /// Where the configurations of every overlay on this host are (`NAME.toml`, one per
+        /// `detourd@NAME.service`): a configuration that collides with another one there
+        /// (instance, ports, tables, rule priorities, NFQUEUE, interfaces, control socket,
+        /// overlay networks, or a different fwmark) is refused.
+        #[arg(long, value_name = "DIR", default_value = "/etc/detour")]
+        pub overlays: PathBuf,
     }
 }
 

@@ -43,6 +43,16 @@ fn init_logging(level: &str) -> detour::shell::daemon::SetLogLevel {
 
 fn main() -> ExitCode {
     let args = Args::parse();
+    let overlays = args.overlays.clone();
+    let load = |path: &Path| -> Result<Config, String> {
+        let cfg = load(path)?;
+        let clash = detour::shell::files::overlay_conflicts(&cfg, path, &overlays);
+        if clash.is_empty() {
+            Ok(cfg)
+        } else {
+            Err(clash.join("\n"))
+        }
+    };
     if let Some(path) = args.check_config {
         return match load(&path) {
             Ok(cfg) => {
@@ -75,7 +85,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match rt.block_on(detour::shell::daemon::run(cfg, args.config.clone(), set_log_level)) {
+    match rt.block_on(detour::shell::daemon::run(cfg, args.config.clone(), args.overlays.clone(), set_log_level)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e:#}");

@@ -21,9 +21,13 @@ use ipnet::IpNet;
 use crate::kernel::{PIN_DIRECT, PIN_MASK, PIN_OVERLAY};
 
 /// The accounting (and pin-saving) chain, in `POSTROUTING`.
-pub const CHAIN: &str = "DETOUR-ACCT";
+pub fn chain() -> String {
+    netfilter::named("DETOUR-ACCT")
+}
 /// The pin-restoring chain, in `OUTPUT` and `PREROUTING`.
-pub const PIN_CHAIN: &str = "DETOUR-PIN";
+pub fn pin_chain() -> String {
+    netfilter::named("DETOUR-PIN")
+}
 
 /// One counting rule: bytes to `dst` not leaving through `tun`, for `peer`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -38,11 +42,13 @@ pub struct Rule {
 
 /// Removes the chains and the jumps to them; idempotent.
 pub fn remove() {
-    netfilter::remove_chains(&CHAINS);
+    netfilter::remove_chains(&chains());
 }
 
 /// (table, chain) of every chain of this module.
-pub const CHAINS: [(&str, &str); 2] = [("mangle", CHAIN), ("mangle", PIN_CHAIN)];
+pub fn chains() -> Vec<(&'static str, String)> {
+    vec![("mangle", chain()), ("mangle", pin_chain())]
+}
 
 /// The accounting rules in the kernel.
 #[derive(Debug, Default)]
@@ -60,7 +66,8 @@ impl Accounting {
     /// If iptables is missing or refuses.
     pub fn install(&mut self, keeper: &netfilter::Keeper, fwmark: u32) -> Result<()> {
         self.fwmark = fwmark;
-        let input = format!("*mangle\n:{CHAIN} - [0:0]\n:{PIN_CHAIN} - [0:0]\n-A POSTROUTING -j {CHAIN}\n-A OUTPUT -j {PIN_CHAIN}\n-A PREROUTING -j {PIN_CHAIN}\nCOMMIT\n");
+        let (c, p) = (chain(), pin_chain());
+        let input = format!("*mangle\n:{c} - [0:0]\n:{p} - [0:0]\n-A POSTROUTING -j {c}\n-A OUTPUT -j {p}\n-A PREROUTING -j {p}\nCOMMIT\n");
         for v6 in [false, true] {
             if let Err(e) = keeper.restore(v6, &input) {
                 remove();
@@ -81,8 +88,10 @@ impl Accounting {
         let v6 = r.dst.addr().is_ipv6();
         let dst = r.dst.to_string();
         let v = |a: &[&str]| a.iter().map(|x| x.to_string()).collect::<Vec<String>>();
+        let (acct, pin) = (chain(), pin_chain());
+        let (acct, pin) = (acct.as_str(), pin.as_str());
         let save = |out: &[&str], pin: u32| {
-            let mut a = v(&[CHAIN, "-d", &dst]);
+            let mut a = v(&[acct, "-d", &dst]);
             a.extend(v(out));
             a.extend(v(&["-m", "mark", "!", "--mark", &own, "-m", "connmark", "--mark", &unpinned, "-j", "CONNMARK", "--set-xmark", &format!("{pin:#x}/{PIN_MASK:#x}")]));
             a
@@ -90,7 +99,7 @@ impl Accounting {
         // Pins unpinned connections in conntrack state `state` (and matching `matches`) to
         // the direct path.
         let keep_direct = |matches: &[&str], state: &str| {
-            let mut a = v(&[PIN_CHAIN, "-d", &dst]);
+            let mut a = v(&[pin, "-d", &dst]);
             a.extend(v(matches));
             a.extend(v(&[
                 "-m",
@@ -114,7 +123,7 @@ impl Accounting {
             a
         };
         vec![
-            (v6, v(&[CHAIN, "-d", &dst, "!", "-o", &r.tun])),
+            (v6, v(&[acct, "-d", &dst, "!", "-o", &r.tun])),
             (v6, save(&["-o", &r.tun], PIN_OVERLAY)),
             (v6, save(&["!", "-o", &r.tun], PIN_DIRECT)),
             // A connection established before the split began is unpinned: it stays on the
@@ -125,7 +134,7 @@ impl Accounting {
             // the middle (conntrack runs in a namespace only once a rule needs it, and these
             // are the first): its first packet seen is NEW, but not a SYN.
             (v6, keep_direct(&["-p", "tcp", "!", "--syn"], "NEW")),
-            (v6, v(&[PIN_CHAIN, "-d", &dst, "-m", "mark", "!", "--mark", &own, "-j", "CONNMARK", "--restore-mark", "--nfmask", &mask, "--ctmask", &mask])),
+            (v6, v(&[pin, "-d", &dst, "-m", "mark", "!", "--mark", &own, "-j", "CONNMARK", "--restore-mark", "--nfmask", &mask, "--ctmask", &mask])),
         ]
     }
 
@@ -147,7 +156,7 @@ impl Accounting {
     /// The input that rebuilds both chains of family `v6` with exactly `rules` (after
     /// someone changed them by hand, so that a `-D` no longer matched).
     pub fn rebuild_script(&self, rules: &[Rule], v6: bool) -> String {
-        let mut s = format!("*mangle\n-F {CHAIN}\n-F {PIN_CHAIN}\n");
+        let mut s = format!("*mangle\n-F {}\n-F {}\n", chain(), pin_chain());
         for r in rules.iter().filter(|r| r.dst.addr().is_ipv6() == v6) {
             for (_, spec) in self.specs(r) {
                 s += &format!("-A {}\n", spec.join(" "));
@@ -206,14 +215,14 @@ pub fn counts(save: &str, rules: &[Rule]) -> Vec<(usize, u64)> {
         let Some(rest) = line.strip_prefix('[') else { continue };
         let Some((ctr, rule)) = rest.split_once("] ") else { continue };
         let Some(bytes) = ctr.split_once(':').and_then(|(_, b)| b.parse::<u64>().ok()) else { continue };
-        if rule.starts_with(&format!("-A {CHAIN} ")) && !rule.contains(" -j ") {
+        if rule.starts_with(&format!("-A {} ", chain())) && !rule.contains(" -j ") {
             found.push((rule.to_string(), bytes));
         }
     }
     rules
         .iter()
         .filter_map(|r| {
-            let want = format!("-A {CHAIN} -d {} ! -o {}", r.dst, r.tun);
+            let want = format!("-A {} -d {} ! -o {}", chain(), r.dst, r.tun);
             found.iter().find(|(rule, _)| *rule == want).map(|(_, b)| (r.peer, *b))
         })
         .collect()
@@ -286,7 +295,8 @@ pub fn set_hash_policy() -> (Vec<&'static str>, Option<String>) {
     let mut changed = Vec::new();
     let mut failed: Vec<String> = Vec::new();
     for p in HASH_POLICY {
-        if std::fs::read_to_string(p).map(|v| v.trim() != "0").unwrap_or(true) {
+        // Only a policy of 0 is changed (1 may be another overlay instance's, shared).
+        if std::fs::read_to_string(p).map(|v| !matches!(v.trim(), "0" | "1")).unwrap_or(true) {
             continue;
         }
         // The original value is recorded first (crate::shell::sysctl): a crash does not
@@ -337,7 +347,7 @@ mod tests {
         assert!(!v6.contains("-A "), "{v6}");
         assert_eq!(a.diff_script(&new, &new, false), None);
         let rebuilt = a.rebuild_script(&new, false);
-        assert!(rebuilt.contains(&format!("-F {CHAIN}\n-F {PIN_CHAIN}\n")), "{rebuilt}");
+        assert!(rebuilt.contains(&format!("-F {}\n-F {}\n", chain(), pin_chain())), "{rebuilt}");
         assert_eq!(rebuilt.lines().filter(|l| l.starts_with("-A ")).count(), 12, "{rebuilt}");
         // the counting rule is written as iptables-save shows it, so counts() finds it
         assert!(rebuilt.contains("-A DETOUR-ACCT -d 10.3.0.0/24 ! -o dt-dave\n"), "{rebuilt}");

@@ -36,20 +36,15 @@ const CHAIN_HOOKS: [(&str, &str, &[&str]); 5] = [
     ("filter", "DETOUR-FWD", &["FORWARD"]),
 ];
 
-/// (table, chain) of every chain of this module.
-pub const CHAINS: [(&str, &str); CHAIN_HOOKS.len()] = {
-    let mut out = [("", ""); CHAIN_HOOKS.len()];
-    let mut i = 0;
-    while i < out.len() {
-        out[i] = (CHAIN_HOOKS[i].0, CHAIN_HOOKS[i].1);
-        i += 1;
-    }
-    out
-};
+/// (table, chain) of every chain of this module, named for this overlay instance
+/// ([`netfilter::named`]).
+pub fn chains() -> Vec<(&'static str, String)> {
+    CHAIN_HOOKS.iter().map(|(t, c, _)| (*t, netfilter::named(c))).collect()
+}
 
 /// Removes every chain of this module and the jumps to it; idempotent.
 pub fn remove() {
-    netfilter::remove_chains(&CHAINS);
+    netfilter::remove_chains(&chains());
 }
 
 /// The rules of one address family, as (table, chain, arguments after the chain name).
@@ -139,6 +134,7 @@ pub fn install(keeper: &netfilter::Keeper, cfg: &Config, egress: bool) -> Result
                 if mine.is_empty() {
                     continue;
                 }
+                let chain = netfilter::named(chain);
                 section += &format!(":{chain} - [0:0]\n");
                 for a in mine {
                     section += &format!("-A {chain} {}\n", a.join(" "));

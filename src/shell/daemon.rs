@@ -94,12 +94,15 @@ pub const QUERY_TIMEOUT: Duration = Duration::from_secs(2);
 pub type SetLogLevel = Box<dyn Fn(&str) -> std::result::Result<(), String> + Send>;
 
 /// Runs the daemon with a validated configuration, read from `path` (read again at a
-/// reload), until a stop signal.
+/// reload; `overlays` holds the other overlays' configurations it must not collide with),
+/// until a stop signal.
 ///
 /// # Errors
 /// Start-up failures (key, sockets, TUNs, netlink); the host is cleaned before returning.
-pub async fn run(mut cfg: Config, path: PathBuf, set_log_level: SetLogLevel) -> Result<()> {
+pub async fn run(mut cfg: Config, path: PathBuf, overlays: PathBuf, set_log_level: SetLogLevel) -> Result<()> {
     let file_cfg = cfg.clone();
+    // Netfilter chains and the sysctl state carry the overlay instance (node.instance).
+    crate::shell::netfilter::set_instance(cfg.node.instance);
     cfg.node.policy.up_since = crate::shell::mnode::unix_now();
     let identity = crate::shell::files::read_key(&cfg.node.private_key).map_err(|e| anyhow!("node.private_key: {e}"))?;
     if crate::shell::files::key_is_exposed(&cfg.node.private_key) {
@@ -116,6 +119,7 @@ pub async fn run(mut cfg: Config, path: PathBuf, set_log_level: SetLogLevel) -> 
     let mut resources = Resources {
         nl: nl.clone(),
         table: model.cfg.kernel.table,
+        owned: crate::shell::netlink::Owned::of(&model.cfg),
         links: link_names(&model),
         datapath: None,
         control_path: control_path.clone(),
@@ -130,7 +134,7 @@ pub async fn run(mut cfg: Config, path: PathBuf, set_log_level: SetLogLevel) -> 
     };
     // A panic in the loop (the node state is driven there) is caught here, so that the
     // host is cleaned as at a normal stop; the panic hook has logged it.
-    let reloader = Reloader { path, running: file_cfg, node_id: identity.node_id(), set_log_level, idle_off: false, traffic: None, metrics: None, metrics_queries: None };
+    let reloader = Reloader { path, overlays, running: file_cfg, node_id: identity.node_id(), set_log_level, idle_off: false, traffic: None, metrics: None, metrics_queries: None };
     let inner = std::panic::AssertUnwindSafe(run_inner(&identity, model, nl, listener, &mut resources, qdisc, reloader));
     let result = match futures::FutureExt::catch_unwind(inner).await {
         Ok(r) => r,
@@ -148,6 +152,8 @@ pub async fn run(mut cfg: Config, path: PathBuf, set_log_level: SetLogLevel) -> 
 struct Resources {
     nl: Netlink,
     table: u32,
+    /// This overlay's part of the kernel.
+    owned: crate::shell::netlink::Owned,
     links: BTreeSet<String>,
     datapath: Option<Arc<DataPath>>,
     control_path: PathBuf,
@@ -191,7 +197,7 @@ impl Resources {
         if let Some(dev) = self.qdisc.take() {
             priority::remove_qdisc(&dev);
         }
-        match self.nl.observe(&self.links, self.table).await {
+        match self.nl.observe(&self.links, self.owned).await {
             Ok((actual, index)) => {
                 for op in kernel::teardown(&actual) {
                     if let Err(e) = self.nl.apply(&op, self.table, &index).await {
@@ -282,7 +288,7 @@ async fn reconcile(nl: &Netlink, model: &Model, protect: &[Option<Protect>], qui
     let quiet = quiet || last.as_ref() != Some(&desired);
     *last = Some(desired.clone());
     let names: BTreeSet<String> = desired.links.iter().map(|l| l.name.clone()).collect();
-    let (actual, index) = nl.observe(&names, model.cfg.kernel.table).await?;
+    let (actual, index) = nl.observe(&names, crate::shell::netlink::Owned::of(&model.cfg)).await?;
     let ops = kernel::plan(&desired, &actual);
     for op in &ops {
         if quiet {
@@ -358,6 +364,8 @@ fn bind_api(port: u16) -> Result<Vec<tokio::net::UdpSocket>> {
 struct Reloader {
     /// The configuration file.
     path: PathBuf,
+    /// Where the other overlays' configurations are (a reload must not collide with them).
+    overlays: PathBuf,
     /// The configuration in use, as read from the file.
     running: Config,
     /// This node's ID (a reload cannot change the key).
@@ -403,6 +411,10 @@ async fn start_metrics(addr: SocketAddr, queries: mpsc::UnboundedSender<Query>) 
 async fn reload(r: &mut Reloader, engine: &mut Engine) -> std::result::Result<Vec<String>, String> {
     let file = r.path.display().to_string();
     let (mut new, id) = crate::shell::files::load_checked(&r.path)?;
+    let clash = crate::shell::files::overlay_conflicts(&new, &r.path, &r.overlays);
+    if !clash.is_empty() {
+        return Err(format!("{}; nothing was changed", clash.join("; ")));
+    }
     if id.node_id() != r.node_id {
         return Err(format!("{file}: node.private_key: the key is not the one detourd runs with; a new key needs a restart; nothing was changed"));
     }
@@ -456,7 +468,7 @@ async fn run_inner(identity: &Identity, model: Model, nl: Netlink, listener: tok
 
     // State left by a crashed daemon: rules tagged with our protocol, routes in our table,
     // our netfilter chains and qdisc.
-    let (stale, index) = nl.observe(&res.links, table).await?;
+    let (stale, index) = nl.observe(&res.links, res.owned).await?;
     let purge = kernel::teardown(&stale);
     if !purge.is_empty() {
         tracing::info!("removing {} kernel objects left by an earlier run", purge.len());
@@ -470,7 +482,7 @@ async fn run_inner(identity: &Identity, model: Model, nl: Netlink, listener: tok
         tracing::info!("restored {n} sysctls an earlier run changed");
     }
     // Every netfilter chain an earlier run may have left, in one look per family.
-    let chains: Vec<(&str, &str)> = [&intercept::CHAINS[..], &priority::CHAINS, &acct::CHAINS, &traffic::CHAINS, &crate::shell::classes::CHAINS].concat();
+    let chains: Vec<(&str, String)> = [intercept::chains(), priority::chains(), acct::chains(), traffic::chains(), crate::shell::classes::chains()].concat();
     crate::shell::netfilter::remove_chains(&chains);
     // The kernel relay table (also when relay forwarding is now off; without nft, nothing).
     crate::shell::kfwd::remove(cfg.node.data_port);
@@ -585,8 +597,8 @@ async fn run_inner(identity: &Identity, model: Model, nl: Netlink, listener: tok
     let mut icmp_active = false;
     if cfg.failover.icmp && !cfg.peers.is_empty() {
         res.netfilter = true;
-        match intercept::install_rules(&keeper, cfg.failover.nfqueue, !cfg.node.networks.is_empty())
-            .and_then(|_| intercept::start_queue(cfg.failover.nfqueue, filter.clone(), icmp_counters.clone(), alarm_tx.clone()))
+        match intercept::install_rules(&keeper, cfg.failover.nfqueue, cfg.instance_mark(), !cfg.node.networks.is_empty())
+            .and_then(|_| intercept::start_queue(cfg.failover.nfqueue, cfg.instance_mark(), filter.clone(), icmp_counters.clone(), alarm_tx.clone()))
         {
             Ok(()) => icmp_active = true,
             Err(e) => {

@@ -70,6 +70,19 @@ pub fn load_checked(path: &Path) -> Result<(Config, Identity), String> {
     Ok((cfg, id))
 }
 
+/// The collisions between `cfg` (read from `path`) and the other overlays of this host: the
+/// `*.toml` files in `dir` other than `path` ([`Config::conflicts`]). A file there that does
+/// not parse is its own overlay's problem and is skipped.
+pub fn overlay_conflicts(cfg: &Config, path: &Path, dir: &Path) -> Vec<String> {
+    let me = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
+    let Ok(entries) = std::fs::read_dir(dir) else { return Vec::new() };
+    let mut others: Vec<std::path::PathBuf> =
+        entries.flatten().map(|e| e.path()).filter(|p| p.extension().is_some_and(|x| x == "toml") && std::fs::canonicalize(p).map(|c| c != me).unwrap_or(true)).collect();
+    others.sort();
+    let file = path.display();
+    others.iter().filter_map(|p| load_config(p).ok()).flat_map(|other| cfg.conflicts(&other)).map(|m| format!("{file}: {m}")).collect()
+}
+
 /// Reads a key file written by [`write_key`] (or any PKCS#8 PEM Ed25519 key).
 ///
 /// # Errors

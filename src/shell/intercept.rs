@@ -19,8 +19,10 @@ use tokio::sync::mpsc;
 use crate::path::icmp::{Filter, Ignored, Verdict};
 use crate::shell::sockdiag;
 
-/// The iptables chain detour owns.
-pub const CHAIN: &str = "DETOUR-ICMP";
+/// The iptables chain detour owns ([`netfilter::named`] for this overlay instance).
+pub fn chain() -> String {
+    netfilter::named("DETOUR-ICMP")
+}
 
 /// What the interception and monitoring threads report.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -88,11 +90,13 @@ impl IcmpCounters {
 
 /// Removes detour's chains (and the jumps to them) for both families; idempotent.
 pub fn remove_rules() {
-    netfilter::remove_chains(&CHAINS);
+    netfilter::remove_chains(&chains());
 }
 
 /// (table, chain) of every chain of this module.
-pub const CHAINS: [(&str, &str); 1] = [("filter", CHAIN)];
+pub fn chains() -> Vec<(&'static str, String)> {
+    vec![("filter", chain())]
+}
 
 /// Installs the rules that queue ICMP net/host unreachable (ICMPv6 no route / address
 /// unreachable) to `queue` (left-overs of an earlier run are removed at start): the errors this
@@ -101,16 +105,20 @@ pub const CHAINS: [(&str, &str); 1] = [("filter", CHAIN)];
 ///
 /// # Errors
 /// If iptables is missing or refuses a rule.
-pub fn install_rules(keeper: &netfilter::Keeper, queue: u16, forward: bool) -> Result<()> {
+pub fn install_rules(keeper: &netfilter::Keeper, queue: u16, mark: u32, forward: bool) -> Result<()> {
     let v4 = ["-p icmp --icmp-type network-unreachable", "-p icmp --icmp-type host-unreachable"];
     let v6 = ["-p ipv6-icmp --icmpv6-type no-route", "-p ipv6-icmp --icmpv6-type address-unreachable"];
+    let c = chain();
     for (is_v6, matches) in [(false, v4), (true, v6)] {
-        let mut input = format!("*filter\n:{CHAIN} - [0:0]\n");
+        let mut input = format!("*filter\n:{c} - [0:0]\n");
         for m in matches {
-            input += &format!("-A {CHAIN} {m} -j NFQUEUE --queue-num {queue} --queue-bypass\n");
+            // An error another overlay's detourd on this host passed on (not one of its
+            // destinations) carries that overlay's mark bit; this one's bit means it has
+            // been here already.
+            input += &format!("-A {c} -m mark ! --mark {mark:#x}/{mark:#x} {m} -j NFQUEUE --queue-num {queue} --queue-bypass\n");
         }
         for hook in if forward { &["INPUT", "FORWARD"][..] } else { &["INPUT"][..] } {
-            input += &format!("-I {hook} 1 -j {CHAIN}\n");
+            input += &format!("-I {hook} 1 -j {c}\n");
         }
         input += "COMMIT\n";
         if let Err(e) = keeper.restore(is_v6, &input) {
@@ -121,11 +129,14 @@ pub fn install_rules(keeper: &netfilter::Keeper, queue: u16, forward: bool) -> R
 }
 
 /// Starts the NFQUEUE thread. It lives until the process exits (its rules carry
-/// `--queue-bypass`, so a stopped daemon never holds ICMP back).
+/// `--queue-bypass`, so a stopped daemon never holds ICMP back). An error it does not act
+/// on is handed back to the kernel with this overlay's bit `mark` set in the packet mark
+/// and traversed again (`NF_REPEAT`): this overlay's rule now skips it, and the next
+/// overlay's interception on this host sees it.
 ///
 /// # Errors
 /// If the queue cannot be opened or bound.
-pub fn start_queue(queue: u16, filter: Arc<RwLock<Filter>>, counters: Arc<IcmpCounters>, alarms: mpsc::UnboundedSender<Alarm>) -> Result<()> {
+pub fn start_queue(queue: u16, mark: u32, filter: Arc<RwLock<Filter>>, counters: Arc<IcmpCounters>, alarms: mpsc::UnboundedSender<Alarm>) -> Result<()> {
     let mut q = nfq::Queue::open().context("opening NFQUEUE")?;
     q.bind(queue).with_context(|| format!("binding NFQUEUE {queue}"))?;
     q.set_fail_open(queue, true).context("NFQUEUE fail-open")?;
@@ -156,7 +167,9 @@ pub fn start_queue(queue: u16, filter: Arc<RwLock<Filter>>, counters: Arc<IcmpCo
                 }
                 Verdict::Accept(why) => {
                     counters.ignore(why);
-                    msg.set_verdict(nfq::Verdict::Accept);
+                    let m = msg.get_nfmark();
+                    msg.set_nfmark(m | mark);
+                    msg.set_verdict(nfq::Verdict::Repeat);
                 }
             }
             if let Err(e) = q.verdict(msg) {

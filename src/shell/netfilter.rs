@@ -46,6 +46,31 @@ pub fn ok(v6: bool, args: &[&str]) -> Result<bool> {
     Ok(run(v6, args)?.status.success())
 }
 
+/// The overlay instance (`node.instance`) this process runs; its netfilter chains carry it
+/// ([`named`]). Set once at start.
+static INSTANCE: std::sync::OnceLock<u8> = std::sync::OnceLock::new();
+
+/// Names this process's netfilter objects after its overlay instance (`node.instance`), so
+/// that the overlays of one host never touch each other's chains: instance 0 keeps the
+/// plain names (`DETOUR-ICMP`), instance N > 0 gets `DETOUR-ICMP-N`. Called once at start;
+/// a second call is ignored.
+pub fn set_instance(instance: u8) {
+    let _ = INSTANCE.set(instance);
+}
+
+/// This process's overlay instance ([`set_instance`]; 0 until set).
+pub fn instance() -> u8 {
+    INSTANCE.get().copied().unwrap_or(0)
+}
+
+/// The name of chain `base` for this process's overlay instance ([`set_instance`]).
+pub fn named(base: &str) -> String {
+    match instance() {
+        0 => base.to_string(),
+        n => format!("{base}-{n}"),
+    }
+}
+
 /// Removes the chains `chains` ((table, chain) pairs) that exist, for both families, with
 /// every rule elsewhere that jumps to them (however many an earlier crash left): one
 /// `iptables-save` per family, and one `iptables-restore --noflush` only when something is
@@ -53,7 +78,9 @@ pub fn ok(v6: bool, args: &[&str]) -> Result<bool> {
 /// not one per chain and hook: `iptables` serializes on one lock for every namespace of
 /// the host, so at 100 nodes on one machine the per-rule runs of each start added up to
 /// tens of seconds (issue 11).
-pub fn remove_chains(chains: &[(&str, &str)]) {
+pub fn remove_chains(chains: &[(&str, String)]) {
+    let chains: Vec<(&str, &str)> = chains.iter().map(|(t, c)| (*t, c.as_str())).collect();
+    let chains = &chains[..];
     for v6 in [false, true] {
         let save = if v6 { "ip6tables-save" } else { "iptables-save" };
         let Ok(out) = Command::new(save).output() else { continue };

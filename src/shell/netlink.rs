@@ -18,6 +18,27 @@ use rtnetlink::{Handle, LinkUnspec};
 
 use crate::kernel::{AddrSpec, DesiredState, KernelOp, LinkSpec, RouteSpec, RuleSpec, RTPROT_DETOUR};
 
+/// What of the kernel's state belongs to this overlay instance ([`Netlink::observe`]): its
+/// routing tables (`table` and the next [`crate::kernel::TABLES`] - 1), its rules (priorities
+/// `rule_priority - 3 ..= rule_priority`) and its nexthop objects (by ID,
+/// [`crate::node::model::nexthop_owner`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Owned {
+    /// `kernel.table`.
+    pub table: u32,
+    /// `kernel.rule_priority`.
+    pub rule_priority: u32,
+    /// `node.instance`.
+    pub instance: u8,
+}
+
+impl Owned {
+    /// This overlay's part of the kernel, from its configuration.
+    pub fn of(cfg: &crate::config::Config) -> Owned {
+        Owned { table: cfg.kernel.table, rule_priority: cfg.kernel.rule_priority, instance: cfg.node.instance }
+    }
+}
+
 /// A route the kernel picked ([`Netlink::route_get`]).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct KernelRoute {
@@ -217,7 +238,8 @@ impl Netlink {
     ///
     /// # Errors
     /// Netlink failures.
-    pub async fn observe(&self, names: &BTreeSet<String>, table: u32) -> Result<(DesiredState, IfIndex)> {
+    pub async fn observe(&self, names: &BTreeSet<String>, own: Owned) -> Result<(DesiredState, IfIndex)> {
+        let table = own.table;
         let mut s = DesiredState::default();
         let mut index = IfIndex::new();
         let mut by_index = HashMap::new();
@@ -263,10 +285,12 @@ impl Netlink {
                 }
             }
         }
-        s.rules = self.rules().await?;
+        // Only this overlay instance's rules and nexthops: the other overlays of the host
+        // tag theirs with the same protocol.
+        s.rules = self.rules().await?.into_iter().filter(|r| (own.rule_priority.saturating_sub(3)..=own.rule_priority).contains(&r.priority)).collect();
         let all: HashMap<u32, String> = self.links().await?.into_iter().map(|(n, (i, _, _))| (i, n)).collect();
         match self.with_nexthops(move |nh| nh.dump(&all)).await {
-            Ok(list) => s.nexthops.extend(list),
+            Ok(list) => s.nexthops.extend(list.into_iter().filter(|n| crate::node::model::nexthop_owner(n.id) == Some(own.instance))),
             Err(e) => tracing::debug!("listing nexthops: {e:#}"),
         }
         Ok((s, index))

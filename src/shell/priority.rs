@@ -16,7 +16,9 @@ use crate::shell::netfilter;
 use anyhow::{bail, Context, Result};
 
 /// The mangle chain detour owns.
-pub const CHAIN: &str = "DETOUR-MGMT";
+pub fn chain() -> String {
+    netfilter::named("DETOUR-MGMT")
+}
 /// Handle of the HTB root qdisc detour installs (`d7:`).
 pub const QDISC_HANDLE: &str = "d7:";
 /// `skb->priority` that HTB maps straight to the management class `d7:10`
@@ -39,7 +41,7 @@ pub fn set_socket_priority(sockets: &[UdpSocket], priority: u32) -> Result<()> {
 
 /// Removes the DSCP chain and the jumps to it, for both families; idempotent.
 pub fn remove_dscp_rules() {
-    netfilter::remove_chains(&CHAINS);
+    netfilter::remove_chains(&chains());
 }
 
 /// Marks UDP packets from the management port with DSCP CS6 (network control, RFC 4594),
@@ -48,7 +50,8 @@ pub fn remove_dscp_rules() {
 /// # Errors
 /// If iptables is missing or refuses (for example without the DSCP target).
 pub fn install_dscp_rules(keeper: &netfilter::Keeper, management_port: u16) -> Result<()> {
-    let input = format!("*mangle\n:{CHAIN} - [0:0]\n-A {CHAIN} -p udp --sport {management_port} -j DSCP --set-dscp-class CS6\n-I OUTPUT 1 -j {CHAIN}\nCOMMIT\n");
+    let c = chain();
+    let input = format!("*mangle\n:{c} - [0:0]\n-A {c} -p udp --sport {management_port} -j DSCP --set-dscp-class CS6\n-I OUTPUT 1 -j {c}\nCOMMIT\n");
     for v6 in [false, true] {
         if let Err(e) = keeper.restore(v6, &input) {
             remove_dscp_rules();
@@ -59,7 +62,9 @@ pub fn install_dscp_rules(keeper: &netfilter::Keeper, management_port: u16) -> R
 }
 
 /// (table, chain) of every chain of this module.
-pub const CHAINS: [(&str, &str); 1] = [("mangle", CHAIN)];
+pub fn chains() -> Vec<(&'static str, String)> {
+    vec![("mangle", chain())]
+}
 
 fn tc(args: &[&str]) -> Result<()> {
     let out = Command::new("tc").args(args).output().context("running tc")?;

@@ -11,11 +11,29 @@ use anyhow::{Context, Result};
 /// Where the state files live (tmpfs: gone after a reboot, as are the sysctls' changes).
 pub const STATE_DIR: &str = "/run/detour";
 
-/// The state file of this process's network namespace
-/// (`/run/detour/sysctls-net<inode>`).
+/// The state file of this process's network namespace and overlay instance
+/// (`/run/detour/sysctls-net<inode>`, `-<instance>` for instances above 0).
 pub fn state_file() -> PathBuf {
+    let (prefix, instance) = (namespace_prefix(), crate::shell::netfilter::instance());
+    PathBuf::from(STATE_DIR).join(if instance == 0 { prefix } else { format!("{prefix}-{instance}") })
+}
+
+/// `sysctls-net<inode>`: the start of the names of every state file of this namespace.
+fn namespace_prefix() -> String {
     let ns = std::fs::metadata("/proc/self/ns/net").map(|m| std::os::unix::fs::MetadataExt::ino(&m)).unwrap_or(0);
-    PathBuf::from(STATE_DIR).join(format!("sysctls-net{ns}"))
+    format!("sysctls-net{ns}")
+}
+
+/// The original value of `path` as another overlay instance in this namespace recorded it
+/// (it changed the sysctl and still depends on it, or crashed without putting it back).
+fn recorded_by_others(path: &str) -> Option<String> {
+    let (prefix, own) = (namespace_prefix(), state_file());
+    let dir = std::fs::read_dir(STATE_DIR).ok()?;
+    dir.flatten()
+        .filter(|e| e.path() != own)
+        .filter(|e| e.file_name().to_str().is_some_and(|n| n == prefix || n.strip_prefix(&prefix).is_some_and(|r| r.starts_with('-') && r[1..].bytes().all(|b| b.is_ascii_digit()))))
+        .filter_map(|e| std::fs::read_to_string(e.path()).ok())
+        .find_map(|t| parse(&t).into_iter().find(|(p, _)| p == path).map(|(_, v)| v))
 }
 
 /// Parses a state file: one `path value` per line; lines that are not that are skipped.
@@ -29,13 +47,18 @@ pub fn parse(text: &str) -> Vec<(String, String)> {
 }
 
 /// Puts every recorded sysctl back and removes the state file: at a clean stop, and at
-/// start for what a run that did not stop cleanly left changed. The number restored.
+/// start for what a run that did not stop cleanly left changed. A sysctl another overlay
+/// instance of this namespace has recorded too is left as it is: that instance still
+/// depends on it and puts it back itself. The number restored.
 pub fn restore() -> usize {
     let file = state_file();
     let Ok(text) = std::fs::read_to_string(&file) else { return 0 };
     let entries = parse(&text);
     let mut n = 0;
     for (path, value) in &entries {
+        if recorded_by_others(path).is_some() {
+            continue;
+        }
         match std::fs::write(path, value) {
             Ok(()) => n += 1,
             Err(e) => tracing::warn!("restoring {path} to {value}: {e}"),
@@ -46,26 +69,33 @@ pub fn restore() -> usize {
 }
 
 /// Writes `value` to the sysctl at `path`, recording its original value first (once per
-/// path). Returns whether it changed anything.
+/// path). When the sysctl holds `value` already because another overlay instance of this
+/// namespace set it, this instance records the same original and shares it (the last
+/// instance to stop puts it back). Returns whether this instance now holds a record of
+/// `path` (it changed it or shares it).
 ///
 /// # Errors
 /// If the state file or the sysctl cannot be written.
 pub fn set(path: &str, value: &str) -> Result<bool> {
     let old = std::fs::read_to_string(path).with_context(|| format!("reading {path}"))?;
-    if old.trim() == value {
-        return Ok(false);
-    }
     let file = state_file();
     let mut entries = std::fs::read_to_string(&file).map(|t| parse(&t)).unwrap_or_default();
-    if !entries.iter().any(|(p, _)| p == path) {
-        entries.push((path.to_string(), old.trim().to_string()));
+    let mine = entries.iter().any(|(p, _)| p == path);
+    let others = recorded_by_others(path);
+    if old.trim() == value && (mine || others.is_none()) {
+        return Ok(mine);
+    }
+    if !mine {
+        entries.push((path.to_string(), others.unwrap_or_else(|| old.trim().to_string())));
         std::fs::create_dir_all(STATE_DIR).with_context(|| format!("creating {STATE_DIR}"))?;
         let tmp = file.with_extension("tmp");
         let text: String = entries.iter().map(|(p, v)| format!("{p} {v}\n")).collect();
         std::fs::write(&tmp, text).with_context(|| format!("writing {}", tmp.display()))?;
         std::fs::rename(&tmp, &file).with_context(|| format!("writing {}", file.display()))?;
     }
-    std::fs::write(path, value).with_context(|| format!("writing {path}"))?;
+    if old.trim() != value {
+        std::fs::write(path, value).with_context(|| format!("writing {path}"))?;
+    }
     Ok(true)
 }
 

@@ -36,7 +36,9 @@ use crate::shell::intercept::{Alarm, IcmpCounters};
 use crate::shell::netfilter;
 
 /// The chain detour owns, in `mangle`.
-pub const CHAIN: &str = "DETOUR-SEEN";
+pub fn chain() -> String {
+    netfilter::named("DETOUR-SEEN")
+}
 /// Packets copied per second and destination at most while traffic flows.
 pub const PER_SECOND: u32 = 2;
 /// Bytes copied of each packet: enough for the IPv6 header's destination.
@@ -46,11 +48,13 @@ const REPORT_EVERY: Duration = Duration::from_millis(250);
 
 /// Removes the chain and its jump for both families; idempotent.
 pub fn remove() {
-    netfilter::remove_chains(&CHAINS);
+    netfilter::remove_chains(&chains());
 }
 
 /// (table, chain) of every chain of this module.
-pub const CHAINS: [(&str, &str); 1] = [("mangle", CHAIN)];
+pub fn chains() -> Vec<(&'static str, String)> {
+    vec![("mangle", chain())]
+}
 
 /// The `iptables-restore --noflush` input for one family: the chain, two rules per
 /// destination of that family (log at most [`PER_SECOND`], then return), and the jump
@@ -61,12 +65,13 @@ pub fn restore_input(dsts: &[IpNet], group: u16, fwmark: u32, v6: bool) -> Optio
     if mine.is_empty() {
         return None;
     }
-    let mut s = format!("*mangle\n:{CHAIN} - [0:0]\n");
+    let c = chain();
+    let mut s = format!("*mangle\n:{c} - [0:0]\n");
     for d in mine {
-        s += &format!("-A {CHAIN} -d {d} -m limit --limit {PER_SECOND}/sec --limit-burst 1 -j NFLOG --nflog-group {group} --nflog-size {COPY_BYTES}\n");
-        s += &format!("-A {CHAIN} -d {d} -j RETURN\n");
+        s += &format!("-A {c} -d {d} -m limit --limit {PER_SECOND}/sec --limit-burst 1 -j NFLOG --nflog-group {group} --nflog-size {COPY_BYTES}\n");
+        s += &format!("-A {c} -d {d} -j RETURN\n");
     }
-    s += &format!("-A POSTROUTING -m mark ! --mark {fwmark} -j {CHAIN}\nCOMMIT\n");
+    s += &format!("-A POSTROUTING -m mark ! --mark {fwmark} -j {c}\nCOMMIT\n");
     Some(s)
 }
 
@@ -80,7 +85,7 @@ pub fn install(keeper: &netfilter::Keeper, dsts: &[IpNet], group: u16, fwmark: u
         let Some(input) = restore_input(dsts, group, fwmark, v6) else { continue };
         if let Err(e) = keeper.restore(v6, &input) {
             remove();
-            bail!("the {CHAIN} rules were refused: {e:#}");
+            bail!("the {} rules were refused: {e:#}", chain());
         }
     }
     Ok(())
@@ -92,7 +97,7 @@ pub fn install(keeper: &netfilter::Keeper, dsts: &[IpNet], group: u16, fwmark: u
 /// # Errors
 /// As [`install`].
 pub fn replace(keeper: &netfilter::Keeper, dsts: &[IpNet], group: u16, fwmark: u32) -> Result<()> {
-    keeper.release(CHAIN);
+    keeper.release(&chain());
     remove();
     install(keeper, dsts, group, fwmark)
 }

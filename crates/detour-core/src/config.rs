@@ -21,6 +21,9 @@ use crate::wire;
 
 /// Default UDP port of the forwarding overlay (data plane).
 pub const DEFAULT_DATA_PORT: u16 = 7720;
+/// Overlays one host can run (`node.instance` 0..MAX_INSTANCES): each owns one bit of the
+/// packet mark's top byte ([`Config::instance_mark`]).
+pub const MAX_INSTANCES: u8 = 8;
 /// Default routing table for detour's routes.
 pub const DEFAULT_TABLE: u32 = 7720;
 /// Default priority of detour's policy rules (before `main` at 32766).
@@ -138,6 +141,13 @@ pub struct NodeConfig {
     /// The relay policy published in the directory (`[policy]`; `up_since` is filled in
     /// at start).
     pub policy: crate::node::policy::Policy,
+    /// The number of this overlay among the overlays on this host, 0..=7 ([`MAX_INSTANCES`]
+    /// of them): the defaults of its ports, routing table, rule priority, NFQUEUE number,
+    /// interface names and control socket derive from it, so that overlays on one host
+    /// never collide ([`Config::conflicts`]); its netfilter chains carry it, and ICMP
+    /// errors another overlay's detourd passes on carry its bit of the packet mark
+    /// ([`Config::instance_mark`]). Default 0.
+    pub instance: u8,
     /// Start even when a feature the configuration asks for cannot be set up (ICMP
     /// interception, DSCP marking, the management qdisc, REPLEX or relief accounting and
     /// the multipath hash, exits): the node then runs degraded, which `detourctl status`
@@ -424,6 +434,7 @@ struct RawNode {
     networks: Vec<String>,
     #[serde(default)]
     allow_degraded: bool,
+    instance: Option<i64>,
 }
 
 #[derive(Deserialize, Debug, Default)]
@@ -661,6 +672,79 @@ impl Config {
         }
     }
 
+    /// This overlay's bit of the packet mark on this host: `0x0100_0000 << node.instance`.
+    /// An ICMP error this overlay's detourd does not act on is passed on to the other
+    /// overlays' interception with this bit set, so that its own rule skips it then.
+    pub fn instance_mark(&self) -> u32 {
+        0x0100_0000 << self.node.instance
+    }
+
+    /// What would collide if this overlay and `other` ran on the same host (issue 15: several
+    /// overlays on one host, `detourd@NAME.service`): the same instance number, ports,
+    /// routing tables or rule priorities that overlap, the NFQUEUE number, interface names
+    /// or prefixes, the control socket, the management qdisc's interface, overlapping
+    /// overlay networks or prefixes; and a different `kernel.fwmark` (every overlay's own
+    /// packets must bypass every overlay's routes, so the mark is one for all). One message
+    /// per collision, naming the key and `other`'s file.
+    pub fn conflicts(&self, other: &Config) -> Vec<String> {
+        let (a, b, f) = (self, other, &other.file);
+        let mut v = Vec::new();
+        if a.node.instance == b.node.instance {
+            v.push(format!("node.instance: {} is also the instance of {f} (each overlay on a host needs its own; set node.instance)", a.node.instance));
+        }
+        let ports = |c: &Config| [Some(c.node.data_port), Some(c.node.management_port), c.management.api_port].into_iter().flatten().collect::<Vec<u16>>();
+        let (pa, pb) = (ports(a), ports(b));
+        for p in pa.iter().filter(|p| pb.contains(p)) {
+            v.push(format!("node.data_port: port {p} is also used by {f} (data, management and API ports must differ between overlays)"));
+        }
+        let overlap = |x: (u32, u32), y: (u32, u32)| x.0 <= y.1 && y.0 <= x.1;
+        let (ta, tb) = (a.kernel.table, b.kernel.table);
+        if overlap((ta, ta + 3), (tb, tb + 3)) {
+            v.push(format!("kernel.table: tables {ta}-{} overlap {f}'s {tb}-{}", ta + 3, tb + 3));
+        }
+        let (ra, rb) = (a.kernel.rule_priority, b.kernel.rule_priority);
+        if overlap((ra.saturating_sub(3), ra), (rb.saturating_sub(3), rb)) {
+            v.push(format!("kernel.rule_priority: priorities {}-{ra} overlap {f}'s {}-{rb}", ra.saturating_sub(3), rb.saturating_sub(3)));
+        }
+        if a.kernel.fwmark != b.kernel.fwmark {
+            v.push(format!(
+                "kernel.fwmark: {:#x} differs from {f}'s {:#x} (every overlay on a host must use the same mark, so that none routes another's encapsulated packets)",
+                a.kernel.fwmark, b.kernel.fwmark
+            ));
+        }
+        if a.failover.nfqueue == b.failover.nfqueue {
+            v.push(format!("failover.nfqueue: queue {} is also {f}'s", a.failover.nfqueue));
+        }
+        let names = |c: &Config| std::iter::once(c.kernel.aggregate_interface.clone()).chain(c.peers.iter().map(|p| p.interface.clone())).collect::<Vec<String>>();
+        let nb = names(b);
+        for n in names(a).iter().filter(|n| nb.contains(n)) {
+            v.push(format!("kernel.aggregate_interface / peer.interface: interface {n} is also {f}'s"));
+        }
+        if a.kernel.interface_prefix == b.kernel.interface_prefix {
+            v.push(format!("kernel.interface_prefix: `{}` is also {f}'s (the interfaces of directory nodes would collide)", a.kernel.interface_prefix));
+        }
+        if a.node.control_socket == b.node.control_socket {
+            v.push(format!("node.control_socket: {} is also {f}'s", a.node.control_socket.display()));
+        }
+        if let (Some(x), Some(y)) = (&a.management.qdisc_interface, &b.management.qdisc_interface) {
+            if x == y {
+                v.push(format!("management.qdisc_interface: {x} also carries {f}'s qdisc (one root qdisc per interface)"));
+            }
+        }
+        let nets = |c: &Config| {
+            let mut n: Vec<IpNet> = c.node.overlay_v4.map(|x| IpNet::V4(x.trunc())).into_iter().chain(c.node.overlay_v6.map(|x| IpNet::V6(x.trunc()))).collect();
+            n.extend(c.node.prefixes.iter().copied());
+            n
+        };
+        let nb = nets(b);
+        for x in nets(a) {
+            for y in nb.iter().filter(|y| x.contains(*y) || y.contains(&x)) {
+                v.push(format!("node.overlay_ipv4 / overlay_ipv6 / prefixes: {x} overlaps {y} of {f} (the kernel would send one overlay's traffic into the other)"));
+            }
+        }
+        v
+    }
+
     /// The peer with this node ID.
     pub fn peer_by_id(&self, id: &NodeId) -> Option<(usize, &PeerConfig)> {
         self.peers.iter().enumerate().find(|(_, p)| p.node_id == *id)
@@ -709,7 +793,16 @@ fn validate(raw: RawConfig, file: &str, errs: &mut Errors, log_level_ok: &dyn Fn
             Err(_) => errs.push(format!("node.listen[{i}]"), format!("expected an IP address such as `0.0.0.0`, `::` or `192.0.2.1`, got `{l}`")),
         }
     }
-    let data_port = n.data_port.unwrap_or(DEFAULT_DATA_PORT);
+    let instance = match n.instance {
+        None => 0,
+        Some(i) if (0..i64::from(MAX_INSTANCES)).contains(&i) => i as u8,
+        Some(i) => {
+            errs.push("node.instance", format!("expected 0..={} (the number of this overlay on this host), got {i}", MAX_INSTANCES - 1));
+            0
+        }
+    };
+    let step = 10 * u16::from(instance);
+    let data_port = n.data_port.unwrap_or(DEFAULT_DATA_PORT + step);
     if let Err(m) = check_port(data_port) {
         errs.push("node.data_port", m);
     }
@@ -775,17 +868,17 @@ fn validate(raw: RawConfig, file: &str, errs: &mut Errors, log_level_ok: &dyn Fn
             _ => errs.push(format!("node.advertise[{i}]"), format!("expected an underlay address such as `192.0.2.1` or `[2001:db8::1]:7720`, got `{a}`")),
         }
     }
-    let control_socket = PathBuf::from(n.control_socket.unwrap_or_else(|| DEFAULT_CONTROL_SOCKET.to_string()));
+    let control_socket = PathBuf::from(n.control_socket.unwrap_or_else(|| if instance == 0 { DEFAULT_CONTROL_SOCKET.to_string() } else { format!("/run/detour/detourd-{instance}.sock") }));
     if !control_socket.is_absolute() {
         errs.push("node.control_socket", format!("expected an absolute path, got `{}`", control_socket.display()));
     }
 
     let k = raw.kernel;
-    let table = k.table.unwrap_or(DEFAULT_TABLE);
+    let table = k.table.unwrap_or(DEFAULT_TABLE + u32::from(step));
     if matches!(table, 0 | 253..=255) {
         errs.push("kernel.table", format!("table {table} is reserved (0 unspec, 253 default, 254 main, 255 local); expected another number"));
     }
-    let rule_priority = k.rule_priority.unwrap_or(DEFAULT_RULE_PRIORITY);
+    let rule_priority = k.rule_priority.unwrap_or(DEFAULT_RULE_PRIORITY - u32::from(step));
     if !(1..32766).contains(&rule_priority) {
         errs.push("kernel.rule_priority", format!("expected 1..32765 (before the main table's rule at 32766), got {rule_priority}"));
     }
@@ -793,11 +886,11 @@ fn validate(raw: RawConfig, file: &str, errs: &mut Errors, log_level_ok: &dyn Fn
     if fwmark == 0 {
         errs.push("kernel.fwmark", "expected a non-zero firewall mark");
     }
-    let aggregate_interface = k.aggregate_interface.unwrap_or_else(|| DEFAULT_AGGREGATE_INTERFACE.to_string());
+    let aggregate_interface = k.aggregate_interface.unwrap_or_else(|| if instance == 0 { DEFAULT_AGGREGATE_INTERFACE.to_string() } else { format!("detour{instance}") });
     if !valid_ifname(&aggregate_interface) {
         errs.push("kernel.aggregate_interface", format!("expected an interface name of 1-15 characters, got `{aggregate_interface}`"));
     }
-    let interface_prefix = k.interface_prefix.unwrap_or_else(|| DEFAULT_INTERFACE_PREFIX.to_string());
+    let interface_prefix = k.interface_prefix.unwrap_or_else(|| if instance == 0 { DEFAULT_INTERFACE_PREFIX.to_string() } else { format!("dt{instance}-") });
     if interface_prefix.len() > 8 || !(interface_prefix.is_empty() || valid_ifname(&interface_prefix)) {
         errs.push("kernel.interface_prefix", format!("expected at most 8 interface-name characters, got `{interface_prefix}`"));
     }
@@ -809,7 +902,7 @@ fn validate(raw: RawConfig, file: &str, errs: &mut Errors, log_level_ok: &dyn Fn
         }
     };
 
-    let failover = validate_failover(raw.failover, errs);
+    let failover = validate_failover(raw.failover, 7720 + step, errs);
     let management = validate_management(raw.management, data_port, errs);
     let replex = validate_replex(raw.replex, errs);
     // detour's tables are table .. table + 3 (docs/design.md, "Kernel state"), its rules
@@ -964,6 +1057,7 @@ fn validate(raw: RawConfig, file: &str, errs: &mut Errors, log_level_ok: &dyn Fn
             networks,
             policy,
             allow_degraded: n.allow_degraded,
+            instance,
         },
         kernel: KernelConfig { table, rule_priority, fwmark, aggregate_interface, interface_prefix, link_pool_v4, relay_forwarding: k.relay_forwarding.unwrap_or(true) },
         failover,
@@ -1241,7 +1335,7 @@ fn validate_management(m: RawManagement, data_port: u16, errs: &mut Errors) -> M
     }
 }
 
-fn validate_failover(f: RawFailover, errs: &mut Errors) -> FailoverSettings {
+fn validate_failover(f: RawFailover, default_nfqueue: u16, errs: &mut Errors) -> FailoverSettings {
     let d = crate::path::failover::FailoverConfig::default();
     let mut ms = |key: &str, v: Option<u64>, default: Duration, min: u64, max: u64| -> Duration {
         match v {
@@ -1325,7 +1419,7 @@ fn validate_failover(f: RawFailover, errs: &mut Errors) -> FailoverSettings {
         degraded_after,
         relay_candidates: relay_candidates.min(16),
         icmp: f.icmp.unwrap_or(true),
-        nfqueue: f.nfqueue.unwrap_or(7720),
+        nfqueue: f.nfqueue.unwrap_or(default_nfqueue),
         tcp_monitor: f.tcp_monitor.unwrap_or(true),
         tcp_poll,
     }
@@ -1393,6 +1487,34 @@ prefixes = ["10.10.2.0/24", "fd10:2::/64"]
 "#,
             key(2)
         )
+    }
+
+    #[test]
+    fn an_overlay_instance_derives_its_own_ports_tables_names_and_mark() {
+        let text = |extra: &str, v4: &str| format!("[node]\nname = \"alice\"\nprivate_key = \"/k\"\noverlay_ipv4 = \"{v4}\"\n{extra}\n");
+        let zero = Config::parse(&text("", "10.77.0.1/24"), "/etc/detour/detour.toml").unwrap();
+        let one = Config::parse(&text("instance = 1", "10.78.0.1/24"), "/etc/detour/corp.toml").unwrap();
+        assert_eq!((one.node.data_port, one.node.management_port, one.management.api_port), (7730, 7731, Some(7732)));
+        assert_eq!((one.kernel.table, one.kernel.rule_priority, one.failover.nfqueue), (7730, 7710, 7730));
+        assert_eq!((one.kernel.aggregate_interface.as_str(), one.kernel.interface_prefix.as_str()), ("detour1", "dt1-"));
+        assert_eq!(one.node.control_socket, PathBuf::from("/run/detour/detourd-1.sock"));
+        assert_eq!((zero.instance_mark(), one.instance_mark()), (0x0100_0000, 0x0200_0000));
+        assert!(zero.conflicts(&one).is_empty(), "{:?}", zero.conflicts(&one));
+        assert!(one.conflicts(&zero).is_empty());
+        // the same instance twice collides everywhere, and names the other file
+        let twin = Config::parse(&text("", "10.77.0.1/24"), "/etc/detour/other.toml").unwrap();
+        let c = zero.conflicts(&twin);
+        for key in ["node.instance", "node.data_port", "kernel.table", "kernel.rule_priority", "failover.nfqueue", "interface detour0", "kernel.interface_prefix", "node.control_socket", "overlaps"] {
+            assert!(c.iter().any(|m| m.contains(key)), "no {key} in {c:?}");
+        }
+        assert!(c.iter().all(|m| m.contains("/etc/detour/other.toml")), "{c:?}");
+        // explicit settings that collide although the instances differ, and a different mark
+        let bad = Config::parse(&text("instance = 2\ndata_port = 7721\n[kernel]\ntable = 7722\nfwmark = 0x1234", "10.79.0.1/24"), "/etc/detour/bad.toml").unwrap();
+        let c = zero.conflicts(&bad);
+        assert!(c.iter().any(|m| m.contains("port 7721")), "{c:?}");
+        assert!(c.iter().any(|m| m.contains("kernel.table")) && c.iter().any(|m| m.contains("kernel.fwmark")), "{c:?}");
+        assert!(!c.iter().any(|m| m.contains("node.instance")), "{c:?}");
+        assert!(Config::parse(&text("instance = 8", "10.77.0.1/24"), "f").unwrap_err().to_string().contains("node.instance"));
     }
 
     #[test]

@@ -72,9 +72,16 @@ impl RouteKind {
 /// and output interface (read by the shell; the direct member of a split's nexthop group).
 pub type UnderlayHops = std::collections::HashMap<IpNet, (Option<IpAddr>, String)>;
 
-/// Nexthop IDs detour uses: `0xd7` in the top byte, the peer index, and the object.
-pub fn nexthop_id(peer: usize, object: u8) -> u32 {
-    0xd700_0000 | ((peer as u32 & 0xffff) << 8) | u32::from(object)
+/// Nexthop IDs detour uses: `0xd7 + node.instance` in the top byte (each overlay of a
+/// host owns its own, [`nexthop_owner`]), the peer index, and the object.
+pub fn nexthop_id(instance: u8, peer: usize, object: u8) -> u32 {
+    (u32::from(0xd7 + instance) << 24) | ((peer as u32 & 0xffff) << 8) | u32::from(object)
+}
+
+/// The overlay instance whose nexthop object `id` is ([`nexthop_id`]), if detour's.
+pub fn nexthop_owner(id: u32) -> Option<u8> {
+    let top = (id >> 24) as u8;
+    (0xd7..0xd7 + crate::config::MAX_INSTANCES).contains(&top).then(|| top - 0xd7)
 }
 
 /// One peer: configured, or a node learned from the directory.
@@ -600,9 +607,10 @@ impl Model {
                     if n >= 32 {
                         continue;
                     }
-                    let tun = nexthop_id(i, u8::from(v6));
-                    let direct = nexthop_id(i, 0x10 + n as u8);
-                    let group = nexthop_id(i, 0x80 + n as u8);
+                    let inst = self.cfg.node.instance;
+                    let tun = nexthop_id(inst, i, u8::from(v6));
+                    let direct = nexthop_id(inst, i, 0x10 + n as u8);
+                    let group = nexthop_id(inst, i, 0x80 + n as u8);
                     s.nexthops.insert(NexthopSpec { id: tun, v6, kind: NexthopKind::Via { gw: None, dev: dev.clone() } });
                     s.nexthops.insert(NexthopSpec { id: direct, v6, kind: NexthopKind::Via { gw: *gw, dev: via.clone() } });
                     s.nexthops.insert(NexthopSpec {

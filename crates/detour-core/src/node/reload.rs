@@ -22,6 +22,7 @@ use crate::node::model::Model;
 /// sockets, devices, netfilter rules or threads from them at start.
 pub const RESTART_ONLY: &[&str] = &[
     "node.name",
+    "node.instance",
     "node.private_key",
     "node.listen",
     "node.data_port",
@@ -117,6 +118,7 @@ pub fn plan(old: &Config, new: &Config) -> Result<Plan, Vec<String>> {
     let (o, n) = (&old.node, &new.node);
     let mut restart: Vec<&'static str> = Vec::new();
     differs(&mut restart, "node.name", &o.name, &n.name);
+    differs(&mut restart, "node.instance", &o.instance, &n.instance);
     differs(&mut restart, "node.private_key", &o.private_key, &n.private_key);
     differs(&mut restart, "node.listen", &o.listen, &n.listen);
     differs(&mut restart, "node.data_port", &o.data_port, &n.data_port);
