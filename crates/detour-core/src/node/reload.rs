@@ -397,7 +397,7 @@ mod tests {
     fn the_model_follows_a_reload_keeping_indices_and_the_unchanged_peers_untouched() {
         let old = cfg("", &[("bob", 2, "overlay_ipv4 = \"10.77.0.2\""), ("carol", 3, "overlay_ipv4 = \"10.77.0.3\""), ("dave", 4, "")]);
         let mut m = model(&old);
-        let (bob_links, bob_counters) = (m.peers[0].links.clone(), m.peers[0].counters.clone());
+        let (bob_links, bob_counters) = (m.peers[0].links, m.peers[0].counters.clone());
         let new = cfg("", &[("bob", 2, "overlay_ipv4 = \"10.77.0.2\""), ("dave", 5, ""), ("erin", 6, "overlay_ipv4 = \"10.77.0.3\"")]);
         let p = plan(&old, &new).unwrap();
         let moves = m.reconfigure(&p, new.clone()).unwrap();
