@@ -175,7 +175,8 @@ fn relays_are_chosen_by_priority_then_lifespan_and_a_last_resort_only_when_nothi
     cut(&lab, "alice", "eph");
     wait_until("alice -> bob via lr", Duration::from_secs(20), || path(&lab, "alice", "bob") == "via lr");
     transfer(&lab, "alice", "bob");
-    assert!(relayed_bytes(&lab, "lr") > 4_000_000);
+    let lr_bytes = relayed_bytes(&lab, "lr");
+    assert!(lr_bytes > 4_000_000, "lr relayed {lr_bytes} bytes; lr: {}", lab.status("lr"));
     // Another relay works again: traffic leaves the last resort.
     heal(&lab);
     cut(&lab, "alice", "bob");
@@ -288,6 +289,13 @@ fn a_new_connection_through_an_exit_after_an_icmp_cut_does_not_wait_for_a_syn_re
     let mut http = http_server(&lab, &x_ns, 8080);
     std::thread::sleep(Duration::from_millis(300));
     lab.ok("alice", &format!("curl -sf -m 5 -o /dev/null http://{x}:8080/"));
+    let why = |lab: &Lab| -> serde_json::Value {
+        let h = lab.host("alice");
+        serde_json::from_str(&lab.ok("alice", &format!("{} why --json -s {} {x}", crate::lab::bin("detourctl"), h.socket.display()))).expect("why JSON")
+    };
+    let w = why(&lab);
+    assert!(w["kind"].as_str().unwrap().starts_with("outside destination watched by [exit]"), "{w}");
+    assert_eq!(w["through_overlay"], false, "{w}");
     // The router answers alice's TCP to x with host unreachable (ICMP), as a router that
     // lost its route does. The SYN is lost; the error quotes it.
     let a = lab.host("alice").underlay_v4();
@@ -299,6 +307,10 @@ fn a_new_connection_through_an_exit_after_an_icmp_cut_does_not_wait_for_a_syn_re
     assert!(st["icmp"]["rerouted"].as_u64().unwrap() >= 1, "{}", st["icmp"]);
     // The SYN's retransmission timer is 1 s: the connection came up well before it.
     assert!(ms < 700, "the connection waited for a SYN retransmission: {ms} ms");
+    // detourctl why names the exit, and that only new connections take it
+    let w = why(&lab);
+    assert_eq!(w["kind"], "outside destination through exit node exit (masquerading: new connections only)", "{w}");
+    assert_eq!((&w["through_overlay"], &w["peer"]["name"], &w["kernel_matches"]), (&serde_json::json!(true), &serde_json::json!("exit"), &serde_json::json!(true)), "{w}");
     // and it went through the exit
     let _ = http.kill();
     let (_, log) = finish(http);

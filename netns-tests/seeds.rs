@@ -38,8 +38,9 @@ fn fuzz_seeds_are_captured_from_a_real_run() {
     std::fs::create_dir_all(&dir).unwrap();
     let d = dir.display().to_string();
     // nexthop objects a crashed run left on alice (a next hop and a resilient group, proto
-    // 157): the start's dump reads them from the kernel, and they are removed
-    lab.ok("alice", "ip link add dtt-seed type veth peer name dtt-seed1 && ip link set dtt-seed up && ip link set dtt-seed1 up && ip nexthop add id 4242 dev dtt-seed proto 157 && ip nexthop add id 4243 group 4242,3 type resilient buckets 16 proto 157");
+    // 157, IDs of instance 0: 0xd7000042, 0xd7000043): the start's dump reads them from the
+    // kernel, and they are removed
+    lab.ok("alice", "ip link add dtt-seed type veth peer name dtt-seed1 && ip link set dtt-seed up && ip link set dtt-seed1 up && ip nexthop add id 3607101506 dev dtt-seed proto 157 && ip nexthop add id 3607101507 group 3607101506,3 type resilient buckets 16 proto 157");
     for n in ["alice", "bob", "carol"] {
         lab.start_with_env(n, &[("DETOUR_CAPTURE_SEEDS", &d)]);
     }

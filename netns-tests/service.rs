@@ -81,7 +81,11 @@ fn a_reload_adds_and_removes_peers_without_touching_a_transfer_to_a_third_and_re
     lab.ok("alice", &format!("ping -c 1 -W 2 {}", lab.host("carol").overlay_v4()));
 
     // SIGHUP applies a new probe interval and a new log level
-    lab.write_config("alice", &(alice_new.replace("log_level = \"info,detour=debug\"", "log_level = \"info\"") + "\n[failover]\nprobe_interval_ms = 40\n"));
+    lab.write_config(
+        "alice",
+        &(alice_new.replace("log_level = \"info,detour=debug\"", "log_level = \"info\"").replace("[node]\n", "[node]\nmetrics_listen = \"127.0.0.1:9772\"\n")
+            + "\n[failover]\nprobe_interval_ms = 40\n"),
+    );
     lab.ok("alice", &format!("pkill -HUP -f 'detourd -c {}'", lab.host("alice").config.display()));
     let deadline = Instant::now() + Duration::from_secs(5);
     while !lab.log("alice").contains("reload: failover.probe_interval_ms changed") {
@@ -89,6 +93,9 @@ fn a_reload_adds_and_removes_peers_without_touching_a_transfer_to_a_third_and_re
         std::thread::sleep(Duration::from_millis(100));
     }
     assert!(lab.log("alice").contains("reload: node.log_level changed"));
+    assert!(lab.log("alice").contains("reload: node.metrics_listen changed"));
+    let metrics = lab.ok("alice", "curl -sf -m 5 http://127.0.0.1:9772/metrics");
+    assert!(metrics.contains("detour_peer_up") || metrics.contains("detour_uptime_seconds"), "{metrics}");
 
     // the stream to bob was never disturbed: same session, same interface, every byte
     let o = client.wait_with_output().expect("stream client");

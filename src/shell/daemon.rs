@@ -1059,6 +1059,29 @@ async fn why(ctx: &StatusCtx, engine: &Engine, sessions: &mut Sessions, view: &E
         expected: "the kernel's own routes (detour does not route it)".into(),
         kernel_matches: on_detour.map(|d| !d),
     };
+    // An outside destination (not in the overlay) routed through an exit node now, or
+    // watched for one.
+    let exit = m.exits.iter().filter(|e| e.dst.contains(&addr)).max_by_key(|e| e.dst.prefix_len());
+    if let (None, Some(e)) = (&found, exit) {
+        let def = &m.peers[e.via];
+        let own = if def.tun { def.cfg.interface.clone() } else { m.cfg.kernel.aggregate_interface.clone() };
+        w.kind = format!("outside destination through exit node {}{}", def.cfg.name, if e.masquerade { " (masquerading: new connections only)" } else { "" });
+        w.prefix = Some(e.dst.to_string());
+        w.through_overlay = true;
+        w.peer = status.peers.iter().find(|s| s.name == def.cfg.name).cloned();
+        w.paths = all_paths.iter().find(|x| x.name == def.cfg.name).map(|x| x.paths.clone()).unwrap_or_default();
+        (w.expected, w.kernel_matches) = if e.masquerade {
+            // Only new connections (marked) take the exit's table; an unmarked lookup sees
+            // the direct route.
+            ("new connections through the exit (table kernel.table + 3), established ones direct".into(), kernel.as_ref().map(|_| true))
+        } else {
+            (format!("a detour interface ({own} or {})", m.cfg.kernel.aggregate_interface), on_detour)
+        };
+        return Response::Why(Box::new(w));
+    }
+    if found.is_none() && m.cfg.exit.watch.iter().chain(&m.cfg.exit.always).any(|n| n.contains(&addr)) {
+        w.kind = "outside destination watched by [exit]: direct while reachable, through an exit node once it is not".into();
+    }
     if let Some(found) = found {
         let def = &m.peers[found.peer];
         let p = protect.get(found.peer).cloned().flatten();
@@ -1067,8 +1090,8 @@ async fn why(ctx: &StatusCtx, engine: &Engine, sessions: &mut Sessions, view: &E
         w.through_overlay = overlay || p.is_some();
         w.kind = found.kind.as_str().into();
         w.prefix = Some(found.prefix.to_string());
-        w.peer = status.peers.into_iter().find(|s| s.name == def.cfg.name);
-        w.paths = all_paths.into_iter().find(|x| x.name == def.cfg.name).map(|x| x.paths).unwrap_or_default();
+        w.peer = status.peers.iter().find(|s| s.name == def.cfg.name).cloned();
+        w.paths = all_paths.iter().find(|x| x.name == def.cfg.name).map(|x| x.paths.clone()).unwrap_or_default();
         let own = if def.tun { def.cfg.interface.clone() } else { m.cfg.kernel.aggregate_interface.clone() };
         (w.expected, w.kernel_matches) = if split {
             ("split by REPLEX or relief: the direct route or a detour interface, by flow".into(), kernel.as_ref().map(|_| true))

@@ -245,6 +245,11 @@ fn run(port: u16, fwmark: u32, node: Arc<NodeCounters>, rx: mpsc::Receiver<Msg>)
                 }
             }
         }
+        // What the old rules counted while the routes were looked up (one `ip route get`
+        // per end: tens of ms with many pairs) is taken right before the rebuild resets it.
+        if installed {
+            harvest(&mut last);
+        }
         match nft(&script(&table, port, &rules)) {
             Ok(()) => {
                 installed = !rules.is_empty();
