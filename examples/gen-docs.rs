@@ -100,9 +100,8 @@ fn config_page(md: &str, out: &Path) {
             o.push('\n');
             continue;
         }
-        if let Some(h) = line.strip_prefix("# ") {
+        if line.starts_with("# ") {
             // The page's own title: the NAME section says it.
-            let _ = h;
             continue;
         }
         if let Some(h) = line.strip_prefix("## ") {

@@ -8,7 +8,7 @@ pub mod detourd {
 
     use clap::Parser;
 
-    use crate::config::DEFAULT_CONFIG_PATH;
+    use crate::config::{DEFAULT_CONFIG_DIR, DEFAULT_CONFIG_PATH};
 
     /// Resilient overlay daemon: per-peer and aggregate TUN interfaces, an encrypted UDP data
     /// plane and QUIC management sessions.
@@ -25,7 +25,7 @@ pub mod detourd {
         /// `detourd@NAME.service`): a configuration that collides with another one there
         /// (instance, ports, tables, rule priorities, NFQUEUE, interfaces, control socket,
         /// overlay networks, or a different fwmark) is refused.
-        #[arg(long, value_name = "DIR", default_value = "/etc/detour")]
+        #[arg(long, value_name = "DIR", default_value = DEFAULT_CONFIG_DIR)]
         pub overlays: PathBuf,
     }
 }

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use clap::Parser;
 use detour::cli::detourctl::{ApiArgs, Args, Cmd, Query};
-use detour::config::{DEFAULT_CONFIG_PATH, DEFAULT_CONTROL_SOCKET, DEFAULT_DATA_PORT};
+use detour::config::{DEFAULT_CONFIG_DIR, DEFAULT_CONFIG_PATH, DEFAULT_CONTROL_SOCKET, DEFAULT_DATA_PORT};
 use detour::ctl::{render_nodes, render_paths, render_status, Request, Response};
 use detour::identity::{Identity, NodeId, PublicKey};
 use detour::overlay::api::{self, flag, kind, op, Address, Reply};
@@ -161,29 +161,34 @@ fn icmp_socket(addr: std::net::IpAddr) -> Result<socket2::Socket, String> {
     Socket::new(d, Type::RAW, Some(p)).map_err(|e| format!("opening an ICMP socket (root needed): {e}"))
 }
 
-/// An ICMP echo request: type, code, checksum (the kernel fills it for ICMPv6), id, seq,
-/// and 8 bytes of payload.
+/// An ICMP echo request with identifier `id`, sequence number `seq` and 8 bytes of payload
+/// (etherparse; the kernel fills in an ICMPv6 checksum on a raw socket).
 fn echo_request(v6: bool, id: u16, seq: u16) -> Vec<u8> {
-    let mut b = vec![if v6 { 128 } else { 8 }, 0, 0, 0];
-    b.extend_from_slice(&id.to_be_bytes());
-    b.extend_from_slice(&seq.to_be_bytes());
-    b.extend_from_slice(b"detour!\0");
-    if !v6 {
-        let mut sum: u32 = b.chunks(2).map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]))).sum();
-        while sum > 0xffff {
-            sum = (sum & 0xffff) + (sum >> 16);
-        }
-        b[2..4].copy_from_slice(&(!(sum as u16)).to_be_bytes());
-    }
+    use etherparse::{IcmpEchoHeader, Icmpv4Header, Icmpv4Type, Icmpv6Header, Icmpv6Type};
+    let payload = b"detour!\0";
+    let echo = IcmpEchoHeader { id, seq };
+    let mut b = if v6 { Icmpv6Header::new(Icmpv6Type::EchoRequest(echo)).to_bytes().to_vec() } else { Icmpv4Header::with_checksum(Icmpv4Type::EchoRequest(echo), payload).to_bytes().to_vec() };
+    b.extend_from_slice(payload);
     b
 }
 
 /// The sequence number of an echo reply with identifier `id` in a datagram of the raw
 /// socket (IPv4: with its IP header).
 fn echo_reply_seq(v6: bool, id: u16, pkt: &[u8]) -> Option<u16> {
-    let icmp = if v6 { pkt } else { pkt.get(usize::from(pkt.first()? & 0x0f) * 4..)? };
-    let want = if v6 { 129 } else { 0 };
-    (icmp.len() >= 8 && icmp[0] == want && u16::from_be_bytes([icmp[4], icmp[5]]) == id).then(|| u16::from_be_bytes([icmp[6], icmp[7]]))
+    use etherparse::{Icmpv4Slice, Icmpv4Type, Icmpv6Slice, Icmpv6Type, Ipv4Slice};
+    let echo = if v6 {
+        match Icmpv6Slice::from_slice(pkt).ok()?.icmp_type() {
+            Icmpv6Type::EchoReply(e) => e,
+            _ => return None,
+        }
+    } else {
+        let ip = Ipv4Slice::from_slice(pkt).ok()?;
+        match Icmpv4Slice::from_slice(ip.payload().payload).ok()?.icmp_type() {
+            Icmpv4Type::EchoReply(e) => e,
+            _ => return None,
+        }
+    };
+    (echo.id == id).then_some(echo.seq)
 }
 
 /// `detourctl ping`.
@@ -265,8 +270,7 @@ fn overlay_config(name: &str) -> Result<PathBuf, String> {
     if !ok {
         return Err(format!("--overlay {name:?}: a name of 1-32 characters of A-Z a-z 0-9 . _ -"));
     }
-    let dir = std::path::Path::new(DEFAULT_CONFIG_PATH).parent().unwrap_or(std::path::Path::new("/etc/detour"));
-    Ok(dir.join(format!("{name}.toml")))
+    Ok(std::path::Path::new(DEFAULT_CONFIG_DIR).join(format!("{name}.toml")))
 }
 
 fn run(mut args: Args) -> Result<(), String> {
@@ -431,5 +435,30 @@ fn main() -> ExitCode {
             eprintln!("detourctl: {e}");
             ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn echo_requests_are_well_formed_and_only_our_replies_are_taken() {
+        use etherparse::{IcmpEchoHeader, Icmpv4Slice, Icmpv4Type, Icmpv6Slice, Icmpv6Type, PacketBuilder};
+        let req = echo_request(false, 7, 3);
+        let s = Icmpv4Slice::from_slice(&req).unwrap();
+        assert_eq!(s.icmp_type(), Icmpv4Type::EchoRequest(IcmpEchoHeader { id: 7, seq: 3 }));
+        assert_eq!(etherparse::Icmpv4Header::with_checksum(s.icmp_type(), s.payload()).checksum, s.checksum());
+        assert!(matches!(Icmpv6Slice::from_slice(&echo_request(true, 7, 3)).unwrap().icmp_type(), Icmpv6Type::EchoRequest(IcmpEchoHeader { id: 7, seq: 3 })));
+        // a reply as the raw IPv4 socket delivers it: with its IP header
+        let reply = |id: u16| {
+            let mut v = Vec::new();
+            PacketBuilder::ipv4([10, 77, 0, 2], [10, 77, 0, 1], 64).icmpv4_echo_reply(id, 3).write(&mut v, b"detour!\0").unwrap();
+            v
+        };
+        assert_eq!(echo_reply_seq(false, 7, &reply(7)), Some(3));
+        assert_eq!(echo_reply_seq(false, 7, &reply(8)), None, "another program's reply");
+        assert_eq!(echo_reply_seq(false, 7, &req), None, "not IPv4");
+        assert_eq!(echo_reply_seq(true, 7, &echo_request(true, 7, 3)), None, "a request is no reply");
     }
 }

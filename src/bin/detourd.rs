@@ -7,10 +7,6 @@ use clap::Parser;
 use detour::cli::detourd::Args;
 use detour::config::Config;
 
-fn load(path: &Path) -> Result<Config, String> {
-    detour::shell::files::load_checked(path).map(|(cfg, _)| cfg)
-}
-
 /// Starts logging at `level` (`RUST_LOG` overrides it); returns what sets a new level at a
 /// reload (an error when `RUST_LOG` is set: it stays in force). Under systemd (the journal
 /// named in `JOURNAL_STREAM`) records go to the journal with their priority (warnings at
@@ -43,16 +39,7 @@ fn init_logging(level: &str) -> detour::shell::daemon::SetLogLevel {
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    let overlays = args.overlays.clone();
-    let load = |path: &Path| -> Result<Config, String> {
-        let cfg = load(path)?;
-        let clash = detour::shell::files::overlay_conflicts(&cfg, path, &overlays);
-        if clash.is_empty() {
-            Ok(cfg)
-        } else {
-            Err(clash.join("\n"))
-        }
-    };
+    let load = |path: &Path| -> Result<Config, String> { detour::shell::files::load_checked(path, &args.overlays).map(|(cfg, _)| cfg) };
     if let Some(path) = args.check_config {
         return match load(&path) {
             Ok(cfg) => {

@@ -410,11 +410,7 @@ async fn start_metrics(addr: SocketAddr, queries: mpsc::UnboundedSender<Query>) 
 /// Why the new configuration was refused; the running one then stays whole.
 async fn reload(r: &mut Reloader, engine: &mut Engine) -> std::result::Result<Vec<String>, String> {
     let file = r.path.display().to_string();
-    let (mut new, id) = crate::shell::files::load_checked(&r.path)?;
-    let clash = crate::shell::files::overlay_conflicts(&new, &r.path, &r.overlays);
-    if !clash.is_empty() {
-        return Err(format!("{}; nothing was changed", clash.join("; ")));
-    }
+    let (mut new, id) = crate::shell::files::load_checked(&r.path, &r.overlays).map_err(|e| format!("{e}; nothing was changed"))?;
     if id.node_id() != r.node_id {
         return Err(format!("{file}: node.private_key: the key is not the one detourd runs with; a new key needs a restart; nothing was changed"));
     }
@@ -429,12 +425,12 @@ async fn reload(r: &mut Reloader, engine: &mut Engine) -> std::result::Result<Ve
     let moves = engine.reconfigure(&plan, new).map_err(|e| format!("{file}: {e}; nothing was changed"))?;
     r.running = from_file;
     let mut changes = plan.describe();
-    if plan.settings.contains(&"node.log_level") {
+    if plan.settings.contains(&crate::node::reload::key::LOG_LEVEL) {
         if let Err(e) = (r.set_log_level)(&r.running.node.log_level) {
             changes.push(format!("node.log_level not applied: {e}"));
         }
     }
-    if plan.settings.contains(&"node.metrics_listen") {
+    if plan.settings.contains(&crate::node::reload::key::METRICS) {
         if let Some(h) = r.metrics.take() {
             h.abort();
         }
@@ -447,8 +443,7 @@ async fn reload(r: &mut Reloader, engine: &mut Engine) -> std::result::Result<Ve
     }
     let peers_moved = !(moves.added.is_empty() && moves.removed.is_empty() && moves.changed.is_empty());
     if let (true, Some((keeper, group, fwmark))) = (peers_moved, r.traffic.clone()) {
-        let m = engine.model();
-        let dsts: Vec<ipnet::IpNet> = (0..m.peers.len()).filter(|&i| m.peers[i].configured).flat_map(|i| m.protected_destinations(i, &[])).collect();
+        let dsts = engine.model().configured_protected_destinations();
         tokio::task::spawn_blocking(move || {
             if let Err(e) = traffic::replace(&keeper, &dsts, group, fwmark) {
                 tracing::warn!("reload: traffic detection rules: {e:#}");
@@ -613,7 +608,7 @@ async fn run_inner(identity: &Identity, model: Model, nl: Netlink, listener: tok
     let mut model = model;
     if !cfg.peers.is_empty() && cfg.failover.idle_probe_interval > cfg.failover.probe_interval {
         res.traffic = true;
-        let dsts: Vec<ipnet::IpNet> = (0..cfg.peers.len()).flat_map(|i| model.protected_destinations(i, &[])).collect();
+        let dsts = model.configured_protected_destinations();
         let group = cfg.failover.nfqueue;
         match traffic::install(&keeper, &dsts, group, cfg.kernel.fwmark).and_then(|_| traffic::start(group, filter.clone(), icmp_counters.clone(), alarm_tx.clone())) {
             Ok(()) => {
@@ -1059,50 +1054,49 @@ async fn why(ctx: &StatusCtx, engine: &Engine, sessions: &mut Sessions, view: &E
         expected: "the kernel's own routes (detour does not route it)".into(),
         kernel_matches: on_detour.map(|d| !d),
     };
-    // An outside destination (not in the overlay) routed through an exit node now, or
-    // watched for one.
+    let detour_iface =
+        |i: usize| format!("a detour interface ({} or {})", if m.peers[i].tun { &m.peers[i].cfg.interface } else { &m.cfg.kernel.aggregate_interface }, m.cfg.kernel.aggregate_interface);
+    // The peer that carries it: (peer, kind, prefix, through the overlay now, what the
+    // kernel should show, whether it does).
     let exit = m.exits.iter().filter(|e| e.dst.contains(&addr)).max_by_key(|e| e.dst.prefix_len());
-    if let (None, Some(e)) = (&found, exit) {
-        let def = &m.peers[e.via];
-        let own = if def.tun { def.cfg.interface.clone() } else { m.cfg.kernel.aggregate_interface.clone() };
-        w.kind = format!("outside destination through exit node {}{}", def.cfg.name, if e.masquerade { " (masquerading: new connections only)" } else { "" });
-        w.prefix = Some(e.dst.to_string());
-        w.through_overlay = true;
-        w.peer = status.peers.iter().find(|s| s.name == def.cfg.name).cloned();
-        w.paths = all_paths.iter().find(|x| x.name == def.cfg.name).map(|x| x.paths.clone()).unwrap_or_default();
-        (w.expected, w.kernel_matches) = if e.masquerade {
-            // Only new connections (marked) take the exit's table; an unmarked lookup sees
-            // the direct route.
-            ("new connections through the exit (table kernel.table + 3), established ones direct".into(), kernel.as_ref().map(|_| true))
-        } else {
-            (format!("a detour interface ({own} or {})", m.cfg.kernel.aggregate_interface), on_detour)
-        };
-        return Response::Why(Box::new(w));
-    }
-    if found.is_none() && m.cfg.exit.watch.iter().chain(&m.cfg.exit.always).any(|n| n.contains(&addr)) {
-        w.kind = "outside destination watched by [exit]: direct while reachable, through an exit node once it is not".into();
-    }
-    if let Some(found) = found {
-        let def = &m.peers[found.peer];
-        let p = protect.get(found.peer).cloned().flatten();
-        let overlay = found.kind != crate::node::model::RouteKind::Protected;
-        let split = !overlay && p.as_ref().is_some_and(|p| p.split.is_some());
-        w.through_overlay = overlay || p.is_some();
-        w.kind = found.kind.as_str().into();
-        w.prefix = Some(found.prefix.to_string());
-        w.peer = status.peers.iter().find(|s| s.name == def.cfg.name).cloned();
-        w.paths = all_paths.iter().find(|x| x.name == def.cfg.name).map(|x| x.paths.clone()).unwrap_or_default();
-        let own = if def.tun { def.cfg.interface.clone() } else { m.cfg.kernel.aggregate_interface.clone() };
-        (w.expected, w.kernel_matches) = if split {
-            ("split by REPLEX or relief: the direct route or a detour interface, by flow".into(), kernel.as_ref().map(|_| true))
-        } else if w.through_overlay {
-            (format!("a detour interface ({own} or {})", m.cfg.kernel.aggregate_interface), on_detour)
-        } else {
-            ("the underlay (the direct path is healthy)".into(), on_detour.map(|d| !d))
-        };
-        if w.peer.is_none() {
-            w.kind = format!("{} of directory node {} (no session)", w.kind, def.cfg.name);
+    let target = match (found, exit) {
+        (Some(found), _) => {
+            let p = protect.get(found.peer).cloned().flatten();
+            let overlay = found.kind != crate::node::model::RouteKind::Protected;
+            let through = overlay || p.is_some();
+            let (expected, matches) = if !overlay && p.as_ref().is_some_and(|p| p.split.is_some()) {
+                ("split by REPLEX or relief: the direct route or a detour interface, by flow".into(), kernel.as_ref().map(|_| true))
+            } else if through {
+                (detour_iface(found.peer), on_detour)
+            } else {
+                ("the underlay (the direct path is healthy)".into(), on_detour.map(|d| !d))
+            };
+            Some((found.peer, found.kind.as_str().to_string(), found.prefix, through, expected, matches))
         }
+        // An outside destination routed through an exit node now: a masquerading exit takes
+        // only new (marked) connections, so an unmarked lookup sees the direct route.
+        (None, Some(e)) => {
+            let kind = format!("outside destination through exit node {}{}", m.peers[e.via].cfg.name, if e.masquerade { " (masquerading: new connections only)" } else { "" });
+            let (expected, matches) = if e.masquerade {
+                ("new connections through the exit (table kernel.table + 3), established ones direct".into(), kernel.as_ref().map(|_| true))
+            } else {
+                (detour_iface(e.via), on_detour)
+            };
+            Some((e.via, kind, e.dst, true, expected, matches))
+        }
+        (None, None) => {
+            if m.cfg.exit.watch.iter().chain(&m.cfg.exit.always).any(|n| n.contains(&addr)) {
+                w.kind = "outside destination watched by [exit]: direct while reachable, through an exit node once it is not".into();
+            }
+            None
+        }
+    };
+    if let Some((i, kind, prefix, through, expected, matches)) = target {
+        let name = &m.peers[i].cfg.name;
+        w.peer = status.peers.into_iter().find(|s| s.name == *name);
+        w.paths = all_paths.into_iter().find(|x| x.name == *name).map(|x| x.paths).unwrap_or_default();
+        w.kind = if w.peer.is_some() { kind } else { format!("{kind} of directory node {name} (no session)") };
+        (w.prefix, w.through_overlay, w.expected, w.kernel_matches) = (Some(prefix.to_string()), through, expected, matches);
     }
     Response::Why(Box::new(w))
 }

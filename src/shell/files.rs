@@ -55,17 +55,22 @@ pub fn load_config(path: &Path) -> Result<Config, ConfigErrors> {
 }
 
 /// Loads a configuration file and the key it names, with every check `detourd
-/// --check-config` makes (the same messages, for a reload too).
+/// --check-config` makes (the same messages at start and at a reload), the collisions with
+/// the other overlays of the host in `overlays` included ([`overlay_conflicts`]).
 ///
 /// # Errors
 /// The configuration's problems (one per line, each naming the file and key), an
-/// unreadable key, or a peer whose key is the node's own.
-pub fn load_checked(path: &Path) -> Result<(Config, Identity), String> {
+/// unreadable key, a peer whose key is the node's own, or collisions with another overlay.
+pub fn load_checked(path: &Path, overlays: &Path) -> Result<(Config, Identity), String> {
     let cfg = load_config(path).map_err(|e| e.to_string())?;
     let file = path.display();
     let id = read_key(&cfg.node.private_key).map_err(|e| format!("{file}: node.private_key: {e}"))?;
     if let Some((i, _)) = cfg.peer_by_id(&id.node_id()) {
         return Err(format!("{file}: peer[{i}].public_key: this is the node's own key; a node cannot be its own peer"));
+    }
+    let clash = overlay_conflicts(&cfg, path, overlays);
+    if !clash.is_empty() {
+        return Err(clash.join("\n"));
     }
     Ok((cfg, id))
 }

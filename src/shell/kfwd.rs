@@ -229,10 +229,10 @@ fn run(port: u16, fwmark: u32, node: Arc<NodeCounters>, rx: mpsc::Receiver<Msg>)
                 return;
             }
         }
-        if installed {
-            harvest(&mut last);
-        }
         if !changed {
+            if installed {
+                harvest(&mut last);
+            }
             continue;
         }
         let mut rules = Vec::new();

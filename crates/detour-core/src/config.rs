@@ -19,6 +19,10 @@ use sha2::{Digest, Sha256};
 use crate::identity::{NodeId, PublicKey};
 use crate::wire;
 
+/// Where the configuration files of the overlays of a host are (`detour.toml`, and
+/// `NAME.toml` for `detourd@NAME.service`).
+pub const DEFAULT_CONFIG_DIR: &str = "/etc/detour";
+
 /// Default UDP port of the forwarding overlay (data plane).
 pub const DEFAULT_DATA_PORT: u16 = 7720;
 /// Overlays one host can run (`node.instance` 0..MAX_INSTANCES): each owns one bit of the

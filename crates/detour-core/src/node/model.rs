@@ -111,6 +111,24 @@ pub struct PeerDef {
     pub counters: Arc<PeerCounters>,
 }
 
+impl PeerDef {
+    /// A configured peer with its link addresses: pinned, present, with a TUN, its policy
+    /// the default until its record arrives.
+    pub fn configured(cfg: PeerConfig, links: LinkAddrs) -> PeerDef {
+        PeerDef {
+            cfg,
+            links,
+            configured: true,
+            tun: true,
+            present: true,
+            policy: crate::node::policy::Policy::default(),
+            networks: Vec::new(),
+            known: false,
+            counters: Arc::new(PeerCounters::default()),
+        }
+    }
+}
+
 /// What [`Model::learn`] did with a record.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Learned {
@@ -173,22 +191,7 @@ impl Model {
             taken_v4.extend(l.local_v4);
             taken_v4.extend(l.remote_v4);
         }
-        let peers: Vec<PeerDef> = cfg
-            .peers
-            .iter()
-            .zip(links)
-            .map(|(p, links)| PeerDef {
-                cfg: p.clone(),
-                links,
-                configured: true,
-                tun: true,
-                present: true,
-                policy: crate::node::policy::Policy::default(),
-                networks: Vec::new(),
-                known: false,
-                counters: Arc::new(PeerCounters::default()),
-            })
-            .collect();
+        let peers: Vec<PeerDef> = cfg.peers.iter().zip(links).map(|(p, links)| PeerDef::configured(p.clone(), links)).collect();
         let by_id = peers.iter().enumerate().map(|(i, p)| (p.cfg.node_id, i)).collect();
         let names = peers.iter().map(|p| p.cfg.name.clone()).collect();
         let ifnames = peers.iter().map(|p| p.cfg.interface.clone()).collect();
@@ -450,6 +453,12 @@ impl Model {
             }
         }
         best
+    }
+
+    /// Every configured peer's protected destinations (its configured endpoint addresses,
+    /// `protected` prefixes and networks): what the traffic-detection rules watch.
+    pub fn configured_protected_destinations(&self) -> Vec<IpNet> {
+        (0..self.peers.len()).filter(|&i| self.peers[i].configured).flat_map(|i| self.protected_destinations(i, &[])).collect()
     }
 
     /// The data plane's view of peer `i` (a peer that left has no addresses).

@@ -49,6 +49,18 @@ pub const RESTART_ONLY: &[&str] = &[
     "replex.enabled",
 ];
 
+/// Keys of [`Plan::settings`] that the node state and the shell act on.
+pub mod key {
+    /// `node.log_level`: the shell's log filter.
+    pub const LOG_LEVEL: &str = "node.log_level";
+    /// `node.metrics_listen`: the shell's metrics server.
+    pub const METRICS: &str = "node.metrics_listen";
+    /// The relay policy (`[policy]`, `node.relay`, `node.uptime`): the data plane's egress.
+    pub const POLICY: &str = "node.relay / uptime / [policy]";
+    /// `[exit]`: the node state's exits.
+    pub const EXIT: &str = "[exit]";
+}
+
 /// What a reload changes, for the log and `detourctl reload`.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Plan {
@@ -176,13 +188,13 @@ pub fn plan(old: &Config, new: &Config) -> Result<Plan, Vec<String>> {
 
     let mut p = Plan::default();
     let s = &mut p.settings;
-    differs(s, "node.log_level", &o.log_level, &n.log_level);
-    differs(s, "node.metrics_listen", &o.metrics_listen, &n.metrics_listen);
+    differs(s, key::LOG_LEVEL, &o.log_level, &n.log_level);
+    differs(s, key::METRICS, &o.metrics_listen, &n.metrics_listen);
     differs(s, "node.advertise", &o.advertise, &n.advertise);
     differs(s, "node.allow_degraded (applies at the next start)", &o.allow_degraded, &n.allow_degraded);
     let mut op = o.policy.clone();
     op.up_since = n.policy.up_since;
-    differs(s, "node.relay / uptime / [policy]", &op, &n.policy);
+    differs(s, key::POLICY, &op, &n.policy);
     differs(s, "management.idle_timeout_s", &om.idle_timeout, &nm.idle_timeout);
     differs(s, "failover.probe_interval_ms", &of.probe_interval, &nf.probe_interval);
     differs(s, "failover.standby_probe_interval_ms", &of.standby_probe_interval, &nf.standby_probe_interval);
@@ -206,7 +218,7 @@ pub fn plan(old: &Config, new: &Config) -> Result<Plan, Vec<String>> {
     differs(s, "replex.lambda / beta / theta_ms / alpha_off_ms / loss_penalty_ms / min_samples", &or.params, &nr.params);
     differs(s, "replex.kernel_buckets", &or.kernel_buckets, &nr.kernel_buckets);
     differs(s, "replex.flow_idle_s", &or.flow_idle, &nr.flow_idle);
-    differs(s, "[exit]", &old.exit, &new.exit);
+    differs(s, key::EXIT, &old.exit, &new.exit);
 
     // Peers are matched by name; a new key under the same name replaces the peer.
     let old_peers: BTreeMap<&str, &PeerConfig> = old.peers.iter().map(|p| (p.name.as_str(), p)).collect();
@@ -306,17 +318,7 @@ impl Model {
                         self.warnings.push(w);
                     }
                     let i = self.peers.len();
-                    self.peers.push(crate::node::model::PeerDef {
-                        cfg: pc.clone(),
-                        links,
-                        configured: true,
-                        tun: true,
-                        present: true,
-                        policy: crate::node::policy::Policy::default(),
-                        networks: Vec::new(),
-                        known: false,
-                        counters: std::sync::Arc::new(crate::dataplane::PeerCounters::default()),
-                    });
+                    self.peers.push(crate::node::model::PeerDef::configured(pc.clone(), links));
                     self.by_id.insert(pc.node_id, i);
                     i
                 }

@@ -539,14 +539,14 @@ impl NodeState {
             self.core.set_config(m.cfg.failover.core());
         }
         self.replex_cfg = m.cfg.replex.clone();
-        if plan.settings.contains(&"[exit]") {
+        if plan.settings.contains(&crate::node::reload::key::EXIT) {
             self.exits = Exits::new(&m.cfg.exit);
             for net in &m.cfg.exit.watch {
                 self.push(NodeAction::WatchOutside(*net));
             }
             self.plan_exits(m, self.unix);
         }
-        if plan.settings.contains(&"node.relay / uptime / [policy]") {
+        if plan.settings.contains(&crate::node::reload::key::POLICY) {
             self.push(NodeAction::Data(DataCommand::SetEgress(m.egress_spec())));
         }
         for &i in &moves.removed {
